@@ -1,0 +1,60 @@
+# Thin map from names to commands (CONVENTIONS.md §5). Every target is .PHONY: the targets share
+# their names with the paper folders, so without it `make flame` would say "up to date".
+#   make flame DATA=ml-1m            make test            make data DATA=ml-100k
+#   make flame DATA=amazon-toys ARGS="train.lr=3e-4 train.max_epochs=5"
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?=
+ARGS ?=
+SEEDS ?= 1 2 3
+EXTRAS ?= vlm,plot,dev
+
+.PHONY: setup test test-all smoke data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
+        flame-compare f3crec-compare vlm2rec-compare clean-venv
+
+setup: $(STAMP)
+
+# Reinstall only when the dependency list changes. torch is pinned in pyproject.toml.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -m "not gpu"
+
+# Includes the @slow tests that read real data from REPRO_DATA (or ../shared/data).
+test-all: setup
+	REPRO_DATA=$${REPRO_DATA:-../shared/data} $(PY) -m pytest -q
+
+smoke: setup
+	$(PY) -m flame.main --config flame/configs/smoke.yaml $(ARGS)
+	$(PY) -m f3crec.main --config f3crec/configs/smoke.yaml $(ARGS)
+	$(PY) -m vlm2rec.main --config vlm2rec/configs/smoke.yaml $(ARGS)
+
+data: setup
+	$(PY) -m common.prepare $(DATA)
+
+# DATA picks <paper>/configs/$(DATA).yaml; vlm2rec without DATA runs its configs/default.yaml.
+flame f3crec: setup
+	@test -n "$(DATA)" || { echo "make $@ needs DATA=<dataset>, e.g. make $@ DATA=$(if $(filter flame,$@),ml-1m,ml-100k)" >&2; exit 2; }
+	$(PY) -m $@.main --config $@/configs/$(DATA).yaml $(ARGS)
+
+vlm2rec: setup
+	$(PY) -m vlm2rec.main $(if $(DATA),--config vlm2rec/configs/$(DATA).yaml) $(ARGS)
+
+flame-compare f3crec-compare vlm2rec-compare: setup
+	@test -n "$(DATA)" || { echo "make $@ needs DATA=<dataset>" >&2; exit 2; }
+	$(PY) -m $(subst -compare,,$@).compare --config $(subst -compare,,$@)/configs/$(DATA).yaml --seeds $(SEEDS) $(ARGS)
+
+bench: bench-flame bench-f3crec bench-vlm2rec
+
+bench-flame bench-f3crec bench-vlm2rec: setup
+	$(PY) -m $(subst bench-,,$@).bench $(if $(DATA),--data $(DATA)) $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
