@@ -1,0 +1,147 @@
+"""Run directories (CONVENTIONS.md §6, §12): config.yaml, log.txt, metrics.jsonl, results.json, checkpoints.
+
+    run_dir = start_run(cfg, "flame", "amazon-toys", tag="seed42")
+    log_metrics(run_dir, {"epoch": 1, "valid/NDCG@20": 3.1})
+    save_checkpoint(run_dir / "last.pt", {"model": model.state_dict(), "epoch": 1, "rng": rng_state()})
+    write_results(run_dir, {"test": {...}, "seed": 42})
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from common.config import config_to_dict
+from common.utils import atomic_write, git_sha, package_versions, save_json
+
+
+class _Tee:
+    """Copy everything written to a stream into the run's log.txt."""
+
+    def __init__(self, stream: Any, log_file: Any) -> None:
+        self.stream, self.log_file = stream, log_file
+
+    def write(self, text: str) -> int:
+        self.log_file.write(text)
+        self.log_file.flush()
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _tee_stdout(log_path: Path) -> None:
+    """Tee sys.stdout to `log_path` until the run (or the next run in this process) ends."""
+    if isinstance(sys.stdout, _Tee):  # a second run in the same process: close the previous log
+        sys.stdout.log_file.close()
+        sys.stdout = sys.stdout.stream
+    log_file = open(log_path, "a")
+    sys.stdout = _Tee(sys.stdout, log_file)
+
+    def restore() -> None:
+        if isinstance(sys.stdout, _Tee) and sys.stdout.log_file is log_file:
+            sys.stdout = sys.stdout.stream
+        log_file.close()
+    atexit.register(restore)
+
+
+def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | Path | None = None,
+              root: str | Path = "runs") -> Path:
+    """Create the run directory, write the resolved config.yaml, print the git sha and the config."""
+    if run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(root) / paper / dataset / (f"{stamp}_{tag}" if tag else stamp)
+        suffix = 1
+        while run_dir.exists():  # two runs in the same second: never share a folder
+            run_dir = run_dir.with_name(f"{run_dir.name}-{suffix}")
+            suffix += 1
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = config_to_dict(cfg)
+    with atomic_write(run_dir / "config.yaml") as handle:
+        yaml.safe_dump(resolved, handle, sort_keys=True)
+    _tee_stdout(run_dir / "log.txt")
+    print(f"[{paper}] run dir {run_dir} | git {git_sha()}")
+    print(yaml.safe_dump(resolved, sort_keys=True).rstrip())
+    return run_dir
+
+
+def log_metrics(run_dir: str | Path, record: dict) -> None:
+    """Append one JSON object (one evaluation, epoch or round) to metrics.jsonl."""
+    with open(Path(run_dir) / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps(record, default=float) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_results(run_dir: str | Path, results: dict) -> dict:
+    """Add provenance (git sha, package versions, device, time) and write results.json atomically."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    full = {**results, "git_sha": git_sha(), "versions": package_versions(), "device": device,
+            "python": platform.python_version(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    save_json(Path(run_dir) / "results.json", full)
+    return full
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """torch.save a plain dict of tensors and primitives, atomically (temp file + rename)."""
+    with atomic_write(path, "wb") as handle:
+        torch.save(state, handle)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint written by save_checkpoint; refuses pickled objects (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    """Every global RNG's state as weights_only-safe values (for last.pt and --resume)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["key"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_finite(value: float | torch.Tensor, where: str) -> None:
+    """Stop on a NaN/inf loss with one clear line instead of training on through it."""
+    number = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    if not math.isfinite(number):
+        raise FloatingPointError(f"non-finite loss ({number}) at {where}: lower the learning rate or check the data")

@@ -1,0 +1,30 @@
+"""Shared pytest fixtures: where the real (never committed) data lives, and skip rules."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_root() -> Path | None:
+    """REPRO_DATA if set, else ../shared/data beside the checkout; None when neither exists."""
+    for candidate in (os.environ.get("REPRO_DATA"), ROOT.parent / "shared" / "data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate).resolve()
+    return None
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """Path to the real-data folder; the test is skipped cleanly when it is absent."""
+    root = shared_data_root()
+    if root is None:
+        pytest.skip("real data not available (set REPRO_DATA or place ../shared/data)")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Processed-data caches go to a per-session temp folder, never into the checkout."""
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

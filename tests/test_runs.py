@@ -1,0 +1,87 @@
+"""common/runs.py and common/utils.py: run directory files, checkpoints, RNG state, atomic writes."""
+import json
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from common.runs import (check_finite, load_checkpoint, log_metrics, read_metrics, rng_state,
+                         save_checkpoint, set_rng_state, start_run, write_results)
+from common.utils import atomic_write, get_device, git_sha, save_json, seed_everything
+
+
+@dataclass
+class Cfg:
+    lr: float = 0.1
+    seed: int = 3
+
+
+def test_run_directory_files(tmp_path):
+    run = start_run(Cfg(), "paper", "toy", tag="t", root=tmp_path)
+    assert run.parent == tmp_path / "paper" / "toy" and run.name.endswith("_t")
+    assert yaml.safe_load((run / "config.yaml").read_text()) == {"lr": 0.1, "seed": 3}
+    print("hello log")
+    assert "hello log" in (run / "log.txt").read_text()
+    log_metrics(run, {"epoch": 1, "ndcg": 0.5})
+    log_metrics(run, {"epoch": 2, "ndcg": np.float32(0.25)})
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+    results = write_results(run, {"test": {"NDCG@20": 0.1}, "seed": 3})
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk == results and on_disk["seed"] == 3
+    assert torch.__version__.startswith(on_disk["versions"]["torch"])
+    assert {"git_sha", "versions", "device"} <= on_disk.keys()
+    second = start_run(Cfg(), "paper", "toy", tag="t", root=tmp_path)
+    assert second != run  # same second, never the same folder
+
+
+def test_checkpoint_is_weights_only_loadable(tmp_path):
+    state = {"model": {"w": torch.randn(3)}, "config": {"lr": 0.1}, "epoch": 4, "rng": rng_state()}
+    save_checkpoint(tmp_path / "last.pt", state)
+    raw = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert raw["epoch"] == 4 and torch.equal(raw["model"]["w"], state["model"]["w"])
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_rng_state_roundtrip_through_checkpoint(tmp_path):
+    seed_everything(7)
+    save_checkpoint(tmp_path / "rng.pt", {"rng": rng_state()})
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_seed_everything_repeats_draws():
+    seed_everything(11)
+    a = torch.randn(4)
+    seed_everything(11)
+    assert torch.equal(a, torch.randn(4))
+    seed_everything(11, deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled()
+    seed_everything(11)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_atomic_write_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as handle:
+            handle.write("partial")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    save_json(target, {"a": np.int64(1), "t": torch.tensor(2.5)})
+    assert json.loads(target.read_text()) == {"a": 1, "t": 2.5}
+
+
+def test_check_finite_and_device():
+    check_finite(torch.tensor(1.0), "epoch 1")
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at epoch 2 step 5"):
+        check_finite(torch.tensor(float("nan")), "epoch 2 step 5")
+    assert get_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            get_device("cuda")
+    assert git_sha() != ""
