@@ -1,0 +1,179 @@
+"""The only VLM2Rec code that downloads (spec §14.1): Amazon 2014 5-core reviews, metadata and images.
+
+Run by hand, never from main or tests:
+  python -m vlm2rec.prepare amazon --category Toys_and_Games [--root DIR] [--workers 16]
+  python -m vlm2rec.prepare ml100k-posters [--root DIR]    # offline: checks the files, prints statistics
+Files land in <root>/amazon/<category>/ (root defaults to $REPRO_DATA): reviews_<cat>_5.json.gz,
+meta_<cat>.json.gz, items.json (the 5-core items' title and image URL), images/<asin>.jpg (resized JPEGs)
+and images_manifest.json (counts and the reason for every image that could not be had).
+Image download is concurrent, retried with exponential backoff, and resumable: a file already present
+and decodable is skipped, so an interrupted run continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from common.data import data_root
+
+from .data import DataConfig, amazon_dir, amazon_items, is_valid_image, load_dataset, read_amazon_reviews
+
+CATEGORIES = ("Toys_and_Games", "Beauty", "Sports_and_Outdoors", "Clothing_Shoes_and_Jewelry")
+BASE_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
+USER_AGENT = "repro-recsys-vlm2rec/0.1 (research reproduction)"
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}  # transient; any other HTTP error is final (e.g. 404)
+
+
+def amazon_urls(category: str) -> dict[str, str]:
+    """File name -> URL of McAuley's 2014 release for one category."""
+    names = (f"reviews_{category}_5.json.gz", f"meta_{category}.json.gz")
+    return {name: f"{BASE_URL}/{name}" for name in names}
+
+
+def fetch_file(url: str, dest: Path, timeout: float = 60.0) -> Path:
+    """Download url to dest (skipped when dest exists); streamed to a temp file, renamed on success."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-written survives
+        raise
+    tmp.replace(dest)
+    return dest
+
+
+def _get(url: str, timeout: float) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read()
+
+
+def download_image(url: str, dest: Path, retries: int = 3, backoff: float = 1.0, timeout: float = 20.0,
+                   max_side: int = 256) -> str:
+    """Fetch one image to dest as an RGB JPEG no larger than max_side. Returns "skipped" (a valid file is
+    already there), "downloaded", or "failed: <reason>"; a failed item leaves no file behind."""
+    if dest.exists():
+        if is_valid_image(dest):
+            return "skipped"
+        dest.unlink()  # a corrupt leftover is replaced, not trusted
+    if not url:
+        return "failed: no image URL"
+    reason = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))  # exponential backoff between tries
+        try:
+            payload = _get(url, timeout)
+        except urllib.error.HTTPError as err:
+            reason = f"HTTP {err.code}"
+            if err.code not in RETRY_STATUS:
+                return f"failed: {reason}"
+            continue
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+            reason = f"{type(err).__name__}: {err}"  # network-level: worth another try
+            continue
+        try:
+            with Image.open(io.BytesIO(payload)) as img:
+                img = img.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+            return f"failed: not a decodable image ({type(err).__name__})"
+        img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)  # keeps the aspect ratio
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        img.save(tmp, format="JPEG", quality=90)
+        tmp.replace(dest)
+        return "downloaded"
+    return f"failed: {reason} after {retries + 1} tries"
+
+
+def download_images(urls: dict[str, str], out_dir: Path, workers: int = 16, retries: int = 3,
+                    backoff: float = 1.0, timeout: float = 20.0, max_side: int = 256,
+                    progress: bool = True) -> dict:
+    """Download {key: url} to out_dir/<key>.jpg concurrently. Returns counts plus {key: reason} of failures."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = sorted(urls)
+
+    def one(key: str) -> str:
+        return download_image(urls[key], out_dir / f"{key}.jpg", retries, backoff, timeout, max_side)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(one, keys), total=len(keys), desc="images", disable=not progress))
+    report = {"requested": len(keys), "downloaded": results.count("downloaded"),
+              "skipped": results.count("skipped"), "failed": {}}
+    for key, result in zip(keys, results):
+        if result.startswith("failed"):
+            report["failed"][key] = result.removeprefix("failed: ")
+    return report
+
+
+def prepare_amazon(category: str, root: Path, workers: int = 16, retries: int = 3, max_side: int = 256,
+                   skip_images: bool = False) -> dict:
+    """Download one category, build and check its 5-core sequences, fetch its images, write the manifest."""
+    folder = amazon_dir(root, category)
+    for name, url in amazon_urls(category).items():
+        fetch_file(url, folder / name)
+    _, _, asins = read_amazon_reviews(folder / f"reviews_{category}_5.json.gz")
+    items = amazon_items(root, category, sorted(asins))
+    manifest = {"category": category, "items_5core": len(items),
+                "items_without_title": sum(not m["title"] for m in items.values()),
+                "items_without_image_url": sum(not m["imUrl"] for m in items.values())}
+    if not skip_images:
+        report = download_images({a: m["imUrl"] for a, m in items.items()}, folder / "images",
+                                 workers=workers, retries=retries, max_side=max_side)
+        manifest["images"] = report
+        manifest["items_with_image"] = len(items) - len(report["failed"])
+        manifest["items_without_image"] = len(report["failed"])
+    tmp = folder / "images_manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    tmp.replace(folder / "images_manifest.json")
+    stats = load_dataset(DataConfig(kind="amazon", root=str(root), category=category,
+                                    missing_image="placeholder"))["stats"]  # asserts the 5-core statistics
+    manifest["dataset"] = stats
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Download / check VLM2Rec data (spec §14).")
+    sub = parser.add_subparsers(dest="dataset", required=True)
+    amazon = sub.add_parser("amazon", help="Amazon 2014 5-core reviews + metadata + images (internet)")
+    amazon.add_argument("--category", required=True, choices=CATEGORIES)
+    amazon.add_argument("--root", default=None, help="data root (default: $REPRO_DATA)")
+    amazon.add_argument("--workers", type=int, default=16, help="concurrent image downloads")
+    amazon.add_argument("--retries", type=int, default=3, help="extra tries per image on transient errors")
+    amazon.add_argument("--max-side", type=int, default=256, help="images are shrunk to fit this square")
+    amazon.add_argument("--skip-images", action="store_true", help="reviews and metadata only")
+    posters = sub.add_parser("ml100k-posters", help="offline: check the MovieLens-100K poster files")
+    posters.add_argument("--root", default=None, help="data root (default: $REPRO_DATA)")
+    args = parser.parse_args(argv)
+    root = data_root(args.root)
+    if args.dataset == "amazon":
+        result = prepare_amazon(args.category, root, args.workers, args.retries, args.max_side, args.skip_images)
+    else:
+        result = {mode: load_dataset(DataConfig(kind="ml100k-posters", root=str(root), missing_image=mode))["stats"]
+                  for mode in ("drop", "placeholder")}
+    print(json.dumps(result, indent=1, sort_keys=True, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()
