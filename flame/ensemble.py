@@ -1,0 +1,191 @@
+"""FLAME's modular ensemble and guided mutual learning (spec §7, §8), and the mutual baseline B3 (§11).
+
+Two SASRecs (learnable "l" and frozen "f") are cut into M stages. A path takes each stage from either
+network, so there are 2^M paths, named by a string over {l, f} in stage order ("fl" = frozen
+embedding, learnable encoder). The paths are computed as a tree (§8): after stage s there are up to
+2^s streams, and each network's stage s+1 runs on every stream that one of the kept paths sends
+through it. With `path_mixing=tiled` those streams are concatenated along the sequence axis under a
+tiled mask, which for M=2 is exactly the reference's 4-path construction (§7.1).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import SASRec
+
+
+@dataclass
+class FlameConfig:
+    """FLAME options (spec §13 `flame:`); the defaults reproduce the reference code."""
+    frozen_source: Literal["shipped", "own"] = "shipped"  # shipped weights (§5) or our stage 1 (§6)
+    frozen: Optional[str] = None  # path to a 36-key checkpoint; overrides frozen_source
+    frozen_mode: Literal["train", "eval"] = "train"  # quirk 4: the reference keeps dropout on in it
+    split: Literal["embed_encoder", "per_block"] = "embed_encoder"  # M=2 (ref) or M=1+blocks (§8)
+    path_mixing: Literal["tiled", "independent"] = "tiled"  # quirk 5: tiled = paths cross-attend
+    num_paths: int = 0  # paths sampled per step (>= 2); 0 = all 2^M paths, as in the reference
+    tau: float = 1.0  # NT-Xent temperature (§7.3)
+    lambda0: float = 1.0  # λ at e=0 (§7.4)
+    lambdaR: float = 1e-5  # λ at e=R
+    lambda_horizon: Optional[int] = None  # R; None = train.max_epochs (quirk 10)
+    cl_normalize: bool = False  # cosine NT-Xent instead of raw dot products (ablation, quirk 6)
+    detach_pair_weights: bool = False  # stop gradients through α (ablation, quirk 6)
+
+
+def path_order(num_stages: int) -> list[str]:
+    """All 2^M path names in the reference's order: sorted by the reversed name, l before f.
+
+    For M=2 this is (ll, fl, lf, ff), so itertools.combinations gives the six pairs of §7.3.
+    """
+    names = ["".join(p) for p in itertools.product("lf", repeat=num_stages)]
+    return sorted(names, key=_reference_rank)
+
+
+def _reference_rank(name: str) -> str:
+    """Sort key of a path or prefix: the last stage varies slowest, l before f."""
+    return name[::-1].replace("l", "0").replace("f", "1")
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float, normalize: bool = False) -> torch.Tensor:
+    """NT-Xent of §7.3: S=[A;B], G=SS^T/τ with a -10000 diagonal, positive of row k is its twin."""
+    if normalize:
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    n = a.shape[0]
+    s = torch.cat([a, b])  # (2b, d)
+    g = s @ s.T / tau  # (2b, 2b) raw dot products by default (quirk 6)
+    eye = torch.eye(2 * n, dtype=torch.bool, device=g.device)
+    g = g.masked_fill(eye, -10000.0)
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(g.device)
+    return F.cross_entropy(g, positive)  # mean over all 2b rows
+
+
+def weighted_contrastive(paths: dict[str, torch.Tensor], tau: float, normalize: bool = False,
+                         detach_weights: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_wcl = Σ α_ab NTX_ab over all path pairs; α = softmax(-mean <A_k, B_k>) (§7.3).
+
+    Less similar pairs get more weight. α is not detached unless asked (quirk 6).
+    Returns the loss and the detached α per pair, keyed "a-b".
+    """
+    pairs = list(itertools.combinations(paths, 2))
+    ntx = torch.stack([nt_xent(paths[a], paths[b], tau, normalize) for a, b in pairs])
+    logits = torch.stack([-(paths[a] * paths[b]).sum(-1).mean() for a, b in pairs])  # no τ here
+    alpha = torch.softmax(logits, dim=0)
+    if detach_weights:
+        alpha = alpha.detach()
+    named = {f"{a}-{b}": w.detach() for (a, b), w in zip(pairs, alpha)}
+    return (alpha * ntx).sum(), named
+
+
+def num_stages(net: SASRec, split: str) -> int:
+    return 2 if split == "embed_encoder" else 1 + len(net.seq_encoder.mhas)
+
+
+def run_stage(net: SASRec, split: str, stage: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Stage ≥ 1 of a network: the whole encoder (embed_encoder) or one block (per_block)."""
+    if split == "embed_encoder":
+        return net.seq_encoder(x, mask)
+    return net.seq_encoder.block(stage - 1, x, mask)
+
+
+class FLAME(nn.Module):
+    """Learnable SASRec + a second SASRec, trained with L_rec + λ(e) L_wcl (§7); inference = learnable.
+
+    mutual=False: FLAME, the second network is frozen (no grads, never updated, §7.2).
+    mutual=True: baseline B3, the second network is trainable and gets its own L_rec (§11); with
+    ml_loss="kl" the path loss is replaced by classic deep mutual learning (KL to the detached peer).
+    batch: "seq" (B, L), "target" (B,), and "lam" (float, λ of the current epoch).
+    """
+
+    def __init__(self, learnable: SASRec, other: SASRec, cfg: FlameConfig, mutual: bool = False,
+                 ml_loss: str = "wcl"):
+        super().__init__()
+        self.learnable = learnable
+        self.frozen = other  # named after its FLAME role; trainable when mutual
+        self.cfg = cfg
+        self.mutual = mutual
+        self.ml_loss = ml_loss
+        if not mutual:
+            self.frozen.requires_grad_(False)
+        self.stages = num_stages(learnable, cfg.split)
+        self.all_paths = path_order(self.stages)
+        if cfg.num_paths and not 2 <= cfg.num_paths <= len(self.all_paths):
+            raise ValueError(f"flame.num_paths={cfg.num_paths}: need 0 (all) or 2..{len(self.all_paths)}")
+
+    def train(self, mode: bool = True) -> "FLAME":
+        super().train(mode)
+        if mode and not self.mutual and self.cfg.frozen_mode == "eval":
+            self.frozen.eval()  # ablation of quirk 4; the reference keeps the frozen net in train mode
+        return self
+
+    def sample_paths(self) -> list[str]:
+        """The paths used this step: all of them, or num_paths drawn uniformly (kept in order)."""
+        if not self.cfg.num_paths or self.cfg.num_paths == len(self.all_paths):
+            return self.all_paths
+        keep = torch.randperm(len(self.all_paths))[: self.cfg.num_paths].sort().values
+        return [self.all_paths[i] for i in keep.tolist()]
+
+    def path_outputs(self, seq: torch.Tensor, paths: list[str]) -> dict[str, torch.Tensor]:
+        """Last-position output of every requested path, computed as a tree (§7.1, §8)."""
+        nets = {"l": self.learnable, "f": self.frozen}
+        base_mask = self.learnable.mask(seq)  # (B, 1, L, L)
+        B, L = seq.shape
+        # Stage 0: each network embeds the raw sequence on its own (E_l, E_f of §7.1 step 2).
+        streams = {n: nets[n].embed(seq) for n in sorted({p[0] for p in paths}, key="lf".index)}
+        for stage in range(1, self.stages):
+            needed = {p[: stage + 1] for p in paths}
+            for n in "lf":
+                # Parents in reference order (E_l before E_f, §7.1 step 3).
+                parents = sorted({q[:stage] for q in needed if q[stage] == n}, key=_reference_rank)
+                if not parents:
+                    continue
+                k = len(parents)
+                if self.cfg.path_mixing == "tiled":
+                    x = torch.cat([streams[q] for q in parents], dim=1)  # (B, kL, d)
+                    mask = base_mask.repeat(1, 1, k, k)  # tiled k x k (§7.1 step 4)
+                    y = run_stage(nets[n], self.cfg.split, stage, x, mask).split(L, dim=1)
+                else:  # independent streams along the batch axis, plain mask (§8)
+                    x = torch.cat([streams[q] for q in parents], dim=0)  # (kB, L, d)
+                    y = run_stage(nets[n], self.cfg.split, stage, x, base_mask.repeat(k, 1, 1, 1))
+                    y = y.split(B, dim=0)
+                for q, out in zip(parents, y):
+                    streams[q + n] = out
+        return {p: streams[p][:, -1] for p in paths}  # (B, d) each: the last index of its stream
+
+    def loss_terms(self, batch: dict) -> dict[str, torch.Tensor]:
+        seq, target, lam = batch["seq"], batch["target"], float(batch.get("lam", 1.0))
+        logits = self.learnable.logits(self.learnable(seq))  # h: the only input of L_rec (§7.1 step 1)
+        rec = F.cross_entropy(logits, target - 1)
+        terms = {"rec": rec}
+        loss = rec
+        if self.mutual:
+            logits_b = self.frozen.logits(self.frozen(seq))
+            terms["rec_b"] = F.cross_entropy(logits_b, target - 1)
+            loss = loss + terms["rec_b"]
+            if self.ml_loss == "kl":  # deep mutual learning: KL(p_other || p_self), p_other detached
+                log_a, log_b = F.log_softmax(logits, -1), F.log_softmax(logits_b, -1)
+                kl = (F.kl_div(log_a, log_b.detach(), log_target=True, reduction="batchmean")
+                      + F.kl_div(log_b, log_a.detach(), log_target=True, reduction="batchmean"))
+                terms["kl"] = kl
+                terms["loss"] = loss + kl
+                return terms
+        if lam != 0.0:  # λ0 = 0 skips the paths entirely (behaves like B1, §11)
+            z = self.path_outputs(seq, self.sample_paths())
+            wcl, alpha = weighted_contrastive(z, self.cfg.tau, self.cfg.cl_normalize,
+                                              self.cfg.detach_pair_weights)
+            loss = loss + lam * wcl
+            terms["wcl"] = wcl
+            terms.update({f"alpha/{k}": v for k, v in alpha.items()})
+        terms["loss"] = loss
+        return terms
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return self.loss_terms(batch)["loss"]
+
+    def score_all(self, batch: dict) -> torch.Tensor:
+        """Inference uses the learnable network alone (§7.6): same cost as SASRec."""
+        return self.learnable.score_all(batch)

@@ -1,0 +1,208 @@
+"""SASRec backbone of FLAME (spec §4) and the loader for the authors' released frozen checkpoints (§5).
+
+The parameter names are exactly the 36 keys of the shipped files (item_emb, pos_emb, layernorm,
+seq_encoder.mhas.i.*, seq_encoder.ffns.i.*), so `load_state_dict(strict=True)` is the whole mapping.
+The guided-mutual-learning ensemble that wraps two of these networks lives in ensemble.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """SASRec hyper-parameters (spec §2 / §13 `model:`); the config key is `backbone`."""
+    d: int = 64  # hidden size
+    heads: int = 2  # attention heads; head h takes features [h*d/heads, (h+1)*d/heads) (§4.3)
+    blocks: int = 2  # transformer blocks
+    dropout: float = 0.5  # embedding output, attention probabilities, both residual branches
+    init_std: float = 0.02  # N(0, std^2) for every Linear and Embedding weight (§4.5)
+    ln_eps: float = 1e-12  # all 5 LayerNorms
+    mask_value: float = -10000.0  # finite additive mask (§4.2): -inf would turn all-pad rows into NaN
+    max_len: int = 50  # L, the input window; copied from data.max_len by main
+
+
+def attention_mask(seq: torch.Tensor, mask_value: float, tiles: int = 1) -> torch.Tensor:
+    """Additive mask A (§4.2), tiled tiles x tiles (§7.1 step 4): shape (B, 1, tiles*L, tiles*L).
+
+    allowed[i, j] = seq_i > 0 and seq_j > 0 and j <= i, evaluated on positions i mod L, j mod L.
+    """
+    valid = seq > 0  # (B, L)
+    length = seq.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
+    allowed = valid[:, :, None] & valid[:, None, :] & causal  # (B, L, L)
+    mask = (~allowed).to(torch.float32) * mask_value  # 0 where allowed, mask_value elsewhere
+    if tiles > 1:
+        mask = mask.repeat(1, tiles, tiles)  # M2[i, j] = A[i mod L, j mod L]
+    return mask.unsqueeze(1)  # (B, 1, tiles*L, tiles*L), broadcast over heads
+
+
+class MultiHeadAttention(nn.Module):
+    """Attention sub-layer with its post-LN residual: x <- LN(x + Dropout(W_O(attn(x))))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.w_Q = nn.Linear(cfg.d, cfg.d)
+        self.w_K = nn.Linear(cfg.d, cfg.d)
+        self.w_V = nn.Linear(cfg.d, cfg.d)
+        self.w = nn.Linear(cfg.d, cfg.d)  # output projection Linear_O
+        self.layernorm = nn.LayerNorm(cfg.d, eps=cfg.ln_eps)
+        self.dropout_p = cfg.dropout
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # Contiguous head split (§4.3): view (B, T, heads, C/heads), head h = features 32h..32h+31.
+        q = self.w_Q(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.w_K(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.w_V(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        # softmax(QK^T/sqrt(hs) + A) with dropout on the probabilities: exactly SDPA with a float
+        # additive mask. The mask is finite, so all-pad query rows stay finite (§4.2, quirk 12).
+        p = self.dropout_p if self.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=p)
+        context = context.transpose(1, 2).reshape(B, T, C)  # heads concatenated back in order
+        return self.layernorm(x + self.dropout(self.w(context)))
+
+
+class FeedForward(nn.Module):
+    """FFN sub-layer with post-LN: x <- LN(x + Dropout(W2 GELU(W1 x))); no dropout inside (§4.3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d, 4 * cfg.d)
+        self.w2 = nn.Linear(4 * cfg.d, cfg.d)
+        self.layernorm = nn.LayerNorm(cfg.d, eps=cfg.ln_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.gelu(self.w1(x))  # exact erf GELU
+        return self.layernorm(x + self.dropout(self.w2(hidden)))
+
+
+class SequenceEncoder(nn.Module):
+    """The stack of blocks; block k = mhas[k] then ffns[k]. No final LayerNorm (§4.3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.mhas = nn.ModuleList(MultiHeadAttention(cfg) for _ in range(cfg.blocks))
+        self.ffns = nn.ModuleList(FeedForward(cfg) for _ in range(cfg.blocks))
+
+    def block(self, k: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.ffns[k](self.mhas[k](x, mask))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for k in range(len(self.mhas)):
+            x = self.block(k, x, mask)
+        return x
+
+
+class SASRec(nn.Module):
+    """Post-LN SASRec with learned positions, left padding and a tied output (spec §4).
+
+    batch: dict with "seq" (B, L) long, left-padded with 0, and "target" (B,) long in 1..I.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_items: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_items = num_items
+        self.item_emb = nn.Embedding(num_items + 1, cfg.d, padding_idx=0)  # row 0 = padding
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
+        self.layernorm = nn.LayerNorm(cfg.d, eps=cfg.ln_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.seq_encoder = SequenceEncoder(cfg)
+        # Positions are array indices 0..L-1 (§4.1): the latest item always sits at L-1.
+        self.register_buffer("positions", torch.arange(cfg.max_len), persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # §4.5: N(0, 0.02^2) everywhere, padding row included (it then never gets a gradient).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def embed(self, seq: torch.Tensor) -> torch.Tensor:
+        """Module 1 (§4.1): Dropout(LN(item_emb[seq] + pos_emb)); pad tokens are not zeroed."""
+        x = self.item_emb(seq) + self.pos_emb(self.positions[: seq.shape[1]])  # (B, L, d)
+        return self.dropout(self.layernorm(x))
+
+    def mask(self, seq: torch.Tensor, tiles: int = 1) -> torch.Tensor:
+        return attention_mask(seq, self.cfg.mask_value, tiles)
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """Sequence representation h = encoder output at the last index L-1 (§4.4): (B, d)."""
+        return self.seq_encoder(self.embed(seq), self.mask(seq))[:, -1]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Tied output: column c holds item c+1; the padding row is left out (§4.4)."""
+        return h @ self.item_emb.weight[1:].T  # (B, I)
+
+    def loss_terms(self, batch: dict) -> dict[str, torch.Tensor]:
+        rec = F.cross_entropy(self.logits(self(batch["seq"])), batch["target"] - 1)  # L_rec, full softmax
+        return {"loss": rec, "rec": rec}
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return self.loss_terms(batch)["loss"]
+
+    def score_all(self, batch: dict) -> torch.Tensor:
+        """(B, I+1) scores; column 0 (padding) is -inf so it never ranks."""
+        scores = self.logits(self(batch["seq"]))
+        return F.pad(scores, (1, 0), value=float("-inf"))
+
+
+class AveragedLogits(nn.Module):
+    """Inference-only mean of raw logits of several SASRecs (B2 full ensemble, B3 side number, §11)."""
+
+    def __init__(self, members: list[SASRec]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def score_all(self, batch: dict) -> torch.Tensor:
+        return torch.stack([m.score_all(batch) for m in self.members]).mean(0)
+
+
+def sasrec_state(model: SASRec) -> dict[str, torch.Tensor]:
+    """The 36-key layout of §5: a plain dict of CPU float32 tensors (no buffers)."""
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+
+
+def load_frozen(model: SASRec, path: str | Path) -> SASRec:
+    """Load a shipped or our own 36-key checkpoint strictly, refusing any shape mismatch (§5)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"frozen checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "item_emb.weight" not in state:
+        raise ValueError(f"{path}: not a SASRec state dict in the 36-key layout (spec §5)")
+    expected = {
+        "item_emb.weight": (model.num_items + 1, model.cfg.d),
+        "pos_emb.weight": (model.cfg.max_len, model.cfg.d),
+    }
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, this dataset and "
+                             f"config need {shape} (wrong dataset or max_len?)")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # key or shape mismatch deeper in the network: one-line message
+        raise ValueError(f"{path}: does not fit SASRec{tuple(expected['item_emb.weight'])}: "
+                         f"{str(err).splitlines()[0]}") from err
+    return model
+
+
+def lambda_schedule(epoch: int, lambda0: float, lambda_end: float, horizon: int) -> float:
+    """λ(e) = λ0 (λR/λ0)^(e/R), e 1-based (§7.4); defaults give λ(1)=0.944, λ(50)=0.0562."""
+    if lambda0 == 0.0:
+        return 0.0
+    return lambda0 * math.pow(lambda_end / lambda0, epoch / horizon)

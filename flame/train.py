@@ -1,0 +1,189 @@
+"""Training loop, evaluation and early stopping shared by SASRec, FLAME and the baselines (spec §7.5, §9).
+
+    stats = train_one_epoch(model, data, optimizer, batch_size=256, lam=0.944, device=dev)
+    metrics = evaluate(model, data.valid_seq, data.valid_target, data.valid_hist, seen_mask="reference")
+    summary = fit(model, data, optimizer, cfg, run_dir)   # early stopping, best.pt / last.pt, resume
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from common.metrics import rank_metrics
+from common.runs import check_finite, load_checkpoint, log_metrics, read_metrics, rng_state, \
+    save_checkpoint, set_rng_state
+
+REPORT = ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")  # §9, x100
+
+
+def synchronize(device: torch.device) -> None:
+    """Device-synchronised wall-clock (§7.5): wait for queued kernels before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _average_gradients(params: list[torch.Tensor]) -> None:
+    """Data parallelism under `accelerate launch`: every rank holds a shard of the batch."""
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def train_one_epoch(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, batch_size: int,
+                    lam: float, device: torch.device, bf16: bool = False,
+                    loss_fn: Optional[Callable[[dict], dict]] = None, max_steps: Optional[int] = None) -> dict:
+    """One pass over the shuffled samples, last partial batch kept (§3.4). Returns mean loss terms.
+
+    The training tensors are expected on `device` already; only index slices are taken here.
+    """
+    model.train()  # the whole model, frozen net included (§7.5, quirk 4)
+    loss_fn = loss_fn or model.loss_terms
+    params = [p for p in model.parameters() if p.requires_grad]
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    perm = torch.randperm(len(data.train_target)).to(device)  # global RNG: restored on resume
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    steps = 0
+    synchronize(device)
+    start = time.perf_counter()
+    for first in range(0, len(perm), batch_size):
+        index = perm[first: first + batch_size]
+        if distributed:
+            index = index[dist.get_rank():: dist.get_world_size()]
+        batch = {"seq": data.train_seq[index], "target": data.train_target[index], "lam": lam}
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, bf16):
+            terms = loss_fn(batch)
+        terms["loss"].backward()
+        if distributed:
+            _average_gradients(params)
+        optimizer.step()
+        for key, value in terms.items():  # detached floats only (quirk 11)
+            sums[key] = sums.get(key, 0.0) + value.detach().float()
+            counts[key] = counts.get(key, 0) + 1
+        steps += 1
+        if max_steps is not None and steps >= max_steps:
+            break
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    stats = {key: float(total) / counts[key] for key, total in sums.items()}
+    check_finite(stats["loss"], f"the epoch's mean training loss ({steps} steps)")
+    return {**stats, "train_seconds": seconds, "steps": steps,
+            "samples": min(len(perm), steps * batch_size)}
+
+
+def seen_adjust(scores: torch.Tensor, hist: torch.Tensor, mode: str) -> torch.Tensor:
+    """Apply eval.seen_mask to item logits (B, I) given 0-padded histories (B, H) (§9, quirks 7-8).
+
+    reference: items seen exactly once get logit 0 (duplicates add up in the reference's count
+    matrix, then `== 1` is tested, so items seen twice keep their raw logit); zero: every seen item
+    gets 0; neg_inf: every seen item gets -inf (the clean protocol); none: no change.
+    """
+    if mode == "none":
+        return scores
+    counts = torch.zeros(scores.shape[0], scores.shape[1] + 1, device=scores.device)
+    counts.scatter_add_(1, hist, torch.ones_like(hist, dtype=counts.dtype))
+    counts = counts[:, 1:]  # column c = item c+1; the padding id 0 drops out
+    if mode == "reference":
+        return scores.masked_fill(counts == 1, 0.0)
+    if mode == "zero":
+        return scores.masked_fill(counts > 0, 0.0)
+    if mode == "neg_inf":
+        return scores.masked_fill(counts > 0, float("-inf"))
+    raise ValueError(f"eval.seen_mask={mode!r}: expected reference, zero, neg_inf or none")
+
+
+def target_ranks(scores: torch.Tensor, target: torch.Tensor, rank: str) -> torch.Tensor:
+    """0-based rank of column target-1 (§9). argsort: position in a descending (unstable) sort,
+    as the reference's double argsort; strict: the number of strictly greater logits."""
+    column = (target - 1).unsqueeze(1)
+    if rank == "strict":
+        return (scores > scores.gather(1, column)).sum(1)
+    if rank == "argsort":
+        order = torch.argsort(scores, dim=1, descending=True)
+        return (order == column).int().argmax(1)
+    raise ValueError(f"eval.rank={rank!r}: expected argsort or strict")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, seq: torch.Tensor, target: torch.Tensor, hist: torch.Tensor,
+             seen_mask: str = "reference", rank: str = "argsort", batch_size: int = 256,
+             device: Optional[torch.device] = None) -> dict[str, float]:
+    """Full-ranking leave-one-out metrics x100 (§9) over all users, in batches."""
+    model.eval()
+    device = device or seq.device
+    ranks = []
+    for first in range(0, len(target), batch_size):
+        part = slice(first, first + batch_size)
+        scores = model.score_all({"seq": seq[part].to(device)})[:, 1:].float()  # (B, I): drop padding
+        scores = seen_adjust(scores, hist[part].to(device), seen_mask)
+        ranks.append(target_ranks(scores, target[part].to(device), rank).cpu())
+    per_user = rank_metrics(torch.cat(ranks), ks=(1, 5, 10, 20))
+    return {key: 100.0 * float(per_user[key].mean()) for key in REPORT}
+
+
+def fit(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, cfg: Any, run_dir: Path,
+        device: torch.device, lam_fn: Callable[[int], float], resume: bool = False,
+        is_main: bool = True) -> dict:
+    """Early-stopped training (§7.5): strict improvement of validation cfg.train.select, patience,
+    best state restored at the end. best.pt on improvement, last.pt every epoch (resumable)."""
+    tc, ec = cfg.train, cfg.eval
+    loss_fn = torch.compile(model.loss_terms) if tc.compile else None
+    best, best_epoch, start_epoch, train_time, time_to_best = 0.0, 0, 1, 0.0, 0.0
+    best_state = copy.deepcopy(model.state_dict())
+    if resume and (run_dir / "last.pt").exists():
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        best, best_epoch, train_time = ckpt["best_val"], ckpt["best_epoch"], ckpt["train_time"]
+        time_to_best, start_epoch = ckpt["time_to_best"], ckpt["epoch"] + 1
+        if best_epoch > 0:
+            best_state = load_checkpoint(run_dir / "best.pt")["model"]
+        set_rng_state(ckpt["rng"])
+        if is_main:  # drop records a crash left behind after the checkpoint
+            kept = [r for r in read_metrics(run_dir) if r.get("epoch", 0) <= ckpt["epoch"]]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        print(f"resumed from {run_dir / 'last.pt'} after epoch {ckpt['epoch']}")
+    for epoch in range(start_epoch, tc.max_epochs + 1):
+        if epoch > best_epoch + tc.patience:
+            print(f"early stop: no improvement of valid {tc.select} for {tc.patience} epochs")
+            break
+        lam = lam_fn(epoch)
+        stats = train_one_epoch(model, data, optimizer, tc.batch_size, lam, device, tc.bf16, loss_fn)
+        train_time += stats["train_seconds"]
+        valid = evaluate(model, data.valid_seq, data.valid_target, data.valid_hist, ec.seen_mask, ec.rank,
+                         ec.batch_size, device)
+        improved = valid[tc.select] > best  # strict improvement (§7.5)
+        if improved:
+            best, best_epoch, time_to_best = valid[tc.select], epoch, train_time
+            best_state = copy.deepcopy(model.state_dict())
+        record = {"epoch": epoch, "lambda": lam, **{f"train/{k}": v for k, v in stats.items()},
+                  "train/cumulative_seconds": train_time, **{f"valid/{k}": v for k, v in valid.items()}}
+        print(f"epoch {epoch:3d} | loss {stats['loss']:.4f} | {stats['train_seconds']:.1f}s | "
+              f"valid NDCG@20 {valid['NDCG@20']:.2f} HR@20 {valid['HR@20']:.2f}" + (" *" if improved else ""))
+        if is_main:
+            log_metrics(run_dir, record)
+            if improved:
+                save_checkpoint(run_dir / "best.pt", {"model": best_state, "epoch": epoch, "best_val": best})
+            save_checkpoint(run_dir / "last.pt", {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "best_val": best, "best_epoch": best_epoch, "train_time": train_time,
+                "time_to_best": time_to_best, "rng": rng_state()})
+    model.load_state_dict(best_state)
+    return {"best_valid": best, "best_epoch": best_epoch, "time_to_best_s": time_to_best,
+            "train_seconds": train_time}
