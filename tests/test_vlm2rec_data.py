@@ -14,6 +14,7 @@ from PIL import Image
 from vlm2rec import data as vdata
 from vlm2rec.data import DataConfig, load_dataset, load_image, make_synthetic, read_amazon_meta, read_amazon_reviews
 from vlm2rec.prepare import download_image, download_images, prepare_amazon
+from vlm2rec.prepare import main as prepare_main
 
 
 def png_bytes(colour=(200, 30, 30), size=(40, 60)) -> bytes:
@@ -226,9 +227,18 @@ def test_prepare_amazon_offline_end_to_end(tmp_path):
     assert dropped["stats"]["interactions"] == 35 and dropped["stats"]["items_without_image"] == 0
 
 
-def test_amazon_without_files_says_how_to_prepare(tmp_path):
+def test_amazon_without_files_or_images(tmp_path):
     with pytest.raises(FileNotFoundError, match="vlm2rec.prepare amazon"):
         load_dataset(DataConfig(kind="amazon", root=str(tmp_path), category="Beauty"))
+    folder = tmp_path / "amazon" / "No_Images"
+    write_gz(folder / "reviews_No_Images_5.json.gz", [review(f"U{u}", f"A{i}", i) for u in range(5) for i in range(5)])
+    write_gz(folder / "meta_No_Images.json.gz", [repr({"asin": f"A{i}", "title": f"T{i}"}) for i in range(5)])
+    with pytest.raises(ValueError, match="data.missing_image=placeholder"):
+        load_dataset(DataConfig(kind="amazon", root=str(tmp_path), category="No_Images"))
+    kept = load_dataset(DataConfig(kind="amazon", root=str(tmp_path), category="No_Images",
+                                   missing_image="placeholder"))
+    assert kept["titles"] == ["", "T0", "T1", "T2", "T3", "T4"] and kept["stats"]["items_without_image"] == 5
+    assert (folder / "items.json").exists()  # metadata cache written beside the raw files
 
 
 # ---------------------------------------------------------------- real data (@slow)
@@ -250,6 +260,13 @@ def test_ml100k_posters_statistics(shared_data):
     assert (kept["stats"]["items"], kept["stats"]["interactions"]) == (1349, 99287)
     assert kept["stats"]["items_without_image"] == sum(p is None for p in kept["images"][1:]) > 0
     assert load_image(kept["images"][1], 32).size == (32, 32)
+
+
+@pytest.mark.slow
+def test_prepare_cli_checks_ml100k_posters_offline(shared_data, capsys):
+    stats = prepare_main(["ml100k-posters", "--root", str(shared_data)])
+    assert (stats["drop"]["items"], stats["placeholder"]["items"]) == (1342, 1349)
+    assert '"raw_items_without_image": 19' in capsys.readouterr().out
 
 
 @pytest.mark.slow

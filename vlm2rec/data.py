@@ -89,7 +89,7 @@ def load_image(path: Path | None, size: int) -> Image.Image:
         try:
             with Image.open(path) as img:
                 return img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
             warnings.warn(f"unreadable image {path} ({err}); using the grey placeholder", stacklevel=2)
     return Image.new("RGB", (size, size), PLACEHOLDER_GREY)
 
@@ -275,7 +275,9 @@ def amazon_items(root: Path, category: str, asins: list[str]) -> dict[str, dict]
     folder = amazon_dir(root, category)
     cached = folder / "items.json"
     if cached.exists():
-        return json.loads(cached.read_text())
+        items = json.loads(cached.read_text())
+        if items.keys() >= set(asins):  # else the reviews changed since the cache was written: rebuild
+            return items
     meta_path = folder / f"meta_{category}.json.gz"
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} not found: run `python -m vlm2rec.prepare amazon "
@@ -308,6 +310,10 @@ def load_amazon(cfg: DataConfig, root: Path) -> dict:
     usable = np.array([bool(meta[a]["title"]) and image_of[a].exists() for a in asins])
     if cfg.missing_image == "drop":
         inter = kcore({k: v[usable[inter["item"]]] for k, v in inter.items()}, 5, 5)
+        if inter["item"].size == 0:
+            raise ValueError(f"{name}: no interactions left after dropping items without a title or an image "
+                             f"in {folder / 'images'}; run the prepare step's image download or set "
+                             "data.missing_image=placeholder")
     inter = sort_chronological(inter)
     inter, _, item_map = remap_ids(inter, order="sorted")
     titles, images = [""], [None]

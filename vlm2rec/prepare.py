@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from common.data import data_root
+from common.download import fetch
 
 from .data import DataConfig, amazon_dir, amazon_items, is_valid_image, load_dataset, read_amazon_reviews
 
@@ -38,27 +39,6 @@ def amazon_urls(category: str) -> dict[str, str]:
     """File name -> URL of McAuley's 2014 release for one category."""
     names = (f"reviews_{category}_5.json.gz", f"meta_{category}.json.gz")
     return {name: f"{BASE_URL}/{name}" for name in names}
-
-
-def fetch_file(url: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Download url to dest (skipped when dest exists); streamed to a temp file, renamed on success."""
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # nothing half-written survives
-        raise
-    tmp.replace(dest)
-    return dest
 
 
 def _get(url: str, timeout: float) -> bytes:
@@ -131,7 +111,8 @@ def prepare_amazon(category: str, root: Path, workers: int = 16, retries: int = 
     """Download one category, build and check its 5-core sequences, fetch its images, write the manifest."""
     folder = amazon_dir(root, category)
     for name, url in amazon_urls(category).items():
-        fetch_file(url, folder / name)
+        if not (folder / name).exists():  # resumable: the big files are fetched once
+            fetch(url, folder / name, timeout=60.0, hint=f"or place {name} in {folder} by hand")
     _, _, asins = read_amazon_reviews(folder / f"reviews_{category}_5.json.gz")
     items = amazon_items(root, category, sorted(asins))
     manifest = {"category": category, "items_5core": len(items),
