@@ -1,0 +1,210 @@
+"""Raw data -> cached canonical artefact: locate or download the raw file, verify it, build, assert stats.
+
+    python -m common.prepare ml-100k [--root DIR] [--force]      (or: make data DATA=ml-100k)
+
+Raw files are looked up under the data root (--root > $REPRO_DATA > <repo>/data/raw, layout of
+../shared/data) and then <repo>/data/raw; when absent they are downloaded into <repo>/data/raw. The
+artefact goes to cache_root()/<name>/<recipe hash>/ (interactions.tsv and/or sequences.txt, stats.json),
+keyed by dataset + recipe + format version, written atomically; the data root is never written to.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.data import (COLUMNS, FILTER_KEYS, FORMAT_VERSION, RECIPE_DEFAULTS, REPO, Interactions,
+                         apply_recipe, cache_root, check_stats, compute_stats, data_root, dataset_entry,
+                         to_sequences, write_sequences)
+from common.download import fetch, file_sha256, unpack
+
+
+def recipe_hash(name: str, recipe: dict) -> str:
+    """Cache key: the dataset, the full recipe and the artefact format version."""
+    blob = json.dumps({"name": name, "recipe": recipe, "format": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def find_raw(name: str, root: str | os.PathLike | None = None) -> Path:
+    """<data root>/<dir>/<file>, else <repo>/data/raw/<dir>/<file>; missing -> FileNotFoundError with a fix."""
+    entry = dataset_entry(name)
+    candidates = list(dict.fromkeys(base / entry["dir"] / entry["file"]
+                                    for base in (data_root(root), REPO / "data" / "raw")))
+    for path in candidates:
+        if path.is_file():
+            return path
+    source = entry["url"] + (f" (member {entry['member']})" if entry["member"] else "")
+    raise FileNotFoundError(f"{name}: raw file {entry['file']} not found at {candidates[0]}; run "
+                            f"`python -m common.prepare {name}` to download {source}, or put the file there")
+
+
+def _check_consistency(name: str, inter: Interactions, recipe: dict) -> None:
+    """Checks that hold for any data set, known counts or not (one-line errors)."""
+    if inter["user"].size == 0:
+        raise ValueError(f"{name}: no interactions left after the recipe {recipe}")
+    for key, k in (("user", recipe["user_k"]), ("item", recipe["item_k"])):
+        counts = np.unique(inter[key], return_counts=True)[1]
+        if counts.min() < k:
+            raise ValueError(f"{name}: a {key} has {counts.min()} interactions after a {k}-core filter")
+        if recipe["ids"] != "raw" and (inter[key].min() != 1 or inter[key].max() != counts.size):
+            raise ValueError(f"{name}: remapped {key} ids are not contiguous 1..{counts.size}")
+    if not np.isfinite(inter["rating"]).all():
+        raise ValueError(f"{name}: non-finite rating values")
+
+
+def build_dataset(name: str, root: str | os.PathLike | None = None, recipe: dict | None = None,
+                  force: bool = False) -> Path:
+    """Build (or reuse) cache_root()/<name>/<recipe hash>/ and return it; statistics asserted on build."""
+    entry, recipe = dataset_entry(name), full_recipe(name, recipe)
+    out = cache_root() / name / recipe_hash(name, recipe)
+    if (out / "stats.json").is_file() and not force:
+        return out
+    raw = find_raw(name, root)
+    digest = file_sha256(raw, crlf_as_lf=entry.get("sha256_crlf_as_lf", False))
+    if entry["sha256"] and digest != entry["sha256"]:
+        raise ValueError(f"{name}: sha256 mismatch for {raw}: expected {entry['sha256']}, got {digest}")
+    files = {}
+    if entry["kind"] == "sequences":
+        seqs = entry["reader"](raw)
+        stats = compute_stats(seqs)
+        files["sequences.txt"] = seqs
+    else:
+        inter = apply_recipe(entry["reader"](raw), recipe)
+        _check_consistency(name, inter, recipe)
+        stats = compute_stats(inter)
+        files["interactions.tsv"] = inter
+        if recipe["order"] == "user_time" and recipe["ids"] != "raw":
+            files["sequences.txt"] = to_sequences(inter)
+    expected = expected_stats(name, recipe)
+    if expected is not None:
+        check_stats(name, stats, expected)
+    meta = {"name": name, "recipe": recipe, "format": FORMAT_VERSION, "stats": stats,
+            "expected": expected, "raw": str(raw), "raw_sha256": digest,
+            "tie_rule": "stable sorts: equal timestamps keep the raw file's row order"}
+    _write_artefact(out, files, meta)
+    return out
+
+
+def _write_artefact(out: Path, files: dict, meta: dict) -> None:
+    """Write into a temp dir beside `out`, then rename it into place (replacing an older build)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        for fname, data in files.items():
+            if fname == "sequences.txt":
+                write_sequences(tmp / fname, data)
+            else:
+                rows = map("{}\t{}\t{}\t{}\n".format, *(data[c].tolist() for c in COLUMNS))
+                (tmp / fname).write_text("user_id\titem_id\ttimestamp\trating\n" + "".join(rows))
+        (tmp / "stats.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():  # --force or a recipe-equal rebuild: move the old one aside first
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+            os.replace(out, old / "x")
+            shutil.rmtree(old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def full_recipe(name: str, recipe: dict | None = None) -> dict:
+    """The registered recipe with `recipe` overrides on top, every key filled in."""
+    entry = dataset_entry(name)
+    if entry["kind"] == "sequences":
+        if recipe:
+            raise ValueError(f"{name}: a sequence file is used as shipped; recipe overrides are not supported")
+        return {}
+    unknown = set(recipe or {}) - set(RECIPE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"{name}: unknown recipe keys {sorted(unknown)}; known: {sorted(RECIPE_DEFAULTS)}")
+    full = {**RECIPE_DEFAULTS, **entry["recipe"], **(recipe or {})}
+    if full["order"] not in ("file", "user_time") or full["ids"] not in ("raw", "first", "sorted"):
+        raise ValueError(f"{name}: recipe order must be file|user_time and ids raw|first|sorted, got {full}")
+    return full
+
+
+def expected_stats(name: str, recipe: dict) -> dict | None:
+    """Known statistics for this recipe's filters (registered recipe or a variant); None if unknown."""
+    entry = dataset_entry(name)
+    if entry["kind"] == "sequences":
+        return entry["expected"]
+    filters = {k: recipe[k] for k in FILTER_KEYS}
+    for delta, stats in [(entry["recipe"], entry["expected"])] + entry.get("variants", []):
+        if {k: {**RECIPE_DEFAULTS, **delta}[k] for k in FILTER_KEYS} == filters:
+            return stats
+    return None
+
+
+def download_raw(name: str, download_dir: str | os.PathLike | None = None, timeout: float = 10.0,
+                 root: str | os.PathLike | None = None) -> Path:
+    """Fetch the raw file into <download_dir>/<dir>/<file> (default <repo>/data/raw), checksums verified.
+
+    A failure message also says where the file could be put by hand: under the data root `root`.
+    """
+    entry = dataset_entry(name)
+    base = Path(download_dir) if download_dir else REPO / "data" / "raw"
+    dest = base / entry["dir"] / entry["file"]
+    where = (f"or put {entry['file']} (member {entry['member']} of {entry['url'].rsplit('/', 1)[-1]})"
+             if entry["member"] else f"or put {entry['file']}")
+    hint = f"{where} at {data_root(root) / entry['dir'] / entry['file']} (data root: --root or $REPRO_DATA)"
+    if entry["member"] is None:
+        return fetch(entry["url"], dest, sha256=entry["sha256"], timeout=timeout, hint=hint)
+    archive = dest.parent / entry["url"].rsplit("/", 1)[-1]
+    if not archive.is_file():
+        fetch(entry["url"], archive, md5=entry.get("archive_md5"), timeout=timeout, hint=hint)
+    unpack(archive, entry["member"], dest)
+    digest = file_sha256(dest, crlf_as_lf=entry.get("sha256_crlf_as_lf", False))
+    if entry["sha256"] and digest != entry["sha256"]:
+        dest.unlink()
+        raise ValueError(f"{name}: sha256 mismatch for {entry['member']} of {archive}: expected "
+                         f"{entry['sha256']}, got {digest} (extracted file deleted)")
+    return dest
+
+
+def prepare(name: str, root: str | os.PathLike | None = None, force: bool = False,
+            download_dir: str | os.PathLike | None = None, timeout: float = 10.0) -> dict:
+    """Find or download the raw file, build the artefact (or reuse it) and return its stats.json."""
+    dataset_entry(name)
+    try:
+        find_raw(name, root)
+    except FileNotFoundError:
+        download_raw(name, download_dir, timeout, root)
+        root = download_dir or REPO / "data" / "raw"
+    out = build_dataset(name, root, force=force)
+    meta = json.loads((out / "stats.json").read_text())
+    meta["artefact"] = str(out)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI: prepare one dataset and print its statistics, raw sha256, artefact path and time taken."""
+    parser = argparse.ArgumentParser(prog="python -m common.prepare", description=__doc__.split("\n")[0])
+    parser.add_argument("name", help="dataset name (see common.data.DATASETS)")
+    parser.add_argument("--root", help="data root holding the raw files (default $REPRO_DATA or data/raw)")
+    parser.add_argument("--force", action="store_true", help="rebuild the cached artefact")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        meta = prepare(args.name, args.root, args.force)
+    except (ValueError, FileNotFoundError, ConnectionError) as err:
+        sys.exit(f"error: {err}")
+    stats = meta["stats"]
+    print(f"{args.name}: {stats['users']:,} users / {stats['items']:,} items / "
+          f"{stats['interactions']:,} interactions (avg len {stats['avg_len']}, min {stats['min_len']}, "
+          f"max {stats['max_len']}, density {stats['density']:.4%})")
+    print(f"  expected: {meta['expected'] or 'unknown (consistency checks only)'}; recipe: {meta['recipe']}")
+    print(f"  raw: {meta['raw']} sha256 {meta['raw_sha256']}")
+    print(f"  artefact: {meta['artefact']}  ({time.perf_counter() - start:.2f} s)")
+    return meta
+
+
+if __name__ == "__main__":
+    main()
