@@ -13,7 +13,7 @@ from PIL import Image
 
 from vlm2rec import data as vdata
 from vlm2rec.data import DataConfig, load_dataset, load_image, make_synthetic, read_amazon_meta, read_amazon_reviews
-from vlm2rec.prepare import download_image, download_images, prepare_amazon
+from vlm2rec.prepare import cross_check_sequences, download_image, download_images, prepare_amazon
 from vlm2rec.prepare import main as prepare_main
 
 
@@ -213,7 +213,8 @@ def test_prepare_amazon_offline_end_to_end(tmp_path):
                 for a in asins if a != "F"] + [repr({"asin": "F", "imUrl": server.url("/F.png")})]
         write_gz(folder / f"meta_{category}.json.gz", meta)
         manifest = prepare_amazon(category, tmp_path, workers=2, retries=1)
-    assert manifest["items_5core"] == 7 and manifest["items_without_title"] == 1
+    assert manifest["sequences"] == {"users": 7, "items": 7, "interactions": 49}
+    assert manifest["items_without_title"] == 1
     assert manifest["items_without_image"] == 1 and manifest["images"]["failed"] == {"G": "HTTP 404"}
     assert json.loads((folder / "images_manifest.json").read_text())["items_with_image"] == 6
     kept = load_dataset(DataConfig(kind="amazon", root=str(tmp_path), category=category,
@@ -222,6 +223,13 @@ def test_prepare_amazon_offline_end_to_end(tmp_path):
     assert kept["images"][7] is None and kept["stats"]["items_without_image"] == 1
     # Per user, file order G..A has times 3,2,2,1,1,0,0: sorted by time, ties kept in file order (B before A).
     assert kept["sequences"][0].tolist() == [2, 1, 4, 3, 6, 5, 7]
+    assert kept["item_ids"] == ["", *"ABCDEFG"] and kept["user_ids"] == [f"U{u}" for u in range(7)]
+    # Cross-check against a reference sequence file with its own ids (spec §14.1, amazon-seq datamaps).
+    maps = {"id2user": {"1": "U0", "2": "U1", "3": "nobody"}, "id2item": {str(k): a for k, a in enumerate("GABCDEF")}}
+    (tmp_path / "maps.json").write_text(json.dumps(maps))
+    (tmp_path / "seq.txt").write_text("1 2 1 4 3 6 5 0\n2 1 2 4 3 6 5 0\n3 1\n")  # user 2: A, B swapped
+    counts = cross_check_sequences(kept, tmp_path / "seq.txt", tmp_path / "maps.json")
+    assert counts == {"reference_users": 3, "missing_users": 1, "same_order": 1, "same_items": 2}
     dropped = load_dataset(DataConfig(kind="amazon", root=str(tmp_path), category=category))
     assert dropped["titles"][1:] == ["Item A", "Item B", "Item C", "Item D", "Item E"]
     assert dropped["stats"]["interactions"] == 35 and dropped["stats"]["items_without_image"] == 0

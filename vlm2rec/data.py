@@ -159,7 +159,9 @@ def make_synthetic(num_users: int, num_items: int, seed: int, image_size: int, o
         in_home = rng.random(length) < 0.85
         seq = np.where(in_home, rng.choice(members[home], length), rng.integers(1, num_items + 1, length))
         sequences.append(seq.astype(np.int64))
-    return _package(f"synthetic-u{num_users}-i{num_items}-s{seed}", sequences, titles, images)
+    ids = [str(i) for i in range(num_items + 1)]
+    users = [str(u) for u in range(1, num_users + 1)]
+    return _package(f"synthetic-u{num_users}-i{num_items}-s{seed}", sequences, titles, images, ids, users)
 
 
 # ---------------------------------------------------------------- MovieLens-100K + posters (§14.2)
@@ -202,14 +204,15 @@ def load_ml100k_posters(cfg: DataConfig, root: Path) -> dict:
         keep = np.isin(inter["item"], raw_items[has_poster])
         inter = {key: value[keep] for key, value in inter.items()}
     inter = sort_chronological(kcore(inter, 5, 5))
-    inter, _, item_map = remap_ids(inter, order="sorted")
+    inter, user_map, item_map = remap_ids(inter, order="sorted")
     texts = ml100k_item_text(root, cfg.item_text)
     titles, images = [""], [None]
     for raw in item_map[1:]:  # item_map[new id] = raw movie id
         titles.append(texts[int(raw)])
         path = posters / f"{raw}.jpg"
         images.append(path if path.exists() else None)
-    data = _package("ml100k-posters", to_sequences(inter), titles, images)
+    data = _package("ml100k-posters", to_sequences(inter), titles, images,
+                    ["", *map(str, item_map[1:])], [str(u) for u in user_map[1:]])
     data["stats"].update(raw_items=len(raw_items), raw_items_with_image=int(has_poster.sum()),
                          raw_items_without_image=int((~has_poster).sum()), tie_rule=TIE_RULE,
                          missing_image=cfg.missing_image, min_rating=cfg.min_rating)
@@ -298,7 +301,7 @@ def load_amazon(cfg: DataConfig, root: Path) -> dict:
     if not reviews.exists():
         raise FileNotFoundError(f"{reviews} not found: run `python -m vlm2rec.prepare amazon "
                                 f"--category {cfg.category} --root {root}`")
-    inter, _, asins = read_amazon_reviews(reviews)
+    inter, reviewers, asins = read_amazon_reviews(reviews)
     rank = np.empty(len(asins), dtype=np.int64)
     rank[np.argsort(np.array(asins))] = np.arange(len(asins))
     inter["item"], asins = rank[inter["item"]], sorted(asins)  # codes = ascending-asin order
@@ -315,13 +318,14 @@ def load_amazon(cfg: DataConfig, root: Path) -> dict:
                              f"in {folder / 'images'}; run the prepare step's image download or set "
                              "data.missing_image=placeholder")
     inter = sort_chronological(inter)
-    inter, _, item_map = remap_ids(inter, order="sorted")
+    inter, user_map, item_map = remap_ids(inter, order="sorted")
     titles, images = [""], [None]
     for code in item_map[1:]:  # item_map[new id] = asin code
         asin = asins[int(code)]
         titles.append(meta[asin]["title"] or "unknown title")  # §14.1 placeholder wording
         images.append(image_of[asin] if image_of[asin].exists() else None)
-    data = _package(name, to_sequences(inter), titles, images)
+    data = _package(name, to_sequences(inter), titles, images, ["", *(asins[c] for c in item_map[1:])],
+                    [reviewers[c] for c in user_map[1:]])
     data["stats"].update(tie_rule=TIE_RULE, missing_image=cfg.missing_image,
                          items_5core=len(asins), items_5core_usable=int(usable.sum()))
     return data
@@ -334,14 +338,16 @@ def _count(inter: dict[str, np.ndarray]) -> dict:
             "interactions": int(inter["item"].size)}
 
 
-def _package(name: str, sequences: list[np.ndarray], titles: list[str], images: list[Path | None]) -> dict:
-    """The load_dataset dict, with the statistics every loader reports."""
+def _package(name: str, sequences: list[np.ndarray], titles: list[str], images: list[Path | None],
+             item_ids: list[str], user_ids: list[str]) -> dict:
+    """The load_dataset dict, with the statistics every loader reports. item_ids / user_ids are the raw
+    ids (movie id, asin, reviewerID) of each new id: item_ids[0] = "" (padding), user_ids[u - 1] = user u."""
     with_image = sum(path is not None for path in images[1:])
     stats = {"users": len(sequences), "items": len(titles) - 1,
              "interactions": int(sum(len(s) for s in sequences)),
              "items_with_image": with_image, "items_without_image": len(titles) - 1 - with_image}
     return {"name": name, "sequences": sequences, "titles": titles, "images": images,
-            "num_items": len(titles) - 1, "stats": stats}
+            "num_items": len(titles) - 1, "stats": stats, "item_ids": item_ids, "user_ids": user_ids}
 
 
 def load_dataset(cfg: DataConfig) -> dict:

@@ -27,12 +27,16 @@ from tqdm import tqdm
 from common.data import data_root
 from common.download import fetch
 
-from .data import DataConfig, amazon_dir, amazon_items, is_valid_image, load_dataset, read_amazon_reviews
+from .data import DataConfig, amazon_dir, amazon_items, is_valid_image, load_dataset
 
 CATEGORIES = ("Toys_and_Games", "Beauty", "Sports_and_Outdoors", "Clothing_Shoes_and_Jewelry")
 BASE_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
 USER_AGENT = "repro-recsys-vlm2rec/0.1 (research reproduction)"
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}  # transient; any other HTTP error is final (e.g. 404)
+# Spec §14.1 offline cross-check: ICLRec sequence files + P5 datamaps (ids -> ASIN / reviewerID) under
+# <root>/amazon-seq/ cover these two categories with the same ids.
+SEQ_FILES = {"Beauty": ("Beauty.txt", "datamaps/beauty_datamaps.json"),
+             "Sports_and_Outdoors": ("Sports_and_Outdoors.txt", "datamaps/sports_datamaps.json")}
 
 
 def amazon_urls(category: str) -> dict[str, str]:
@@ -106,6 +110,24 @@ def download_images(urls: dict[str, str], out_dir: Path, workers: int = 16, retr
     return report
 
 
+def cross_check_sequences(dataset: dict, seq_path: Path, datamaps_path: Path) -> dict:
+    """Compare a 5-core `load_dataset` result with a reference sequence file whose ids a datamaps file maps
+    to reviewerIDs and ASINs. Counts users whose sequence is identical, and identical as a multiset
+    (so a different timestamp tie-break shows as `same_items` without `same_order`)."""
+    maps = json.loads(datamaps_path.read_text())
+    ours = {user: [dataset["item_ids"][i] for i in seq] for user, seq in zip(dataset["user_ids"], dataset["sequences"])}
+    counts = {"reference_users": 0, "missing_users": 0, "same_order": 0, "same_items": 0}
+    for line in seq_path.read_text().splitlines():
+        user_id, *item_ids = line.split()
+        reference = [maps["id2item"][i] for i in item_ids]
+        mine = ours.get(maps["id2user"][user_id])
+        counts["reference_users"] += 1
+        counts["missing_users"] += mine is None
+        counts["same_order"] += mine == reference
+        counts["same_items"] += mine is not None and sorted(mine) == sorted(reference)
+    return counts
+
+
 def prepare_amazon(category: str, root: Path, workers: int = 16, retries: int = 3, max_side: int = 256,
                    skip_images: bool = False) -> dict:
     """Download one category, build and check its 5-core sequences, fetch its images, write the manifest."""
@@ -113,11 +135,15 @@ def prepare_amazon(category: str, root: Path, workers: int = 16, retries: int = 
     for name, url in amazon_urls(category).items():
         if not (folder / name).exists():  # resumable: the big files are fetched once
             fetch(url, folder / name, timeout=60.0, hint=f"or place {name} in {folder} by hand")
-    _, _, asins = read_amazon_reviews(folder / f"reviews_{category}_5.json.gz")
-    items = amazon_items(root, category, sorted(asins))
-    manifest = {"category": category, "items_5core": len(items),
+    # Placeholder mode = the plain 5-core view; it asserts the statistics before the long image download.
+    dataset = load_dataset(DataConfig(kind="amazon", root=str(root), category=category, missing_image="placeholder"))
+    items = amazon_items(root, category, dataset["item_ids"][1:])  # cached by load_dataset: a json read
+    manifest = {"category": category, "sequences": {k: dataset["stats"][k] for k in ("users", "items", "interactions")},
                 "items_without_title": sum(not m["title"] for m in items.values()),
                 "items_without_image_url": sum(not m["imUrl"] for m in items.values())}
+    seq_files = [root / "amazon-seq" / name for name in SEQ_FILES.get(category, ())]
+    if seq_files and all(path.exists() for path in seq_files):
+        manifest["cross_check_amazon_seq"] = cross_check_sequences(dataset, *seq_files)
     if not skip_images:
         report = download_images({a: m["imUrl"] for a, m in items.items()}, folder / "images",
                                  workers=workers, retries=retries, max_side=max_side)
@@ -127,9 +153,6 @@ def prepare_amazon(category: str, root: Path, workers: int = 16, retries: int = 
     tmp = folder / "images_manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     tmp.replace(folder / "images_manifest.json")
-    stats = load_dataset(DataConfig(kind="amazon", root=str(root), category=category,
-                                    missing_image="placeholder"))["stats"]  # asserts the 5-core statistics
-    manifest["dataset"] = stats
     return manifest
 
 
