@@ -53,6 +53,8 @@ def test_synthetic_is_deterministic(tmp_path):
     assert first["titles"] == second["titles"]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first["images"][1:], second["images"][1:]))
     assert not all(np.array_equal(x, y) for x, y in zip(first["sequences"], other["sequences"]))
+    reused = make_synthetic(20, 30, seed=4, image_size=16, out_dir=tmp_path / "a")  # stale seed-3 files replaced
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(reused["images"][1:], other["images"][1:]))
 
 
 def test_synthetic_carries_a_learnable_cluster_signal(tmp_path):
@@ -275,6 +277,8 @@ def test_prepare_cli_checks_ml100k_posters_offline(shared_data, capsys):
     stats = prepare_main(["ml100k-posters", "--root", str(shared_data)])
     assert (stats["drop"]["items"], stats["placeholder"]["items"]) == (1342, 1349)
     assert '"raw_items_without_image": 19' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="u.data not found"):
+        prepare_main(["ml100k-posters", "--root", str(shared_data / "no-such-folder")])
 
 
 @pytest.mark.slow

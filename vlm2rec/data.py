@@ -146,8 +146,7 @@ def make_synthetic(num_users: int, num_items: int, seed: int, image_size: int, o
         cluster = int(clusters[item])
         titles.append(f"{CLUSTER_WORDS[cluster]} {NOUNS[item % len(NOUNS)]} {item}")
         path = out_dir / "images" / f"{item}.png"
-        if not path.exists():  # deterministic content: an existing file is the same image
-            _synthetic_image(cluster, item, image_size).save(path)
+        _synthetic_image(cluster, item, image_size).save(path)  # always rewritten: out_dir may hold another seed
         images.append(path)
     (out_dir / "titles.txt").write_text("\n".join(titles[1:]) + "\n")
     members = [np.flatnonzero(clusters == c) for c in range(num_clusters)]

@@ -170,11 +170,16 @@ def main(argv: list[str] | None = None) -> dict:
     posters.add_argument("--root", default=None, help="data root (default: $REPRO_DATA)")
     args = parser.parse_args(argv)
     root = data_root(args.root)
-    if args.dataset == "amazon":
-        result = prepare_amazon(args.category, root, args.workers, args.retries, args.max_side, args.skip_images)
-    else:
-        result = {mode: load_dataset(DataConfig(kind="ml100k-posters", root=str(root), missing_image=mode))["stats"]
-                  for mode in ("drop", "placeholder")}
+    try:
+        if args.dataset == "amazon":
+            result = prepare_amazon(args.category, root, args.workers, args.retries, args.max_side,
+                                    args.skip_images)
+        else:
+            result = {mode: load_dataset(DataConfig(kind="ml100k-posters", root=str(root),
+                                                    missing_image=mode))["stats"]
+                      for mode in ("drop", "placeholder")}
+    except (ConnectionError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"vlm2rec.prepare: {err}") from None  # one line, no traceback (contract)
     print(json.dumps(result, indent=1, sort_keys=True, default=str))
     return result
 
