@@ -67,8 +67,9 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str | None = None, timeout:
             try:
                 got, total, digests = _stream(url, handle, timeout, dest.name)
             except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-                reason = getattr(err, "reason", None) or err
-                raise ConnectionError(f"cannot download {url}: {reason}{hint}") from None
+                reason = (f"HTTP {err.code} {err.reason}" if isinstance(err, urllib.error.HTTPError)
+                          else getattr(err, "reason", None) or err)
+                raise ConnectionError(f"cannot download {url} ({reason}){hint}") from None
         if total >= 0 and got != total:
             raise ConnectionError(f"truncated download of {url}: got {got} of {total} bytes{hint}")
         for name, want in (("sha256", sha256), ("md5", md5)):

@@ -152,8 +152,8 @@ def download_raw(name: str, download_dir: str | os.PathLike | None = None, timeo
     entry = dataset_entry(name)
     base = Path(download_dir) if download_dir else REPO / "data" / "raw"
     dest = base / entry["dir"] / entry["file"]
-    where = (f"or put {entry['file']} (member {entry['member']} of {entry['url'].rsplit('/', 1)[-1]})"
-             if entry["member"] else f"or put {entry['file']}")
+    where = (f"fetch it by hand and put {entry['file']} (member {entry['member']} of "
+             f"{entry['url'].rsplit('/', 1)[-1]})" if entry["member"] else f"fetch it by hand and put {entry['file']}")
     hint = f"{where} at {data_root(root) / entry['dir'] / entry['file']} (data root: --root or $REPRO_DATA)"
     if entry["member"] is None:
         return fetch(entry["url"], dest, sha256=entry["sha256"], timeout=timeout, hint=hint)
