@@ -122,8 +122,9 @@ def resolve_frozen(cfg: Config) -> tuple[Path, Optional[Path]]:
 def build_model(cfg: Config, num_items: int, frozen_path: Optional[Path],
                 member_dirs: list[Path]) -> torch.nn.Module:
     """The learnable network is built first, then the second one, from the same seed (§6, §11)."""
-    if cfg.model == "sasrec":
-        return SASRec(cfg.backbone, num_items)
+    if cfg.model == "sasrec":  # flame.frozen given: start from it (max_epochs=0 just evaluates it)
+        model = SASRec(cfg.backbone, num_items)
+        return load_frozen(model, cfg.flame.frozen) if cfg.flame.frozen else model
     if cfg.model == "ensemble":
         return AveragedLogits([load_frozen(SASRec(cfg.backbone, num_items), d / "frozen.pt") for d in member_dirs])
     learnable = SASRec(cfg.backbone, num_items)
@@ -171,7 +172,7 @@ def convergence(cfg: Config, run_dir: Path, baseline_dir: Optional[Path], test_n
 def print_table(results: dict) -> None:
     """Test metrics under both masks, and the convergence numbers when there are any."""
     print(f"\n{results['model']} on {results['dataset']} (seed {results['seed']}), best epoch "
-          f"{results['best_epoch']}, valid {results['select']} {results['best_valid']:.2f}")
+          f"{results['best_epoch']}, valid {results['select']} {results['valid'][results['select']]:.2f}")
     print("| mask | " + " | ".join(REPORT) + " |\n|---|" + "---|" * len(REPORT))
     for mask, metrics in results["test"].items():
         print(f"| {mask} | " + " | ".join(f"{metrics[k]:.2f}" for k in REPORT) + " |")
@@ -185,7 +186,7 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> di
     device, is_main = setup_device(cfg)
     data = build_data(load_raw(cfg.data), cfg.data)
     frozen_path, stage1, member_dirs = None, None, []
-    if cfg.model == "flame":
+    if cfg.model == "flame" or (cfg.model == "sasrec" and cfg.flame.frozen):
         frozen_path, stage1 = resolve_frozen(cfg)
     elif cfg.model == "ensemble":  # B2 members are stage-1 runs with seeds seed, seed+1, ... (§11)
         member_dirs = [pretrain_sasrec(cfg, cfg.train.seed + i) for i in range(cfg.baselines.ensemble_n)]
@@ -216,12 +217,14 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> di
         summary = fit(model, data, optimizer, cfg, run_dir, device, lam_fn, resume, is_main)
     if cfg.model == "sasrec" and is_main:  # the 36-key layout of §5: usable as a frozen net
         save_checkpoint(run_dir / "frozen.pt", sasrec_state(model))
+    valid = evaluate(model, data.valid_seq, data.valid_target, data.valid_hist, cfg.eval.seen_mask,
+                     cfg.eval.rank, cfg.eval.batch_size, device)  # the restored state, for the record
     test = {}
     for mask in dict.fromkeys((cfg.eval.seen_mask, "reference", "neg_inf")):  # both on test (§9)
         test[mask] = evaluate(model, data.test_seq, data.test_target, data.test_hist, mask, cfg.eval.rank,
                               cfg.eval.batch_size, device)
     results = {"model": cfg.model, "dataset": cfg.data.dataset, "seed": cfg.train.seed,
-               "select": cfg.train.select, **summary, "test": test,
+               "select": cfg.train.select, **summary, "valid": valid, "test": test,
                "num_users": data.num_users, "num_items": data.num_items,
                "train_samples": int(len(data.train_target)),
                "frozen": str(frozen_path) if frozen_path else None, "config": config_to_dict(cfg)}
