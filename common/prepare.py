@@ -180,6 +180,12 @@ def prepare(name: str, root: str | os.PathLike | None = None, force: bool = Fals
         root = download_dir or REPO / "data" / "raw"
     out = build_dataset(name, root, force=force)
     meta = json.loads((out / "stats.json").read_text())
+    entry, raw = dataset_entry(name), Path(meta["raw"])
+    if not force and (not raw.is_file() or
+                      file_sha256(raw, entry.get("sha256_crlf_as_lf", False)) != meta["raw_sha256"]):
+        # The cached build came from another copy of the raw file: rebuild from the one found now.
+        out = build_dataset(name, root, force=True)
+        meta = json.loads((out / "stats.json").read_text())
     meta["artefact"] = str(out)
     return meta
 

@@ -135,7 +135,7 @@ def test_sequences_round_trip(tmp_path):
 
 @pytest.mark.parametrize("reader,text,message", [
     (read_ml1m, "1::2::3::4\n1::2::3\n", r"bad\.dat:2: expected 4 fields, got 3"),
-    (read_ml1m, "1::2::3::4\n1::x::3::4\n", r"bad\.dat:2: column 2 is not int64"),
+    (read_ml1m, "1::2::3::4\n1::x::3::4\n", r"bad\.dat:2: column 2 is not int64 \(item\)"),
     (read_ml100k, "1\t2\t3\t4\n\n1\t2\t3\t4\n", r"bad\.dat:2: expected 4 fields, got 1"),
     (read_movielens_csv, "userId,movieId,rating,timestamp\n1,2,4.0,5\n1,2,four,5\n", r"bad\.dat:3: column 3"),
     (read_hetrec_lastfm, "h\th\th\th\th\th\n1\t2\t3\t31\t2\t2009\n", r"bad\.dat:2: invalid date 31/2/2009"),
