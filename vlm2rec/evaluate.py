@@ -1,0 +1,211 @@
+"""Leave-one-out split, the two evaluation protocols, the embedding cache and robustness scenarios.
+
+Protocol (spec §13): leave-one-out by time; the history is the <= 10 items before the target.
+  P1 `sampled`  the target vs 100 negatives drawn uniformly from items the user never touched (saved once
+                per dataset, scoped seed), pessimistic ties by default: the paper's protocol.
+  P2 `full`     every item scored, padding and the user's earlier items masked (never the target).
+Selection uses validation only; test is scored once at the best-validation checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.data import cache_root
+from common.metrics import average, full_sort_metrics, sampled_metrics
+
+from .diagnostics import geometry
+from .encoder import Catalog
+
+SPLITS = ("valid", "test")
+SCENARIOS = ("missing_image", "missing_title", "noisy_image")
+
+
+@dataclass
+class EvalConfig:
+    protocols: list[str] = field(default_factory=lambda: ["sampled", "full"])  # P1 (paper) and P2
+    num_negatives: int = 100                 # [S] 1 positive + 100 sampled negatives
+    ks: list[int] = field(default_factory=lambda: [10, 20])
+    ties: str = "pessimistic"                # [R] a collapsed branch must not score HR=1 on ties
+    neg_seed: int = 0
+    modality_modes: list[str] = field(default_factory=lambda: ["both", "text", "image"])   # spec §11.1
+    select_on: str = "full/both/NDCG@10"     # validation metric for model selection (protocol/mode/metric)
+    batch_size: int = 64                     # encoding batch
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))   # robustness, test split
+    scenario_fraction: float = 0.5           # share of items hit by a scenario (fixed seed)
+    noise_std: float = 0.3                   # noisy_image: Gaussian noise std in [0, 1] pixel units
+
+
+def left_pad(rows: list[np.ndarray], length: int) -> np.ndarray:
+    out = np.zeros((len(rows), length), dtype=np.int64)
+    for i, row in enumerate(rows):
+        row = row[-length:]
+        if len(row):
+            out[i, length - len(row):] = row
+    return out
+
+
+def split_sequences(sequences: list[np.ndarray], max_history: int, instances_per_user: int = 0) -> dict:
+    """Training pairs and the validation/test queries of every user (spec §7, §13).
+
+    Training targets are i_2 .. i_{n-2} (never the validation or test item); `instances_per_user` > 0
+    keeps only each user's latest that many (1 = the spec's `last_per_user`).
+    """
+    too_short = sum(len(s) < 3 for s in sequences)
+    if too_short:
+        raise ValueError(f"{too_short} user(s) have fewer than 3 items: leave-one-out needs train/valid/test")
+    train_hist, train_target = [], []
+    for seq in sequences:
+        positions = range(1, len(seq) - 2)
+        if instances_per_user > 0:
+            positions = positions[-instances_per_user:]
+        for t in positions:
+            train_hist.append(seq[max(0, t - max_history):t])
+            train_target.append(seq[t])
+    out = {"train": {"history": left_pad(train_hist, max_history), "target": np.array(train_target, dtype=np.int64)}}
+    for split, cut in (("valid", 2), ("test", 1)):
+        prefixes = [seq[:-cut] for seq in sequences]
+        out[split] = {"history": left_pad(prefixes, max_history),
+                      "target": np.array([seq[-cut] for seq in sequences], dtype=np.int64),
+                      "seen": prefixes}            # every earlier item, for full-ranking masks
+    return out
+
+
+def negatives(sequences: list[np.ndarray], num_items: int, num_negatives: int, seed: int, split: str,
+              dataset: str) -> tuple[np.ndarray, str]:
+    """[U, n] uniform negatives never in the user's sequence (history, valid and test targets included).
+
+    Drawn once per (dataset, split, seed) with a scoped generator and saved under the cache root, so
+    every method reads the same file; returns (negatives, sha1 of the file content).
+    """
+    digest = hashlib.sha1(b"".join(s.astype(np.int64).tobytes() + b"|" for s in sequences)).hexdigest()[:10]
+    path = cache_root() / "vlm2rec" / dataset / f"negatives_{split}_n{num_negatives}_s{seed}_{digest}.npy"
+    if path.exists():
+        out = np.load(path)
+    else:
+        rng = np.random.default_rng([seed, SPLITS.index(split)])
+        out = np.empty((len(sequences), num_negatives), dtype=np.int64)
+        for user, seq in enumerate(sequences):
+            allowed = np.setdiff1d(np.arange(1, num_items + 1), seq)
+            if len(allowed) < num_negatives:
+                raise ValueError(f"user {user} has only {len(allowed)} unseen items for {num_negatives} negatives: "
+                                 "lower eval.num_negatives")
+            out[user] = rng.choice(allowed, num_negatives, replace=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, out)
+        tmp.replace(path)
+    return out, hashlib.sha1(out.tobytes()).hexdigest()[:12]
+
+
+def scenario_catalog(catalog: Catalog, scenario: str, fraction: float, noise_std: float, seed: int) -> Catalog:
+    """A copy of the catalog where a fixed `fraction` of items loses its image/title or gets a noisy image."""
+    num_items = len(catalog.titles) - 1
+    rng = np.random.default_rng([seed, SCENARIOS.index(scenario), 11])
+    hit = set((rng.permutation(num_items)[: int(round(fraction * num_items))] + 1).tolist())
+    if scenario == "missing_image":
+        return dataclasses.replace(catalog, images=[None if i in hit else p for i, p in enumerate(catalog.images)])
+    if scenario == "missing_title":
+        return dataclasses.replace(catalog, titles=[("" if i in hit else t) for i, t in enumerate(catalog.titles)])
+    return dataclasses.replace(catalog, noisy=frozenset(hit), noise_std=noise_std)
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.trainable_state().items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+@torch.no_grad()
+def embed(model, split_data: dict, num_items: int, modes: list[str], cache_dir: Path | None,
+          batch_size: int, desc: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """User embeddings [U, d] and item tables [I+1, d] per mode, read from / written to `cache_dir`."""
+    if cache_dir is not None and (cache_dir / "done").exists():
+        saved = torch.load(cache_dir / "embeddings.pt", weights_only=True)
+        return saved["users"], saved["items"]
+    was_training = model.training
+    model.eval()
+    device = model.log_scale.device
+    modes = tuple(modes)
+    item_rows: dict[str, list[torch.Tensor]] = {}
+    for start in tqdm(range(1, num_items + 1, batch_size), desc=f"{desc} items", leave=False):
+        ids = torch.arange(start, min(start + batch_size, num_items + 1), device=device)
+        for mode, emb in model.encode("item", ids, modes).items():
+            item_rows.setdefault(mode, []).append(emb.float().cpu())
+    items = {m: torch.cat([torch.zeros(1, rows[0].shape[1]), *rows]) for m, rows in item_rows.items()}
+    history = torch.as_tensor(split_data["history"])
+    user_rows: dict[str, list[torch.Tensor]] = {}
+    for start in tqdm(range(0, len(history), batch_size), desc=f"{desc} users", leave=False):
+        for mode, emb in model.encode("hist", history[start:start + batch_size].to(device), modes).items():
+            user_rows.setdefault(mode, []).append(emb.float().cpu())
+    users = {m: torch.cat(rows) for m, rows in user_rows.items()}
+    model.train(was_training)
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"users": users, "items": items}, cache_dir / "embeddings.pt")
+        (cache_dir / "done").touch()
+    return users, items
+
+
+def score_protocols(users: torch.Tensor, items: torch.Tensor, split_data: dict, negs: np.ndarray,
+                    cfg: EvalConfig, batch: int = 1024) -> dict[str, dict[str, float]]:
+    """Both protocols' mean metrics from cached embeddings of one modality mode."""
+    target = torch.as_tensor(split_data["target"])
+    out: dict[str, dict[str, float]] = {}
+    if "sampled" in cfg.protocols:
+        per_user = []
+        for s in range(0, len(users), batch):
+            u, t, n = users[s:s + batch], target[s:s + batch], torch.as_tensor(negs[s:s + batch])
+            pos = (u * items[t]).sum(-1)                                      # (b,)
+            neg = torch.einsum("bd,bnd->bn", u, items[n])                     # (b, n)
+            per_user.append(sampled_metrics(pos, neg, tuple(cfg.ks), cfg.ties))
+        out["sampled"] = average(per_user)
+    if "full" in cfg.protocols:
+        per_user = []
+        for s in range(0, len(users), batch):
+            scores = users[s:s + batch] @ items.T                             # (b, I+1)
+            exclude = torch.zeros_like(scores, dtype=torch.bool)
+            exclude[:, 0] = True                                              # padding column
+            for row, seen in enumerate(split_data["seen"][s:s + batch]):
+                exclude[row, torch.as_tensor(seen)] = True                    # earlier items, never the target
+            pos = torch.zeros_like(exclude).scatter_(1, target[s:s + batch].view(-1, 1), True)
+            per_user.append(full_sort_metrics(scores, pos, tuple(cfg.ks), exclude))
+        out["full"] = average(per_user)
+    return out
+
+
+def evaluate_split(model, split_data: dict, negs: np.ndarray, num_items: int, cfg: EvalConfig,
+                   cache_dir: Path | None, desc: str) -> dict:
+    """{protocol: {mode: metrics}} plus item-geometry diagnostics for one split."""
+    users, items = embed(model, split_data, num_items, cfg.modality_modes, cache_dir, cfg.batch_size, desc)
+    results: dict = {}
+    for mode in users:
+        for protocol, metrics in score_protocols(users[mode], items[mode], split_data, negs, cfg).items():
+            results.setdefault(protocol, {})[mode] = metrics
+    results["geometry"] = geometry(items)
+    return results
+
+
+def selection_score(results: dict, select_on: str) -> float:
+    protocol, mode, metric = select_on.split("/")
+    return results[protocol][mode][metric]
+
+
+def flat(results: dict, prefix: str) -> dict[str, float]:
+    """{prefix_protocol_mode_metric: value} (geometry: {prefix_name: value}) for metrics.jsonl lines."""
+    out = {}
+    for protocol, by_mode in results.items():
+        if protocol == "geometry":
+            out.update({f"{prefix}_{name}": value for name, value in by_mode.items()})
+            continue
+        for mode, metrics in by_mode.items():
+            out.update({f"{prefix}_{protocol}_{mode}_{name}": value for name, value in metrics.items()})
+    return out
