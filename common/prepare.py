@@ -21,10 +21,38 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import (COLUMNS, FILTER_KEYS, FORMAT_VERSION, RECIPE_DEFAULTS, REPO, Interactions,
+from common.data import (COLUMNS, DATASETS, FILTER_KEYS, FORMAT_VERSION, RECIPE_DEFAULTS, REPO, Interactions,
                          apply_recipe, cache_root, check_stats, compute_stats, data_root, dataset_entry,
                          to_sequences, write_sequences)
 from common.download import fetch, file_sha256, unpack
+
+
+def full_recipe(name: str, recipe: dict | None = None) -> dict:
+    """The registered recipe with `recipe` overrides on top, every key filled in."""
+    entry = dataset_entry(name)
+    if entry["kind"] == "sequences":
+        if recipe:
+            raise ValueError(f"{name}: a sequence file is used as shipped; recipe overrides are not supported")
+        return {}
+    unknown = set(recipe or {}) - set(RECIPE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"{name}: unknown recipe keys {sorted(unknown)}; known: {sorted(RECIPE_DEFAULTS)}")
+    full = {**RECIPE_DEFAULTS, **entry["recipe"], **(recipe or {})}
+    if full["order"] not in ("file", "user_time") or full["ids"] not in ("raw", "first", "sorted"):
+        raise ValueError(f"{name}: recipe order must be file|user_time and ids raw|first|sorted, got {full}")
+    return full
+
+
+def expected_stats(name: str, recipe: dict) -> dict | None:
+    """Known statistics for this recipe's filters (registered recipe or a variant); None if unknown."""
+    entry = dataset_entry(name)
+    if entry["kind"] == "sequences":
+        return entry["expected"]
+    filters = {k: recipe[k] for k in FILTER_KEYS}
+    for delta, stats in [(entry["recipe"], entry["expected"])] + entry.get("variants", []):
+        if {k: {**RECIPE_DEFAULTS, **delta}[k] for k in FILTER_KEYS} == filters:
+            return stats
+    return None
 
 
 def recipe_hash(name: str, recipe: dict) -> str:
@@ -115,34 +143,6 @@ def _write_artefact(out: Path, files: dict, meta: dict) -> None:
         raise
 
 
-def full_recipe(name: str, recipe: dict | None = None) -> dict:
-    """The registered recipe with `recipe` overrides on top, every key filled in."""
-    entry = dataset_entry(name)
-    if entry["kind"] == "sequences":
-        if recipe:
-            raise ValueError(f"{name}: a sequence file is used as shipped; recipe overrides are not supported")
-        return {}
-    unknown = set(recipe or {}) - set(RECIPE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"{name}: unknown recipe keys {sorted(unknown)}; known: {sorted(RECIPE_DEFAULTS)}")
-    full = {**RECIPE_DEFAULTS, **entry["recipe"], **(recipe or {})}
-    if full["order"] not in ("file", "user_time") or full["ids"] not in ("raw", "first", "sorted"):
-        raise ValueError(f"{name}: recipe order must be file|user_time and ids raw|first|sorted, got {full}")
-    return full
-
-
-def expected_stats(name: str, recipe: dict) -> dict | None:
-    """Known statistics for this recipe's filters (registered recipe or a variant); None if unknown."""
-    entry = dataset_entry(name)
-    if entry["kind"] == "sequences":
-        return entry["expected"]
-    filters = {k: recipe[k] for k in FILTER_KEYS}
-    for delta, stats in [(entry["recipe"], entry["expected"])] + entry.get("variants", []):
-        if {k: {**RECIPE_DEFAULTS, **delta}[k] for k in FILTER_KEYS} == filters:
-            return stats
-    return None
-
-
 def download_raw(name: str, download_dir: str | os.PathLike | None = None, timeout: float = 10.0,
                  root: str | os.PathLike | None = None) -> Path:
     """Fetch the raw file into <download_dir>/<dir>/<file> (default <repo>/data/raw), checksums verified.
@@ -193,7 +193,7 @@ def prepare(name: str, root: str | os.PathLike | None = None, force: bool = Fals
 def main(argv: list[str] | None = None) -> dict:
     """CLI: prepare one dataset and print its statistics, raw sha256, artefact path and time taken."""
     parser = argparse.ArgumentParser(prog="python -m common.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("name", help="dataset name (see common.data.DATASETS)")
+    parser.add_argument("name", help=f"dataset name, one of: {', '.join(DATASETS)}")
     parser.add_argument("--root", help="data root holding the raw files (default $REPRO_DATA or data/raw)")
     parser.add_argument("--force", action="store_true", help="rebuild the cached artefact")
     args = parser.parse_args(argv)

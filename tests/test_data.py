@@ -195,6 +195,16 @@ def test_registry_build_asserts_stats_and_caches(toy, monkeypatch):
     assert meta["tie_rule"].startswith("stable") and meta["format"] == data.FORMAT_VERSION
     with pytest.raises(ValueError, match="gives no sequences.txt"):
         load_sequences("toy", root=toy, recipe={"ids": "raw"})
+    assert [str(p.relative_to(toy)) for p in toy.rglob("*")] == ["toy", "toy/ratings.dat"]  # root untouched
+
+
+def test_data_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("REPRO_DATA", raising=False)
+    assert data.data_root() == data.REPO / "data" / "raw"
+    monkeypatch.setenv("REPRO_DATA", str(tmp_path / "env"))
+    assert data.data_root() == tmp_path / "env"
+    assert data.data_root(str(tmp_path / "cfg")) == tmp_path / "cfg"  # a paper's data.root wins
+    assert data.cache_root() != data.data_root()
 
 
 def test_stats_assertion_fires_on_drift(toy, monkeypatch):
