@@ -331,7 +331,8 @@ def _flame(name: str, users: int, items: int, interactions: int, sha256: str) ->
 # kind: raw file holds "interactions" or ready "sequences"; dir/file: <data root>/<dir>/<file>;
 # url (+ member inside the zip, None = the url is the file); sha256 of the raw file (None = unknown);
 # expected: statistics asserted after the recipe (None = unknown: consistency checks only);
-# variants: other recipes whose counts are known (matched on FILTER_KEYS).
+# variants: other recipes whose counts are known (matched on FILTER_KEYS). GroupLens publishes no
+# sha256; archive_md5 is the archive md5 that several public loaders record for ml-1m.zip / ml-100k.zip.
 DATASETS: dict[str, dict] = {
     # flame spec §3.6: all ratings implicit, 5-core fixed point, stable (user, time) sort, first-appearance ids.
     "ml-1m": {"kind": "interactions", "dir": "ml-1m", "file": "ratings.dat", "reader": read_ml1m,
