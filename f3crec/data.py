@@ -1,0 +1,205 @@
+"""FCRec blocks (spec §1, §2): raw stream → 10-core → global time order → 60 % + 3 incremental blocks.
+
+    blocks = load_blocks("/work/shared/data/f3crec-ml-100k-blocks")   # released reference blocks
+    blocks = prepare_blocks("ml-100k", seed=1)                         # our pipeline, cached, stats asserted
+
+Ids are 0-based (as in the reference blocks): users and items are numbered by first appearance in the
+time-sorted stream, so block t's newcomers hold [n_{t−1}, n_t). Generated blocks are written in the released
+JSON layout (+ a `meta` object) and read back through the same validating loader.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.data import (cache_root, data_root, kcore, read_hetrec_lastfm, read_hetrec_movielens,
+                         read_ml100k, read_movielens_csv)
+
+SPLITS = ("train", "valid", "test")
+# name -> (raw file under the data root, reader); §12. Download with `make data DATA=<name>`.
+RAW = {"ml-100k": ("ml-100k/u.data", read_ml100k),
+       "ml-latest-small": ("ml-latest-small/ratings.csv", read_movielens_csv),
+       "hetrec2011": ("hetrec2011-movielens-2k-v2/user_ratedmovies-timestamps.dat", read_hetrec_movielens),
+       "lastfm-2k": ("hetrec2011-lastfm-2k/user_taggedartists.dat", read_hetrec_lastfm)}
+# §1.2: (interactions, users, cum. users, cum. items, train, valid, test) per block, asserted after building.
+EXPECTED = {"ml-100k": [(58771, 587, 587, 1136, 46552, 6078, 6141), (13060, 217, 697, 1146, 10298, 1371, 1391),
+                        (13060, 238, 827, 1148, 10274, 1382, 1404), (13062, 207, 943, 1152, 10284, 1384, 1394)]}
+
+
+@dataclass
+class Block:
+    train: dict[int, np.ndarray]     # user -> items (0-based ids)
+    valid: dict[int, np.ndarray]
+    test: dict[int, np.ndarray]
+    n_users: int                     # cumulative |U^t| (1 + largest user id in blocks ≤ t)
+    n_items: int                     # cumulative |I^t|
+    item_list: np.ndarray            # every interaction's item (checks only)
+
+    def split(self, name: str) -> dict[int, np.ndarray]:
+        return getattr(self, name)
+
+    def stats(self) -> tuple[int, ...]:
+        """(interactions, users, cum. users, cum. items, train, valid, test), the §1.2 columns."""
+        sizes = [sum(len(v) for v in self.split(s).values()) for s in SPLITS]
+        return (sum(sizes), len(self.train), self.n_users, self.n_items, *sizes)
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+def split_sizes(n: int) -> tuple[int, int, int]:
+    """(train, valid, test) sizes for n interactions (§1.1 step 7): sklearn's float test_size rule twice."""
+    if n < 3:
+        return n, 0, 0
+    n_test = math.ceil(0.1 * n)
+    n_valid = math.ceil((1 / 9) * (n - n_test))
+    return n - n_test - n_valid, n_valid, n_test
+
+
+def build_blocks(inter: dict, seed: int, core: int = 10, base_fraction: float = 0.6, n_incremental: int = 3
+                 ) -> list[Block]:
+    """The §1.1 pipeline on raw interactions (keys user, item, timestamp; rows in file order)."""
+    users, items, stamps = inter["user"], inter["item"], inter["timestamp"]
+    order = np.lexsort((np.arange(users.size), stamps, items, users))        # earliest row of each pair
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = (users[order][1:] != users[order][:-1]) | (items[order][1:] != items[order][:-1])
+    keep = np.sort(order[first])                                               # [D] dedup, file order kept
+    data = kcore({k: v[keep] for k, v in inter.items()}, core, core)           # fixed point (common.data)
+    stream = np.argsort(data["timestamp"], kind="stable")                      # [D] stable global sort
+    user = _first_appearance(data["user"][stream])
+    item = _first_appearance(data["item"][stream])
+    total = user.size
+    sizes = [int(base_fraction * total)] + [int((1 - base_fraction) / n_incremental * total)] * (n_incremental - 1)
+    bounds = np.cumsum([0] + sizes + [total - sum(sizes)])
+    blocks = []
+    for t in range(n_incremental + 1):
+        u, i = user[bounds[t]:bounds[t + 1]], item[bounds[t]:bounds[t + 1]]
+        parts = {s: {} for s in SPLITS}
+        for uid in np.unique(u):
+            mine = i[u == uid]                                                 # stream (time) order
+            n_train, n_valid, _ = split_sizes(mine.size)
+            if t == 0:  # D⁰ random split; [D] a per-user stream seeded by (seed, user)
+                mine = mine[np.random.default_rng([seed, int(uid)]).permutation(mine.size)]
+            for name, part in zip(SPLITS, np.split(mine, [n_train, n_train + n_valid])):
+                if part.size:
+                    parts[name][int(uid)] = part
+        blocks.append(Block(**parts, n_users=int(user[:bounds[t + 1]].max()) + 1,
+                            n_items=int(item[:bounds[t + 1]].max()) + 1, item_list=i.copy()))
+    return blocks
+
+
+def _first_appearance(values: np.ndarray) -> np.ndarray:
+    """0-based ids in order of first appearance."""
+    _, first, inverse = np.unique(values, return_index=True, return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    return rank[inverse.reshape(-1)]
+
+
+def check_expected(name: str, blocks: list[Block]) -> None:
+    """Assert the frozen §1.2 statistics of a dataset (one-line error naming the block and column)."""
+    for t, (got, want) in enumerate(zip((b.stats() for b in blocks), EXPECTED.get(name, []))):
+        if tuple(got) != tuple(want):
+            raise ValueError(f"{name} block {t}: statistics {got} != expected {want} "
+                             "(interactions, users, cum. users, cum. items, train, valid, test)")
+
+
+# ---------------------------------------------------------------------------------------------- JSON I/O
+def write_blocks(directory: Path, blocks: list[Block], meta: dict) -> None:
+    """The released layout: block_t.json with train_dict/valid_dict/test_dict/item_list (+ meta)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for t, block in enumerate(blocks):
+        payload = {f"{s}_dict": {str(u): v.tolist() for u, v in block.split(s).items()} for s in SPLITS}
+        payload["item_list"] = block.item_list.tolist()
+        payload["meta"] = meta
+        tmp = directory / f"block_{t}.json.tmp"
+        tmp.write_text(json.dumps(payload))
+        tmp.replace(directory / f"block_{t}.json")
+
+
+def load_blocks(directory: str | Path, count: int = 4) -> list[Block]:
+    """Read and validate block_0..block_{count-1}.json (§2 loader rules)."""
+    directory = Path(directory)
+    blocks, n_users, n_items, seen_users, seen_items = [], 0, 0, set(), set()
+    for t in range(count):
+        path = directory / f"block_{t}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"block file not found: {path}")
+        raw = json.loads(path.read_text())
+        missing = [k for k in ("train_dict", "valid_dict", "test_dict", "item_list") if k not in raw]
+        if missing:
+            raise ValueError(f"{path}: missing key(s) {missing}")
+        parts = {s: {_as_id(k, path): np.array([_as_id(x, path) for x in v], dtype=np.int64)
+                     for k, v in raw[f"{s}_dict"].items() if len(v)} for s in SPLITS}
+        for user in set(parts["valid"]) | set(parts["test"]):
+            if user not in parts["train"]:
+                raise ValueError(f"{path}: user {user} has valid/test items but no train items")
+        for user, train in parts["train"].items():
+            lists = [train, parts["valid"].get(user, []), parts["test"].get(user, [])]
+            if len(np.unique(np.concatenate(lists))) != sum(map(len, lists)):
+                raise ValueError(f"{path}: user {user}'s train/valid/test lists overlap or repeat an item")
+        total = sum(len(v) for s in SPLITS for v in parts[s].values())
+        if len(raw["item_list"]) != total:
+            raise ValueError(f"{path}: item_list has {len(raw['item_list'])} entries, the splits {total}")
+        seen_users |= set(parts["train"])
+        seen_items |= {int(x) for s in SPLITS for v in parts[s].values() for x in v}
+        n_users, n_items = max(seen_users) + 1, max(seen_items) + 1
+        if n_users != len(seen_users) or n_items != len(seen_items):
+            raise ValueError(f"{path}: ids are not contiguous ({len(seen_users)} users up to id {n_users - 1}, "
+                             f"{len(seen_items)} items up to id {n_items - 1})")
+        blocks.append(Block(**parts, n_users=n_users, n_items=n_items,
+                            item_list=np.asarray(raw["item_list"], dtype=np.int64)))
+    return blocks
+
+
+def _as_id(value, path: Path) -> int:
+    number = int(value)
+    if number < 0 or str(number) != str(value).strip():
+        raise ValueError(f"{path}: id {value!r} is not a non-negative integer")
+    return number
+
+
+def fingerprint(directory: str | Path, count: int = 4) -> str:
+    """sha256 over the block files: recorded in results and keys the shared base-block cache."""
+    digest = hashlib.sha256()
+    for t in range(count):
+        digest.update((Path(directory) / f"block_{t}.json").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------- entry points
+def synthetic_stream(num_users: int, num_items: int, num_interactions: int, seed: int, dim: int = 4) -> dict:
+    """A random-time stream with low-rank taste (learnable) and users recurring across blocks."""
+    rng = np.random.default_rng([seed, 17])
+    taste, traits = rng.normal(size=(num_users, dim)), rng.normal(size=(num_items, dim))
+    user = rng.integers(0, num_users, size=num_interactions * 3)
+    logits = (taste[user, None, :] * traits[None]).sum(-1) * 1.5               # (n, I)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    cumulative = np.cumsum(probs / probs.sum(1, keepdims=True), axis=1)
+    item = (cumulative < rng.random(user.size)[:, None]).sum(1).clip(max=num_items - 1)
+    pairs = np.unique(user * num_items + item, return_index=True)[1]
+    pick = np.sort(pairs)[:num_interactions]
+    return {"user": user[pick] + 1, "item": item[pick] + 1, "rating": np.ones(pick.size),
+            "timestamp": rng.permutation(pick.size).astype(np.int64)}
+
+
+def prepare_blocks(name: str, seed: int, root: str | None = None, core: int = 10) -> Path:
+    """Build (or reuse) the cached blocks of a raw dataset; returns their folder. Stats asserted."""
+    if name not in RAW:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(RAW)} or set data.blocks=PATH")
+    relative, reader = RAW[name]
+    path = data_root(root) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"raw file not found: {path} (run `make data DATA={name}` or set REPRO_DATA)")
+    raw_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    out = cache_root() / "f3crec" / f"{name}-core{core}-seed{seed}-{raw_sha[:12]}"
+    if not (out / "block_3.json").is_file():
+        blocks = build_blocks(reader(path), seed, core=core)
+        check_expected(name, blocks)
+        write_blocks(out, blocks, {"dataset": name, "seed": seed, "core": core, "raw_sha256": raw_sha,
+                                   "pipeline": "implicit, dedup, k-core fixed point, stable time sort"})
+    check_expected(name, load_blocks(out))
+    return out

@@ -1,0 +1,279 @@
+"""Per-client reference simulator (spec §13a): the ground truth, written to read like federated learning.
+
+Each `Client` owns its private Φ_u, its replay state (ŷ^{t−1}, T^u), its EWC/anchor state and its data;
+`Client.local_train(broadcast, plan, ctx)` copies the broadcast table, runs the local SGD steps and returns
+only its upload (whole local table, plus Laplace noise when LDP is on). The `Server` (server.py) sees only
+uploads. `ReferenceSimulator` loops over clients, collects uploads and aggregates. Shared pieces used by
+both simulators (round context, plan inputs, end-of-block scores, Fisher) also live here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .method import kd_terms, memory_size, per_sample_grads, target_ranks
+from .model import LocalModel, ModelConfig, affine, init_private, score_matrix, substeps
+from .plan import RoundPlan
+from .clients import ClientStates
+
+
+@dataclass
+class RoundContext:
+    """What every participant is told for one round (public, no client data)."""
+    block: int
+    round: int
+    n_items: int                 # |I^t|
+    n_prev_users: int            # n_{t−1}: ids below are returning users (0 in the base block)
+    n_prev_items: int            # |I^{t−1}|
+    lrs: dict[str, float]
+    flags: dict
+    cfg: ModelConfig
+    seed: int
+    ldp_scale: float = 0.0
+    shared_private: dict[str, torch.Tensor] = field(default_factory=dict)  # round-0 start-up values (§4)
+    ewc_gamma: float = 0.0
+    eps: float = 0.006
+    topn: int = 30
+
+    @property
+    def reset_private(self) -> bool:
+        """[Q] §4: FedNCF/PFedRec participants restart from the shared start-up values in round 0."""
+        return self.round == 0 and self.cfg.backbone != "fedmf" and self.cfg.private_init_round0 == "shared"
+
+
+def plan_inputs(data: dict[int, np.ndarray], topn: dict[int, np.ndarray], ctx: RoundContext
+                ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """(positives, excluded) per participant. naive_replay adds T^u as pseudo-positives [D] (§11)."""
+    positives, exclude = {}, {}
+    for user, items in data.items():
+        positives[user], exclude[user] = items, items
+        if ctx.flags["replay"] and user < ctx.n_prev_users and user in topn:
+            extra = np.setdiff1d(topn[user], items, assume_unique=False)
+            extra = extra[: ctx.flags.get("replay_size", len(extra))]
+            positives[user] = np.concatenate([items, extra])
+            exclude[user] = np.concatenate([items, topn[user]])
+    return positives, exclude
+
+
+def ldp_noise(ctx: RoundContext, user: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Laplace(0, b) noise a client adds to every entry of its upload (§3), from its own stream."""
+    rng = np.random.default_rng([ctx.seed, ctx.block, ctx.round + 1, 7, user])
+    return torch.from_numpy(rng.laplace(0.0, ctx.ldp_scale, size=shape)).to(dtype)
+
+
+def previous_scores(backbone: str, private: dict[str, torch.Tensor], items: torch.Tensor, topn: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """End-of-block ŷ [U, I] and T [U, N] (top-N, descending, nothing masked, ties to lower id) (§6)."""
+    scores = score_matrix(backbone, private, items)
+    return scores, torch.argsort(scores, dim=1, descending=True, stable=True)[:, :topn]
+
+
+def fisher(backbone: str, private: dict[str, torch.Tensor], items: torch.Tensor, plan: RoundPlan
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EWC's diagonal empirical Fisher for the plan's clients [D] (§11).
+
+    private: stacked [A, ...] states (θ*), items: Q^{t} (θ*). Returns (F_private [A, ...], row_owner [L],
+    row_item [L], F_rows [L, d]) with the mean over each client's samples of squared per-sample gradients.
+    """
+    owner = torch.from_numpy(np.repeat(np.arange(plan.users.size), np.diff(plan.offsets)))
+    sample_items = torch.from_numpy(plan.items)
+    labels = torch.from_numpy(plan.labels).to(items.dtype)
+    count = torch.from_numpy(np.diff(plan.offsets)).to(items.dtype)
+    grads, row_grads = per_sample_grads(backbone, {k: v[owner] for k, v in private.items()},
+                                        items[sample_items], labels)
+    f_private = {k: torch.zeros_like(v).index_add_(0, owner, g ** 2) / count.view(-1, *[1] * (v.dim() - 1))
+                 for (k, g), v in zip(grads.items(), private.values())}
+    keys, inverse = torch.unique(owner * items.shape[0] + sample_items, return_inverse=True)
+    f_rows = torch.zeros(keys.numel(), items.shape[1], dtype=items.dtype).index_add_(0, inverse, row_grads ** 2)
+    row_owner = keys // items.shape[0]
+    return f_private, row_owner, keys % items.shape[0], f_rows / count[row_owner, None]
+
+
+class Client:
+    """One user's device: private Φ_u, replay state, continual-learning anchors and its own data."""
+
+    def __init__(self, user: int, private: dict[str, torch.Tensor]):
+        self.user = user
+        self.private = private
+        self.slots: dict[str, dict[str, torch.Tensor]] = {}
+        self.data: np.ndarray = np.zeros(0, np.int64)     # this block's train positives
+        self.yhat: torch.Tensor | None = None             # ŷ^{t−1} over I^{t−1}
+        self.topn: torch.Tensor | None = None             # T^u
+        self.anchor: dict[str, torch.Tensor] = {}         # emb_reg/EWC θ*: best Φ_u of its last block
+        self.fisher: dict[str, torch.Tensor] = {}         # EWC: F of Φ_u, F rows, row ids
+        self.anchor_items: torch.Tensor | None = None     # received copy of Q^{t−1} (θ* of the item rows)
+
+    def returning(self, ctx: RoundContext) -> bool:
+        return ctx.block > 0 and self.user < ctx.n_prev_users
+
+    def local_train(self, broadcast: torch.Tensor, plan: dict[str, np.ndarray], ctx: RoundContext
+                    ) -> tuple[torch.Tensor, dict]:
+        """One local epoch (§5) with the continual terms of §6/§11; returns (upload, stats)."""
+        start = ctx.shared_private if ctx.reset_private else self.private
+        model = LocalModel(ctx.cfg.backbone, broadcast, start)
+        params = model.params()
+        items, labels = torch.from_numpy(plan["items"]), torch.from_numpy(plan["labels"]).to(broadcast.dtype)
+        batch_size, stats = ctx.flags["batch_size"], {"D": [], "m": []}
+        for step, lo in enumerate(range(0, len(items), batch_size)):
+            batch = {"items": items[lo:lo + batch_size], "labels": labels[lo:lo + batch_size]}
+            for sub, names in enumerate(substeps(ctx.cfg.backbone)):
+                loss = model.loss(batch) + self._continual_loss(model, plan["memory_perms"][step, sub], ctx, stats)
+                grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+                with torch.no_grad():
+                    for name, grad in zip(names, grads):
+                        if grad is not None:
+                            params[name].add_(grad, alpha=-ctx.lrs[name])
+        self.private = {k: v.detach().clone() for k, v in model.private.items()}
+        upload = model.items.detach().clone()
+        if ctx.ldp_scale > 0:
+            upload = upload + ldp_noise(ctx, self.user, tuple(upload.shape), upload.dtype)
+        return upload, stats
+
+    def _continual_loss(self, model: LocalModel, perm: np.ndarray, ctx: RoundContext, stats: dict):
+        """λ·L_KD (ARM / top-N KD) plus the emb_reg or EWC penalty, for returning users only."""
+        if not self.returning(ctx):
+            return 0.0
+        loss = 0.0
+        if ctx.flags["arm"] != "off":
+            scores = model.score_all()                                         # (I,) with gradient
+            if ctx.flags["arm"] == "full":                                     # top-N KD: m_u = N
+                memory = self.topn
+            else:
+                ranks = target_ranks(scores.detach()[None], self.topn[None])
+                discrepancy, _, size = memory_size(ranks, ctx.eps, ctx.topn)
+                stats["D"].append(int(discrepancy[0]))
+                stats["m"].append(int(size[0]))
+                memory = self.topn[torch.from_numpy(perm[: int(size[0])])]
+            if len(memory):
+                loss = loss + ctx.flags["kd_weight"] * kd_terms(scores[memory], self.yhat[memory]).mean()
+        if ctx.flags["reg"] == "emb":
+            penalty = ((model.items[: ctx.n_prev_items] - self.anchor_items) ** 2).sum()
+            if "p" in self.anchor:
+                penalty = penalty + ((model.private["p"] - self.anchor["p"]) ** 2).sum()
+            loss = loss + ctx.flags["reg_d"] * penalty
+        if ctx.flags["reg"] == "ewc" and self.fisher:
+            rows = self.fisher["rows"]
+            penalty = (self.fisher["F_rows"] * (model.items[rows] - self.anchor_items[rows]) ** 2).sum()
+            for name, value in model.private.items():
+                penalty = penalty + (self.fisher[name] * (value - self.anchor[name]) ** 2).sum()
+            loss = loss + 0.5 * ctx.ewc_gamma * penalty
+        return loss
+
+
+class ReferenceSimulator:
+    """Loop over clients: broadcast → local copy → train → upload → aggregate (§13a)."""
+
+    def __init__(self, server, states: ClientStates):
+        self.server = server
+        self.clients: dict[int, Client] = {}
+        self.load_states(states)
+
+    def train_round(self, plan: RoundPlan, ctx: RoundContext) -> dict:
+        uploads, stats = [], {"D": [], "m": []}
+        for index, user in enumerate(plan.users):
+            upload, client_stats = self.clients[int(user)].local_train(self.server.broadcast(), plan.client(index), ctx)
+            uploads.append(upload)
+            for key in stats:
+                stats[key] += client_stats[key]
+        return {**stats, **self.server.aggregate(uploads)}
+
+    def end_block(self, ctx: RoundContext, trained: np.ndarray, fisher_plan: RoundPlan | None) -> None:
+        """Each client computes ŷ and (if it trained in this block) T^u from the broadcast best Q (§8 step 5)."""
+        best, trained_set = self.server.broadcast(), set(trained.tolist())
+        for user, client in self.clients.items():
+            yhat, topn = previous_scores(ctx.cfg.backbone, {k: v[None] for k, v in client.private.items()},
+                                         best, ctx.topn)
+            refresh = user in trained_set or client.topn is None
+            if refresh or ctx.flags["target_scores"] == "latest":
+                client.yhat = yhat[0]
+            if refresh:
+                client.topn = topn[0]
+            client.anchor_items = best.clone()
+            if user in trained_set:
+                client.anchor = {k: v.clone() for k, v in client.private.items()}
+        for index, user in enumerate(fisher_plan.users if fisher_plan is not None else []):
+            client = self.clients[int(user)]
+            f_private, _, rows, f_rows = fisher(ctx.cfg.backbone, {k: v[None] for k, v in client.private.items()},
+                                                best, fisher_plan.subset(index))
+            client.fisher = {**{k: v[0] for k, v in f_private.items()}, "rows": rows, "F_rows": f_rows}
+        self.server.end_block()
+
+    # ---------------------------------------------------- conversion to/from the stacked checkpoint form
+    def states(self) -> ClientStates:
+        """The clients' state stacked by user id (for the evaluation oracle and checkpoints only)."""
+        users = sorted(self.clients)
+        first = self.clients[users[0]]
+        out = ClientStates({k: torch.stack([self.clients[u].private[k] for u in users]) for k in first.private},
+                           len(first.topn) if first.topn is not None else self.topn)
+        names = first.slots.keys()
+        out.slots = {s: {k: torch.stack([self.clients[u].slots[s][k] for u in users]) for k in first.private}
+                     for s in names}
+        for u in users:
+            client = self.clients[u]
+            if client.topn is not None:
+                out.topn[u], out.has_topn[u] = client.topn, True
+            for k in first.private:
+                out.anchor[k][u] = client.anchor.get(k, client.private[k])
+                if client.fisher:
+                    out.fisher[k][u] = client.fisher[k]
+            out.fisher_valid[u] = bool(client.fisher)
+        if first.yhat is not None:
+            out.yhat = torch.stack([self.clients[u].yhat for u in users])
+        out.anchor_items = first.anchor_items
+        with_rows = [u for u in users if self.clients[u].fisher]
+        if with_rows:
+            out.set_fisher_rows(torch.cat([torch.full_like(self.clients[u].fisher["rows"], u) for u in with_rows]),
+                                torch.cat([self.clients[u].fisher["rows"] for u in with_rows]),
+                                torch.cat([self.clients[u].fisher["F_rows"] for u in with_rows]))
+        return out
+
+    def load_states(self, states: ClientStates) -> None:
+        """Hand every client its own row of a stacked state (resume, or grow)."""
+        self.topn = states.topn.shape[1]
+        rows = states.fisher_rows
+        for u in range(states.num_users()):
+            client = self.clients.setdefault(u, Client(u, {}))
+            client.private = {k: v[u].clone() for k, v in states.private.items()}
+            client.slots = {s: {k: v[u].clone() for k, v in slot.items()} for s, slot in states.slots.items()}
+            client.yhat = states.yhat[u].clone() if states.yhat is not None and u < len(states.yhat) else None
+            client.topn = states.topn[u].clone() if bool(states.has_topn[u]) else None
+            client.anchor = {k: v[u].clone() for k, v in states.anchor.items()}
+            client.anchor_items = states.anchor_items
+            client.fisher = {}
+            if bool(states.fisher_valid[u]):
+                mine = rows["user"] == u
+                client.fisher = {**{k: v[u].clone() for k, v in states.fisher.items()},
+                                 "rows": rows["item"][mine], "F_rows": rows["F"][mine]}
+
+    def private_matrix(self) -> dict[str, torch.Tensor]:
+        return self.states().private
+
+    def grow(self, new_private: dict[str, torch.Tensor]) -> None:
+        start = len(self.clients)
+        count = next(iter(new_private.values())).shape[0]
+        for j in range(count):
+            client = Client(start + j, {k: v[j].clone() for k, v in new_private.items()})
+            client.anchor = {k: v.clone() for k, v in client.private.items()}
+            client.slots = {s: {k: v.clone() for k, v in client.private.items()}
+                            for s in (self.clients[0].slots if self.clients else {})}
+            self.clients[start + j] = client
+
+    def save_slot(self, name: str) -> None:
+        self.server.save_slot(name)
+        for client in self.clients.values():
+            client.slots[name] = {k: v.clone() for k, v in client.private.items()}
+
+    def load_slot(self, name: str) -> None:
+        self.server.load_slot(name)
+        for client in self.clients.values():
+            client.private = {k: v.clone() for k, v in client.slots[name].items()}
+
+    def set_private(self, private: dict[str, torch.Tensor]) -> None:
+        """Re-initialise every client's Φ (full_retrain's per-block restart)."""
+        for u, client in self.clients.items():
+            client.private = {k: v[u].clone() for k, v in private.items()}
+
+    def topn_lists(self) -> dict[int, np.ndarray]:
+        return {u: c.topn.numpy() for u, c in self.clients.items() if c.topn is not None}

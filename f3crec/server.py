@@ -1,0 +1,70 @@
+"""The server (spec §3, §7): owns the public item table Q, the previous-block snapshot Q^{t−1}, the
+best-round copy, and the aggregation. It imports nothing from the client side and its API takes only what
+clients upload: whole local tables (`aggregate`) or, from the vectorised simulator, the concatenation of
+every participant's row deltas (`aggregate_deltas`). tests/test_f3crec_sim.py walks the object graph to
+prove no client parameter or interaction is reachable from a Server.
+"""
+from __future__ import annotations
+
+import torch
+
+from .method import item_temporal_mean
+
+
+def aggregate(tables: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+    """FedAvg of uploaded tables. F3CRec uses the UNWEIGHTED mean over participants (§3)."""
+    stacked = torch.stack(tables)                                  # (A, I, d)
+    if weights is None:
+        return stacked.mean(0)
+    w = torch.as_tensor(weights, dtype=stacked.dtype)
+    return (stacked * w[:, None, None]).sum(0) / w.sum()
+
+
+class Server:
+    """Holds Q, Q^{t−1} and named slots ('best', 'last'); mixes with ITM when it is on (§7)."""
+
+    def __init__(self, items: torch.Tensor, beta: float, itm: bool):
+        self.items = items                      # Q, broadcast every round
+        self.previous: torch.Tensor | None = None   # Q^{t−1}: best-round table of the last block
+        self.beta, self.itm = beta, itm
+        self.slots: dict[str, torch.Tensor] = {}
+
+    def broadcast(self) -> torch.Tensor:
+        return self.items
+
+    def grow(self, new_rows: torch.Tensor) -> None:
+        """Append rows for the items first seen in this block (§8 step 1)."""
+        self.items = torch.cat([self.items, new_rows.to(self.items.dtype)])
+
+    def aggregate(self, tables: list[torch.Tensor]) -> dict:
+        """Q′ = mean of the uploaded tables, then ITM in incremental blocks."""
+        return self._finish(aggregate(tables))
+
+    def aggregate_deltas(self, rows: torch.Tensor, deltas: torch.Tensor, num_clients: int) -> dict:
+        """Q′ = Q + (1/|P|) Σ_u Δ_u from every client's (row, delta) pairs: the same mean as `aggregate`,
+        since an untouched row of an upload equals the broadcast row."""
+        total = torch.zeros_like(self.items).index_add_(0, rows, deltas)
+        return self._finish(self.items + total / num_clients)
+
+    def _finish(self, mean_table: torch.Tensor) -> dict:
+        if self.itm and self.previous is not None:
+            self.items, weight = item_temporal_mean(mean_table, self.previous, self.beta)
+            return {"itm_w": float(weight.mean()) if weight.numel() else 0.0}
+        self.items = mean_table
+        return {}
+
+    def end_block(self) -> None:
+        """Freeze the current (best-round, restored) table as Q^{t} for the next block's ITM (§7 step 5)."""
+        self.previous = self.items.clone()
+
+    def save_slot(self, name: str) -> None:
+        self.slots[name] = self.items.clone()
+
+    def load_slot(self, name: str) -> None:
+        self.items = self.slots[name].clone()
+
+    def state_dict(self) -> dict:
+        return {"items": self.items, "previous": self.previous, "slots": dict(self.slots)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.items, self.previous, self.slots = state["items"], state["previous"], dict(state["slots"])

@@ -1,0 +1,224 @@
+"""Vectorised simulator (spec §13b): every client of a round trained at once with batched tensors.
+
+Clients are independent within a round given the broadcast Q, and plain SGD has no state, so batching is
+exact. Each client's local table is stored sparsely as the rows it can change (its sample items, its
+T^u, all old rows for emb_reg, every row under LDP) in one flat tensor W [L, d]; untouched rows equal the
+broadcast. Step k processes every client that has a k-th mini-batch: the loss is the sum over clients of
+each client's own masked mean, so autograd hands each client exactly its own gradient. ARM ranks all
+replaying clients with one argsort. The upload is the concatenation of every client's row deltas, which
+the server scatter-adds and averages (server.py). The client-side state of all users is held stacked
+(one row per user) in `self.state`; the server object never receives it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .federated import RoundContext, fisher, ldp_noise, previous_scores
+from .method import kd_terms, memory_size, target_ranks
+from .model import affine, substeps
+from .plan import RoundPlan
+
+
+class VectorisedSimulator:
+    """Same interface as ReferenceSimulator; client state kept stacked in `state` (see ClientStates)."""
+
+    def __init__(self, server, state, rank_chunk: int = 4096):
+        self.server = server
+        self.state = state           # ClientStates: stacked client-side tensors, one row per user
+        self.rank_chunk = rank_chunk  # clients ranked per argsort call (memory bound for 1e5 clients)
+
+    # ------------------------------------------------------------------------------------------ round
+    def train_round(self, plan: RoundPlan, ctx: RoundContext) -> dict:
+        st, q = self.state, self.server.broadcast()
+        n_items, dim = q.shape
+        users = torch.from_numpy(plan.users)
+        n_clients = users.numel()
+        sizes = np.diff(plan.offsets)
+        owner_np = np.repeat(np.arange(n_clients), sizes)
+        owner = torch.from_numpy(owner_np)
+        start = ({k: v.expand(n_clients, *v.shape).clone() for k, v in ctx.shared_private.items()}
+                 if ctx.reset_private else {k: v[users].clone() for k, v in st.private.items()})
+        returning = (users < ctx.n_prev_users) & (ctx.block > 0)
+        replay = returning & st.has_topn[users] if ctx.flags["arm"] != "off" else torch.zeros_like(returning)
+
+        # Local row sets: sample items, T^u for replaying clients, all old rows for emb_reg, all rows for LDP.
+        key_parts = [owner_np * n_items + plan.items]
+        if bool(replay.any()):
+            rep = torch.nonzero(replay).squeeze(1)
+            key_parts.append((rep[:, None] * n_items + st.topn[users[rep]]).reshape(-1).numpy())
+        dense_rows = n_items if ctx.ldp_scale > 0 else (ctx.n_prev_items if ctx.flags["reg"] == "emb" else 0)
+        if dense_rows:
+            key_parts.append((np.arange(n_clients)[:, None] * n_items + np.arange(dense_rows)).reshape(-1))
+        ewc_rows = None
+        if ctx.flags["reg"] == "ewc" and st.fisher_rows is not None and bool(returning.any()):
+            ewc_rows = self._ewc_rows(users, returning, n_items)
+            key_parts.append(ewc_rows[0].numpy())
+        keys = torch.from_numpy(np.unique(np.concatenate(key_parts)))
+        row_owner, row_item = keys // n_items, keys % n_items
+        table = q[row_item].clone()                                                   # (L, d) local rows
+        sample_row = torch.searchsorted(keys, owner * n_items + torch.from_numpy(plan.items))
+        labels = torch.from_numpy(plan.labels).to(q.dtype)
+
+        position = np.arange(plan.items.size) - plan.offsets[owner_np]
+        step_of = torch.from_numpy(position // plan.batch_size)
+        steps = torch.from_numpy(np.diff(plan.step_offsets))
+        stats = {"D": [], "m": []}
+        for step in range(int(steps.max()) if n_clients else 0):
+            idx = torch.nonzero(step_of == step).squeeze(1)                          # this step's samples
+            active = steps > step                                                    # (A,) clients stepping
+            count = torch.bincount(owner[idx], minlength=n_clients).clamp(min=1).to(q.dtype)
+            for sub, names in enumerate(substeps(ctx.cfg.backbone)):
+                leaves = {"Q": table.requires_grad_(True), **{k: v.requires_grad_(True) for k, v in start.items()}}
+                a, c = affine(ctx.cfg.backbone, start)                              # (A, d), (A,)
+                o = owner[idx]
+                logits = (table[sample_row[idx]] * a[o]).sum(-1) + c[o]
+                per_sample = F.binary_cross_entropy_with_logits(logits, labels[idx], reduction="none")
+                loss = (per_sample / count[o]).sum()                                 # Σ_u mean_u (§13b)
+                live = active & replay
+                if bool(live.any()):
+                    loss = loss + self._kd(plan, ctx, users, keys, table, a, c, live, step, sub, stats)
+                if ctx.flags["reg"] is not None and bool((active & returning).any()):
+                    loss = loss + self._penalty(ctx, users, start, table, row_owner, row_item,
+                                                keys, active & returning, ewc_rows)
+                grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+                with torch.no_grad():
+                    for name, grad in zip(names, grads):
+                        if grad is not None:
+                            leaves[name].add_(grad, alpha=-ctx.lrs[name])
+                table = table.detach()
+                start = {k: v.detach() for k, v in start.items()}
+
+        for k, v in start.items():
+            st.private[k][users] = v
+        delta = table - q[row_item]
+        if ctx.ldp_scale > 0:  # every row is local under LDP: client a's rows are one contiguous (I, d) block
+            noise = torch.cat([ldp_noise(ctx, int(u), (n_items, dim), q.dtype) for u in plan.users])
+            delta = delta + noise
+        return {**stats, **self.server.aggregate_deltas(row_item, delta, n_clients)}
+
+    def _kd(self, plan, ctx, users, keys, table, a, c, live, step, sub, stats):
+        """Batched ARM (§6): rank T^u in each client's current local scores, size and draw the memory."""
+        st, q = self.state, self.server.broadcast()
+        n_items = q.shape[0]
+        rep = torch.nonzero(live).squeeze(1)
+        topn = st.topn[users[rep]]                                                   # (R, N)
+        if ctx.flags["arm"] == "full":
+            size = torch.full((rep.numel(),), topn.shape[1], dtype=torch.long)
+            perm = torch.arange(topn.shape[1]).expand_as(topn)
+        else:
+            ranks = []
+            with torch.no_grad():
+                for lo in range(0, rep.numel(), self.rank_chunk):
+                    chunk = rep[lo:lo + self.rank_chunk]
+                    scores = a[chunk] @ q.T + c[chunk, None]                         # (R, I) broadcast rows
+                    lo_key, hi_key = chunk.min() * n_items, (chunk.max() + 1) * n_items
+                    rows = torch.nonzero((keys >= lo_key) & (keys < hi_key)).squeeze(1)
+                    rows = rows[torch.isin(keys[rows] // n_items, chunk)]
+                    pos = torch.searchsorted(chunk, keys[rows] // n_items)
+                    scores[pos, keys[rows] % n_items] = (table[rows] * a[keys[rows] // n_items]).sum(-1) \
+                        + c[keys[rows] // n_items]                                   # local rows override
+                    ranks.append(target_ranks(scores, topn[lo:lo + self.rank_chunk]))
+            discrepancy, _, size = memory_size(torch.cat(ranks), ctx.eps, ctx.topn)
+            stats["D"] += discrepancy.tolist()
+            stats["m"] += size.tolist()
+            perm = torch.from_numpy(plan.memory_perms[plan.step_offsets[rep.numpy()] + step, sub])
+        chosen = torch.arange(topn.shape[1])[None] < size[:, None]                  # first m_u of the perm
+        if not bool(chosen.any()):
+            return 0.0
+        owner = rep[:, None].expand_as(topn)[chosen]
+        items = topn.gather(1, perm)[chosen]
+        rows = torch.searchsorted(keys, owner * n_items + items)
+        logits = (table[rows] * a[owner]).sum(-1) + c[owner]
+        target = st.yhat[users[owner], items]
+        weight = size.to(table.dtype).clamp(min=1)[torch.searchsorted(rep, owner)]
+        return ctx.flags["kd_weight"] * (kd_terms(logits, target) / weight).sum()
+
+    def _penalty(self, ctx, users, private, table, row_owner, row_item, keys, live, ewc_rows):
+        """emb_reg or EWC penalty (§11) of every stepping returning client, summed over clients."""
+        st = self.state
+        if ctx.flags["reg"] == "emb":
+            old = live[row_owner] & (row_item < ctx.n_prev_items)
+            penalty = ((table[old] - st.anchor_items[row_item[old]]) ** 2).sum()
+            if "p" in private:
+                penalty = penalty + ((private["p"][live] - st.anchor["p"][users[live]]) ** 2).sum()
+            return ctx.flags["reg_d"] * penalty
+        has = live & st.fisher_valid[users]
+        penalty = sum((st.fisher[k][users[has]] * (v[has] - st.anchor[k][users[has]]) ** 2).sum()
+                      for k, v in private.items())
+        if ewc_rows is not None:
+            row_keys, f_rows, client = ewc_rows
+            keep = live[client]
+            rows = torch.searchsorted(keys, row_keys[keep])
+            penalty = penalty + (f_rows[keep] * (table[rows] - st.anchor_items[row_item[rows]]) ** 2).sum()
+        return 0.5 * ctx.ewc_gamma * penalty
+
+    def _ewc_rows(self, users, returning, n_items):
+        """(keys, F rows, client index) of the stored Fisher rows of this round's returning clients."""
+        st = self.state
+        lookup = torch.full((st.num_users(),), -1, dtype=torch.long)
+        lookup[users] = torch.arange(users.numel())
+        client = lookup[st.fisher_rows["user"]]
+        keep = client >= 0
+        keep[keep.clone()] = returning[client[keep]]
+        return client[keep] * n_items + st.fisher_rows["item"][keep], st.fisher_rows["F"][keep], client[keep]
+
+    # ------------------------------------------------------------------------------------ block end
+    def private_matrix(self) -> dict[str, torch.Tensor]:
+        return self.state.private
+
+    def end_block(self, ctx: RoundContext, trained: np.ndarray, fisher_plan: RoundPlan | None) -> None:
+        """ŷ for every user, T^u for those who trained, anchors and Fisher, from the restored best (§8.5)."""
+        st, best = self.state, self.server.broadcast()
+        yhat, topn = previous_scores(ctx.cfg.backbone, st.private, best, ctx.topn)
+        refresh = torch.zeros(st.num_users(), dtype=torch.bool)
+        refresh[torch.from_numpy(trained)] = True
+        refresh |= ~st.has_topn
+        if ctx.flags["target_scores"] == "latest" or st.yhat is None:
+            st.yhat = yhat
+        else:
+            old = torch.zeros_like(yhat)
+            old[: st.yhat.shape[0], : st.yhat.shape[1]] = st.yhat
+            st.yhat = torch.where(refresh[:, None], yhat, old)
+        st.topn[refresh] = topn[refresh]
+        st.has_topn |= refresh
+        st.anchor_items = best.clone()
+        mask = torch.zeros(st.num_users(), dtype=torch.bool)
+        mask[torch.from_numpy(trained)] = True
+        for k, v in st.private.items():
+            st.anchor[k][mask] = v[mask]
+        if fisher_plan is not None:
+            users = torch.from_numpy(fisher_plan.users)
+            f_private, owner, items, f_rows = fisher(ctx.cfg.backbone, {k: v[users] for k, v in st.private.items()},
+                                                     best, fisher_plan)
+            for k, v in f_private.items():
+                st.fisher[k][users] = v
+            st.fisher_valid[users] = True
+            st.set_fisher_rows(users[owner], items, f_rows)
+        self.server.end_block()
+
+    # -------------------------------------------------------------------------------- state plumbing
+    def states(self):
+        return self.state
+
+    def load_states(self, states) -> None:
+        self.state = states
+
+    def grow(self, new_private: dict[str, torch.Tensor]) -> None:
+        self.state.grow(new_private)
+
+    def save_slot(self, name: str) -> None:
+        self.server.save_slot(name)
+        self.state.save_slot(name)
+
+    def load_slot(self, name: str) -> None:
+        self.server.load_slot(name)
+        self.state.load_slot(name)
+
+    def set_private(self, private: dict[str, torch.Tensor]) -> None:
+        self.state.private = {k: v.clone() for k, v in private.items()}
+
+    def topn_lists(self) -> dict[int, np.ndarray]:
+        users = torch.nonzero(self.state.has_topn).squeeze(1).tolist()
+        return {u: self.state.topn[u].numpy() for u in users}
