@@ -46,7 +46,7 @@ class ModelConfig:
 
 class VLM2Rec(nn.Module):
     def __init__(self, cfg: ModelConfig, catalog: Catalog, device: torch.device, loss: LossConfig,
-                 wpcl: WPCLConfig, crtr: CRTRConfig):
+                 wpcl: WPCLConfig, crtr: CRTRConfig, embedder: nn.Module | None = None):
         super().__init__()
         if not set(cfg.modalities) <= {"text", "image"} or not cfg.modalities:
             raise ValueError(f"model.modalities must be a non-empty subset of [text, image], got {cfg.modalities}")
@@ -54,7 +54,8 @@ class VLM2Rec(nn.Module):
             raise ValueError("wpcl/crtr need model.internal_branch_passes=true under internal fusion (spec §6)")
         check_objective(wpcl, crtr, cfg.modalities)
         self.cfg, self.loss_cfg, self.wpcl, self.crtr = cfg, loss, wpcl, crtr
-        self.embedder = BACKBONES[cfg.kind](cfg, catalog, device)
+        # `embedder` lets a caller pass a pre-built one (bench.py's randomly initialised 3B-sized model).
+        self.embedder = embedder if embedder is not None else BACKBONES[cfg.kind](cfg, catalog, device)
         # log(1/tau) as a parameter only when learnt; otherwise a fixed buffer (spec §7).
         log_scale = torch.tensor(math.log(1.0 / loss.temperature), device=device)
         if loss.learnable_temperature:
@@ -98,9 +99,13 @@ class VLM2Rec(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
         """Total loss, its logged parts, and the branch embeddings (for per-branch gradient norms)."""
         hist, target = batch["history"], batch["target"]
-        users, items = self.branches("hist", hist), self.branches("item", target)
+        internal = self.cfg.fusion == "internal_interleave"
+        if internal and not self.cfg.internal_branch_passes:
+            users, items = {}, {}                                         # no unimodal passes (no WPCL/CRTR)
+        else:
+            users, items = self.branches("hist", hist), self.branches("item", target)
         named = {f"u_{m}": v for m, v in users.items()} | {f"e_{m}": v for m, v in items.items()}
-        if self.cfg.fusion == "internal_interleave":
+        if internal:
             u, e = self.joint("hist", hist), self.joint("item", target)
         else:
             u, e = self.fuse(users), self.fuse(items)

@@ -1,0 +1,167 @@
+"""Speed of the VLM2Rec embedder: items/s when encoding, training pairs/s, peak memory.
+
+    python -m vlm2rec.bench                 # tiny + offline on the CPU; a Qwen2.5-VL-3B-sized model on a GPU
+    make bench-vlm2rec ARGS="--steps 20"
+
+`tiny` is the random-init test VLM; `offline` the MiniLM + EfficientNet-Lite0 stand-in (tower throughput
+uncached, then the cached training path); `qwen2.5-vl-3b-sized` builds Qwen2.5-VL-3B's architecture from
+hard-coded config values with random bf16 weights (no download) and reports MFU against the GPU's dense
+bf16 peak. The GPU part is skipped on a CPU-only machine.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: `cd vlm2rec && python bench.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "vlm2rec"
+
+import torch
+
+from .data import DataConfig, load_dataset
+from .encoder import Catalog, LoraSettings, VLMEmbedder, apply_lora, byte_tokenizer, image_processor_for
+from .evaluate import split_sequences
+from .losses import CRTRConfig, LossConfig, WPCLConfig
+from .model import ModelConfig, VLM2Rec
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device-name substring.
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# Qwen2.5-VL-3B-Instruct's config.json values, hard-coded so nothing is downloaded.
+QWEN25_VL_3B_TEXT = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                         num_key_value_heads=2, max_position_embeddings=128000, rope_theta=1000000.0,
+                         rms_norm_eps=1e-6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+QWEN25_VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, out_hidden_size=2048, num_heads=16,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], in_channels=3)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB -> MiB (process peak RSS)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_model(model: VLM2Rec, batch: dict, items: torch.Tensor, steps: int, device: torch.device) -> dict:
+    """Items/s of item encoding (both branches) and training pairs/s (forward + backward + AdamW)."""
+    with torch.no_grad():
+        model.encode("item", items[:2])                                   # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        model.encode("item", items)
+        _sync(device)
+        encode_s = time.perf_counter() - start
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    model.loss(batch).backward()                                          # warm-up step
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(batch).backward()
+        optimizer.step()
+    _sync(device)
+    train_s = time.perf_counter() - start
+    return {"encode_items_per_s": len(items) / encode_s, "train_pairs_per_s": steps * len(batch["target"]) / train_s,
+            "train_step_s": train_s / steps, "peak_memory_mb": peak_memory_mb(device)}
+
+
+def _synthetic(image_size: int, max_history: int = 10):
+    data = load_dataset(DataConfig(kind="synthetic", num_users=64, num_items=64, image_size=image_size,
+                                   max_history=max_history))
+    split = split_sequences(data["sequences"], max_history)
+    return data, split, Catalog(data["titles"], data["images"], image_size)
+
+
+def bench_cpu(kind: str, batch_size: int, steps: int) -> dict:
+    device = torch.device("cpu")
+    image_size = 56 if kind == "tiny" else 224
+    data, split, catalog = _synthetic(image_size)
+    cfg = ModelConfig(kind=kind, image_pixels=image_size ** 2, lora=LoraSettings(enabled=kind == "tiny", r=4, alpha=8))
+    model = VLM2Rec(cfg, catalog, device, LossConfig(), WPCLConfig(), CRTRConfig())
+    out = {}
+    if kind == "offline":   # uncached tower throughput first: what filling the feature cache costs
+        tower = model.embedder
+        titles, images = data["titles"][1:33], [catalog.image(i) for i in range(1, 17)]
+        with torch.inference_mode():
+            tower._minilm(titles[:2]), tower._effnet(images[:2])
+            start = time.perf_counter(); tower._minilm(titles); minilm_s = time.perf_counter() - start
+            start = time.perf_counter(); tower._effnet(images); effnet_s = time.perf_counter() - start
+        out = {"minilm_titles_per_s": len(titles) / minilm_s, "effnet_images_per_s": len(images) / effnet_s}
+        model.embedder.precompute(list(split["train"]["history"][:batch_size]))
+    batch = {"history": torch.as_tensor(split["train"]["history"][:batch_size]),
+             "target": torch.as_tensor(split["train"]["target"][:batch_size])}
+    items = torch.arange(1, data["num_items"] + 1)
+    return {**out, **time_model(model, batch, items, steps, device)}
+
+
+def bench_gpu_qwen(batch_size: int, steps: int, image_pixels: int) -> dict:
+    """Qwen2.5-VL-3B-sized model, random bf16 weights, LoRA + non-reentrant checkpointing, on CUDA."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+    device = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats(device)
+    tokenizer = byte_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                                                            "<|image_pad|>", "<|video_pad|>")}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=151936, **QWEN25_VL_3B_TEXT, pad_token_id=ids["<|endoftext|>"]),
+        vision_config=QWEN25_VL_3B_VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        base = Qwen2_5_VLModel(config).to(torch.bfloat16)
+    params = sum(p.numel() for p in base.parameters())
+    base = apply_lora(base, LoraSettings())
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    data, split, catalog = _synthetic(224)
+    cfg = ModelConfig(kind="qwen2.5-vl", image_pixels=image_pixels)
+    embedder = VLMEmbedder(base, tokenizer, image_processor_for(image_pixels), catalog, cfg.prompts,
+                           "qwen2.5-vl-3b-sized(random)", cfg.max_title_tokens, False)
+    model = VLM2Rec(cfg, catalog, device, LossConfig(), WPCLConfig(), CRTRConfig(), embedder=embedder)
+    batch = {"history": torch.as_tensor(split["train"]["history"][:batch_size], device=device),
+             "target": torch.as_tensor(split["train"]["target"][:batch_size], device=device)}
+    items = torch.arange(1, min(65, data["num_items"] + 1), device=device)
+    out = time_model(model, batch, items, steps, device)
+    # Tokens per training pair over the four passes: image tokens + text bytes (byte tokenizer: 1 token/byte).
+    image_tokens = image_pixels // (28 * 28)
+    hist_len = float((batch["history"] > 0).sum(dim=1).float().mean())
+    tokens_per_pair = image_tokens * (hist_len + 1) + 40 * hist_len + 120     # rough text share; printed below
+    peak = next((v for k, v in BF16_PEAK.items() if k in torch.cuda.get_device_name(device)), None)
+    # Useful training FLOPs with a frozen base: forward 2NT + activation backward 2NT (recompute not counted).
+    flops = 4 * params * tokens_per_pair * out["train_pairs_per_s"]
+    out.update({"params": params, "tokens_per_pair_est": tokens_per_pair, "achieved_tflops": flops / 1e12,
+                "mfu": flops / peak if peak else None, "device": torch.cuda.get_device_name(device)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="accepted for the Makefile; the benchmark uses synthetic inputs")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--kinds", nargs="+", default=["tiny", "offline"])
+    args, _ = parser.parse_known_args(argv)
+    torch.manual_seed(0)
+    results = {}
+    for kind in args.kinds:
+        results[kind] = bench_cpu(kind, args.batch_size, args.steps)
+        print(f"{kind:8s} cpu  " + "  ".join(f"{k}={v:.1f}" for k, v in results[kind].items()))
+    if torch.cuda.is_available():
+        results["qwen2.5-vl-3b-sized"] = bench_gpu_qwen(args.batch_size, args.steps, 50176)
+        print("qwen2.5-vl-3b-sized gpu  " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in results["qwen2.5-vl-3b-sized"].items()))
+    else:
+        print("qwen2.5-vl-3b-sized: skipped (no CUDA device)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

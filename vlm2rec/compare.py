@@ -1,0 +1,120 @@
+"""Plain contrastive SFT vs +WPCL vs +CRTR vs VLM2Rec (both): four configs of one trainer, over seeds.
+
+    python -m vlm2rec.compare --config vlm2rec/configs/ml100k_offline.yaml --seeds 0 1 2 [key=value ...]
+    make vlm2rec-compare DATA=ml100k_offline SEEDS="0 1 2"
+
+Each (variant, seed) is one `main` run; the table gives mean ± std over seeds of the test metrics for
+both protocols and every modality mode, the text/image gradient-norm ratios (first vs last epoch), the
+effective ranks of the item embeddings and the SASRec-from-embeddings result. Writes compare.json/.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: `cd vlm2rec && python compare.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "vlm2rec"
+
+from common.runs import read_metrics
+from common.utils import git_sha, save_json
+
+from .main import main
+
+VARIANTS = {
+    "plain SFT": ["wpcl.enabled=false", "crtr.enabled=false"],
+    "+WPCL": ["wpcl.enabled=true", "crtr.enabled=false"],
+    "+CRTR": ["wpcl.enabled=false", "crtr.enabled=true"],
+    "VLM2Rec (both)": ["wpcl.enabled=true", "crtr.enabled=true"],
+}
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def grad_ratios(run_dir: str) -> dict[str, float]:
+    """Mean text/image gradient-norm ratio over the first and the last epoch's logged steps."""
+    records = [r for r in read_metrics(run_dir) if "grad_ratio_u" in r]
+    if not records:
+        return {}
+    first, last = min(r["epoch"] for r in records), max(r["epoch"] for r in records)
+    out = {}
+    for side in ("u", "e"):
+        for name, epoch in (("first", first), ("last", last)):
+            values = [r[f"grad_ratio_{side}"] for r in records if r["epoch"] == epoch]
+            out[f"grad_ratio_{side}_{name}"] = statistics.mean(values)
+    return out
+
+
+def summarise(runs: dict[str, list[dict]]) -> str:
+    """Markdown tables from {variant: [results per seed]}."""
+    lines = []
+    for protocol, label in (("sampled", "P1 sampled (1 + 100 negatives, pessimistic ties)"),
+                            ("full", "P2 full ranking (history masked)")):
+        lines += [f"\n**Test, {label}** — direct retrieval, NDCG@10 / HR@10 by modality mode\n",
+                  "| variant | both NDCG@10 | both HR@10 | text NDCG@10 | image NDCG@10 | image HR@10 |",
+                  "|---|---|---|---|---|---|"]
+        for variant, results in runs.items():
+            cell = lambda mode, metric: _mean_std([r["test"]["clean"][protocol][mode][metric] for r in results])
+            lines.append(f"| {variant} | {cell('both', 'NDCG@10')} | {cell('both', 'HR@10')} | "
+                         f"{cell('text', 'NDCG@10')} | {cell('image', 'NDCG@10')} | {cell('image', 'HR@10')} |")
+    lines += ["\n**Collapse diagnostics** (training log; test item embeddings)\n",
+              "| variant | grad ratio u T/V (first → last epoch) | grad ratio e T/V (first → last) | "
+              "erank text | erank image | alignment |", "|---|---|---|---|---|---|"]
+    for variant, results in runs.items():
+        ratios = [r["grad_ratios"] for r in results if r["grad_ratios"]]
+        pick = lambda key: _mean_std([x[key] for x in ratios]) if ratios else "n/a"
+        geo = lambda key: _mean_std([r["test"]["clean"]["geometry"][key] for r in results])
+        lines.append(f"| {variant} | {pick('grad_ratio_u_first')} → {pick('grad_ratio_u_last')} | "
+                     f"{pick('grad_ratio_e_first')} → {pick('grad_ratio_e_last')} | {geo('erank_text')} | "
+                     f"{geo('erank_image')} | {geo('alignment')} |")
+    lines += ["\n**Robustness** (test, P2 full, both modes fused, NDCG@10) and **SASRec** initialised from the "
+              "fused item table (test, P2 NDCG@10 / P1 NDCG@10)\n",
+              "| variant | clean | missing image | missing title | noisy image | SASRec P2 | SASRec P1 |",
+              "|---|---|---|---|---|---|---|"]
+    for variant, results in runs.items():
+        robust = lambda scenario: _mean_std([r["test"][scenario]["full"]["both"]["NDCG@10"] for r in results
+                                             if scenario in r["test"]]) if all(scenario in r["test"] for r in results) else "n/a"
+        seq = lambda p: _mean_std([r["seqrec"]["test"][p]["NDCG@10"] for r in results]) if all("seqrec" in r for r in results) else "n/a"
+        lines.append(f"| {variant} | {robust('clean')} | {robust('missing_image')} | {robust('missing_title')} | "
+                     f"{robust('noisy_image')} | {seq('full')} | {seq('sampled')} |")
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=None, help="folder for compare.json/.md (default: runs/vlm2rec/compare)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    out_dir = args.out or Path("runs") / "vlm2rec" / "compare" / Path(args.config).stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {}
+    for variant in args.variants:
+        for seed in args.seeds:
+            slug = variant.split()[0].strip("+()").lower()
+            run_dir = out_dir / f"{slug}_seed{seed}"
+            overrides = [*VARIANTS[variant], f"seed={seed}", f"tag={slug}", *args.overrides]
+            results = main(["--config", args.config, "--run-dir", str(run_dir), *overrides])
+            results["grad_ratios"] = grad_ratios(str(run_dir))
+            runs.setdefault(variant, []).append(results)
+    table = summarise(runs)
+    header = f"seeds {args.seeds}, commit {git_sha()}, config {args.config} {' '.join(args.overrides)}"
+    (out_dir / "compare.md").write_text(header + "\n" + table + "\n")
+    save_json(out_dir / "compare.json", {"seeds": args.seeds, "git_sha": git_sha(), "config": args.config,
+                                         "overrides": args.overrides, "runs": runs})
+    print(header)
+    print(table)
+    return runs
+
+
+if __name__ == "__main__":
+    run()
