@@ -1,0 +1,136 @@
+"""FLAME end to end: smoke runs (three ways), baselines, resume, checkpoints; slow tests on real weights."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flame.data import DataConfig, build_data, load_raw
+from flame.main import main
+from flame.model import ModelConfig, SASRec, load_frozen, sasrec_state
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "flame" / "configs" / "smoke.yaml")
+FAST = ["train.max_epochs=1", "data.synthetic_users=60"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core box: intra-op threads only add contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def clean_env():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.fixture
+def frozen_file(tmp_path):
+    """A random SASRec for the smoke data in the 36-key layout (skips stage 1 in a test)."""
+    data = build_data(load_raw(DataConfig(synthetic_users=120, synthetic_items=40)), DataConfig(max_len=10))
+    torch.manual_seed(0)
+    path = tmp_path / "frozen.pt"
+    torch.save(sasrec_state(SASRec(ModelConfig(d=16, max_len=10), data.num_items)), path)
+    return path
+
+
+def test_smoke_end_to_end_with_stage1(tmp_path):
+    results = main(["--config", SMOKE, f"run_root={tmp_path}"])
+    run_dir = Path(results["run_dir"])
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert set(saved["test"]) == {"reference", "neg_inf"} and saved["best_epoch"] >= 1
+    conv = saved["convergence"]
+    assert conv["sasrec_seed"] == 42 and "test_ndcg20_gain_rel" in conv
+    stage1 = Path(conv["sasrec_run"])
+    assert (stage1 / "frozen.pt").exists() and stage1.parent.name == "stage1"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and {"valid/NDCG@20", "train/cumulative_seconds", "train/wcl",
+                                  "train/alpha/ll-fl", "lambda"} <= set(records[0])
+    for name in ("best.pt", "last.pt"):  # plain dicts (CONVENTIONS §12)
+        assert isinstance(torch.load(run_dir / name, map_location="cpu", weights_only=True), dict)
+    again = main(["--config", SMOKE, f"run_root={tmp_path}"])  # stage 1 reused: same frozen net
+    assert again["test"] == results["test"]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, frozen_file):
+    common = ["--config", SMOKE, f"flame.frozen={frozen_file}", "train.max_epochs=3", "train.patience=5"]
+    full = main(common + ["--run-dir", str(tmp_path / "full")])
+    main(["--config", SMOKE, f"flame.frozen={frozen_file}", "train.max_epochs=2", "train.patience=5",
+          "--run-dir", str(tmp_path / "part")])
+    resumed = main(["--resume", str(tmp_path / "part"), "train.max_epochs=3"])
+    assert resumed["test"] == full["test"] and resumed["best_epoch"] == full["best_epoch"]
+    curves = [[json.loads(line)["valid/NDCG@20"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("full", "part")]
+    assert curves[0] == curves[1] and len(curves[0]) == 3
+
+
+@pytest.mark.parametrize("extra", [["model=mutual"], ["model=mutual", "baselines.ml_loss=kl"],
+                                   ["model=ensemble", "baselines.ensemble_n=2"],
+                                   ["flame.split=per_block", "flame.path_mixing=independent", "flame.num_paths=4"]])
+def test_baselines_and_options_run(tmp_path, extra):
+    results = main(["--config", SMOKE, f"run_root={tmp_path}", *FAST, *extra])
+    assert results["test"]["reference"]["NDCG@20"] > 0
+    if "model=mutual" in extra:
+        assert "test_mean_ab" in results
+
+
+def test_sasrec_run_as_convergence_baseline(tmp_path, frozen_file):
+    base = main(["--config", SMOKE, "model=sasrec", *FAST, "--run-dir", str(tmp_path / "b1")])
+    assert (tmp_path / "b1" / "frozen.pt").exists() and base["model"] == "sasrec"
+    out = main(["--config", SMOKE, *FAST, f"flame.frozen={frozen_file}", f"train.sasrec_run={tmp_path / 'b1'}",
+                "--run-dir", str(tmp_path / "fl")])
+    assert out["convergence"]["sasrec_best_valid"] == base["best_valid"]
+
+
+def test_script_form_from_paper_folder(tmp_path):
+    cmd = [sys.executable, "main.py", "--config", "configs/smoke.yaml", f"run_root={tmp_path}", *FAST]
+    done = subprocess.run(cmd, cwd=ROOT / "flame", env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list(tmp_path.glob("flame/synthetic/*flame*/results.json"))
+
+
+def test_copied_out_folder_runs(tmp_path):
+    for name in ("flame", "common"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "runs"))
+    cmd = [sys.executable, "-c", "import sys, flame.main as m; print(m.__file__); m.main(sys.argv[1:])",
+           "--config", "flame/configs/smoke.yaml", "run_root=out", *FAST]
+    done = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[0].startswith(str(tmp_path))  # the copy ran, not the checkout
+    assert list(tmp_path.glob("out/flame/synthetic/*flame*/results.json"))
+
+
+SHIPPED = {"amazon-beauty": 12101, "amazon-games": 10672, "amazon-toys": 11924, "ml-1m": 3416}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_checkpoints_load_strictly(shared_data, name):
+    path = shared_data / "flame" / "frozen_weights" / f"{name}.pt"
+    model = load_frozen(SASRec(ModelConfig(), SHIPPED[name]), path)
+    assert model.item_emb.weight.shape == (SHIPPED[name] + 1, 64)
+    with pytest.raises(ValueError):
+        load_frozen(SASRec(ModelConfig(), SHIPPED[name] + 1), path)
+
+
+@pytest.mark.slow
+def test_shipped_toys_scores_far_above_random(shared_data, monkeypatch):
+    from flame.train import evaluate
+
+    monkeypatch.setenv("REPRO_DATA", str(shared_data))
+    data = build_data(load_raw(DataConfig(dataset="amazon-toys")), DataConfig())
+    assert (data.num_items, len(data.train_target), len(data.valid_target)) == (11924, 106592, 19412)
+    model = load_frozen(SASRec(ModelConfig(), data.num_items), shared_data / "flame/frozen_weights/amazon-toys.pt")
+    users = slice(0, 4000)  # a fixed slice keeps this well under a minute on 2 cores
+    metrics = evaluate(model, data.valid_seq[users], data.valid_target[users], data.valid_hist[users],
+                       "reference", "strict", batch_size=1000)
+    assert metrics["HR@20"] > 20 * (100 * 20 / data.num_items)  # random HR@20 is about 20/I
