@@ -42,40 +42,68 @@ def draw_negatives(rng: np.random.Generator, owner: np.ndarray, n_items: int,
                    exclude_keys: np.ndarray) -> np.ndarray:
     """Uniform items for each entry of `owner` (client index), redrawn while (owner, item) is excluded.
 
-    exclude_keys: sorted array of owner * n_items + item. Rejection keeps the draw uniform over the
-    allowed items, as the reference's candidate walk does.
+    exclude_keys: sorted unique owner * n_items + item. Rejection keeps the draw uniform over the allowed
+    items, as the reference's candidate walk does. Membership uses a bitmap when it fits, else a search.
     """
+    span = (int(owner.max()) + 1) * n_items if owner.size else 0
+    if span <= 1 << 27:
+        bitmap = np.zeros(span, dtype=bool)
+        bitmap[exclude_keys] = True
+        excluded = lambda keys: bitmap[keys]  # noqa: E731
+    else:
+        excluded = lambda keys: _member(keys, exclude_keys)  # noqa: E731
     negatives = rng.integers(0, n_items, size=owner.size)
-    bad = np.isin(owner * n_items + negatives, exclude_keys)
-    while bad.any():
-        negatives[bad] = rng.integers(0, n_items, size=int(bad.sum()))
-        bad[bad] = np.isin(owner[bad] * n_items + negatives[bad], exclude_keys)
+    bad = np.flatnonzero(excluded(owner * n_items + negatives))
+    while bad.size:
+        negatives[bad] = rng.integers(0, n_items, size=bad.size)
+        bad = bad[excluded(owner[bad] * n_items + negatives[bad])]
     return negatives
+
+
+def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    where = np.searchsorted(sorted_keys, keys).clip(max=max(sorted_keys.size - 1, 0))
+    return sorted_keys[where] == keys if sorted_keys.size else np.zeros(keys.size, dtype=bool)
+
+
+class PlanMaker:
+    """The per-block constant part of the plans (who trains on what, what is excluded); `draw` makes one
+    round's plan. Positives and exclusions do not change within a block, so they are laid out once."""
+
+    def __init__(self, positives: dict[int, np.ndarray], exclude: dict[int, np.ndarray], n_items: int,
+                 num_neg: int = 4, batch_size: int = 512, topn: int = 30, n_sub: int = 1):
+        self.users = np.array(sorted(positives), dtype=np.int64)
+        self.counts = np.array([len(positives[u]) for u in self.users], dtype=np.int64)
+        excluded = [np.asarray(exclude[u], dtype=np.int64) for u in self.users]
+        self.keys = np.unique(np.repeat(np.arange(self.users.size), [len(e) for e in excluded]) * n_items
+                              + np.concatenate(excluded + [np.zeros(0, np.int64)]))
+        full = np.flatnonzero(np.bincount(self.keys // n_items, minlength=self.users.size) >= n_items)
+        if full.size:
+            raise ValueError(f"user {self.users[full[0]]} excludes all {n_items} items: no negative can be drawn")
+        self.pos_owner = np.repeat(np.arange(self.users.size), self.counts)
+        self.pos_items = np.concatenate([np.asarray(positives[u], dtype=np.int64) for u in self.users]
+                                        + [np.zeros(0, np.int64)])
+        self.neg_owner = np.repeat(np.arange(self.users.size), self.counts * num_neg)
+        self.owner = np.concatenate([self.pos_owner, self.neg_owner])
+        self.labels = np.concatenate([np.ones(self.pos_items.size), np.zeros(self.neg_owner.size)])
+        sizes = self.counts * (1 + num_neg)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        steps = -(-sizes // batch_size)                                  # ⌈5 n_u / B⌉ mini-batches
+        self.step_offsets = np.concatenate([[0], np.cumsum(steps)])
+        self.n_items, self.batch_size, self.topn, self.n_sub = n_items, batch_size, topn, n_sub
+
+    def draw(self, seed: int, block: int, round_idx: int) -> RoundPlan:
+        """One round's plan from the (seed, block, round) stream; independent of client visiting order."""
+        rng = np.random.default_rng([seed, block, round_idx + 1])
+        negatives = draw_negatives(rng, self.neg_owner, self.n_items, self.keys)
+        items = np.concatenate([self.pos_items, negatives])
+        order = np.argsort(self.owner + rng.random(self.owner.size), kind="stable")  # shuffle inside clients
+        perms = np.argsort(rng.random((int(self.step_offsets[-1]), self.n_sub, self.topn)), axis=-1)
+        return RoundPlan(users=self.users, offsets=self.offsets, items=items[order], labels=self.labels[order],
+                         step_offsets=self.step_offsets, memory_perms=perms, batch_size=self.batch_size)
 
 
 def make_plan(seed: int, block: int, round_idx: int, positives: dict[int, np.ndarray],
               exclude: dict[int, np.ndarray], n_items: int, num_neg: int = 4, batch_size: int = 512,
               topn: int = 30, n_sub: int = 1) -> RoundPlan:
     """Draw the plan of one round. positives/exclude: user -> item arrays (exclude ⊇ what to reject)."""
-    rng = np.random.default_rng([seed, block, round_idx + 1])
-    users = np.array(sorted(positives), dtype=np.int64)
-    counts = np.array([len(positives[u]) for u in users], dtype=np.int64)
-    for u in users:
-        if len(np.unique(exclude[u])) >= n_items:
-            raise ValueError(f"user {u} excludes all {n_items} items: no negative can be drawn")
-    keys = np.concatenate([a * n_items + np.asarray(exclude[u], dtype=np.int64) for a, u in enumerate(users)]
-                          + [np.zeros(0, np.int64)])
-    neg_owner = np.repeat(np.arange(users.size), counts * num_neg)
-    negatives = draw_negatives(rng, neg_owner, n_items, np.unique(keys))
-    pos_owner = np.repeat(np.arange(users.size), counts)
-    pos_items = np.concatenate([np.asarray(positives[u], dtype=np.int64) for u in users] + [np.zeros(0, np.int64)])
-    owner = np.concatenate([pos_owner, neg_owner])
-    items = np.concatenate([pos_items, negatives])
-    labels = np.concatenate([np.ones(pos_items.size), np.zeros(negatives.size)])
-    order = np.lexsort((rng.random(owner.size), owner))        # shuffle inside each client
-    sizes = counts * (1 + num_neg)
-    steps = -(-sizes // batch_size)                             # ⌈5 n_u / B⌉ mini-batches
-    perms = np.argsort(rng.random((int(steps.sum()), n_sub, topn)), axis=-1)
-    return RoundPlan(users=users, offsets=np.concatenate([[0], np.cumsum(sizes)]), items=items[order],
-                     labels=labels[order], step_offsets=np.concatenate([[0], np.cumsum(steps)]),
-                     memory_perms=perms, batch_size=batch_size)
+    return PlanMaker(positives, exclude, n_items, num_neg, batch_size, topn, n_sub).draw(seed, block, round_idx)

@@ -17,7 +17,7 @@ from common.metrics import full_sort_metrics
 from .data import SPLITS, Block
 from .federated import RoundContext, plan_inputs
 from .model import init_items, init_private, learning_rates, score_matrix, substeps
-from .plan import make_plan
+from .plan import PlanMaker, make_plan
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -120,7 +120,7 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
     data, exclude = block_data(blocks, t, flags, flags["neg_exclude"])
     valid_users = sorted(block.valid)
     valid_index = torch.tensor(valid_users, dtype=torch.long)
-    best, best_round, stale = -1.0, -1, 0
+    best, best_round, stale, maker = -1.0, -1, 0, None
     for r in range(fed.rounds):
         started = time.perf_counter()
         ctx = RoundContext(block=t, round=r, n_items=block.n_items, n_prev_users=n_prev_users,
@@ -128,11 +128,13 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
                            cfg=cfg.model, seed=seed, ldp_scale=fed.ldp_scale,
                            shared_private=init_private(cfg.model, seed, -1), ewc_gamma=cfg.method.ewc_gamma,
                            eps=cfg.method.eps, topn=cfg.method.topn)
-        positives, excluded = plan_inputs(data, sim.topn_lists() if flags["replay"] else {}, ctx)
-        if flags["neg_exclude"] != "block_train" or flags["replay"]:
-            excluded = {u: np.concatenate([excluded[u], exclude[u]]) for u in positives}
-        plan = make_plan(seed, t, r, positives, excluded, block.n_items, fed.num_neg, fed.batch_size,
-                         cfg.method.topn, len(substeps(cfg.model.backbone)))
+        if maker is None:  # positives and exclusions are fixed for the block (T^u included)
+            positives, excluded = plan_inputs(data, sim.topn_lists() if flags["replay"] else {}, ctx)
+            if flags["neg_exclude"] != "block_train":
+                excluded = {u: np.concatenate([excluded[u], exclude[u]]) for u in positives}
+            maker = PlanMaker(positives, excluded, block.n_items, fed.num_neg, fed.batch_size, cfg.method.topn,
+                              len(substeps(cfg.model.backbone)))
+        plan = maker.draw(seed, t, r)
         stats = sim.train_round(plan, ctx)
         scores = oracle_scores(sim, valid_index, cfg.model.backbone)
         val = evaluate(scores, valid_users, block.valid, [block.train], flags["metric_decimals"])

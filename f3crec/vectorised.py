@@ -24,10 +24,11 @@ from .plan import RoundPlan
 class VectorisedSimulator:
     """Same interface as ReferenceSimulator; client state kept stacked in `state` (see ClientStates)."""
 
-    def __init__(self, server, state, rank_chunk: int = 4096):
+    def __init__(self, server, state, rank_chunk: int = 4096, dense_limit: int = 1 << 25):
         self.server = server
         self.state = state           # ClientStates: stacked client-side tensors, one row per user
         self.rank_chunk = rank_chunk  # clients ranked per argsort call (memory bound for 1e5 clients)
+        self.dense_limit = dense_limit  # largest A·|I| for which step 1 uses the dense score matrix
 
     # ------------------------------------------------------------------------------------------ round
     def train_round(self, plan: RoundPlan, ctx: RoundContext) -> dict:
@@ -55,10 +56,10 @@ class VectorisedSimulator:
         if ctx.flags["reg"] == "ewc" and st.fisher_rows is not None and bool(returning.any()):
             ewc_rows = self._ewc_rows(users, returning, n_items)
             key_parts.append(ewc_rows[0].numpy())
-        keys = torch.from_numpy(np.unique(np.concatenate(key_parts)))
+        keys, inverse = torch.unique(torch.from_numpy(np.concatenate(key_parts)), return_inverse=True)
         row_owner, row_item = keys // n_items, keys % n_items
-        table = q[row_item].clone()                                                   # (L, d) local rows
-        sample_row = torch.searchsorted(keys, owner * n_items + torch.from_numpy(plan.items))
+        table = q.index_select(0, row_item)                                          # (L, d) local rows
+        sample_row = inverse[: plan.items.size]                                      # sample -> local row
         labels = torch.from_numpy(plan.labels).to(q.dtype)
 
         position = np.arange(plan.items.size) - plan.offsets[owner_np]
@@ -69,26 +70,43 @@ class VectorisedSimulator:
             idx = torch.nonzero(step_of == step).squeeze(1)                          # this step's samples
             active = steps > step                                                    # (A,) clients stepping
             count = torch.bincount(owner[idx], minlength=n_clients).clamp(min=1).to(q.dtype)
+            # Only the rows of stepping clients can change: later steps touch a small sub-table.
+            rows_k = None if bool(active.all()) else torch.nonzero(active[row_owner]).squeeze(1)
+            if step == 0 and ctx.flags["reg"] is None and n_clients * n_items <= self.dense_limit:
+                table = self._dense_first_step(plan, ctx, users, start, table, keys, row_owner, row_item,
+                                               owner[idx], torch.from_numpy(plan.items)[idx], labels[idx],
+                                               count, active & replay, stats)
+                continue
+            if rows_k is None:
+                local, part = (lambda r: r), table
+            else:
+                remap = torch.full((keys.numel(),), -1, dtype=torch.long)
+                remap[rows_k] = torch.arange(rows_k.numel())
+                local, part = (lambda r: remap[r]), table.index_select(0, rows_k)
             for sub, names in enumerate(substeps(ctx.cfg.backbone)):
-                leaves = {"Q": table.requires_grad_(True), **{k: v.requires_grad_(True) for k, v in start.items()}}
+                leaves = {"Q": part.requires_grad_(True), **{k: v.requires_grad_(True) for k, v in start.items()}}
                 a, c = affine(ctx.cfg.backbone, start)                              # (A, d), (A,)
                 o = owner[idx]
-                logits = (table[sample_row[idx]] * a[o]).sum(-1) + c[o]
+                logits = (part.index_select(0, local(sample_row[idx])) * a.index_select(0, o)).sum(-1) + c[o]
                 per_sample = F.binary_cross_entropy_with_logits(logits, labels[idx], reduction="none")
                 loss = (per_sample / count[o]).sum()                                 # Σ_u mean_u (§13b)
                 live = active & replay
                 if bool(live.any()):
-                    loss = loss + self._kd(plan, ctx, users, keys, table, a, c, live, step, sub, stats)
+                    loss = loss + self._kd(plan, ctx, users, keys, part, local, a, c, live, step, sub, stats)
                 if ctx.flags["reg"] is not None and bool((active & returning).any()):
-                    loss = loss + self._penalty(ctx, users, start, table, row_owner, row_item,
+                    loss = loss + self._penalty(ctx, users, start, part, local, row_owner, row_item,
                                                 keys, active & returning, ewc_rows)
                 grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
                 with torch.no_grad():
                     for name, grad in zip(names, grads):
                         if grad is not None:
                             leaves[name].add_(grad, alpha=-ctx.lrs[name])
-                table = table.detach()
+                part = part.detach()
                 start = {k: v.detach() for k, v in start.items()}
+            if rows_k is None:
+                table = part
+            else:
+                table.index_copy_(0, rows_k, part)
 
         for k, v in start.items():
             st.private[k][users] = v
@@ -98,7 +116,49 @@ class VectorisedSimulator:
             delta = delta + noise
         return {**stats, **self.server.aggregate_deltas(row_item, delta, n_clients)}
 
-    def _kd(self, plan, ctx, users, keys, table, a, c, live, step, sub, stats):
+    def _dense_first_step(self, plan, ctx, users, start, table, keys, row_owner, row_item, owner, items,
+                          labels, count, live, stats) -> torch.Tensor:
+        """Step 1 of every client at once through the dense score matrix (exact, faster at small |I|).
+
+        At the first step every local row still equals the broadcast, so all logits are entries of
+        S = a Qᵀ + c (A × I). With G = ∂L/∂S: ∂L/∂q_i of client u = G[u, i]·a_u and the private gradient is
+        G backpropagated through S; KD terms (on the local rows, `table`) add their own gradients.
+        """
+        q = self.server.broadcast()
+        identity = lambda r: r  # noqa: E731
+        for sub, names in enumerate(substeps(ctx.cfg.backbone)):
+            for value in start.values():
+                value.requires_grad_(True)
+            a, c = affine(ctx.cfg.backbone, start)
+            scores = a @ q.T + c[:, None]                                            # (A, I)
+            dense = scores.detach().requires_grad_(True)
+            per_sample = F.binary_cross_entropy_with_logits(dense[owner, items], labels, reduction="none")
+            loss = (per_sample / count[owner]).sum()
+            wanted = [dense] + list(start.values())
+            if bool(live.any()):
+                table.requires_grad_(True)
+                loss = loss + self._kd(plan, ctx, users, keys, table, identity, a, c, live, 0, sub, stats)
+                wanted.append(table)
+            grads = torch.autograd.grad(loss, wanted, allow_unused=True, retain_graph=True)
+            through = torch.autograd.grad(scores, list(start.values()), grad_outputs=grads[0], allow_unused=True)
+            a_old = a.detach().clone()
+            with torch.no_grad():
+                for j, (name, value) in enumerate(start.items()):
+                    if name in names:
+                        total = [g for g in (grads[1 + j], through[j]) if g is not None]
+                        if total:
+                            value.add_(sum(total), alpha=-ctx.lrs[name])
+                if "Q" in names:
+                    row_grad = grads[0][row_owner, row_item][:, None] * a_old[row_owner]
+                    if len(grads) > 1 + len(start) and grads[-1] is not None:
+                        row_grad = row_grad + grads[-1]
+                    table = table.detach().add_(row_grad, alpha=-ctx.lrs["Q"])
+            table = table.detach()
+            for name in list(start):
+                start[name] = start[name].detach()
+        return table
+
+    def _kd(self, plan, ctx, users, keys, table, local, a, c, live, step, sub, stats):
         """Batched ARM (§6): rank T^u in each client's current local scores, size and draw the memory."""
         st, q = self.state, self.server.broadcast()
         n_items = q.shape[0]
@@ -117,7 +177,7 @@ class VectorisedSimulator:
                     rows = torch.nonzero((keys >= lo_key) & (keys < hi_key)).squeeze(1)
                     rows = rows[torch.isin(keys[rows] // n_items, chunk)]
                     pos = torch.searchsorted(chunk, keys[rows] // n_items)
-                    scores[pos, keys[rows] % n_items] = (table[rows] * a[keys[rows] // n_items]).sum(-1) \
+                    scores[pos, keys[rows] % n_items] = (table[local(rows)] * a[keys[rows] // n_items]).sum(-1) \
                         + c[keys[rows] // n_items]                                   # local rows override
                     ranks.append(target_ranks(scores, topn[lo:lo + self.rank_chunk]))
             discrepancy, _, size = memory_size(torch.cat(ranks), ctx.eps, ctx.topn)
@@ -129,18 +189,18 @@ class VectorisedSimulator:
             return 0.0
         owner = rep[:, None].expand_as(topn)[chosen]
         items = topn.gather(1, perm)[chosen]
-        rows = torch.searchsorted(keys, owner * n_items + items)
+        rows = local(torch.searchsorted(keys, owner * n_items + items))
         logits = (table[rows] * a[owner]).sum(-1) + c[owner]
         target = st.yhat[users[owner], items]
         weight = size.to(table.dtype).clamp(min=1)[torch.searchsorted(rep, owner)]
         return ctx.flags["kd_weight"] * (kd_terms(logits, target) / weight).sum()
 
-    def _penalty(self, ctx, users, private, table, row_owner, row_item, keys, live, ewc_rows):
+    def _penalty(self, ctx, users, private, table, local, row_owner, row_item, keys, live, ewc_rows):
         """emb_reg or EWC penalty (§11) of every stepping returning client, summed over clients."""
         st = self.state
         if ctx.flags["reg"] == "emb":
-            old = live[row_owner] & (row_item < ctx.n_prev_items)
-            penalty = ((table[old] - st.anchor_items[row_item[old]]) ** 2).sum()
+            old = torch.nonzero(live[row_owner] & (row_item < ctx.n_prev_items)).squeeze(1)
+            penalty = ((table[local(old)] - st.anchor_items[row_item[old]]) ** 2).sum()
             if "p" in private:
                 penalty = penalty + ((private["p"][live] - st.anchor["p"][users[live]]) ** 2).sum()
             return ctx.flags["reg_d"] * penalty
@@ -151,7 +211,7 @@ class VectorisedSimulator:
             row_keys, f_rows, client = ewc_rows
             keep = live[client]
             rows = torch.searchsorted(keys, row_keys[keep])
-            penalty = penalty + (f_rows[keep] * (table[rows] - st.anchor_items[row_item[rows]]) ** 2).sum()
+            penalty = penalty + (f_rows[keep] * (table[local(rows)] - st.anchor_items[row_item[rows]]) ** 2).sum()
         return 0.5 * ctx.ewc_gamma * penalty
 
     def _ewc_rows(self, users, returning, n_items):
