@@ -109,15 +109,21 @@ def seen_adjust(scores: torch.Tensor, hist: torch.Tensor, mode: str) -> torch.Te
 
 
 def target_ranks(scores: torch.Tensor, target: torch.Tensor, rank: str) -> torch.Tensor:
-    """0-based rank of column target-1 (§9). argsort: position in a descending (unstable) sort,
-    as the reference's double argsort; strict: the number of strictly greater logits."""
+    """0-based rank of column target-1 (§9). strict: the number of strictly greater logits.
+    argsort: the target's position in a descending unstable sort, as the reference's double argsort;
+    it differs from strict only where the target's logit is tied, so only those rows are sorted."""
     column = (target - 1).unsqueeze(1)
+    chosen = scores.gather(1, column)  # (B, 1)
+    greater = (scores > chosen).sum(1)
     if rank == "strict":
-        return (scores > scores.gather(1, column)).sum(1)
-    if rank == "argsort":
-        order = torch.argsort(scores, dim=1, descending=True)
-        return (order == column).int().argmax(1)
-    raise ValueError(f"eval.rank={rank!r}: expected argsort or strict")
+        return greater
+    if rank != "argsort":
+        raise ValueError(f"eval.rank={rank!r}: expected argsort or strict")
+    tied = ((scores == chosen).sum(1) > 1).nonzero().flatten()
+    if len(tied):
+        order = torch.argsort(scores[tied], dim=1, descending=True)
+        greater[tied] = (order == column[tied]).int().argmax(1)
+    return greater
 
 
 @torch.no_grad()

@@ -1,0 +1,95 @@
+"""Throughput of SASRec (B1), FLAME and optionally B3 on the available device (spec §10).
+
+    python -m flame.bench --data amazon-toys [--steps 20] [--models sasrec flame mutual] [key=value ...]
+A bounded number of training steps is timed (after warm-up) and extrapolated to one epoch, so the
+whole benchmark takes about a minute on CPU. The frozen network is randomly initialised here: its
+values do not change the cost. Peak memory is the CUDA allocator peak per model, or on CPU the
+process's peak resident set so far (monotone across models, so read it as an upper bound).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: `cd flame && python bench.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "flame"
+
+import torch  # noqa: E402
+
+from common.config import load_config  # noqa: E402
+from common.utils import seed_everything  # noqa: E402
+
+from .data import build_data, load_raw  # noqa: E402
+from .ensemble import FLAME  # noqa: E402
+from .main import PAPER_DIR, Config, setup_device  # noqa: E402
+from .model import SASRec  # noqa: E402
+from .train import evaluate, synchronize, train_one_epoch  # noqa: E402
+
+
+def build(cfg: Config, kind: str, num_items: int) -> torch.nn.Module:
+    learnable = SASRec(cfg.backbone, num_items)
+    if kind == "sasrec":
+        return learnable
+    return FLAME(learnable, SASRec(cfg.backbone, num_items), cfg.flame, mutual=kind == "mutual",
+                 ml_loss=cfg.baselines.ml_loss)
+
+
+def bench_model(cfg: Config, kind: str, data, device: torch.device, steps: int, eval_users: int) -> dict:
+    """Time `steps` training steps and the evaluation of `eval_users` validation users."""
+    seed_everything(cfg.train.seed)
+    model = build(cfg, kind, data.num_items).to(device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batch = cfg.train.batch_size
+    train_one_epoch(model, data, optimizer, batch, 1.0, device, cfg.train.bf16, max_steps=2)  # warm-up
+    stats = train_one_epoch(model, data, optimizer, batch, 1.0, device, cfg.train.bf16, max_steps=steps)
+    samples_per_s = stats["samples"] / stats["train_seconds"]
+    users = slice(0, eval_users)
+    synchronize(device)
+    start = time.perf_counter()
+    evaluate(model, data.valid_seq[users], data.valid_target[users], data.valid_hist[users], cfg.eval.seen_mask,
+             cfg.eval.rank, cfg.eval.batch_size, device)
+    synchronize(device)
+    eval_seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"model": kind, "step_ms": 1000 * stats["train_seconds"] / stats["steps"],
+            "samples_per_s": samples_per_s, "epoch_s": len(data.train_target) / samples_per_s,
+            "eval_users_per_s": min(eval_users, len(data.valid_target)) / eval_seconds, "peak_mib": peak_mib}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="synthetic", help="dataset name (default: synthetic)")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per model")
+    parser.add_argument("--eval-users", type=int, default=4096, help="validation users to score")
+    parser.add_argument("--models", nargs="+", default=["sasrec", "flame"], choices=["sasrec", "flame", "mutual"])
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.bf16=true")
+    args = parser.parse_args(argv)
+    config = PAPER_DIR / "configs" / f"{args.data}.yaml"
+    cfg = load_config(Config, config if config.is_file() else None, [f"data.dataset={args.data}", *args.overrides])
+    cfg.backbone.max_len = cfg.data.max_len
+    device, _ = setup_device(cfg)
+    data = build_data(load_raw(cfg.data), cfg.data)
+    data.train_seq, data.train_target = data.train_seq.to(device), data.train_target.to(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"{args.data}: {len(data.train_target)} samples, {data.num_items} items, batch {cfg.train.batch_size}, "
+          f"{args.steps} steps timed, device {name}")
+    rows = [bench_model(cfg, kind, data, device, args.steps, args.eval_users) for kind in args.models]
+    print("| model | ms/step | samples/s | s/epoch (extrapolated) | eval users/s | peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['step_ms']:.1f} | {r['samples_per_s']:.0f} | {r['epoch_s']:.1f} | "
+              f"{r['eval_users_per_s']:.0f} | {r['peak_mib']:.0f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

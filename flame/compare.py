@@ -1,0 +1,128 @@
+"""SASRec vs FLAME (and optionally the other baselines) over several seeds: table and curves (spec §12).
+
+    python -m flame.compare --config flame/configs/amazon-toys.yaml --seeds 1 2 3 [--models sasrec flame mutual]
+                            [key=value ...]
+For each seed, SASRec runs first; every other model gets it as train.sasrec_run (convergence target)
+and, when the frozen net is our own (flame.frozen_source=own), FLAME freezes exactly that SASRec
+instead of training a second copy of it. Writes summary.md (mean ± std), summary.json and
+curves.png (validation NDCG@20 vs epoch and vs training seconds) into runs/flame/<dataset>/compare_<stamp>/.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: `cd flame && python compare.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "flame"
+
+from common.config import load_config  # noqa: E402
+from common.runs import read_metrics  # noqa: E402
+from common.utils import save_json  # noqa: E402
+
+from .main import Config, run  # noqa: E402
+
+COLUMNS = [("test NDCG@20", ("test", "reference", "NDCG@20")), ("test HR@20", ("test", "reference", "HR@20")),
+           ("test NDCG@10", ("test", "reference", "NDCG@10")), ("test NDCG@20 neg_inf", ("test", "neg_inf", "NDCG@20")),
+           ("best epoch", ("best_epoch",)), ("s to best", ("time_to_best_s",)),
+           ("epochs to SASRec best", ("convergence", "epochs_to_sasrec_best")),
+           ("s to SASRec best", ("convergence", "seconds_to_sasrec_best")),
+           ("rel. test NDCG@20 gain", ("convergence", "test_ndcg20_gain_rel"))]
+
+
+def lookup(results: dict, path: tuple) -> float | None:
+    value = results
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, (int, float)) else None  # "not reached" -> None
+
+
+def mean_std(values: list[float | None]) -> str:
+    kept = [v for v in values if v is not None]
+    if not kept:
+        return "n/a"
+    std = statistics.stdev(kept) if len(kept) > 1 else 0.0
+    missing = f" ({len(values) - len(kept)} n/a)" if len(kept) < len(values) else ""
+    return f"{statistics.mean(kept):.4g} ± {std:.2g}{missing}"
+
+
+def table(all_results: dict[str, list[dict]], seeds: list[int]) -> str:
+    lines = [f"seeds {seeds}; test metrics x100 under the reference seen mask unless marked", "",
+             "| model | " + " | ".join(name for name, _ in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    for model, runs in all_results.items():
+        lines.append(f"| {model} | " + " | ".join(mean_std([lookup(r, p) for r in runs]) for _, p in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(all_results: dict[str, list[dict]], path: Path) -> None:
+    """Validation NDCG@20 vs epoch and vs cumulative training seconds, one line per run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[plot]'); the table is written")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for color, (model, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], all_results.items()):
+        for i, r in enumerate(runs):
+            records = read_metrics(r["run_dir"])
+            if not records:  # the ensemble trains nothing in its own run
+                continue
+            ndcg = [rec["valid/NDCG@20"] for rec in records]
+            label = model if i == 0 else None
+            axes[0].plot([rec["epoch"] for rec in records], ndcg, color=color, label=label)
+            axes[1].plot([rec["train/cumulative_seconds"] for rec in records], ndcg, color=color, label=label)
+    for ax, xlabel in zip(axes, ("epoch", "training seconds")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("valid NDCG@20 (x100)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--models", nargs="+", default=["sasrec", "flame"],
+                        choices=["sasrec", "flame", "mutual", "ensemble"])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value overrides may follow --seeds/--models (the Makefile appends them): split them off first
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
+    base = load_config(Config, args.config, args.overrides)
+    out_dir = Path(base.run_root) / "flame" / base.data.dataset / f"compare_{time.strftime('%Y%m%d-%H%M%S')}"
+    models = ["sasrec"] + [m for m in args.models if m != "sasrec"]
+    all_results: dict[str, list[dict]] = {m: [] for m in models}
+    for seed in args.seeds:
+        sasrec_dir = None
+        for model in models:
+            extra = [f"model={model}", f"train.seed={seed}"]
+            if sasrec_dir is not None:
+                extra.append(f"train.sasrec_run={sasrec_dir}")
+                if model == "flame" and base.flame.frozen_source == "own" and not base.flame.frozen:
+                    extra.append(f"flame.frozen={sasrec_dir / 'frozen.pt'}")  # = stage 1 of this seed
+            cfg = load_config(Config, args.config, [*args.overrides, *extra])
+            results = run(cfg, out_dir / f"{model}_seed{seed}")
+            all_results[model].append(results)
+            if model == "sasrec":
+                sasrec_dir = Path(results["run_dir"])
+    text = table(all_results, args.seeds)
+    (out_dir / "summary.md").write_text(text)
+    save_json(out_dir / "summary.json", {m: [r["run_dir"] for r in rs] for m, rs in all_results.items()})
+    print("\n" + text)
+    plot(all_results, out_dir / "curves.png")
+    return all_results
+
+
+if __name__ == "__main__":
+    main()
