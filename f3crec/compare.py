@@ -1,0 +1,105 @@
+"""Methods × seeds on one config: a markdown table of LA / RA / H-mean (mean ± std) and optional plots.
+
+    python -m f3crec.compare --config f3crec/configs/ml-100k.yaml --seeds 1 2 3 \
+        --methods ft arm itm f3crec data.blocks=../shared/data/f3crec-ml-100k-blocks
+    (make f3crec-compare DATA=ml-100k SEEDS="1 2 3")
+
+Every (seed, method) run writes its own run directory under --out; the base block is trained once per seed
+and shared through the base cache (§8). Results are the values after the last block (t = 3) [D].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "f3crec"
+
+from .main import main as run_main
+
+DEFAULT_METHODS = ("ft", "arm", "itm", "f3crec")
+
+
+def _cell(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {std:.4f}"
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    """Markdown table: one row per method, LA/RA/H after the last block for NDCG@20 and Recall@20."""
+    head = "| method | N@20 LA | N@20 RA | N@20 H | R@20 LA | R@20 RA | R@20 H | seeds |"
+    lines = [head, "|" + "---|" * 8]
+    for method, runs in results.items():
+        cells = [_cell([r["summary"][m]["per_block"][-1][k] for r in runs])
+                 for m in ("ndcg", "recall") for k in ("LA", "RA", "H")]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def plots(results: dict[str, list[dict]], out: Path) -> list[Path]:
+    """a_{t,i} heat-map per method and LA/RA per block (NDCG@20), averaged over seeds. Needs matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    written = []
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3), squeeze=False)
+    for ax, (method, runs) in zip(axes[0], results.items()):
+        size = len(runs[0]["summary"]["ndcg"]["a"])
+        grid = np.full((size, size), np.nan)
+        for t in range(size):
+            grid[t, : t + 1] = np.mean([r["summary"]["ndcg"]["a"][t] for r in runs], axis=0)
+        image = ax.imshow(grid, cmap="viridis")
+        ax.set(title=method, xlabel="block evaluated i", ylabel="after block t")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    written.append(out / "a_matrix_ndcg20.png")
+    fig.savefig(written[-1], dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for method, runs in results.items():
+        for ax, key in zip(axes, ("LA", "RA")):
+            curve = np.mean([[b[key] for b in r["summary"]["ndcg"]["per_block"]] for r in runs], axis=0)
+            ax.plot(range(len(curve)), curve, marker="o", label=method)
+            ax.set(title=f"{key} (NDCG@20)", xlabel="block t")
+    axes[0].legend()
+    fig.tight_layout()
+    written.append(out / "la_ra_per_block.png")
+    fig.savefig(written[-1], dpi=120)
+    return written
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--out", type=Path, default=None, help="default runs/f3crec/compare/<config stem>")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides passed to every run")
+    args = parser.parse_args(argv)
+    out = args.out or Path("runs") / "f3crec" / "compare" / Path(args.config).stem
+    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for seed in args.seeds:
+        for method in args.methods:
+            run_dir = out / f"seed{seed}" / method
+            if (run_dir / "results.json").is_file():  # finished earlier: reuse (delete the folder to rerun)
+                results[method].append(json.loads((run_dir / "results.json").read_text()))
+                continue
+            results[method].append(run_main(["--config", args.config, "--run-dir", str(run_dir), *args.overrides,
+                                             f"train.seed={seed}", f"method.name={method}"]))
+    text = table(results)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+    try:
+        for path in plots(results, out):
+            print(f"plot: {path}")
+    except ImportError:
+        print("matplotlib not installed: plots skipped (pip install '.[plot]')")
+    return text
+
+
+if __name__ == "__main__":
+    main()
