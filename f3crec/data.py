@@ -17,18 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import (cache_root, data_root, kcore, read_hetrec_lastfm, read_hetrec_movielens,
-                         read_ml100k, read_movielens_csv)
+from common.data import cache_root, kcore, load_interactions
 
 SPLITS = ("train", "valid", "test")
-# name -> (raw file under the data root, reader); §12. Download with `make data DATA=<name>`.
-RAW = {"ml-100k": ("ml-100k/u.data", read_ml100k),
-       "ml-latest-small": ("ml-latest-small/ratings.csv", read_movielens_csv),
-       "hetrec2011": ("hetrec2011-movielens-2k-v2/user_ratedmovies-timestamps.dat", read_hetrec_movielens),
-       "lastfm-2k": ("hetrec2011-lastfm-2k/user_taggedartists.dat", read_hetrec_lastfm)}
+# Our dataset keys (§12) -> common.data registry names (download, sha256 and k-core statistics there).
+REGISTRY = {"ml-100k": "ml-100k", "ml-latest-small": "ml-latest-small",
+            "hetrec2011": "hetrec2011-movielens-2k", "lastfm-2k": "hetrec2011-lastfm-2k"}
 # §1.2: (interactions, users, cum. users, cum. items, train, valid, test) per block, asserted after building.
 EXPECTED = {"ml-100k": [(58771, 587, 587, 1136, 46552, 6078, 6141), (13060, 217, 697, 1146, 10298, 1371, 1391),
-                        (13060, 238, 827, 1148, 10274, 1382, 1404), (13062, 207, 943, 1152, 10284, 1384, 1394)]}
+                        (13060, 238, 827, 1148, 10274, 1382, 1404), (13062, 207, 943, 1152, 10284, 1384, 1394)],
+            # [D] §12: measured on ../shared/data on 2026-11-26 and frozen here (no published counts).
+            "ml-latest-small": [(48665, 374, 374, 1982, 38629, 5000, 5036), (10814, 118, 466, 2189, 8557, 1122, 1135),
+                                (10814, 89, 543, 2250, 8584, 1110, 1120), (10816, 95, 609, 2269, 8568, 1120, 1128)],
+            "lastfm-2k": [(21975, 497, 497, 1577, 17203, 2367, 2405), (4883, 286, 574, 1589, 3759, 553, 571),
+                          (4883, 302, 653, 1593, 3742, 563, 578), (4885, 308, 701, 1594, 3748, 559, 578)]}
 
 
 @dataclass
@@ -187,19 +189,28 @@ def synthetic_stream(num_users: int, num_items: int, num_interactions: int, seed
 
 
 def prepare_blocks(name: str, seed: int, root: str | None = None, core: int = 10) -> Path:
-    """Build (or reuse) the cached blocks of a raw dataset; returns their folder. Stats asserted."""
-    if name not in RAW:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(RAW)} or set data.blocks=PATH")
-    relative, reader = RAW[name]
-    path = data_root(root) / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"raw file not found: {path} (run `make data DATA={name}` or set REPRO_DATA)")
-    raw_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    """Build (or reuse) the cached blocks of a raw dataset; returns their folder. Stats asserted.
+
+    The raw file is found, downloaded and checksummed by common.prepare, and its k-core (in file order,
+    raw ids) comes from common.data.load_interactions, which asserts the registry's k-core counts.
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(REGISTRY)} or set data.blocks=PATH")
+    from common.prepare import find_raw, prepare
+    try:
+        raw = find_raw(REGISTRY[name], root)
+    except FileNotFoundError:
+        prepare(REGISTRY[name], root)                       # download + checksum (make data DATA=...)
+        raw = find_raw(REGISTRY[name], None)
+        root = str(raw.parents[1])
+    raw_sha = hashlib.sha256(raw.read_bytes()).hexdigest()
     out = cache_root() / "f3crec" / f"{name}-core{core}-seed{seed}-{raw_sha[:12]}"
     if not (out / "block_3.json").is_file():
-        blocks = build_blocks(reader(path), seed, core=core)
+        inter = load_interactions(REGISTRY[name], root, {"user_k": core, "item_k": core})
+        blocks = build_blocks(inter, seed, core=core)
         check_expected(name, blocks)
         write_blocks(out, blocks, {"dataset": name, "seed": seed, "core": core, "raw_sha256": raw_sha,
                                    "pipeline": "implicit, dedup, k-core fixed point, stable time sort"})
-    check_expected(name, load_blocks(out))
+    blocks = load_blocks(out)
+    check_expected(name, blocks)
     return out
