@@ -232,12 +232,14 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> di
         pair = AveragedLogits([model.learnable, model.frozen])
         results["test_mean_ab"] = evaluate(pair, data.test_seq, data.test_target, data.test_hist,
                                            cfg.eval.seen_mask, cfg.eval.rank, cfg.eval.batch_size, device)
-    if cfg.model in ("flame", "mutual"):  # trained against B1 (§12); B2 trains nothing here
-        baseline = Path(cfg.train.sasrec_run) if cfg.train.sasrec_run else stage1
-        results["convergence"] = convergence(cfg, run_dir, baseline, test["reference"]["NDCG@20"], stage1)
     if is_main:
+        if cfg.model in ("flame", "mutual"):  # trained against B1 (§12); B2 trains nothing here
+            baseline = Path(cfg.train.sasrec_run) if cfg.train.sasrec_run else stage1
+            results["convergence"] = convergence(cfg, run_dir, baseline, test["reference"]["NDCG@20"], stage1)
         results = write_results(run_dir, results)
         print_table(results)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # other ranks may read frozen.pt / results.json of this run next
     results["run_dir"] = str(run_dir)
     return results
 
