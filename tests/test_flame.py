@@ -202,6 +202,15 @@ def test_reference_seen_mask_quirk():
     assert seen_adjust(scores, hist, "none").tolist() == scores.tolist()
 
 
+def test_argsort_rank_equals_double_argsort_without_ties():
+    torch.manual_seed(0)
+    scores, target = torch.randn(8, 30), torch.randint(1, 31, (8,))
+    order = torch.argsort(scores, dim=1, descending=True)
+    double = torch.argsort(order, dim=1).gather(1, (target - 1)[:, None]).flatten()
+    assert torch.equal(target_ranks(scores, target, "argsort"), double)
+    assert torch.equal(target_ranks(scores, target, "strict"), double)
+
+
 def test_ranks_and_metrics_hand_case():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.5], [0.3, 0.2, 0.1, 0.0]])
     target = torch.tensor([3, 4])

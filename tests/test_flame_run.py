@@ -122,6 +122,25 @@ def test_shipped_checkpoints_load_strictly(shared_data, name):
         load_frozen(SASRec(ModelConfig(), SHIPPED[name] + 1), path)
 
 
+STATS = {"amazon-beauty": (22363, 12101, 128031), "amazon-games": (24303, 10672, 149717),
+         "amazon-sports": (35598, 18357, 187944), "amazon-toys": (19412, 11924, 106592),
+         "yelp": (29915, 21572, 240483)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(STATS))
+def test_real_sample_counts(shared_data, monkeypatch, name):
+    monkeypatch.setenv("REPRO_DATA", str(shared_data))
+    data = build_data(load_raw(DataConfig(dataset=name)), DataConfig())
+    assert (data.num_users, data.num_items, len(data.train_target)) == STATS[name]
+    assert len(data.valid_target) == len(data.test_target) == data.num_users
+    if name == "yelp":  # spec §9: seen targets, and those seen twice that `reference` leaves unmasked
+        for target, hist, seen, twice in ((data.valid_target, data.valid_hist, 1451, 215),
+                                          (data.test_target, data.test_hist, 1787, 280)):
+            count = (hist == target[:, None]).sum(1)
+            assert (int((count >= 1).sum()), int((count >= 2).sum())) == (seen, twice)
+
+
 @pytest.mark.slow
 def test_shipped_toys_scores_far_above_random(shared_data, monkeypatch):
     from flame.train import evaluate
