@@ -13,6 +13,8 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
+from common.data import load_sequences
+
 DATASETS = ("amazon-beauty", "amazon-games", "amazon-sports", "amazon-toys", "yelp", "ml-1m")
 
 
@@ -23,9 +25,9 @@ class DataConfig:
     root: Optional[str] = None  # raw-data root; None = $REPRO_DATA, then <repo>/data/raw
     max_len: int = 50  # L, the input window (§2)
     truncate: Literal["reference", "none"] = "reference"  # quirk 9: keep the last L+3 items only
-    synthetic_users: int = 300
+    synthetic_users: int = 300  # size of the generated set (dataset=synthetic only)
     synthetic_items: int = 60
-    synthetic_seed: int = 0
+    synthetic_seed: int = 0  # the data's own seed, independent of train.seed
 
 
 @dataclass
@@ -66,9 +68,7 @@ def load_raw(cfg: DataConfig) -> list[np.ndarray]:
         return synthetic_sequences(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_seed)
     if cfg.dataset not in DATASETS:
         raise ValueError(f"data.dataset={cfg.dataset!r}: expected one of {DATASETS} or 'synthetic'")
-    from common.data import load_sequences  # the FLAME files and the ML-1M build, stats asserted
-
-    return load_sequences(cfg.dataset, cfg.root)
+    return load_sequences(cfg.dataset, cfg.root)  # FLAME files as shipped, ML-1M built; stats asserted
 
 
 def _pad_right(rows: list[np.ndarray]) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from common.config import config_to_dict, parse_cli  # noqa: E402
+from common.data import data_root  # noqa: E402
 from common.runs import read_metrics, save_checkpoint, start_run, write_results  # noqa: E402
 from common.utils import get_device, load_json, seed_everything  # noqa: E402
 
@@ -108,8 +109,6 @@ def resolve_frozen(cfg: Config) -> tuple[Path, Optional[Path]]:
     if cfg.flame.frozen:
         return Path(cfg.flame.frozen), None
     if cfg.flame.frozen_source == "shipped":
-        from common.data import data_root
-
         path = data_root(cfg.data.root) / "flame" / "frozen_weights" / f"{cfg.data.dataset}.pt"
         if not path.is_file():
             raise FileNotFoundError(f"shipped frozen weights not found: {path} "
