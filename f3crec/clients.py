@@ -17,12 +17,13 @@ class ClientStates:
         self.private = private                                           # Φ: name -> (U, ...)
         self.slots: dict[str, dict[str, torch.Tensor]] = {}              # 'best' / 'last' copies of Φ
         self.yhat: torch.Tensor | None = None                            # (U, I^{t−1}) previous logits
-        self.topn = torch.zeros(self.num_users(), topn, dtype=torch.long)  # T^u (valid where has_topn)
-        self.has_topn = torch.zeros(self.num_users(), dtype=torch.bool)
+        device = next(iter(private.values())).device
+        self.topn = torch.zeros(self.num_users(), topn, dtype=torch.long, device=device)  # T^u where has_topn
+        self.has_topn = torch.zeros(self.num_users(), dtype=torch.bool, device=device)
         self.anchor = {k: v.clone() for k, v in private.items()}        # θ*: best Φ of the last trained block
         self.anchor_items: torch.Tensor | None = None                   # received Q^{t−1}
         self.fisher = {k: torch.zeros_like(v) for k, v in private.items()}
-        self.fisher_valid = torch.zeros(self.num_users(), dtype=torch.bool)
+        self.fisher_valid = torch.zeros(self.num_users(), dtype=torch.bool, device=device)
         self.fisher_rows: dict[str, torch.Tensor] | None = None          # flat: user, item, F (L, d)
 
     def num_users(self) -> int:
@@ -31,15 +32,17 @@ class ClientStates:
     def grow(self, new_private: dict[str, torch.Tensor]) -> None:
         """Append the clients of the users first seen in this block."""
         count = next(iter(new_private.values())).shape[0]
+        device = self.topn.device
+        new_private = {k: v.to(device) for k, v in new_private.items()}
         for k, v in new_private.items():
             self.private[k] = torch.cat([self.private[k], v])
             self.anchor[k] = torch.cat([self.anchor[k], v])
             self.fisher[k] = torch.cat([self.fisher[k], torch.zeros_like(v)])
             for slot in self.slots.values():
                 slot[k] = torch.cat([slot[k], v])
-        self.topn = torch.cat([self.topn, torch.zeros(count, self.topn.shape[1], dtype=torch.long)])
-        self.has_topn = torch.cat([self.has_topn, torch.zeros(count, dtype=torch.bool)])
-        self.fisher_valid = torch.cat([self.fisher_valid, torch.zeros(count, dtype=torch.bool)])
+        self.topn = torch.cat([self.topn, torch.zeros(count, self.topn.shape[1], dtype=torch.long, device=device)])
+        self.has_topn = torch.cat([self.has_topn, torch.zeros(count, dtype=torch.bool, device=device)])
+        self.fisher_valid = torch.cat([self.fisher_valid, torch.zeros(count, dtype=torch.bool, device=device)])
 
     def set_fisher_rows(self, users: torch.Tensor, items: torch.Tensor, values: torch.Tensor) -> None:
         """Replace the Fisher rows of the clients in `users` (absent users keep theirs, §11 EWC)."""

@@ -77,16 +77,17 @@ def fisher(backbone: str, private: dict[str, torch.Tensor], items: torch.Tensor,
     private: stacked [A, ...] states (θ*), items: Q^{t} (θ*). Returns (F_private [A, ...], row_owner [L],
     row_item [L], F_rows [L, d]) with the mean over each client's samples of squared per-sample gradients.
     """
-    owner = torch.from_numpy(np.repeat(np.arange(plan.users.size), np.diff(plan.offsets)))
-    sample_items = torch.from_numpy(plan.items)
-    labels = torch.from_numpy(plan.labels).to(items.dtype)
-    count = torch.from_numpy(np.diff(plan.offsets)).to(items.dtype)
+    put = lambda x: torch.as_tensor(x, device=items.device)  # noqa: E731
+    owner = put(np.repeat(np.arange(plan.users.size), np.diff(plan.offsets)))
+    sample_items = put(plan.items)
+    labels = put(plan.labels).to(items.dtype)
+    count = put(np.diff(plan.offsets)).to(items.dtype)
     grads, row_grads = per_sample_grads(backbone, {k: v[owner] for k, v in private.items()},
                                         items[sample_items], labels)
     f_private = {k: torch.zeros_like(v).index_add_(0, owner, g ** 2) / count.view(-1, *[1] * (v.dim() - 1))
                  for (k, g), v in zip(grads.items(), private.values())}
     keys, inverse = torch.unique(owner * items.shape[0] + sample_items, return_inverse=True)
-    f_rows = torch.zeros(keys.numel(), items.shape[1], dtype=items.dtype).index_add_(0, inverse, row_grads ** 2)
+    f_rows = torch.zeros(keys.numel(), items.shape[1], dtype=items.dtype, device=items.device).index_add_(0, inverse, row_grads ** 2)
     row_owner = keys // items.shape[0]
     return f_private, row_owner, keys % items.shape[0], f_rows / count[row_owner, None]
 

@@ -25,7 +25,7 @@ import torch
 
 from common.config import config_to_dict, parse_cli
 from common.runs import load_checkpoint, log_metrics, save_checkpoint, start_run, write_results
-from common.utils import seed_everything
+from common.utils import get_device, seed_everything
 
 from .clients import ClientStates
 from .data import build_blocks, fingerprint, load_blocks, prepare_blocks, synthetic_stream, write_blocks
@@ -82,6 +82,7 @@ class TrainConfig:
     seed: int = 42                   # reference default (§9); compare.py overrides it per seed
     stop_after_block: int | None = None   # stop after this block (e.g. 0: train only the shared base)
     base_cache: str | None = "runs/f3crec/base-cache"   # where end-of-D⁰ states are shared; None = off
+    device: str = "cpu"              # auto | cpu | cuda: where the vectorised simulator keeps its tensors
 
 
 @dataclass
@@ -132,6 +133,9 @@ def get_blocks(cfg: Config) -> tuple[list, str]:
 
 
 def make_sim(cfg: Config, flags: dict, items: torch.Tensor, private: dict):
+    # The per-client reference simulator is the readable ground truth: it always runs on the CPU.
+    device = get_device(cfg.train.device) if cfg.federation.simulator == "vectorised" else torch.device("cpu")
+    items, private = items.to(device), {k: v.to(device) for k, v in private.items()}
     server = Server(items, cfg.method.beta, itm=flags["itm"])
     states = ClientStates(private, cfg.method.topn)
     cls = VectorisedSimulator if cfg.federation.simulator == "vectorised" else ReferenceSimulator
@@ -144,18 +148,28 @@ def sim_state(sim) -> dict:
 
 def load_sim(cfg: Config, flags: dict, state: dict):
     sim = make_sim(cfg, flags, state["server"]["items"], dict(state["clients"]["private"]))
-    sim.server.load_state_dict(state["server"])
-    states = ClientStates(dict(state["clients"]["private"]), cfg.method.topn)
-    states.load_state_dict(state["clients"])
+    device = sim.server.items.device
+    sim.server.load_state_dict(_to(state["server"], device))
+    states = ClientStates(dict(sim.states().private), cfg.method.topn)
+    states.load_state_dict(_to(state["clients"], device))
     sim.load_states(states)
     return sim
+
+
+def _to(value, device: torch.device):
+    """A checkpoint's nested dict with every tensor moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
 
 
 def base_key(cfg: Config, flags: dict, blocks_id: str) -> str:
     """Everything that changes D⁰ training (not the method: ARM/ITM are off in D⁰, §8)."""
     relevant = {"blocks": blocks_id, "model": config_to_dict(cfg)["model"], "fed": config_to_dict(cfg)["federation"],
                 "eval": config_to_dict(cfg)["eval"], "seed": cfg.train.seed,
-                "flags": {k: flags[k] for k in ("metric_decimals", "neg_exclude")}}
+                "device": cfg.train.device, "flags": {k: flags[k] for k in ("metric_decimals", "neg_exclude")}}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -34,7 +34,7 @@ class Server:
 
     def grow(self, new_rows: torch.Tensor) -> None:
         """Append rows for the items first seen in this block (§8 step 1)."""
-        self.items = torch.cat([self.items, new_rows.to(self.items.dtype)])
+        self.items = torch.cat([self.items, new_rows.to(self.items)])
 
     def aggregate(self, tables: list[torch.Tensor]) -> dict:
         """Q′ = mean of the uploaded tables, then ITM in incremental blocks."""

@@ -23,8 +23,9 @@ from .plan import PlanMaker, make_plan
 # ----------------------------------------------------------------------------------------- evaluation
 def oracle_scores(sim, users: torch.Tensor, backbone: str) -> torch.Tensor:
     """Scores [len(users), |I|] of the given users (simulation-only, §3)."""
-    private = {k: v[users] for k, v in sim.private_matrix().items()}
-    return score_matrix(backbone, private, sim.server.broadcast())
+    items = sim.server.broadcast()
+    private = {k: v[users.to(items.device)] for k, v in sim.private_matrix().items()}
+    return score_matrix(backbone, private, items).cpu()
 
 
 def _mask(users: list[int], parts: list[dict[int, np.ndarray]], n_items: int) -> torch.Tensor:
@@ -183,6 +184,7 @@ def restart(sim, cfg, blocks: list[Block], t: int) -> None:
     """full_retrain (not warm): re-draw every parameter at the start of block t [D]."""
     seed = cfg.train.seed + 7919 * t
     block = blocks[t]
-    sim.server.items = init_items(cfg.model, seed, 0, block.n_items)
+    device = sim.server.items.device
+    sim.server.items = init_items(cfg.model, seed, 0, block.n_items).to(device)
     private = [init_private(cfg.model, seed, u) for u in range(block.n_users)]
-    sim.set_private({k: torch.stack([p[k] for p in private]) for k in private[0]})
+    sim.set_private({k: torch.stack([p[k] for p in private]).to(device) for k in private[0]})

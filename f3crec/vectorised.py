@@ -34,11 +34,13 @@ class VectorisedSimulator:
     def train_round(self, plan: RoundPlan, ctx: RoundContext) -> dict:
         st, q = self.state, self.server.broadcast()
         n_items, dim = q.shape
-        users = torch.from_numpy(plan.users)
+        dev = q.device
+        put = lambda x: torch.as_tensor(x, device=dev)  # noqa: E731  plan arrays (numpy) -> q's device
+        users = put(plan.users)
         n_clients = users.numel()
         sizes = np.diff(plan.offsets)
         owner_np = np.repeat(np.arange(n_clients), sizes)
-        owner = torch.from_numpy(owner_np)
+        owner = put(owner_np)
         start = ({k: v.expand(n_clients, *v.shape).clone() for k, v in ctx.shared_private.items()}
                  if ctx.reset_private else {k: v[users].clone() for k, v in st.private.items()})
         returning = (users < ctx.n_prev_users) & (ctx.block > 0)
@@ -48,23 +50,24 @@ class VectorisedSimulator:
         key_parts = [owner_np * n_items + plan.items]
         if bool(replay.any()):
             rep = torch.nonzero(replay).squeeze(1)
-            key_parts.append((rep[:, None] * n_items + st.topn[users[rep]]).reshape(-1).numpy())
+            key_parts.append((rep[:, None] * n_items + st.topn[users[rep]]).reshape(-1).cpu().numpy())
         dense_rows = n_items if ctx.ldp_scale > 0 else (ctx.n_prev_items if ctx.flags["reg"] == "emb" else 0)
         if dense_rows:
             key_parts.append((np.arange(n_clients)[:, None] * n_items + np.arange(dense_rows)).reshape(-1))
         ewc_rows = None
         if ctx.flags["reg"] == "ewc" and st.fisher_rows is not None and bool(returning.any()):
             ewc_rows = self._ewc_rows(users, returning, n_items)
-            key_parts.append(ewc_rows[0].numpy())
-        keys, inverse = torch.unique(torch.from_numpy(np.concatenate(key_parts)), return_inverse=True)
+            key_parts.append(ewc_rows[0].cpu().numpy())
+        keys, inverse = torch.unique(put(np.concatenate(key_parts)), return_inverse=True)
         row_owner, row_item = keys // n_items, keys % n_items
         table = q.index_select(0, row_item)                                          # (L, d) local rows
         sample_row = inverse[: plan.items.size]                                      # sample -> local row
-        labels = torch.from_numpy(plan.labels).to(q.dtype)
+        labels = put(plan.labels).to(q.dtype)
 
         position = np.arange(plan.items.size) - plan.offsets[owner_np]
-        step_of = torch.from_numpy(position // plan.batch_size)
-        steps = torch.from_numpy(np.diff(plan.step_offsets))
+        step_of = put(position // plan.batch_size)
+        steps = put(np.diff(plan.step_offsets))
+        sample_items = put(plan.items)
         stats = {"D": [], "m": []}
         for step in range(int(steps.max()) if n_clients else 0):
             idx = torch.nonzero(step_of == step).squeeze(1)                          # this step's samples
@@ -74,14 +77,14 @@ class VectorisedSimulator:
             rows_k = None if bool(active.all()) else torch.nonzero(active[row_owner]).squeeze(1)
             if step == 0 and ctx.flags["reg"] is None and n_clients * n_items <= self.dense_limit:
                 table = self._dense_first_step(plan, ctx, users, start, table, keys, row_owner, row_item,
-                                               owner[idx], torch.from_numpy(plan.items)[idx], labels[idx],
+                                               owner[idx], sample_items[idx], labels[idx],
                                                count, active & replay, stats)
                 continue
             if rows_k is None:
                 local, part = (lambda r: r), table
             else:
-                remap = torch.full((keys.numel(),), -1, dtype=torch.long)
-                remap[rows_k] = torch.arange(rows_k.numel())
+                remap = torch.full((keys.numel(),), -1, dtype=torch.long, device=dev)
+                remap[rows_k] = torch.arange(rows_k.numel(), device=dev)
                 local, part = (lambda r: remap[r]), table.index_select(0, rows_k)
             for sub, names in enumerate(substeps(ctx.cfg.backbone)):
                 leaves = {"Q": part.requires_grad_(True), **{k: v.requires_grad_(True) for k, v in start.items()}}
@@ -112,7 +115,7 @@ class VectorisedSimulator:
             st.private[k][users] = v
         delta = table - q[row_item]
         if ctx.ldp_scale > 0:  # every row is local under LDP: client a's rows are one contiguous (I, d) block
-            noise = torch.cat([ldp_noise(ctx, int(u), (n_items, dim), q.dtype) for u in plan.users])
+            noise = torch.cat([ldp_noise(ctx, int(u), (n_items, dim), q.dtype) for u in plan.users]).to(dev)
             delta = delta + noise
         return {**stats, **self.server.aggregate_deltas(row_item, delta, n_clients)}
 
@@ -165,8 +168,8 @@ class VectorisedSimulator:
         rep = torch.nonzero(live).squeeze(1)
         topn = st.topn[users[rep]]                                                   # (R, N)
         if ctx.flags["arm"] == "full":
-            size = torch.full((rep.numel(),), topn.shape[1], dtype=torch.long)
-            perm = torch.arange(topn.shape[1]).expand_as(topn)
+            size = torch.full((rep.numel(),), topn.shape[1], dtype=torch.long, device=q.device)
+            perm = torch.arange(topn.shape[1], device=q.device).expand_as(topn)
         else:
             ranks = []
             with torch.no_grad():
@@ -183,8 +186,9 @@ class VectorisedSimulator:
             discrepancy, _, size = memory_size(torch.cat(ranks), ctx.eps, ctx.topn)
             stats["D"] += discrepancy.tolist()
             stats["m"] += size.tolist()
-            perm = torch.from_numpy(plan.memory_perms[plan.step_offsets[rep.numpy()] + step, sub])
-        chosen = torch.arange(topn.shape[1])[None] < size[:, None]                  # first m_u of the perm
+            perm = torch.as_tensor(plan.memory_perms[plan.step_offsets[rep.cpu().numpy()] + step, sub],
+                                   device=q.device)
+        chosen = torch.arange(topn.shape[1], device=q.device)[None] < size[:, None]                  # first m_u of the perm
         if not bool(chosen.any()):
             return 0.0
         owner = rep[:, None].expand_as(topn)[chosen]
@@ -217,8 +221,8 @@ class VectorisedSimulator:
     def _ewc_rows(self, users, returning, n_items):
         """(keys, F rows, client index) of the stored Fisher rows of this round's returning clients."""
         st = self.state
-        lookup = torch.full((st.num_users(),), -1, dtype=torch.long)
-        lookup[users] = torch.arange(users.numel())
+        lookup = torch.full((st.num_users(),), -1, dtype=torch.long, device=users.device)
+        lookup[users] = torch.arange(users.numel(), device=users.device)
         client = lookup[st.fisher_rows["user"]]
         keep = client >= 0
         keep[keep.clone()] = returning[client[keep]]
@@ -232,8 +236,9 @@ class VectorisedSimulator:
         """ŷ for every user, T^u for those who trained, anchors and Fisher, from the restored best (§8.5)."""
         st, best = self.state, self.server.broadcast()
         yhat, topn = previous_scores(ctx.cfg.backbone, st.private, best, ctx.topn)
-        refresh = torch.zeros(st.num_users(), dtype=torch.bool)
-        refresh[torch.from_numpy(trained)] = True
+        trained_t = torch.as_tensor(trained, device=best.device)
+        refresh = torch.zeros(st.num_users(), dtype=torch.bool, device=best.device)
+        refresh[trained_t] = True
         refresh |= ~st.has_topn
         if ctx.flags["target_scores"] == "latest" or st.yhat is None:
             st.yhat = yhat
@@ -244,12 +249,12 @@ class VectorisedSimulator:
         st.topn[refresh] = topn[refresh]
         st.has_topn |= refresh
         st.anchor_items = best.clone()
-        mask = torch.zeros(st.num_users(), dtype=torch.bool)
-        mask[torch.from_numpy(trained)] = True
+        mask = torch.zeros(st.num_users(), dtype=torch.bool, device=best.device)
+        mask[trained_t] = True
         for k, v in st.private.items():
             st.anchor[k][mask] = v[mask]
         if fisher_plan is not None:
-            users = torch.from_numpy(fisher_plan.users)
+            users = torch.as_tensor(fisher_plan.users, device=best.device)
             f_private, owner, items, f_rows = fisher(ctx.cfg.backbone, {k: v[users] for k, v in st.private.items()},
                                                      best, fisher_plan)
             for k, v in f_private.items():
@@ -281,4 +286,5 @@ class VectorisedSimulator:
 
     def topn_lists(self) -> dict[int, np.ndarray]:
         users = torch.nonzero(self.state.has_topn).squeeze(1).tolist()
-        return {u: self.state.topn[u].numpy() for u in users}
+        topn = self.state.topn.cpu()
+        return {u: topn[u].numpy() for u in users}
