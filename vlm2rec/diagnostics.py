@@ -56,7 +56,8 @@ def geometry(tables: dict[str, torch.Tensor]) -> dict[str, float]:
 def branch_grad_norms(named: dict[str, torch.Tensor]) -> dict[str, float]:
     """Batch-mean L2 norm of dL/d(branch embedding) for u^T, u^V, e^T, e^V and text/image ratios.
 
-    The tensors had retain_grad() before the single backward (spec §11.2: never a second backward).
+    `named` are the raw pooled branch outputs (before L2), which had retain_grad() before the single
+    backward (spec §11.2: never a second backward).
     """
     out = {}
     for name, tensor in named.items():

@@ -97,22 +97,28 @@ class VLM2Rec(nn.Module):
         return out
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
-        """Total loss, its logged parts, and the branch embeddings (for per-branch gradient norms)."""
+        """Total loss, its logged parts, and the raw pooled branch outputs (for per-branch gradient norms).
+
+        The gradient norms are read on the pooled outputs *before* L2 normalisation: after it, both
+        addends of the external sum receive the identical gradient, so their ratio would always be 1.
+        """
         hist, target = batch["history"], batch["target"]
         internal = self.cfg.fusion == "internal_interleave"
-        if internal and not self.cfg.internal_branch_passes:
-            users, items = {}, {}                                         # no unimodal passes (no WPCL/CRTR)
-        else:
-            users, items = self.branches("hist", hist), self.branches("item", target)
-        named = {f"u_{m}": v for m, v in users.items()} | {f"e_{m}": v for m, v in items.items()}
+        raw: dict[str, torch.Tensor] = {}
+        if not internal or self.cfg.internal_branch_passes:    # else no unimodal passes (no WPCL/CRTR)
+            for prefix, side, ids in (("u", "hist", hist), ("e", "item", target)):
+                for m in self.cfg.modalities:
+                    raw[f"{prefix}_{m}"] = self.embedder.branch(f"{side}_{m}", ids)
+        named = {key: self._unit(value) for key, value in raw.items()}
         if internal:
             u, e = self.joint("hist", hist), self.joint("item", target)
         else:
-            u, e = self.fuse(users), self.fuse(items)
+            u = self.fuse({m: named[f"u_{m}"] for m in self.cfg.modalities})
+            e = self.fuse({m: named[f"e_{m}"] for m in self.cfg.modalities})
         fused_logits = u @ e.T / self.tau                                   # (B, B) s_bk
         total, stats = objective(named, target, fused_logits, self.tau, self.loss_cfg, self.wpcl, self.crtr,
                                  self.wpcl_state)
-        return total, stats, named
+        return total, stats, raw
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.forward(batch)[0]
