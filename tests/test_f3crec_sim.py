@@ -150,3 +150,47 @@ def test_server_cannot_reach_client_state():
     tree = ast.parse((Path(__file__).resolve().parents[1] / "f3crec" / "server.py").read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= {"__future__", "method"}, imported          # no client, data or simulator module
+
+
+@pytest.mark.slow
+def test_simulators_agree_on_released_block1_float32(shared_data):
+    """Spec §13: one round of D¹ on the released blocks, float32, from one shared end-of-D⁰ state."""
+    cfg = load_config(Config, None, [f"data.blocks={shared_data / 'f3crec-ml-100k-blocks'}", "model.lr=1.0"])
+    cfg, flags = resolve(cfg)
+    blocks, _ = get_blocks(cfg)
+    sims = {}
+    for name in ("reference", "vectorised"):
+        c = load_config(Config, None, [f"federation.simulator={name}"])
+        run_cfg = cfg.__class__(**{**cfg.__dict__, "federation": c.federation})
+        sim = grow(None, lambda i, p, rc=run_cfg: make_sim(rc, flags, i, p), cfg, blocks, 0, 1)
+        for slot in ("best", "last"):
+            sim.save_slot(slot)
+        end_block(sim, cfg, blocks, 0, flags)
+        sims[name] = grow(sim, None, cfg, blocks, 1, 1)
+    ctx = _ctx(cfg, flags, blocks, 1, 1)
+    plan = make_plan(1, 1, 1, dict(blocks[1].train), dict(blocks[1].train), blocks[1].n_items)
+    stats = {name: sim.train_round(plan, ctx) for name, sim in sims.items()}
+    assert stats["reference"]["m"] and sorted(stats["reference"]["m"]) == sorted(stats["vectorised"]["m"])
+    assert torch.allclose(sims["reference"].server.items, sims["vectorised"].server.items, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_metrics_on_released_blocks_match_brute_force(shared_data):
+    """a_{0,0} of a popularity scorer on the released D⁰ through `evaluate` vs a plain Python loop."""
+    import math
+    from f3crec.data import load_blocks
+    from f3crec.train import evaluate
+    block = load_blocks(shared_data / "f3crec-ml-100k-blocks")[0]
+    popularity = np.bincount(np.concatenate(list(block.train.values())), minlength=block.n_items).astype(float)
+    users = sorted(block.test)
+    scores = torch.tensor(popularity)[None].repeat(len(users), 1) + torch.arange(block.n_items) * 1e-9
+    got = evaluate(scores, users, block.test, [block.train, block.valid], decimals=None)
+    ndcg, recall = [], []
+    for user in users:
+        seen = set(block.train[user]) | set(block.valid.get(user, []))
+        ranked = [i for i in np.argsort(-scores[0].numpy(), kind="stable") if i not in seen][:20]
+        test = set(block.test[user])
+        dcg = sum(1 / math.log2(r + 2) for r, i in enumerate(ranked) if i in test)
+        ndcg.append(dcg / sum(1 / math.log2(r + 2) for r in range(min(len(test), 20))))
+        recall.append(sum(i in test for i in ranked) / len(test))
+    assert got["ndcg"] == pytest.approx(np.mean(ndcg), abs=1e-9) and got["recall"] == pytest.approx(np.mean(recall))
