@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from flame.data import DataConfig, build_data
 from flame.ensemble import FLAME, FlameConfig, nt_xent, path_order, weighted_contrastive
-from flame.model import ModelConfig, SASRec, attention_mask, lambda_schedule, load_frozen, sasrec_state
+from flame.model import AveragedLogits, ModelConfig, SASRec, attention_mask, lambda_schedule, load_frozen, sasrec_state
 from flame.train import evaluate, seen_adjust, target_ranks
 
 L = 6
@@ -156,9 +156,14 @@ def test_loader_round_trip_and_shape_refusal(tmp_path):
         load_frozen(tiny(), tmp_path / "missing.pt")
 
 
-def test_score_all_shape_and_padding_column():
-    scores = tiny().score_all({"seq": toy_seq()})
+def test_score_all_shape_padding_column_and_inference_paths():
+    a, b = tiny().eval(), tiny(seed=1).eval()
+    batch = {"seq": toy_seq()}
+    scores = a.score_all(batch)
     assert scores.shape == (3, 13) and torch.isinf(scores[:, 0]).all()
+    assert torch.equal(FLAME(a, b, FlameConfig()).eval().score_all(batch), scores)  # §7.6: learnable only
+    mean = AveragedLogits([a, b]).score_all(batch)
+    assert torch.allclose(mean[:, 1:], (scores[:, 1:] + b.score_all(batch)[:, 1:]) / 2)
 
 
 def test_overfits_a_tiny_dataset():
