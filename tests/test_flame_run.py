@@ -73,6 +73,15 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, frozen_file):
     assert curves[0] == curves[1] and len(curves[0]) == 3
 
 
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError), match="missing"):
+        main(["--resume", str(tmp_path / "missing")])
+    with pytest.raises(FileNotFoundError, match="frozen checkpoint not found"):
+        main(["--config", SMOKE, f"flame.frozen={tmp_path / 'nope.pt'}", f"run_root={tmp_path}"])
+    with pytest.raises(ValueError, match="data.dataset"):
+        main(["--config", SMOKE, "data.dataset=movielens", f"run_root={tmp_path}"])
+
+
 @pytest.mark.parametrize("extra", [["model=mutual"], ["model=mutual", "baselines.ml_loss=kl"],
                                    ["model=ensemble", "baselines.ensemble_n=2"],
                                    ["flame.split=per_block", "flame.path_mixing=independent", "flame.num_paths=4"]])
