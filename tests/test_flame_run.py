@@ -162,3 +162,8 @@ def test_shipped_toys_scores_far_above_random(shared_data, monkeypatch):
     metrics = evaluate(model, data.valid_seq[users], data.valid_target[users], data.valid_hist[users],
                        "reference", "strict", batch_size=1000)
     assert metrics["HR@20"] > 20 * (100 * 20 / data.num_items)  # random HR@20 is about 20/I
+    with torch.no_grad():  # a layout mistake (reversed positions, spec §14.4) must score much worse
+        model.pos_emb.weight.copy_(model.pos_emb.weight.flip(0))
+    broken = evaluate(model, data.valid_seq[users], data.valid_target[users], data.valid_hist[users],
+                      "reference", "strict", batch_size=1000)
+    assert broken["NDCG@20"] < 0.5 * metrics["NDCG@20"]
