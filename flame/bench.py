@@ -1,6 +1,7 @@
 """Throughput of SASRec (B1), FLAME and optionally B3 on the available device (spec §10).
 
     python -m flame.bench --data amazon-toys [--steps 20] [--models sasrec flame mutual] [key=value ...]
+    (key=value are config overrides, e.g. train.bf16=true train.device=cuda)
 A bounded number of training steps is timed (after warm-up) and extrapolated to one epoch, so the
 whole benchmark takes about a minute on CPU. The frozen network is randomly initialised here: its
 values do not change the cost. Peak memory is the CUDA allocator peak per model, or on CPU the
@@ -71,8 +72,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per model")
     parser.add_argument("--eval-users", type=int, default=4096, help="validation users to score")
     parser.add_argument("--models", nargs="+", default=["sasrec", "flame"], choices=["sasrec", "flame", "mutual"])
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.bf16=true")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value overrides (e.g. train.bf16=true) may follow --models: split them off first
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
     config = PAPER_DIR / "configs" / f"{args.data}.yaml"
     cfg = load_config(Config, config if config.is_file() else None, [f"data.dataset={args.data}", *args.overrides])
     cfg.backbone.max_len = cfg.data.max_len
