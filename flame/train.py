@@ -67,6 +67,12 @@ def train_one_epoch(model: torch.nn.Module, data: Any, optimizer: torch.optim.Op
             index = index[dist.get_rank():: dist.get_world_size()]
         batch = {"seq": data.train_seq[index], "target": data.train_target[index], "lam": lam}
         optimizer.zero_grad(set_to_none=True)
+        if len(index) == 0:  # last batch smaller than the world size: this rank adds zero gradients
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            _average_gradients(params)
+            optimizer.step()
+            continue
         with _autocast(device, bf16):
             terms = loss_fn(batch)
         terms["loss"].backward()
