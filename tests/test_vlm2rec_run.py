@@ -72,3 +72,17 @@ def test_default_config_fails_fast_with_one_message(monkeypatch, tmp_path):
     assert time.time() - start < 10
     assert "GPU" in message and "Qwen/Qwen2.5-VL-3B-Instruct" in message and "amazon" in message
     assert "configs/ml100k_offline.yaml" in message and "\n" not in message
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_benchmark_of_a_3b_sized_qwen_runs():
+    from vlm2rec.bench import bench_gpu_qwen
+    out = bench_gpu_qwen(batch_size=4, steps=2, image_pixels=50176)
+    assert out["train_pairs_per_s"] > 0 and out["params"] > 3e9
+
+
+def test_cpu_benchmark_reports_throughput_and_memory():
+    from vlm2rec.bench import bench_cpu
+    out = bench_cpu("tiny", batch_size=4, steps=1)
+    assert out["encode_items_per_s"] > 0 and out["train_pairs_per_s"] > 0 and out["peak_memory_mb"] > 0
