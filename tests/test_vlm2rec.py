@@ -1,6 +1,5 @@
 """VLM2Rec unit tests (spec §16): pooling, InfoNCE, WPCL, CRTR, LoRA on tiny Qwen-VLs, sampled protocol,
 EfficientNet-Lite0 position loading, diagnostics, shapes, overfitting and checkpoint round trips."""
-import dataclasses
 
 import numpy as np
 import pytest

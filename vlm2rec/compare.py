@@ -10,7 +10,6 @@ effective ranks of the item embeddings and the SASRec-from-embeddings result. Wr
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
