@@ -2,6 +2,7 @@
 training of one client equals centralised training, and the server cannot reach client state."""
 import ast
 import gc
+import json
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +195,39 @@ def test_metrics_on_released_blocks_match_brute_force(shared_data):
         ndcg.append(dcg / sum(1 / math.log2(r + 2) for r in range(min(len(test), 20))))
         recall.append(sum(i in test for i in ranked) / len(test))
     assert got["ndcg"] == pytest.approx(np.mean(ndcg), abs=1e-9) and got["recall"] == pytest.approx(np.mean(recall))
+
+
+def test_handoff_restore_and_round0_reset():
+    cfg, flags, blocks = _setup([])
+    sim = grow(None, lambda i, p: make_sim(cfg, flags, i, p), cfg, blocks, 0, 1)
+    for r in range(2):
+        ctx = _ctx(cfg, flags, blocks, 0, r)
+        sim.train_round(make_plan(1, 0, r, dict(blocks[0].train), dict(blocks[0].train), blocks[0].n_items,
+                                  4, 16), ctx)
+        if r == 0:
+            sim.save_slot("best")
+    sim.save_slot("last")
+    best_q, last_q = sim.server.slots["best"].clone(), sim.server.slots["last"].clone()
+    sim.load_slot("best")
+    end_block(sim, cfg, blocks, 0, flags)                       # FedMF fidelity: hand-off from the last round
+    assert flags["handoff"] == "last" and torch.equal(sim.server.items, last_q)
+    assert torch.equal(sim.server.previous, best_q)             # Q^{t} for ITM is the best round
+    assert not torch.equal(best_q, last_q)
+    ncf, _ = resolve(load_config(Config, SMOKE, ["model.backbone=fedncf"]))
+    ctx = _ctx(ncf, flags, blocks, 1, 0)
+    assert ctx.reset_private and not _ctx(ncf, flags, blocks, 1, 1).reset_private
+    own, _ = resolve(load_config(Config, SMOKE, ["model.backbone=fedncf", "fidelity=false"]))
+    assert own.model.private_init_round0 == "own" and not _ctx(own, flags, blocks, 1, 0).reset_private
+
+
+def test_early_stopping_counts_rounds_without_strict_improvement(tmp_path):
+    from f3crec.main import main
+    res = main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "r"), "federation.rounds=12",
+                "federation.patience=2", "train.base_cache=null"])
+    for info in res["blocks"]:
+        assert info["rounds_run"] == 12 or info["rounds_run"] == info["best_round"] + 1 + 2
+    assert any(info["rounds_run"] < 12 for info in res["blocks"])
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    for t, info in enumerate(res["blocks"]):
+        values = [r["val_ndcg"] for r in records if r["block"] == t]
+        assert info["best_val"] == max(values) and values.index(max(values)) == info["best_round"]
