@@ -302,3 +302,26 @@ def test_offline_minilm_tower_gives_unit_384d_vectors_without_network(monkeypatc
         emb = minilm_features(tokenizer, model, ["Star Wars (1977)", "Return of the Jedi (1983)", "Toy Story (1995)"], 256)
     assert emb.shape == (3, 384) and torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2])   # spec §15 sanity: 0.67 vs 0.40
+
+
+def test_hard_negatives_extend_the_denominator_and_exclude_history():
+    from vlm2rec.train import mine_hard_negatives
+    torch.manual_seed(0)
+    table = F.normalize(torch.randn(9, 4), dim=-1)
+    train = {"history": np.array([[0, 1, 2], [3, 4, 5]]), "target": np.array([6, 7])}
+    negs = mine_hard_negatives(table, train, k=3)
+    for row, neg in enumerate(negs):
+        assert not set(neg) & ({0, int(train["target"][row])} | set(train["history"][row].tolist()))
+        allowed = [i for i in range(1, 9) if i not in set(train["history"][row]) | {int(train["target"][row])}]
+        best = sorted(allowed, key=lambda i: -float(table[train["target"][row]] @ table[i]))[:3]
+        assert sorted(neg.tolist()) == sorted(best)
+    b = _branches(B=3)
+    fused = torch.randn(3, 3)
+    extra = torch.randn(3, 4)
+    extra_mask = torch.tensor([[True, False, False, False]] + [[False] * 4] * 2)
+    total, _ = objective(b, torch.arange(3), fused, torch.tensor(0.1), LossConfig(), WPCLConfig(enabled=False),
+                         CRTRConfig(enabled=False), WPCLState(), extra, extra_mask)
+    full = torch.cat([fused, extra], 1)
+    by_hand = -torch.stack([full[i, i] - torch.logsumexp(full[i][~torch.cat([torch.zeros(3, dtype=torch.bool), extra_mask[i]])], 0)
+                            for i in range(3)]).mean()
+    assert torch.allclose(total, by_hand)

@@ -165,9 +165,12 @@ def _scale_grad(tensor: torch.Tensor, scale: torch.Tensor) -> None:
 
 def objective(branches: dict[str, torch.Tensor], targets: torch.Tensor, fused_logits: torch.Tensor,
               tau: torch.Tensor, loss_cfg: LossConfig, wpcl: WPCLConfig, crtr: CRTRConfig,
-              state: WPCLState) -> tuple[torch.Tensor, dict[str, float]]:
+              state: WPCLState, extra_logits: torch.Tensor | None = None,
+              extra_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss of spec §10 and its logged parts. `branches` holds u_/e_{text,image} when two
-    modalities are used; `fused_logits` [B, B] is s_bk = score(u_b, e_k) / tau."""
+    modalities are used; `fused_logits` [B, B] is s_bk = score(u_b, e_k) / tau. Optional hard negatives
+    add fused columns `extra_logits` [B, M] (True in `extra_mask` = the row's own target: removed) to
+    L_CL only; WPCL and CRTR stay in-batch."""
     dup = duplicate_mask(targets) if loss_cfg.mask_duplicate_items else None
     stats: dict[str, float] = {}
     two = "u_text" in branches and "u_image" in branches
@@ -187,7 +190,11 @@ def objective(branches: dict[str, torch.Tensor], targets: torch.Tensor, fused_lo
         eye = torch.eye(len(targets), dtype=torch.bool, device=targets.device)
         weight = 1 + wpcl.beta * torch.sigmoid(terms["weak_logits"].detach())
         fused_logits = fused_logits + torch.where(eye, 0.0, torch.log(weight))
-    loss_cl = info_nce(fused_logits, dup)
+    if extra_logits is None:
+        loss_cl = info_nce(fused_logits, dup)
+    else:
+        in_batch = dup if dup is not None else torch.zeros_like(fused_logits, dtype=torch.bool)
+        loss_cl = info_nce(torch.cat([fused_logits, extra_logits], 1), torch.cat([in_batch, extra_mask], 1))
     if loss_cfg.symmetric:
         loss_cl = 0.5 * (loss_cl + info_nce(fused_logits.T, dup.T if dup is not None else None))
     total = loss_cl

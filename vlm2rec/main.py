@@ -31,7 +31,7 @@ from .losses import CRTRConfig, LossConfig, WPCLConfig
 from .model import ModelConfig, VLM2Rec
 from .offline import LABEL
 from .seqrec import SeqRecConfig, fit_seqrec
-from .train import TrainConfig, evaluate, lr_lambda, train_one_epoch
+from .train import TrainConfig, evaluate, lr_lambda, mine_hard_negatives, train_one_epoch
 
 PAPER_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = PAPER_DIR / "configs" / "default.yaml"
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     for epoch in range(start_epoch, cfg.train.epochs):
+        if cfg.train.hard_negatives > 0:   # re-mined every epoch from the current fused item table
+            table = core.item_table(num_items, "both", cfg.eval.batch_size).cpu()
+            split["train"]["negatives"] = mine_hard_negatives(table, split["train"], cfg.train.hard_negatives)
         step, means = train_one_epoch(model, optimizer, scheduler, accelerator, split["train"], cfg.train,
                                       cfg.seed, epoch, step, log)
         valid = evaluate(core, split["valid"], negs["valid"], num_items, cfg.eval, run_dir, "valid")

@@ -116,8 +116,15 @@ class VLM2Rec(nn.Module):
             u = self.fuse({m: named[f"u_{m}"] for m in self.cfg.modalities})
             e = self.fuse({m: named[f"e_{m}"] for m in self.cfg.modalities})
         fused_logits = u @ e.T / self.tau                                   # (B, B) s_bk
+        extra_logits = extra_mask = None
+        if "negatives" in batch:                                            # mined hard negatives (B, k)
+            negs = batch["negatives"].reshape(-1)                           # shared by every row: (B*k,)
+            e_neg = self.joint("item", negs) if internal else self.fuse(
+                {m: self._unit(self.embedder.branch(f"item_{m}", negs)) for m in self.cfg.modalities})
+            extra_logits = u @ e_neg.T / self.tau                           # (B, B*k)
+            extra_mask = negs.view(1, -1) == target.view(-1, 1)             # a row's own target is no negative
         total, stats = objective(named, target, fused_logits, self.tau, self.loss_cfg, self.wpcl, self.crtr,
-                                 self.wpcl_state)
+                                 self.wpcl_state, extra_logits, extra_mask)
         return total, stats, raw
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

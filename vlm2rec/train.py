@@ -35,6 +35,7 @@ class TrainConfig:
     grad_norm_every: int = 10            # per-branch gradient norms every N steps (spec §11.2)
     log_every: int = 10
     max_steps_per_epoch: int = 0         # 0 = full epoch; > 0 bounds CPU budget runs
+    hard_negatives: int = 0              # [R] per pair, mined each epoch from the fused item table (0 = off)
     device: str = "auto"                 # auto | cpu | cuda
     mixed_precision: str = "no"          # accelerate's flag; the real backbones already load in bf16
 
@@ -46,8 +47,27 @@ def batches(train: dict, batch_size: int, seed: int, epoch: int, device: torch.d
         idx = order[start:start + batch_size]
         if len(idx) < 2:                 # one pair has no in-batch negative
             continue
-        yield {"history": torch.as_tensor(train["history"][idx], device=device),
-               "target": torch.as_tensor(train["target"][idx], device=device)}
+        batch = {"history": torch.as_tensor(train["history"][idx], device=device),
+                 "target": torch.as_tensor(train["target"][idx], device=device)}
+        if "negatives" in train:
+            batch["negatives"] = torch.as_tensor(train["negatives"][idx], device=device)
+        yield batch
+
+
+@torch.no_grad()
+def mine_hard_negatives(table: torch.Tensor, train: dict, k: int, chunk: int = 2048) -> np.ndarray:
+    """[N, k] items most similar to each pair's target in the fused item table [I+1, d], never the
+    target, the padding row or an item of the pair's history (they would be false negatives)."""
+    out = []
+    for start in range(0, len(train["target"]), chunk):
+        target = torch.as_tensor(train["target"][start:start + chunk])
+        history = torch.as_tensor(train["history"][start:start + chunk])
+        sims = table[target] @ table.T                                     # (n, I+1)
+        sims[:, 0] = float("-inf")
+        sims.scatter_(1, target.view(-1, 1), float("-inf"))
+        sims.scatter_(1, history, float("-inf"))                           # history padding hits column 0
+        out.append(sims.topk(k, dim=1).indices.numpy())
+    return np.concatenate(out)
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Callable[[int], float]:
