@@ -38,13 +38,21 @@ def _mask(users: list[int], parts: list[dict[int, np.ndarray]], n_items: int) ->
 
 
 def evaluate(scores: torch.Tensor, users: list[int], positives: dict[int, np.ndarray],
-             exclude: list[dict[int, np.ndarray]], decimals: int | None) -> dict[str, float]:
-    """NDCG@20 and Recall@20 (Recall = hits / |test|) over `users`, excluded items at −∞ (§10)."""
-    n_items = scores.shape[1]
-    metrics = full_sort_metrics(scores, _mask(users, [positives], n_items), ks=(20,),
-                                exclude_mask=_mask(users, exclude, n_items))
+             exclude: list[dict[int, np.ndarray]], decimals: int | None,
+             masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """NDCG@20 and Recall@20 (Recall = hits / |test|) over `users`, excluded items at −∞ (§10).
+
+    `masks` = (positives, excluded) as built by `eval_masks`, to reuse them across rounds.
+    """
+    pos_mask, exclude_mask = masks or eval_masks(users, positives, exclude, scores.shape[1])
+    metrics = full_sort_metrics(scores, pos_mask, ks=(20,), exclude_mask=exclude_mask)
     out = {"ndcg": float(metrics["NDCG@20"].mean()), "recall": float(metrics["Recall@20"].mean())}
     return {k: round(v, decimals) if decimals is not None else v for k, v in out.items()}
+
+
+def eval_masks(users: list[int], positives: dict[int, np.ndarray], exclude: list[dict[int, np.ndarray]],
+               n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _mask(users, [positives], n_items), _mask(users, exclude, n_items)
 
 
 def test_row(sim, blocks: list[Block], t: int, backbone: str, old_block_mask: str,
@@ -121,6 +129,7 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
     data, exclude = block_data(blocks, t, flags, flags["neg_exclude"])
     valid_users = sorted(block.valid)
     valid_index = torch.tensor(valid_users, dtype=torch.long)
+    valid_masks = eval_masks(valid_users, block.valid, [block.train], block.n_items)
     best, best_round, stale, maker = -1.0, -1, 0, None
     for r in range(fed.rounds):
         started = time.perf_counter()
@@ -138,7 +147,7 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
         plan = maker.draw(seed, t, r)
         stats = sim.train_round(plan, ctx)
         scores = oracle_scores(sim, valid_index, cfg.model.backbone)
-        val = evaluate(scores, valid_users, block.valid, [block.train], flags["metric_decimals"])
+        val = evaluate(scores, valid_users, block.valid, [block.train], flags["metric_decimals"], valid_masks)
         value = val[ev.select_metric]
         record = {"block": t, "round": r, "val_ndcg": val["ndcg"], "val_recall": val["recall"],
                   "seconds": round(time.perf_counter() - started, 4), **_arm_summary(stats)}

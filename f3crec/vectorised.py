@@ -46,8 +46,14 @@ class VectorisedSimulator:
         returning = (users < ctx.n_prev_users) & (ctx.block > 0)
         replay = returning & st.has_topn[users] if ctx.flags["arm"] != "off" else torch.zeros_like(returning)
 
+        steps_np = np.diff(plan.step_offsets)
+        dense_first = ctx.flags["reg"] is None and ctx.ldp_scale == 0 and n_clients * n_items <= self.dense_limit
+        # A one-step client without replay is finished by the dense first step: its upload is summed there
+        # (G_uᵀ a_u), so it needs no local rows. Everyone else keeps rows for the later (sparse) steps.
+        one_shot = (steps_np == 1) & ~replay.cpu().numpy() if dense_first else np.zeros(n_clients, dtype=bool)
+        kept = ~one_shot[owner_np]
         # Local row sets: sample items, T^u for replaying clients, all old rows for emb_reg, all rows for LDP.
-        key_parts = [owner_np * n_items + plan.items]
+        key_parts = [owner_np[kept] * n_items + plan.items[kept]]
         if bool(replay.any()):
             rep = torch.nonzero(replay).squeeze(1)
             key_parts.append((rep[:, None] * n_items + st.topn[users[rep]]).reshape(-1).cpu().numpy())
@@ -61,12 +67,14 @@ class VectorisedSimulator:
         keys, inverse = torch.unique(put(np.concatenate(key_parts)), return_inverse=True)
         row_owner, row_item = keys // n_items, keys % n_items
         table = q.index_select(0, row_item)                                          # (L, d) local rows
-        sample_row = inverse[: plan.items.size]                                      # sample -> local row
+        sample_row = torch.full((plan.items.size,), -1, dtype=torch.long, device=dev)
+        sample_row[put(kept)] = inverse[: int(kept.sum())]                           # sample -> local row
         labels = put(plan.labels).to(q.dtype)
 
         position = np.arange(plan.items.size) - plan.offsets[owner_np]
         step_of = put(position // plan.batch_size)
-        steps = put(np.diff(plan.step_offsets))
+        steps = put(steps_np)
+        summed = None
         sample_items = put(plan.items)
         stats = {"D": [], "m": []}
         for step in range(int(steps.max()) if n_clients else 0):
@@ -75,10 +83,10 @@ class VectorisedSimulator:
             count = torch.bincount(owner[idx], minlength=n_clients).clamp(min=1).to(q.dtype)
             # Only the rows of stepping clients can change: later steps touch a small sub-table.
             rows_k = None if bool(active.all()) else torch.nonzero(active[row_owner]).squeeze(1)
-            if step == 0 and ctx.flags["reg"] is None and n_clients * n_items <= self.dense_limit:
-                table = self._dense_first_step(plan, ctx, users, start, table, keys, row_owner, row_item,
-                                               owner[idx], sample_items[idx], labels[idx],
-                                               count, active & replay, stats)
+            if step == 0 and dense_first:
+                table, summed = self._dense_first_step(plan, ctx, users, start, table, keys, row_owner, row_item,
+                                                       owner[idx], sample_items[idx], labels[idx],
+                                                       count, active & replay, put(one_shot), stats)
                 continue
             if rows_k is None:
                 local, part = (lambda r: r), table
@@ -113,20 +121,25 @@ class VectorisedSimulator:
 
         for k, v in start.items():
             st.private[k][users] = v
-        delta = table - q[row_item]
+        delta = table - q.index_select(0, row_item)
         if ctx.ldp_scale > 0:  # every row is local under LDP: client a's rows are one contiguous (I, d) block
             noise = torch.cat([ldp_noise(ctx, int(u), (n_items, dim), q.dtype) for u in plan.users]).to(dev)
             delta = delta + noise
+        if summed is not None:  # the one-step clients' uploads, already summed: one (I, d) block of deltas
+            row_item, delta = torch.cat([row_item, torch.arange(n_items, device=dev)]), torch.cat([delta, summed])
         return {**stats, **self.server.aggregate_deltas(row_item, delta, n_clients)}
 
     def _dense_first_step(self, plan, ctx, users, start, table, keys, row_owner, row_item, owner, items,
-                          labels, count, live, stats) -> torch.Tensor:
+                          labels, count, live, one_shot, stats) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Step 1 of every client at once through the dense score matrix (exact, faster at small |I|).
 
         At the first step every local row still equals the broadcast, so all logits are entries of
         S = a Qᵀ + c (A × I). With G = ∂L/∂S: ∂L/∂q_i of client u = G[u, i]·a_u and the private gradient is
         G backpropagated through S; KD terms (on the local rows, `table`) add their own gradients.
+        One-step clients without replay (`one_shot`) hold no rows: their summed delta −lr·G_oneᵀ a_one is
+        returned alongside the updated rows of the others.
         """
+        summed = None
         q = self.server.broadcast()
         identity = lambda r: r  # noqa: E731
         for sub, names in enumerate(substeps(ctx.cfg.backbone)):
@@ -135,7 +148,8 @@ class VectorisedSimulator:
             a, c = affine(ctx.cfg.backbone, start)
             scores = a @ q.T + c[:, None]                                            # (A, I)
             dense = scores.detach().requires_grad_(True)
-            per_sample = F.binary_cross_entropy_with_logits(dense[owner, items], labels, reduction="none")
+            flat = owner * q.shape[0] + items                                         # (S,) into A × I
+            per_sample = F.binary_cross_entropy_with_logits(dense.view(-1)[flat], labels, reduction="none")
             loss = (per_sample / count[owner]).sum()
             wanted = [dense] + list(start.values())
             if bool(live.any()):
@@ -152,14 +166,16 @@ class VectorisedSimulator:
                         if total:
                             value.add_(sum(total), alpha=-ctx.lrs[name])
                 if "Q" in names:
-                    row_grad = grads[0][row_owner, row_item][:, None] * a_old[row_owner]
+                    row_grad = grads[0].view(-1)[keys][:, None] * a_old.index_select(0, row_owner)
                     if len(grads) > 1 + len(start) and grads[-1] is not None:
                         row_grad = row_grad + grads[-1]
                     table = table.detach().add_(row_grad, alpha=-ctx.lrs["Q"])
+                    if bool(one_shot.any()):
+                        summed = -ctx.lrs["Q"] * (grads[0][one_shot].T @ a_old[one_shot])   # (I, d)
             table = table.detach()
             for name in list(start):
                 start[name] = start[name].detach()
-        return table
+        return table, summed
 
     def _kd(self, plan, ctx, users, keys, table, local, a, c, live, step, sub, stats):
         """Batched ARM (§6): rank T^u in each client's current local scores, size and draw the memory."""
