@@ -55,9 +55,21 @@ def test_kcore_fixed_point_and_chronological_incremental_split():
     items = np.concatenate([v for b in blocks for s in ("train", "valid", "test") for v in b.split(s).values()])
     assert np.bincount(users).min() >= 10 and np.bincount(items)[np.unique(items)].min() >= 10
     assert blocks[-1].n_users == np.unique(users).size and blocks[-1].n_items == np.unique(items).size
-    # Incremental blocks: a user's test items are its latest, train its oldest (ids follow time order).
-    order = np.argsort(inter["timestamp"], kind="stable")
     assert blocks[0].n_users <= blocks[1].n_users <= blocks[3].n_users
+
+
+def test_incremental_split_is_chronological():
+    """D¹–D³: a user's oldest items are train, then valid, and the latest are test (§1.1 step 7)."""
+    n = 400
+    rng = np.random.default_rng(2)
+    inter = {"user": np.tile(np.arange(4), n // 4), "item": np.arange(n), "timestamp": np.arange(n) * 10,
+             "rating": np.ones(n)}
+    inter["item"] = rng.permutation(n)                           # item ids follow time after remapping
+    blocks = build_blocks(inter, seed=0, core=1)
+    for b in blocks[1:]:
+        for user, train in b.train.items():
+            valid, test = b.valid.get(user, []), b.test.get(user, [])
+            assert max(train) < min(valid) and max(valid) < min(test)
 
 
 @pytest.mark.parametrize("n,expected", [(2, (2, 0, 0)), (3, (1, 1, 1)), (10, (8, 1, 1)), (11, (8, 1, 2))])
