@@ -182,3 +182,31 @@ def test_raw_ml100k_pipeline_statistics(shared_data):
     from f3crec.data import prepare_blocks
     blocks = load_blocks(prepare_blocks("ml-100k", seed=1, root=str(shared_data)))
     assert [b.stats() for b in blocks] == EXPECTED["ml-100k"]
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_kd_gradient_reaches_only_p_and_memory_rows(eps):
+    from f3crec.federated import Client, RoundContext
+    from f3crec.model import LocalModel, init_private
+    cfg = ModelConfig(dtype="float64")
+    torch.manual_seed(0)
+    items = torch.randn(8, 32, dtype=torch.float64)               # item 7 is new in this block
+    client = Client(0, init_private(cfg, 0, 0))
+    client.topn, client.yhat = torch.tensor([5, 1, 6]), torch.randn(7, dtype=torch.float64)
+    ctx = RoundContext(block=1, round=0, n_items=8, n_prev_users=1, n_prev_items=7, lrs={},
+                       flags={"arm": "adaptive", "kd_weight": 1.0, "reg": None}, cfg=cfg, seed=0, eps=eps, topn=3)
+    model = LocalModel("fedmf", items, client.private)
+    stats = {"D": [], "m": []}
+    perm = np.array([2, 0, 1])
+    loss = client._continual_loss(model, perm, ctx, stats)
+    size = stats["m"][0]
+    ranks = target_ranks(model.score_all().detach()[None], client.topn[None])[0]   # ranks over all 8 items
+    assert stats["D"][0] == int((torch.arange(1, 4) - ranks).abs().sum())
+    assert size == math.floor(3 * math.exp(-eps * stats["D"][0]))
+    if size == 0:
+        assert loss == 0.0
+        return
+    loss.backward()
+    touched = model.items.grad.abs().sum(1).nonzero().flatten().tolist()
+    assert touched == sorted(client.topn[perm[:size]].tolist())
+    assert model.private["p"].grad.abs().sum() > 0
