@@ -184,7 +184,7 @@ def test_raw_ml100k_pipeline_statistics(shared_data):
     assert [b.stats() for b in blocks] == EXPECTED["ml-100k"]
 
 
-@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("eps", [0.0, 0.05, 0.2])  # m = N, 0 < m < N, m = 0
 def test_kd_gradient_reaches_only_p_and_memory_rows(eps):
     from f3crec.federated import Client, RoundContext
     from f3crec.model import LocalModel, init_private
