@@ -4,8 +4,10 @@ Clients are independent within a round given the broadcast Q, and plain SGD has 
 exact. Each client's local table is stored sparsely as the rows it can change (its sample items, its
 T^u, all old rows for emb_reg, every row under LDP) in one flat tensor W [L, d]; untouched rows equal the
 broadcast. Step k processes every client that has a k-th mini-batch: the loss is the sum over clients of
-each client's own masked mean, so autograd hands each client exactly its own gradient. ARM ranks all
-replaying clients with one argsort. The upload is the concatenation of every client's row deltas, which
+each client's own masked mean, so autograd hands each client exactly its own gradient. Step 1, where
+every local row still equals the broadcast, runs through one dense A × |I| score matrix when that is small
+(`dense_limit`); one-step clients finish there and upload their summed delta. ARM ranks all replaying
+clients with one argsort per chunk. The upload is the concatenation of every client's row deltas, which
 the server scatter-adds and averages (server.py). The client-side state of all users is held stacked
 (one row per user) in `self.state`; the server object never receives it.
 """
