@@ -67,7 +67,10 @@ def previous_scores(backbone: str, private: dict[str, torch.Tensor], items: torc
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """End-of-block ŷ [U, I] and T [U, N] (top-N, descending, nothing masked, ties to lower id) (§6)."""
     scores = score_matrix(backbone, private, items)
-    return scores, torch.argsort(scores, dim=1, descending=True, stable=True)[:, :topn]
+    chunk = 4096  # the argsort's int64 index matrix is the memory peak for 10⁵ users: sort in chunks
+    top = [torch.argsort(scores[lo:lo + chunk], dim=1, descending=True, stable=True)[:, :topn]
+           for lo in range(0, scores.shape[0], chunk)]
+    return scores, torch.cat(top)
 
 
 def fisher(backbone: str, private: dict[str, torch.Tensor], items: torch.Tensor, plan: RoundPlan
