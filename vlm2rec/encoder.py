@@ -202,6 +202,8 @@ def apply_lora(model: nn.Module, cfg: LoraSettings) -> nn.Module:
     model = inject_adapter_in_model(config, model)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
+        if "lora_" in name:
+            param.data = param.data.float()   # fp32 adapters over a bf16 base: AdamW updates stay exact
     return model
 
 

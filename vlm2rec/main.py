@@ -82,7 +82,7 @@ def test_results(model, split, negs, num_items, cfg: Config, run_dir: Path) -> d
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     try:
         cfg, options = parse_cli(argv, Config, DEFAULT_CONFIG)
     except ConfigError as err:
@@ -90,8 +90,13 @@ def main(argv: list[str] | None = None) -> dict:
     data = preflight(cfg)
     seed_everything(cfg.seed)
     device = get_device(cfg.train.device)
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.train.mixed_precision)
-    run_dir = start_run(cfg, "vlm2rec", data["name"], cfg.tag, options.run_dir or options.resume)
+    # Unused heads (e.g. the internal-fusion projection under external fusion) must not stall DDP.
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.train.mixed_precision,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    # Under `accelerate launch` every process trains (its shard of the pairs) and evaluates identically;
+    # only the main process owns the run directory and writes (logs, checkpoints, caches, results).
+    writes = accelerator.is_main_process
+    run_dir = start_run(cfg, "vlm2rec", data["name"], cfg.tag, options.run_dir or options.resume) if writes else None
 
     split = split_sequences(data["sequences"], cfg.data.max_history, cfg.train.instances_per_user)
     num_items = data["num_items"]
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"backbone {model.embedder.identifier}: {sum(p.numel() for p in params):,} trainable parameters; "
           f"{len(split['train']['target']):,} training pairs; {len(data['sequences']):,} users; {num_items:,} items")
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    steps_per_epoch = max(1, len(split["train"]["target"]) // cfg.train.batch_size)
+    steps_per_epoch = max(1, len(split["train"]["target"]) // (cfg.train.batch_size * accelerator.num_processes))
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -128,9 +133,12 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.zero_shot and start_epoch == 0:
         zero = evaluate(core, split["valid"], negs["valid"], num_items, cfg.eval, run_dir, "valid")
         results["zero_shot_valid"] = zero
-        log_metrics(run_dir, {"step": 0, "epoch": -1, **flat(zero, "valid")})
+        if writes:
+            log_metrics(run_dir, {"step": 0, "epoch": -1, **flat(zero, "valid")})
 
     def log(record: dict) -> None:
+        if not writes:
+            return
         log_metrics(run_dir, record)
         if record.get("step", 0) % (cfg.train.log_every * 5) == 0:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       cfg.seed, epoch, step, log)
         valid = evaluate(core, split["valid"], negs["valid"], num_items, cfg.eval, run_dir, "valid")
         score = selection_score(valid, cfg.eval.select_on)
-        log_metrics(run_dir, {"step": step, "epoch": epoch, "select": score, **{f"train_{k}": v for k, v in means.items()},
+        log({"step": step, "epoch": epoch, "select": score, **{f"train_{k}": v for k, v in means.items()},
                               **flat(valid, "valid")})
         print(f"epoch {epoch}: loss {means.get('loss', float('nan')):.4f} valid {cfg.eval.select_on} {score:.4f}")
         state = {"model": core.trainable_state(), "config": config_to_dict(cfg), "epoch": epoch, "step": step,
@@ -151,23 +159,28 @@ def main(argv: list[str] | None = None) -> dict:
                  "best_epoch": epoch if score > best_val else best_epoch}
         if score > best_val:
             best_val, best_epoch, best_state = score, epoch, state["model"]
-            save_checkpoint(run_dir / "best.pt", state)
-        save_checkpoint(run_dir / "last.pt", {**state, "optimizer": optimizer.state_dict(),
-                                               "scheduler": scheduler.state_dict(), "rng": rng_state()})
+            if writes:
+                save_checkpoint(run_dir / "best.pt", state)
+        if writes:
+            save_checkpoint(run_dir / "last.pt", {**state, "optimizer": optimizer.state_dict(),
+                                                   "scheduler": scheduler.state_dict(), "rng": rng_state()})
 
     if best_state is not None:                # test once, at the best validation epoch (spec §13)
         core.load_trainable_state(best_state)
     results["test"] = test_results(core, split, negs, num_items, cfg, run_dir)
     table = core.item_table(num_items, "both", cfg.eval.batch_size).cpu()
-    save_checkpoint(run_dir / "item_embeddings.pt", {"ids": torch.arange(num_items + 1), "emb": table})
+    if writes:
+        save_checkpoint(run_dir / "item_embeddings.pt", {"ids": torch.arange(num_items + 1), "emb": table})
     if cfg.seqrec.enabled:
         results["seqrec"] = fit_seqrec(cfg.seqrec, split, table, negs, cfg.eval, cfg.seed, accelerator.device)
     results.update({"best_epoch": best_epoch, "best_valid": best_val, "select_on": cfg.eval.select_on,
                     "seed": cfg.seed, "backbone": core.embedder.identifier, "dataset": data["name"],
                     "data_stats": data.get("stats", {}), "ties": cfg.eval.ties, "negatives_sha1": neg_sha,
-                    "run_dir": str(run_dir), "plot": str(plot_run(run_dir))})
-    write_results(run_dir, results)
-    print_summary(results)
+                    "run_dir": str(run_dir)})
+    if writes:
+        results["plot"] = str(plot_run(run_dir))
+        write_results(run_dir, results)
+        print_summary(results)
     return results
 
 

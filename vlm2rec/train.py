@@ -40,9 +40,12 @@ class TrainConfig:
     mixed_precision: str = "no"          # accelerate's flag; the real backbones already load in bf16
 
 
-def batches(train: dict, batch_size: int, seed: int, epoch: int, device: torch.device) -> Iterator[dict]:
-    """Shuffled training pairs; a scoped generator per (seed, epoch) so order never depends on history."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(train["target"]))
+def batches(train: dict, batch_size: int, seed: int, epoch: int, device: torch.device,
+            shard: tuple[int, int] = (0, 1)) -> Iterator[dict]:
+    """Shuffled training pairs; a scoped generator per (seed, epoch) so order never depends on history.
+    `shard` = (process index, process count): each process takes every count-th pair (its own in-batch
+    negatives; no cross-device gather, spec §7)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(train["target"]))[shard[0]::shard[1]]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         if len(idx) < 2:                 # one pair has no in-batch negative
@@ -89,7 +92,8 @@ def train_one_epoch(model, optimizer, scheduler, accelerator, train: dict, cfg: 
     model.train()
     sums: dict[str, float] = {}
     count = 0
-    for i, batch in enumerate(batches(train, cfg.batch_size, seed, epoch, accelerator.device)):
+    shard = (accelerator.process_index, accelerator.num_processes)
+    for i, batch in enumerate(batches(train, cfg.batch_size, seed, epoch, accelerator.device, shard)):
         if cfg.max_steps_per_epoch and i >= cfg.max_steps_per_epoch:
             break
         want_grads = cfg.grad_norm_every > 0 and step % cfg.grad_norm_every == 0
