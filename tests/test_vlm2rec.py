@@ -325,3 +325,30 @@ def test_hard_negatives_extend_the_denominator_and_exclude_history():
     by_hand = -torch.stack([full[i, i] - torch.logsumexp(full[i][~torch.cat([torch.zeros(3, dtype=torch.bool), extra_mask[i]])], 0)
                             for i in range(3)]).mean()
     assert torch.allclose(total, by_hand)
+
+
+def test_leave_one_out_split_windows_and_instances():
+    seqs = [np.arange(1, 8), np.array([9, 8, 7, 6])]
+    split = split_sequences(seqs, max_history=3)
+    assert split["test"]["target"].tolist() == [7, 6] and split["valid"]["target"].tolist() == [6, 7]
+    assert split["test"]["history"].tolist() == [[4, 5, 6], [9, 8, 7]]
+    assert split["valid"]["history"].tolist() == [[3, 4, 5], [0, 9, 8]]            # left-padded with 0
+    assert [s.tolist() for s in split["test"]["seen"]] == [[1, 2, 3, 4, 5, 6], [9, 8, 7]]
+    # training targets i_2..i_{n-2}: never the validation or the test item
+    assert split["train"]["target"].tolist() == [2, 3, 4, 5, 8]
+    assert split["train"]["history"][-1].tolist() == [0, 0, 9]
+    last = split_sequences(seqs, max_history=3, instances_per_user=1)
+    assert last["train"]["target"].tolist() == [5, 8]
+
+
+def test_branch_gradient_norms_are_finite_and_positive():
+    from vlm2rec.diagnostics import branch_grad_norms
+    torch.manual_seed(0)
+    model, batch, _ = _tiny_model(lora=False)
+    loss, _, raw = model(batch)
+    for tensor in raw.values():
+        tensor.retain_grad()
+    loss.backward()
+    norms = branch_grad_norms(raw)
+    assert set(norms) >= {"grad_u_text", "grad_u_image", "grad_e_text", "grad_e_image", "grad_ratio_u", "grad_ratio_e"}
+    assert all(np.isfinite(v) and v > 0 for v in norms.values())
