@@ -352,3 +352,28 @@ def test_branch_gradient_norms_are_finite_and_positive():
     norms = branch_grad_norms(raw)
     assert set(norms) >= {"grad_u_text", "grad_u_image", "grad_e_text", "grad_e_image", "grad_ratio_u", "grad_ratio_e"}
     assert all(np.isfinite(v) and v > 0 for v in norms.values())
+
+
+def test_backbone_resolution_is_local_only(tmp_path, monkeypatch):
+    from vlm2rec.encoder import missing_requirements, resolve_backbone
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))          # an empty cache: nothing is there
+    assert resolve_backbone(str(tmp_path), offline=True) == str(tmp_path)            # a local directory
+    assert resolve_backbone("Qwen/Qwen2.5-VL-3B-Instruct", offline=True) is None
+    missing = missing_requirements(ModelConfig(kind="qwen2.5-vl"), "cpu")
+    assert len(missing) == 1 and "Qwen/Qwen2.5-VL-3B-Instruct" in missing[0]
+
+
+@pytest.mark.slow
+def test_real_backbone_from_a_local_directory_embeds():
+    import os
+    path = os.environ.get("VLM2REC_BACKBONE_PATH")
+    if not path or not os.path.isdir(path):
+        pytest.skip("set VLM2REC_BACKBONE_PATH to a local Qwen2-VL / Qwen2.5-VL directory")
+    from vlm2rec.encoder import load_hf_embedder
+    data = load_dataset(DataConfig(kind="synthetic", num_users=4, num_items=8, image_size=56))
+    cfg = ModelConfig(kind="qwen2.5-vl", backbone=path, image_pixels=3136)
+    embedder = load_hf_embedder(cfg, Catalog(data["titles"], data["images"], 56), torch.device("cpu"))
+    with torch.no_grad():
+        out = embedder.branch("item_image", torch.tensor([1, 2]))
+    assert out.shape == (2, embedder.hidden_size) and torch.isfinite(out).all()
