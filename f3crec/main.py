@@ -167,9 +167,12 @@ def _to(value, device: torch.device):
 
 def base_key(cfg: Config, flags: dict, blocks_id: str) -> str:
     """Everything that changes D⁰ training (not the method: ARM/ITM are off in D⁰, §8)."""
+    # The code is part of the key: a cached base state from older code must never be reused silently.
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))))
     relevant = {"blocks": blocks_id, "model": config_to_dict(cfg)["model"], "fed": config_to_dict(cfg)["federation"],
-                "eval": config_to_dict(cfg)["eval"], "seed": cfg.train.seed,
-                "device": cfg.train.device, "flags": {k: flags[k] for k in ("metric_decimals", "neg_exclude")}}
+                "eval": config_to_dict(cfg)["eval"], "seed": cfg.train.seed, "quirks": config_to_dict(cfg)["quirks"],
+                "fidelity": cfg.fidelity, "device": cfg.train.device, "code": code.hexdigest(),
+                "flags": {k: flags[k] for k in ("metric_decimals", "neg_exclude")}}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
