@@ -42,6 +42,7 @@ data: setup
 # DATA picks <paper>/configs/$(DATA).yaml; vlm2rec without DATA runs its configs/default.yaml.
 flame f3crec: setup
 	@test -n "$(DATA)" || { echo "make $@ needs DATA=<dataset>, e.g. make $@ DATA=$(if $(filter flame,$@),ml-1m,ml-100k)" >&2; exit 2; }
+	$(if $(filter flame,$@),$(if $(filter-out smoke,$(DATA)),$(PY) -m common.prepare $(DATA)))
 	$(PY) -m $@.main --config $@/configs/$(DATA).yaml $(ARGS)
 
 vlm2rec: setup
