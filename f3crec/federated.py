@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .method import kd_terms, memory_size, per_sample_grads, target_ranks
-from .model import LocalModel, ModelConfig, affine, init_private, score_matrix, substeps
+from .model import LocalModel, ModelConfig, score_matrix, substeps
 from .plan import RoundPlan
 from .clients import ClientStates
 

@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from f3crec.data import EXPECTED, build_blocks, load_blocks, split_sizes, write_blocks
 from f3crec.method import item_temporal_mean, kd_terms, memory_size, target_ranks

@@ -15,15 +15,6 @@ from flame.train import evaluate, seen_adjust, target_ranks
 L = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: intra-op threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(num_items=12, dropout=0.0, d=16, seed=0):
     torch.manual_seed(seed)
     return SASRec(ModelConfig(d=d, heads=2, blocks=2, dropout=dropout, max_len=L), num_items)

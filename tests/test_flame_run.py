@@ -18,15 +18,6 @@ SMOKE = str(ROOT / "flame" / "configs" / "smoke.yaml")
 FAST = ["train.max_epochs=1", "data.synthetic_users=60"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: intra-op threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def clean_env():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
