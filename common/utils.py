@@ -7,9 +7,10 @@ import json
 import os
 import random
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -95,3 +96,18 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, ConnectionError)  # ConfigError is a ValueError
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Entry point for `python -m <paper>.main`: a bad config, file or value is one line on stderr and
+    exit status 2, not a traceback. Set REPRO_DEBUG=1 to see the traceback."""
+    try:
+        main()
+    except USER_ERRORS as err:
+        if os.environ.get("REPRO_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -25,7 +25,7 @@ import torch
 
 from common.config import config_to_dict, parse_cli
 from common.runs import load_checkpoint, log_metrics, save_checkpoint, start_run, write_results
-from common.utils import get_device, seed_everything
+from common.utils import get_device, run_cli, seed_everything
 
 from .clients import ClientStates
 from .data import build_blocks, fingerprint, load_blocks, prepare_blocks, synthetic_stream, write_blocks
@@ -240,4 +240,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -28,7 +28,7 @@ import torch.distributed as dist  # noqa: E402
 from common.config import config_to_dict, parse_cli  # noqa: E402
 from common.data import data_root  # noqa: E402
 from common.runs import read_metrics, save_checkpoint, start_run, write_results  # noqa: E402
-from common.utils import get_device, load_json, seed_everything  # noqa: E402
+from common.utils import get_device, load_json, run_cli, seed_everything  # noqa: E402
 
 from .data import DataConfig, build_data, load_raw  # noqa: E402
 from .ensemble import FLAME, FlameConfig  # noqa: E402
@@ -252,4 +252,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -85,3 +85,21 @@ def test_check_finite_and_device():
         with pytest.raises(ValueError, match="CUDA is not available"):
             get_device("cuda")
     assert git_sha() != ""
+
+
+def test_run_cli_turns_user_errors_into_one_line_exit(monkeypatch, capsys):
+    from common.config import ConfigError
+    from common.utils import run_cli
+
+    def bad_main():
+        raise ConfigError("unknown config key 'train.lrr'")
+    monkeypatch.delenv("REPRO_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        run_cli(bad_main)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "error: unknown config key 'train.lrr'\n"
+    monkeypatch.setenv("REPRO_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        run_cli(bad_main)
+    with pytest.raises(KeyError):  # programming errors keep their traceback
+        run_cli(lambda: {}["x"])

@@ -21,7 +21,7 @@ import torch
 from common.config import ConfigError, config_to_dict, parse_cli
 from common.runs import (load_checkpoint, log_metrics, rng_state, save_checkpoint, set_rng_state, start_run,
                          write_results)
-from common.utils import get_device, seed_everything
+from common.utils import get_device, run_cli, seed_everything
 
 from .data import DataConfig, load_dataset
 from .diagnostics import plot_run
@@ -193,4 +193,4 @@ def print_summary(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
