@@ -76,18 +76,21 @@ def test_wpcl_gamma_one_is_unimodal_info_nce_and_margin_identity():
     assert torch.allclose(on["loss"], by_hand, atol=1e-5)
 
 
+def _wpcl_objective(wpcl):
+    """Fused InfoNCE objective on fresh branches with CRTR off; returns (total, fused, stats, branch grads)."""
+    b = _branches()
+    fused = F.normalize(b["u_text"] + b["u_image"], dim=-1) @ F.normalize(b["e_text"] + b["e_image"], dim=-1).T / 0.1
+    total, stats = objective(b, torch.arange(6), fused, torch.tensor(0.1), LossConfig(), wpcl,
+                             CRTRConfig(enabled=False), WPCLState())
+    total.backward()
+    return total, fused, stats, {k: v.grad.clone() for k, v in b.items()}
+
+
 def test_wpcl_off_leaves_plain_info_nce_and_on_upweights_weak_branch():
-    def run(wpcl):
-        b = _branches()
-        fused = F.normalize(b["u_text"] + b["u_image"], dim=-1) @ F.normalize(b["e_text"] + b["e_image"], dim=-1).T / 0.1
-        total, stats = objective(b, torch.arange(6), fused, torch.tensor(0.1), LossConfig(), wpcl,
-                                 CRTRConfig(enabled=False), WPCLState())
-        total.backward()
-        return total, fused, {k: float(v.grad.norm()) for k, v in b.items()}
-    total, fused, _ = run(WPCLConfig(enabled=False))
+    total, fused, _, _ = _wpcl_objective(WPCLConfig(enabled=False))
     assert torch.allclose(total, info_nce(fused))
-    _, _, grads_off = run(WPCLConfig(enabled=True, fixed_gamma=1.0))
-    _, _, grads_on = run(WPCLConfig(enabled=True, alpha=2.0))
+    grads_off = {k: float(g.norm()) for k, g in _wpcl_objective(WPCLConfig(enabled=True, fixed_gamma=1.0))[3].items()}
+    grads_on = {k: float(g.norm()) for k, g in _wpcl_objective(WPCLConfig(enabled=True, alpha=2.0))[3].items()}
     assert grads_on["u_image"] > grads_off["u_image"]                     # gamma > 1: more push on the weak branch
     assert grads_on["u_text"] == pytest.approx(grads_off["u_text"], rel=1e-5)
 
@@ -100,15 +103,9 @@ def test_wpcl_weak_modality_flips_when_the_other_branch_degrades():
 
 
 def test_wpcl_grad_scale_keeps_loss_and_scales_only_strong_branch():
-    def run(wpcl):
-        b = _branches()
-        fused = F.normalize(b["u_text"] + b["u_image"], dim=-1) @ F.normalize(b["e_text"] + b["e_image"], dim=-1).T / 0.1
-        total, stats = objective(b, torch.arange(6), fused, torch.tensor(0.1), LossConfig(), wpcl,
-                                 CRTRConfig(enabled=False), WPCLState())
-        total.backward()
-        return float(total.detach()), stats, {k: v.grad.clone() for k, v in b.items()}
-    plain_loss, _, plain = run(WPCLConfig(enabled=False))
-    loss, stats, scaled = run(WPCLConfig(variant="grad_scale", weight=0.5))
+    plain_total, _, _, plain = _wpcl_objective(WPCLConfig(enabled=False))
+    total, _, stats, scaled = _wpcl_objective(WPCLConfig(variant="grad_scale", weight=0.5))
+    plain_loss, loss = float(plain_total.detach()), float(total.detach())
     assert loss == pytest.approx(plain_loss, rel=1e-6)
     assert torch.allclose(scaled["u_text"], plain["u_text"] * stats["grad_scale"], atol=1e-6)   # text is strong
     assert torch.allclose(scaled["u_image"], plain["u_image"], atol=1e-6)
