@@ -60,7 +60,8 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float, normalize: bool = Fals
     g = s @ s.T / tau  # (2b, 2b) raw dot products by default (quirk 6)
     eye = torch.eye(2 * n, dtype=torch.bool, device=g.device)
     g = g.masked_fill(eye, -10000.0)
-    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(g.device)
+    # Built on the device: a host tensor copied per step would block the CPU until the GPU catches up.
+    positive = torch.arange(2 * n, device=g.device).add_(n).remainder_(2 * n)  # row k's twin: k+n mod 2n
     return F.cross_entropy(g, positive)  # mean over all 2b rows
 
 

@@ -139,13 +139,14 @@ def evaluate(model: torch.nn.Module, seq: torch.Tensor, target: torch.Tensor, hi
     """Full-ranking leave-one-out metrics x100 (§9) over all users, in batches."""
     model.eval()
     device = device or seq.device
+    seq, target, hist = seq.to(device), target.to(device), hist.to(device)  # one copy, not one per batch
     ranks = []
     for first in range(0, len(target), batch_size):
         part = slice(first, first + batch_size)
-        scores = model.score_all({"seq": seq[part].to(device)})[:, 1:].float()  # (B, I): drop padding
-        scores = seen_adjust(scores, hist[part].to(device), seen_mask)
-        ranks.append(target_ranks(scores, target[part].to(device), rank).cpu())
-    per_user = rank_metrics(torch.cat(ranks), ks=(1, 5, 10, 20))
+        scores = model.score_all({"seq": seq[part]})[:, 1:].float()  # (B, I): drop padding
+        scores = seen_adjust(scores, hist[part], seen_mask)
+        ranks.append(target_ranks(scores, target[part], rank))
+    per_user = rank_metrics(torch.cat(ranks).cpu(), ks=(1, 5, 10, 20))
     return {key: 100.0 * float(per_user[key].mean()) for key in REPORT}
 
 
