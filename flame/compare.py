@@ -2,6 +2,10 @@
 
     python -m flame.compare --config flame/configs/amazon-toys.yaml --seeds 1 2 3 [--models sasrec flame mutual]
                             [key=value ...]
+    python -m flame.compare --runs runs/flame/amazon-toys/<sasrec run> runs/flame/amazon-toys/<flame run> ...
+The second form tabulates finished run folders of one dataset (runs made in parallel, or on another
+machine): each FLAME/B3 run gets its convergence figures against the SASRec run of its seed, written
+back into its results.json.
 For each seed, SASRec runs first; every other model gets it as train.sasrec_run (convergence target)
 and, when the frozen net is our own (flame.frozen_source=own), FLAME freezes exactly that SASRec
 instead of training a second copy of it. Writes summary.md (mean ± std), summary.json and
@@ -21,9 +25,9 @@ if __package__ in (None, ""):  # run as a script: `cd flame && python compare.py
 
 from common.config import load_config  # noqa: E402
 from common.runs import read_metrics  # noqa: E402
-from common.utils import save_json  # noqa: E402
+from common.utils import load_json, save_json  # noqa: E402
 
-from .main import Config, run  # noqa: E402
+from .main import Config, convergence_against, run  # noqa: E402
 
 COLUMNS = [("test NDCG@20", ("test", "reference", "NDCG@20")), ("test HR@20", ("test", "reference", "HR@20")),
            ("test NDCG@10", ("test", "reference", "NDCG@10")), ("test NDCG@20 neg_inf", ("test", "neg_inf", "NDCG@20")),
@@ -83,14 +87,52 @@ def plot(all_results: dict[str, list[dict]], path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("valid NDCG@20 (x100)")
         ax.legend()
+    first = next(iter(all_results.values()))
+    if first:
+        fig.suptitle(f"{first[0]['dataset']}, seeds {sorted({r['seed'] for r in first})}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
 
 
+def from_runs(run_dirs: list[Path]) -> dict[str, list[dict]]:
+    """Finished run folders grouped by model (SASRec first), with convergence filled in (§12)."""
+    loaded = []
+    for folder in run_dirs:
+        if not (folder / "results.json").is_file():
+            raise FileNotFoundError(f"{folder / 'results.json'} not found: --runs takes finished run folders")
+        loaded.append({**load_json(folder / "results.json"), "run_dir": str(folder)})
+    datasets = sorted({r["dataset"] for r in loaded})
+    if len(datasets) > 1:
+        raise ValueError(f"--runs mixes datasets {datasets}: give the runs of one dataset")
+    baselines = {r["seed"]: Path(r["run_dir"]) for r in loaded if r["model"] == "sasrec"}
+    for r in loaded:
+        if r["model"] not in ("flame", "mutual") or r["seed"] not in baselines:
+            continue
+        frozen_run = Path(r["frozen"]).parent if r.get("frozen") else None  # our own stage 1, if any
+        stage1 = frozen_run if frozen_run and (frozen_run / "results.json").is_file() else None
+        r["convergence"] = convergence_against(read_metrics(r["run_dir"]), r["select"], r["seed"],
+                                               r["test"]["reference"]["NDCG@20"], baselines[r["seed"]], stage1)
+        on_disk = load_json(Path(r["run_dir"]) / "results.json")
+        save_json(Path(r["run_dir"]) / "results.json", {**on_disk, "convergence": r["convergence"]})
+    models = sorted({r["model"] for r in loaded}, key=lambda m: (m != "sasrec", m))
+    return {m: sorted((r for r in loaded if r["model"] == m), key=lambda r: r["seed"]) for m in models}
+
+
+def write_summary(all_results: dict[str, list[dict]], seeds: list[int], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = table(all_results, seeds)
+    (out_dir / "summary.md").write_text(text)
+    save_json(out_dir / "summary.json", {m: [r["run_dir"] for r in rs] for m, rs in all_results.items()})
+    print("\n" + text)
+    plot(all_results, out_dir / "curves.png")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--config", type=Path, help="dataset YAML (train and compare)")
+    parser.add_argument("--runs", type=Path, nargs="+", help="finished run folders of one dataset (no training)")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/flame/<dataset>/compare_<stamp>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--models", nargs="+", default=["sasrec", "flame"],
                         choices=["sasrec", "flame", "mutual", "ensemble"])
@@ -99,8 +141,17 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_args([a for a in argv if a not in overrides])
     args.overrides = overrides
+    stamp = f"compare_{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.runs:
+        all_results = from_runs(args.runs)
+        first = next(iter(all_results.values()))[0]
+        out_dir = args.out or Path(first["config"]["run_root"]) / "flame" / first["dataset"] / stamp
+        write_summary(all_results, sorted({r["seed"] for rs in all_results.values() for r in rs}), out_dir)
+        return all_results
+    if args.config is None:
+        parser.error("give --config (train and compare) or --runs (tabulate finished runs)")
     base = load_config(Config, args.config, args.overrides)
-    out_dir = Path(base.run_root) / "flame" / base.data.dataset / f"compare_{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = args.out or Path(base.run_root) / "flame" / base.data.dataset / stamp
     models = ["sasrec"] + [m for m in args.models if m != "sasrec"]
     all_results: dict[str, list[dict]] = {m: [] for m in models}
     for seed in args.seeds:
@@ -116,11 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
             all_results[model].append(results)
             if model == "sasrec":
                 sasrec_dir = Path(results["run_dir"])
-    text = table(all_results, args.seeds)
-    (out_dir / "summary.md").write_text(text)
-    save_json(out_dir / "summary.json", {m: [r["run_dir"] for r in rs] for m, rs in all_results.items()})
-    print("\n" + text)
-    plot(all_results, out_dir / "curves.png")
+    write_summary(all_results, args.seeds, out_dir)
     return all_results
 
 

@@ -148,16 +148,23 @@ def convergence(cfg: Config, run_dir: Path, baseline_dir: Optional[Path], test_n
     """Epochs and seconds to reach SASRec's best validation NDCG@20, relative test gain (§12)."""
     if baseline_dir is None:
         return {"note": "no SASRec run given (train.sasrec_run) and no stage-1 run"}
-    base = load_json(Path(baseline_dir) / "results.json")
+    return convergence_against(read_metrics(run_dir), cfg.train.select, cfg.train.seed, test_ndcg,
+                               Path(baseline_dir), stage1)
+
+
+def convergence_against(records: list[dict], select: str, seed: int, test_ndcg: float, baseline_dir: Path,
+                        stage1: Optional[Path] = None) -> dict:
+    """The §12 figures of one run's metrics.jsonl records against a finished SASRec run folder."""
+    base = load_json(baseline_dir / "results.json")
     target = base["best_valid"]
-    first = next((r for r in read_metrics(run_dir) if r[f"valid/{cfg.train.select}"] >= target), None)
+    first = next((r for r in records if r[f"valid/{select}"] >= target), None)
     out = {"sasrec_run": str(baseline_dir), "sasrec_seed": base["seed"], "sasrec_best_valid": target,
            "sasrec_best_epoch": base["best_epoch"], "sasrec_time_to_best_s": base["time_to_best_s"],
            "epochs_to_sasrec_best": "not reached", "seconds_to_sasrec_best": "not reached",
            "test_ndcg20_gain_rel": (test_ndcg - base["test"]["reference"]["NDCG@20"])
            / base["test"]["reference"]["NDCG@20"]}
-    if base["seed"] != cfg.train.seed:
-        print(f"warning: the SASRec run has seed {base['seed']}, this run {cfg.train.seed}")
+    if base["seed"] != seed:
+        print(f"warning: the SASRec run has seed {base['seed']}, this run {seed}")
     if first is not None:
         seconds = first["train/cumulative_seconds"]
         out.update(epochs_to_sasrec_best=first["epoch"], seconds_to_sasrec_best=seconds,

@@ -91,6 +91,30 @@ def test_sasrec_run_as_convergence_baseline(tmp_path, frozen_file):
     assert out["convergence"]["sasrec_best_valid"] == base["best_valid"]
 
 
+def test_compare_tabulates_finished_runs(tmp_path, frozen_file):
+    """Runs made in parallel (no train.sasrec_run) get their convergence figures afterwards."""
+    from common.runs import read_metrics
+    from common.utils import load_json
+    from flame.compare import main as compare
+
+    base = main(["--config", SMOKE, "model=sasrec", "train.max_epochs=3", "data.synthetic_users=60",
+                 "--run-dir", str(tmp_path / "b1")])
+    flame = main(["--config", SMOKE, "train.max_epochs=3", "data.synthetic_users=60",
+                  f"flame.frozen={frozen_file}", "--run-dir", str(tmp_path / "fl")])
+    assert "note" in flame["convergence"]  # nothing to compare against yet
+    out = compare(["--runs", str(tmp_path / "b1"), str(tmp_path / "fl"), "--out", str(tmp_path / "cmp")])
+    conv = out["flame"][0]["convergence"]
+    target = base["best_valid"]
+    reached = [r for r in read_metrics(tmp_path / "fl") if r["valid/NDCG@20"] >= target]
+    assert conv["epochs_to_sasrec_best"] == (reached[0]["epoch"] if reached else "not reached")
+    assert conv["test_ndcg20_gain_rel"] == pytest.approx(
+        flame["test"]["reference"]["NDCG@20"] / base["test"]["reference"]["NDCG@20"] - 1)
+    assert load_json(tmp_path / "fl" / "results.json")["convergence"] == conv  # written back
+    assert "| flame |" in (tmp_path / "cmp" / "summary.md").read_text()
+    with pytest.raises(FileNotFoundError, match="finished run folders"):
+        compare(["--runs", str(tmp_path / "cmp")])
+
+
 def test_compare_writes_table_and_plot(tmp_path):
     from flame.compare import main as compare
 
