@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -140,9 +141,10 @@ class SASRec(nn.Module):
     def mask(self, seq: torch.Tensor, tiles: int = 1) -> torch.Tensor:
         return attention_mask(seq, self.cfg.mask_value, tiles)
 
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """Sequence representation h = encoder output at the last index L-1 (§4.4): (B, d)."""
-        return self.seq_encoder(self.embed(seq), self.mask(seq))[:, -1]
+    def forward(self, seq: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Sequence representation h = encoder output at the last index L-1 (§4.4): (B, d).
+        `mask`: this sequence's attention_mask when the caller has it already."""
+        return self.seq_encoder(self.embed(seq), self.mask(seq) if mask is None else mask)[:, -1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output: column c holds item c+1; the padding row is left out (§4.4)."""

@@ -56,8 +56,7 @@ def train_one_epoch(model: torch.nn.Module, data: Any, optimizer: torch.optim.Op
     params = [p for p in model.parameters() if p.requires_grad]
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     perm = torch.randperm(len(data.train_target)).to(device)  # global RNG: restored on resume
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    sums: dict[tuple, list] = {}  # key tuple -> [stacked running sum, steps]: 2 launches a step, not one per key
     steps = 0
     synchronize(device)
     start = time.perf_counter()
@@ -79,15 +78,25 @@ def train_one_epoch(model: torch.nn.Module, data: Any, optimizer: torch.optim.Op
         if distributed:
             _average_gradients(params)
         optimizer.step()
-        for key, value in terms.items():  # detached floats only (quirk 11)
-            sums[key] = sums.get(key, 0.0) + value.detach().float()
-            counts[key] = counts.get(key, 0) + 1
+        keys = tuple(terms)  # the α keys vary when flame.num_paths samples paths
+        values = torch.stack([terms[k].detach().float() for k in keys])  # detached (quirk 11)
+        if keys in sums:
+            sums[keys][0] += values
+            sums[keys][1] += 1
+        else:
+            sums[keys] = [values, 1]
         steps += 1
         if max_steps is not None and steps >= max_steps:
             break
     synchronize(device)
     seconds = time.perf_counter() - start
-    stats = {key: float(total) / counts[key] for key, total in sums.items()}
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for keys, (values, n) in sums.items():
+        for key, value in zip(keys, values.tolist()):
+            totals[key] = totals.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + n
+    stats = {key: total / counts[key] for key, total in totals.items()}
     check_finite(stats["loss"], f"the epoch's mean training loss ({steps} steps)")
     return {**stats, "train_seconds": seconds, "steps": steps,
             "samples": min(len(perm), steps * batch_size)}

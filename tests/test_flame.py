@@ -73,6 +73,21 @@ def test_nt_xent_and_pair_weights_match_per_row_reference():
     assert torch.allclose(loss, (expected * ntx).sum(), atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_batched_weighted_contrastive_equals_pairwise_loop(normalize):
+    """The one batched NT-Xent gives the per-pair loop's loss and gradients (τ, cosine option)."""
+    torch.manual_seed(1)
+    leaves = {name: torch.randn(5, 8, requires_grad=True) for name in ("ll", "fl", "lf", "ff")}
+    loss, _ = weighted_contrastive(leaves, tau=0.7, normalize=normalize)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    pairs = list(itertools.combinations(leaves, 2))
+    alpha = torch.softmax(torch.stack([-(leaves[p] * leaves[q]).sum(-1).mean() for p, q in pairs]), 0)
+    looped = (alpha * torch.stack([nt_xent(leaves[p], leaves[q], 0.7, normalize) for p, q in pairs])).sum()
+    assert torch.allclose(loss, looped, atol=1e-6)
+    for g, h in zip(grads, torch.autograd.grad(looped, list(leaves.values()))):
+        assert torch.allclose(g, h, atol=1e-6)
+
+
 def test_lambda_schedule_defaults():
     assert round(lambda_schedule(1, 1.0, 1e-5, 200), 3) == 0.944
     assert round(lambda_schedule(50, 1.0, 1e-5, 200), 4) == 0.0562
