@@ -28,7 +28,7 @@ from .data import build_data, load_raw  # noqa: E402
 from .ensemble import FLAME  # noqa: E402
 from .main import PAPER_DIR, Config, setup_device  # noqa: E402
 from .model import SASRec  # noqa: E402
-from .train import evaluate, synchronize, train_one_epoch  # noqa: E402
+from .train import compiled_loss, evaluate, synchronize, train_one_epoch  # noqa: E402
 
 
 def build(cfg: Config, kind: str, num_items: int) -> torch.nn.Module:
@@ -47,7 +47,7 @@ def bench_model(cfg: Config, kind: str, data, device: torch.device, steps: int, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batch = cfg.train.batch_size
-    loss_fn = torch.compile(model.loss_terms) if cfg.train.compile else None  # as fit() does
+    loss_fn = compiled_loss(model, cfg.train)  # as fit() does
     for _ in range(2):  # warm-up (the compiled graph is built here), then the timed steps
         train_one_epoch(model, data, optimizer, batch, 1.0, device, cfg.train.bf16, loss_fn, max_steps=2)
     stats = train_one_epoch(model, data, optimizer, batch, 1.0, device, cfg.train.bf16, loss_fn, max_steps=steps)
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data.train_seq, data.train_target = data.train_seq.to(device), data.train_target.to(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{args.data}: {len(data.train_target)} samples, {data.num_items} items, batch {cfg.train.batch_size}, "
-          f"{args.steps} steps timed, device {name}, bf16={cfg.train.bf16}, compile={cfg.train.compile}")
+          f"{args.steps} steps timed, device {name}, bf16={cfg.train.bf16}, "
+          f"compile={cfg.train.compile and cfg.train.compile_mode}")
     rows = [bench_model(cfg, kind, data, device, args.steps, args.eval_users) for kind in args.models]
     print("| model | ms/step | samples/s | s/epoch (extrapolated) | eval users/s | peak MiB |")
     print("|---|---|---|---|---|---|")

@@ -50,7 +50,8 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms; off: some CUDA kernels lack it
     device: str = "auto"  # auto = cuda when available, else cpu
     bf16: bool = False  # bf16 autocast in training (speed option; reproduction runs use fp32, §7.5)
-    compile: bool = False  # torch.compile the loss (speed option)
+    compile: bool = False  # torch.compile the loss (speed option; changes dropout's random stream)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     sasrec_run: Optional[str] = None  # SASRec run dir (same seed) for convergence; None = stage-1 run
 
 

@@ -35,6 +35,14 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def compiled_loss(model: torch.nn.Module, tc: Any) -> Optional[Callable[[dict], dict]]:
+    """model.loss_terms under torch.compile when train.compile is on (None: eager).
+    compile_mode=reduce-overhead adds CUDA graphs on a GPU (launch-bound small models)."""
+    if not tc.compile:
+        return None
+    return torch.compile(model.loss_terms, mode=None if tc.compile_mode == "default" else tc.compile_mode)
+
+
 def _average_gradients(params: list[torch.Tensor]) -> None:
     """Data parallelism under `accelerate launch`: every rank holds a shard of the batch."""
     world = dist.get_world_size()
@@ -165,7 +173,7 @@ def fit(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, cfg
     """Early-stopped training (§7.5): strict improvement of validation cfg.train.select, patience,
     best state restored at the end. best.pt on improvement, last.pt every epoch (resumable)."""
     tc, ec = cfg.train, cfg.eval
-    loss_fn = torch.compile(model.loss_terms) if tc.compile else None
+    loss_fn = compiled_loss(model, tc)
     best, best_epoch, start_epoch, train_time, time_to_best = 0.0, 0, 1, 0.0, 0.0
     best_state = copy.deepcopy(model.state_dict())
     if resume and (run_dir / "last.pt").exists():
