@@ -1,6 +1,7 @@
 """Throughput of SASRec (B1), FLAME and optionally B3 on the available device (spec §10).
 
     python -m flame.bench --data amazon-toys [--steps 20] [--models sasrec flame mutual] [key=value ...]
+    python -m flame.bench --data amazon-toys --variants eager compile graphs bf16   # one table, every variant
     (key=value are config overrides, e.g. train.bf16=true train.device=cuda)
 A bounded number of training steps is timed (after warm-up) and extrapolated to one epoch, so the
 whole benchmark takes about a minute on CPU. The frozen network is randomly initialised here: its
@@ -68,33 +69,53 @@ def bench_model(cfg: Config, kind: str, data, device: torch.device, steps: int, 
             "eval_users_per_s": min(eval_users, len(data.valid_target)) / eval_seconds, "peak_mib": peak_mib}
 
 
+# Speed variants: config overrides applied on top of the command line's.
+VARIANTS = {"eager": [], "compile": ["train.compile=true"],
+            "graphs": ["train.compile=true", "train.compile_mode=reduce-overhead"], "bf16": ["train.bf16=true"],
+            "compile-bf16": ["train.compile=true", "train.bf16=true"]}
+# The reference implementation's FLAME epoch on an H200 at batch 256, four runs sharing the GPU (issue 3).
+REFERENCE_EPOCH_S = {"amazon-toys": 17.0, "amazon-beauty": 20.0}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="synthetic", help="dataset name (default: synthetic)")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per model")
     parser.add_argument("--eval-users", type=int, default=4096, help="validation users to score")
     parser.add_argument("--models", nargs="+", default=["sasrec", "flame"], choices=["sasrec", "flame", "mutual"])
+    parser.add_argument("--variants", nargs="+", default=["eager"], choices=list(VARIANTS),
+                        help="speed options to time one after the other (default: eager fp32 only)")
     argv = list(sys.argv[1:] if argv is None else argv)
     # key=value overrides (e.g. train.bf16=true) may follow --models: split them off first
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_args([a for a in argv if a not in overrides])
     args.overrides = overrides
     config = PAPER_DIR / "configs" / f"{args.data}.yaml"
-    cfg = load_config(Config, config if config.is_file() else None, [f"data.dataset={args.data}", *args.overrides])
-    cfg.backbone.max_len = cfg.data.max_len
-    device, _ = setup_device(cfg)
-    data = build_data(load_raw(cfg.data), cfg.data)
-    data.train_seq, data.train_target = data.train_seq.to(device), data.train_target.to(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"{args.data}: {len(data.train_target)} samples, {data.num_items} items, batch {cfg.train.batch_size}, "
-          f"{args.steps} steps timed, device {name}, bf16={cfg.train.bf16}, "
-          f"compile={cfg.train.compile and cfg.train.compile_mode}")
-    rows = [bench_model(cfg, kind, data, device, args.steps, args.eval_users) for kind in args.models]
-    print("| model | ms/step | samples/s | s/epoch (extrapolated) | eval users/s | peak MiB |")
-    print("|---|---|---|---|---|---|")
+    rows, data = [], None
+    for variant in args.variants:
+        cfg = load_config(Config, config if config.is_file() else None,
+                          [f"data.dataset={args.data}", *args.overrides, *VARIANTS[variant]])
+        cfg.backbone.max_len = cfg.data.max_len
+        device, _ = setup_device(cfg)
+        if data is None:
+            data = build_data(load_raw(cfg.data), cfg.data)
+            data.train_seq, data.train_target = data.train_seq.to(device), data.train_target.to(device)
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+                f"cpu ({torch.get_num_threads()} threads)"
+            print(f"{args.data}: {len(data.train_target)} samples, {data.num_items} items, batch "
+                  f"{cfg.train.batch_size}, {args.steps} steps timed, device {name}")
+        for kind in args.models:
+            rows.append({"variant": variant, **bench_model(cfg, kind, data, device, args.steps, args.eval_users)})
+    reference = REFERENCE_EPOCH_S.get(args.data)
+    print("| model | variant | ms/step | samples/s | s/epoch (extrapolated) | eval users/s | peak MiB |"
+          + (" reference FLAME s/epoch ÷ this |" if reference else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if reference else ""))
     for r in rows:
-        print(f"| {r['model']} | {r['step_ms']:.1f} | {r['samples_per_s']:.0f} | {r['epoch_s']:.1f} | "
-              f"{r['eval_users_per_s']:.0f} | {r['peak_mib']:.0f} |")
+        print(f"| {r['model']} | {r['variant']} | {r['step_ms']:.1f} | {r['samples_per_s']:.0f} | {r['epoch_s']:.1f} | "
+              f"{r['eval_users_per_s']:.0f} | {r['peak_mib']:.0f} |"
+              + (f" {reference / r['epoch_s']:.1f}× |" if reference else ""))
+    if reference:
+        print(f"reference: the authors' code, {reference:.0f} s per FLAME epoch on an H200 with four runs sharing it")
     return rows
 
 

@@ -132,8 +132,9 @@ def test_bench_reports_every_model():
     from flame.bench import main as bench
 
     rows = bench(["--steps", "2", "--eval-users", "50", "--models", "sasrec", "flame", "mutual",
-                  "data.max_len=10", "backbone.d=16", "train.device=cpu"])
-    assert [r["model"] for r in rows] == ["sasrec", "flame", "mutual"]
+                  "--variants", "eager", "bf16", "data.max_len=10", "backbone.d=16", "train.device=cpu"])
+    assert [r["model"] for r in rows] == ["sasrec", "flame", "mutual"] * 2
+    assert [r["variant"] for r in rows] == ["eager"] * 3 + ["bf16"] * 3
     assert all(r["samples_per_s"] > 0 and r["epoch_s"] > 0 and r["peak_mib"] > 0 for r in rows)
 
 
