@@ -113,8 +113,7 @@ def from_runs(run_dirs: list[Path]) -> dict[str, list[dict]]:
         stage1 = frozen_run if frozen_run and (frozen_run / "results.json").is_file() else None
         r["convergence"] = convergence_against(read_metrics(r["run_dir"]), r["select"], r["seed"],
                                                r["test"]["reference"]["NDCG@20"], baselines[r["seed"]], stage1)
-        on_disk = load_json(Path(r["run_dir"]) / "results.json")
-        save_json(Path(r["run_dir"]) / "results.json", {**on_disk, "convergence": r["convergence"]})
+        save_json(Path(r["run_dir"]) / "results.json", {k: v for k, v in r.items() if k != "run_dir"})
     models = sorted({r["model"] for r in loaded}, key=lambda m: (m != "sasrec", m))
     return {m: sorted((r for r in loaded if r["model"] == m), key=lambda r: r["seed"]) for m in models}
 

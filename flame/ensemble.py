@@ -53,16 +53,22 @@ def _reference_rank(name: str) -> str:
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float, normalize: bool = False) -> torch.Tensor:
     """NT-Xent of §7.3: S=[A;B], G=SS^T/τ with a -10000 diagonal, positive of row k is its twin."""
+    return _nt_xent_batched(a[None], b[None], tau, normalize)[0]
+
+
+def _nt_xent_batched(a: torch.Tensor, b: torch.Tensor, tau: float, normalize: bool) -> torch.Tensor:
+    """NT-Xent of K pairs at once: a, b (K, n, d) -> (K,), each the mean over its 2n rows. One batched
+    problem instead of K: at d = 64 the step is bound by kernel launches."""
     if normalize:
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    n = a.shape[0]
-    s = torch.cat([a, b])  # (2b, d)
-    g = s @ s.T / tau  # (2b, 2b) raw dot products by default (quirk 6)
-    eye = torch.eye(2 * n, dtype=torch.bool, device=g.device)
-    g = g.masked_fill(eye, -10000.0)
-    # Built on the device: a host tensor copied per step would block the CPU until the GPU catches up.
-    positive = torch.arange(2 * n, device=g.device).add_(n).remainder_(2 * n)  # row k's twin: k+n mod 2n
-    return F.cross_entropy(g, positive)  # mean over all 2b rows
+    k, n = a.shape[0], a.shape[1]
+    s = torch.cat([a, b], dim=1)  # (K, 2n, d): S = [A; B] per pair
+    g = torch.bmm(s, s.transpose(1, 2)) / tau  # raw dot products by default (quirk 6)
+    g = g.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=g.device), -10000.0)
+    # Labels built on the device: a host tensor copied per step would block the CPU until the GPU catches up.
+    positive = torch.arange(2 * n, device=g.device).add_(n).remainder_(2 * n)  # row r's twin: r+n mod 2n
+    per_row = F.cross_entropy(g.reshape(k * 2 * n, 2 * n), positive.repeat(k), reduction="none")
+    return per_row.view(k, 2 * n).mean(1)
 
 
 def weighted_contrastive(paths: dict[str, torch.Tensor], tau: float, normalize: bool = False,
@@ -71,8 +77,7 @@ def weighted_contrastive(paths: dict[str, torch.Tensor], tau: float, normalize: 
 
     Less similar pairs get more weight. α is not detached unless asked (quirk 6).
     Returns the loss and the detached α per pair, keyed "a-b".
-    All pairs go through one batched NT-Xent (the same numbers as `nt_xent` per pair): at d = 64
-    the step is bound by kernel launches, and six separate (2b, 2b) problems launch six times as many.
+    All pairs go through one batched NT-Xent (the same numbers as `nt_xent` per pair).
     """
     pairs = list(itertools.combinations(paths, 2))
     a = torch.stack([paths[x] for x, _ in pairs])  # (K, b, d)
@@ -81,15 +86,7 @@ def weighted_contrastive(paths: dict[str, torch.Tensor], tau: float, normalize: 
     alpha = torch.softmax(logits, dim=0)
     if detach_weights:
         alpha = alpha.detach()
-    if normalize:
-        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    k, n = a.shape[0], a.shape[1]
-    s = torch.cat([a, b], dim=1)  # (K, 2b, d): S = [A; B] per pair
-    g = torch.bmm(s, s.transpose(1, 2)) / tau  # (K, 2b, 2b)
-    g = g.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=g.device), -10000.0)
-    positive = torch.arange(2 * n, device=g.device).add_(n).remainder_(2 * n)  # row r's twin
-    per_row = F.cross_entropy(g.reshape(k * 2 * n, 2 * n), positive.repeat(k), reduction="none")
-    ntx = per_row.view(k, 2 * n).mean(1)  # (K,) = nt_xent of each pair
+    ntx = _nt_xent_batched(a, b, tau, normalize)
     named = {f"{x}-{y}": w.detach() for (x, y), w in zip(pairs, alpha)}
     return (alpha * ntx).sum(), named
 
