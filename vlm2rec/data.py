@@ -226,23 +226,28 @@ def amazon_dir(root: Path, category: str) -> Path:
     return root / "amazon" / category
 
 
+def _gzip_lines(path: Path):
+    """(1-based line number, line) of a gzipped text file, blank lines skipped."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                yield line_no, line
+
+
 def read_amazon_reviews(path: Path) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
     """JSON-lines 5-core reviews -> (interactions with integer codes, user names, asins); every review
     is one interaction (§14.1), codes follow first appearance in the file."""
     users: dict[str, int] = {}
     items: dict[str, int] = {}
     rows = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                review = json.loads(line)
-                user = users.setdefault(review["reviewerID"], len(users))
-                item = items.setdefault(review["asin"], len(items))
-                rows.append((user, item, int(review["unixReviewTime"]), float(review.get("overall", 0.0))))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{path}:{line_no}: bad review line ({err})") from err
+    for line_no, line in _gzip_lines(path):
+        try:
+            review = json.loads(line)
+            user = users.setdefault(review["reviewerID"], len(users))
+            item = items.setdefault(review["asin"], len(items))
+            rows.append((user, item, int(review["unixReviewTime"]), float(review.get("overall", 0.0))))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}:{line_no}: bad review line ({err})") from err
     if not rows:
         raise ValueError(f"{path}: no reviews")
     user_col, item_col, time_col, rating_col = zip(*rows)
@@ -255,20 +260,17 @@ def read_amazon_meta(path: Path, asins: set[str] | None = None) -> dict[str, dic
     """asin -> {"title", "imUrl"} from a 2014 metadata file. Lines are Python dict literals, so they
     are parsed with ast.literal_eval (never eval). Titles are HTML-unescaped; absent fields -> ""."""
     meta = {}
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = ast.literal_eval(line)
-            except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
-                raise ValueError(f"{path}:{line_no}: not a Python dict literal ({err})") from err
-            asin = record.get("asin") if isinstance(record, dict) else None
-            if asin is None:
-                raise ValueError(f"{path}:{line_no}: record without an asin")
-            if asins is None or asin in asins:
-                meta[asin] = {"title": html.unescape(str(record.get("title", ""))).strip(),
-                              "imUrl": str(record.get("imUrl", "")).strip()}
+    for line_no, line in _gzip_lines(path):
+        try:
+            record = ast.literal_eval(line)
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
+            raise ValueError(f"{path}:{line_no}: not a Python dict literal ({err})") from err
+        asin = record.get("asin") if isinstance(record, dict) else None
+        if asin is None:
+            raise ValueError(f"{path}:{line_no}: record without an asin")
+        if asins is None or asin in asins:
+            meta[asin] = {"title": html.unescape(str(record.get("title", ""))).strip(),
+                          "imUrl": str(record.get("imUrl", "")).strip()}
     return meta
 
 
