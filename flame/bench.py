@@ -1,7 +1,7 @@
 """Throughput of SASRec (B1), FLAME and optionally B3 on the available device (spec §10).
 
     python -m flame.bench --data amazon-toys [--steps 20] [--models sasrec flame mutual] [key=value ...]
-    python -m flame.bench --data amazon-toys --variants eager compile graphs bf16   # one table, every variant
+    python -m flame.bench --data amazon-toys --variants eager compile graphs bf16 cuda-graph  # one table
     (key=value are config overrides, e.g. train.bf16=true train.device=cuda)
 A bounded number of training steps is timed (after warm-up) and extrapolated to one epoch, so the
 whole benchmark takes about a minute on CPU. The frozen network is randomly initialised here: its
@@ -29,7 +29,8 @@ from .data import build_data, load_raw  # noqa: E402
 from .ensemble import FLAME  # noqa: E402
 from .main import PAPER_DIR, Config, setup_device  # noqa: E402
 from .model import SASRec  # noqa: E402
-from .train import compiled_loss, evaluate, synchronize, train_one_epoch  # noqa: E402
+from .train import GraphStep, check_graph_options, compiled_loss, evaluate, make_optimizer, synchronize, \
+    train_one_epoch  # noqa: E402
 
 
 def build(cfg: Config, kind: str, num_items: int) -> torch.nn.Module:
@@ -44,14 +45,17 @@ def bench_model(cfg: Config, kind: str, data, device: torch.device, steps: int, 
     """Time `steps` training steps and the evaluation of `eval_users` validation users."""
     seed_everything(cfg.train.seed)
     model = build(cfg, kind, data.num_items).to(device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+    optimizer = make_optimizer(model, cfg.train)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batch = cfg.train.batch_size
     loss_fn = compiled_loss(model, cfg.train)  # as fit() does
-    for _ in range(2):  # warm-up (the compiled graph is built here), then the timed steps
-        train_one_epoch(model, data, optimizer, batch, 1.0, device, cfg.train.bf16, loss_fn, max_steps=2)
-    stats = train_one_epoch(model, data, optimizer, batch, 1.0, device, cfg.train.bf16, loss_fn, max_steps=steps)
+    graph = GraphStep(model, data, optimizer, batch, device, cfg.train.bf16) if cfg.train.cuda_graph else None
+    for _ in range(3):  # warm-up (the compiled graph or the CUDA graph is built here), then the timed steps
+        train_one_epoch(model, data, optimizer, batch, 1.0, device, cfg.train.bf16, loss_fn, max_steps=2,
+                        graph=graph)
+    stats = train_one_epoch(model, data, optimizer, batch, 1.0, device, cfg.train.bf16, loss_fn, max_steps=steps,
+                            graph=graph)
     samples_per_s = stats["samples"] / stats["train_seconds"]
     users = slice(0, eval_users)
     synchronize(device)
@@ -72,7 +76,8 @@ def bench_model(cfg: Config, kind: str, data, device: torch.device, steps: int, 
 # Speed variants: config overrides applied on top of the command line's.
 VARIANTS = {"eager": [], "compile": ["train.compile=true"],
             "graphs": ["train.compile=true", "train.compile_mode=reduce-overhead"], "bf16": ["train.bf16=true"],
-            "compile-bf16": ["train.compile=true", "train.bf16=true"]}
+            "compile-bf16": ["train.compile=true", "train.bf16=true"],
+            "cuda-graph": ["train.cuda_graph=true"], "cuda-graph-bf16": ["train.cuda_graph=true", "train.bf16=true"]}
 # The reference implementation's FLAME epoch on an H200 at batch 256, four runs sharing the GPU (issue 3).
 REFERENCE_EPOCH_S = {"amazon-toys": 17.0, "amazon-beauty": 20.0}
 
@@ -104,7 +109,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"cpu ({torch.get_num_threads()} threads)"
             print(f"{args.data}: {len(data.train_target)} samples, {data.num_items} items, batch "
                   f"{cfg.train.batch_size}, {args.steps} steps timed, device {name}")
+        if cfg.train.cuda_graph and device.type != "cuda":
+            print(f"variant {variant}: skipped, CUDA graphs need a CUDA device")
+            continue
         for kind in args.models:
+            check_graph_options(cfg.train, cfg.flame if kind != "sasrec" else None, device)
             rows.append({"variant": variant, **bench_model(cfg, kind, data, device, args.steps, args.eval_users)})
     reference = REFERENCE_EPOCH_S.get(args.data)
     print("| model | variant | ms/step | samples/s | s/epoch (extrapolated) | eval users/s | peak MiB |"

@@ -108,7 +108,7 @@ class FLAME(nn.Module):
     mutual=False: FLAME, the second network is frozen (no grads, never updated, §7.2).
     mutual=True: baseline B3, the second network is trainable and gets its own L_rec (§11); with
     ml_loss="kl" the path loss is replaced by classic deep mutual learning (KL to the detached peer).
-    batch: "seq" (B, L), "target" (B,), and "lam" (float, λ of the current epoch).
+    batch: "seq" (B, L), "target" (B,), and "lam" (λ of the current epoch: a float, or a 0-d tensor).
     """
 
     def __init__(self, learnable: SASRec, other: SASRec, cfg: FlameConfig, mutual: bool = False,
@@ -169,7 +169,12 @@ class FLAME(nn.Module):
         return {p: streams[p][:, -1] for p in paths}  # (B, d) each: the last index of its stream
 
     def loss_terms(self, batch: dict) -> dict[str, torch.Tensor]:
-        seq, target, lam = batch["seq"], batch["target"], float(batch.get("lam", 1.0))
+        seq, target, lam = batch["seq"], batch["target"], batch.get("lam", 1.0)
+        if torch.is_tensor(lam):  # a device scalar under CUDA graphs (train.cuda_graph): no host read
+            skip_paths = self.cfg.lambda0 == 0.0
+        else:
+            lam = float(lam)
+            skip_paths = lam == 0.0
         mask = self.learnable.mask(seq)  # (B, 1, L, L), shared by every pass below
         logits = self.learnable.logits(self.learnable(seq, mask))  # h: the only input of L_rec (§7.1 step 1)
         rec = F.cross_entropy(logits, target - 1)
@@ -186,7 +191,7 @@ class FLAME(nn.Module):
                 terms["kl"] = kl
                 terms["loss"] = loss + kl
                 return terms
-        if lam != 0.0:  # λ0 = 0 skips the paths entirely (behaves like B1, §11)
+        if not skip_paths:  # λ0 = 0 skips the paths entirely (behaves like B1, §11)
             z = self.path_outputs(seq, self.sample_paths(), mask)
             wcl, alpha = weighted_contrastive(z, self.cfg.tau, self.cfg.cl_normalize,
                                               self.cfg.detach_pair_weights)

@@ -33,7 +33,7 @@ from common.utils import get_device, load_json, run_cli, seed_everything  # noqa
 from .data import DataConfig, build_data, load_raw  # noqa: E402
 from .ensemble import FLAME, FlameConfig  # noqa: E402
 from .model import AveragedLogits, ModelConfig, SASRec, lambda_schedule, load_frozen, sasrec_state  # noqa: E402
-from .train import REPORT, evaluate, fit  # noqa: E402
+from .train import REPORT, check_graph_options, evaluate, fit, make_optimizer  # noqa: E402
 
 PAPER_DIR = Path(__file__).resolve().parent
 
@@ -52,6 +52,7 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast in training (speed option; reproduction runs use fp32, §7.5)
     compile: bool = False  # torch.compile the loss (speed option; changes dropout's random stream)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    cuda_graph: bool = False  # capture the whole step as one CUDA graph (speed option; GPU only, changes dropout's stream)
     sasrec_run: Optional[str] = None  # SASRec run dir (same seed) for convergence; None = stage-1 run
 
 
@@ -191,6 +192,7 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> di
     """One training run of cfg.model; returns the results dict also written to results.json."""
     cfg.backbone.max_len = cfg.data.max_len  # the position table has one row per input slot
     device, is_main = setup_device(cfg)
+    check_graph_options(cfg.train, cfg.flame if cfg.model in ("flame", "mutual") else None, device)
     data = build_data(load_raw(cfg.data), cfg.data)
     frozen_path, stage1, member_dirs = None, None, []
     if cfg.model == "flame" or (cfg.model == "sasrec" and cfg.flame.frozen):
@@ -219,8 +221,7 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> di
                    "train_seconds": sum(m["train_seconds"] for m in members),
                    "members": [str(d) for d in member_dirs]}
     else:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(trainable, lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
+        optimizer = make_optimizer(model, cfg.train)
         summary = fit(model, data, optimizer, cfg, run_dir, device, lam_fn, resume, is_main)
     if cfg.model == "sasrec" and is_main:  # the 36-key layout of §5: usable as a frozen net
         save_checkpoint(run_dir / "frozen.pt", sasrec_state(model))

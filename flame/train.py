@@ -29,10 +29,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, bf16: bool):
+def _autocast(device: torch.device, bf16: bool, cache: bool = True):
     if not bf16:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    # cache=False under CUDA-graph capture: autocast's cast cache must not outlive the captured region
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def compiled_loss(model: torch.nn.Module, tc: Any) -> Optional[Callable[[dict], dict]]:
@@ -41,6 +42,109 @@ def compiled_loss(model: torch.nn.Module, tc: Any) -> Optional[Callable[[dict], 
     if not tc.compile:
         return None
     return torch.compile(model.loss_terms, mode=None if tc.compile_mode == "default" else tc.compile_mode)
+
+
+class GraphStep:
+    """The whole training step of one full batch (gather, forward, backward, Adam, loss statistics)
+    captured once as a CUDA graph and replayed: one launch per step instead of ~700 (spec §10: at
+    d = 64 the eager step is bound by kernel launches). train.cuda_graph=true.
+
+    Inputs live in static buffers (the batch's sample indices, λ as a device scalar); the running
+    sums of the loss terms are accumulated inside the graph. The first `warmup` calls are real
+    training steps run eagerly on a side stream (cuBLAS handles, Adam's state), the next one is
+    captured and replayed, so no step is spent outside the data. Requirements, checked by
+    check_graph_options: a CUDA device, Adam with capturable=True, every path each step
+    (flame.num_paths=0), no torch.compile, a single process. Dropout draws from the graph-safe
+    Philox stream, so the random stream differs from eager mode (as with train.compile).
+
+    capture=False runs the identical static-buffer step eagerly: what the CPU tests exercise.
+    """
+
+    def __init__(self, model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, batch_size: int,
+                 device: torch.device, bf16: bool = False, capture: bool = True, warmup: int = 3):
+        self.model, self.data, self.optimizer, self.device, self.bf16 = model, data, optimizer, device, bf16
+        if capture and warmup < 1:
+            raise ValueError("GraphStep needs at least one eager warm-up step before the capture")
+        self.capture, self.warmup = capture, warmup
+        self.index = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.lam = torch.zeros((), dtype=torch.float32, device=device)
+        self.keys: Optional[tuple] = None
+        self.sums: Optional[torch.Tensor] = None
+        self.graph = None
+        self.stream = None
+        self.calls = 0
+
+    def _step(self) -> None:
+        batch = {"seq": self.data.train_seq[self.index], "target": self.data.train_target[self.index],
+                 "lam": self.lam}
+        with _autocast(self.device, self.bf16, cache=not self.capture):
+            terms = self.model.loss_terms(batch)
+        terms["loss"].backward()
+        self.optimizer.step()
+        values = torch.stack([terms[k].detach().float() for k in terms])  # detached (quirk 11)
+        if self.keys is None:
+            self.keys, self.sums = tuple(terms), torch.zeros_like(values)
+        elif tuple(terms) != self.keys:
+            raise RuntimeError("the loss terms changed between steps: CUDA graphs need a fixed set of paths")
+        self.sums += values
+
+    def reset(self) -> None:
+        """Start an epoch's statistics (outside the graph, so replays keep adding to the same buffer)."""
+        if self.sums is not None:
+            self.sums.zero_()
+
+    def __call__(self, index: torch.Tensor, lam: float) -> None:
+        self.index.copy_(index)
+        self.lam.fill_(lam)
+        self.calls += 1
+        if not self.capture:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._step()
+        elif self.graph is not None:
+            self.graph.replay()
+        elif self.calls <= self.warmup:  # on the capture's stream: per-stream library handles exist before it
+            self.stream = self.stream or torch.cuda.Stream(self.device)
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._step()
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        else:  # capture records without running: replay once for this batch
+            self.optimizer.zero_grad(set_to_none=True)  # the backward allocates .grad in the graph's pool
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=self.stream):
+                self._step()
+            self.graph.replay()
+
+    def zero_grad(self) -> None:
+        """Before an eager step between replays (the last partial batch): zero the static .grad
+        buffers in place instead of dropping them, so the captured Adam step keeps reading them."""
+        self.optimizer.zero_grad(set_to_none=self.graph is None)
+
+    def totals(self) -> dict[str, float]:
+        return {} if self.keys is None else dict(zip(self.keys, self.sums.tolist()))
+
+
+def make_optimizer(model: torch.nn.Module, tc: Any) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters (§7.5: betas (0.9, 0.999), eps 1e-8, nothing else);
+    capturable under train.cuda_graph, which keeps the step count on the GPU (same arithmetic)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(trainable, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8, capturable=tc.cuda_graph)
+
+
+def check_graph_options(tc: Any, flame_cfg: Any, device: torch.device) -> None:
+    """One-line errors for train.cuda_graph=true in a setting a captured step cannot serve."""
+    if not tc.cuda_graph:
+        return
+    if device.type != "cuda":
+        raise ValueError(f"train.cuda_graph=true needs a CUDA device, this run uses {device.type}")
+    if tc.compile:
+        raise ValueError("train.cuda_graph=true and train.compile=true exclude each other "
+                         "(compile_mode=reduce-overhead is the compiled way to CUDA graphs)")
+    if flame_cfg is not None and flame_cfg.num_paths:
+        raise ValueError("train.cuda_graph=true needs flame.num_paths=0: a graph cannot sample paths per step")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("train.cuda_graph=true runs in a single process, not under accelerate launch")
 
 
 def _average_gradients(params: list[torch.Tensor]) -> None:
@@ -54,10 +158,12 @@ def _average_gradients(params: list[torch.Tensor]) -> None:
 
 def train_one_epoch(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, batch_size: int,
                     lam: float, device: torch.device, bf16: bool = False,
-                    loss_fn: Optional[Callable[[dict], dict]] = None, max_steps: Optional[int] = None) -> dict:
+                    loss_fn: Optional[Callable[[dict], dict]] = None, max_steps: Optional[int] = None,
+                    graph: Optional[GraphStep] = None) -> dict:
     """One pass over the shuffled samples, last partial batch kept (§3.4). Returns mean loss terms.
 
     The training tensors are expected on `device` already; only index slices are taken here.
+    `graph`: full batches go through this captured step; the last partial batch stays eager.
     """
     model.train()  # the whole model, frozen net included (§7.5, quirk 4)
     loss_fn = loss_fn or model.loss_terms
@@ -65,15 +171,26 @@ def train_one_epoch(model: torch.nn.Module, data: Any, optimizer: torch.optim.Op
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     perm = torch.randperm(len(data.train_target)).to(device)  # global RNG: restored on resume
     sums: dict[tuple, list] = {}  # key tuple -> [stacked running sum, steps]: 2 launches a step, not one per key
-    steps = 0
+    steps, graph_steps = 0, 0
+    if graph is not None:
+        graph.reset()
     synchronize(device)
     start = time.perf_counter()
     for first in range(0, len(perm), batch_size):
         index = perm[first: first + batch_size]
+        if graph is not None and len(index) == batch_size:
+            graph(index, lam)
+            steps, graph_steps = steps + 1, graph_steps + 1
+            if max_steps is not None and steps >= max_steps:
+                break
+            continue
         if distributed:
             index = index[dist.get_rank():: dist.get_world_size()]
         batch = {"seq": data.train_seq[index], "target": data.train_target[index], "lam": lam}
-        optimizer.zero_grad(set_to_none=True)
+        if graph is not None:
+            graph.zero_grad()
+        else:
+            optimizer.zero_grad(set_to_none=True)
         if len(index) == 0:  # last batch smaller than the world size: this rank adds zero gradients
             for p in params:
                 p.grad = torch.zeros_like(p)
@@ -98,8 +215,8 @@ def train_one_epoch(model: torch.nn.Module, data: Any, optimizer: torch.optim.Op
             break
     synchronize(device)
     seconds = time.perf_counter() - start
-    totals: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    totals: dict[str, float] = graph.totals() if graph is not None else {}
+    counts: dict[str, int] = {key: graph_steps for key in totals}
     for keys, (values, n) in sums.items():
         for key, value in zip(keys, values.tolist()):
             totals[key] = totals.get(key, 0.0) + value
@@ -174,11 +291,14 @@ def fit(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, cfg
     best state restored at the end. best.pt on improvement, last.pt every epoch (resumable)."""
     tc, ec = cfg.train, cfg.eval
     loss_fn = compiled_loss(model, tc)
+    graph: Optional[GraphStep] = None
     best, best_epoch, start_epoch, train_time, time_to_best = 0.0, 0, 1, 0.0, 0.0
     best_state = copy.deepcopy(model.state_dict())
     if resume and (run_dir / "last.pt").exists():
         ckpt = load_checkpoint(run_dir / "last.pt")
         model.load_state_dict(ckpt["model"])
+        for group, saved in zip(optimizer.param_groups, ckpt["optimizer"]["param_groups"]):
+            saved["capturable"] = group.get("capturable", False)  # this run's choice, not the saved one
         optimizer.load_state_dict(ckpt["optimizer"])
         best, best_epoch, train_time = ckpt["best_val"], ckpt["best_epoch"], ckpt["train_time"]
         time_to_best, start_epoch = ckpt["time_to_best"], ckpt["epoch"] + 1
@@ -194,7 +314,10 @@ def fit(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, cfg
             print(f"early stop: no improvement of valid {tc.select} for {tc.patience} epochs")
             break
         lam = lam_fn(epoch)
-        stats = train_one_epoch(model, data, optimizer, tc.batch_size, lam, device, tc.bf16, loss_fn)
+        if tc.cuda_graph and graph is None:  # built after a resume has loaded the states it captures
+            graph = GraphStep(model, data, optimizer, tc.batch_size, device, tc.bf16)
+        stats = train_one_epoch(model, data, optimizer, tc.batch_size, lam, device, tc.bf16, loss_fn,
+                                graph=graph)
         train_time += stats["train_seconds"]
         valid = evaluate(model, data.valid_seq, data.valid_target, data.valid_hist, ec.seen_mask, ec.rank,
                          ec.batch_size, device)
