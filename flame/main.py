@@ -68,6 +68,8 @@ class EvalConfig:
 class BaselineConfig:
     """Options of the baselines of spec §11."""
     ensemble_n: int = 4  # B2: members with seeds seed, seed+1, ...
+    ensemble_members: list[str] = field(default_factory=list)  # B2 from given SASRecs instead: run
+    # folders (frozen.pt + results.json) or 36-key checkpoint files (e.g. the shipped frozen nets)
     ml_loss: Literal["wcl", "kl"] = "wcl"  # B3: FLAME's path loss, or classic deep mutual learning
 
 
@@ -120,14 +122,34 @@ def resolve_frozen(cfg: Config) -> tuple[Path, Optional[Path]]:
     return run_dir / "frozen.pt", run_dir
 
 
+def ensemble_members(cfg: Config) -> list[tuple[Path, Optional[dict]]]:
+    """B2's members (§11) as (36-key checkpoint, results.json or None): baselines.ensemble_members
+    when given, else stage-1 runs with seeds seed, seed+1, ... (trained or reused from the cache)."""
+    if not cfg.baselines.ensemble_members:
+        dirs = [pretrain_sasrec(cfg, cfg.train.seed + i) for i in range(cfg.baselines.ensemble_n)]
+        return [(d / "frozen.pt", load_json(d / "results.json")) for d in dirs]
+    members = []
+    for entry in map(Path, cfg.baselines.ensemble_members):
+        if entry.is_dir():
+            record = entry / "results.json"
+            members.append((entry / "frozen.pt", load_json(record) if record.is_file() else None))
+        elif entry.is_file():
+            members.append((entry, None))  # a bare checkpoint: its training record is unknown
+        else:
+            raise FileNotFoundError(f"baselines.ensemble_members: {entry} is neither a run folder nor a checkpoint")
+    if len(members) < 2:
+        raise ValueError(f"baselines.ensemble_members: an ensemble needs at least 2 members, got {len(members)}")
+    return members
+
+
 def build_model(cfg: Config, num_items: int, frozen_path: Optional[Path],
-                member_dirs: list[Path]) -> torch.nn.Module:
+                member_files: list[Path]) -> torch.nn.Module:
     """The learnable network is built first, then the second one, from the same seed (§6, §11)."""
     if cfg.model == "sasrec":  # flame.frozen given: start from it (max_epochs=0 just evaluates it)
         model = SASRec(cfg.backbone, num_items)
         return load_frozen(model, cfg.flame.frozen) if cfg.flame.frozen else model
     if cfg.model == "ensemble":
-        return AveragedLogits([load_frozen(SASRec(cfg.backbone, num_items), d / "frozen.pt") for d in member_dirs])
+        return AveragedLogits([load_frozen(SASRec(cfg.backbone, num_items), f) for f in member_files])
     learnable = SASRec(cfg.backbone, num_items)
     other = SASRec(cfg.backbone, num_items)
     if cfg.model == "flame":
@@ -194,11 +216,11 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> di
     device, is_main = setup_device(cfg)
     check_graph_options(cfg.train, cfg.flame if cfg.model in ("flame", "mutual") else None, device)
     data = build_data(load_raw(cfg.data), cfg.data)
-    frozen_path, stage1, member_dirs = None, None, []
+    frozen_path, stage1, members = None, None, []
     if cfg.model == "flame" or (cfg.model == "sasrec" and cfg.flame.frozen):
         frozen_path, stage1 = resolve_frozen(cfg)
-    elif cfg.model == "ensemble":  # B2 members are stage-1 runs with seeds seed, seed+1, ... (§11)
-        member_dirs = [pretrain_sasrec(cfg, cfg.train.seed + i) for i in range(cfg.baselines.ensemble_n)]
+    elif cfg.model == "ensemble":
+        members = ensemble_members(cfg)
     if is_main:
         run_dir = start_run(cfg, "flame", cfg.data.dataset, f"{cfg.model}_seed{cfg.train.seed}", run_dir,
                             cfg.run_root)
@@ -207,19 +229,21 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> di
         dist.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    model = build_model(cfg, data.num_items, frozen_path, member_dirs).to(device)
+    model = build_model(cfg, data.num_items, frozen_path, [f for f, _ in members]).to(device)
     for name in ("train_seq", "train_target"):  # the whole training set on the device (no loader)
         setattr(data, name, getattr(data, name).to(device))
     horizon = cfg.flame.lambda_horizon or cfg.train.max_epochs  # quirk 10
     lam_fn = lambda e: lambda_schedule(e, cfg.flame.lambda0, cfg.flame.lambdaR, horizon)  # noqa: E731
     if cfg.model == "ensemble":
-        members = [load_json(d / "results.json") for d in member_dirs]
+        records = [r for _, r in members]
+        known = len([r for r in records if r is not None]) == len(records)  # else training cost unknown
         valid = evaluate(model, data.valid_seq, data.valid_target, data.valid_hist, cfg.eval.seen_mask,
                          cfg.eval.rank, cfg.eval.batch_size, device)
-        summary = {"best_valid": valid[cfg.train.select], "best_epoch": max(m["best_epoch"] for m in members),
-                   "time_to_best_s": sum(m["train_seconds"] for m in members),
-                   "train_seconds": sum(m["train_seconds"] for m in members),
-                   "members": [str(d) for d in member_dirs]}
+        cost = sum(r["train_seconds"] for r in records) if known else None
+        summary = {"best_valid": valid[cfg.train.select],
+                   "best_epoch": max(r["best_epoch"] for r in records) if known else None,
+                   "time_to_best_s": cost, "train_seconds": cost,
+                   "members": [str(f) for f, _ in members]}
     else:
         optimizer = make_optimizer(model, cfg.train)
         summary = fit(model, data, optimizer, cfg, run_dir, device, lam_fn, resume, is_main)

@@ -83,6 +83,30 @@ def test_baselines_and_options_run(tmp_path, extra):
         assert "test_mean_ab" in results
 
 
+def test_ensemble_of_given_members(tmp_path, frozen_file):
+    """B2 from given SASRecs: a run folder and a bare checkpoint; scores are the mean of the members'."""
+    from flame.model import AveragedLogits
+
+    base = main(["--config", SMOKE, "model=sasrec", *FAST, "--run-dir", str(tmp_path / "b1")])
+    members = f"[{tmp_path / 'b1'},{frozen_file}]"
+    out = main(["--config", SMOKE, *FAST, "model=ensemble", f"baselines.ensemble_members={members}",
+                "--run-dir", str(tmp_path / "b2")])
+    assert out["members"] == [str(tmp_path / "b1" / "frozen.pt"), str(frozen_file)]
+    assert out["train_seconds"] is None and out["best_epoch"] is None  # the bare checkpoint has no record
+    data = build_data(load_raw(DataConfig(synthetic_users=60, synthetic_items=40)), DataConfig(max_len=10))
+    nets = [load_frozen(SASRec(ModelConfig(d=16, max_len=10), data.num_items), f) for f in out["members"]]
+    from flame.train import evaluate
+    expected = evaluate(AveragedLogits(nets), data.test_seq, data.test_target, data.test_hist, "reference")
+    assert out["test"]["reference"] == pytest.approx(expected)
+    assert expected != pytest.approx(base["test"]["reference"])  # the second member changed the ranking
+    with pytest.raises(ValueError, match="at least 2 members"):
+        main(["--config", SMOKE, *FAST, "model=ensemble", f"baselines.ensemble_members=[{frozen_file}]",
+              f"run_root={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="neither a run folder nor a checkpoint"):
+        main(["--config", SMOKE, *FAST, "model=ensemble", f"baselines.ensemble_members=[{frozen_file},{tmp_path / 'x'}]",
+              f"run_root={tmp_path}"])
+
+
 def test_sasrec_run_as_convergence_baseline(tmp_path, frozen_file):
     base = main(["--config", SMOKE, "model=sasrec", *FAST, "--run-dir", str(tmp_path / "b1")])
     assert (tmp_path / "b1" / "frozen.pt").exists() and base["model"] == "sasrec"
