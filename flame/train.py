@@ -112,8 +112,13 @@ class GraphStep:
         else:  # capture records without running: replay once for this batch
             self.optimizer.zero_grad(set_to_none=True)  # the backward allocates .grad in the graph's pool
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=self.stream):
-                self._step()
+            try:
+                with torch.cuda.graph(self.graph, stream=self.stream):
+                    self._step()
+            except RuntimeError as err:  # an op of this torch/GPU pair that cannot be captured
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise RuntimeError(f"train.cuda_graph: capturing the training step failed ({first}); "
+                                   f"run with train.cuda_graph=false") from err
             self.graph.replay()
 
     def zero_grad(self) -> None:
