@@ -152,14 +152,20 @@ def test_compare_writes_table_and_plot(tmp_path):
     assert out["flame"][0]["frozen"].endswith("sasrec_seed1/frozen.pt")
 
 
-def test_bench_reports_every_model():
+def test_bench_reports_every_model(capsys, monkeypatch):
+    from flame import bench as bench_module
     from flame.bench import main as bench
 
+    monkeypatch.setitem(bench_module.REFERENCE_EPOCH_S, "synthetic", 17.0)  # a yardstick exists, but for GPUs
+
     rows = bench(["--steps", "2", "--eval-users", "50", "--models", "sasrec", "flame", "mutual",
-                  "--variants", "eager", "bf16", "data.max_len=10", "backbone.d=16", "train.device=cpu"])
+                  "--variants", "eager", "bf16", "cuda-graph", "data.max_len=10", "backbone.d=16", "train.device=cpu"])
     assert [r["model"] for r in rows] == ["sasrec", "flame", "mutual"] * 2
     assert [r["variant"] for r in rows] == ["eager"] * 3 + ["bf16"] * 3
     assert all(r["samples_per_s"] > 0 and r["epoch_s"] > 0 and r["peak_mib"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "variant cuda-graph: skipped, CUDA graphs need a CUDA device" in printed
+    assert "reference FLAME" not in printed  # the GPU yardstick is not set against a CPU epoch
 
 
 def test_script_form_from_paper_folder(tmp_path):
