@@ -110,3 +110,20 @@ def test_captured_step_matches_eager_on_gpu():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
     for a, b in zip(eager_stats, graph_stats):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["steps"] == b["steps"]
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_loss_with_tensor_lambda_has_no_host_reads(mutual):
+    """What a CUDA-graph capture forbids in the forward (.item(), float(tensor), `if tensor`) would be
+    a graph break here: Dynamo with fullgraph=True must trace FLAME's loss in one piece."""
+    data = small_data()
+    model = small_flame(data.num_items, mutual=mutual).train()
+    batch = {"seq": data.train_seq[:32], "target": data.train_target[:32], "lam": torch.tensor(0.5)}
+    torch._dynamo.reset()
+    traced = torch.compile(model.loss_terms, fullgraph=True, backend="eager")
+    terms = traced(batch)
+    assert torch.isfinite(terms["loss"]) and "wcl" in terms
+    with pytest.raises(Exception, match="data-dependent"):  # teeth: float() of the tensor λ is a host read
+        torch._dynamo.reset()
+        torch.compile(lambda b: model.loss_terms({**b, "lam": float(b["lam"])}), fullgraph=True,
+                      backend="eager")(batch)
