@@ -236,7 +236,7 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> di
     lam_fn = lambda e: lambda_schedule(e, cfg.flame.lambda0, cfg.flame.lambdaR, horizon)  # noqa: E731
     if cfg.model == "ensemble":
         records = [r for _, r in members]
-        known = len([r for r in records if r is not None]) == len(records)  # else training cost unknown
+        known = all(r is not None for r in records)  # a bare checkpoint: training cost unknown
         valid = evaluate(model, data.valid_seq, data.valid_target, data.valid_hist, cfg.eval.seen_mask,
                          cfg.eval.rank, cfg.eval.batch_size, device)
         cost = sum(r["train_seconds"] for r in records) if known else None
