@@ -127,3 +127,16 @@ def test_loss_with_tensor_lambda_has_no_host_reads(mutual):
         torch._dynamo.reset()
         torch.compile(lambda b: model.loss_terms({**b, "lam": float(b["lam"])}), fullgraph=True,
                       backend="eager")(batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_run_end_to_end_and_resume_on_gpu(tmp_path):
+    """The smoke config with train.cuda_graph=true: stage 1 and FLAME train through captured steps,
+    and a run resumed from last.pt (a fresh capture after the optimizer state is loaded) finishes."""
+    common = ["--config", SMOKE, "train.cuda_graph=true", "train.device=cuda", f"run_root={tmp_path}"]
+    out = main(common + ["train.max_epochs=3", "--run-dir", str(tmp_path / "g")])
+    assert out["config"]["train"]["cuda_graph"] is True and out["test"]["reference"]["NDCG@20"] > 0
+    main(common + ["train.max_epochs=2", "--run-dir", str(tmp_path / "part")])
+    resumed = main(["--resume", str(tmp_path / "part"), "train.max_epochs=3"])
+    assert resumed["test"]["reference"]["NDCG@20"] > 0
