@@ -72,7 +72,8 @@ class GraphStep:
         self.sums: Optional[torch.Tensor] = None
         self.graph = None
         self.stream = None
-        self.calls = 0
+        self.calls = 0  # since construction: warm-up, then capture
+        self.steps = 0  # since reset(): the steps behind self.sums
 
     def _step(self) -> None:
         batch = {"seq": self.data.train_seq[self.index], "target": self.data.train_target[self.index],
@@ -81,15 +82,16 @@ class GraphStep:
             terms = self.model.loss_terms(batch)
         terms["loss"].backward()
         self.optimizer.step()
-        values = torch.stack([terms[k].detach().float() for k in terms])  # detached (quirk 11)
+        keys, values = _stacked_terms(terms)
         if self.keys is None:
-            self.keys, self.sums = tuple(terms), torch.zeros_like(values)
-        elif tuple(terms) != self.keys:
+            self.keys, self.sums = keys, torch.zeros_like(values)
+        elif keys != self.keys:
             raise RuntimeError("the loss terms changed between steps: CUDA graphs need a fixed set of paths")
         self.sums += values
 
     def reset(self) -> None:
         """Start an epoch's statistics (outside the graph, so replays keep adding to the same buffer)."""
+        self.steps = 0
         if self.sums is not None:
             self.sums.zero_()
 
@@ -97,6 +99,7 @@ class GraphStep:
         self.index.copy_(index)
         self.lam.fill_(lam)
         self.calls += 1
+        self.steps += 1
         if not self.capture:
             self.optimizer.zero_grad(set_to_none=True)
             self._step()
@@ -126,8 +129,15 @@ class GraphStep:
         buffers in place instead of dropping them, so the captured Adam step keeps reading them."""
         self.optimizer.zero_grad(set_to_none=self.graph is None)
 
-    def totals(self) -> dict[str, float]:
-        return {} if self.keys is None else dict(zip(self.keys, self.sums.tolist()))
+    def accumulated(self) -> dict[tuple, list]:
+        """This epoch's statistics in train_one_epoch's form: {key tuple: [summed values, steps]}."""
+        return {self.keys: [self.sums, self.steps]} if self.keys is not None and self.steps else {}
+
+
+def _stacked_terms(terms: dict[str, torch.Tensor]) -> tuple[tuple, torch.Tensor]:
+    """The loss terms as (names, one stacked detached tensor): one running sum, not one per key."""
+    keys = tuple(terms)  # the α keys vary when flame.num_paths samples paths
+    return keys, torch.stack([terms[k].detach().float() for k in keys])  # detached (quirk 11)
 
 
 def make_optimizer(model: torch.nn.Module, tc: Any) -> torch.optim.Optimizer:
@@ -176,7 +186,7 @@ def train_one_epoch(model: torch.nn.Module, data: Any, optimizer: torch.optim.Op
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     perm = torch.randperm(len(data.train_target)).to(device)  # global RNG: restored on resume
     sums: dict[tuple, list] = {}  # key tuple -> [stacked running sum, steps]: 2 launches a step, not one per key
-    steps, graph_steps = 0, 0
+    steps = 0
     if graph is not None:
         graph.reset()
     synchronize(device)
@@ -184,45 +194,41 @@ def train_one_epoch(model: torch.nn.Module, data: Any, optimizer: torch.optim.Op
     for first in range(0, len(perm), batch_size):
         index = perm[first: first + batch_size]
         if graph is not None and len(index) == batch_size:
-            graph(index, lam)
-            steps, graph_steps = steps + 1, graph_steps + 1
-            if max_steps is not None and steps >= max_steps:
-                break
-            continue
-        if distributed:
-            index = index[dist.get_rank():: dist.get_world_size()]
-        batch = {"seq": data.train_seq[index], "target": data.train_target[index], "lam": lam}
-        if graph is not None:
-            graph.zero_grad()
+            graph(index, lam)  # its statistics accumulate inside the graph
         else:
-            optimizer.zero_grad(set_to_none=True)
-        if len(index) == 0:  # last batch smaller than the world size: this rank adds zero gradients
-            for p in params:
-                p.grad = torch.zeros_like(p)
-            _average_gradients(params)
+            if distributed:
+                index = index[dist.get_rank():: dist.get_world_size()]
+            batch = {"seq": data.train_seq[index], "target": data.train_target[index], "lam": lam}
+            if graph is not None:
+                graph.zero_grad()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+            if len(index) == 0:  # last batch smaller than the world size: this rank adds zero gradients
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+                _average_gradients(params)
+                optimizer.step()
+                continue
+            with _autocast(device, bf16):
+                terms = loss_fn(batch)
+            terms["loss"].backward()
+            if distributed:
+                _average_gradients(params)
             optimizer.step()
-            continue
-        with _autocast(device, bf16):
-            terms = loss_fn(batch)
-        terms["loss"].backward()
-        if distributed:
-            _average_gradients(params)
-        optimizer.step()
-        keys = tuple(terms)  # the α keys vary when flame.num_paths samples paths
-        values = torch.stack([terms[k].detach().float() for k in keys])  # detached (quirk 11)
-        if keys in sums:
-            sums[keys][0] += values
-            sums[keys][1] += 1
-        else:
-            sums[keys] = [values, 1]
+            keys, values = _stacked_terms(terms)
+            if keys in sums:
+                sums[keys][0] += values
+                sums[keys][1] += 1
+            else:
+                sums[keys] = [values, 1]
         steps += 1
         if max_steps is not None and steps >= max_steps:
             break
     synchronize(device)
     seconds = time.perf_counter() - start
-    totals: dict[str, float] = graph.totals() if graph is not None else {}
-    counts: dict[str, int] = {key: graph_steps for key in totals}
-    for keys, (values, n) in sums.items():
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for keys, (values, n) in [*(graph.accumulated() if graph is not None else {}).items(), *sums.items()]:
         for key, value in zip(keys, values.tolist()):
             totals[key] = totals.get(key, 0.0) + value
             counts[key] = counts.get(key, 0) + n
