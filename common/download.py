@@ -1,21 +1,23 @@
 """Acquisition of raw data: streamed, checksummed downloads and atomic zip extraction (stdlib urllib).
 
-Used only by the hand-run prepare step (`python -m common.prepare NAME`), never by training or tests
-against the network (CONVENTIONS.md §9, §16.8). Every failure is one line naming the URL or file; a
-failed download leaves nothing at the destination (data goes to a temp file, renamed when verified).
+Used by the prepare step (`python -m common.prepare NAME`, or a paper's data loading when a file is
+missing); tests exercise it against a local HTTP server only. Every failure is one line naming the URL or
+file; a failed or unverified download leaves nothing at the destination (data goes to a temp file that
+is renamed only once its length and checksums are verified).
 """
 from __future__ import annotations
 
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
 
 from tqdm import tqdm
+
+from common.io import atomic_write
 
 CHUNK = 1 << 20
 
@@ -59,27 +61,20 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str | None = None, timeout:
     one line ending with `hint` (prepare says there which file to put where), and nothing is left behind.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     hint = f"; {hint}" if hint else ""
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            try:
-                got, total, digests = _stream(url, handle, timeout, dest.name)
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-                reason = (f"HTTP {err.code} {err.reason}" if isinstance(err, urllib.error.HTTPError)
-                          else getattr(err, "reason", None) or err)
-                raise ConnectionError(f"cannot download {url} ({reason}){hint}") from None
+    with atomic_write(dest, "wb") as handle:
+        try:
+            got, total, digests = _stream(url, handle, timeout, dest.name)
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+            reason = (f"HTTP {err.code} {err.reason}" if isinstance(err, urllib.error.HTTPError)
+                      else getattr(err, "reason", None) or err)
+            raise ConnectionError(f"cannot download {url} ({reason}){hint}") from None
         if total >= 0 and got != total:
             raise ConnectionError(f"truncated download of {url}: got {got} of {total} bytes{hint}")
         for name, want in (("sha256", sha256), ("md5", md5)):
             if want and digests[name] != want.lower():
                 raise ValueError(f"{name} mismatch for {url}: expected {want}, got {digests[name]} "
                                  f"(download deleted){hint}")
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dest
 
 
@@ -94,16 +89,9 @@ def unpack(archive: str | os.PathLike, member: str, dest: str | os.PathLike) -> 
                 if len(matches) != 1:
                     raise FileNotFoundError(f"{archive}: no member {member} (has {len(names)} members)")
                 member = matches[0]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as out, zf.open(member) as src:
-                    for block in iter(lambda: src.read(CHUNK), b""):
-                        out.write(block)
-                os.replace(tmp, dest)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_write(dest, "wb") as out, zf.open(member) as src:
+                for block in iter(lambda: src.read(CHUNK), b""):
+                    out.write(block)
     except (zipfile.BadZipFile, zipfile.LargeZipFile) as err:
         raise ValueError(f"{archive}: not a readable zip archive ({err})") from None
     return dest

@@ -2,8 +2,8 @@
 
     python -m common.prepare ml-100k [--root DIR] [--force]      (or: make data DATA=ml-100k)
 
-Raw files are looked up under the data root (--root > $REPRO_DATA > <repo>/data/raw, layout of
-../shared/data) and then <repo>/data/raw; when absent they are downloaded into <repo>/data/raw. The
+Raw files are looked up under the data root (--root > $REPRO_DATA > <repo>/data/raw, one folder per
+dataset as the registry names it) and then <repo>/data/raw; when absent they are downloaded into <repo>/data/raw. The
 artefact goes to cache_root()/<name>/<recipe hash>/ (interactions.tsv and/or sequences.txt, stats.json),
 keyed by dataset + recipe + format version, written atomically; the data root is never written to.
 """
@@ -13,46 +13,18 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common.data import (COLUMNS, DATASETS, FILTER_KEYS, FORMAT_VERSION, RECIPE_DEFAULTS, REPO, Interactions,
-                         apply_recipe, cache_root, check_stats, compute_stats, data_root, dataset_entry,
-                         to_sequences, write_sequences)
+from common.data import COLUMNS, Interactions, apply_recipe, check_stats, compute_stats, to_sequences, write_sequences
 from common.download import fetch, file_sha256, unpack
+from common.io import REPO, atomic_dir, cache_root, data_root
+from common.registry import DATASETS, dataset_entry, expected_stats, full_recipe
 
-
-def full_recipe(name: str, recipe: dict | None = None) -> dict:
-    """The registered recipe with `recipe` overrides on top, every key filled in."""
-    entry = dataset_entry(name)
-    if entry["kind"] == "sequences":
-        if recipe:
-            raise ValueError(f"{name}: a sequence file is used as shipped; recipe overrides are not supported")
-        return {}
-    unknown = set(recipe or {}) - set(RECIPE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"{name}: unknown recipe keys {sorted(unknown)}; known: {sorted(RECIPE_DEFAULTS)}")
-    full = {**RECIPE_DEFAULTS, **entry["recipe"], **(recipe or {})}
-    if full["order"] not in ("file", "user_time") or full["ids"] not in ("raw", "first", "sorted"):
-        raise ValueError(f"{name}: recipe order must be file|user_time and ids raw|first|sorted, got {full}")
-    return full
-
-
-def expected_stats(name: str, recipe: dict) -> dict | None:
-    """Known statistics for this recipe's filters (registered recipe or a variant); None if unknown."""
-    entry = dataset_entry(name)
-    if entry["kind"] == "sequences":
-        return entry["expected"]
-    filters = {k: recipe[k] for k in FILTER_KEYS}
-    for delta, stats in [(entry["recipe"], entry["expected"])] + entry.get("variants", []):
-        if {k: {**RECIPE_DEFAULTS, **delta}[k] for k in FILTER_KEYS} == filters:
-            return stats
-    return None
+FORMAT_VERSION = 1  # bump when the artefact layout or a transform's semantics change: invalidates caches
 
 
 def recipe_hash(name: str, recipe: dict) -> str:
@@ -122,10 +94,8 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, recipe: dict
 
 
 def _write_artefact(out: Path, files: dict, meta: dict) -> None:
-    """Write into a temp dir beside `out`, then rename it into place (replacing an older build)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    """Write every file of the artefact into a fresh folder that replaces `out` in one rename."""
+    with atomic_dir(out) as tmp:
         for fname, data in files.items():
             if fname == "sequences.txt":
                 write_sequences(tmp / fname, data)
@@ -133,14 +103,6 @@ def _write_artefact(out: Path, files: dict, meta: dict) -> None:
                 rows = map("{}\t{}\t{}\t{}\n".format, *(data[c].tolist() for c in COLUMNS))
                 (tmp / fname).write_text("user_id\titem_id\ttimestamp\trating\n" + "".join(rows))
         (tmp / "stats.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():  # --force or a recipe-equal rebuild: move the old one aside first
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / "x")
-            shutil.rmtree(old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def download_raw(name: str, download_dir: str | os.PathLike | None = None, timeout: float = 10.0,

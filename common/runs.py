@@ -1,15 +1,19 @@
-"""Run directories (CONVENTIONS.md §6, §12): config.yaml, log.txt, metrics.jsonl, results.json, checkpoints.
+"""Run directories: config.yaml, log.txt, metrics.jsonl, results.json and checkpoints, the same in every paper.
 
     run_dir = start_run(cfg, "flame", "amazon-toys", tag="seed42")
     log_metrics(run_dir, {"epoch": 1, "valid/NDCG@20": 3.1})
     save_checkpoint(run_dir / "last.pt", {"model": model.state_dict(), "epoch": 1, "rng": rng_state()})
     write_results(run_dir, {"test": {...}, "seed": 42})
+
+Runs go under `<run root>/<paper>/<dataset>/<stamp>_<tag>/`; the run root is a paper's `run_root` key,
+else $REPRO_RUNS, else `<repo>/runs` (the folder that holds common/), whatever the current directory.
 """
 from __future__ import annotations
 
 import atexit
 import json
 import math
+import os
 import platform
 import random
 import sys
@@ -22,7 +26,8 @@ import torch
 import yaml
 
 from common.config import config_to_dict
-from common.utils import atomic_write, git_sha, package_versions, save_json
+from common.io import REPO, atomic_write, git_sha, save_json
+from common.utils import package_versions
 
 
 class _Tee:
@@ -58,16 +63,34 @@ def _tee_stdout(log_path: Path) -> None:
     atexit.register(restore)
 
 
+def default_run_root() -> Path:
+    """$REPRO_RUNS, else <repo>/runs: the same place from any current directory."""
+    return Path(os.environ.get("REPRO_RUNS") or REPO / "runs").expanduser()
+
+
+def _new_run_dir(parent: Path, name: str) -> Path:
+    """Create and return parent/name, or parent/name-1, -2, ...: mkdir is the claim, so two runs started
+    in the same second (in two processes) never share a folder."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for suffix in range(10_000):
+        candidate = parent / (name if suffix == 0 else f"{name}-{suffix}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: no free run folder name for {name}")
+
+
 def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | Path | None = None,
-              root: str | Path = "runs") -> Path:
-    """Create the run directory, write the resolved config.yaml, print the git sha and the config."""
+              root: str | Path | None = None) -> Path:
+    """Create the run directory, write the resolved config.yaml, print the git sha and the config.
+
+    `root` None = default_run_root(); a relative root is relative to the current directory."""
     if run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(root) / paper / dataset / (f"{stamp}_{tag}" if tag else stamp)
-        suffix = 1
-        while run_dir.exists():  # two runs in the same second: never share a folder
-            run_dir = run_dir.with_name(f"{run_dir.name}-{suffix}")
-            suffix += 1
+        base = Path(root).expanduser() if root is not None else default_run_root()
+        run_dir = _new_run_dir(base / paper / dataset, f"{stamp}_{tag}" if tag else stamp)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = config_to_dict(cfg)

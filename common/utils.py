@@ -1,21 +1,16 @@
-"""Small shared helpers: seeding, device choice, atomic files, provenance (git sha, versions)."""
+"""torch-side helpers: seeding, device choice, package versions, and the CLI error wrapper."""
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
-import json
 import os
 import random
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from common.io import atomic_write, git_sha, load_json, save_json  # noqa: F401  (transitional re-export)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -39,52 +34,6 @@ def get_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{name}' requested but CUDA is not available (use device=cpu or auto)")
     return device
-
-
-def git_sha(path: str | Path = ROOT) -> str:
-    """Short commit of the checkout holding `path`, '+dirty' if it has local changes; 'unknown' outside git."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return sha + ("+dirty" if dirty else "")
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Write to a temp file beside `path` and rename it into place only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def save_json(path: str | Path, obj: Any) -> None:
-    """Atomic, indented JSON (numpy and torch scalars converted)."""
-    def default(value: Any) -> Any:
-        if isinstance(value, (np.generic, torch.Tensor)):
-            return value.item() if getattr(value, "ndim", 0) == 0 else value.tolist()
-        if isinstance(value, Path):
-            return str(value)
-        raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-    with atomic_write(path) as handle:
-        json.dump(obj, handle, indent=2, sort_keys=False, default=default)
-        handle.write("\n")
-
-
-def load_json(path: str | Path) -> Any:
-    with open(path) as handle:
-        return json.load(handle)
 
 
 def package_versions() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""common/data.py on hand-made and synthetic fixtures (CONVENTIONS.md §9, §13): readers, transforms, cache.
+"""common/data.py, registry.py, prepare.py and datasets.py on hand-made fixtures: readers, transforms, cache.
 
 Every fixture is written by the test in the real file layout; nothing here reads real data or the network.
 """
@@ -7,18 +7,27 @@ import json
 import numpy as np
 import pytest
 
-from common import data
-from common.data import (DATASETS, compute_stats, kcore, leave_one_out, load_interactions, load_sequences,
-                         make_synthetic, read_hetrec_lastfm, read_hetrec_movielens, read_ml100k, read_ml1m,
-                         read_movielens_csv, read_sequences, remap_ids, sort_chronological,
-                         synthetic_sequences, to_sequences, write_sequences)
-from common.prepare import build_dataset, main as prepare_main
+from common import data, io
+from common.data import (compute_stats, kcore, read_hetrec_lastfm, read_hetrec_movielens, read_ml100k, read_ml1m,
+                         read_movielens_csv, read_sequences, remap_ids, sort_chronological, to_sequences,
+                         write_sequences)
+from common.datasets import load_interactions, load_sequences
+from common.prepare import FORMAT_VERSION, build_dataset, main as prepare_main
+from common.registry import DATASETS
 
 # ML-1M layout: unsorted users, equal timestamps inside a user, a rare item (99) and a user (3) that only
 # falls below the 2-core after the rare item 40 is gone (so one pass is not the fixed point).
 ML1M_FIXTURE = "\n".join(["2::20::5::300", "1::20::3::200", "1::30::4::100", "2::10::2::300", "1::10::5::100",
                           "2::30::1::250", "1::99::5::50", "3::40::4::5", "3::10::4::10"]) + "\n"
 TOY_RECIPE = {"user_k": 2, "item_k": 2, "order": "user_time", "ids": "first"}
+
+
+def _random_log(num_users, num_items, seed, length=(5, 20)):
+    """A random interaction log: users 1..U with 5-20 rows each, items 1..N, increasing timestamps."""
+    rng = np.random.default_rng(seed)
+    user = np.repeat(np.arange(1, num_users + 1), rng.integers(*length, size=num_users))
+    return _inter(user, rng.integers(1, num_items + 1, size=user.size), np.arange(user.size) * 60,
+                  rng.integers(1, 6, size=user.size))
 
 
 def _inter(user, item, timestamp, rating=None):
@@ -59,7 +68,7 @@ def test_kcore_is_the_fixed_point(seed):
 
 
 def test_ids_contiguous_with_zero_unused():
-    inter = make_synthetic(40, 25, seed=3)
+    inter = _random_log(40, 25, seed=3)
     inter["item"] = inter["item"] * 7 + 1000  # sparse raw ids
     for order in ("first", "sorted"):
         out, user_map, item_map = remap_ids(inter, order=order)
@@ -85,16 +94,6 @@ def test_stable_sort_keeps_input_order_on_ties():
     assert sort_chronological(inter)["item"].tolist() == [14, 11, 13, 15, 10, 12]
     stream = sort_chronological(inter, by_user=False)  # global stream: ties keep file order across users
     assert stream["item"].tolist() == [14, 15, 11, 13, 10, 12]
-
-
-def test_leave_one_out_takes_last_two_by_time():
-    inter = _inter([1, 1, 1, 1, 2, 2, 2], [4, 3, 2, 1, 7, 5, 6], [40, 30, 20, 10, 9, 1, 5])
-    seqs = to_sequences(remap_ids(sort_chronological(inter), order="sorted")[0])
-    assert [s.tolist() for s in seqs] == [[1, 2, 3, 4], [5, 6, 7]]
-    train, valid, test = leave_one_out(seqs)
-    assert [s.tolist() for s in train] == [[1, 2], [5]] and valid.tolist() == [3, 6] and test.tolist() == [4, 7]
-    with pytest.raises(ValueError, match="user 2 has 2 items"):
-        leave_one_out([np.array([1, 2, 3]), np.array([1, 2])])
 
 
 def test_ml1m_fixture_gives_expected_ids_and_order(tmp_path):
@@ -128,7 +127,7 @@ def test_other_readers_in_real_layouts(tmp_path):
 
 
 def test_sequences_round_trip(tmp_path):
-    seqs = synthetic_sequences(6, 9, seed=1)
+    seqs = to_sequences(remap_ids(sort_chronological(_random_log(6, 9, seed=1)), order="first")[0])
     write_sequences(tmp_path / "s.txt", seqs)
     assert [s.tolist() for s in read_sequences(tmp_path / "s.txt")] == [s.tolist() for s in seqs]
 
@@ -189,10 +188,10 @@ def test_registry_build_asserts_stats_and_caches(toy, monkeypatch):
     assert calls == []  # same recipe: the cached artefact is reused, the raw file is not read
     raw = load_interactions("toy", root=toy, recipe={"user_k": 0, "item_k": 0})
     assert len(calls) == 1 and raw["user"].size == 9  # new recipe -> new hash dir, rebuilt (variant stats)
-    dirs = sorted(p.name for p in (data.cache_root() / "toy").iterdir())
+    dirs = sorted(p.name for p in (io.cache_root() / "toy").iterdir())
     assert len(dirs) == 2 and not any(d.startswith(".") for d in dirs)
-    meta = json.loads((data.cache_root() / "toy" / dirs[0] / "stats.json").read_text())
-    assert meta["tie_rule"].startswith("stable") and meta["format"] == data.FORMAT_VERSION
+    meta = json.loads((io.cache_root() / "toy" / dirs[0] / "stats.json").read_text())
+    assert meta["tie_rule"].startswith("stable") and meta["format"] == FORMAT_VERSION
     with pytest.raises(ValueError, match="gives no sequences.txt"):
         load_sequences("toy", root=toy, recipe={"ids": "raw"})
     assert [str(p.relative_to(toy)) for p in toy.rglob("*")] == ["toy", "toy/ratings.dat"]  # root untouched
@@ -200,11 +199,11 @@ def test_registry_build_asserts_stats_and_caches(toy, monkeypatch):
 
 def test_data_root_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("REPRO_DATA", raising=False)
-    assert data.data_root() == data.REPO / "data" / "raw"
+    assert io.data_root() == io.REPO / "data" / "raw"
     monkeypatch.setenv("REPRO_DATA", str(tmp_path / "env"))
-    assert data.data_root() == tmp_path / "env"
-    assert data.data_root(str(tmp_path / "cfg")) == tmp_path / "cfg"  # a paper's data.root wins
-    assert data.cache_root() != data.data_root()
+    assert io.data_root() == tmp_path / "env"
+    assert io.data_root(str(tmp_path / "cfg")) == tmp_path / "cfg"  # a paper's data.root wins
+    assert io.cache_root() != io.data_root()
 
 
 def test_stats_assertion_fires_on_drift(toy, monkeypatch):
@@ -212,7 +211,7 @@ def test_stats_assertion_fires_on_drift(toy, monkeypatch):
     with pytest.raises(ValueError) as err:
         build_dataset("toy", root=toy)
     assert str(err.value) == "toy: statistics drift after preprocessing: interactions 6 != expected 7"
-    assert not (data.cache_root() / "toy").exists() or not any((data.cache_root() / "toy").iterdir())
+    assert not (io.cache_root() / "toy").exists() or not any((io.cache_root() / "toy").iterdir())
     monkeypatch.setitem(DATASETS["toy"], "sha256", "0" * 64)
     with pytest.raises(ValueError, match="sha256 mismatch .* expected 0000"):
         build_dataset("toy", root=toy)
@@ -224,15 +223,3 @@ def test_missing_raw_file_says_where_to_put_it(toy, tmp_path):
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "elsewhere" / "toy" / "ratings.dat") in message
     assert "python -m common.prepare toy" in message and "http://x/toy.zip" in message
-
-
-def test_synthetic_is_deterministic_and_sequential():
-    a, b = make_synthetic(50, 30, seed=7), make_synthetic(50, 30, seed=7)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert not np.array_equal(a["item"], make_synthetic(50, 30, seed=8)["item"])
-    seqs = synthetic_sequences(50, 30, seed=7)
-    assert len(seqs) == 50 and all(5 <= len(s) <= 20 for s in seqs)
-    assert min(s.min() for s in seqs) >= 1 and max(s.max() for s in seqs) <= 30
-    steps = np.concatenate([(s[1:] - s[:-1]) % 30 for s in seqs])
-    assert (steps == 1).mean() > 0.7  # mostly "next = current + 1": learnable structure
-    assert compute_stats(seqs)["users"] == 50

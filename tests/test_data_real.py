@@ -1,4 +1,4 @@
-"""Real-data checks of common/data.py on ../shared/data (REPRO_DATA); @slow, skipped when the data is absent.
+"""Real-data checks of the common/ data pipeline on ../shared/data (REPRO_DATA); @slow, skipped when the data is absent.
 
 Statistics come from the specs (flame §3.2, vlm2rec §14.2, f3crec §1.2) and the SOURCE.txt files; the
 builds also verify each raw file's sha256 against the registry.
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from common import data
-from common.data import DATASETS, compute_stats, load_interactions, load_sequences, read_ml1m
+from common.data import compute_stats, read_ml1m
+from common.datasets import load_interactions, load_sequences
+from common.registry import DATASETS
 
 pytestmark = pytest.mark.slow
 

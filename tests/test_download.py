@@ -13,10 +13,11 @@ import zipfile
 
 import pytest
 
-from common import data
-from common.data import DATASETS, read_ml100k
+from common.data import read_ml100k
+from common.datasets import load_interactions
 from common.download import fetch, file_sha256, unpack
 from common.prepare import prepare
+from common.registry import DATASETS
 
 U_DATA = "".join(f"{u}\t{i}\t{(u + i) % 5 + 1}\t{880000000 + 7 * u + i}\n" for u in range(1, 7) for i in range(1, 6))
 
@@ -138,7 +139,7 @@ def test_prepare_downloads_verifies_and_builds(toy_entry, tmp_path):
     assert meta["stats"]["interactions"] == 30 and meta["raw_sha256"] == toy_entry["sha256"]
     assert (tmp_path / "dl" / "toy-100k" / "u.data").read_text() == U_DATA
     assert not (tmp_path / "empty-root").exists()  # the data root is never written to
-    assert data.load_interactions("toy-100k", root=tmp_path / "dl")["user"].size == 30
+    assert load_interactions("toy-100k", root=tmp_path / "dl")["user"].size == 30
 
 
 def test_prepare_rejects_a_wrong_member_checksum(toy_entry, tmp_path):

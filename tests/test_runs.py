@@ -1,6 +1,9 @@
-"""common/runs.py and common/utils.py: run directory files, checkpoints, RNG state, atomic writes."""
+"""common/runs.py, common/io.py and common/utils.py: run directory files, checkpoints, RNG state, atomic writes."""
 import json
+import multiprocessing
+import os
 import random
+import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -8,9 +11,10 @@ import pytest
 import torch
 import yaml
 
-from common.runs import (check_finite, load_checkpoint, log_metrics, read_metrics, rng_state,
+from common.io import REPO, atomic_dir, atomic_write, git_sha, load_json, save_json
+from common.runs import (check_finite, default_run_root, load_checkpoint, log_metrics, read_metrics, rng_state,
                          save_checkpoint, set_rng_state, start_run, write_results)
-from common.utils import atomic_write, get_device, git_sha, save_json, seed_everything
+from common.utils import get_device, seed_everything
 
 
 @dataclass
@@ -84,7 +88,65 @@ def test_check_finite_and_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             get_device("cuda")
-    assert git_sha() != ""
+
+
+def test_git_sha_names_the_checkout_commit(tmp_path):
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode:
+        pytest.skip("not a git checkout")
+    assert git_sha().split("+")[0] == head.stdout.strip()
+    assert git_sha(tmp_path) == "unknown"  # outside any repository
+
+
+def test_default_run_root_is_the_repo_whatever_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.delenv("REPRO_RUNS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_run_root() == REPO / "runs"
+    monkeypatch.setenv("REPRO_RUNS", str(tmp_path / "elsewhere"))
+    run = start_run(Cfg(), "paper", "toy", tag="t")
+    assert run.parent == tmp_path / "elsewhere" / "paper" / "toy"
+
+
+def _claim_run_dir(args):
+    root, barrier = args
+    barrier.wait()  # both processes ask for a folder at the same instant (same second, same stamp)
+    from common.runs import _new_run_dir
+    return str(_new_run_dir(root, "20260101-000000_t"))
+
+
+def test_two_processes_never_share_a_run_folder(tmp_path):
+    with multiprocessing.Manager() as manager:
+        barrier = manager.Barrier(4)
+        with multiprocessing.get_context("spawn").Pool(4) as pool:
+            claimed = pool.map(_claim_run_dir, [(tmp_path, barrier)] * 4)
+    assert len(set(claimed)) == 4 and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        os.path.basename(c) for c in claimed)
+
+
+def test_atomic_files_are_readable_like_logs_and_json_errors_name_the_file(tmp_path):
+    save_json(tmp_path / "r.json", {"a": 1})
+    with open(tmp_path / "log.txt", "w") as handle:
+        handle.write("x")
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == (tmp_path / "log.txt").stat().st_mode & 0o777
+    (tmp_path / "bad.json").write_text('{"a": ')
+    with pytest.raises(ValueError) as err:
+        load_json(tmp_path / "bad.json")
+    assert str(tmp_path / "bad.json") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "artefact"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "b.txt").write_text("2")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artefact"]
+    assert [p.name for p in out.iterdir()] == ["a.txt"]
+    with atomic_dir(out) as tmp:
+        (tmp / "c.txt").write_text("3")
+    assert [p.name for p in out.iterdir()] == ["c.txt"] and len(list(tmp_path.iterdir())) == 1
 
 
 def test_run_cli_turns_user_errors_into_one_line_exit(monkeypatch, capsys):

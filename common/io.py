@@ -1,0 +1,117 @@
+"""Files and places, with no torch: the repository root, the data and cache roots, atomic writes, JSON, git.
+
+    with atomic_write(path) as handle:      # temp file beside `path`, renamed into place on success
+        handle.write(text)
+    save_json(run_dir / "results.json", results)
+
+Everything that writes an artefact a later run may trust goes through `atomic_write`, so a crash or a
+Ctrl-C leaves either the old file or the new one, never half of one. This module is the bottom layer of
+`common/`: it imports only the standard library.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO = Path(__file__).resolve().parent.parent  # the folder that holds common/ (and the paper folders)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
+def data_root(override: str | os.PathLike | None = None) -> Path:
+    """Where raw files live: explicit override (a paper's `data.root`) > $REPRO_DATA > <repo>/data/raw."""
+    return Path(override or os.environ.get("REPRO_DATA") or REPO / "data" / "raw").expanduser()
+
+
+def cache_root() -> Path:
+    """Where processed artefacts go: $REPRO_CACHE > <repo>/data/processed (never the data root)."""
+    return Path(os.environ.get("REPRO_CACHE") or REPO / "data" / "processed").expanduser()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+    """Yield a handle on a temp file beside `path`; rename it onto `path` only if the block succeeds.
+
+    The temp name is unique (mkstemp), so concurrent writers never share a temp file; the last rename
+    wins. On any exception (Ctrl-C included) the temp file is removed and `path` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600: give the mode open() would (logs, results alike)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp folder beside `path`; on success it replaces `path` (and an older build) whole.
+
+    A reader sees the old folder or the complete new one, never a half-written mix; on failure the temp
+    folder is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if path.exists():  # move the old build aside first: os.replace cannot replace a non-empty folder
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+            os.replace(path, old / "x")
+            shutil.rmtree(old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    """numpy / torch scalars and arrays (anything with .item and .tolist), and paths."""
+    if hasattr(value, "item") and hasattr(value, "tolist"):
+        return value.item() if getattr(value, "ndim", 0) == 0 else value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomic, indented JSON (numpy and torch values converted)."""
+    with atomic_write(path) as handle:
+        json.dump(obj, handle, indent=2, sort_keys=False, default=_json_default)
+        handle.write("\n")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; a malformed one is a one-line ValueError that names the file."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); "
+                         "delete or fix the file") from None
+
+
+def git_sha(path: str | os.PathLike = REPO) -> str:
+    """Short commit of the checkout holding `path`, '+dirty' if it has local changes; 'unknown' outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
