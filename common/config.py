@@ -1,4 +1,4 @@
-"""Strict configuration: dataclass schema < YAML deltas < dotted CLI overrides (CONVENTIONS.md §4).
+"""Strict configuration: dataclass schema < YAML deltas < dotted CLI overrides.
 
     cfg = load_config(Config, "flame/configs/amazon-toys.yaml", ["train.lr=3e-4", "eval.seen_mask=neg_inf"])
 
@@ -92,20 +92,8 @@ def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
 
 
 def _build(cls: type[T], values: dict, prefix: str = "") -> T:
-    """Instantiate `cls` from a (possibly partial) nested mapping, checking every key."""
-    fields = _fields(cls)
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in fields:
-            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(fields))})")
-        field, annotation = fields[name]
-        if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
-            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else annotation()
-            kwargs[name] = _merge(default, value, key)
-        else:
-            kwargs[name] = _coerce(value, annotation, key)
-    return cls(**kwargs)
+    """Instantiate `cls` from a (possibly partial) nested mapping: its defaults with `values` applied."""
+    return _merge(cls(), values, prefix)
 
 
 def _merge(obj: T, values: dict, prefix: str = "") -> T:

@@ -1,4 +1,4 @@
-"""Vectorised ranking metrics (CONVENTIONS.md §8). Every function returns PER-USER tensors [B], so
+"""Vectorised ranking metrics. Every function returns PER-USER tensors [B], so
 callers can concatenate batches and average exactly (`average`). All work on any device.
 
 Two ways in:
