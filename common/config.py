@@ -2,9 +2,13 @@
 
     cfg = load_config(Config, "flame/configs/amazon-toys.yaml", ["train.lr=3e-4", "eval.seen_mask=neg_inf"])
 
-Unknown keys and values of the wrong type are errors (`ConfigError`, one line naming the key), never
-silent new attributes. Each override value is parsed with `yaml.safe_load` and then coerced to the
-field's annotated type, so `1e-3` (a *string* to PyYAML 1.1) becomes a float.
+Unknown keys, duplicate keys, values of the wrong type and values out of their declared range are errors
+(`ConfigError`, one line naming the key), never silent new attributes or defaults. Each override value is
+parsed with `yaml.safe_load` and then coerced to the field's annotated type, so `1e-3` (a *string* to
+PyYAML 1.1) becomes a float. Ranges are declared in the schema with `Annotated`:
+
+    batch_size: PosInt = 256                       # an int >= 1
+    dropout: Annotated[float, Range(0, 1, max_open=True)] = 0.5
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar, Union
+from typing import Annotated, Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
@@ -24,11 +28,46 @@ class ConfigError(ValueError):
     """A bad config file, key or value; the message is one line and names the key."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Allowed interval of a numeric config value; None = unbounded on that side."""
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False  # True: min itself is excluded
+    max_open: bool = False
+
+    def check(self, value: Any, key: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        low = self.min is None or (value > self.min if self.min_open else value >= self.min)
+        high = self.max is None or (value < self.max if self.max_open else value <= self.max)
+        if not (low and high and value == value):  # value == value: NaN is never in range
+            raise ConfigError(f"{key}: {value!r} is outside the allowed range {self}")
+
+    def __str__(self) -> str:
+        lo = "(-inf" if self.min is None else ("(" if self.min_open else "[") + f"{self.min:g}"
+        hi = "inf)" if self.max is None else f"{self.max:g}" + (")" if self.max_open else "]")
+        return f"{lo}, {hi}"
+
+
+PosInt = Annotated[int, Range(1)]                    # sizes, counts, epochs, rounds, lengths, k
+NonNegInt = Annotated[int, Range(0)]                 # counts where 0 means "none" or "off"
+PosFloat = Annotated[float, Range(0, min_open=True)]  # rates, temperatures, scales
+NonNegFloat = Annotated[float, Range(0)]             # weights and penalties (0 = off)
+Fraction = Annotated[float, Range(0, 1)]             # probabilities and shares, both ends allowed
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Convert `value` to `annotation` or raise ConfigError naming `key`."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if annotation is Any:
+        return value
+    if origin is Annotated:
+        value = _coerce(value, args[0], key)
+        for extra in annotation.__metadata__:
+            if isinstance(extra, Range):
+                extra.check(value, key)
         return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -87,13 +126,18 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
 
 
 def _build(cls: type[T], values: dict, prefix: str = "") -> T:
     """Instantiate `cls` from a (possibly partial) nested mapping: its defaults with `values` applied."""
     return _merge(cls(), values, prefix)
+
+
+def _is_section(annotation: Any) -> bool:
+    return dataclasses.is_dataclass(typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated
+                                    else annotation)
 
 
 def _merge(obj: T, values: dict, prefix: str = "") -> T:
@@ -108,7 +152,10 @@ def _merge(obj: T, values: dict, prefix: str = "") -> T:
             raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(fields))})")
         annotation = fields[name][1]
         current = getattr(obj, name)
-        if dataclasses.is_dataclass(annotation) and isinstance(value, dict) and current is not None:
+        if _is_section(annotation) and current is not None:
+            if not isinstance(value, dict):  # `train: 5` or `train:` (None) where a section is expected
+                raise ConfigError(f"{key}: expected a mapping of keys ({', '.join(sorted(_fields(type(current))))}), "
+                                  f"got {value!r}")
             changes[name] = _merge(current, value, key)
         else:
             changes[name] = _coerce(value, annotation, key)
@@ -131,6 +178,20 @@ def _override_to_mapping(override: str) -> dict:
     return value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                                  f"(first at line {seen[key] + 1})")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_config(cls: type[T], yaml_path: str | Path | None, overrides: Sequence[str] = ()) -> T:
     """Dataclass defaults < YAML file < dotted overrides, strictly type-checked."""
     cfg = cls()
@@ -139,12 +200,17 @@ def load_config(cls: type[T], yaml_path: str | Path | None, overrides: Sequence[
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
-        cfg = _merge(cfg, values)
+        try:
+            cfg = _merge(cfg, values)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
     for override in overrides:
         cfg = _merge(cfg, _override_to_mapping(override))
     return cfg
@@ -161,13 +227,46 @@ def config_to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        ranges = [str(m) for m in annotation.__metadata__ if isinstance(m, Range)]
+        return _type_name(args[0]) + (f" in {ranges[0]}" if ranges else "")
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def describe(cls: type, defaults: Any = None, prefix: str = "") -> list[str]:
+    """One line per config key: `section.key  type  (default: value)`, sections in schema order."""
+    defaults = cls() if defaults is None else defaults
+    lines = []
+    for name, (_, annotation) in _fields(cls).items():
+        key, value = f"{prefix}{name}", getattr(defaults, name)
+        if _is_section(annotation) and dataclasses.is_dataclass(value):
+            lines += describe(type(value), value, f"{key}.")
+        else:
+            lines.append(f"  {key:<34} {_type_name(annotation):<28} (default: {value!r})")
+    return lines
+
+
 def parse_cli(argv: Sequence[str] | None, cls: type[T],
               default_config: str | Path | None = None) -> tuple[T, argparse.Namespace]:
     """Parse `--config PATH [--resume RUN_DIR] [--run-dir DIR] key=value ...` into (cfg, options).
 
     With `--resume` and no `--config`, the resumed run's config.yaml is the base; overrides still apply.
+    `--help` lists every key with its type, range and default, generated from the schema.
     """
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
+    default = f"the config file {default_config}" if default_config else "the defaults below (the paper's main setting)"
+    parser = argparse.ArgumentParser(
+        description=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Without --config the run uses {default}; every key can be overridden as key=value.\n"
+               "Config keys:\n" + "\n".join(describe(cls)))
     parser.add_argument("--config", type=Path, default=None, help="YAML file with the values that differ")
     parser.add_argument("--resume", type=Path, default=None, help="run directory whose last.pt to resume")
     parser.add_argument("--run-dir", type=Path, default=None, help="write the run here instead of runs/...")

@@ -11,6 +11,7 @@ else $REPRO_RUNS, else `<repo>/runs` (the folder that holds common/), whatever t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import os
@@ -63,15 +64,30 @@ def _tee_stdout(log_path: Path) -> None:
     atexit.register(restore)
 
 
+CURRENT_RUN: Path | None = None  # the folder of the run in progress, for run_cli's Ctrl-C message
+
+
 def default_run_root() -> Path:
     """$REPRO_RUNS, else <repo>/runs: the same place from any current directory."""
     return Path(os.environ.get("REPRO_RUNS") or REPO / "runs").expanduser()
 
 
+@contextlib.contextmanager
+def _usable(folder: Path):
+    """Turn OS errors while creating a run folder into one-line user errors naming the folder."""
+    try:
+        yield
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"run folder {folder} cannot be created: a file is in the way") from None
+    except PermissionError:
+        raise PermissionError(f"run folder {folder} is not writable (set run_root or $REPRO_RUNS)") from None
+
+
 def _new_run_dir(parent: Path, name: str) -> Path:
     """Create and return parent/name, or parent/name-1, -2, ...: mkdir is the claim, so two runs started
     in the same second (in two processes) never share a folder."""
-    parent.mkdir(parents=True, exist_ok=True)
+    with _usable(parent):
+        parent.mkdir(parents=True, exist_ok=True)
     for suffix in range(10_000):
         candidate = parent / (name if suffix == 0 else f"{name}-{suffix}")
         try:
@@ -92,7 +108,12 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
         base = Path(root).expanduser() if root is not None else default_run_root()
         run_dir = _new_run_dir(base / paper / dataset, f"{stamp}_{tag}" if tag else stamp)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with _usable(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".write-test").touch()
+        (run_dir / ".write-test").unlink()
+    global CURRENT_RUN
+    CURRENT_RUN = run_dir
     resolved = config_to_dict(cfg)
     with atomic_write(run_dir / "config.yaml") as handle:
         yaml.safe_dump(resolved, handle, sort_keys=True)

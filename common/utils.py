@@ -47,12 +47,14 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, ConnectionError)  # ConfigError is a ValueError
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, ConnectionError, PermissionError,
+               NotADirectoryError, IsADirectoryError)  # ConfigError is a ValueError
 
 
 def run_cli(main: Callable[[], Any]) -> None:
     """Entry point for `python -m <paper>.main`: a bad config, file or value is one line on stderr and
-    exit status 2, not a traceback. Set REPRO_DEBUG=1 to see the traceback."""
+    exit status 2, not a traceback; Ctrl-C is one line naming the run to resume, exit status 130.
+    Set REPRO_DEBUG=1 to see the traceback."""
     try:
         main()
     except USER_ERRORS as err:
@@ -60,3 +62,11 @@ def run_cli(main: Callable[[], Any]) -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("REPRO_DEBUG"):
+            raise
+        runs = sys.modules.get("common.runs")  # set by start_run when a run folder exists
+        run_dir = getattr(runs, "CURRENT_RUN", None)
+        hint = f"; its last checkpoint is kept: resume with --resume {run_dir}" if run_dir else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        sys.exit(130)

@@ -1,10 +1,11 @@
-"""common/config.py: precedence, dotted overrides, strict keys and types (CONVENTIONS.md §4)."""
+"""common/config.py: precedence, dotted overrides, strict keys, types, ranges, duplicate keys, --help."""
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import pytest
 
-from common.config import ConfigError, config_to_dict, load_config, parse_cli
+from common.config import (ConfigError, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, config_to_dict,
+                           load_config, parse_cli)
 
 
 @dataclass
@@ -103,3 +104,61 @@ def test_config_to_dict_roundtrip():
     import yaml
     path_text = yaml.safe_dump(d)
     assert "ks" in path_text
+
+
+@dataclass
+class Ranged:
+    batch_size: PosInt = 8
+    dropout: Annotated[float, Range(0, 1, max_open=True)] = 0.5
+    share: Fraction = 1.0
+    temperature: PosFloat = 1.0
+    weight: NonNegFloat = 0.0
+    patience: NonNegInt = 3
+    train: Train = field(default_factory=Train)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("batch_size=0", "batch_size: 0 is outside the allowed range [1, inf)"),
+    ("batch_size=-3", "batch_size: -3 is outside the allowed range [1, inf)"),
+    ("dropout=1.0", "dropout: 1.0 is outside the allowed range [0, 1)"),
+    ("share=1.5", "share: 1.5 is outside the allowed range [0, 1]"),
+    ("temperature=0", "temperature: 0.0 is outside the allowed range (0, inf)"),
+    ("weight=-0.1", "weight: -0.1 is outside the allowed range [0, inf)"),
+    ("weight=.nan", "weight: nan is outside the allowed range [0, inf)"),
+    ("patience=-1", "patience: -1 is outside the allowed range [0, inf)"),
+    ("train=5", "train: expected a mapping of keys (amp, epochs, ks, lr), got 5"),
+])
+def test_ranges_and_section_shapes_are_checked_at_load(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(Ranged, None, [override])
+    assert str(err.value) == message
+
+
+def test_values_inside_their_range_pass():
+    cfg = load_config(Ranged, None, ["batch_size=1", "dropout=0", "share=0", "temperature=1e-3", "patience=0"])
+    assert (cfg.batch_size, cfg.dropout, cfg.share, cfg.temperature, cfg.patience) == (1, 0.0, 0.0, 1e-3, 0)
+
+
+def test_duplicate_yaml_keys_at_any_level_are_errors(tmp_path):
+    top = write(tmp_path, "train:\n  lr: 0.1\nname: a\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Config, top)
+    assert str(err.value) == f"{top}: duplicate key 'train' at line 4 (first at line 1)"
+    nested = write(tmp_path, "train:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match="duplicate key 'lr' at line 3"):
+        load_config(Config, nested)
+    empty_section = write(tmp_path, "train:\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: train: expected a mapping of keys"):
+        load_config(Config, empty_section)
+
+
+def test_help_lists_every_key_with_type_range_and_default(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_cli(["--help"], Ranged)
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "Without --config the run uses the defaults below" in out
+    lines = [line.split() for line in out.splitlines() if line.startswith("  ") and "(default:" in line]
+    keys = [parts[0] for parts in lines]
+    assert keys == ["batch_size", "dropout", "share", "temperature", "weight", "patience",
+                    "train.lr", "train.epochs", "train.ks", "train.amp"]
+    assert "int in [1, inf)" in out and "float in [0, 1)" in out and "(default: 0.5)" in out

@@ -165,3 +165,24 @@ def test_run_cli_turns_user_errors_into_one_line_exit(monkeypatch, capsys):
         run_cli(bad_main)
     with pytest.raises(KeyError):  # programming errors keep their traceback
         run_cli(lambda: {}["x"])
+
+
+def test_ctrl_c_is_one_line_naming_the_run_to_resume(tmp_path, monkeypatch, capsys):
+    from common.utils import run_cli
+    monkeypatch.delenv("REPRO_DEBUG", raising=False)
+    run = start_run(Cfg(), "paper", "toy", root=tmp_path)
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as info:
+        run_cli(interrupted)
+    assert info.value.code == 130
+    assert capsys.readouterr().err == f"interrupted; its last checkpoint is kept: resume with --resume {run}\n"
+
+
+def test_unusable_run_root_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="a file is in the way"):
+        start_run(Cfg(), "paper", "toy", run_dir=tmp_path / "file")
+    with pytest.raises(NotADirectoryError, match="a file is in the way"):
+        start_run(Cfg(), "paper", "toy", root=tmp_path / "file")
