@@ -34,6 +34,15 @@ def file_sha256(path: str | os.PathLike, crlf_as_lf: bool = False) -> str:
     return digest.hexdigest()
 
 
+def file_md5(path: str | os.PathLike) -> str:
+    """md5 hex digest of a file (GroupLens archives are known by md5 only)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _stream(url: str, handle, timeout: float, desc: str) -> tuple[int, int, dict]:
     """Copy the response body into `handle`; return (bytes read, Content-Length or -1, digests)."""
     request = urllib.request.Request(url, headers={"User-Agent": "repro-recsys-prepare"})

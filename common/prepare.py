@@ -4,8 +4,9 @@
 
 Raw files are looked up under the data root (--root > $REPRO_DATA > <repo>/data/raw, one folder per
 dataset as the registry names it) and then <repo>/data/raw; when absent they are downloaded into <repo>/data/raw. The
-artefact goes to cache_root()/<name>/<recipe hash>/ (interactions.tsv and/or sequences.txt, stats.json),
-keyed by dataset + recipe + format version, written atomically; the data root is never written to.
+artefact goes to cache_root()/<name>/<key>/ (interactions.tsv and/or sequences.txt, stats.json), keyed by
+dataset + recipe + format version + the raw file's sha256, so a changed raw file or data root never gets an
+old build back; it is written atomically, and the data root is never written to.
 """
 from __future__ import annotations
 
@@ -20,17 +21,27 @@ from pathlib import Path
 import numpy as np
 
 from common.data import COLUMNS, Interactions, apply_recipe, check_stats, compute_stats, to_sequences, write_sequences
-from common.download import fetch, file_sha256, unpack
+from common.download import fetch, file_md5, file_sha256, unpack
 from common.io import REPO, atomic_dir, cache_root, data_root
 from common.registry import DATASETS, dataset_entry, expected_stats, full_recipe
 
 FORMAT_VERSION = 1  # bump when the artefact layout or a transform's semantics change: invalidates caches
 
 
-def recipe_hash(name: str, recipe: dict) -> str:
-    """Cache key: the dataset, the full recipe and the artefact format version."""
-    blob = json.dumps({"name": name, "recipe": recipe, "format": FORMAT_VERSION}, sort_keys=True)
+def artefact_key(name: str, recipe: dict, raw_sha256: str) -> str:
+    """Cache key: the dataset, the full recipe, the artefact format version and the raw file's content."""
+    blob = json.dumps({"name": name, "recipe": recipe, "format": FORMAT_VERSION, "raw": raw_sha256},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def raw_digest(name: str, raw: Path) -> str:
+    """sha256 of the raw file, verified against the registry when the registry knows it."""
+    entry = dataset_entry(name)
+    digest = file_sha256(raw, crlf_as_lf=entry.get("sha256_crlf_as_lf", False))
+    if entry["sha256"] and digest != entry["sha256"]:
+        raise ValueError(f"{name}: sha256 mismatch for {raw}: expected {entry['sha256']}, got {digest}")
+    return digest
 
 
 def find_raw(name: str, root: str | os.PathLike | None = None) -> Path:
@@ -64,13 +75,11 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, recipe: dict
                   force: bool = False) -> Path:
     """Build (or reuse) cache_root()/<name>/<recipe hash>/ and return it; statistics asserted on build."""
     entry, recipe = dataset_entry(name), full_recipe(name, recipe)
-    out = cache_root() / name / recipe_hash(name, recipe)
+    raw = find_raw(name, root)
+    digest = raw_digest(name, raw)
+    out = cache_root() / name / artefact_key(name, recipe, digest)
     if (out / "stats.json").is_file() and not force:
         return out
-    raw = find_raw(name, root)
-    digest = file_sha256(raw, crlf_as_lf=entry.get("sha256_crlf_as_lf", False))
-    if entry["sha256"] and digest != entry["sha256"]:
-        raise ValueError(f"{name}: sha256 mismatch for {raw}: expected {entry['sha256']}, got {digest}")
     files = {}
     if entry["kind"] == "sequences":
         seqs = entry["reader"](raw)
@@ -120,14 +129,22 @@ def download_raw(name: str, download_dir: str | os.PathLike | None = None, timeo
     if entry["member"] is None:
         return fetch(entry["url"], dest, sha256=entry["sha256"], timeout=timeout, hint=hint)
     archive = dest.parent / entry["url"].rsplit("/", 1)[-1]
+    md5 = entry.get("archive_md5")
+    if archive.is_file() and md5 and file_md5(archive) != md5:
+        archive.unlink()  # a corrupt or foreign archive left by an earlier attempt: fetch it again
     if not archive.is_file():
-        fetch(entry["url"], archive, md5=entry.get("archive_md5"), timeout=timeout, hint=hint)
-    unpack(archive, entry["member"], dest)
+        fetch(entry["url"], archive, md5=md5, timeout=timeout, hint=hint)
+    try:
+        unpack(archive, entry["member"], dest)
+    except (ValueError, FileNotFoundError):
+        archive.unlink()  # never trusted again: the next attempt downloads it afresh
+        raise
     digest = file_sha256(dest, crlf_as_lf=entry.get("sha256_crlf_as_lf", False))
     if entry["sha256"] and digest != entry["sha256"]:
         dest.unlink()
+        archive.unlink()
         raise ValueError(f"{name}: sha256 mismatch for {entry['member']} of {archive}: expected "
-                         f"{entry['sha256']}, got {digest} (extracted file deleted)")
+                         f"{entry['sha256']}, got {digest} (archive and extracted file deleted)")
     return dest
 
 
@@ -142,12 +159,6 @@ def prepare(name: str, root: str | os.PathLike | None = None, force: bool = Fals
         root = download_dir or REPO / "data" / "raw"
     out = build_dataset(name, root, force=force)
     meta = json.loads((out / "stats.json").read_text())
-    entry, raw = dataset_entry(name), Path(meta["raw"])
-    if not force and (not raw.is_file() or
-                      file_sha256(raw, entry.get("sha256_crlf_as_lf", False)) != meta["raw_sha256"]):
-        # The cached build came from another copy of the raw file: rebuild from the one found now.
-        out = build_dataset(name, root, force=True)
-        meta = json.loads((out / "stats.json").read_text())
     meta["artefact"] = str(out)
     return meta
 

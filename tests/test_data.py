@@ -223,3 +223,16 @@ def test_missing_raw_file_says_where_to_put_it(toy, tmp_path):
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "elsewhere" / "toy" / "ratings.dat") in message
     assert "python -m common.prepare toy" in message and "http://x/toy.zip" in message
+
+
+def test_cache_is_keyed_by_the_raw_files_content(toy, tmp_path):
+    first = load_interactions("toy", root=toy)
+    raw = toy / "toy" / "ratings.dat"
+    raw.write_text(raw.read_text().replace("2::20::5::300", "2::20::5::301"))  # same name, new content
+    second = load_interactions("toy", root=toy)
+    assert first["timestamp"].max() == 300 and second["timestamp"].max() == 301
+    other_root = tmp_path / "other"
+    (other_root / "toy").mkdir(parents=True)
+    (other_root / "toy" / "ratings.dat").write_text(ML1M_FIXTURE.replace("1::30::4::100", "1::30::4::111"))
+    assert 111 in load_interactions("toy", root=other_root)["timestamp"].tolist()  # another data root
+    assert load_interactions("toy", root=toy)["timestamp"].max() == 301  # and back, without a rebuild mix-up

@@ -160,3 +160,23 @@ def test_prepare_offline_names_url_file_and_place(toy_entry, tmp_path):
     assert f"put u.data (member toy-100k/u.data of toy-100k.zip) at {tmp_path / 'root' / 'toy-100k' / 'u.data'}" \
         in message
     assert _leftovers(tmp_path / "dl" / "toy-100k") == []
+
+
+def test_an_archive_that_failed_verification_is_fetched_again(toy_entry, server, tmp_path):
+    base, routes = server
+    good = routes["/toy-100k.zip"]
+    routes["/toy-100k.zip"] = _zip({"toy-100k/u.data": U_DATA.replace("\t5\t", "\t4\t", 1)})  # wrong member
+    toy_entry["archive_md5"] = None  # the archive itself passes; only its member's sha256 fails
+    with pytest.raises(ValueError, match="archive and extracted file deleted"):
+        prepare("toy-100k", root=tmp_path / "empty-root", download_dir=tmp_path / "dl")
+    assert _leftovers(tmp_path / "dl" / "toy-100k") == []
+    routes["/toy-100k.zip"] = good  # the mirror is fixed: the next attempt must download, not reuse
+    assert prepare("toy-100k", root=tmp_path / "empty-root", download_dir=tmp_path / "dl")["stats"]["users"] == 6
+
+
+def test_a_corrupt_archive_left_behind_is_replaced(toy_entry, tmp_path):
+    archive = tmp_path / "dl" / "toy-100k" / "toy-100k.zip"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(b"not a zip")  # e.g. an interrupted copy by hand
+    meta = prepare("toy-100k", root=tmp_path / "empty-root", download_dir=tmp_path / "dl")
+    assert meta["stats"]["interactions"] == 30 and zipfile.is_zipfile(archive)
