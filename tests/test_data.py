@@ -236,3 +236,18 @@ def test_cache_is_keyed_by_the_raw_files_content(toy, tmp_path):
     (other_root / "toy" / "ratings.dat").write_text(ML1M_FIXTURE.replace("1::30::4::100", "1::30::4::111"))
     assert 111 in load_interactions("toy", root=other_root)["timestamp"].tolist()  # another data root
     assert load_interactions("toy", root=toy)["timestamp"].max() == 301  # and back, without a rebuild mix-up
+
+
+def test_derived_statistics_live_in_the_registry():
+    from common.registry import DERIVED, check_derived, derived_stats
+    assert derived_stats("vlm2rec/amazon-Toys_and_Games") == DATASETS["amazon-toys"]["expected"]
+    assert [row[1] for row in derived_stats("f3crec/ml-100k")] == [587, 217, 238, 207]  # users per block
+    assert sum(row[1] for row in derived_stats("f3crec/ml-100k")) == DATASETS["ml-100k"]["expected"]["users"]
+    assert all(entry["from"] is None or entry["from"] in DATASETS for entry in DERIVED.values())
+    check_derived("vlm2rec/amazon-Clothing_Shoes_and_Jewelry", {"users": 39700, "items": 23033,
+                                                                "interactions": 278677})  # within 1 %
+    with pytest.raises(ValueError, match="users 40000 != expected 39387"):
+        check_derived("vlm2rec/amazon-Clothing_Shoes_and_Jewelry", {"users": 40000, "items": 23033,
+                                                                    "interactions": 278677})
+    with pytest.raises(ValueError, match=r"^vlm2rec/ml100k-posters/drop: statistics drift .*items 1349"):
+        check_derived("vlm2rec/ml100k-posters/drop", {"users": 943, "items": 1349, "interactions": 99126})
