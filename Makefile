@@ -1,5 +1,5 @@
-# Thin map from names to commands (CONVENTIONS.md §5). Every target is .PHONY: the targets share
-# their names with the paper folders, so without it `make flame` would say "up to date".
+# Thin map from names to commands. Every target is .PHONY: the targets share their names with the
+# paper folders, so without it `make flame` would say "up to date".
 #   make flame DATA=ml-1m            make test            make data DATA=ml-100k
 #   make flame DATA=amazon-toys ARGS="train.lr=3e-4 train.max_epochs=5"
 SHELL := /bin/bash
@@ -37,9 +37,12 @@ smoke: setup
 	$(PY) -m vlm2rec.main --config vlm2rec/configs/smoke.yaml $(ARGS)
 
 data: setup
+	@test -n "$(DATA)" || { echo "make data needs DATA=<dataset>, e.g. make data DATA=ml-100k (python -m common.prepare --help lists them)" >&2; exit 2; }
 	$(PY) -m common.prepare $(DATA)
 
-# DATA picks <paper>/configs/$(DATA).yaml; vlm2rec without DATA runs its configs/default.yaml.
+# DATA picks <paper>/configs/$(DATA).yaml; vlm2rec without DATA runs its defaults (the paper setting).
+# flame prepares its registry dataset first; f3crec's data step is building its blocks, which its main
+# does itself (cached; raw files fetched through common.prepare when missing).
 flame f3crec: setup
 	@test -n "$(DATA)" || { echo "make $@ needs DATA=<dataset>, e.g. make $@ DATA=$(if $(filter flame,$@),ml-1m,ml-100k)" >&2; exit 2; }
 	$(if $(filter flame,$@),$(if $(filter-out smoke,$(DATA)),$(PY) -m common.prepare $(DATA)))
