@@ -1,4 +1,4 @@
-"""Benchmark of the two simulators (spec §13): seconds per round, clients per second, peak memory.
+"""Benchmark of the two simulators (§13): seconds per round, clients per second, peak memory.
 
     python -m f3crec.bench                          # ML-100K reference blocks (or our ML-100K blocks)
     python -m f3crec.bench --rounds 3 --clients 100000 --items 5000   # synthetic scale test (vectorised)
@@ -13,28 +13,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "f3crec"
+if __package__ in (None, ""):  # run as a script: `cd f3crec && python bench.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "f3crec"  # noqa: E702
 
 import numpy as np
 import torch
 
 from common.config import load_config
+from common.io import data_root
+from common.runs import default_run_root
 
-from .data import Block
-from .federated import RoundContext, plan_inputs
-from .main import Config, get_blocks, make_sim, resolve
-from .model import init_private, learning_rates, substeps
-from .plan import PlanMaker
-from .train import end_block, grow
+from .config import Config, resolve
+from .data import Block, get_blocks
+from .main import run
+from .model import BACKBONES
+from .round import PlanMaker, plan_inputs
+from .train import end_block, grow, make_simulator, round_context
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "ml-100k.yaml"
 
@@ -52,7 +52,7 @@ def scale_blocks(clients: int, items: int, per_client: int, seed: int = 0) -> li
 
 def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
     """Seconds per round in D⁰ and D¹ (after a real end-of-D⁰ state) for the configured simulator."""
-    sim = grow(None, lambda i, p: make_sim(cfg, flags, i.to(device), {k: v.to(device) for k, v in p.items()}),
+    sim = grow(None, lambda i, p: make_simulator(cfg, flags, i.to(device), {k: v.to(device) for k, v in p.items()}),
                cfg, blocks, 0, cfg.train.seed)
     out = {}
     for t in (0, 1):
@@ -61,15 +61,10 @@ def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
             sim.save_slot("last")
             end_block(sim, cfg, blocks, 0, flags)
             sim = grow(sim, None, cfg, blocks, 1, cfg.train.seed)
-        prev = blocks[t - 1] if t else None
-        ctx = RoundContext(block=t, round=1, n_items=blocks[t].n_items, n_prev_users=prev.n_users if prev else 0,
-                           n_prev_items=prev.n_items if prev else 0, lrs=learning_rates(cfg.model, blocks[t].n_items),
-                           flags=flags, cfg=cfg.model, seed=cfg.train.seed,
-                           shared_private=init_private(cfg.model, cfg.train.seed, -1),
-                           eps=cfg.method.eps, topn=cfg.method.topn)
+        ctx = round_context(cfg, flags, blocks, t, 1)
         positives, exclude = plan_inputs(dict(blocks[t].train), {}, ctx)
         maker = PlanMaker(positives, exclude, blocks[t].n_items, cfg.federation.num_neg, cfg.federation.batch_size,
-                          cfg.method.topn, len(substeps(cfg.model.backbone)))
+                          cfg.method.topn, len(BACKBONES[cfg.backbone.name].substeps))
         times = []
         for r in range(rounds):
             start = time.perf_counter()
@@ -91,7 +86,7 @@ def worker(args) -> dict:
     if args.clients:
         blocks = scale_blocks(args.clients, args.items, args.per_client)
     else:
-        blocks, _ = get_blocks(cfg)
+        blocks, _ = get_blocks(cfg.data, cfg.train.seed)
     return time_rounds(cfg, flags, blocks, args.rounds, device)
 
 
@@ -112,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.data:
         args.config = str(Path(__file__).resolve().parent / "configs" / f"{args.data}.yaml")
     if not args.overrides and not args.clients and not args.data:
-        blocks = Path(os.environ.get("REPRO_DATA", "../shared/data")) / "f3crec-ml-100k-blocks"
+        blocks = data_root() / "f3crec-ml-100k-blocks"
         args.overrides = [f"data.blocks={blocks}"] if (blocks / "block_0.json").is_file() else []
     if args.only:
         print(json.dumps(worker(args)))
@@ -128,10 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
         report[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{name:10s} {json.dumps(report[name])}")
     if args.full:
-        from .main import main as run_main
         start = time.perf_counter()
-        res = run_main(["--config", args.config, "--run-dir", "runs/f3crec/bench-full", *args.overrides,
-                        "train.base_cache=null"])
+        full = load_config(Config, args.config, [*args.overrides, "train.share_base=false"])
+        res = run(full, Path(full.run_root or default_run_root()) / "f3crec" / "bench-full")
         report["full_run_seconds"] = round(time.perf_counter() - start, 1)
         rounds = [b["rounds_run"] for b in res["blocks"]]
         report["rounds_per_block"] = rounds

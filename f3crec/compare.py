@@ -1,11 +1,11 @@
 """Methods × seeds on one config: a markdown table of LA / RA / H-mean (mean ± std) and optional plots.
 
     python -m f3crec.compare --config f3crec/configs/ml-100k.yaml --seeds 1 2 3 \
-        --methods ft arm itm f3crec data.blocks=../shared/data/f3crec-ml-100k-blocks
+        --methods ft arm itm f3crec data.blocks=$REPRO_DATA/f3crec-ml-100k-blocks
     (make f3crec-compare DATA=ml-100k SEEDS="1 2 3")
 
 Every (seed, method) run writes its own run directory under --out; the base block is trained once per seed
-and shared through the base cache (§8). Results are the values after the last block (t = 3) [D].
+and reused through the base cache (§8.6). Results are the values after the last block (t = 3) [D].
 """
 from __future__ import annotations
 
@@ -13,13 +13,18 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "f3crec"
+if __package__ in (None, ""):  # run as a script: `cd f3crec && python compare.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "f3crec"  # noqa: E702
 
-from .main import main as run_main
+from common.config import load_config
+from common.runs import default_run_root
+
+from .config import Config, MethodName
+from .main import run
 
 DEFAULT_METHODS = ("ft", "arm", "itm", "f3crec")
 
@@ -77,10 +82,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--config", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    parser.add_argument("--out", type=Path, default=None, help="default runs/f3crec/compare/<config stem>")
+    parser.add_argument("--out", type=Path, default=None, help="default <run root>/f3crec/compare/<config stem>")
     parser.add_argument("overrides", nargs="*", help="dotted overrides passed to every run")
     args = parser.parse_args(argv)
-    out = args.out or Path("runs") / "f3crec" / "compare" / Path(args.config).stem
+    unknown = sorted(set(args.methods) - set(get_args(MethodName)))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(get_args(MethodName))}")
+    base = load_config(Config, args.config, args.overrides)
+    out = args.out or Path(base.run_root or default_run_root()) / "f3crec" / "compare" / Path(args.config).stem
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         for method in args.methods:
@@ -88,8 +97,8 @@ def main(argv: list[str] | None = None) -> str:
             if (run_dir / "results.json").is_file():  # finished earlier: reuse (delete the folder to rerun)
                 results[method].append(json.loads((run_dir / "results.json").read_text()))
                 continue
-            results[method].append(run_main(["--config", args.config, "--run-dir", str(run_dir), *args.overrides,
-                                             f"train.seed={seed}", f"method.name={method}"]))
+            cfg = replace(base, train=replace(base.train, seed=seed), method=replace(base.method, name=method))
+            results[method].append(run(cfg, run_dir))
     text = table(results)
     (out / "table.md").write_text(text + "\n")
     print(text)

@@ -1,7 +1,8 @@
-"""FCRec blocks (spec §1, §2): raw stream → 10-core → global time order → 60 % + 3 incremental blocks.
+"""FCRec blocks (§1, §2): raw stream → 10-core → global time order → 60 % + 3 incremental blocks.
 
-    blocks = load_blocks("/work/shared/data/f3crec-ml-100k-blocks")   # released reference blocks
-    blocks = prepare_blocks("ml-100k", seed=1)                         # our pipeline, cached, stats asserted
+    blocks = load_blocks("$REPRO_DATA/f3crec-ml-100k-blocks")   # released reference blocks (§2)
+    blocks = load_blocks(prepare_blocks("ml-100k", seed=1))      # our pipeline, cached, stats asserted
+    blocks, sha = get_blocks(cfg.data, seed)                     # whichever the config names
 
 Ids are 0-based (as in the reference blocks): users and items are numbered by first appearance in the
 time-sorted stream, so block t's newcomers hold [n_{t−1}, n_t). Generated blocks are written in the released
@@ -17,16 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import cache_root, kcore, load_interactions
+from common.data import kcore
+from common.datasets import load_interactions
+from common.io import atomic_write, cache_root
+from common.prepare import find_raw, prepare
 
 SPLITS = ("train", "valid", "test")
-# Our dataset keys (§12) -> common.data registry names (download, sha256 and k-core statistics there).
+# Our dataset keys (§12) -> common registry names (download, sha256 and k-core statistics there).
 REGISTRY = {"ml-100k": "ml-100k", "ml-latest-small": "ml-latest-small",
             "hetrec2011": "hetrec2011-movielens-2k", "lastfm-2k": "hetrec2011-lastfm-2k"}
 # §1.2: (interactions, users, cum. users, cum. items, train, valid, test) per block, asserted after building.
 EXPECTED = {"ml-100k": [(58771, 587, 587, 1136, 46552, 6078, 6141), (13060, 217, 697, 1146, 10298, 1371, 1391),
                         (13060, 238, 827, 1148, 10274, 1382, 1404), (13062, 207, 943, 1152, 10284, 1384, 1394)],
-            # [D] §12: measured on ../shared/data on 2026-11-26 and frozen here (no published counts).
+            # [D] §12: no published counts; measured by this pipeline and frozen here, so these rows guard
+            # against drift, not against a pipeline that was wrong from the start.
             "ml-latest-small": [(48665, 374, 374, 1982, 38629, 5000, 5036), (10814, 118, 466, 2189, 8557, 1122, 1135),
                                 (10814, 89, 543, 2250, 8584, 1110, 1120), (10816, 95, 609, 2269, 8568, 1120, 1128)],
             "lastfm-2k": [(21975, 497, 497, 1577, 17203, 2367, 2405), (4883, 286, 574, 1589, 3759, 553, 571),
@@ -117,9 +122,8 @@ def write_blocks(directory: Path, blocks: list[Block], meta: dict) -> None:
         payload = {f"{s}_dict": {str(u): v.tolist() for u, v in block.split(s).items()} for s in SPLITS}
         payload["item_list"] = block.item_list.tolist()
         payload["meta"] = meta
-        tmp = directory / f"block_{t}.json.tmp"
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(directory / f"block_{t}.json")
+        with atomic_write(directory / f"block_{t}.json") as handle:
+            handle.write(json.dumps(payload))
 
 
 def load_blocks(directory: str | Path, count: int = 4) -> list[Block]:
@@ -192,16 +196,19 @@ def prepare_blocks(name: str, seed: int, root: str | None = None, core: int = 10
     """Build (or reuse) the cached blocks of a raw dataset; returns their folder. Stats asserted.
 
     The raw file is found, downloaded and checksummed by common.prepare, and its k-core (in file order,
-    raw ids) comes from common.data.load_interactions, which asserts the registry's k-core counts.
+    raw ids) comes from common.datasets.load_interactions, which asserts the registry's k-core counts.
     """
     if name not in REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(REGISTRY)} or set data.blocks=PATH")
-    from common.prepare import find_raw, prepare
     try:
         raw = find_raw(REGISTRY[name], root)
     except FileNotFoundError:
-        prepare(REGISTRY[name], root)                       # download + checksum (make data DATA=...)
-        raw = find_raw(REGISTRY[name], None)
+        try:
+            raw = Path(prepare(REGISTRY[name], root)["raw"])       # download + checksum (make data DATA=...)
+        except (OSError, ConnectionError) as err:
+            raise FileNotFoundError(f"{name}: raw data not found and not downloadable ({' '.join(str(err).split())}); "
+                                    "set REPRO_DATA or data.root, or data.blocks=PATH, or run the smoke config "
+                                    "--config f3crec/configs/smoke.yaml") from None
         root = str(raw.parents[1])
     raw_sha = hashlib.sha256(raw.read_bytes()).hexdigest()
     out = cache_root() / "f3crec" / f"{name}-core{core}-seed{seed}-{raw_sha[:12]}"
@@ -214,3 +221,22 @@ def prepare_blocks(name: str, seed: int, root: str | None = None, core: int = 10
     blocks = load_blocks(out)
     check_expected(name, blocks)
     return out
+
+
+def get_blocks(cfg, seed: int) -> tuple[list[Block], str]:
+    """The four blocks a DataConfig names and their fingerprint: released files (`blocks`), our pipeline on
+    a raw dataset (`name`), or the synthetic stream."""
+    if cfg.blocks:
+        path = Path(cfg.blocks)
+        if not (path / "block_0.json").is_file():
+            raise FileNotFoundError(f"data.blocks={cfg.blocks}: no block_0.json there; the released blocks are "
+                                    "not redistributable (see method.md §2), or run --config f3crec/configs/smoke.yaml")
+    elif cfg.name == "synthetic":
+        path = cache_root() / "f3crec" / f"synthetic-{cfg.synthetic_users}-{cfg.synthetic_items}-" \
+            f"{cfg.synthetic_interactions}-core{cfg.core}-seed{seed}"
+        if not (path / "block_3.json").is_file():
+            stream = synthetic_stream(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_interactions, seed)
+            write_blocks(path, build_blocks(stream, seed, core=cfg.core), {"dataset": "synthetic"})
+    else:
+        path = prepare_blocks(cfg.name, seed, cfg.root, cfg.core)
+    return load_blocks(path), fingerprint(path)

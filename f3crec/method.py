@@ -1,64 +1,26 @@
-"""Continual-learning terms (spec §6, §7, §11): Adaptive Replay Memory, Item-wise Temporal Mean, baselines.
+"""Continual-learning terms (§6, §7, §11): Adaptive Replay Memory, Item-wise Temporal Mean, baselines.
 
 Pure tensor functions with a leading client dimension, used unchanged by both simulators:
   target_ranks / memory_size / kd_terms      ARM on the client (§6)
   item_temporal_mean                         ITM on the server (§7)
   per_sample_grads                           EWC's empirical Fisher (§11, ours)
-`MethodConfig` names the method and its weights; `method_flags` says which terms a method switches on.
+Which terms a method switches on is `config.method_flags`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from .model import affine
-
-METHODS = ("ft", "arm", "itm", "f3crec", "topn_kd", "naive_replay", "emb_reg", "ewc", "full_retrain")
-
-
-@dataclass
-class MethodConfig:
-    name: Literal["ft", "arm", "itm", "f3crec", "topn_kd", "naive_replay", "emb_reg", "ewc",
-                  "full_retrain"] = "f3crec"   # §11 table
-    arm: bool | None = None       # override the method's ARM switch (None = as the method defines it)
-    itm: bool | None = None       # override the method's ITM switch
-    kd_weight: float = 0.1        # λ (`reg_client_cl`), FedMF ML-100K README value (§9)
-    eps: float = 0.006            # ε of p_u = exp(-ε D_u) (§6)
-    topn: int = 30                # N, size of T^u (§6)
-    beta: float = 0.9             # β of ITM (§7)
-    reg_d: float | None = None    # topn_kd / emb_reg weight; None = λ for topn_kd, 1e-4 for emb_reg [D]
-    ewc_gamma: float = 0.01       # γ of EWC [D]: best mean validation N@20 (FedMF, ML-100K, seed 1) on the
-    #                               grid 1e-3..1e2; γ ≥ 1 diverges because the item lr is lr·|I^t| ≈ 1,150
-    replay_size: int = 30         # naive_replay: pseudo-positives per round (= N) [D]
-    full_retrain_warm: bool = False  # full_retrain continues from the previous block instead of re-init
-    target_scores: Literal["latest", "matched"] = "latest"  # [Q] §6: ŷ refreshed for every user
-
-
-def method_flags(cfg: MethodConfig) -> dict:
-    """Which terms the method uses: arm in {'off','adaptive','full'}, itm, reg in {None,'emb','ewc'}."""
-    arm = {"arm": "adaptive", "f3crec": "adaptive", "topn_kd": "full"}.get(cfg.name, "off")
-    itm = cfg.name in ("itm", "f3crec")
-    if cfg.arm is not None:
-        arm = "adaptive" if cfg.arm else "off"
-    if cfg.itm is not None:
-        itm = cfg.itm
-    reg = {"emb_reg": "emb", "ewc": "ewc"}.get(cfg.name)
-    default_d = cfg.kd_weight if cfg.name == "topn_kd" else 1e-4
-    weight = cfg.reg_d if cfg.reg_d is not None else default_d
-    kd_weight = weight if cfg.name == "topn_kd" else cfg.kd_weight
-    return {"arm": arm, "itm": itm, "reg": reg, "kd_weight": kd_weight, "reg_d": weight,
-            "replay": cfg.name == "naive_replay", "full_retrain": cfg.name == "full_retrain"}
+from .model import Backbone
 
 
 # ---------------------------------------------------------------------------------- ARM (client, §6)
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """1-based rank r_cur of each target item in its row's descending order over ALL items (§6 step 2).
 
-    scores [A, I], targets [A, N] -> [A, N]. Nothing is masked; ties go to the lower item id (stable sort),
+    scores (A, I), targets (A, N) -> (A, N). Nothing is masked; ties go to the lower item id (stable sort),
     so both simulators agree.
     """
     order = torch.argsort(scores, dim=1, descending=True, stable=True)          # (A, I)
@@ -70,8 +32,8 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def memory_size(ranks: torch.Tensor, eps: float, topn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """D_u = Σ |r_prev − r_cur| (Spearman footrule over T^u), p_u = exp(−ε D_u), m_u = ⌊N p_u⌋ (§6 4–5).
 
-    ranks [A, N] are r_cur of T^u's items in T^u's order, so r_prev = 1..N. p is computed in float32 as in
-    the reference. Returns (D [A] long, p [A] float32, m [A] long).
+    ranks (A, N) are r_cur of T^u's items in T^u's order, so r_prev = 1..N. p is computed in float32 as in
+    the reference. Returns (D (A,) long, p (A,) float32, m (A,) long).
     """
     previous = torch.arange(1, ranks.shape[1] + 1, device=ranks.device)
     discrepancy = (previous - ranks).abs().sum(1)
@@ -89,7 +51,7 @@ def item_temporal_mean(mean_table: torch.Tensor, previous: torch.Tensor, beta: f
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix every old row back toward Q^{t−1}: q ← (1−w) q′ + w q^{t−1}, w = β / (1 + ‖Δ‖² / √d).
 
-    New rows (index ≥ len(previous)) are left as the plain mean. Returns (table, w [I_prev]).
+    New rows (index ≥ len(previous)) are left as the plain mean. Returns (table, w (I_prev,)).
     """
     n_old, dim = previous.shape
     old = mean_table[:n_old]
@@ -100,16 +62,16 @@ def item_temporal_mean(mean_table: torch.Tensor, previous: torch.Tensor, beta: f
 
 
 # ------------------------------------------------------------------------------------ EWC (§11, ours)
-def per_sample_grads(backbone: str, private: dict[str, torch.Tensor], rows: torch.Tensor,
+def per_sample_grads(net: Backbone, private: dict[str, torch.Tensor], rows: torch.Tensor,
                      labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Gradients of each sample's BCE w.r.t. its client's private tensors and its item row.
 
-    private: tensors [S, ...] (each sample's client state), rows [S, d], labels [S]. Since every sample's
+    private: tensors (S, ...) (each sample's client state), rows (S, d), labels (S,). Since every sample's
     loss depends only on its own copies, the gradient of the sum is the per-sample gradient.
     """
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in private.items()}
     row_leaf = rows.detach().clone().requires_grad_(True)
-    a, c = affine(backbone, leaves)
+    a, c = net.affine(leaves)
     logits = (row_leaf * a).sum(-1) + c
     loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
     grads = torch.autograd.grad(loss, list(leaves.values()) + [row_leaf])

@@ -1,4 +1,4 @@
-"""The server (spec §3, §7): owns the public item table Q, the previous-block snapshot Q^{t−1}, the
+"""The server (§3, §7): owns the public item table Q, the previous-block snapshot Q^{t−1}, the
 best-round copy, and the aggregation. It imports nothing from the client side and its API takes only what
 clients upload: whole local tables (`aggregate`) or, from the vectorised simulator, the concatenation of
 every participant's row deltas (`aggregate_deltas`). tests/test_f3crec_sim.py walks the object graph to
@@ -11,13 +11,9 @@ import torch
 from .method import item_temporal_mean
 
 
-def aggregate(tables: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
-    """FedAvg of uploaded tables. F3CRec uses the UNWEIGHTED mean over participants (§3)."""
-    stacked = torch.stack(tables)                                  # (A, I, d)
-    if weights is None:
-        return stacked.mean(0)
-    w = torch.as_tensor(weights, dtype=stacked.dtype)
-    return (stacked * w[:, None, None]).sum(0) / w.sum()
+def aggregate(tables: list[torch.Tensor]) -> torch.Tensor:
+    """FedAvg of uploaded tables: F3CRec takes the UNWEIGHTED mean over participants (§3)."""
+    return torch.stack(tables).mean(0)                             # (A, I, d) -> (I, d)
 
 
 class Server:

@@ -1,91 +1,79 @@
-"""Evaluation (spec §10) and the block loop (§8): grow → rounds with validation and early stopping →
-restore best → test a_{t,·} → end-of-block state → hand-off. Plain functions, no trainer class.
-
-`oracle_scores` is the simulation-only evaluation oracle (§3): it assembles every user's scores from the
-clients' state and the server's table; the server itself never sees them. NDCG@20 and Recall@20 are
-per-user means, so a federated evaluation (each client reports a sum and a count) gives the same values.
+"""The block loop (§8): `fit` runs grow → rounds with validation and early stopping → restore best →
+test a_{t,·} → end-of-block state → hand-off for every block, with a checkpoint at each block boundary and
+the end-of-D⁰ state shared across methods (§8.6). Plain functions, no trainer class.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from common.metrics import full_sort_metrics
+from common.config import config_to_dict
+from common.io import cache_root
+from common.runs import load_checkpoint, save_checkpoint
+from common.utils import get_device
 
+from .client_state import ClientStates
 from .data import SPLITS, Block
-from .federated import RoundContext, plan_inputs
-from .model import init_items, init_private, learning_rates, score_matrix, substeps
-from .plan import PlanMaker, make_plan
+from .evaluate import eval_masks, evaluate, oracle_scores, summarise, test_row
+from .model import BACKBONES, init_items, init_private, learning_rates
+from .round import PlanMaker, RoundContext, make_plan, plan_inputs
+from .server import Server
+from .sim_reference import ReferenceSimulator
+from .sim_vectorised import VectorisedSimulator
 
 
-# ----------------------------------------------------------------------------------------- evaluation
-def oracle_scores(sim, users: torch.Tensor, backbone: str) -> torch.Tensor:
-    """Scores [len(users), |I|] of the given users (simulation-only, §3)."""
-    items = sim.server.broadcast()
-    private = {k: v[users.to(items.device)] for k, v in sim.private_matrix().items()}
-    return score_matrix(backbone, private, items).cpu()
+# ------------------------------------------------------------------------------------------ simulators
+def make_simulator(cfg, flags: dict, items: torch.Tensor, private: dict):
+    """A server with table `items` and one client per row of `private`, in the configured simulator."""
+    # The per-client reference simulator is the readable ground truth: it always runs on the CPU.
+    vectorised = cfg.federation.simulator == "vectorised"
+    device = get_device(cfg.train.device) if vectorised else torch.device("cpu")
+    items, private = items.to(device), {k: v.to(device) for k, v in private.items()}
+    server = Server(items, cfg.method.beta, itm=flags["itm"])
+    states = ClientStates(private, cfg.method.topn)
+    return (VectorisedSimulator if vectorised else ReferenceSimulator)(server, states)
 
 
-def _mask(users: list[int], parts: list[dict[int, np.ndarray]], n_items: int) -> torch.Tensor:
-    mask = torch.zeros(len(users), n_items, dtype=torch.bool)
-    for row, user in enumerate(users):
-        for part in parts:
-            if user in part:
-                mask[row, torch.from_numpy(part[user])] = True
-    return mask
+def sim_state(sim) -> dict:
+    return {"server": sim.server.state_dict(), "clients": sim.states().state_dict()}
 
 
-def evaluate(scores: torch.Tensor, users: list[int], positives: dict[int, np.ndarray],
-             exclude: list[dict[int, np.ndarray]], decimals: int | None,
-             masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
-    """NDCG@20 and Recall@20 (Recall = hits / |test|) over `users`, excluded items at −∞ (§10).
-
-    `masks` = (positives, excluded) as built by `eval_masks`, to reuse them across rounds.
-    """
-    pos_mask, exclude_mask = masks or eval_masks(users, positives, exclude, scores.shape[1])
-    metrics = full_sort_metrics(scores, pos_mask, ks=(20,), exclude_mask=exclude_mask)
-    out = {"ndcg": float(metrics["NDCG@20"].mean()), "recall": float(metrics["Recall@20"].mean())}
-    return {k: round(v, decimals) if decimals is not None else v for k, v in out.items()}
+def load_sim(cfg, flags: dict, state: dict):
+    sim = make_simulator(cfg, flags, state["server"]["items"], dict(state["clients"]["private"]))
+    device = sim.server.items.device
+    sim.server.load_state_dict(_to(state["server"], device))
+    states = ClientStates(dict(sim.states().private), cfg.method.topn)
+    states.load_state_dict(_to(state["clients"], device))
+    sim.load_states(states)
+    return sim
 
 
-def eval_masks(users: list[int], positives: dict[int, np.ndarray], exclude: list[dict[int, np.ndarray]],
-               n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _mask(users, [positives], n_items), _mask(users, exclude, n_items)
+def _to(value, device: torch.device):
+    """A checkpoint's nested dict with every tensor moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
 
 
-def test_row(sim, blocks: list[Block], t: int, backbone: str, old_block_mask: str,
-             decimals: int | None) -> list[dict[str, float]]:
-    """a_{t,i} for i = 0..t (§10): test of D^i, masked with D^t's train+valid [Q] or cumulatively [D]."""
-    row = []
-    for i in range(t + 1):
-        users = sorted(blocks[i].test)
-        scores = oracle_scores(sim, torch.tensor(users, dtype=torch.long), backbone)[:, : blocks[t].n_items]
-        if old_block_mask == "current":
-            exclude = [blocks[t].train, blocks[t].valid]
-        else:
-            exclude = [b.split(s) for j, b in enumerate(blocks[: t + 1]) for s in SPLITS if s != "test" or j != i]
-        row.append(evaluate(scores, users, blocks[i].test, exclude, decimals))
-    return row
-
-
-def la_ra_h(matrix: list[list[float]]) -> dict[str, float]:
-    """LA_t = mean_i a_{i,i}, RA_t = mean_i a_{t,i} (base block included), H = harmonic mean (§10)."""
-    t = len(matrix) - 1
-    learning = sum(matrix[i][i] for i in range(t + 1)) / (t + 1)
-    retained = sum(matrix[t][i] for i in range(t + 1)) / (t + 1)
-    harmonic = 0.0 if learning + retained == 0 else 2 * learning * retained / (learning + retained)
-    return {"LA": learning, "RA": retained, "H": harmonic}
-
-
-def summarise(rows: list[list[dict[str, float]]]) -> dict:
-    """a-matrices and LA/RA/H after every block, for NDCG@20 and Recall@20."""
-    out = {}
-    for metric in ("ndcg", "recall"):
-        matrix = [[cell[metric] for cell in row] for row in rows]
-        out[metric] = {"a": matrix, "per_block": [la_ra_h(matrix[: t + 1]) for t in range(len(matrix))]}
-    return out
+def round_context(cfg, flags: dict, blocks: list[Block], t: int, r: int) -> RoundContext:
+    """What every participant of round r of block t is told (public, no client data)."""
+    prev = blocks[t - 1] if t else None
+    seed = cfg.train.seed
+    return RoundContext(block=t, round=r, n_items=blocks[t].n_items, n_prev_users=prev.n_users if prev else 0,
+                        n_prev_items=prev.n_items if prev else 0,
+                        lrs=learning_rates(cfg.backbone, blocks[t].n_items), flags=flags,
+                        net=BACKBONES[cfg.backbone.name], seed=seed, ldp_scale=cfg.federation.ldp_scale,
+                        shared_private=init_private(cfg.backbone, cfg.quirks.emb_init, seed, -1),
+                        private_init_round0=cfg.quirks.private_init_round0, ewc_gamma=cfg.method.ewc_gamma,
+                        eps=cfg.method.eps, topn=cfg.method.topn)
 
 
 # ----------------------------------------------------------------------------------------- block loop
@@ -106,16 +94,17 @@ def block_data(blocks: list[Block], t: int, flags: dict, neg_exclude: str
     return data, known
 
 
-def grow(sim, server_factory, cfg, blocks: list[Block], t: int, seed: int):
-    """Append item rows and clients for block t's newcomers (§8.1); full_retrain re-initialises all."""
+def grow(sim, make_sim: Callable | None, cfg, blocks: list[Block], t: int, seed: int):
+    """Append item rows and clients for block t's newcomers (§8.1); `make_sim(items, private)` builds the
+    simulator in block 0."""
     n_prev_users = blocks[t - 1].n_users if t else 0
     n_prev_items = blocks[t - 1].n_items if t else 0
-    block = blocks[t]
-    new_private = [init_private(cfg.model, seed, u) for u in range(n_prev_users, block.n_users)]
+    block, emb_init = blocks[t], cfg.quirks.emb_init
+    new_private = [init_private(cfg.backbone, emb_init, seed, u) for u in range(n_prev_users, block.n_users)]
     stacked = {k: torch.stack([p[k] for p in new_private]) for k in new_private[0]} if new_private else None
     if sim is None:
-        return server_factory(init_items(cfg.model, seed, 0, block.n_items), stacked)
-    sim.server.grow(init_items(cfg.model, seed, t, block.n_items - n_prev_items))
+        return make_sim(init_items(cfg.backbone, emb_init, seed, 0, block.n_items), stacked)
+    sim.server.grow(init_items(cfg.backbone, emb_init, seed, t, block.n_items - n_prev_items))
     if stacked is not None:
         sim.grow(stacked)
     return sim
@@ -124,8 +113,7 @@ def grow(sim, server_factory, cfg, blocks: list[Block], t: int, seed: int):
 def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
     """Rounds of block t with validation, selection and early stopping (§8.2–8.3); ends on the best."""
     block, fed, ev = blocks[t], cfg.federation, cfg.eval
-    seed = cfg.train.seed
-    n_prev_users, n_prev_items = (blocks[t - 1].n_users, blocks[t - 1].n_items) if t else (0, 0)
+    net = BACKBONES[cfg.backbone.name]
     data, exclude = block_data(blocks, t, flags, flags["neg_exclude"])
     valid_users = sorted(block.valid)
     valid_index = torch.tensor(valid_users, dtype=torch.long)
@@ -133,20 +121,15 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
     best, best_round, stale, maker = -1.0, -1, 0, None
     for r in range(fed.rounds):
         started = time.perf_counter()
-        ctx = RoundContext(block=t, round=r, n_items=block.n_items, n_prev_users=n_prev_users,
-                           n_prev_items=n_prev_items, lrs=learning_rates(cfg.model, block.n_items), flags=flags,
-                           cfg=cfg.model, seed=seed, ldp_scale=fed.ldp_scale,
-                           shared_private=init_private(cfg.model, seed, -1), ewc_gamma=cfg.method.ewc_gamma,
-                           eps=cfg.method.eps, topn=cfg.method.topn)
+        ctx = round_context(cfg, flags, blocks, t, r)
         if maker is None:  # positives and exclusions are fixed for the block (T^u included)
             positives, excluded = plan_inputs(data, sim.topn_lists() if flags["replay"] else {}, ctx)
             if flags["neg_exclude"] != "block_train":
                 excluded = {u: np.concatenate([excluded[u], exclude[u]]) for u in positives}
             maker = PlanMaker(positives, excluded, block.n_items, fed.num_neg, fed.batch_size, cfg.method.topn,
-                              len(substeps(cfg.model.backbone)))
-        plan = maker.draw(seed, t, r)
-        stats = sim.train_round(plan, ctx)
-        scores = oracle_scores(sim, valid_index, cfg.model.backbone)
+                              len(net.substeps))
+        stats = sim.train_round(maker.draw(cfg.train.seed, t, r), ctx)
+        scores = oracle_scores(sim, valid_index, net)
         val = evaluate(scores, valid_users, block.valid, [block.train], flags["metric_decimals"], valid_masks)
         value = val[ev.select_metric]
         record = {"block": t, "round": r, "val_ndcg": val["ndcg"], "val_recall": val["recall"],
@@ -183,7 +166,7 @@ def end_block(sim, cfg, blocks: list[Block], t: int, flags: dict) -> None:
         fisher_plan = make_plan(cfg.train.seed, t, -1, data, exclude, block.n_items, cfg.federation.num_neg,
                                 cfg.federation.batch_size, cfg.method.topn, 1)
     ctx = RoundContext(block=t, round=0, n_items=block.n_items, n_prev_users=0, n_prev_items=0, lrs={},
-                       flags=flags, cfg=cfg.model, seed=cfg.train.seed, topn=cfg.method.topn)
+                       flags=flags, net=BACKBONES[cfg.backbone.name], seed=cfg.train.seed, topn=cfg.method.topn)
     sim.end_block(ctx, np.array(sorted(block.train), dtype=np.int64), fisher_plan)
     if flags["handoff"] == "last":
         sim.load_slot("last")
@@ -192,8 +175,70 @@ def end_block(sim, cfg, blocks: list[Block], t: int, flags: dict) -> None:
 def restart(sim, cfg, blocks: list[Block], t: int) -> None:
     """full_retrain (not warm): re-draw every parameter at the start of block t [D]."""
     seed = cfg.train.seed + 7919 * t
-    block = blocks[t]
+    block, emb_init = blocks[t], cfg.quirks.emb_init
     device = sim.server.items.device
-    sim.server.items = init_items(cfg.model, seed, 0, block.n_items).to(device)
-    private = [init_private(cfg.model, seed, u) for u in range(block.n_users)]
+    sim.server.items = init_items(cfg.backbone, emb_init, seed, 0, block.n_items).to(device)
+    private = [init_private(cfg.backbone, emb_init, seed, u) for u in range(block.n_users)]
     sim.set_private({k: torch.stack([p[k] for p in private]).to(device) for k in private[0]})
+
+
+# ------------------------------------------------------------------------------------------------ fit
+def base_cache_path(cfg, flags: dict, blocks_id: str) -> Path | None:
+    """Where the shared end-of-D⁰ state of this configuration lives, or None when sharing is off."""
+    if not cfg.train.share_base:
+        return None
+    root = Path(cfg.train.base_cache) if cfg.train.base_cache else cache_root() / "f3crec" / "base"
+    return root / f"{base_key(cfg, flags, blocks_id)}.pt"
+
+
+def base_key(cfg, flags: dict, blocks_id: str) -> str:
+    """Everything that changes D⁰ training (not the method: ARM/ITM are off in D⁰, §8.6)."""
+    # The code is part of the key: a cached base state from older code must never be reused silently.
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))))
+    tree = config_to_dict(cfg)
+    relevant = {"blocks": blocks_id, "backbone": tree["backbone"], "fed": tree["federation"], "eval": tree["eval"],
+                "seed": cfg.train.seed, "quirks": tree["quirks"], "fidelity": cfg.fidelity,
+                "device": cfg.train.device, "code": code.hexdigest(),
+                "flags": {k: flags[k] for k in ("metric_decimals", "neg_exclude")}}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, resume: bool, log) -> dict:
+    """Every block of §8 with block-boundary checkpoints (`last.pt`); returns rows of a and block infos."""
+    sim, rows, info, start = None, [], [], 0
+    if resume:
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        sim, rows, info, start = load_sim(cfg, flags, ckpt["sim"]), ckpt["rows"], ckpt["info"], ckpt["block"] + 1
+    cache = base_cache_path(cfg, flags, blocks_id)
+    net = BACKBONES[cfg.backbone.name]
+    for t in range(start, len(blocks)):
+        if t == 0 and cache is not None and cache.is_file():
+            base = load_checkpoint(cache)
+            sim, rows, info = load_sim(cfg, flags, base["sim"]), base["rows"], base["info"]
+            print(f"[f3crec] base block loaded from {cache}")
+        else:
+            sim = grow(sim, lambda items, private: make_simulator(cfg, flags, items, private), cfg, blocks, t,
+                       cfg.train.seed)
+            if flags["full_retrain"] and t > 0 and not cfg.method.full_retrain_warm:
+                restart(sim, cfg, blocks, t)
+            info.append(run_block(sim, cfg, blocks, t, flags, log))
+            rows.append(test_row(sim, blocks, t, net, flags["old_block_mask"], flags["metric_decimals"]))
+            if t == 0 and cache is not None:
+                save_checkpoint(cache, {"sim": sim_state(sim), "rows": rows, "info": info,
+                                        "key_config": config_to_dict(cfg)})
+        end_block(sim, cfg, blocks, t, flags)
+        save_checkpoint(run_dir / "last.pt", {"sim": sim_state(sim), "rows": rows, "info": info, "block": t,
+                                              "config": config_to_dict(cfg)})
+        print(f"[f3crec] block {t}: " + format_row(summarise(rows)))
+        if cfg.train.stop_after_block is not None and t >= cfg.train.stop_after_block:
+            break
+    return {"rows": rows, "blocks": info}
+
+
+def format_row(summary: dict) -> str:
+    """LA / RA / H after the last block so far, for both metrics, on one line."""
+    parts = []
+    for metric, label in (("ndcg", "N@20"), ("recall", "R@20")):
+        last = summary[metric]["per_block"][-1]
+        parts.append(f"{label} LA {last['LA']:.4f} RA {last['RA']:.4f} H {last['H']:.4f}")
+    return " | ".join(parts)

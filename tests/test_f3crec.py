@@ -1,4 +1,4 @@
-"""F3CRec unit tests: block builder, ARM, ITM, FedAvg, metrics, LA/RA/H, learning-rate rules (spec §15)."""
+"""F3CRec unit tests: block builder, ARM, ITM, FedAvg, metrics, LA/RA/H, learning-rate rules (method.md §15)."""
 import math
 
 import numpy as np
@@ -7,9 +7,10 @@ import torch
 
 from f3crec.data import EXPECTED, build_blocks, load_blocks, split_sizes, write_blocks
 from f3crec.method import item_temporal_mean, kd_terms, memory_size, target_ranks
-from f3crec.model import ModelConfig, learning_rates
+from f3crec.config import BackboneConfig, Config, MethodName, resolve
+from f3crec.evaluate import evaluate, la_ra_h
+from f3crec.model import BACKBONES, learning_rates
 from f3crec.server import aggregate
-from f3crec.train import evaluate, la_ra_h
 
 
 def _stream():
@@ -131,11 +132,8 @@ def test_itm_against_direct_formula():
 def test_fedavg_matches_numpy():
     rng = np.random.default_rng(1)
     tables = [rng.normal(size=(5, 3)) for _ in range(4)]
-    weights = [3.0, 1.0, 7.0, 2.0]
     got = aggregate([torch.from_numpy(t) for t in tables])
     assert np.allclose(got.numpy(), np.mean(tables, axis=0))
-    got_w = aggregate([torch.from_numpy(t) for t in tables], weights)
-    assert np.allclose(got_w.numpy(), np.average(tables, axis=0, weights=weights))
 
 
 def test_metrics_brute_force_and_masking():
@@ -161,10 +159,29 @@ def test_la_ra_h_known_matrix():
 
 
 def test_learning_rate_rules():
-    assert learning_rates(ModelConfig("fedmf", lr=1.0), 1136) == {"p": 1.0, "Q": 1136.0}
-    ncf = learning_rates(ModelConfig("fedncf", lr=0.1, lr_eta=80), 100)
+    assert learning_rates(BackboneConfig("fedmf", lr=1.0), 1136) == {"p": 1.0, "Q": 1136.0}
+    ncf = learning_rates(BackboneConfig("fedncf", lr=0.1, lr_eta=80), 100)
     assert ncf == {"w": 0.1, "b": 0.1, "p": pytest.approx(8.0), "Q": pytest.approx(800.0)}
-    assert set(learning_rates(ModelConfig("pfedrec"), 10)) == {"w", "b", "Q"}
+    assert set(learning_rates(BackboneConfig("pfedrec"), 10)) == {"w", "b", "Q"}
+
+
+def test_backbone_table_matches_config_choices_and_quirks_follow_fidelity():
+    """The Literal of backbone.name is the table's keys; each unset [Q] key follows fidelity (§0)."""
+    import typing
+    from f3crec.config import BackboneConfig as B
+    assert set(typing.get_args(typing.get_type_hints(B)["name"])) == set(BACKBONES)
+    assert set(typing.get_args(MethodName)) >= {"ft", "arm", "itm", "f3crec"}
+    for name, net in BACKBONES.items():
+        assert {n for step in net.substeps for n in step} == set(net.private_shapes(4)) | {"Q"}, name
+    cfg, flags = resolve(Config())
+    assert (flags["handoff"], cfg.quirks.private_init_round0, cfg.quirks.emb_init, flags["metric_decimals"]) \
+        == ("last", "shared", "reference", 5)
+    clean, clean_flags = resolve(Config(fidelity=False))
+    assert (clean_flags["handoff"], clean.quirks.emb_init, clean_flags["metric_decimals"]) == ("best", "small", None)
+    one = Config()
+    one.quirks.metric_decimals, one.quirks.emb_init = -1, "small"     # explicit values override fidelity
+    resolved, one_flags = resolve(one)
+    assert one_flags["metric_decimals"] is None and resolved.quirks.emb_init == "small"
 
 
 @pytest.mark.slow
@@ -185,16 +202,18 @@ def test_raw_ml100k_pipeline_statistics(shared_data):
 
 @pytest.mark.parametrize("eps", [0.0, 0.05, 0.2])  # m = N, 0 < m < N, m = 0
 def test_kd_gradient_reaches_only_p_and_memory_rows(eps):
-    from f3crec.federated import Client, RoundContext
     from f3crec.model import LocalModel, init_private
-    cfg = ModelConfig(dtype="float64")
+    from f3crec.round import RoundContext
+    from f3crec.sim_reference import Client
+    cfg = BackboneConfig(dtype="float64")
     torch.manual_seed(0)
     items = torch.randn(8, 32, dtype=torch.float64)               # item 7 is new in this block
-    client = Client(0, init_private(cfg, 0, 0))
+    client = Client(0, init_private(cfg, "reference", 0, 0))
     client.topn, client.yhat = torch.tensor([5, 1, 6]), torch.randn(7, dtype=torch.float64)
     ctx = RoundContext(block=1, round=0, n_items=8, n_prev_users=1, n_prev_items=7, lrs={},
-                       flags={"arm": "adaptive", "kd_weight": 1.0, "reg": None}, cfg=cfg, seed=0, eps=eps, topn=3)
-    model = LocalModel("fedmf", items, client.private)
+                       flags={"arm": "adaptive", "kd_weight": 1.0, "reg": None}, net=BACKBONES["fedmf"], seed=0,
+                       eps=eps, topn=3)
+    model = LocalModel(BACKBONES["fedmf"], items, client.private)
     stats = {"D": [], "m": []}
     perm = np.array([2, 0, 1])
     loss = client._continual_loss(model, perm, ctx, stats)

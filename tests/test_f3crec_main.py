@@ -17,7 +17,7 @@ FAST = ["federation.rounds=2", "federation.patience=2"]
 
 def test_smoke_writes_results_and_loadable_checkpoints(tmp_path):
     res = main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "run"), *FAST,
-                f"train.base_cache={tmp_path / 'base'}"])
+                f"train.base_cache={tmp_path / 'base'}", "train.share_base=true"])
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(res["summary"]))
     ndcg = saved["summary"]["ndcg"]
@@ -31,7 +31,7 @@ def test_smoke_writes_results_and_loadable_checkpoints(tmp_path):
 
 
 def test_base_block_shared_between_methods(tmp_path, capsys):
-    common = [*FAST, f"train.base_cache={tmp_path / 'base'}"]
+    common = [*FAST, f"train.base_cache={tmp_path / 'base'}", "train.share_base=true"]
     first = main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "ft"), *common, "method.name=ft"])
     second = main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "itm"), *common, "method.name=itm"])
     assert "base block loaded" in capsys.readouterr().out
@@ -61,5 +61,15 @@ def test_launch_as_script_and_from_a_copy(tmp_path, how):
 
 
 def test_bad_config_fails_in_one_line(tmp_path):
-    with pytest.raises(ValueError, match="method.name|name"):
+    with pytest.raises(ValueError, match=r"method\.name.*'nope'") as err:
         main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "x"), "method.name=nope"])
+    assert "\n" not in str(err.value)
+
+
+def test_old_run_folder_fails_in_one_line_naming_the_rename(tmp_path):
+    main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "old"), *FAST, "train.stop_after_block=0"])
+    saved = (tmp_path / "old" / "config.yaml").read_text().replace("backbone:\n  dim", "model:\n  dim")
+    (tmp_path / "old" / "config.yaml").write_text(saved)
+    with pytest.raises(ValueError, match=r"model\.\*.*backbone\.\*") as err:
+        main(["--resume", str(tmp_path / "old")])
+    assert "\n" not in str(err.value)

@@ -1,4 +1,4 @@
-"""F3CRec simulators: the vectorised simulator equals the per-client reference (spec §13), federated
+"""F3CRec simulators: the vectorised simulator equals the per-client reference (method.md §13), federated
 training of one client equals centralised training, and the server cannot reach client state."""
 import ast
 import gc
@@ -11,44 +11,57 @@ import torch
 import torch.nn.functional as F
 
 from common.config import load_config
-from f3crec.federated import Client, RoundContext, plan_inputs
-from f3crec.main import Config, get_blocks, make_sim, resolve
-from f3crec.model import LocalModel, init_private, learning_rates, substeps
-from f3crec.plan import PlanMaker, make_plan
+from f3crec.config import Config, resolve
+from f3crec.data import build_blocks, get_blocks, synthetic_stream, write_blocks
+from f3crec.model import BACKBONES, LocalModel, init_private, learning_rates
+from f3crec.round import PlanMaker, RoundContext, make_plan, plan_inputs
 from f3crec.server import Server
-from f3crec.train import end_block, grow
+from f3crec.sim_reference import Client
+from f3crec.train import end_block, grow, make_simulator, round_context
 
 SMOKE = Path(__file__).resolve().parents[1] / "f3crec" / "configs" / "smoke.yaml"
 
 
-def _setup(overrides):
-    cfg = load_config(Config, SMOKE, ["model.dtype=float64", "federation.batch_size=16", "method.kd_weight=1.0",
-                                      "method.eps=0.02", *overrides])
+def late_joiner_blocks(folder: Path, seed: int = 1) -> Path:
+    """The smoke stream with a third of the users entering only in the last 40 % of the time line, so
+    every incremental block brings new users (the released ML-100K blocks bring ~110 per block, §1.2)."""
+    stream = synthetic_stream(60, 50, 2400, seed)
+    late = stream["user"] % 3 == 0
+    stream["timestamp"] = np.where(late, stream["timestamp"] // 2 + 2 * stream["timestamp"].max(),
+                                   stream["timestamp"])
+    write_blocks(folder, build_blocks(stream, seed, core=3), {"dataset": "synthetic-late-joiners"})
+    return folder
+
+
+def _setup(overrides, stream="recurring", tmp_path=None):
+    data = [f"data.blocks={late_joiner_blocks(tmp_path / 'late')}"] if stream == "late_joiners" else []
+    cfg = load_config(Config, SMOKE, ["backbone.dtype=float64", "federation.batch_size=16", "method.kd_weight=1.0",
+                                      "method.eps=0.02", *data, *overrides])
     cfg, flags = resolve(cfg)
-    blocks, _ = get_blocks(cfg)
+    blocks, _ = get_blocks(cfg.data, cfg.train.seed)
     return cfg, flags, blocks
 
 
 def _ctx(cfg, flags, blocks, t, r):
-    prev = blocks[t - 1] if t else None
-    return RoundContext(block=t, round=r, n_items=blocks[t].n_items, n_prev_users=prev.n_users if prev else 0,
-                        n_prev_items=prev.n_items if prev else 0, lrs=learning_rates(cfg.model, blocks[t].n_items),
-                        flags=flags, cfg=cfg.model, seed=cfg.train.seed, shared_private=init_private(cfg.model, 1, -1),
-                        ewc_gamma=cfg.method.ewc_gamma, eps=cfg.method.eps, topn=cfg.method.topn)
+    return round_context(cfg, flags, blocks, t, r)
 
 
+@pytest.mark.parametrize("stream", ["recurring", "late_joiners"])
 @pytest.mark.parametrize("overrides", [
     [],                                                     # FedMF, ARM + ITM (the default F3CRec)
-    ["model.backbone=pfedrec", "model.lr=0.02"],            # two sub-steps, round-0 reset
-    ["model.backbone=fedncf", "model.lr=0.02", "method.name=emb_reg"],
+    ["backbone.name=pfedrec", "backbone.lr=0.02"],          # two sub-steps, round-0 reset
+    ["backbone.name=fedncf", "backbone.lr=0.02", "method.name=emb_reg"],
     ["method.name=ewc"], ["method.name=naive_replay"], ["method.name=topn_kd", "federation.ldp_scale=0.01"],
+    ["quirks.target_scores=matched", "method.name=arm"],     # Q7 clean: ŷ kept from the block that made T^u
 ])
-def test_simulators_agree_round_by_round(overrides):
-    cfg, flags, blocks = _setup(overrides)
+def test_simulators_agree_round_by_round(overrides, stream, tmp_path):
+    cfg, flags, blocks = _setup(overrides, stream, tmp_path)
+    if stream == "late_joiners":
+        assert all(blocks[t].n_users > blocks[t - 1].n_users for t in (1, 2))   # users join in later blocks
     factory = {}
     for name in ("reference", "vectorised"):
         c = load_config(Config, None, [f"federation.simulator={name}"])
-        factory[name] = lambda items, private, c=c: make_sim(
+        factory[name] = lambda items, private, c=c: make_simulator(
             cfg.__class__(**{**cfg.__dict__, "federation": c.federation}), flags, items, private)
     sims = {name: None for name in factory}
     saw_partial_memory = False
@@ -59,7 +72,7 @@ def test_simulators_agree_round_by_round(overrides):
         for r in range(3):
             ctx = _ctx(cfg, flags, blocks, t, r)
             positives, exclude = plan_inputs(dict(blocks[t].train), ref.topn_lists(), ctx)
-            plan = make_plan(1, t, r, positives, exclude, blocks[t].n_items, 4, 16, 30, len(substeps(cfg.model.backbone)))
+            plan = make_plan(1, t, r, positives, exclude, blocks[t].n_items, 4, 16, 30, len(BACKBONES[cfg.backbone.name].substeps))
             assert np.diff(plan.step_offsets).max() > 1                      # multi-step clients occur
             stats_ref, stats_vec = ref.train_round(plan, ctx), vec.train_round(plan, ctx)
             assert sorted(stats_ref["D"]) == sorted(stats_vec["D"]) and sorted(stats_ref["m"]) == sorted(stats_vec["m"])
@@ -84,17 +97,17 @@ def test_simulators_same_metrics_over_a_short_run(tmp_path):
     out = {}
     for name in ("reference", "vectorised"):
         out[name] = main(["--config", str(SMOKE), "--run-dir", str(tmp_path / name), f"federation.simulator={name}",
-                          "model.dtype=float64", "federation.rounds=3", "method.kd_weight=1.0"])
+                          "backbone.dtype=float64", "federation.rounds=3", "method.kd_weight=1.0"])
     assert out["reference"]["summary"] == out["vectorised"]["summary"]
 
 
 def test_float32_one_round_allclose():
-    cfg, flags, blocks = _setup(["model.dtype=float32", "federation.batch_size=64"])
+    cfg, flags, blocks = _setup(["backbone.dtype=float32", "federation.batch_size=64"])
     sims = {}
     for name in ("reference", "vectorised"):
         c = load_config(Config, None, [f"federation.simulator={name}"])
         run_cfg = cfg.__class__(**{**cfg.__dict__, "federation": c.federation})
-        sims[name] = grow(None, lambda i, p, rc=run_cfg: make_sim(rc, flags, i, p), cfg, blocks, 0, 1)
+        sims[name] = grow(None, lambda i, p, rc=run_cfg: make_simulator(rc, flags, i, p), cfg, blocks, 0, 1)
     ctx = _ctx(cfg, flags, blocks, 0, 0)
     plan = make_plan(1, 0, 0, dict(blocks[0].train), dict(blocks[0].train), blocks[0].n_items, 4, 64, 30, 1)
     for sim in sims.values():
@@ -103,21 +116,21 @@ def test_float32_one_round_allclose():
 
 
 def test_one_client_one_round_equals_centralised_training():
-    cfg = load_config(Config, None, ["model.dtype=float64", "model.lr=0.05"])
+    cfg = load_config(Config, None, ["backbone.dtype=float64", "backbone.lr=0.05"])
     n_items, user = 12, 0
     items = torch.randn(n_items, 32, dtype=torch.float64) * 0.1
-    private = init_private(cfg.model, 0, user)
+    private = init_private(cfg.backbone, "reference", 0, user)
     train = np.array([1, 4, 7])
     plan = PlanMaker({user: train}, {user: train}, n_items, 4, 4).draw(0, 0, 0)
     flags = {"arm": "off", "reg": None, "replay": False, "batch_size": 4, "kd_weight": 0.0}
     ctx = RoundContext(block=0, round=0, n_items=n_items, n_prev_users=0, n_prev_items=0,
-                       lrs=learning_rates(cfg.model, n_items), flags=flags, cfg=cfg.model, seed=0)
+                       lrs=learning_rates(cfg.backbone, n_items), flags=flags, net=BACKBONES["fedmf"], seed=0)
     server = Server(items.clone(), beta=0.9, itm=True)
     client = Client(user, dict(private))
     upload, _ = client.local_train(server.broadcast(), plan.client(0), ctx)
     server.aggregate([upload])
     # Centralised: plain SGD on the same mini-batches of the same model.
-    model = LocalModel("fedmf", items, private)
+    model = LocalModel(BACKBONES["fedmf"], items, private)
     opt = torch.optim.SGD([{"params": [model.items], "lr": ctx.lrs["Q"]},
                            {"params": [model.private["p"]], "lr": ctx.lrs["p"]}])
     samples, labels = torch.from_numpy(plan.items), torch.from_numpy(plan.labels)
@@ -131,7 +144,7 @@ def test_one_client_one_round_equals_centralised_training():
 
 def test_server_cannot_reach_client_state():
     cfg, flags, blocks = _setup(["federation.simulator=reference"])
-    sim = grow(None, lambda i, p: make_sim(cfg, flags, i, p), cfg, blocks, 0, 1)
+    sim = grow(None, lambda i, p: make_simulator(cfg, flags, i, p), cfg, blocks, 0, 1)
     ctx = _ctx(cfg, flags, blocks, 0, 0)
     plan = make_plan(1, 0, 0, dict(blocks[0].train), dict(blocks[0].train), blocks[0].n_items, 4, 16, 30, 1)
     sim.train_round(plan, ctx)
@@ -156,14 +169,14 @@ def test_server_cannot_reach_client_state():
 @pytest.mark.slow
 def test_simulators_agree_on_released_block1_float32(shared_data):
     """Spec §13: one round of D¹ on the released blocks, float32, from one shared end-of-D⁰ state."""
-    cfg = load_config(Config, None, [f"data.blocks={shared_data / 'f3crec-ml-100k-blocks'}", "model.lr=1.0"])
+    cfg = load_config(Config, None, [f"data.blocks={shared_data / 'f3crec-ml-100k-blocks'}", "backbone.lr=1.0"])
     cfg, flags = resolve(cfg)
-    blocks, _ = get_blocks(cfg)
+    blocks, _ = get_blocks(cfg.data, cfg.train.seed)
     sims = {}
     for name in ("reference", "vectorised"):
         c = load_config(Config, None, [f"federation.simulator={name}"])
         run_cfg = cfg.__class__(**{**cfg.__dict__, "federation": c.federation})
-        sim = grow(None, lambda i, p, rc=run_cfg: make_sim(rc, flags, i, p), cfg, blocks, 0, 1)
+        sim = grow(None, lambda i, p, rc=run_cfg: make_simulator(rc, flags, i, p), cfg, blocks, 0, 1)
         for slot in ("best", "last"):
             sim.save_slot(slot)
         end_block(sim, cfg, blocks, 0, flags)
@@ -180,7 +193,7 @@ def test_metrics_on_released_blocks_match_brute_force(shared_data):
     """a_{0,0} of a popularity scorer on the released D⁰ through `evaluate` vs a plain Python loop."""
     import math
     from f3crec.data import load_blocks
-    from f3crec.train import evaluate
+    from f3crec.evaluate import evaluate
     block = load_blocks(shared_data / "f3crec-ml-100k-blocks")[0]
     popularity = np.bincount(np.concatenate(list(block.train.values())), minlength=block.n_items).astype(float)
     users = sorted(block.test)
@@ -199,7 +212,7 @@ def test_metrics_on_released_blocks_match_brute_force(shared_data):
 
 def test_handoff_restore_and_round0_reset():
     cfg, flags, blocks = _setup([])
-    sim = grow(None, lambda i, p: make_sim(cfg, flags, i, p), cfg, blocks, 0, 1)
+    sim = grow(None, lambda i, p: make_simulator(cfg, flags, i, p), cfg, blocks, 0, 1)
     for r in range(2):
         ctx = _ctx(cfg, flags, blocks, 0, r)
         sim.train_round(make_plan(1, 0, r, dict(blocks[0].train), dict(blocks[0].train), blocks[0].n_items,
@@ -213,17 +226,17 @@ def test_handoff_restore_and_round0_reset():
     assert flags["handoff"] == "last" and torch.equal(sim.server.items, last_q)
     assert torch.equal(sim.server.previous, best_q)             # Q^{t} for ITM is the best round
     assert not torch.equal(best_q, last_q)
-    ncf, _ = resolve(load_config(Config, SMOKE, ["model.backbone=fedncf"]))
+    ncf, _ = resolve(load_config(Config, SMOKE, ["backbone.name=fedncf"]))
     ctx = _ctx(ncf, flags, blocks, 1, 0)
     assert ctx.reset_private and not _ctx(ncf, flags, blocks, 1, 1).reset_private
-    own, _ = resolve(load_config(Config, SMOKE, ["model.backbone=fedncf", "fidelity=false"]))
-    assert own.model.private_init_round0 == "own" and not _ctx(own, flags, blocks, 1, 0).reset_private
+    own, _ = resolve(load_config(Config, SMOKE, ["backbone.name=fedncf", "fidelity=false"]))
+    assert own.quirks.private_init_round0 == "own" and not _ctx(own, flags, blocks, 1, 0).reset_private
 
 
 def test_early_stopping_counts_rounds_without_strict_improvement(tmp_path):
     from f3crec.main import main
     res = main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "r"), "federation.rounds=12",
-                "federation.patience=2", "train.base_cache=null"])
+                "federation.patience=2", "train.share_base=false"])
     for info in res["blocks"]:
         assert info["rounds_run"] == 12 or info["rounds_run"] == info["best_round"] + 1 + 2
     assert any(info["rounds_run"] < 12 for info in res["blocks"])

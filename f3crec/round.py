@@ -1,16 +1,23 @@
-"""The shared randomness of one round (spec §13 "Shared randomness plan").
+"""What one federated round is made of, shared by both simulators (§3, §5, §13).
 
-Both simulators consume the same `RoundPlan`, drawn from one generator seeded by (seed, block, round) and
-laid out by sorted user id, so it does not depend on the order in which clients are visited. For every
+`RoundContext` is what every participant is told for a round (public, no client data). `RoundPlan` is the
+round's shared randomness (§13 "Shared randomness"): drawn from one generator seeded by (seed, block, round)
+and laid out by sorted user id, so it does not depend on the order in which clients are visited. For every
 participant it holds its negatives (§5: 4 per positive, uniform with replacement over |I^t|, rejecting the
 excluded items), the shuffled order of its 5·n samples, and for every mini-batch step and sub-step a
 random permutation of 0..N−1 whose first m_u entries are ARM's memory draw (uniform without replacement).
+The client-side helpers both simulators call (plan inputs, LDP noise, end-of-block scores, EWC's Fisher)
+live here too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+
+from .method import per_sample_grads
+from .model import Backbone, score_matrix
 
 
 @dataclass
@@ -107,3 +114,80 @@ def make_plan(seed: int, block: int, round_idx: int, positives: dict[int, np.nda
               topn: int = 30, n_sub: int = 1) -> RoundPlan:
     """Draw the plan of one round. positives/exclude: user -> item arrays (exclude ⊇ what to reject)."""
     return PlanMaker(positives, exclude, n_items, num_neg, batch_size, topn, n_sub).draw(seed, block, round_idx)
+
+
+@dataclass
+class RoundContext:
+    """What every participant is told for one round (public, no client data)."""
+    block: int
+    round: int
+    n_items: int                 # |I^t|
+    n_prev_users: int            # n_{t−1}: ids below are returning users (0 in the base block)
+    n_prev_items: int            # |I^{t−1}|
+    lrs: dict[str, float]        # SGD learning rate per tensor name (§4)
+    flags: dict                  # the run's resolved flags (config.resolve)
+    net: Backbone                # the network (§4)
+    seed: int
+    ldp_scale: float = 0.0
+    shared_private: dict[str, torch.Tensor] = field(default_factory=dict)  # round-0 start-up values (§4)
+    private_init_round0: str = "shared"   # Q2, resolved
+    ewc_gamma: float = 0.0
+    eps: float = 0.006
+    topn: int = 30
+
+    @property
+    def reset_private(self) -> bool:
+        """[Q2] §4: FedNCF/PFedRec participants restart from the shared start-up values in round 0."""
+        return self.round == 0 and self.net.round0_reset and self.private_init_round0 == "shared"
+
+
+def plan_inputs(data: dict[int, np.ndarray], topn: dict[int, np.ndarray], ctx: RoundContext
+                ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """(positives, excluded) per participant. naive_replay adds T^u as pseudo-positives [D] (§11)."""
+    positives, exclude = {}, {}
+    for user, items in data.items():
+        positives[user], exclude[user] = items, items
+        if ctx.flags["replay"] and user < ctx.n_prev_users and user in topn:
+            extra = np.setdiff1d(topn[user], items, assume_unique=False)
+            extra = extra[: ctx.flags.get("replay_size", len(extra))]
+            positives[user] = np.concatenate([items, extra])
+            exclude[user] = np.concatenate([items, topn[user]])
+    return positives, exclude
+
+
+def ldp_noise(ctx: RoundContext, user: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Laplace(0, b) noise a client adds to every entry of its upload (§3), from its own stream."""
+    rng = np.random.default_rng([ctx.seed, ctx.block, ctx.round + 1, 7, user])
+    return torch.from_numpy(rng.laplace(0.0, ctx.ldp_scale, size=shape)).to(dtype)
+
+
+def previous_scores(net: Backbone, private: dict[str, torch.Tensor], items: torch.Tensor, topn: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """End-of-block ŷ (U, I) and T (U, N) (top-N, descending, nothing masked, ties to lower id) (§6)."""
+    scores = score_matrix(net, private, items)
+    chunk = 4096  # the argsort's int64 index matrix is the memory peak for 10⁵ users: sort in chunks
+    top = [torch.argsort(scores[lo:lo + chunk], dim=1, descending=True, stable=True)[:, :topn]
+           for lo in range(0, scores.shape[0], chunk)]
+    return scores, torch.cat(top)
+
+
+def fisher(net: Backbone, private: dict[str, torch.Tensor], items: torch.Tensor, plan: RoundPlan
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EWC's diagonal empirical Fisher for the plan's clients [D] (§11).
+
+    private: stacked (A, ...) states (θ*), items: Q^{t} (θ*). Returns (F_private (A, ...), row_owner (L,),
+    row_item (L,), F_rows (L, d)) with the mean over each client's samples of squared per-sample gradients.
+    """
+    put = lambda x: torch.as_tensor(x, device=items.device)  # noqa: E731
+    owner = put(np.repeat(np.arange(plan.users.size), np.diff(plan.offsets)))
+    sample_items = put(plan.items)
+    labels = put(plan.labels).to(items.dtype)
+    count = put(np.diff(plan.offsets)).to(items.dtype)
+    grads, row_grads = per_sample_grads(net, {k: v[owner] for k, v in private.items()},
+                                        items[sample_items], labels)
+    f_private = {k: torch.zeros_like(v).index_add_(0, owner, g ** 2) / count.view(-1, *[1] * (v.dim() - 1))
+                 for (k, g), v in zip(grads.items(), private.values())}
+    keys, inverse = torch.unique(owner * items.shape[0] + sample_items, return_inverse=True)
+    f_rows = torch.zeros(keys.numel(), items.shape[1], dtype=items.dtype, device=items.device).index_add_(0, inverse, row_grads ** 2)
+    row_owner = keys // items.shape[0]
+    return f_private, row_owner, keys % items.shape[0], f_rows / count[row_owner, None]

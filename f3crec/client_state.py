@@ -1,4 +1,4 @@
-"""Client-side state of every user, stacked one row per user (spec §3 "What persists across blocks").
+"""Client-side state of every user, stacked one row per user (§3 "What persists across blocks").
 
 This is what lives on the devices: Φ_u and its saved slots, ŷ^{t−1} and T^u (ARM), the anchors θ* and the
 Fisher (emb_reg/EWC), and each client's received copy of Q^{t−1}. The vectorised simulator trains on it

@@ -1,4 +1,4 @@
-"""Vectorised simulator (spec §13b): every client of a round trained at once with batched tensors.
+"""Vectorised simulator (§13): every client of a round trained at once with batched tensors.
 
 Clients are independent within a round given the broadcast Q, and plain SGD has no state, so batching is
 exact. Each client's local table is stored sparsely as the rows it can change (its sample items, its
@@ -13,14 +13,37 @@ the server scatter-adds and averages (server.py). The client-side state of all u
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .federated import RoundContext, fisher, ldp_noise, previous_scores
 from .method import kd_terms, memory_size, target_ranks
-from .model import affine, substeps
-from .plan import RoundPlan
+from .model import sgd_step
+from .round import RoundContext, RoundPlan, fisher, ldp_noise, previous_scores
+
+
+@dataclass
+class _LocalRows:
+    """One round's flat layout: participants, their local rows (L of them) and their samples (S)."""
+    users: torch.Tensor          # (A,) participants, sorted
+    n_clients: int
+    owner: torch.Tensor          # (S,) client index of each sample
+    returning: torch.Tensor      # (A,) returning users (id < n_{t−1}, t ≥ 1)
+    replay: torch.Tensor         # (A,) clients that run ARM this round
+    dense_first: bool            # step 1 runs through the dense score matrix
+    one_shot: torch.Tensor       # (A,) clients finished by the dense first step (no local rows)
+    keys: torch.Tensor           # (L,) sorted client·|I| + item of every local row
+    row_owner: torch.Tensor      # (L,) client index of each local row
+    row_item: torch.Tensor       # (L,) item of each local row
+    table: torch.Tensor          # (L, d) the local rows' current values
+    sample_row: torch.Tensor     # (S,) local row of each sample (−1 for one-shot clients)
+    sample_items: torch.Tensor   # (S,)
+    labels: torch.Tensor         # (S,)
+    step_of: torch.Tensor        # (S,) mini-batch index of each sample inside its client
+    steps: torch.Tensor          # (A,) mini-batches per client
+    ewc_rows: tuple | None       # (keys, F rows, client) of stored Fisher rows (EWC only)
 
 
 class VectorisedSimulator:
@@ -34,27 +57,46 @@ class VectorisedSimulator:
 
     # ------------------------------------------------------------------------------------------ round
     def train_round(self, plan: RoundPlan, ctx: RoundContext) -> dict:
+        """One round of every participant at once (§3, §5, §6): local steps, then the summed upload."""
+        r = self._local_rows(plan, ctx)
+        start = ({k: v.expand(r.n_clients, *v.shape).clone() for k, v in ctx.shared_private.items()}
+                 if ctx.reset_private else {k: v[r.users].clone() for k, v in self.state.private.items()})
+        stats, summed = {"D": [], "m": []}, None
+        for step in range(int(r.steps.max()) if r.n_clients else 0):
+            idx = torch.nonzero(r.step_of == step).squeeze(1)                        # this step's samples
+            active = r.steps > step                                                  # (A,) clients stepping
+            count = torch.bincount(r.owner[idx], minlength=r.n_clients).clamp(min=1).to(r.table.dtype)
+            if step == 0 and r.dense_first:
+                r.table, summed = self._dense_first_step(plan, ctx, r.users, start, r.table, r.keys, r.row_owner,
+                                                         r.row_item, r.owner[idx], r.sample_items[idx],
+                                                         r.labels[idx], count, active & r.replay,
+                                                         r.one_shot, stats)
+                continue
+            start = self._sparse_step(plan, ctx, r, start, step, idx, active, count, stats)
+        for k, v in start.items():
+            self.state.private[k][r.users] = v
+        return {**stats, **self._upload(plan, ctx, r, summed)}
+
+    def _local_rows(self, plan: RoundPlan, ctx: RoundContext) -> "_LocalRows":
+        """Each client's local row set, flat: the rows it can change, as (client, item) keys.
+
+        A client can change its sample items, T^u when it replays, every old row under emb_reg, its stored
+        Fisher rows under EWC and every row under LDP (noise touches all of them); any other row of its
+        local table equals the broadcast and is never stored. A one-step client without replay is finished
+        by the dense first step (`one_shot`) and needs no rows at all.
+        """
         st, q = self.state, self.server.broadcast()
-        n_items, dim = q.shape
-        dev = q.device
+        n_items, dev = q.shape[0], q.device
         put = lambda x: torch.as_tensor(x, device=dev)  # noqa: E731  plan arrays (numpy) -> q's device
         users = put(plan.users)
         n_clients = users.numel()
-        sizes = np.diff(plan.offsets)
-        owner_np = np.repeat(np.arange(n_clients), sizes)
-        owner = put(owner_np)
-        start = ({k: v.expand(n_clients, *v.shape).clone() for k, v in ctx.shared_private.items()}
-                 if ctx.reset_private else {k: v[users].clone() for k, v in st.private.items()})
+        owner_np = np.repeat(np.arange(n_clients), np.diff(plan.offsets))
         returning = (users < ctx.n_prev_users) & (ctx.block > 0)
         replay = returning & st.has_topn[users] if ctx.flags["arm"] != "off" else torch.zeros_like(returning)
-
         steps_np = np.diff(plan.step_offsets)
         dense_first = ctx.flags["reg"] is None and ctx.ldp_scale == 0 and n_clients * n_items <= self.dense_limit
-        # A one-step client without replay is finished by the dense first step: its upload is summed there
-        # (G_uᵀ a_u), so it needs no local rows. Everyone else keeps rows for the later (sparse) steps.
         one_shot = (steps_np == 1) & ~replay.cpu().numpy() if dense_first else np.zeros(n_clients, dtype=bool)
         kept = ~one_shot[owner_np]
-        # Local row sets: sample items, T^u for replaying clients, all old rows for emb_reg, all rows for LDP.
         key_parts = [owner_np[kept] * n_items + plan.items[kept]]
         if bool(replay.any()):
             rep = torch.nonzero(replay).squeeze(1)
@@ -67,69 +109,65 @@ class VectorisedSimulator:
             ewc_rows = self._ewc_rows(users, returning, n_items)
             key_parts.append(ewc_rows[0].cpu().numpy())
         keys, inverse = torch.unique(put(np.concatenate(key_parts)), return_inverse=True)
-        row_owner, row_item = keys // n_items, keys % n_items
-        table = q.index_select(0, row_item)                                          # (L, d) local rows
+        row_item = keys % n_items
         sample_row = torch.full((plan.items.size,), -1, dtype=torch.long, device=dev)
         sample_row[put(kept)] = inverse[: int(kept.sum())]                           # sample -> local row
-        labels = put(plan.labels).to(q.dtype)
-
         position = np.arange(plan.items.size) - plan.offsets[owner_np]
-        step_of = put(position // plan.batch_size)
-        steps = put(steps_np)
-        summed = None
-        sample_items = put(plan.items)
-        stats = {"D": [], "m": []}
-        for step in range(int(steps.max()) if n_clients else 0):
-            idx = torch.nonzero(step_of == step).squeeze(1)                          # this step's samples
-            active = steps > step                                                    # (A,) clients stepping
-            count = torch.bincount(owner[idx], minlength=n_clients).clamp(min=1).to(q.dtype)
-            # Only the rows of stepping clients can change: later steps touch a small sub-table.
-            rows_k = None if bool(active.all()) else torch.nonzero(active[row_owner]).squeeze(1)
-            if step == 0 and dense_first:
-                table, summed = self._dense_first_step(plan, ctx, users, start, table, keys, row_owner, row_item,
-                                                       owner[idx], sample_items[idx], labels[idx],
-                                                       count, active & replay, put(one_shot), stats)
-                continue
-            if rows_k is None:
-                local, part = (lambda r: r), table
-            else:
-                remap = torch.full((keys.numel(),), -1, dtype=torch.long, device=dev)
-                remap[rows_k] = torch.arange(rows_k.numel(), device=dev)
-                local, part = (lambda r: remap[r]), table.index_select(0, rows_k)
-            for sub, names in enumerate(substeps(ctx.cfg.backbone)):
-                leaves = {"Q": part.requires_grad_(True), **{k: v.requires_grad_(True) for k, v in start.items()}}
-                a, c = affine(ctx.cfg.backbone, start)                              # (A, d), (A,)
-                o = owner[idx]
-                logits = (part.index_select(0, local(sample_row[idx])) * a.index_select(0, o)).sum(-1) + c[o]
-                per_sample = F.binary_cross_entropy_with_logits(logits, labels[idx], reduction="none")
-                loss = (per_sample / count[o]).sum()                                 # Σ_u mean_u (§13b)
-                live = active & replay
-                if bool(live.any()):
-                    loss = loss + self._kd(plan, ctx, users, keys, part, local, a, c, live, step, sub, stats)
-                if ctx.flags["reg"] is not None and bool((active & returning).any()):
-                    loss = loss + self._penalty(ctx, users, start, part, local, row_owner, row_item,
-                                                keys, active & returning, ewc_rows)
-                grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
-                with torch.no_grad():
-                    for name, grad in zip(names, grads):
-                        if grad is not None:
-                            leaves[name].add_(grad, alpha=-ctx.lrs[name])
-                part = part.detach()
-                start = {k: v.detach() for k, v in start.items()}
-            if rows_k is None:
-                table = part
-            else:
-                table.index_copy_(0, rows_k, part)
+        return _LocalRows(users=users, n_clients=n_clients, owner=put(owner_np), returning=returning, replay=replay,
+                          dense_first=dense_first, one_shot=put(one_shot), keys=keys, row_owner=keys // n_items,
+                          row_item=row_item, table=q.index_select(0, row_item), sample_row=sample_row,
+                          sample_items=put(plan.items), labels=put(plan.labels).to(q.dtype),
+                          step_of=put(position // plan.batch_size), steps=put(steps_np), ewc_rows=ewc_rows)
 
-        for k, v in start.items():
-            st.private[k][users] = v
-        delta = table - q.index_select(0, row_item)
+    def _sparse_step(self, plan: RoundPlan, ctx: RoundContext, r: "_LocalRows", start: dict, step: int,
+                     idx: torch.Tensor, active: torch.Tensor, count: torch.Tensor, stats: dict) -> dict:
+        """Mini-batch `step` of every client that has one, on its local rows; returns the updated Φ.
+
+        Only the rows of stepping clients can change, so a later step works on their sub-table (`part`),
+        reached from the full row index through `local`, and writes it back into `r.table`.
+        """
+        rows_k = None if bool(active.all()) else torch.nonzero(active[r.row_owner]).squeeze(1)
+        if rows_k is None:
+            local, part = (lambda x: x), r.table
+        else:
+            remap = torch.full((r.keys.numel(),), -1, dtype=torch.long, device=r.keys.device)
+            remap[rows_k] = torch.arange(rows_k.numel(), device=r.keys.device)
+            local, part = (lambda x: remap[x]), r.table.index_select(0, rows_k)
+        o = r.owner[idx]
+        for sub, names in enumerate(ctx.net.substeps):
+            leaves = {"Q": part.requires_grad_(True), **{k: v.requires_grad_(True) for k, v in start.items()}}
+            a, c = ctx.net.affine(start)                                             # (A, d), (A,)
+            logits = (part.index_select(0, local(r.sample_row[idx])) * a.index_select(0, o)).sum(-1) + c[o]
+            per_sample = F.binary_cross_entropy_with_logits(logits, r.labels[idx], reduction="none")
+            loss = (per_sample / count[o]).sum()                                     # Σ_u mean_u (§13)
+            live = active & r.replay
+            if bool(live.any()):
+                loss = loss + self._kd(plan, ctx, r.users, r.keys, part, local, a, c, live, step, sub, stats)
+            if ctx.flags["reg"] is not None and bool((active & r.returning).any()):
+                loss = loss + self._penalty(ctx, r.users, start, part, local, r.row_owner, r.row_item,
+                                            r.keys, active & r.returning, r.ewc_rows)
+            grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+            sgd_step(leaves, names, grads, ctx.lrs)
+            part = part.detach()
+            start = {k: v.detach() for k, v in start.items()}
+        if rows_k is None:
+            r.table = part
+        else:
+            r.table.index_copy_(0, rows_k, part)
+        return start
+
+    def _upload(self, plan: RoundPlan, ctx: RoundContext, r: "_LocalRows", summed: torch.Tensor | None) -> dict:
+        """Every client's row deltas (plus its LDP noise) in one flat upload; the server averages them."""
+        q = self.server.broadcast()
+        n_items, dim = q.shape
+        row_item, delta = r.row_item, r.table - q.index_select(0, r.row_item)
         if ctx.ldp_scale > 0:  # every row is local under LDP: client a's rows are one contiguous (I, d) block
-            noise = torch.cat([ldp_noise(ctx, int(u), (n_items, dim), q.dtype) for u in plan.users]).to(dev)
+            noise = torch.cat([ldp_noise(ctx, int(u), (n_items, dim), q.dtype) for u in plan.users]).to(q.device)
             delta = delta + noise
         if summed is not None:  # the one-step clients' uploads, already summed: one (I, d) block of deltas
-            row_item, delta = torch.cat([row_item, torch.arange(n_items, device=dev)]), torch.cat([delta, summed])
-        return {**stats, **self.server.aggregate_deltas(row_item, delta, n_clients)}
+            row_item = torch.cat([row_item, torch.arange(n_items, device=q.device)])
+            delta = torch.cat([delta, summed])
+        return self.server.aggregate_deltas(row_item, delta, r.n_clients)
 
     def _dense_first_step(self, plan, ctx, users, start, table, keys, row_owner, row_item, owner, items,
                           labels, count, live, one_shot, stats) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -144,10 +182,10 @@ class VectorisedSimulator:
         summed = None
         q = self.server.broadcast()
         identity = lambda r: r  # noqa: E731
-        for sub, names in enumerate(substeps(ctx.cfg.backbone)):
+        for sub, names in enumerate(ctx.net.substeps):
             for value in start.values():
                 value.requires_grad_(True)
-            a, c = affine(ctx.cfg.backbone, start)
+            a, c = ctx.net.affine(start)
             scores = a @ q.T + c[:, None]                                            # (A, I)
             dense = scores.detach().requires_grad_(True)
             flat = owner * q.shape[0] + items                                         # (S,) into A × I
@@ -161,18 +199,20 @@ class VectorisedSimulator:
             grads = torch.autograd.grad(loss, wanted, allow_unused=True, retain_graph=True)
             through = torch.autograd.grad(scores, list(start.values()), grad_outputs=grads[0], allow_unused=True)
             a_old = a.detach().clone()
-            with torch.no_grad():
-                for j, (name, value) in enumerate(start.items()):
-                    if name in names:
-                        total = [g for g in (grads[1 + j], through[j]) if g is not None]
-                        if total:
-                            value.add_(sum(total), alpha=-ctx.lrs[name])
-                if "Q" in names:
+            # Φ's gradient: its direct terms (KD, penalties) plus the dense gradient backpropagated through S.
+            private_names = tuple(name for name in start if name in names)
+            total = [[g for g in (grads[1 + j], through[j]) if g is not None]
+                     for j, name in enumerate(start) if name in names]
+            sgd_step(start, private_names, [sum(t) if t else None for t in total], ctx.lrs)
+            if "Q" in names:
+                with torch.no_grad():
                     row_grad = grads[0].view(-1)[keys][:, None] * a_old.index_select(0, row_owner)
                     if len(grads) > 1 + len(start) and grads[-1] is not None:
                         row_grad = row_grad + grads[-1]
-                    table = table.detach().add_(row_grad, alpha=-ctx.lrs["Q"])
-                    if bool(one_shot.any()):
+                table = table.detach()
+                sgd_step({"Q": table}, ("Q",), [row_grad], ctx.lrs)
+                if bool(one_shot.any()):
+                    with torch.no_grad():
                         summed = -ctx.lrs["Q"] * (grads[0][one_shot].T @ a_old[one_shot])   # (I, d)
             table = table.detach()
             for name in list(start):
@@ -253,7 +293,7 @@ class VectorisedSimulator:
     def end_block(self, ctx: RoundContext, trained: np.ndarray, fisher_plan: RoundPlan | None) -> None:
         """ŷ for every user, T^u for those who trained, anchors and Fisher, from the restored best (§8.5)."""
         st, best = self.state, self.server.broadcast()
-        yhat, topn = previous_scores(ctx.cfg.backbone, st.private, best, ctx.topn)
+        yhat, topn = previous_scores(ctx.net, st.private, best, ctx.topn)
         trained_t = torch.as_tensor(trained, device=best.device)
         refresh = torch.zeros(st.num_users(), dtype=torch.bool, device=best.device)
         refresh[trained_t] = True
@@ -273,7 +313,7 @@ class VectorisedSimulator:
             st.anchor[k][mask] = v[mask]
         if fisher_plan is not None:
             users = torch.as_tensor(fisher_plan.users, device=best.device)
-            f_private, owner, items, f_rows = fisher(ctx.cfg.backbone, {k: v[users] for k, v in st.private.items()},
+            f_private, owner, items, f_rows = fisher(ctx.net, {k: v[users] for k, v in st.private.items()},
                                                      best, fisher_plan)
             for k, v in f_private.items():
                 st.fisher[k][users] = v

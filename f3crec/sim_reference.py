@@ -1,98 +1,20 @@
-"""Per-client reference simulator (spec §13a): the ground truth, written to read like federated learning.
+"""Per-client reference simulator (§13): the ground truth, written to read like federated learning.
 
 Each `Client` owns its private Φ_u, its replay state (ŷ^{t−1}, T^u), its EWC/anchor state and its data;
 `Client.local_train(broadcast, plan, ctx)` copies the broadcast table, runs the local SGD steps and returns
 only its upload (whole local table, plus Laplace noise when LDP is on). The `Server` (server.py) sees only
-uploads. `ReferenceSimulator` loops over clients, collects uploads and aggregates. Shared pieces used by
-both simulators (round context, plan inputs, end-of-block scores, Fisher) also live here.
+uploads. `ReferenceSimulator` loops over clients, collects uploads and aggregates. The pieces both
+simulators share (round context, plan, end-of-block scores, Fisher) are in round.py.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .method import kd_terms, memory_size, per_sample_grads, target_ranks
-from .model import LocalModel, ModelConfig, score_matrix, substeps
-from .plan import RoundPlan
-from .clients import ClientStates
-
-
-@dataclass
-class RoundContext:
-    """What every participant is told for one round (public, no client data)."""
-    block: int
-    round: int
-    n_items: int                 # |I^t|
-    n_prev_users: int            # n_{t−1}: ids below are returning users (0 in the base block)
-    n_prev_items: int            # |I^{t−1}|
-    lrs: dict[str, float]
-    flags: dict
-    cfg: ModelConfig
-    seed: int
-    ldp_scale: float = 0.0
-    shared_private: dict[str, torch.Tensor] = field(default_factory=dict)  # round-0 start-up values (§4)
-    ewc_gamma: float = 0.0
-    eps: float = 0.006
-    topn: int = 30
-
-    @property
-    def reset_private(self) -> bool:
-        """[Q] §4: FedNCF/PFedRec participants restart from the shared start-up values in round 0."""
-        return self.round == 0 and self.cfg.backbone != "fedmf" and self.cfg.private_init_round0 == "shared"
-
-
-def plan_inputs(data: dict[int, np.ndarray], topn: dict[int, np.ndarray], ctx: RoundContext
-                ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """(positives, excluded) per participant. naive_replay adds T^u as pseudo-positives [D] (§11)."""
-    positives, exclude = {}, {}
-    for user, items in data.items():
-        positives[user], exclude[user] = items, items
-        if ctx.flags["replay"] and user < ctx.n_prev_users and user in topn:
-            extra = np.setdiff1d(topn[user], items, assume_unique=False)
-            extra = extra[: ctx.flags.get("replay_size", len(extra))]
-            positives[user] = np.concatenate([items, extra])
-            exclude[user] = np.concatenate([items, topn[user]])
-    return positives, exclude
-
-
-def ldp_noise(ctx: RoundContext, user: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Laplace(0, b) noise a client adds to every entry of its upload (§3), from its own stream."""
-    rng = np.random.default_rng([ctx.seed, ctx.block, ctx.round + 1, 7, user])
-    return torch.from_numpy(rng.laplace(0.0, ctx.ldp_scale, size=shape)).to(dtype)
-
-
-def previous_scores(backbone: str, private: dict[str, torch.Tensor], items: torch.Tensor, topn: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """End-of-block ŷ [U, I] and T [U, N] (top-N, descending, nothing masked, ties to lower id) (§6)."""
-    scores = score_matrix(backbone, private, items)
-    chunk = 4096  # the argsort's int64 index matrix is the memory peak for 10⁵ users: sort in chunks
-    top = [torch.argsort(scores[lo:lo + chunk], dim=1, descending=True, stable=True)[:, :topn]
-           for lo in range(0, scores.shape[0], chunk)]
-    return scores, torch.cat(top)
-
-
-def fisher(backbone: str, private: dict[str, torch.Tensor], items: torch.Tensor, plan: RoundPlan
-           ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """EWC's diagonal empirical Fisher for the plan's clients [D] (§11).
-
-    private: stacked [A, ...] states (θ*), items: Q^{t} (θ*). Returns (F_private [A, ...], row_owner [L],
-    row_item [L], F_rows [L, d]) with the mean over each client's samples of squared per-sample gradients.
-    """
-    put = lambda x: torch.as_tensor(x, device=items.device)  # noqa: E731
-    owner = put(np.repeat(np.arange(plan.users.size), np.diff(plan.offsets)))
-    sample_items = put(plan.items)
-    labels = put(plan.labels).to(items.dtype)
-    count = put(np.diff(plan.offsets)).to(items.dtype)
-    grads, row_grads = per_sample_grads(backbone, {k: v[owner] for k, v in private.items()},
-                                        items[sample_items], labels)
-    f_private = {k: torch.zeros_like(v).index_add_(0, owner, g ** 2) / count.view(-1, *[1] * (v.dim() - 1))
-                 for (k, g), v in zip(grads.items(), private.values())}
-    keys, inverse = torch.unique(owner * items.shape[0] + sample_items, return_inverse=True)
-    f_rows = torch.zeros(keys.numel(), items.shape[1], dtype=items.dtype, device=items.device).index_add_(0, inverse, row_grads ** 2)
-    row_owner = keys // items.shape[0]
-    return f_private, row_owner, keys % items.shape[0], f_rows / count[row_owner, None]
+from .client_state import ClientStates
+from .method import kd_terms, memory_size, target_ranks
+from .model import LocalModel, sgd_step
+from .round import RoundContext, RoundPlan, fisher, ldp_noise, previous_scores
 
 
 class Client:
@@ -116,19 +38,16 @@ class Client:
                     ) -> tuple[torch.Tensor, dict]:
         """One local epoch (§5) with the continual terms of §6/§11; returns (upload, stats)."""
         start = ctx.shared_private if ctx.reset_private else self.private
-        model = LocalModel(ctx.cfg.backbone, broadcast, start)
+        model = LocalModel(ctx.net, broadcast, start)
         params = model.params()
         items, labels = torch.from_numpy(plan["items"]), torch.from_numpy(plan["labels"]).to(broadcast.dtype)
         batch_size, stats = ctx.flags["batch_size"], {"D": [], "m": []}
         for step, lo in enumerate(range(0, len(items), batch_size)):
             batch = {"items": items[lo:lo + batch_size], "labels": labels[lo:lo + batch_size]}
-            for sub, names in enumerate(substeps(ctx.cfg.backbone)):
+            for sub, names in enumerate(ctx.net.substeps):
                 loss = model.loss(batch) + self._continual_loss(model, plan["memory_perms"][step, sub], ctx, stats)
                 grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-                with torch.no_grad():
-                    for name, grad in zip(names, grads):
-                        if grad is not None:
-                            params[name].add_(grad, alpha=-ctx.lrs[name])
+                sgd_step(params, names, grads, ctx.lrs)
         self.private = {k: v.detach().clone() for k, v in model.private.items()}
         upload = model.items.detach().clone()
         if ctx.ldp_scale > 0:
@@ -187,7 +106,7 @@ class ReferenceSimulator:
         """Each client computes ŷ and (if it trained in this block) T^u from the broadcast best Q (§8 step 5)."""
         best, trained_set = self.server.broadcast(), set(trained.tolist())
         for user, client in self.clients.items():
-            yhat, topn = previous_scores(ctx.cfg.backbone, {k: v[None] for k, v in client.private.items()},
+            yhat, topn = previous_scores(ctx.net, {k: v[None] for k, v in client.private.items()},
                                          best, ctx.topn)
             refresh = user in trained_set or client.topn is None
             if refresh or ctx.flags["target_scores"] == "latest":
@@ -199,7 +118,7 @@ class ReferenceSimulator:
                 client.anchor = {k: v.clone() for k, v in client.private.items()}
         for index, user in enumerate(fisher_plan.users if fisher_plan is not None else []):
             client = self.clients[int(user)]
-            f_private, _, rows, f_rows = fisher(ctx.cfg.backbone, {k: v[None] for k, v in client.private.items()},
+            f_private, _, rows, f_rows = fisher(ctx.net, {k: v[None] for k, v in client.private.items()},
                                                 best, fisher_plan.subset(index))
             client.fisher = {**{k: v[0] for k, v in f_private.items()}, "rows": rows, "F_rows": f_rows}
         self.server.end_block()
@@ -223,8 +142,7 @@ class ReferenceSimulator:
                 if client.fisher:
                     out.fisher[k][u] = client.fisher[k]
             out.fisher_valid[u] = bool(client.fisher)
-        if first.yhat is not None:
-            out.yhat = torch.stack([self.clients[u].yhat for u in users])
+        out.yhat = self._stacked_yhat(users)
         out.anchor_items = first.anchor_items
         with_rows = [u for u in users if self.clients[u].fisher]
         if with_rows:
@@ -232,6 +150,22 @@ class ReferenceSimulator:
                                 torch.cat([self.clients[u].fisher["rows"] for u in with_rows]),
                                 torch.cat([self.clients[u].fisher["F_rows"] for u in with_rows]))
         return out
+
+    def _stacked_yhat(self, users: list[int]) -> torch.Tensor | None:
+        """ŷ of the users that existed at the last block end, one row per user, as ClientStates holds it.
+
+        Users who joined since have no ŷ yet; they come after every older user (ids by first appearance,
+        §1.1 step 5), so the rows with ŷ are a prefix. A ŷ kept from an older block (Q7 `matched`) is
+        narrower than the latest: it is padded with zeros on the right, whose items it never reads.
+        """
+        rows = [self.clients[u].yhat for u in users]
+        count = sum(row is not None for row in rows)
+        if count == 0:
+            return None
+        if any(row is None for row in rows[:count]):
+            raise RuntimeError("clients with a previous-block ŷ are not the lowest user ids")
+        width = max(row.shape[0] for row in rows[:count])
+        return torch.stack([torch.nn.functional.pad(row, (0, width - row.shape[0])) for row in rows[:count]])
 
     def load_states(self, states: ClientStates) -> None:
         """Hand every client its own row of a stacked state (resume, or grow)."""
@@ -252,7 +186,9 @@ class ReferenceSimulator:
                                  "rows": rows["item"][mine], "F_rows": rows["F"][mine]}
 
     def private_matrix(self) -> dict[str, torch.Tensor]:
-        return self.states().private
+        """Every client's Φ stacked by user id (for the evaluation oracle only)."""
+        users = sorted(self.clients)
+        return {k: torch.stack([self.clients[u].private[k] for u in users]) for k in self.clients[users[0]].private}
 
     def grow(self, new_private: dict[str, torch.Tensor]) -> None:
         start = len(self.clients)
