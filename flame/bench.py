@@ -1,8 +1,9 @@
-"""Throughput of SASRec (B1), FLAME and optionally B3 on the available device (spec §10).
+"""Throughput of SASRec (B1), FLAME and optionally B3 on the available device (§10 of docs/method.md).
 
-    python -m flame.bench --data amazon-toys [--steps 20] [--models sasrec flame mutual] [key=value ...]
+    python -m flame.bench --data amazon-toys [key=value ...] [--steps 20] [--models sasrec flame mutual]
     python -m flame.bench --data amazon-toys --variants eager compile graphs bf16 cuda-graph  # one table
-    (key=value are config overrides, e.g. train.bf16=true train.device=cuda)
+    (key=value are config overrides, e.g. train.bf16=true train.device=cuda; they go before a
+    list option such as --models, or after `--`)
 A bounded number of training steps is timed (after warm-up) and extrapolated to one epoch, so the
 whole benchmark takes about a minute on CPU. The frozen network is randomly initialised here: its
 values do not change the cost. Peak memory is the CUDA allocator peak per model, or on CPU the
@@ -11,51 +12,43 @@ process's peak resident set so far (monotone across models, so read it as an upp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: `cd flame && python bench.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "flame"
+if __package__ in (None, ""):  # script mode: `cd flame && python bench.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "flame"  # noqa: E702
 
 import torch  # noqa: E402
 
 from common.config import load_config  # noqa: E402
 from common.utils import seed_everything  # noqa: E402
 
+from .config import Config  # noqa: E402
 from .data import build_data, load_raw  # noqa: E402
-from .ensemble import FLAME  # noqa: E402
-from .main import PAPER_DIR, Config, setup_device  # noqa: E402
-from .model import SASRec  # noqa: E402
-from .train import GraphStep, check_graph_options, compiled_loss, evaluate, make_optimizer, synchronize, \
-    train_one_epoch  # noqa: E402
+from .ensemble import build_model  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .fast import check_graph_options  # noqa: E402
+from .train import make_optimizer, make_step, setup_device, synchronize, train_one_epoch  # noqa: E402
+
+PAPER_DIR = Path(__file__).resolve().parent
 
 
-def build(cfg: Config, kind: str, num_items: int) -> torch.nn.Module:
-    learnable = SASRec(cfg.backbone, num_items)
-    if kind == "sasrec":
-        return learnable
-    return FLAME(learnable, SASRec(cfg.backbone, num_items), cfg.flame, mutual=kind == "mutual",
-                 ml_loss=cfg.baselines.ml_loss)
-
-
-def bench_model(cfg: Config, kind: str, data, device: torch.device, steps: int, eval_users: int) -> dict:
-    """Time `steps` training steps and the evaluation of `eval_users` validation users."""
+def bench_model(cfg: Config, data, device: torch.device, steps: int, eval_users: int) -> dict:
+    """Time `steps` training steps of cfg.method.name and the evaluation of `eval_users` validation
+    users. FLAME's and B3's second network stays randomly initialised: its values do not change the cost."""
     seed_everything(cfg.train.seed)
-    model = build(cfg, kind, data.num_items).to(device)
+    model = build_model(cfg, data.num_items).to(device)
     optimizer = make_optimizer(model, cfg.train)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batch = cfg.train.batch_size
-    loss_fn = compiled_loss(model, cfg.train)  # as fit() does
-    graph = GraphStep(model, data, optimizer, batch, device, cfg.train.bf16) if cfg.train.cuda_graph else None
+    step = make_step(model, data, optimizer, cfg.train, device)  # as fit() does
     for _ in range(3):  # warm-up (the compiled graph or the CUDA graph is built here), then the timed steps
-        train_one_epoch(model, data, optimizer, batch, 1.0, device, cfg.train.bf16, loss_fn, max_steps=2,
-                        graph=graph)
-    stats = train_one_epoch(model, data, optimizer, batch, 1.0, device, cfg.train.bf16, loss_fn, max_steps=steps,
-                            graph=graph)
+        train_one_epoch(model, data, step, batch, 1.0, device, max_steps=2)
+    stats = train_one_epoch(model, data, step, batch, 1.0, device, max_steps=steps)
     samples_per_s = stats["samples"] / stats["train_seconds"]
     users = slice(0, eval_users)
     synchronize(device)
@@ -68,17 +61,18 @@ def bench_model(cfg: Config, kind: str, data, device: torch.device, steps: int, 
         peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"model": kind, "step_ms": 1000 * stats["train_seconds"] / stats["steps"],
+    return {"model": cfg.method.name, "step_ms": 1000 * stats["train_seconds"] / stats["steps"],
             "samples_per_s": samples_per_s, "epoch_s": len(data.train_target) / samples_per_s,
             "eval_users_per_s": min(eval_users, len(data.valid_target)) / eval_seconds, "peak_mib": peak_mib}
 
 
-# Speed variants: config overrides applied on top of the command line's.
-VARIANTS = {"eager": [], "compile": ["train.compile=true"],
-            "graphs": ["train.compile=true", "train.compile_mode=reduce-overhead"], "bf16": ["train.bf16=true"],
-            "compile-bf16": ["train.compile=true", "train.bf16=true"],
-            "cuda-graph": ["train.cuda_graph=true"], "cuda-graph-bf16": ["train.cuda_graph=true", "train.bf16=true"]}
-# The reference implementation's FLAME epoch on an H200 at batch 256, four runs sharing the GPU (issue 3).
+# Speed variants: train.* values applied on top of the command line's.
+VARIANTS = {"eager": {}, "compile": {"compile": True},
+            "graphs": {"compile": True, "compile_mode": "reduce-overhead"}, "bf16": {"bf16": True},
+            "compile-bf16": {"compile": True, "bf16": True},
+            "cuda-graph": {"cuda_graph": True}, "cuda-graph-bf16": {"cuda_graph": True, "bf16": True}}
+# The reference implementation's time per FLAME epoch, measured on an H200 at batch 256 with four runs
+# on the GPU at once, as recorded in flame/README.md.
 REFERENCE_EPOCH_S = {"amazon-toys": 17.0, "amazon-beauty": 20.0}
 
 
@@ -90,21 +84,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=["sasrec", "flame"], choices=["sasrec", "flame", "mutual"])
     parser.add_argument("--variants", nargs="+", default=["eager"], choices=list(VARIANTS),
                         help="speed options to time one after the other (default: eager fp32 only)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # key=value overrides (e.g. train.bf16=true) may follow --models: split them off first
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_args([a for a in argv if a not in overrides])
-    args.overrides = overrides
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.bf16=true")
+    args = parser.parse_intermixed_args(argv)
     config = PAPER_DIR / "configs" / f"{args.data}.yaml"
+    base = load_config(Config, config if config.is_file() else None, [f"data.name={args.data}", *args.overrides])
     rows, data = [], None
     for variant in args.variants:
-        cfg = load_config(Config, config if config.is_file() else None,
-                          [f"data.dataset={args.data}", *args.overrides, *VARIANTS[variant]])
-        cfg.backbone.max_len = cfg.data.max_len
-        device, _ = setup_device(cfg)
+        cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, **VARIANTS[variant]))
+        device, _ = setup_device(cfg.train.device)
         if data is None:
             data = build_data(load_raw(cfg.data), cfg.data)
-            data.train_seq, data.train_target = data.train_seq.to(device), data.train_target.to(device)
+            data.training_to(device)
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
                 f"cpu ({torch.get_num_threads()} threads)"
             print(f"{args.data}: {len(data.train_target)} samples, {data.num_items} items, batch "
@@ -114,7 +104,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             continue
         for kind in args.models:
             check_graph_options(cfg.train, cfg.flame if kind != "sasrec" else None, device)
-            rows.append({"variant": variant, **bench_model(cfg, kind, data, device, args.steps, args.eval_users)})
+            method = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name=kind))
+            rows.append({"variant": variant, **bench_model(method, data, device, args.steps, args.eval_users)})
     # The yardstick is a GPU figure: a ratio against a CPU epoch would mean nothing.
     reference = REFERENCE_EPOCH_S.get(args.data) if device.type == "cuda" else None
     print("| model | variant | ms/step | samples/s | s/epoch (extrapolated) | eval users/s | peak MiB |"

@@ -1,7 +1,8 @@
-"""SASRec vs FLAME (and optionally the other baselines) over several seeds: table and curves (spec §12).
+"""SASRec vs FLAME (and optionally the other baselines) over several seeds: table and curves (§12 of
+docs/method.md).
 
-    python -m flame.compare --config flame/configs/amazon-toys.yaml --seeds 1 2 3 [--models sasrec flame mutual]
-                            [key=value ...]
+    python -m flame.compare --config flame/configs/amazon-toys.yaml [key=value ...] --seeds 1 2 3
+                            [--models sasrec flame mutual]
     python -m flame.compare --runs runs/flame/amazon-toys/<sasrec run> runs/flame/amazon-toys/<flame run> ...
 The second form tabulates finished run folders of one dataset (runs made in parallel, or on another
 machine): each FLAME/B3 run gets its convergence figures against the SASRec run of its seed, written
@@ -9,25 +10,28 @@ back into its results.json.
 For each seed, SASRec runs first; every other model gets it as train.sasrec_run (convergence target)
 and, when the frozen net is our own (flame.frozen_source=own), FLAME freezes exactly that SASRec
 instead of training a second copy of it. Writes summary.md (mean ± std), summary.json and
-curves.png (validation NDCG@20 vs epoch and vs training seconds) into runs/flame/<dataset>/compare_<stamp>/.
+curves.png (validation NDCG@20 vs epoch and vs training seconds) into <run root>/flame/<dataset>/compare_<stamp>/.
+key=value are config overrides; they go before a list option such as --seeds, or after `--`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: `cd flame && python compare.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "flame"
+if __package__ in (None, ""):  # script mode: `cd flame && python compare.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "flame"  # noqa: E702
 
 from common.config import load_config  # noqa: E402
-from common.runs import read_metrics  # noqa: E402
-from common.utils import load_json, save_json  # noqa: E402
+from common.io import load_json, save_json  # noqa: E402
+from common.runs import default_run_root, read_metrics  # noqa: E402
 
-from .main import Config, convergence_against, run  # noqa: E402
+from .config import Config  # noqa: E402
+from .evaluate import convergence_against  # noqa: E402
+from .main import run  # noqa: E402
 
 COLUMNS = [("test NDCG@20", ("test", "reference", "NDCG@20")), ("test HR@20", ("test", "reference", "HR@20")),
            ("test NDCG@10", ("test", "reference", "NDCG@10")), ("test NDCG@20 neg_inf", ("test", "neg_inf", "NDCG@20")),
@@ -35,6 +39,16 @@ COLUMNS = [("test NDCG@20", ("test", "reference", "NDCG@20")), ("test HR@20", ("
            ("epochs to SASRec best", ("convergence", "epochs_to_sasrec_best")),
            ("s to SASRec best", ("convergence", "seconds_to_sasrec_best")),
            ("rel. test NDCG@20 gain", ("convergence", "test_ndcg20_gain_rel"))]
+
+
+def method_of(results: dict) -> str:
+    """The method of a results.json (folders written before method.name call it "model")."""
+    return results["method"] if "method" in results else results["model"]
+
+
+def run_root(value: str | None) -> Path:
+    """A config's run_root as a folder: None = the default run root."""
+    return Path(value).expanduser() if value is not None else default_run_root()
 
 
 def lookup(results: dict, path: tuple) -> float | None:
@@ -57,9 +71,9 @@ def mean_std(values: list[float | None]) -> str:
 
 def table(all_results: dict[str, list[dict]], seeds: list[int]) -> str:
     lines = [f"seeds {seeds}; test metrics x100 under the reference seen mask unless marked", "",
-             "| model | " + " | ".join(name for name, _ in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
-    for model, runs in all_results.items():
-        lines.append(f"| {model} | " + " | ".join(mean_std([lookup(r, p) for r in runs]) for _, p in COLUMNS) + " |")
+             "| method | " + " | ".join(name for name, _ in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    for method, runs in all_results.items():
+        lines.append(f"| {method} | " + " | ".join(mean_std([lookup(r, p) for r in runs]) for _, p in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -96,7 +110,7 @@ def plot(all_results: dict[str, list[dict]], path: Path) -> None:
 
 
 def from_runs(run_dirs: list[Path]) -> dict[str, list[dict]]:
-    """Finished run folders grouped by model (SASRec first), with convergence filled in (§12)."""
+    """Finished run folders grouped by method (SASRec first), with convergence filled in (§12)."""
     loaded = []
     for folder in run_dirs:
         if not (folder / "results.json").is_file():
@@ -105,17 +119,17 @@ def from_runs(run_dirs: list[Path]) -> dict[str, list[dict]]:
     datasets = sorted({r["dataset"] for r in loaded})
     if len(datasets) > 1:
         raise ValueError(f"--runs mixes datasets {datasets}: give the runs of one dataset")
-    baselines = {r["seed"]: Path(r["run_dir"]) for r in loaded if r["model"] == "sasrec"}
+    baselines = {r["seed"]: Path(r["run_dir"]) for r in loaded if method_of(r) == "sasrec"}
     for r in loaded:
-        if r["model"] not in ("flame", "mutual") or r["seed"] not in baselines:
+        if method_of(r) not in ("flame", "mutual") or r["seed"] not in baselines:
             continue
         frozen_run = Path(r["frozen"]).parent if r.get("frozen") else None  # our own stage 1, if any
         stage1 = frozen_run if frozen_run and (frozen_run / "results.json").is_file() else None
         r["convergence"] = convergence_against(read_metrics(r["run_dir"]), r["select"], r["seed"],
                                                r["test"]["reference"]["NDCG@20"], baselines[r["seed"]], stage1)
         save_json(Path(r["run_dir"]) / "results.json", {k: v for k, v in r.items() if k != "run_dir"})
-    models = sorted({r["model"] for r in loaded}, key=lambda m: (m != "sasrec", m))
-    return {m: sorted((r for r in loaded if r["model"] == m), key=lambda r: r["seed"]) for m in models}
+    methods = sorted({method_of(r) for r in loaded}, key=lambda m: (m != "sasrec", m))
+    return {m: sorted((r for r in loaded if method_of(r) == m), key=lambda r: r["seed"]) for m in methods}
 
 
 def write_summary(all_results: dict[str, list[dict]], seeds: list[int], out_dir: Path) -> None:
@@ -127,45 +141,51 @@ def write_summary(all_results: dict[str, list[dict]], seeds: list[int], out_dir:
     plot(all_results, out_dir / "curves.png")
 
 
+def run_seeds(base: Config, seeds: list[int], methods: list[str], out_dir: Path) -> dict[str, list[dict]]:
+    """Per seed, SASRec first; every other method gets it as train.sasrec_run, and FLAME with its own
+    frozen net (flame.frozen_source=own) freezes exactly that SASRec instead of a second stage 1."""
+    all_results: dict[str, list[dict]] = {m: [] for m in methods}
+    for seed in seeds:
+        sasrec_dir = None
+        for method in methods:
+            train = dataclasses.replace(base.train, seed=seed)
+            flame = base.flame
+            if sasrec_dir is not None:
+                train = dataclasses.replace(train, sasrec_run=str(sasrec_dir))
+                if method == "flame" and base.flame.frozen_source == "own" and not base.flame.frozen:
+                    flame = dataclasses.replace(flame, frozen=str(sasrec_dir / "frozen.pt"))  # = stage 1 of this seed
+            cfg = dataclasses.replace(base, method=dataclasses.replace(base.method, name=method), train=train,
+                                      flame=flame)
+            results = run(cfg, out_dir / f"{method}_seed{seed}")
+            all_results[method].append(results)
+            if method == "sasrec":
+                sasrec_dir = Path(results["run_dir"])
+    return all_results
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="dataset YAML (train and compare)")
     parser.add_argument("--runs", type=Path, nargs="+", help="finished run folders of one dataset (no training)")
-    parser.add_argument("--out", type=Path, help="output folder (default: runs/flame/<dataset>/compare_<stamp>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <run root>/flame/<dataset>/compare_<stamp>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--models", nargs="+", default=["sasrec", "flame"],
-                        choices=["sasrec", "flame", "mutual", "ensemble"])
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # key=value overrides may follow --seeds/--models (the Makefile appends them): split them off first
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_args([a for a in argv if a not in overrides])
-    args.overrides = overrides
+                        choices=["sasrec", "flame", "mutual", "ensemble"], help="values of method.name")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=3e-4")
+    args = parser.parse_intermixed_args(argv)
     stamp = f"compare_{time.strftime('%Y%m%d-%H%M%S')}"
     if args.runs:
         all_results = from_runs(args.runs)
         first = next(iter(all_results.values()))[0]
-        out_dir = args.out or Path(first["config"]["run_root"]) / "flame" / first["dataset"] / stamp
+        out_dir = args.out or run_root(first["config"]["run_root"]) / "flame" / first["dataset"] / stamp
         write_summary(all_results, sorted({r["seed"] for rs in all_results.values() for r in rs}), out_dir)
         return all_results
     if args.config is None:
         parser.error("give --config (train and compare) or --runs (tabulate finished runs)")
     base = load_config(Config, args.config, args.overrides)
-    out_dir = args.out or Path(base.run_root) / "flame" / base.data.dataset / stamp
-    models = ["sasrec"] + [m for m in args.models if m != "sasrec"]
-    all_results: dict[str, list[dict]] = {m: [] for m in models}
-    for seed in args.seeds:
-        sasrec_dir = None
-        for model in models:
-            extra = [f"model={model}", f"train.seed={seed}"]
-            if sasrec_dir is not None:
-                extra.append(f"train.sasrec_run={sasrec_dir}")
-                if model == "flame" and base.flame.frozen_source == "own" and not base.flame.frozen:
-                    extra.append(f"flame.frozen={sasrec_dir / 'frozen.pt'}")  # = stage 1 of this seed
-            cfg = load_config(Config, args.config, [*args.overrides, *extra])
-            results = run(cfg, out_dir / f"{model}_seed{seed}")
-            all_results[model].append(results)
-            if model == "sasrec":
-                sasrec_dir = Path(results["run_dir"])
+    out_dir = args.out or run_root(base.run_root) / "flame" / base.data.name / stamp
+    methods = ["sasrec"] + [m for m in args.models if m != "sasrec"]
+    all_results = run_seeds(base, args.seeds, methods, out_dir)
     write_summary(all_results, args.seeds, out_dir)
     return all_results
 

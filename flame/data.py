@@ -1,33 +1,24 @@
-"""FLAME data pipeline (spec §3): truncation, leave-one-out, training samples, evaluation inputs.
+"""FLAME data pipeline (§3): truncation, leave-one-out, training samples, evaluation inputs.
 
 Everything ends up as tensors (no per-sample Python in the training loop):
-    data = build_data(load_raw(DataConfig(dataset="amazon-toys")), DataConfig())
+    cfg = DataConfig(name="amazon-toys")
+    data = build_data(load_raw(cfg), cfg)
     data.train_seq (S, L), data.train_target (S,), data.valid_seq (U, L), data.valid_hist (U, H), ...
-Real datasets come from common.data.load_sequences; "synthetic" is a tiny generated set for tests.
+Real datasets come from common.datasets.load_sequences; "synthetic" is a tiny generated set for tests.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import get_args
 
 import numpy as np
 import torch
 
-from common.data import load_sequences
+from common.datasets import load_sequences
 
-DATASETS = ("amazon-beauty", "amazon-games", "amazon-sports", "amazon-toys", "yelp", "ml-1m")
+from .config import DataConfig, DatasetName
 
-
-@dataclass
-class DataConfig:
-    """Dataset and windowing (spec §3, §13 `data:`)."""
-    dataset: str = "synthetic"  # one of DATASETS, or "synthetic" (tests, smoke)
-    root: Optional[str] = None  # raw-data root; None = $REPRO_DATA, then <repo>/data/raw
-    max_len: int = 50  # L, the input window (§2)
-    truncate: Literal["reference", "none"] = "reference"  # quirk 9: keep the last L+3 items only
-    synthetic_users: int = 300  # size of the generated set (dataset=synthetic only)
-    synthetic_items: int = 60
-    synthetic_seed: int = 0  # the data's own seed, independent of train.seed
+DATASETS = tuple(name for name in get_args(DatasetName) if name != "synthetic")
 
 
 @dataclass
@@ -43,6 +34,10 @@ class SeqData:
     test_seq: torch.Tensor  # (U, L) last L items of s[0..n-2]
     test_target: torch.Tensor  # (U,) s[n-1]
     test_hist: torch.Tensor  # (U, H) s[0..n-2]
+
+    def training_to(self, device: torch.device) -> None:
+        """Put the training tensors on `device` (the loop only takes index slices of them)."""
+        self.train_seq, self.train_target = self.train_seq.to(device), self.train_target.to(device)
 
 
 def synthetic_sequences(num_users: int, num_items: int, seed: int) -> list[np.ndarray]:
@@ -64,11 +59,16 @@ def synthetic_sequences(num_users: int, num_items: int, seed: int) -> list[np.nd
 
 def load_raw(cfg: DataConfig) -> list[np.ndarray]:
     """User sequences in file order (seqs[u-1] = user u), items chronological."""
-    if cfg.dataset == "synthetic":
+    if cfg.name == "synthetic":
         return synthetic_sequences(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_seed)
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"data.dataset={cfg.dataset!r}: expected one of {DATASETS} or 'synthetic'")
-    return load_sequences(cfg.dataset, cfg.root)  # FLAME files as shipped, ML-1M built; stats asserted
+    if cfg.name not in DATASETS:
+        raise ValueError(f"data.name={cfg.name!r}: expected one of {DATASETS} or 'synthetic'")
+    try:  # FLAME files as shipped, ML-1M built; statistics asserted
+        return load_sequences(cfg.name, cfg.root)
+    except FileNotFoundError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else cfg.name
+        raise FileNotFoundError(f"data for {cfg.name} is missing ({first}); set REPRO_DATA or data.root, "
+                                f"or run the offline smoke config: --config flame/configs/smoke.yaml") from err
 
 
 def _pad_right(rows: list[np.ndarray]) -> torch.Tensor:

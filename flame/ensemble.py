@@ -1,4 +1,5 @@
-"""FLAME's modular ensemble and guided mutual learning (spec §7, §8), and the mutual baseline B3 (§11).
+"""FLAME's modular ensemble and guided mutual learning (§7, §8), the mutual baseline B3 (§11), and
+`build_model`, the network of each method.
 
 Two SASRecs (learnable "l" and frozen "f") are cut into M stages. A path takes each stage from either
 network, so there are 2^M paths, named by a string over {l, f} in stage order ("fl" = frozen
@@ -10,31 +11,15 @@ tiled mask, which for M=2 is exactly the reference's 4-path construction (§7.1)
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import SASRec
-
-
-@dataclass
-class FlameConfig:
-    """FLAME options (spec §13 `flame:`); the defaults reproduce the reference code."""
-    frozen_source: Literal["shipped", "own"] = "shipped"  # shipped weights (§5) or our stage 1 (§6)
-    frozen: Optional[str] = None  # path to a 36-key checkpoint; overrides frozen_source
-    frozen_mode: Literal["train", "eval"] = "train"  # quirk 4: the reference keeps dropout on in it
-    split: Literal["embed_encoder", "per_block"] = "embed_encoder"  # M=2 (ref) or M=1+blocks (§8)
-    path_mixing: Literal["tiled", "independent"] = "tiled"  # quirk 5: tiled = paths cross-attend
-    num_paths: int = 0  # paths sampled per step (>= 2); 0 = all 2^M paths, as in the reference
-    tau: float = 1.0  # NT-Xent temperature (§7.3)
-    lambda0: float = 1.0  # λ at e=0 (§7.4)
-    lambdaR: float = 1e-5  # λ at e=R
-    lambda_horizon: Optional[int] = None  # R; None = train.max_epochs (quirk 10)
-    cl_normalize: bool = False  # cosine NT-Xent instead of raw dot products (ablation, quirk 6)
-    detach_pair_weights: bool = False  # stop gradients through α (ablation, quirk 6)
+from .config import Config, FlameConfig
+from .model import AveragedLogits, SASRec, load_frozen
 
 
 def path_order(num_stages: int) -> list[str]:
@@ -57,15 +42,15 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float, normalize: bool = Fals
 
 
 def _nt_xent_batched(a: torch.Tensor, b: torch.Tensor, tau: float, normalize: bool) -> torch.Tensor:
-    """NT-Xent of K pairs at once: a, b (K, n, d) -> (K,), each the mean over its 2n rows. One batched
-    problem instead of K: at d = 64 the step is bound by kernel launches."""
+    """NT-Xent of K pairs at once: a, b (K, n, d) -> (K,), each the mean over its 2n rows, computed as
+    one batched problem (pair k's numbers do not depend on the other pairs)."""
     if normalize:
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     k, n = a.shape[0], a.shape[1]
     s = torch.cat([a, b], dim=1)  # (K, 2n, d): S = [A; B] per pair
     g = torch.bmm(s, s.transpose(1, 2)) / tau  # raw dot products by default (quirk 6)
     g = g.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=g.device), -10000.0)
-    # Labels built on the device: a host tensor copied per step would block the CPU until the GPU catches up.
+    # Labels are built on the device: no host-to-device copy, so no host sync inside a step.
     positive = torch.arange(2 * n, device=g.device).add_(n).remainder_(2 * n)  # row r's twin: r+n mod 2n
     per_row = F.cross_entropy(g.reshape(k * 2 * n, 2 * n), positive.repeat(k), reduction="none")
     return per_row.view(k, 2 * n).mean(1)
@@ -175,7 +160,7 @@ class FLAME(nn.Module):
         else:
             lam = float(lam)
             skip_paths = lam == 0.0
-        mask = self.learnable.mask(seq)  # (B, 1, L, L), shared by every pass below
+        mask = self.learnable.mask(seq)  # (B, 1, L, L), used by every pass below
         logits = self.learnable.logits(self.learnable(seq, mask))  # h: the only input of L_rec (§7.1 step 1)
         rec = F.cross_entropy(logits, target - 1)
         terms = {"rec": rec}
@@ -207,3 +192,22 @@ class FLAME(nn.Module):
     def score_all(self, batch: dict) -> torch.Tensor:
         """Inference uses the learnable network alone (§7.6): same cost as SASRec."""
         return self.learnable.score_all(batch)
+
+
+def build_model(cfg: Config, num_items: int, frozen: Optional[Path] = None,
+                members: Sequence[Path] = ()) -> nn.Module:
+    """The network of cfg.method.name. The learnable SASRec is built first, then the second one, from the
+    current seed (§6, §11). frozen: FLAME's frozen checkpoint (None leaves it random: benchmarks only);
+    members: B2's checkpoints. Every SASRec has data.max_len positions."""
+    def sasrec() -> SASRec:
+        return SASRec(cfg.backbone, num_items, cfg.data.max_len)
+
+    name = cfg.method.name
+    if name == "sasrec":  # flame.frozen given: start from it (train.max_epochs=0 only scores it)
+        return load_frozen(sasrec(), cfg.flame.frozen) if cfg.flame.frozen else sasrec()
+    if name == "ensemble":
+        return AveragedLogits([load_frozen(sasrec(), path) for path in members])
+    learnable, other = sasrec(), sasrec()
+    if name == "flame" and frozen is not None:
+        load_frozen(other, frozen)
+    return FLAME(learnable, other, cfg.flame, mutual=name == "mutual", ml_loss=cfg.method.ml_loss)

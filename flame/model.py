@@ -1,4 +1,4 @@
-"""SASRec backbone of FLAME (spec §4) and the loader for the authors' released frozen checkpoints (§5).
+"""SASRec backbone of FLAME (§4) and the loader for the authors' released frozen checkpoints (§5).
 
 The parameter names are exactly the 36 keys of the shipped files (item_emb, pos_emb, layernorm,
 seq_encoder.mhas.i.*, seq_encoder.ffns.i.*), so `load_state_dict(strict=True)` is the whole mapping.
@@ -7,7 +7,6 @@ The guided-mutual-learning ensemble that wraps two of these networks lives in en
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -15,18 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class ModelConfig:
-    """SASRec hyper-parameters (spec §2 / §13 `model:`); the config key is `backbone`."""
-    d: int = 64  # hidden size
-    heads: int = 2  # attention heads; head h takes features [h*d/heads, (h+1)*d/heads) (§4.3)
-    blocks: int = 2  # transformer blocks
-    dropout: float = 0.5  # embedding output, attention probabilities, both residual branches
-    init_std: float = 0.02  # N(0, std^2) for every Linear and Embedding weight (§4.5)
-    ln_eps: float = 1e-12  # all 5 LayerNorms
-    mask_value: float = -10000.0  # finite additive mask (§4.2): -inf would turn all-pad rows into NaN
-    max_len: int = 50  # L, the input window; copied from data.max_len by main
+from .config import BackboneConfig
 
 
 def attention_mask(seq: torch.Tensor, mask_value: float, tiles: int = 1) -> torch.Tensor:
@@ -47,7 +35,7 @@ def attention_mask(seq: torch.Tensor, mask_value: float, tiles: int = 1) -> torc
 class MultiHeadAttention(nn.Module):
     """Attention sub-layer with its post-LN residual: x <- LN(x + Dropout(W_O(attn(x))))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.heads = cfg.heads
         self.w_Q = nn.Linear(cfg.d, cfg.d)
@@ -75,7 +63,7 @@ class MultiHeadAttention(nn.Module):
 class FeedForward(nn.Module):
     """FFN sub-layer with post-LN: x <- LN(x + Dropout(W2 GELU(W1 x))); no dropout inside (§4.3)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.d, 4 * cfg.d)
         self.w2 = nn.Linear(4 * cfg.d, cfg.d)
@@ -90,7 +78,7 @@ class FeedForward(nn.Module):
 class SequenceEncoder(nn.Module):
     """The stack of blocks; block k = mhas[k] then ffns[k]. No final LayerNorm (§4.3)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.mhas = nn.ModuleList(MultiHeadAttention(cfg) for _ in range(cfg.blocks))
         self.ffns = nn.ModuleList(FeedForward(cfg) for _ in range(cfg.blocks))
@@ -105,22 +93,24 @@ class SequenceEncoder(nn.Module):
 
 
 class SASRec(nn.Module):
-    """Post-LN SASRec with learned positions, left padding and a tied output (spec §4).
+    """Post-LN SASRec with learned positions, left padding and a tied output (§4).
 
     batch: dict with "seq" (B, L) long, left-padded with 0, and "target" (B,) long in 1..I.
+    max_len: L, the number of positions (data.max_len).
     """
 
-    def __init__(self, cfg: ModelConfig, num_items: int):
+    def __init__(self, cfg: BackboneConfig, num_items: int, max_len: int = 50):
         super().__init__()
         self.cfg = cfg
         self.num_items = num_items
+        self.max_len = max_len
         self.item_emb = nn.Embedding(num_items + 1, cfg.d, padding_idx=0)  # row 0 = padding
-        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
+        self.pos_emb = nn.Embedding(max_len, cfg.d)
         self.layernorm = nn.LayerNorm(cfg.d, eps=cfg.ln_eps)
         self.dropout = nn.Dropout(cfg.dropout)
         self.seq_encoder = SequenceEncoder(cfg)
         # Positions are array indices 0..L-1 (§4.1): the latest item always sits at L-1.
-        self.register_buffer("positions", torch.arange(cfg.max_len), persistent=False)
+        self.register_buffer("positions", torch.arange(max_len), persistent=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -186,10 +176,10 @@ def load_frozen(model: SASRec, path: str | Path) -> SASRec:
         raise FileNotFoundError(f"frozen checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "item_emb.weight" not in state:
-        raise ValueError(f"{path}: not a SASRec state dict in the 36-key layout (spec §5)")
+        raise ValueError(f"{path}: not a SASRec state dict in the 36-key layout (§5)")
     expected = {
         "item_emb.weight": (model.num_items + 1, model.cfg.d),
-        "pos_emb.weight": (model.cfg.max_len, model.cfg.d),
+        "pos_emb.weight": (model.max_len, model.cfg.d),
     }
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:

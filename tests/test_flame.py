@@ -1,4 +1,4 @@
-"""FLAME unit tests (spec §14): mask, losses, λ, gradient flow, frozen net, loader, data, evaluation."""
+"""FLAME unit tests (flame/docs/method.md §14): mask, losses, λ, gradient flow, frozen net, loader, data, evaluation."""
 import itertools
 import math
 
@@ -7,17 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flame.data import DataConfig, build_data
-from flame.ensemble import FLAME, FlameConfig, nt_xent, path_order, weighted_contrastive
-from flame.model import AveragedLogits, ModelConfig, SASRec, attention_mask, lambda_schedule, load_frozen, sasrec_state
-from flame.train import evaluate, seen_adjust, target_ranks
+from flame.config import BackboneConfig, DataConfig, FlameConfig
+from flame.data import build_data
+from flame.ensemble import FLAME, nt_xent, path_order, weighted_contrastive
+from flame.evaluate import evaluate, seen_adjust, target_ranks
+from flame.model import AveragedLogits, SASRec, attention_mask, lambda_schedule, load_frozen, sasrec_state
 
 L = 6
 
 
 def tiny(num_items=12, dropout=0.0, d=16, seed=0):
     torch.manual_seed(seed)
-    return SASRec(ModelConfig(d=d, heads=2, blocks=2, dropout=dropout, max_len=L), num_items)
+    return SASRec(BackboneConfig(d=d, heads=2, blocks=2, dropout=dropout), num_items, max_len=L)
 
 
 def toy_seq():
@@ -32,7 +33,7 @@ def test_mask_equals_explicit_tiling():
         qi, kj = i % L, j % L
         allowed = seq[b, qi] > 0 and seq[b, kj] > 0 and kj <= qi
         assert mask[b, 0, i, j] == (0.0 if allowed else -10000.0)
-    # Query L-1 and 2L-1 see exactly {j, L+j : seq_j != 0} (spec §14.5).
+    # Query L-1 and 2L-1 see exactly {j, L+j : seq_j != 0} (method.md §14, item 5).
     for q in (L - 1, 2 * L - 1):
         keys = set(torch.nonzero(mask[0, 0, q] == 0).flatten().tolist())
         assert keys == {j for j in range(L) if seq[0, j]} | {L + j for j in range(L) if seq[0, j]}
@@ -191,7 +192,7 @@ def test_training_samples_and_truncation():
     data = build_data([np.arange(1, 8), np.arange(101, 161)], DataConfig())
     assert len(data.train_target) == 4 + 50
     first = data.train_seq[:4]
-    for k in range(1, 5):  # sample k: input s[0..k-1] left-padded to 50, target s[k] (§3.4)
+    for k in range(1, 5):  # sample k: input s[0..k-1] left-padded to 50, target s[k] (method.md §3.4)
         assert first[k - 1, -k:].tolist() == list(range(1, k + 1)) and not first[k - 1, :-k].any()
     assert data.train_target[:4].tolist() == [2, 3, 4, 5]
     assert data.valid_seq[0, -5:].tolist() == [1, 2, 3, 4, 5] and data.valid_target[0] == 6

@@ -8,33 +8,37 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flame.data import DataConfig, build_data, load_raw
-from flame.ensemble import FLAME, FlameConfig
+from flame.config import BackboneConfig, DataConfig, FlameConfig
+from flame.data import build_data, load_raw
+from flame.ensemble import FLAME
+from flame.fast import GraphStep, check_graph_options
 from flame.main import main
-from flame.model import ModelConfig, SASRec
-from flame.train import GraphStep, check_graph_options, make_optimizer, train_one_epoch
+from flame.model import SASRec
+from flame.train import EagerStep, make_optimizer, train_one_epoch
 
 from test_flame_run import SMOKE
 
 
 def small_data(users=150, max_len=10):
-    cfg = DataConfig(synthetic_users=users, synthetic_items=40, max_len=max_len)
+    cfg = DataConfig(name="synthetic", synthetic_users=users, synthetic_items=40, max_len=max_len)
     return build_data(load_raw(cfg), cfg)
 
 
 def small_flame(num_items, dropout=0.5, seed=0, max_len=10, mutual=False):
     torch.manual_seed(seed)
-    backbone = ModelConfig(d=16, dropout=dropout, max_len=max_len)
-    return FLAME(SASRec(backbone, num_items), SASRec(backbone, num_items), FlameConfig(), mutual=mutual)
+    backbone = BackboneConfig(d=16, dropout=dropout)
+    return FLAME(SASRec(backbone, num_items, max_len), SASRec(backbone, num_items, max_len), FlameConfig(),
+                 mutual=mutual)
 
 
 def train_epochs(use_graph_step, data, epochs=2, batch=64, mutual=False):
     model = small_flame(data.num_items, mutual=mutual)
     optimizer = make_optimizer(model, SimpleNamespace(lr=1e-2, cuda_graph=False))
-    graph = GraphStep(model, data, optimizer, batch, torch.device("cpu"), capture=False) if use_graph_step else None
+    cpu = torch.device("cpu")
+    step = GraphStep(model, data, optimizer, batch, cpu, capture=False) if use_graph_step else \
+        EagerStep(model, data, optimizer, cpu)
     torch.manual_seed(1)  # the same shuffles and dropout draws for both loops
-    stats = [train_one_epoch(model, data, optimizer, batch, lam, torch.device("cpu"), graph=graph)
-             for lam in (0.9, 0.5)[:epochs]]
+    stats = [train_one_epoch(model, data, step, batch, lam, cpu) for lam in (0.9, 0.5)[:epochs]]
     return model, stats
 
 
@@ -101,9 +105,9 @@ def test_captured_step_matches_eager_on_gpu():
     for graph_on in (False, True):
         model = small_flame(data.num_items, dropout=0.0).to(device)
         optimizer = make_optimizer(model, SimpleNamespace(lr=1e-3, cuda_graph=True))
-        graph = GraphStep(model, data, optimizer, 64, device) if graph_on else None
+        step = GraphStep(model, data, optimizer, 64, device) if graph_on else EagerStep(model, data, optimizer, device)
         torch.manual_seed(1)
-        stats = [train_one_epoch(model, data, optimizer, 64, lam, device, graph=graph) for lam in (0.9, 0.5, 0.2)]
+        stats = [train_one_epoch(model, data, step, 64, lam, device) for lam in (0.9, 0.5, 0.2)]
         runs.append((model, stats))
     (eager, eager_stats), (graphed, graph_stats) = runs
     for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flame.data import DataConfig, build_data, load_raw
+from flame.config import BackboneConfig, DataConfig
+from flame.data import build_data, load_raw
+from flame.evaluate import evaluate
 from flame.main import main
-from flame.model import ModelConfig, SASRec, load_frozen, sasrec_state
+from flame.model import AveragedLogits, SASRec, load_frozen, sasrec_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "flame" / "configs" / "smoke.yaml")
@@ -27,10 +29,11 @@ def clean_env():
 @pytest.fixture
 def frozen_file(tmp_path):
     """A random SASRec for the smoke data in the 36-key layout (skips stage 1 in a test)."""
-    data = build_data(load_raw(DataConfig(synthetic_users=120, synthetic_items=40)), DataConfig(max_len=10))
+    data = build_data(load_raw(DataConfig(name="synthetic", synthetic_users=120, synthetic_items=40)),
+                      DataConfig(max_len=10))
     torch.manual_seed(0)
     path = tmp_path / "frozen.pt"
-    torch.save(sasrec_state(SASRec(ModelConfig(d=16, max_len=10), data.num_items)), path)
+    torch.save(sasrec_state(SASRec(BackboneConfig(d=16), data.num_items, max_len=10)), path)
     return path
 
 
@@ -46,7 +49,7 @@ def test_smoke_end_to_end_with_stage1(tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3 and {"valid/NDCG@20", "train/cumulative_seconds", "train/wcl",
                                   "train/alpha/ll-fl", "lambda"} <= set(records[0])
-    for name in ("best.pt", "last.pt"):  # plain dicts (CONVENTIONS §12)
+    for name in ("best.pt", "last.pt"):  # plain dicts, loadable with weights_only=True
         assert isinstance(torch.load(run_dir / name, map_location="cpu", weights_only=True), dict)
     again = main(["--config", SMOKE, f"run_root={tmp_path}"])  # stage 1 reused: same frozen net
     assert again["test"] == results["test"]
@@ -69,47 +72,45 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         main(["--resume", str(tmp_path / "missing")])
     with pytest.raises(FileNotFoundError, match="frozen checkpoint not found"):
         main(["--config", SMOKE, f"flame.frozen={tmp_path / 'nope.pt'}", f"run_root={tmp_path}"])
-    with pytest.raises(ValueError, match="data.dataset"):
-        main(["--config", SMOKE, "data.dataset=movielens", f"run_root={tmp_path}"])
+    with pytest.raises(ValueError, match="data.name"):
+        main(["--config", SMOKE, "data.name=movielens", f"run_root={tmp_path}"])
 
 
-@pytest.mark.parametrize("extra", [["model=mutual"], ["model=mutual", "baselines.ml_loss=kl"],
-                                   ["model=ensemble", "baselines.ensemble_n=2"],
+@pytest.mark.parametrize("extra", [["method.name=mutual"], ["method.name=mutual", "method.ml_loss=kl"],
+                                   ["method.name=ensemble", "method.ensemble_n=2"],
                                    ["flame.split=per_block", "flame.path_mixing=independent", "flame.num_paths=4"]])
 def test_baselines_and_options_run(tmp_path, extra):
     results = main(["--config", SMOKE, f"run_root={tmp_path}", *FAST, *extra])
     assert results["test"]["reference"]["NDCG@20"] > 0
-    if "model=mutual" in extra:
+    if "method.name=mutual" in extra:
         assert "test_mean_ab" in results
 
 
 def test_ensemble_of_given_members(tmp_path, frozen_file):
     """B2 from given SASRecs: a run folder and a bare checkpoint; scores are the mean of the members'."""
-    from flame.model import AveragedLogits
-
-    base = main(["--config", SMOKE, "model=sasrec", *FAST, "--run-dir", str(tmp_path / "b1")])
+    base = main(["--config", SMOKE, "method.name=sasrec", *FAST, "--run-dir", str(tmp_path / "b1")])
     members = f"[{tmp_path / 'b1'},{frozen_file}]"
-    out = main(["--config", SMOKE, *FAST, "model=ensemble", f"baselines.ensemble_members={members}",
+    out = main(["--config", SMOKE, *FAST, "method.name=ensemble", f"method.ensemble_members={members}",
                 "--run-dir", str(tmp_path / "b2")])
     assert out["members"] == [str(tmp_path / "b1" / "frozen.pt"), str(frozen_file)]
     assert out["train_seconds"] is None and out["best_epoch"] is None  # the bare checkpoint has no record
-    data = build_data(load_raw(DataConfig(synthetic_users=60, synthetic_items=40)), DataConfig(max_len=10))
-    nets = [load_frozen(SASRec(ModelConfig(d=16, max_len=10), data.num_items), f) for f in out["members"]]
-    from flame.train import evaluate
+    data = build_data(load_raw(DataConfig(name="synthetic", synthetic_users=60, synthetic_items=40)),
+                      DataConfig(max_len=10))
+    nets = [load_frozen(SASRec(BackboneConfig(d=16), data.num_items, max_len=10), f) for f in out["members"]]
     expected = evaluate(AveragedLogits(nets), data.test_seq, data.test_target, data.test_hist, "reference")
     assert out["test"]["reference"] == pytest.approx(expected)
     assert expected != pytest.approx(base["test"]["reference"])  # the second member changed the ranking
     with pytest.raises(ValueError, match="at least 2 members"):
-        main(["--config", SMOKE, *FAST, "model=ensemble", f"baselines.ensemble_members=[{frozen_file}]",
+        main(["--config", SMOKE, *FAST, "method.name=ensemble", f"method.ensemble_members=[{frozen_file}]",
               f"run_root={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="neither a run folder nor a checkpoint"):
-        main(["--config", SMOKE, *FAST, "model=ensemble", f"baselines.ensemble_members=[{frozen_file},{tmp_path / 'x'}]",
+        main(["--config", SMOKE, *FAST, "method.name=ensemble", f"method.ensemble_members=[{frozen_file},{tmp_path / 'x'}]",
               f"run_root={tmp_path}"])
 
 
 def test_sasrec_run_as_convergence_baseline(tmp_path, frozen_file):
-    base = main(["--config", SMOKE, "model=sasrec", *FAST, "--run-dir", str(tmp_path / "b1")])
-    assert (tmp_path / "b1" / "frozen.pt").exists() and base["model"] == "sasrec"
+    base = main(["--config", SMOKE, "method.name=sasrec", *FAST, "--run-dir", str(tmp_path / "b1")])
+    assert (tmp_path / "b1" / "frozen.pt").exists() and base["method"] == "sasrec"
     out = main(["--config", SMOKE, *FAST, f"flame.frozen={frozen_file}", f"train.sasrec_run={tmp_path / 'b1'}",
                 "--run-dir", str(tmp_path / "fl")])
     assert out["convergence"]["sasrec_best_valid"] == base["best_valid"]
@@ -117,11 +118,11 @@ def test_sasrec_run_as_convergence_baseline(tmp_path, frozen_file):
 
 def test_compare_tabulates_finished_runs(tmp_path, frozen_file):
     """Runs made in parallel (no train.sasrec_run) get their convergence figures afterwards."""
+    from common.io import load_json
     from common.runs import read_metrics
-    from common.utils import load_json
     from flame.compare import main as compare
 
-    base = main(["--config", SMOKE, "model=sasrec", "train.max_epochs=3", "data.synthetic_users=60",
+    base = main(["--config", SMOKE, "method.name=sasrec", "train.max_epochs=3", "data.synthetic_users=60",
                  "--run-dir", str(tmp_path / "b1")])
     flame = main(["--config", SMOKE, "train.max_epochs=3", "data.synthetic_users=60",
                   f"flame.frozen={frozen_file}", "--run-dir", str(tmp_path / "fl")])
@@ -142,7 +143,7 @@ def test_compare_tabulates_finished_runs(tmp_path, frozen_file):
 def test_compare_writes_table_and_plot(tmp_path):
     from flame.compare import main as compare
 
-    out = compare(["--config", SMOKE, "--seeds", "1", "2", f"run_root={tmp_path}", *FAST])
+    out = compare(["--config", SMOKE, f"run_root={tmp_path}", *FAST, "--seeds", "1", "2"])
     assert [len(runs) for runs in out.values()] == [2, 2]
     folder = next((tmp_path / "flame" / "synthetic").glob("compare_*"))
     text = (folder / "summary.md").read_text()
@@ -158,8 +159,8 @@ def test_bench_reports_every_model(capsys, monkeypatch):
 
     monkeypatch.setitem(bench_module.REFERENCE_EPOCH_S, "synthetic", 17.0)  # a yardstick exists, but for GPUs
 
-    rows = bench(["--steps", "2", "--eval-users", "50", "--models", "sasrec", "flame", "mutual",
-                  "--variants", "eager", "bf16", "cuda-graph", "data.max_len=10", "backbone.d=16", "train.device=cpu"])
+    rows = bench(["data.max_len=10", "backbone.d=16", "train.device=cpu", "--steps", "2", "--eval-users", "50",
+                  "--models", "sasrec", "flame", "mutual", "--variants", "eager", "bf16", "cuda-graph"])
     assert [r["model"] for r in rows] == ["sasrec", "flame", "mutual"] * 2
     assert [r["variant"] for r in rows] == ["eager"] * 3 + ["bf16"] * 3
     assert all(r["samples_per_s"] > 0 and r["epoch_s"] > 0 and r["peak_mib"] > 0 for r in rows)
@@ -193,10 +194,10 @@ SHIPPED = {"amazon-beauty": 12101, "amazon-games": 10672, "amazon-toys": 11924, 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_checkpoints_load_strictly(shared_data, name):
     path = shared_data / "flame" / "frozen_weights" / f"{name}.pt"
-    model = load_frozen(SASRec(ModelConfig(), SHIPPED[name]), path)
+    model = load_frozen(SASRec(BackboneConfig(), SHIPPED[name]), path)
     assert model.item_emb.weight.shape == (SHIPPED[name] + 1, 64)
     with pytest.raises(ValueError):
-        load_frozen(SASRec(ModelConfig(), SHIPPED[name] + 1), path)
+        load_frozen(SASRec(BackboneConfig(), SHIPPED[name] + 1), path)
 
 
 STATS = {"amazon-beauty": (22363, 12101, 128031), "amazon-games": (24303, 10672, 149717),
@@ -208,10 +209,10 @@ STATS = {"amazon-beauty": (22363, 12101, 128031), "amazon-games": (24303, 10672,
 @pytest.mark.parametrize("name", sorted(STATS))
 def test_real_sample_counts(shared_data, monkeypatch, name):
     monkeypatch.setenv("REPRO_DATA", str(shared_data))
-    data = build_data(load_raw(DataConfig(dataset=name)), DataConfig())
+    data = build_data(load_raw(DataConfig(name=name)), DataConfig())
     assert (data.num_users, data.num_items, len(data.train_target)) == STATS[name]
     assert len(data.valid_target) == len(data.test_target) == data.num_users
-    if name == "yelp":  # spec §9: seen targets, and those seen twice that `reference` leaves unmasked
+    if name == "yelp":  # method.md §9: seen targets, and those seen twice that `reference` leaves unmasked
         for target, hist, seen, twice in ((data.valid_target, data.valid_hist, 1451, 215),
                                           (data.test_target, data.test_hist, 1787, 280)):
             count = (hist == target[:, None]).sum(1)
@@ -220,17 +221,15 @@ def test_real_sample_counts(shared_data, monkeypatch, name):
 
 @pytest.mark.slow
 def test_shipped_toys_scores_far_above_random(shared_data, monkeypatch):
-    from flame.train import evaluate
-
     monkeypatch.setenv("REPRO_DATA", str(shared_data))
-    data = build_data(load_raw(DataConfig(dataset="amazon-toys")), DataConfig())
+    data = build_data(load_raw(DataConfig(name="amazon-toys")), DataConfig())
     assert (data.num_items, len(data.train_target), len(data.valid_target)) == (11924, 106592, 19412)
-    model = load_frozen(SASRec(ModelConfig(), data.num_items), shared_data / "flame/frozen_weights/amazon-toys.pt")
+    model = load_frozen(SASRec(BackboneConfig(), data.num_items), shared_data / "flame/frozen_weights/amazon-toys.pt")
     users = slice(0, 4000)  # a fixed slice keeps this well under a minute on 2 cores
     metrics = evaluate(model, data.valid_seq[users], data.valid_target[users], data.valid_hist[users],
                        "reference", "strict", batch_size=1000)
     assert metrics["HR@20"] > 20 * (100 * 20 / data.num_items)  # random HR@20 is about 20/I
-    with torch.no_grad():  # a layout mistake (reversed positions, spec §14.4) must score much worse
+    with torch.no_grad():  # a layout mistake (reversed positions, method.md §14, item 4) must score much worse
         model.pos_emb.weight.copy_(model.pos_emb.weight.flip(0))
     broken = evaluate(model, data.valid_seq[users], data.valid_target[users], data.valid_hist[users],
                       "reference", "strict", batch_size=1000)

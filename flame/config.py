@@ -1,0 +1,131 @@
+"""The whole FLAME config schema (one comment per key); § numbers refer to docs/method.md.
+
+    cfg = load_config(Config, "flame/configs/amazon-toys.yaml", ["method.name=sasrec", "train.lr=3e-4"])
+
+The defaults are the paper's main setting (§2) on amazon-toys; configs/*.yaml hold only what differs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+DatasetName = Literal["amazon-beauty", "amazon-games", "amazon-sports", "amazon-toys", "yelp", "ml-1m", "synthetic"]
+Metric = Literal["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
+
+
+@dataclass
+class DataConfig:
+    """Dataset and windowing (§3)."""
+    name: DatasetName = "amazon-toys"  # the FLAME files (§3.1), ml-1m built (§3.6), or generated walks
+    root: Optional[str] = None  # raw-data root; None = $REPRO_DATA, then <repo>/data/raw
+    max_len: int = 50  # L, the input window; also the backbone's number of positions (§2)
+    truncate: Literal["reference", "none"] = "reference"  # quirk 9: keep the last L+3 items only
+    synthetic_users: int = 300  # size of the generated set (name=synthetic only)
+    synthetic_items: int = 60  # its number of items
+    synthetic_seed: int = 0  # its own seed, independent of train.seed
+
+
+@dataclass
+class BackboneConfig:
+    """The SASRec network (§2, §4); its input length is data.max_len."""
+    d: int = 64  # hidden size
+    heads: int = 2  # attention heads; head h takes features [h*d/heads, (h+1)*d/heads) (§4.3)
+    blocks: int = 2  # transformer blocks
+    dropout: float = 0.5  # embedding output, attention probabilities, both residual branches
+    init_std: float = 0.02  # N(0, std^2) for every Linear and Embedding weight (§4.5)
+    ln_eps: float = 1e-12  # all five LayerNorms
+    mask_value: float = -10000.0  # finite additive mask (§4.2, quirk 12): -inf turns all-pad rows into NaN
+
+
+@dataclass
+class FlameConfig:
+    """FLAME's frozen net, paths and loss (§6-§8); also the path loss of B3. Defaults = the reference."""
+    frozen_source: Literal["shipped", "own"] = "shipped"  # the authors' weights (§5) or our stage 1 (§6)
+    frozen: Optional[str] = None  # a 36-key checkpoint file; overrides frozen_source (and seeds method sasrec)
+    frozen_mode: Literal["train", "eval"] = "train"  # quirk 4: the reference keeps dropout on in it
+    split: Literal["embed_encoder", "per_block"] = "embed_encoder"  # M=2 (§7.1) or M=1+blocks (§8)
+    path_mixing: Literal["tiled", "independent"] = "tiled"  # quirk 5: tiled = paths cross-attend
+    num_paths: int = 0  # paths sampled per step (>= 2); 0 = all 2^M paths, as the reference
+    tau: float = 1.0  # NT-Xent temperature (§7.3)
+    lambda0: float = 1.0  # λ at e=0 (§7.4); 0 skips the paths
+    lambdaR: float = 1e-5  # λ at e=R
+    lambda_horizon: Optional[int] = None  # R; None = train.max_epochs (quirk 10)
+    cl_normalize: bool = False  # cosine NT-Xent instead of raw dot products (ablation, quirk 6)
+    detach_pair_weights: bool = False  # no gradient through α (ablation, quirk 6)
+
+
+@dataclass
+class MethodConfig:
+    """What is trained (§11): FLAME or one of its baselines, with the baselines' options."""
+    name: Literal["flame", "sasrec", "ensemble", "mutual"] = "flame"  # sasrec = B1, ensemble = B2, mutual = B3
+    ensemble_n: int = 4  # B2: stage-1 SASRecs with seeds seed, seed+1, ...
+    ensemble_members: list[str] = field(default_factory=list)  # B2 from given SASRecs instead: run
+    # folders (frozen.pt + results.json) or 36-key checkpoint files (e.g. the shipped frozen nets)
+    ml_loss: Literal["wcl", "kl"] = "wcl"  # B3: FLAME's path loss, or classic deep mutual learning
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, early stopping (§2, §7.5) and the speed options (§10)."""
+    lr: float = 1e-3  # Adam, betas (0.9, 0.999), eps 1e-8; no weight decay, schedule or clipping
+    batch_size: int = 256  # training samples per step
+    max_epochs: int = 200  # epochs at most
+    patience: int = 30  # stop when epoch > best_epoch + patience
+    select: Metric = "NDCG@20"  # validation metric for early stopping, strict improvement
+    seed: int = 42  # python, numpy and torch seeds
+    deterministic: bool = False  # torch.use_deterministic_algorithms; off: some CUDA kernels lack it
+    device: str = "auto"  # auto = cuda when available, else cpu; or a torch device name
+    bf16: bool = False  # bf16 autocast in training (speed option; reproduction runs use fp32, §7.5)
+    compile: bool = False  # torch.compile the loss (speed option; changes dropout's random stream)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode
+    cuda_graph: bool = False  # capture the whole step as one CUDA graph (speed option, GPU only; changes dropout's stream)
+    sasrec_run: Optional[str] = None  # SASRec run folder (same seed) for §12's convergence; None = stage-1 run
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocol (§9)."""
+    seen_mask: Literal["reference", "zero", "neg_inf", "none"] = "reference"  # quirks 7-8
+    rank: Literal["argsort", "strict"] = "argsort"  # quirk 15
+    batch_size: int = 256  # users scored per batch
+
+
+@dataclass
+class Config:
+    """FLAME (SIGIR 2026) and its baselines on one sequential-recommendation dataset."""
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    flame: FlameConfig = field(default_factory=FlameConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_root: Optional[str] = None  # runs go to <run_root>/flame/<dataset>/; None = $REPRO_RUNS, else <repo>/runs
+
+
+# Keys of run folders written before the shared vocabulary, and what they are called now.
+RENAMED = {"model": "method.name", "baselines": "method.*", "data.dataset": "data.name",
+           "backbone.max_len": "data.max_len (the backbone takes it from there)"}
+
+
+def check_saved_config(run_dir: Path) -> None:
+    """A run folder written with the old key names cannot resume: one line saying which and why."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return
+    saved = yaml.safe_load(path.read_text()) or {}
+    old = [key for key in RENAMED if _has_key(saved, key.split("."))]
+    if old:
+        renames = "; ".join(f"{key} is now {RENAMED[key]}" for key in old)
+        raise ValueError(f"{path} was written by an older version of flame ({renames}): rerun, "
+                         f"or edit config.yaml to the new names and resume again")
+
+
+def _has_key(tree: object, parts: list[str]) -> bool:
+    for part in parts:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True

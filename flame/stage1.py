@@ -1,0 +1,97 @@
+"""Stage 1 (§6): the plain SASRecs a run needs before it can start, and where they are cached.
+
+    for sub, folder in pending(cfg):            # SASRec runs not finished yet: main.run trains them
+        run(sub, folder, resume=(folder / "last.pt").exists())
+    frozen, stage1 = frozen_checkpoint(cfg)     # FLAME's frozen net (§5, §6)
+    members = ensemble_members(cfg)             # B2's nets (§11)
+
+A stage-1 folder is keyed by every config section that changes its result, so a changed setting
+trains a new net instead of reusing a stale one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+from common.config import config_to_dict
+from common.io import data_root, load_json
+from common.runs import default_run_root
+
+from .config import Config, FlameConfig, MethodConfig
+
+
+def stage1_run(cfg: Config, seed: int) -> tuple[Config, Path]:
+    """Config and cache folder of the plain SASRec with `seed`: keyed by data, backbone, train (without
+    the device) and eval, under <run root>/flame/<dataset>/stage1/seed<seed>_<hash>."""
+    train = dataclasses.replace(cfg.train, seed=seed, sasrec_run=None)
+    sub = dataclasses.replace(cfg, method=MethodConfig(name="sasrec"), train=train, flame=FlameConfig())
+    keyed = {k: v for k, v in config_to_dict(sub).items() if k in ("data", "backbone", "train", "eval")}
+    keyed["train"] = {k: v for k, v in keyed["train"].items() if k != "device"}
+    key = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(cfg.run_root).expanduser() if cfg.run_root is not None else default_run_root()
+    return sub, root / "flame" / cfg.data.name / "stage1" / f"seed{seed}_{key}"
+
+
+def _finished(folder: Path) -> bool:
+    return (folder / "results.json").exists() and (folder / "frozen.pt").exists()
+
+
+def _seeds(cfg: Config) -> list[int]:
+    """The seeds of the stage-1 runs this run uses."""
+    name, fc = cfg.method.name, cfg.flame
+    if name == "flame" and not fc.frozen and fc.frozen_source == "own":
+        return [cfg.train.seed]
+    if name == "ensemble" and not cfg.method.ensemble_members:
+        return [cfg.train.seed + i for i in range(cfg.method.ensemble_n)]
+    return []
+
+
+def pending(cfg: Config) -> list[tuple[Config, Path]]:
+    """The stage-1 runs this run needs that are not finished (an unfinished folder is resumed)."""
+    runs = [stage1_run(cfg, seed) for seed in _seeds(cfg)]
+    for _, folder in runs:
+        print(f"[stage 1] {'reusing' if _finished(folder) else 'training SASRec into'} {folder}")
+    return [(sub, folder) for sub, folder in runs if not _finished(folder)]
+
+
+def frozen_checkpoint(cfg: Config) -> tuple[Optional[Path], Optional[Path]]:
+    """(frozen checkpoint, stage-1 folder or None) of a FLAME run, or of a SASRec run seeded from
+    flame.frozen; (None, None) for the other methods. flame.frozen, else the shipped weights, else stage 1."""
+    name, fc = cfg.method.name, cfg.flame
+    if fc.frozen and name in ("flame", "sasrec"):
+        return Path(fc.frozen), None
+    if name != "flame":
+        return None, None
+    if fc.frozen_source == "shipped":
+        path = data_root(cfg.data.root) / "flame" / "frozen_weights" / f"{cfg.data.name}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"shipped frozen weights not found: {path} (use flame.frozen_source=own "
+                                    f"to pretrain them, or the offline smoke config --config flame/configs/smoke.yaml)")
+        return path, None
+    _, folder = stage1_run(cfg, cfg.train.seed)
+    return folder / "frozen.pt", folder
+
+
+def ensemble_members(cfg: Config) -> list[tuple[Path, Optional[dict]]]:
+    """B2's members (§11) as (36-key checkpoint, results.json or None): method.ensemble_members when
+    given, else the stage-1 runs with seeds seed, seed+1, ... ([] for the other methods)."""
+    if cfg.method.name != "ensemble":
+        return []
+    if not cfg.method.ensemble_members:
+        folders = [stage1_run(cfg, seed)[1] for seed in _seeds(cfg)]
+        return [(folder / "frozen.pt", load_json(folder / "results.json")) for folder in folders]
+    members = []
+    for entry in map(Path, cfg.method.ensemble_members):
+        if entry.is_dir():
+            record = entry / "results.json"
+            members.append((entry / "frozen.pt", load_json(record) if record.is_file() else None))
+        elif entry.is_file():
+            members.append((entry, None))  # a bare checkpoint: its training record is unknown
+        else:
+            raise FileNotFoundError(f"method.ensemble_members: {entry} is neither a run folder nor a checkpoint")
+    if len(members) < 2:
+        raise ValueError(f"method.ensemble_members: an ensemble needs at least 2 members, got {len(members)}")
+    return members
