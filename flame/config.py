@@ -105,7 +105,7 @@ class Config:
     run_root: Optional[str] = None  # runs go to <run_root>/flame/<dataset>/; None = $REPRO_RUNS, else <repo>/runs
 
 
-# Keys of run folders written before the shared vocabulary, and what they are called now.
+# Keys of run folders written by earlier versions of this folder, and what they are called now.
 RENAMED = {"model": "method.name", "baselines": "method.*", "data.dataset": "data.name",
            "backbone.max_len": "data.max_len (the backbone takes it from there)"}
 

@@ -1,4 +1,4 @@
-"""The training loop shared by SASRec, FLAME and the baselines (§7.5); § numbers refer to docs/method.md.
+"""The one training loop of SASRec, FLAME and the baselines (§7.5); § numbers refer to docs/method.md.
 
     step = make_step(model, data, optimizer, cfg.train, device)            # eager, or fast.GraphStep
     stats = train_one_epoch(model, data, step, batch_size=256, lam=0.944, device=device)
