@@ -254,3 +254,68 @@ def test_compiled_training_runs_and_learns(tmp_path, frozen_file, monkeypatch):
     assert records[-1]["train/rec"] < records[0]["train/rec"]
     assert 1 <= counter.frame_count <= 3  # full batch, last partial batch, one dynamic-shape graph at most
     assert out["config"]["train"]["compile"] is True and out["test"]["reference"]["NDCG@20"] > 0
+
+
+def test_defaults_are_the_paper_setting_and_missing_data_is_one_line(tmp_path, monkeypatch):
+    """`python main.py` without --config is the paper's main setting (method.md §2); without the data it
+    fails before any run folder, in one line that names the offline smoke config."""
+    from flame.config import Config
+
+    cfg = Config()
+    assert (cfg.data.name, cfg.method.name, cfg.backbone.d, cfg.data.max_len, cfg.train.max_epochs,
+            cfg.train.batch_size, cfg.flame.frozen_source) == ("amazon-toys", "flame", 64, 50, 200, 256, "shipped")
+    monkeypatch.setenv("REPRO_DATA", str(tmp_path / "no-data"))
+    with pytest.raises(FileNotFoundError, match="amazon-toys") as err:
+        main([f"run_root={tmp_path / 'runs'}"])
+    assert "\n" not in str(err.value) and "configs/smoke.yaml" in str(err.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_leaves_the_callers_config_alone_and_max_len_has_one_key(tmp_path, frozen_file):
+    from common.config import ConfigError, load_config
+    from flame.config import Config
+    from flame.main import run
+
+    cfg = load_config(Config, SMOKE, [*FAST, f"flame.frozen={frozen_file}", f"run_root={tmp_path}"])
+    before = repr(cfg)
+    out = run(cfg)
+    assert repr(cfg) == before
+    assert SASRec(BackboneConfig(d=16), out["num_items"], max_len=10).pos_emb.weight.shape[0] == 10
+    with pytest.raises(ConfigError, match="backbone.max_len"):  # the input window is data.max_len only
+        load_config(Config, SMOKE, ["backbone.max_len=10"])
+
+
+def test_stage1_folder_changes_with_every_setting_that_changes_the_net(tmp_path):
+    """A stale stage-1 net is never reused: its folder key covers data, backbone, train and eval, not
+    the device and not the FLAME options."""
+    from common.config import load_config
+    from flame.config import Config
+    from flame.stage1 import stage1_run
+
+    def folder(*overrides):
+        return stage1_run(load_config(Config, SMOKE, [f"run_root={tmp_path}", *overrides]), 42)[1]
+
+    base = folder()
+    assert base.parent == tmp_path / "flame" / "synthetic" / "stage1" and base.name.startswith("seed42_")
+    for changed in ("backbone.d=8", "data.max_len=8", "train.lr=0.01", "eval.seen_mask=neg_inf",
+                    "data.synthetic_seed=1"):
+        assert folder(changed) != base, changed
+    for same in ("train.device=cuda", "flame.tau=0.5", "method.name=mutual", "train.sasrec_run=x"):
+        assert folder(same) == base, same
+    sub, _ = stage1_run(load_config(Config, SMOKE, ["flame.frozen=x.pt"]), 43)
+    assert (sub.method.name, sub.train.seed, sub.flame.frozen) == ("sasrec", 43, None)
+
+
+def test_old_run_folder_refuses_to_resume_in_one_line(tmp_path, frozen_file):
+    """A run folder written with the earlier key names (model, baselines, data.dataset, backbone.max_len)
+    fails with one line naming the renames, not with an unknown-key error."""
+    import yaml
+
+    main(["--config", SMOKE, *FAST, f"flame.frozen={frozen_file}", "--run-dir", str(tmp_path / "new")])
+    saved = yaml.safe_load((tmp_path / "new" / "config.yaml").read_text())
+    saved["data"]["dataset"] = saved["data"].pop("name")
+    saved["model"] = saved.pop("method")["name"]
+    (tmp_path / "new" / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ValueError, match="data.dataset is now data.name") as err:
+        main(["--resume", str(tmp_path / "new")])
+    assert "\n" not in str(err.value) and "model is now method.name" in str(err.value)
