@@ -33,11 +33,11 @@ from .train import fit, format_row
 
 def run(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
     """One method, all blocks (§8): the results dict, also written to `run_dir`/results.json."""
+    blocks, blocks_id = get_blocks(cfg.data, cfg.train.seed)      # first: missing data is a one-line error
     run_dir = start_run(cfg, "f3crec", cfg.data.name, tag=f"{cfg.method.name}-s{cfg.train.seed}",
-                        run_dir=run_dir, root=cfg.run_root)
+                        run_dir=run_dir, root=cfg.run_root)      # config.yaml holds the unresolved config
     cfg, flags = resolve(cfg)
     seed_everything(cfg.train.seed)
-    blocks, blocks_id = get_blocks(cfg.data, cfg.train.seed)
     log = lambda record: (log_metrics(run_dir, record), print(json.dumps(record)))  # noqa: E731
     out = fit(cfg, flags, blocks, blocks_id, run_dir, resume, log)
     results = {"summary": summarise(out["rows"]), "blocks": out["blocks"], "flags": flags, "seed": cfg.train.seed,
