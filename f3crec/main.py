@@ -56,9 +56,9 @@ def check_resumable(run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    options_argv = list(argv) if argv is not None else sys.argv[1:]
-    if "--resume" in options_argv:
-        check_resumable(Path(options_argv[options_argv.index("--resume") + 1]))
+    args = list(argv) if argv is not None else sys.argv[1:]
+    if "--resume" in args[:-1]:  # before parsing: an old config.yaml would fail on its first unknown key
+        check_resumable(Path(args[args.index("--resume") + 1]))
     cfg, options = parse_cli(argv, Config)
     methods = cfg.methods or [cfg.method.name]
     results = {}
