@@ -33,7 +33,6 @@ from .fast import check_graph_options  # noqa: E402
 from .model import sasrec_state  # noqa: E402
 from .train import fit, make_optimizer, setup_device  # noqa: E402
 
-PAPER_DIR = Path(__file__).resolve().parent
 _resume_option = argparse.ArgumentParser(add_help=False)
 _resume_option.add_argument("--resume", type=Path)
 
