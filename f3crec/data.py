@@ -22,20 +22,15 @@ from common.data import kcore
 from common.datasets import load_interactions
 from common.io import atomic_write, cache_root
 from common.prepare import find_raw, prepare
+from common.registry import derived_stats
 
 SPLITS = ("train", "valid", "test")
-# Our dataset keys (§12) -> common registry names (download, sha256 and k-core statistics there).
+# Our dataset keys (§12) -> common registry names (download, sha256 and k-core statistics there). The
+# block statistics each dataset must give (§1.2, §12) are the registry's DERIVED["f3crec/<key>"] rows.
 REGISTRY = {"ml-100k": "ml-100k", "ml-latest-small": "ml-latest-small",
             "hetrec2011": "hetrec2011-movielens-2k", "lastfm-2k": "hetrec2011-lastfm-2k"}
-# §1.2: (interactions, users, cum. users, cum. items, train, valid, test) per block, asserted after building.
-EXPECTED = {"ml-100k": [(58771, 587, 587, 1136, 46552, 6078, 6141), (13060, 217, 697, 1146, 10298, 1371, 1391),
-                        (13060, 238, 827, 1148, 10274, 1382, 1404), (13062, 207, 943, 1152, 10284, 1384, 1394)],
-            # [D] §12: no published counts; measured by this pipeline and frozen here, so these rows guard
-            # against drift, not against a pipeline that was wrong from the start.
-            "ml-latest-small": [(48665, 374, 374, 1982, 38629, 5000, 5036), (10814, 118, 466, 2189, 8557, 1122, 1135),
-                                (10814, 89, 543, 2250, 8584, 1110, 1120), (10816, 95, 609, 2269, 8568, 1120, 1128)],
-            "lastfm-2k": [(21975, 497, 497, 1577, 17203, 2367, 2405), (4883, 286, 574, 1589, 3759, 553, 571),
-                          (4883, 302, 653, 1593, 3742, 563, 578), (4885, 308, 701, 1594, 3748, 559, 578)]}
+COLUMNS = "(interactions, users, cum. users, cum. items, train, valid, test)"
+
 
 
 @dataclass
@@ -106,12 +101,16 @@ def _first_appearance(values: np.ndarray) -> np.ndarray:
     return rank[inverse.reshape(-1)]
 
 
+def expected_blocks(name: str) -> list[tuple] | None:
+    """The registry's block rows for dataset `name` (§1.2), or None where no counts are known."""
+    return derived_stats(f"f3crec/{name}")
+
+
 def check_expected(name: str, blocks: list[Block]) -> None:
-    """Assert the frozen §1.2 statistics of a dataset (one-line error naming the block and column)."""
-    for t, (got, want) in enumerate(zip((b.stats() for b in blocks), EXPECTED.get(name, []))):
+    """Assert the registry's §1.2 block statistics of a dataset (one-line error naming the block)."""
+    for t, (got, want) in enumerate(zip((b.stats() for b in blocks), expected_blocks(name) or [])):
         if tuple(got) != tuple(want):
-            raise ValueError(f"{name} block {t}: statistics {got} != expected {want} "
-                             "(interactions, users, cum. users, cum. items, train, valid, test)")
+            raise ValueError(f"{name} block {t}: statistics {got} != expected {want} {COLUMNS}")
 
 
 # ---------------------------------------------------------------------------------------------- JSON I/O

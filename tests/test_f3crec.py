@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from f3crec.data import EXPECTED, build_blocks, load_blocks, split_sizes, write_blocks
+from f3crec.data import build_blocks, expected_blocks, load_blocks, split_sizes, write_blocks
 from f3crec.method import item_temporal_mean, kd_terms, memory_size, target_ranks
 from f3crec.config import BackboneConfig, Config, MethodName, resolve
 from f3crec.evaluate import evaluate, la_ra_h
@@ -187,7 +187,7 @@ def test_backbone_table_matches_config_choices_and_quirks_follow_fidelity():
 @pytest.mark.slow
 def test_reference_blocks_statistics(shared_data):
     blocks = load_blocks(shared_data / "f3crec-ml-100k-blocks")
-    assert [b.stats() for b in blocks] == EXPECTED["ml-100k"]
+    assert [b.stats() for b in blocks] == expected_blocks("ml-100k")
     returning = [sum(u < blocks[t - 1].n_users for u in blocks[t].train) for t in (1, 2, 3)]
     assert returning == [107, 108, 91]
     assert [sum(1 for u in b.train if u not in b.test) for b in blocks] == [1, 18, 16, 17]
@@ -197,7 +197,7 @@ def test_reference_blocks_statistics(shared_data):
 def test_raw_ml100k_pipeline_statistics(shared_data):
     from f3crec.data import prepare_blocks
     blocks = load_blocks(prepare_blocks("ml-100k", seed=1, root=str(shared_data)))
-    assert [b.stats() for b in blocks] == EXPECTED["ml-100k"]
+    assert [b.stats() for b in blocks] == expected_blocks("ml-100k")
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.05, 0.2])  # m = N, 0 < m < N, m = 0
