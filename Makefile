@@ -53,7 +53,7 @@ vlm2rec: setup
 
 flame-compare f3crec-compare vlm2rec-compare: setup
 	@test -n "$(DATA)" || { echo "make $@ needs DATA=<dataset>" >&2; exit 2; }
-	$(PY) -m $(subst -compare,,$@).compare --config $(subst -compare,,$@)/configs/$(DATA).yaml --seeds $(SEEDS) $(ARGS)
+	$(PY) -m $(subst -compare,,$@).compare --config $(subst -compare,,$@)/configs/$(DATA).yaml $(ARGS) --seeds $(SEEDS)
 
 bench: bench-flame bench-f3crec bench-vlm2rec
 
