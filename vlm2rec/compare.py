@@ -3,7 +3,7 @@
     python -m vlm2rec.compare --config vlm2rec/configs/ml100k_offline.yaml --seeds 0 1 2 [key=value ...]
     make vlm2rec-compare DATA=ml100k_offline SEEDS="0 1 2"
 
-Each (variant, seed) is one `main` run; the table gives mean ± std over seeds of the test metrics for
+Each (variant, seed) is one `run(cfg)`; the table gives mean ± std over seeds of the test metrics for
 both protocols and every modality mode, the text/image gradient-norm ratios (first vs last epoch), the
 effective ranks of the item embeddings and the SASRec-from-embeddings result. Writes compare.json/.md.
 """
@@ -18,10 +18,13 @@ if __package__ in (None, ""):  # run as a script: `cd vlm2rec && python compare.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "vlm2rec"
 
-from common.runs import read_metrics
-from common.utils import git_sha, save_json
+from common.config import load_config
+from common.io import git_sha, save_json
+from common.runs import default_run_root, read_metrics
+from common.utils import run_cli
 
-from .main import main
+from .config import Config
+from .main import run
 
 VARIANTS = {
     "plain SFT": ["wpcl.enabled=false", "crtr.enabled=false"],
@@ -86,23 +89,25 @@ def summarise(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def run(argv: list[str] | None = None) -> dict:
+def compare(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--out", type=Path, default=None, help="folder for compare.json/.md (default: runs/vlm2rec/compare)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for compare.json/.md (default: <run root>/vlm2rec/compare/<config>)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    out_dir = args.out or Path("runs") / "vlm2rec" / "compare" / Path(args.config).stem
+    out_dir = args.out or default_run_root() / "vlm2rec" / "compare" / Path(args.config).stem
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {}
     for variant in args.variants:
         for seed in args.seeds:
             slug = variant.split()[0].strip("+()").lower()
             run_dir = out_dir / f"{slug}_seed{seed}"
-            overrides = [*VARIANTS[variant], f"seed={seed}", f"tag={slug}", *args.overrides]
-            results = main(["--config", args.config, "--run-dir", str(run_dir), *overrides])
+            cfg = load_config(Config, args.config, [*VARIANTS[variant], f"train.seed={seed}", f"tag={slug}",
+                                                    *args.overrides])
+            results = run(cfg, run_dir)
             results["grad_ratios"] = grad_ratios(str(run_dir))
             runs.setdefault(variant, []).append(results)
     table = summarise(runs)
@@ -116,4 +121,4 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run()
+    run_cli(compare)

@@ -1,11 +1,11 @@
-"""VLM2Rec datasets: chronological item sequences with one title and one image per item (spec §14).
+"""VLM2Rec datasets: chronological item sequences with one title and one image per item (§14).
 
 Three sources give the same dict (`load_dataset`):
   synthetic       clustered items, coloured PNGs and cluster-word titles written to a cache (§14.3)
   ml100k-posters  MovieLens-100K interactions + TMDB titles and posters under the data root (§14.2)
   amazon          Amazon 2014 5-core reviews + metadata + images fetched by `python -m vlm2rec.prepare` (§14.1)
-Real datasets assert their expected statistics (CONVENTIONS.md §9). Nothing in this file downloads.
-Print a dataset's statistics: `python -m vlm2rec.data --kind ml100k-posters [--root DIR]`.
+Real datasets assert their expected statistics (regression values: they catch drift of the recipe). Nothing in
+this file downloads. Print a dataset's statistics: `python -m vlm2rec.data --name ml100k-posters [--root DIR]`.
 """
 from __future__ import annotations
 
@@ -15,16 +15,12 @@ import csv
 import gzip
 import html
 import json
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from common.data import (
-    cache_root,
-    data_root,
     filter_rating,
     kcore,
     read_ml100k,
@@ -32,30 +28,17 @@ from common.data import (
     sort_chronological,
     to_sequences,
 )
+from common.io import atomic_write, cache_root, data_root
 
-KINDS = ("synthetic", "ml100k-posters", "amazon")
-PLACEHOLDER_GREY = (128, 128, 128)  # neutral: no colour cue for a missing image (spec §13 ties note)
+from .config import DATASETS, DataConfig
+
 TIE_RULE = "stable sort by (user, timestamp); equal timestamps keep the raw file order"  # §14.2
 
 
-@dataclass
-class DataConfig:
-    kind: str = "synthetic"  # "synthetic" | "ml100k-posters" | "amazon" (spec §14)
-    root: str | None = None  # data root; None -> common.data.data_root(), i.e. $REPRO_DATA
-    category: str = "Toys_and_Games"  # Amazon 2014 category (kind=amazon), spec §14.1
-    num_users: int = 64  # synthetic users (kind=synthetic)
-    num_items: int = 40  # synthetic items (kind=synthetic)
-    seed: int = 0  # synthetic generator seed; the real datasets are deterministic without one
-    image_size: int = 64  # side of the square RGB image returned by load_image
-    max_history: int = 10  # spec §4/§13 [S]: a history is the last <= 10 items before the target
-    missing_image: str = "drop"  # §14 [R]: "drop" items without image/title, then 5-core again | "placeholder"
-    item_text: str = "title"  # §14.2 [R]: "title" | "title_overview" (ML-100K: title + TMDB overview)
-    min_rating: float = 0.0  # §14.2 [R]: keep ratings >= this before k-core (0 keeps all)
-
-
-# Expected post-recipe statistics, asserted (CONVENTIONS.md §9). Key: (dataset, missing_image, min_rating).
-# ML-100K rows are measured on the shared files (spec §14.2 table). Amazon rows are the raw 2014 5-core
-# files (spec §14.1 literature values; the 5-core re-filter is a no-op on them), asserted before any drop.
+# Expected post-recipe statistics, asserted. Key: (dataset, missing_image, min_rating). The ML-100K rows were
+# measured by this pipeline on the data files and then frozen (§14.2): they guard against drift, not against
+# a recipe wrong from the start. Amazon rows are the literature values of the raw 2014 5-core files (§14.1;
+# the 5-core re-filter is a no-op on them), asserted before any drop.
 EXPECTED = {
     ("ml100k-posters", "drop", 0.0): {"users": 943, "items": 1342, "interactions": 99126},
     ("ml100k-posters", "placeholder", 0.0): {"users": 943, "items": 1349, "interactions": 99287},
@@ -65,7 +48,7 @@ EXPECTED = {
     ("amazon-Clothing_Shoes_and_Jewelry", "5core"): {"users": 39387, "items": 23033, "interactions": 278677},
     ("amazon-Musical_Instruments", "5core"): {"users": 1429, "items": 900, "interactions": 10261},
 }
-# The spec gives Clothing only approximately (≈): allow 1 % there, exact everywhere else.
+# Clothing is known only approximately (≈): allow 1 % there, exact everywhere else.
 TOLERANCE = {("amazon-Clothing_Shoes_and_Jewelry", "5core"): 0.01}
 
 
@@ -81,29 +64,6 @@ def check_stats(key: tuple, stats: dict) -> None:
             raise ValueError(f"{key}: {field}={got:,} but expected {want:,} (preprocessing drift?)")
 
 
-# ---------------------------------------------------------------- images
-
-def load_image(path: Path | None, size: int) -> Image.Image:
-    """RGB image resized to size x size; a grey placeholder for None or an unreadable file."""
-    if path is not None:
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-            warnings.warn(f"unreadable image {path} ({err}); using the grey placeholder", stacklevel=2)
-    return Image.new("RGB", (size, size), PLACEHOLDER_GREY)
-
-
-def is_valid_image(path: Path) -> bool:
-    """True when Pillow can fully decode the file (used for resume and for dropping corrupt files)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-        return True
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
-        return False
-
-
 # ---------------------------------------------------------------- synthetic (§14.3)
 
 CLUSTER_WORDS = ("red", "green", "blue", "yellow", "purple", "cyan", "orange", "grey")
@@ -115,7 +75,7 @@ NOUNS = ("lamp", "kite", "drum", "ball", "book", "cup", "robot", "train", "puzzl
 def synthetic_clusters(num_items: int, seed: int) -> np.ndarray:
     """Latent cluster of each item, [num_items + 1] (index 0 = padding = -1); balanced, shuffled by seed."""
     num_clusters = max(2, min(len(CLUSTER_WORDS), num_items // 5))
-    rng = np.random.default_rng([seed, 0])  # scoped: item side (CONVENTIONS.md §11)
+    rng = np.random.default_rng([seed, 0])  # scoped: item side (a generator per purpose: the item side never shifts the user side)
     clusters = rng.permutation(np.arange(num_items) % num_clusters)
     return np.concatenate([[-1], clusters])
 
@@ -288,15 +248,16 @@ def amazon_items(root: Path, category: str, asins: list[str]) -> dict[str, dict]
                                 f"--category {category} --root {root}`")
     meta = read_amazon_meta(meta_path, set(asins))
     items = {asin: meta.get(asin, {"title": "", "imUrl": ""}) for asin in asins}
-    tmp = cached.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(items))
-    tmp.replace(cached)  # atomic: a crash never leaves half a cache
+    with atomic_write(cached) as handle:  # a crash never leaves half a cache
+        handle.write(json.dumps(items))
     return items
 
 
 def load_amazon(cfg: DataConfig, root: Path) -> dict:
     """§14.1: 5-core reviews (asserted) -> optional drop of items without image or title + 5-core again
     -> stable chronological sort -> ids 1..N in ascending-asin order."""
+    if cfg.min_rating > 0:
+        raise ValueError("data.min_rating applies to ml100k-posters only: every Amazon review is one interaction (§14.1)")
     folder = amazon_dir(root, cfg.category)
     reviews = folder / f"reviews_{cfg.category}_5.json.gz"
     if not reviews.exists():
@@ -352,16 +313,16 @@ def _package(name: str, sequences: list[np.ndarray], titles: list[str], images: 
 
 
 def load_dataset(cfg: DataConfig) -> dict:
-    """Sequences (1-based item ids, chronological), titles and image paths of cfg.kind (spec §14)."""
-    if cfg.kind not in KINDS:
-        raise ValueError(f"data.kind must be one of {KINDS}, got {cfg.kind!r}")
+    """Sequences (1-based item ids, chronological), titles and image paths of cfg.name (§14)."""
+    if cfg.name not in DATASETS:
+        raise ValueError(f"data.name must be one of {DATASETS}, got {cfg.name!r}")
     if cfg.missing_image not in ("drop", "placeholder"):
         raise ValueError(f"data.missing_image must be 'drop' or 'placeholder', got {cfg.missing_image!r}")
-    if cfg.kind == "synthetic":
+    if cfg.name == "synthetic":
         out = cache_root() / "vlm2rec" / f"synthetic-u{cfg.num_users}-i{cfg.num_items}-s{cfg.seed}-px{cfg.image_size}"
         return make_synthetic(cfg.num_users, cfg.num_items, cfg.seed, cfg.image_size, out)
     root = data_root(cfg.root)
-    if cfg.kind == "ml100k-posters":
+    if cfg.name == "ml100k-posters":
         return load_ml100k_posters(cfg, root)
     return load_amazon(cfg, root)
 
@@ -369,12 +330,12 @@ def load_dataset(cfg: DataConfig) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     """Print a dataset's statistics (a quick check that the files and the recipe agree)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", default="ml100k-posters", choices=KINDS)
+    parser.add_argument("--name", default="ml100k-posters", choices=DATASETS)
     parser.add_argument("--root", default=None)
     parser.add_argument("--category", default=DataConfig.category)
     parser.add_argument("--missing-image", default="drop", choices=("drop", "placeholder"))
     args = parser.parse_args(argv)
-    data = load_dataset(DataConfig(kind=args.kind, root=args.root, category=args.category,
+    data = load_dataset(DataConfig(name=args.name, root=args.root, category=args.category,
                                    missing_image=args.missing_image))
     print(json.dumps({"name": data["name"], **data["stats"]}, indent=1, default=str))
     return data["stats"]

@@ -1,6 +1,6 @@
 """Leave-one-out split, the two evaluation protocols, the embedding cache and robustness scenarios.
 
-Protocol (spec §13): leave-one-out by time; the history is the <= 10 items before the target.
+Protocol (§13): leave-one-out by time; the history is the <= 10 items before the target.
   P1 `sampled`  the target vs 100 negatives drawn uniformly from items the user never touched (saved once
                 per dataset, scoped seed), pessimistic ties by default: the paper's protocol.
   P2 `full`     every item scored, padding and the user's earlier items masked (never the target).
@@ -10,36 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.data import cache_root
+from common.io import atomic_write, cache_root
 from common.metrics import average, full_sort_metrics, sampled_metrics
 
+from .catalog import Catalog
+from .config import SCENARIOS, EvalConfig
 from .diagnostics import geometry
-from .encoder import Catalog
 
 SPLITS = ("valid", "test")
-SCENARIOS = ("missing_image", "missing_title", "noisy_image")
-
-
-@dataclass
-class EvalConfig:
-    protocols: list[str] = field(default_factory=lambda: ["sampled", "full"])  # P1 (paper) and P2
-    num_negatives: int = 100                 # [S] 1 positive + 100 sampled negatives
-    ks: list[int] = field(default_factory=lambda: [10, 20])
-    ties: str = "pessimistic"                # [R] a collapsed branch must not score HR=1 on ties
-    neg_seed: int = 0
-    modality_modes: list[str] = field(default_factory=lambda: ["both", "text", "image"])   # spec §11.1
-    select_on: str = "full/both/NDCG@10"     # validation metric for model selection (protocol/mode/metric)
-    batch_size: int = 64                     # encoding batch
-    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))   # robustness, test split
-    scenario_fraction: float = 0.5           # share of items hit by a scenario (fixed seed)
-    noise_std: float = 0.3                   # noisy_image: Gaussian noise std in [0, 1] pixel units
 
 
 def left_pad(rows: list[np.ndarray], length: int) -> np.ndarray:
@@ -52,7 +36,7 @@ def left_pad(rows: list[np.ndarray], length: int) -> np.ndarray:
 
 
 def split_sequences(sequences: list[np.ndarray], max_history: int, instances_per_user: int = 0) -> dict:
-    """Training pairs and the validation/test queries of every user (spec §7, §13).
+    """Training pairs and the validation/test queries of every user (§7, §13).
 
     Training targets are i_2 .. i_{n-2} (never the validation or test item); `instances_per_user` > 0
     keeps only each user's latest that many (1 = the spec's `last_per_user`).
@@ -98,9 +82,8 @@ def negatives(sequences: list[np.ndarray], num_items: int, num_negatives: int, s
                                  "lower eval.num_negatives")
             out[user] = rng.choice(allowed, num_negatives, replace=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, out)
-        tmp.replace(path)
+        with atomic_write(path, "wb") as handle:
+            np.save(handle, out)
     return out, hashlib.sha1(out.tobytes()).hexdigest()[:12]
 
 
@@ -182,16 +165,49 @@ def score_protocols(users: torch.Tensor, items: torch.Tensor, split_data: dict, 
     return out
 
 
-def evaluate_split(model, split_data: dict, negs: np.ndarray, num_items: int, cfg: EvalConfig,
-                   cache_dir: Path | None, desc: str) -> dict:
-    """{protocol: {mode: metrics}} plus item-geometry diagnostics for one split."""
-    users, items = embed(model, split_data, num_items, cfg.modality_modes, cache_dir, cfg.batch_size, desc)
+def cache_key(model, split_data: dict, tag: str) -> str:
+    """Embedding-cache folder name: backbone + trained weights + item content + the split's histories
+    (Q9). Equal keys mean equal embeddings, so the cached ones are reused."""
+    parts = (model.embedder.identifier, state_hash(model), model.embedder.catalog.fingerprint(),
+             hashlib.sha1(np.ascontiguousarray(split_data["history"]).tobytes()).hexdigest())
+    return f"{tag}_{hashlib.sha1('|'.join(parts).encode()).hexdigest()[:16]}"
+
+
+def evaluate(model, split_data: dict, negs: np.ndarray, num_items: int, cfg: EvalConfig, run_dir: Path | None,
+             tag: str) -> dict:
+    """{protocol: {mode: metrics}} plus item-geometry diagnostics for one split (§13, §11.4).
+    Embeddings are cached under <run_dir>/embeddings/ when a run folder is given."""
+    cache_dir = None if run_dir is None else Path(run_dir) / "embeddings" / cache_key(model, split_data, tag)
+    users, items = embed(model, split_data, num_items, cfg.modality_modes, cache_dir, cfg.batch_size, tag)
     results: dict = {}
     for mode in users:
         for protocol, metrics in score_protocols(users[mode], items[mode], split_data, negs, cfg).items():
             results.setdefault(protocol, {})[mode] = metrics
     results["geometry"] = geometry(items)
     return results
+
+
+def evaluate_test(model, test: dict, negs: np.ndarray, num_items: int, cfg: EvalConfig,
+                  run_dir: Path | None) -> dict:
+    """The test split once, clean and under each robustness scenario (§13.3); the catalogue is restored."""
+    out = {"clean": evaluate(model, test, negs, num_items, cfg, run_dir, "test")}
+    clean_catalog = model.embedder.catalog
+    for scenario in cfg.scenarios:
+        # The same items are hit for every method and seed (the edit depends on eval.neg_seed only).
+        catalog = scenario_catalog(clean_catalog, scenario, cfg.scenario_fraction, cfg.noise_std, cfg.neg_seed)
+        model.embedder.set_catalog(catalog)
+        out[scenario] = evaluate(model, test, negs, num_items, cfg, run_dir, f"test-{scenario}")
+    model.embedder.set_catalog(clean_catalog)
+    return out
+
+
+def split_negatives(sequences: list[np.ndarray], num_items: int, cfg: EvalConfig,
+                    dataset: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The saved P1 negatives of the validation and test splits, and their checksums."""
+    negs, sha = {}, {}
+    for split in SPLITS:
+        negs[split], sha[split] = negatives(sequences, num_items, cfg.num_negatives, cfg.neg_seed, split, dataset)
+    return negs, sha
 
 
 def selection_score(results: dict, select_on: str) -> float:

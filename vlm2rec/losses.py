@@ -1,52 +1,21 @@
-"""Contrastive SFT objective of VLM2Rec: fused InfoNCE + WPCL (spec §8) + CRTR (spec §9).
+"""Contrastive SFT objective of VLM2Rec: fused InfoNCE + WPCL (§8) + CRTR (§9).
 
-    L = L_CL(fused) + wpcl.weight * L_WPCL + crtr.weight * L_CRTR            (spec §10)
+    L = L_CL(fused) + wpcl.weight * L_WPCL + crtr.weight * L_CRTR            (§10)
 
 `objective(branches, targets, ...)` takes the L2-normalised branch embeddings u^T, u^V, e^T, e^V
 (and the fused u, e) of B (history, next item) pairs and returns the total loss plus the per-step
-statistics the collapse diagnostics log (spec §11.3). Every WPCL/CRTR reading is a config key.
+statistics the collapse diagnostics log (§11.3). Every WPCL/CRTR reading is a config key.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from .config import CRTRConfig, LossConfig, WPCLConfig
+
 MODALITIES = ("text", "image")
-
-
-@dataclass
-class LossConfig:
-    temperature: float = 0.05            # tau of every logit (spec §7, [R]; VLM2Vec uses 0.02)
-    learnable_temperature: bool = False  # learn log(1/tau) from `temperature` (NoteLLM-2 style)
-    symmetric: bool = False              # add the item -> user direction to L_CL
-    mask_duplicate_items: bool = True    # in-batch negatives equal to the positive are removed
-
-
-@dataclass
-class WPCLConfig:
-    enabled: bool = True                 # [C] WPCL on; off = plain contrastive SFT
-    weight: float = 0.5                  # lambda_w (spec §8.6)
-    variant: Literal["neg_penalty", "loss_reweight", "fused_neg_penalty", "grad_scale"] = "neg_penalty"
-    strength: Literal["pos_prob", "unimodal_loss"] = "pos_prob"   # c^m = mean p_bb, or exp(-l^m)
-    granularity: Literal["per_batch", "per_sample"] = "per_batch"
-    alpha: float = 1.0                   # gamma = 1 + alpha * tanh(rho - 1)
-    fixed_gamma: float | None = None     # force a constant gamma (weak modality still detected)
-    ema: float = 0.0                     # EMA of c^m across steps (per_batch only; 0 = off)
-    beta: float = 1.0                    # variant C: fused negative weight 1 + beta * sigmoid(s^w)
-    strong_weight: float = 1.0           # variant B: weight of the strong modality's InfoNCE
-
-
-@dataclass
-class CRTRConfig:
-    enabled: bool = True                 # [C] CRTR on
-    weight: float = 0.1                  # lambda_r (spec §9.5)
-    temperature: float | None = None     # tau_r; null = tau (reuse the s^m logits)
-    topology: Literal["user_item", "item_item", "user_user", "all"] = "user_item"
-    stopgrad: Literal["none", "strong", "weak"] = "none"
 
 
 def duplicate_mask(targets: torch.Tensor) -> torch.Tensor:
@@ -110,7 +79,7 @@ class WPCLState:
 
 
 def _strength(logits: torch.Tensor, dup: torch.Tensor | None, how: str) -> torch.Tensor:
-    """Per-sample strength [B] of one modality, detached (spec §8.2)."""
+    """Per-sample strength [B] of one modality, detached (§8.2)."""
     with torch.no_grad():
         if how == "pos_prob":
             return positive_prob(logits, dup)
@@ -119,7 +88,7 @@ def _strength(logits: torch.Tensor, dup: torch.Tensor | None, how: str) -> torch
 
 def wpcl_terms(logits_m: list[torch.Tensor], cfg: WPCLConfig, dup: torch.Tensor | None,
                state: WPCLState) -> dict[str, torch.Tensor]:
-    """Weak-modality detection and penalty (spec §8). Returns gamma/weak/rho and the WPCL loss term.
+    """Weak-modality detection and penalty (§8). Returns gamma/weak/rho and the WPCL loss term.
 
     The weak modality w has the lower strength c^w; rho = c^s / c^w >= 1 and gamma = 1 + alpha tanh(rho-1).
     """
@@ -167,7 +136,7 @@ def objective(branches: dict[str, torch.Tensor], targets: torch.Tensor, fused_lo
               tau: torch.Tensor, loss_cfg: LossConfig, wpcl: WPCLConfig, crtr: CRTRConfig,
               state: WPCLState, extra_logits: torch.Tensor | None = None,
               extra_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss of spec §10 and its logged parts. `branches` holds u_/e_{text,image} when two
+    """Total loss of §10 and its logged parts. `branches` holds u_/e_{text,image} when two
     modalities are used; `fused_logits` [B, B] is s_bk = score(u_b, e_k) / tau. Optional hard negatives
     add fused columns `extra_logits` [B, M] (True in `extra_mask` = the row's own target: removed) to
     L_CL only; WPCL and CRTR stay in-batch."""
@@ -220,9 +189,9 @@ def objective(branches: dict[str, torch.Tensor], targets: torch.Tensor, fused_lo
 
 
 def check_objective(wpcl: WPCLConfig, crtr: CRTRConfig, modalities: list[str]) -> None:
-    """WPCL and CRTR need both modalities' branch embeddings (spec §6, §10)."""
+    """WPCL and CRTR need both modalities' branch embeddings (§6, §10)."""
     if (wpcl.enabled or crtr.enabled) and sorted(modalities) != sorted(MODALITIES):
-        raise ValueError(f"wpcl/crtr need model.modalities = [text, image], got {modalities}: "
+        raise ValueError(f"wpcl/crtr need backbone.modalities = [text, image], got {modalities}: "
                          "disable them for unimodal SFT")
     if wpcl.granularity == "per_sample" and wpcl.variant == "grad_scale":
         raise ValueError("wpcl.variant=grad_scale needs wpcl.granularity=per_batch (one strong branch per batch)")

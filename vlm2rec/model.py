@@ -1,62 +1,39 @@
 """VLM2Rec: a (LoRA-adapted) VLM as a CF-aware multimodal embedder for sequential recommendation.
 
-`VLM2Rec(cfg, catalog, device, loss, wpcl, crtr)` turns a batch {"history": [B, L] left-padded item ids,
-"target": [B]} into user and item embeddings by branch (spec §4, §6):
+`VLM2Rec(cfg, catalog, device, loss, wpcl, crtr)` turns a batch {"history": (B, L) left-padded item ids,
+"target": (B,)} into user and item embeddings by branch (§4, §6):
   external_sum        u = n(u^T) + n(u^V), e = n(e^T) + n(e^V): four passes through one shared VLM
   internal_interleave u = n(VLM(interleaved history)); branch passes feed WPCL/CRTR and diagnostics
-and exposes `loss(batch)` (spec §10), `score_all(batch)` [B, I+1] and `encode(kind, ids, mode)` for the
-modality-dropout evaluation (mode in both / text / image, spec §11.1).
+and exposes `loss(batch)` (§10), `score_all(batch)` (B, I+1) and `encode(kind, ids, mode)` for the
+modality-dropout evaluation (mode in both / text / image, §11.1).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .encoder import BACKBONES, Catalog, LoraSettings, PromptConfig
-from .losses import CRTRConfig, LossConfig, WPCLConfig, WPCLState, check_objective, objective
-from .offline import TwoTowerConfig
-
-MODES = ("both", "text", "image")
-
-
-@dataclass
-class ModelConfig:
-    kind: Literal["qwen2-vl", "qwen2.5-vl", "tiny", "tiny-qwen2.5-vl", "offline"] = "qwen2.5-vl"
-    backbone: str = "Qwen/Qwen2.5-VL-3B-Instruct"    # [S] HF name or local dir (qwen kinds only)
-    offline: bool = True                              # local_files_only: never download inside main/tests
-    attn_implementation: str = "sdpa"                 # or flash_attention_2 (opt-in)
-    grad_checkpointing: bool = True                   # [S] on GPU only (non-reentrant)
-    fusion: Literal["external_sum", "internal_interleave"] = "external_sum"   # [S] external is adopted
-    internal_branch_passes: bool = True               # internal fusion: unimodal passes for WPCL/CRTR
-    modalities: list[str] = field(default_factory=lambda: ["text", "image"])  # unimodal SFT ablation
-    normalize: bool = True                            # L2 per branch before the sum (spec §5.3)
-    score: Literal["cos", "dot"] = "cos"              # cos re-normalises the fused vectors
-    append_eos: bool = False                          # pool an EOS instead of the instruction's last token
-    image_pixels: int = 50176                         # 224^2 image budget of the Qwen processor
-    max_title_tokens: int = 64                        # per title, before joining (spec §5.5)
-    prompts: PromptConfig = field(default_factory=PromptConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)   # kind=offline (spec §15)
+from .backbones import BACKBONES
+from .catalog import Catalog
+from .config import MODES, BackboneConfig, CRTRConfig, LossConfig, WPCLConfig
+from .losses import WPCLState, check_objective, objective
 
 
 class VLM2Rec(nn.Module):
-    def __init__(self, cfg: ModelConfig, catalog: Catalog, device: torch.device, loss: LossConfig,
+    def __init__(self, cfg: BackboneConfig, catalog: Catalog, device: torch.device, loss: LossConfig,
                  wpcl: WPCLConfig, crtr: CRTRConfig, embedder: nn.Module | None = None):
         super().__init__()
         if not set(cfg.modalities) <= {"text", "image"} or not cfg.modalities:
-            raise ValueError(f"model.modalities must be a non-empty subset of [text, image], got {cfg.modalities}")
+            raise ValueError(f"backbone.modalities must be a non-empty subset of [text, image], got {cfg.modalities}")
         if cfg.fusion == "internal_interleave" and not cfg.internal_branch_passes and (wpcl.enabled or crtr.enabled):
-            raise ValueError("wpcl/crtr need model.internal_branch_passes=true under internal fusion (spec §6)")
+            raise ValueError("wpcl/crtr need backbone.internal_branch_passes=true under internal fusion (§6)")
         check_objective(wpcl, crtr, cfg.modalities)
         self.cfg, self.loss_cfg, self.wpcl, self.crtr = cfg, loss, wpcl, crtr
         # `embedder` lets a caller pass a pre-built one (bench.py's randomly initialised 3B-sized model).
-        self.embedder = embedder if embedder is not None else BACKBONES[cfg.kind](cfg, catalog, device)
-        # log(1/tau) as a parameter only when learnt; otherwise a fixed buffer (spec §7).
+        self.embedder = embedder if embedder is not None else BACKBONES[cfg.name](cfg, catalog, device)
+        # log(1/tau) as a parameter only when learnt; otherwise a fixed buffer (§7).
         log_scale = torch.tensor(math.log(1.0 / loss.temperature), device=device)
         if loss.learnable_temperature:
             self.log_scale = nn.Parameter(log_scale)
@@ -80,12 +57,12 @@ class VLM2Rec(nn.Module):
         return F.normalize(fused, dim=-1) if self.cfg.score == "cos" else fused
 
     def joint(self, side: str, ids: torch.Tensor, drop: str | None = None) -> torch.Tensor:
-        """Internal fusion: one interleaved pass; `drop` deletes one modality's tokens (spec §6)."""
+        """Internal fusion: one interleaved pass; `drop` deletes one modality's tokens (§6)."""
         out = self._unit(self.embedder.branch(f"{side}_joint", ids, drop=drop))
         return F.normalize(out, dim=-1) if self.cfg.score == "cos" else out
 
     def encode(self, side: str, ids: torch.Tensor, modes: tuple[str, ...] = MODES) -> dict[str, torch.Tensor]:
-        """Embeddings per modality mode. External: text/image are the exact branches (spec §6)."""
+        """Embeddings per modality mode. External: text/image are the exact branches (§6)."""
         usable = [m for m in modes if m == "both" or m in self.cfg.modalities]
         if self.cfg.fusion == "internal_interleave":
             drops = {"both": None, "text": "image", "image": "text"}
@@ -149,7 +126,7 @@ class VLM2Rec(nn.Module):
         return scores
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Only the trained weights (LoRA, projections, pooling): never the pretrained base (spec §5.4)."""
+        """Only the trained weights (LoRA, projections, pooling): never the pretrained base (§5.4)."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {n: t.detach().cpu().clone() for n, t in self.state_dict().items() if n in names}
 

@@ -1,4 +1,4 @@
-"""The only VLM2Rec code that downloads (spec §14.1): Amazon 2014 5-core reviews, metadata and images.
+"""The only VLM2Rec code that downloads (§14.1): Amazon 2014 5-core reviews, metadata and images.
 
 Run by hand, never from main or tests:
   python -m vlm2rec.prepare amazon --category Toys_and_Games [--root DIR] [--workers 16]
@@ -24,16 +24,18 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from common.data import data_root
+from common.io import atomic_write, data_root
 from common.download import fetch
 
-from .data import DataConfig, amazon_dir, amazon_items, is_valid_image, load_dataset
+from .catalog import is_valid_image
+from .config import DataConfig
+from .data import amazon_dir, amazon_items, load_dataset
 
 CATEGORIES = ("Toys_and_Games", "Beauty", "Sports_and_Outdoors", "Clothing_Shoes_and_Jewelry")
 BASE_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
 USER_AGENT = "repro-recsys-vlm2rec/0.1 (research reproduction)"
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}  # transient; any other HTTP error is final (e.g. 404)
-# Spec §14.1 offline cross-check: ICLRec sequence files + P5 datamaps (ids -> ASIN / reviewerID) under
+# §14.1 offline cross-check: ICLRec sequence files + P5 datamaps (ids -> ASIN / reviewerID) under
 # <root>/amazon-seq/ cover these two categories with the same ids.
 SEQ_FILES = {"Beauty": ("Beauty.txt", "datamaps/beauty_datamaps.json"),
              "Sports_and_Outdoors": ("Sports_and_Outdoors.txt", "datamaps/sports_datamaps.json")}
@@ -82,9 +84,8 @@ def download_image(url: str, dest: Path, retries: int = 3, backoff: float = 1.0,
             return f"failed: not a decodable image ({type(err).__name__})"
         img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)  # keeps the aspect ratio
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
-        img.save(tmp, format="JPEG", quality=90)
-        tmp.replace(dest)
+        with atomic_write(dest, "wb") as handle:
+            img.save(handle, format="JPEG", quality=90)
         return "downloaded"
     return f"failed: {reason} after {retries + 1} tries"
 
@@ -136,7 +137,7 @@ def prepare_amazon(category: str, root: Path, workers: int = 16, retries: int = 
         if not (folder / name).exists():  # resumable: the big files are fetched once
             fetch(url, folder / name, timeout=60.0, hint=f"or place {name} in {folder} by hand")
     # Placeholder mode = the plain 5-core view; it asserts the statistics before the long image download.
-    dataset = load_dataset(DataConfig(kind="amazon", root=str(root), category=category, missing_image="placeholder"))
+    dataset = load_dataset(DataConfig(name="amazon", root=str(root), category=category, missing_image="placeholder"))
     items = amazon_items(root, category, dataset["item_ids"][1:])  # cached by load_dataset: a json read
     manifest = {"category": category, "sequences": {k: dataset["stats"][k] for k in ("users", "items", "interactions")},
                 "items_without_title": sum(not m["title"] for m in items.values()),
@@ -150,14 +151,13 @@ def prepare_amazon(category: str, root: Path, workers: int = 16, retries: int = 
         manifest["images"] = report
         manifest["items_with_image"] = len(items) - len(report["failed"])
         manifest["items_without_image"] = len(report["failed"])
-    tmp = folder / "images_manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    tmp.replace(folder / "images_manifest.json")
+    with atomic_write(folder / "images_manifest.json") as handle:
+        handle.write(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Download / check VLM2Rec data (spec §14).")
+    parser = argparse.ArgumentParser(description="Download / check VLM2Rec data (§14).")
     sub = parser.add_subparsers(dest="dataset", required=True)
     amazon = sub.add_parser("amazon", help="Amazon 2014 5-core reviews + metadata + images (internet)")
     amazon.add_argument("--category", required=True, choices=CATEGORIES)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
             result = prepare_amazon(args.category, root, args.workers, args.retries, args.max_side,
                                     args.skip_images)
         else:
-            result = {mode: load_dataset(DataConfig(kind="ml100k-posters", root=str(root),
+            result = {mode: load_dataset(DataConfig(name="ml100k-posters", root=str(root),
                                                     missing_image=mode))["stats"]
                       for mode in ("drop", "placeholder")}
     except (ConnectionError, FileNotFoundError, ValueError) as err:

@@ -1,4 +1,4 @@
-"""SASRec initialised from VLM item embeddings (spec §12): the second downstream use of VLM2Rec.
+"""SASRec initialised from VLM item embeddings (§12): the second downstream use of VLM2Rec.
 
 `fit_seqrec(cfg, split, item_emb, negs, eval_cfg, seed)` trains SASRec on the same leave-one-out
 training pairs, selects on validation (full ranking NDCG@10), and scores test once under both protocols.
@@ -7,34 +7,19 @@ Item-table initialisation (`seqrec.init`): random (ID-only baseline) | pca | fro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .evaluate import EvalConfig, score_protocols
+from .config import EvalConfig, SeqRecConfig
+from .evaluate import score_protocols
 
 
-@dataclass
-class SeqRecConfig:
-    enabled: bool = True
-    init: str = "pca"              # random | pca | frozen_adapter (spec §12, [R])
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.3
-    adapter_layers: int = 1        # frozen_adapter: 1 linear, or 2 with a GELU between
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 256
-    max_epochs: int = 200
-    patience: int = 20             # epochs without validation improvement (full NDCG@10)
-
-
-# Adapted from flame/model.py::SASRec (2026-11-26), written from the FLAME spec §4: post-LN blocks, a
-# finite additive mask (a -inf mask turns all-pad rows into NaN), tied output embedding, full softmax.
+# Adapted from flame/model.py::SASRec; kept in step by tests/test_copies.py (Q12). Post-LN blocks, a finite
+# additive mask (a -inf mask would turn all-padding rows into NaN), learned positions, tied output
+# embedding, full softmax. The adaptation: one fused QKV projection, PyTorch's LayerNorm epsilon.
 class SASRecBlock(nn.Module):
     def __init__(self, hidden: int, heads: int, dropout: float):
         super().__init__()

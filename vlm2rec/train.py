@@ -1,13 +1,13 @@
-"""Contrastive SFT with the CF signal (spec §7): user history -> next item, in-batch negatives.
+"""Contrastive SFT with the CF signal (§7): history -> next item, in-batch negatives.
 
-`train_one_epoch` runs one pass over the shuffled training pairs through `accelerate` (one process on a
-CPU or one GPU; `accelerate launch` for several, same code path) and logs the collapse diagnostics
-every `train.grad_norm_every` steps; `evaluate` scores one split under both protocols and all modality
-modes from the embedding cache. No Trainer class.
+`fit` runs the epochs through `accelerate` (one process on a CPU or one GPU; `accelerate launch` for
+several, same code path): it builds the optimiser and schedule, resumes from last.pt, validates every
+epoch, keeps the best epoch by `eval.select_on` and writes best.pt / last.pt, and ends at the best
+weights. `train_one_epoch` is one pass over the shuffled pairs, logging the collapse diagnostics every
+`train.grad_norm_every` steps (§11.2). No Trainer class.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,35 +16,19 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from common.runs import check_finite
+from common.config import config_to_dict
+from common.runs import check_finite, load_checkpoint, log_metrics, rng_state, save_checkpoint, set_rng_state
 
+from .config import Config, TrainConfig
 from .diagnostics import branch_grad_norms
-from .evaluate import EvalConfig, evaluate_split, state_hash
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 3                      # [S]
-    batch_size: int = 32                 # [R] in-batch negatives = batch_size - 1
-    lr: float = 1e-4                     # [R]
-    weight_decay: float = 0.0            # [R] none on LoRA
-    warmup_ratio: float = 0.03           # [R] linear warm-up, then cosine
-    schedule: str = "cosine"             # cosine | constant
-    grad_clip: float = 1.0
-    instances_per_user: int = 0          # 0 = every target i_2..i_{n-2}; 1 = last_per_user (spec §7)
-    grad_norm_every: int = 10            # per-branch gradient norms every N steps (spec §11.2)
-    log_every: int = 10
-    max_steps_per_epoch: int = 0         # 0 = full epoch; > 0 bounds CPU budget runs
-    hard_negatives: int = 0              # [R] per pair, mined each epoch from the fused item table (0 = off)
-    device: str = "auto"                 # auto | cpu | cuda
-    mixed_precision: str = "no"          # accelerate's flag; the real backbones already load in bf16
+from .evaluate import evaluate, flat, selection_score
 
 
 def batches(train: dict, batch_size: int, seed: int, epoch: int, device: torch.device,
             shard: tuple[int, int] = (0, 1)) -> Iterator[dict]:
     """Shuffled training pairs; a scoped generator per (seed, epoch) so order never depends on history.
     `shard` = (process index, process count): each process takes every count-th pair (its own in-batch
-    negatives; no cross-device gather, spec §7)."""
+    negatives; no cross-device gather, §7)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(train["target"]))[shard[0]::shard[1]]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -102,7 +86,7 @@ def train_one_epoch(model, optimizer, scheduler, accelerator, train: dict, cfg: 
         if want_grads:
             for tensor in named.values():
                 if tensor.requires_grad:
-                    tensor.retain_grad()      # read dL/d(branch) after the one backward (spec §11.2)
+                    tensor.retain_grad()      # read dL/d(branch) after the one backward (§11.2)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if want_grads:
@@ -120,14 +104,98 @@ def train_one_epoch(model, optimizer, scheduler, accelerator, train: dict, cfg: 
     return step, {key: value / max(1, count) for key, value in sums.items() if not key.startswith("grad_")}
 
 
-def evaluate(model, split_data: dict, negs: np.ndarray, num_items: int, cfg: EvalConfig, run_dir: Path | None,
-             tag: str) -> dict:
-    """Both protocols x modality modes on one split; embeddings cached per (backbone, weights, data)."""
-    cache_dir = None
+def make_accelerator(cfg: TrainConfig, device: torch.device):
+    """One process per device; unused heads (e.g. the internal-fusion projection under external fusion)
+    must not stall DDP, hence find_unused_parameters."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def make_optimiser(model, num_pairs: int, cfg: TrainConfig, processes: int):
+    """AdamW over the trainable weights and the warm-up + cosine/constant schedule over all epochs."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, num_pairs // (cfg.batch_size * processes))
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(steps_per_epoch * cfg.max_epochs, cfg.warmup_ratio, cfg.schedule))
+    return optimizer, scheduler
+
+
+@dataclass
+class Progress:
+    """Where training stands: the next epoch, the global step and the best validation epoch so far."""
+    epoch: int = 0
+    step: int = 0
+    best_val: float = float("-inf")
+    best_epoch: int = -1
+    best_state: dict | None = None
+
+
+def resume_progress(core, optimizer, scheduler, folder: Path) -> Progress:
+    """Restore weights, optimiser, schedule and RNG from folder/last.pt (and the best weights)."""
+    ckpt = load_checkpoint(Path(folder) / "last.pt")
+    core.load_trainable_state(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    best = load_checkpoint(Path(folder) / "best.pt")["model"] if ckpt["best_epoch"] >= 0 else None
+    return Progress(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_val"], ckpt["best_epoch"], best)
+
+
+def save_epoch(core, optimizer, scheduler, cfg: Config, progress: Progress, epoch: int, score: float,
+               run_dir: Path | None) -> None:
+    """Update the best epoch (strictly better validation score wins) and write best.pt / last.pt."""
+    improved = score > progress.best_val
+    state = {"model": core.trainable_state(), "config": config_to_dict(cfg), "epoch": epoch,
+             "step": progress.step, "backbone": core.embedder.identifier,
+             "best_val": max(progress.best_val, score), "best_epoch": epoch if improved else progress.best_epoch}
+    if improved:
+        progress.best_val, progress.best_epoch, progress.best_state = score, epoch, state["model"]
+        if run_dir is not None:
+            save_checkpoint(run_dir / "best.pt", state)
     if run_dir is not None:
-        # Keyed by backbone + trained weights + item content (+ the split's queries): reused when equal.
-        parts = (model.embedder.identifier, state_hash(model), model.embedder.catalog.fingerprint(),
-                 hashlib.sha1(np.ascontiguousarray(split_data["history"]).tobytes()).hexdigest())
-        key = f"{tag}_{hashlib.sha1('|'.join(parts).encode()).hexdigest()[:16]}"
-        cache_dir = Path(run_dir) / "embeddings" / key
-    return evaluate_split(model, split_data, negs, num_items, cfg, cache_dir, tag)
+        save_checkpoint(run_dir / "last.pt", {**state, "optimizer": optimizer.state_dict(),
+                                               "scheduler": scheduler.state_dict(), "rng": rng_state()})
+
+
+def fit(model, accelerator, split: dict, negs: dict, num_items: int, cfg: Config, run_dir: Path | None,
+        resume_from: Path | None = None) -> tuple[torch.nn.Module, dict]:
+    """Train for train.max_epochs, validating each epoch; returns the unwrapped model at its best
+    validation weights and {best_epoch, best_valid[, zero_shot_valid]}. Only a process with a
+    run_dir writes (logs, checkpoints, caches)."""
+    optimizer, scheduler = make_optimiser(model, len(split["train"]["target"]), cfg.train,
+                                          accelerator.num_processes)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)
+    progress = Progress() if resume_from is None else resume_progress(core, optimizer, scheduler, resume_from)
+    summary: dict = {}
+    if cfg.zero_shot and progress.epoch == 0:
+        summary["zero_shot_valid"] = evaluate(core, split["valid"], negs["valid"], num_items, cfg.eval, run_dir, "valid")
+        if run_dir is not None:
+            log_metrics(run_dir, {"step": 0, "epoch": -1, **flat(summary["zero_shot_valid"], "valid")})
+
+    def log(record: dict) -> None:
+        if run_dir is None:
+            return
+        log_metrics(run_dir, record)
+        if record.get("step", 0) % (cfg.train.log_every * 5) == 0:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    for epoch in range(progress.epoch, cfg.train.max_epochs):
+        if cfg.train.hard_negatives > 0:   # re-mined every epoch from the current fused item table
+            table = core.item_table(num_items, "both", cfg.eval.batch_size).cpu()
+            split["train"]["negatives"] = mine_hard_negatives(table, split["train"], cfg.train.hard_negatives)
+        progress.step, means = train_one_epoch(model, optimizer, scheduler, accelerator, split["train"], cfg.train,
+                                               cfg.train.seed, epoch, progress.step, log)
+        valid = evaluate(core, split["valid"], negs["valid"], num_items, cfg.eval, run_dir, "valid")
+        score = selection_score(valid, cfg.eval.select_on)
+        log({"step": progress.step, "epoch": epoch, "select": score, **{f"train_{k}": v for k, v in means.items()},
+             **flat(valid, "valid")})
+        print(f"epoch {epoch}: loss {means.get('loss', float('nan')):.4f} valid {cfg.eval.select_on} {score:.4f}")
+        save_epoch(core, optimizer, scheduler, cfg, progress, epoch, score, run_dir)
+    if progress.best_state is not None:       # test once, at the best validation epoch (§13)
+        core.load_trainable_state(progress.best_state)
+    return core, {**summary, "best_epoch": progress.best_epoch, "best_valid": progress.best_val}

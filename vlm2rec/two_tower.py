@@ -1,4 +1,4 @@
-"""Offline two-tower stand-in for the VLM (spec §15): frozen MiniLM text tower + EfficientNet-Lite0
+"""Two-tower stand-in for the VLM (§15): frozen MiniLM text tower + EfficientNet-Lite0
 image tower, both real pretrained weights shipped in pip packages, joined by trainable projections.
 
 Results from it are labelled "two-tower stand-in (MiniLM + EfficientNet-Lite0), not the paper's VLM".
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,23 +17,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.data import cache_root
+from common.io import cache_root
 from common.runs import load_checkpoint, save_checkpoint
 
-from .encoder import Catalog, history_items
+from .catalog import Catalog, history_items
+from .config import TwoTowerConfig
+from .effnet import load_pretrained, preprocess
 
 LABEL = "two-tower stand-in (MiniLM + EfficientNet-Lite0), not the paper's VLM"
 TEXT_DIM, IMAGE_DIM = 384, 1280
-
-
-@dataclass
-class TwoTowerConfig:
-    dim: int = 256                                          # d of both projections (spec §15)
-    image_pool: Literal["attention", "mean"] = "attention"  # history image tower over item features
-    hist_text: Literal["joined", "attention"] = "joined"    # MiniLM over the joined titles, or pooled titles
-    max_text_tokens: int = 256                              # MiniLM's own limit
-    separator: str = " ; "                                  # between history titles (as the VLM prompt)
-    encode_batch: int = 64                                  # tower batch size when filling the cache
 
 
 def _key(text: str) -> str:
@@ -52,7 +43,7 @@ def load_minilm():
 
 
 def minilm_features(tokenizer, model, texts: list[str], max_tokens: int) -> torch.Tensor:
-    """MiniLM's own sentence embedding: mean over non-padding tokens, then L2 (spec §15) -> [B, 384]."""
+    """MiniLM's own sentence embedding: mean over non-padding tokens, then L2 (§15, Q8) -> (B, 384)."""
     tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
     hidden = model(**tokens).last_hidden_state
     mask = tokens["attention_mask"].unsqueeze(-1).float()
@@ -110,7 +101,7 @@ def masked_mean(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bl,bld->bd", weights, feats)
 
 
-class TwoTowerOffline(nn.Module):
+class TwoTower(nn.Module):
     """Same `branch` interface as the VLM embedder; the projections and pooling are what train."""
 
     identifier = "two-tower-offline(all-MiniLM-L6-v2+efficientnet-lite0)"
@@ -136,7 +127,6 @@ class TwoTowerOffline(nn.Module):
         return minilm_features(self._towers["minilm_tok"], self._towers["minilm"], texts, self.cfg.max_text_tokens)
 
     def _effnet(self, images: list) -> torch.Tensor:
-        from .effnet import load_pretrained, preprocess
         if "effnet" not in self._towers:
             self._towers["effnet"] = load_pretrained()
         return self._towers["effnet"].features(preprocess(images))

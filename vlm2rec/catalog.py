@@ -1,0 +1,75 @@
+"""The item catalogue the embedders read (one title and one image per item) and image loading.
+
+Robustness scenarios (§13.3) edit a copy of a `Catalog`; `fingerprint()` keys the embedding cache by
+content, so an edited catalogue never reuses the clean one's embeddings.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+PLACEHOLDER_GREY = (128, 128, 128)  # neutral: no colour cue for a missing image (§14.1)
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+def load_image(path: Path | None, size: int) -> Image.Image:
+    """RGB image resized to size x size; a grey placeholder for None or an unreadable file."""
+    if path is not None:
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        except IMAGE_ERRORS as err:
+            warnings.warn(f"unreadable image {path} ({err}); using the grey placeholder", stacklevel=2)
+    return Image.new("RGB", (size, size), PLACEHOLDER_GREY)
+
+
+def is_valid_image(path: Path) -> bool:
+    """True when Pillow can fully decode the file (used for resume and for dropping corrupt files)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except IMAGE_ERRORS:
+        return False
+
+
+def history_items(row: torch.Tensor) -> list[int]:
+    """The item ids of one left-padded history row, oldest first (0 = padding, dropped)."""
+    return [int(i) for i in row.tolist() if i > 0]
+
+
+@dataclass
+class Catalog:
+    """Item content seen by the embedder; index 0 is the padding item."""
+    titles: list[str]
+    images: list[Path | None]
+    image_size: int
+    noisy: frozenset = field(default_factory=frozenset)   # item ids whose image gets Gaussian noise
+    noise_std: float = 0.0
+    _loaded: dict = field(default_factory=dict, init=False, repr=False, compare=False)   # decoded images
+
+    def image(self, item: int) -> Image.Image:
+        if item not in self._loaded:
+            self._loaded[item] = load_image(self.images[item], self.image_size)
+        image = self._loaded[item]
+        if item in self.noisy:        # per-item seed: the same noisy image every time it is drawn
+            rng = np.random.default_rng([int(item), 7])
+            pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 255 * self.noise_std, (*image.size[::-1], 3))
+            image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+        return image
+
+    def image_key(self, item: int) -> str:
+        noise = f"|noise={self.noise_std}" if item in self.noisy else ""
+        return f"{self.images[item]}|{self.image_size}{noise}"
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha1()
+        for item in range(len(self.titles)):
+            digest.update(f"{self.titles[item]}\x00{self.image_key(item)}\x01".encode())
+        return digest.hexdigest()[:12]
