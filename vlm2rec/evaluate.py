@@ -39,7 +39,7 @@ def split_sequences(sequences: list[np.ndarray], max_history: int, instances_per
     """Training pairs and the validation/test queries of every user (§7, §13).
 
     Training targets are i_2 .. i_{n-2} (never the validation or test item); `instances_per_user` > 0
-    keeps only each user's latest that many (1 = the spec's `last_per_user`).
+    keeps only each user's latest that many (1 = only the last training pair).
     """
     too_short = sum(len(s) < 3 for s in sequences)
     if too_short:

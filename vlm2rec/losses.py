@@ -33,7 +33,7 @@ def info_nce(logits: torch.Tensor, mask: torch.Tensor | None = None, reduction: 
 
 
 def positive_prob(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """p_bb = softmax_k(logits_b.)_b per row [B] (duplicates masked like the loss)."""
+    """p_bb = softmax_k(logits_b.)_b per row (B,) (duplicates masked like the loss)."""
     if mask is not None:
         logits = logits.masked_fill(mask, float("-inf"))
     return logits.softmax(dim=1).diagonal()
@@ -79,7 +79,7 @@ class WPCLState:
 
 
 def _strength(logits: torch.Tensor, dup: torch.Tensor | None, how: str) -> torch.Tensor:
-    """Per-sample strength [B] of one modality, detached (§8.2)."""
+    """Per-sample strength (B,) of one modality, detached (§8.2)."""
     with torch.no_grad():
         if how == "pos_prob":
             return positive_prob(logits, dup)
@@ -132,6 +132,21 @@ def _scale_grad(tensor: torch.Tensor, scale: torch.Tensor) -> None:
         tensor.register_hook(lambda grad: grad * scale)
 
 
+def modality_terms(branches: dict[str, torch.Tensor], tau: torch.Tensor, dup: torch.Tensor | None,
+                   wpcl: WPCLConfig, state: WPCLState, stats: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Per-modality logits s^m_bk = <u^m_b, e^m_k> / tau from the existing branch embeddings (§8.1), their
+    logged losses and accuracies (§11.3), and the WPCL terms (§8); `stats` is filled in place."""
+    logits_m = [branches[f"u_{m}"] @ branches[f"e_{m}"].T / tau for m in MODALITIES]
+    for m, logit in zip(MODALITIES, logits_m):
+        with torch.no_grad():
+            stats[f"loss_{m}"] = float(info_nce(logit, dup))
+            stats[f"acc_{m}"] = float((logit.argmax(dim=1) == torch.arange(len(logit), device=logit.device))
+                                      .float().mean())
+    terms = wpcl_terms(logits_m, wpcl, dup, state)
+    stats.update({k: float(terms[k]) for k in ("c_text", "c_image", "rho", "gamma", "weak")})
+    return terms
+
+
 def objective(branches: dict[str, torch.Tensor], targets: torch.Tensor, fused_logits: torch.Tensor,
               tau: torch.Tensor, loss_cfg: LossConfig, wpcl: WPCLConfig, crtr: CRTRConfig,
               state: WPCLState, extra_logits: torch.Tensor | None = None,
@@ -142,18 +157,9 @@ def objective(branches: dict[str, torch.Tensor], targets: torch.Tensor, fused_lo
     L_CL only; WPCL and CRTR stay in-batch."""
     dup = duplicate_mask(targets) if loss_cfg.mask_duplicate_items else None
     stats: dict[str, float] = {}
-    two = "u_text" in branches and "u_image" in branches
-    logits_m, terms = None, None
-    if two:
-        # s^m_bk = <u^m_b, e^m_k> / tau: per-modality logits from the existing branch embeddings (§8.1)
-        logits_m = [branches[f"u_{m}"] @ branches[f"e_{m}"].T / tau for m in MODALITIES]
-        for m, logit in zip(MODALITIES, logits_m):
-            with torch.no_grad():
-                stats[f"loss_{m}"] = float(info_nce(logit, dup))
-                stats[f"acc_{m}"] = float((logit.argmax(dim=1) == torch.arange(len(logit), device=logit.device))
-                                          .float().mean())
-        terms = wpcl_terms(logits_m, wpcl, dup, state)
-        stats.update({k: float(terms[k]) for k in ("c_text", "c_image", "rho", "gamma", "weak")})
+    terms = None
+    if "u_text" in branches and "u_image" in branches:
+        terms = modality_terms(branches, tau, dup, wpcl, state, stats)
     if wpcl.enabled and wpcl.variant == "fused_neg_penalty":
         # Variant C: fused negative k of row b weighted by 1 + beta * sigmoid(s^w_bk) (detached weight).
         eye = torch.eye(len(targets), dtype=torch.bool, device=targets.device)

@@ -145,7 +145,7 @@ class TwoTower(nn.Module):
         return self.cfg.separator.join(self.catalog.titles[i] for i in history_items(row))
 
     def precompute(self, histories: list[np.ndarray]) -> None:
-        """Fill the joined-history MiniLM cache up front (one tqdm pass instead of per-batch misses)."""
+        """Fill the joined-history MiniLM cache up front, so training steps only read the cache."""
         if self.cfg.hist_text == "joined":
             texts = [self.cfg.separator.join(self.catalog.titles[i] for i in h if i > 0) for h in histories]
             self.text_store.get(texts, lambda p: texts[p])
