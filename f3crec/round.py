@@ -1,12 +1,12 @@
 """What one federated round is made of, shared by both simulators (§3, §5, §13).
 
 `RoundContext` is what every participant is told for a round (public, no client data). `RoundPlan` is the
-round's shared randomness (§13 "Shared randomness"): drawn from one generator seeded by (seed, block, round)
-and laid out by sorted user id, so it does not depend on the order in which clients are visited. For every
-participant it holds its negatives (§5: 4 per positive, uniform with replacement over |I^t|, rejecting the
-excluded items), the shuffled order of its 5·n samples, and for every mini-batch step and sub-step a
-random permutation of 0..N−1 whose first m_u entries are ARM's memory draw (uniform without replacement).
-The client-side helpers both simulators call (plan inputs, LDP noise, end-of-block scores, EWC's Fisher)
+round's randomness (§13 "Per-user random streams"): every client draws from its own streams, keyed by
+(seed, block, round, user), so a draw does not depend on which other clients take part or in which order
+they are visited. For every participant it gives its negatives (§5: 4 per positive, uniform with
+replacement over |I^t|, rejecting the excluded items), the shuffled order of its 5·n samples, and for every
+mini-batch step and sub-step a random permutation of 0..N−1 whose first m_u entries are ARM's memory draw
+(uniform without replacement). The client-side helpers both simulators call (plan inputs, LDP noise, end-of-block scores, EWC's Fisher)
 live here too.
 """
 from __future__ import annotations
@@ -16,55 +16,100 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import streams
 from .method import per_sample_grads
 from .model import Backbone, score_matrix
 
 
-@dataclass
 class RoundPlan:
-    users: np.ndarray          # (A,) participants, sorted
-    offsets: np.ndarray        # (A+1,) client a owns samples offsets[a]:offsets[a+1]
-    items: np.ndarray          # (S,) sample items, in each client's shuffled training order
-    labels: np.ndarray         # (S,) 1.0 positive / 0.0 negative
-    step_offsets: np.ndarray   # (A+1,) client a owns memory_perms[step_offsets[a]:step_offsets[a+1]]
-    memory_perms: np.ndarray   # (total steps, sub-steps, N) permutations of 0..N-1
-    batch_size: int
+    """One round's randomness for the participants of a `PlanMaker`, from their per-user streams.
+
+    `client(index)` is what one client draws alone from its own streams (the reference simulator);
+    `items`, `labels` and `memory_perm` are the same draws for every client at once (the vectorised
+    simulator), laid out by sorted user id. Both go through the same per-element functions of
+    streams.py, so they are bit-identical (tests/test_f3crec_sim.py).
+    """
+
+    def __init__(self, maker: "PlanMaker", seed: int, block: int, round_idx: int):
+        self.maker, self.seed, self.block, self.round = maker, seed, block, round_idx
+        self.users, self.offsets, self.step_offsets = maker.users, maker.offsets, maker.step_offsets
+        self.batch_size = maker.batch_size
+        self._drawn: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _keys(self, purpose: int, users: np.ndarray | None = None) -> np.ndarray:
+        return streams.keys(self.seed, self.block, self.round, self.users if users is None else users, purpose)
+
+    def _draw(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._drawn is None:
+            m = self.maker
+            negatives = draw_negatives(self._keys(streams.NEGATIVES)[m.neg_owner], m.neg_slot, m.neg_owner,
+                                       m.n_items, m.excluded)
+            items = m.base_items.copy()
+            items[m.neg_at] = negatives
+            order = shuffle_order(self._keys(streams.SHUFFLE)[m.owner], m.position, m.owner)
+            self._drawn = items[order], m.labels[order]
+        return self._drawn
+
+    @property
+    def items(self) -> np.ndarray:
+        """(S,) sample items, each client's samples contiguous in its shuffled training order."""
+        return self._draw()[0]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(S,) 1.0 positive / 0.0 negative, aligned with `items`."""
+        return self._draw()[1]
+
+    def memory_perm(self, index: np.ndarray, step: int | np.ndarray, sub: int) -> np.ndarray:
+        """(len(index), N) permutations of 0..N−1 of clients `index` for mini-batch `step`, sub-step `sub`:
+        the first m_u entries are ARM's memory draw (uniform without replacement, §6)."""
+        m = self.maker
+        key = self._keys(streams.MEMORY, self.users[index])[:, None]
+        counter = (np.asarray(step)[..., None] * m.n_sub + sub) * m.topn + np.arange(m.topn)
+        return np.argsort(streams.values(key, counter), axis=-1, kind="stable")
 
     def client(self, index: int) -> dict[str, np.ndarray]:
-        """The slice of the plan that client `index` (position in `users`) receives."""
-        lo, hi = self.offsets[index], self.offsets[index + 1]
-        return {"items": self.items[lo:hi], "labels": self.labels[lo:hi],
-                "memory_perms": self.memory_perms[self.step_offsets[index]:self.step_offsets[index + 1]]}
+        """What client `index` (position in `users`) draws from its own streams alone."""
+        one = self.subset(index)
+        steps = np.arange(int(one.step_offsets[-1]))
+        perms = np.stack([one.memory_perm(np.zeros(steps.size, np.int64), steps, sub)
+                          for sub in range(self.maker.n_sub)], axis=1) if steps.size else \
+            np.zeros((0, self.maker.n_sub, self.maker.topn), np.int64)
+        return {"items": one.items, "labels": one.labels, "memory_perms": perms}
 
     def subset(self, index: int) -> "RoundPlan":
-        """The one-client plan of client `index`."""
-        part = self.client(index)
-        return RoundPlan(users=self.users[index:index + 1], offsets=np.array([0, len(part["items"])]),
-                         items=part["items"], labels=part["labels"],
-                         step_offsets=np.array([0, len(part["memory_perms"])]),
-                         memory_perms=part["memory_perms"], batch_size=self.batch_size)
+        """The plan of client `index` alone, drawn from its own streams (a one-user maker)."""
+        return RoundPlan(self.maker.single(index), self.seed, self.block, self.round)
 
 
-def draw_negatives(rng: np.random.Generator, owner: np.ndarray, n_items: int,
-                   exclude_keys: np.ndarray) -> np.ndarray:
-    """Uniform items for each entry of `owner` (client index), redrawn while (owner, item) is excluded.
+def draw_negatives(key: np.ndarray, slot: np.ndarray, owner: np.ndarray, n_items: int, excluded) -> np.ndarray:
+    """Uniform items for every negative slot, redrawn while (owner, item) is excluded.
 
-    exclude_keys: sorted unique owner * n_items + item. Rejection keeps the draw uniform over the allowed
-    items, as the reference's candidate walk does. Membership uses a bitmap when it fits, else a search.
+    Attempt k of a slot is value slot + k·2³² of its client's stream, so a slot's draw depends only on its
+    own stream. Rejection keeps the draw uniform over the allowed items, as the reference's candidate walk
+    does. `excluded(owner, items)` is the membership test.
     """
-    span = (int(owner.max()) + 1) * n_items if owner.size else 0
-    if span <= 1 << 27:
-        bitmap = np.zeros(span, dtype=bool)
-        bitmap[exclude_keys] = True
-        excluded = lambda keys: bitmap[keys]  # noqa: E731
-    else:
-        excluded = lambda keys: _member(keys, exclude_keys)  # noqa: E731
-    negatives = rng.integers(0, n_items, size=owner.size)
-    bad = np.flatnonzero(excluded(owner * n_items + negatives))
+    negatives = streams.below(streams.values(key, slot), n_items)
+    bad = np.flatnonzero(excluded(owner, negatives))
+    attempt = 0
     while bad.size:
-        negatives[bad] = rng.integers(0, n_items, size=bad.size)
-        bad = bad[excluded(owner[bad] * n_items + negatives[bad])]
+        attempt += 1
+        negatives[bad] = streams.below(streams.values(key[bad], slot[bad] + (attempt << 32)), n_items)
+        bad = bad[excluded(owner[bad], negatives[bad])]
     return negatives
+
+
+def shuffle_order(key: np.ndarray, position: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Each client's samples in the order of their stream values (a uniform shuffle inside clients).
+
+    One stable sort of (owner, top 43 bits of the value) packed in an int64: inside a client it is the
+    stable order of the values alone, so a client sorting its own samples gets the same order.
+    """
+    value = streams.values(key, position) >> np.uint64(21)
+    if owner.size and owner[-1] >= 1 << 20:
+        return np.lexsort((value, owner))
+    packed = torch.from_numpy(((owner.astype(np.uint64) << np.uint64(43)) | value).view(np.int64))
+    return torch.sort(packed, stable=True).indices.numpy()
 
 
 def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
@@ -73,40 +118,60 @@ def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
 
 
 class PlanMaker:
-    """The per-block constant part of the plans (who trains on what, what is excluded); `draw` makes one
-    round's plan. Positives and exclusions do not change within a block, so they are laid out once."""
+    """The per-block constant part of the plans (who trains on what, what is excluded, the sample layout);
+    `draw` announces one round. Positives and exclusions do not change within a block, so they are laid
+    out once: client a owns samples offsets[a]:offsets[a+1] (its positives, then 4 negative slots per
+    positive, §5, before the shuffle) and mini-batches step_offsets[a]:step_offsets[a+1]."""
 
     def __init__(self, positives: dict[int, np.ndarray], exclude: dict[int, np.ndarray], n_items: int,
                  num_neg: int = 4, batch_size: int = 512, topn: int = 30, n_sub: int = 1):
+        self.positives, self.exclude = positives, exclude
         self.users = np.array(sorted(positives), dtype=np.int64)
         self.counts = np.array([len(positives[u]) for u in self.users], dtype=np.int64)
-        excluded = [np.asarray(exclude[u], dtype=np.int64) for u in self.users]
-        self.keys = np.unique(np.repeat(np.arange(self.users.size), [len(e) for e in excluded]) * n_items
-                              + np.concatenate(excluded + [np.zeros(0, np.int64)]))
-        full = np.flatnonzero(np.bincount(self.keys // n_items, minlength=self.users.size) >= n_items)
-        if full.size:
-            raise ValueError(f"user {self.users[full[0]]} excludes all {n_items} items: no negative can be drawn")
-        self.pos_owner = np.repeat(np.arange(self.users.size), self.counts)
-        self.pos_items = np.concatenate([np.asarray(positives[u], dtype=np.int64) for u in self.users]
-                                        + [np.zeros(0, np.int64)])
-        self.neg_owner = np.repeat(np.arange(self.users.size), self.counts * num_neg)
-        self.owner = np.concatenate([self.pos_owner, self.neg_owner])
-        self.labels = np.concatenate([np.ones(self.pos_items.size), np.zeros(self.neg_owner.size)])
+        self.n_items, self.num_neg, self.batch_size, self.topn, self.n_sub = n_items, num_neg, batch_size, topn, n_sub
+        self._exclusions([np.asarray(exclude[u], dtype=np.int64) for u in self.users])
         sizes = self.counts * (1 + num_neg)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.owner = np.repeat(np.arange(self.users.size), sizes)
+        self.position = np.arange(self.owner.size) - self.offsets[self.owner]
+        is_positive = self.position < self.counts[self.owner]
+        self.labels = is_positive.astype(np.float64)
+        self.base_items = np.zeros(self.owner.size, dtype=np.int64)
+        self.base_items[is_positive] = np.concatenate([np.asarray(positives[u], dtype=np.int64) for u in self.users]
+                                                      + [np.zeros(0, np.int64)])
+        self.neg_at = np.flatnonzero(~is_positive)
+        self.neg_owner = self.owner[self.neg_at]
+        self.neg_slot = self.position[self.neg_at] - self.counts[self.neg_owner]
         steps = -(-sizes // batch_size)                                  # ⌈5 n_u / B⌉ mini-batches
         self.step_offsets = np.concatenate([[0], np.cumsum(steps)])
-        self.n_items, self.batch_size, self.topn, self.n_sub = n_items, batch_size, topn, n_sub
+        self._single: dict[int, PlanMaker] = {}
+
+    def _exclusions(self, excluded: list[np.ndarray]) -> None:
+        """Membership test for (client, item): a bitmap when it fits, else a sorted-key search."""
+        n_items = self.n_items
+        keys = np.unique(np.repeat(np.arange(self.users.size), [len(e) for e in excluded]) * n_items
+                         + np.concatenate(excluded + [np.zeros(0, np.int64)]))
+        full = np.flatnonzero(np.bincount(keys // n_items, minlength=self.users.size) >= n_items)
+        if full.size:
+            raise ValueError(f"user {self.users[full[0]]} excludes all {n_items} items: no negative can be drawn")
+        if self.users.size * n_items <= 1 << 27:
+            bitmap = np.zeros(self.users.size * n_items, dtype=bool)
+            bitmap[keys] = True
+            self.excluded = lambda owner, items: bitmap[owner * n_items + items]  # noqa: E731
+        else:
+            self.excluded = lambda owner, items: _member(owner * n_items + items, keys)  # noqa: E731
 
     def draw(self, seed: int, block: int, round_idx: int) -> RoundPlan:
-        """One round's plan from the (seed, block, round) stream; independent of client visiting order."""
-        rng = np.random.default_rng([seed, block, round_idx + 1])
-        negatives = draw_negatives(rng, self.neg_owner, self.n_items, self.keys)
-        items = np.concatenate([self.pos_items, negatives])
-        order = np.argsort(self.owner + rng.random(self.owner.size), kind="stable")  # shuffle inside clients
-        perms = np.argsort(rng.random((int(self.step_offsets[-1]), self.n_sub, self.topn)), axis=-1)
-        return RoundPlan(users=self.users, offsets=self.offsets, items=items[order], labels=self.labels[order],
-                         step_offsets=self.step_offsets, memory_perms=perms, batch_size=self.batch_size)
+        """Round `round_idx` of `block` (−1: the block end); every client's draws come from its own streams."""
+        return RoundPlan(self, seed, block, round_idx)
+
+    def single(self, index: int) -> "PlanMaker":
+        """The maker of client `index` alone (what that client knows of the plan)."""
+        if index not in self._single:
+            user = int(self.users[index])
+            self._single[index] = PlanMaker({user: self.positives[user]}, {user: self.exclude[user]}, self.n_items,
+                                            self.num_neg, self.batch_size, self.topn, self.n_sub)
+        return self._single[index]
 
 
 def make_plan(seed: int, block: int, round_idx: int, positives: dict[int, np.ndarray],
@@ -155,10 +220,12 @@ def plan_inputs(data: dict[int, np.ndarray], topn: dict[int, np.ndarray], ctx: R
     return positives, exclude
 
 
-def ldp_noise(ctx: RoundContext, user: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Laplace(0, b) noise a client adds to every entry of its upload (§3), from its own stream."""
-    rng = np.random.default_rng([ctx.seed, ctx.block, ctx.round + 1, 7, user])
-    return torch.from_numpy(rng.laplace(0.0, ctx.ldp_scale, size=shape)).to(dtype)
+def ldp_noise(ctx: RoundContext, users: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Laplace(0, b) noise (len(users), *shape) each client adds to every entry of its upload (§3), from its
+    own stream."""
+    key = streams.keys(ctx.seed, ctx.block, ctx.round, np.asarray(users), streams.LDP)
+    raw = streams.values(key[:, None], np.arange(int(np.prod(shape))))
+    return torch.from_numpy(streams.laplace(raw, ctx.ldp_scale).reshape(len(key), *shape)).to(dtype)
 
 
 def previous_scores(net: Backbone, private: dict[str, torch.Tensor], items: torch.Tensor, topn: int

@@ -51,7 +51,7 @@ class Client:
         self.private = {k: v.detach().clone() for k, v in model.private.items()}
         upload = model.items.detach().clone()
         if ctx.ldp_scale > 0:
-            upload = upload + ldp_noise(ctx, self.user, tuple(upload.shape), upload.dtype)
+            upload = upload + ldp_noise(ctx, np.array([self.user]), tuple(upload.shape), upload.dtype)[0]
         return upload, stats
 
     def _continual_loss(self, model: LocalModel, perm: np.ndarray, ctx: RoundContext, stats: dict):

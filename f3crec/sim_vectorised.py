@@ -162,7 +162,7 @@ class VectorisedSimulator:
         n_items, dim = q.shape
         row_item, delta = r.row_item, r.table - q.index_select(0, r.row_item)
         if ctx.ldp_scale > 0:  # every row is local under LDP: client a's rows are one contiguous (I, d) block
-            noise = torch.cat([ldp_noise(ctx, int(u), (n_items, dim), q.dtype) for u in plan.users]).to(q.device)
+            noise = ldp_noise(ctx, plan.users, (n_items, dim), q.dtype).reshape(-1, dim).to(q.device)
             delta = delta + noise
         if summed is not None:  # the one-step clients' uploads, already summed: one (I, d) block of deltas
             row_item = torch.cat([row_item, torch.arange(n_items, device=q.device)])
@@ -244,8 +244,7 @@ class VectorisedSimulator:
             discrepancy, _, size = memory_size(torch.cat(ranks), ctx.eps, ctx.topn)
             stats["D"] += discrepancy.tolist()
             stats["m"] += size.tolist()
-            perm = torch.as_tensor(plan.memory_perms[plan.step_offsets[rep.cpu().numpy()] + step, sub],
-                                   device=q.device)
+            perm = torch.as_tensor(plan.memory_perm(rep.cpu().numpy(), step, sub), device=q.device)
         chosen = torch.arange(topn.shape[1], device=q.device)[None] < size[:, None]                  # first m_u of the perm
         if not bool(chosen.any()):
             return 0.0

@@ -261,3 +261,34 @@ def test_reference_simulator_runs_the_released_blocks_like_the_vectorised_one(sh
         ref, vec = out["reference"]["summary"][metric]["a"], out["vectorised"]["summary"][metric]["a"]
         assert [len(row) for row in ref] == [1, 2, 3, 4]
         assert np.allclose(sum(ref, []), sum(vec, []), rtol=0, atol=1e-9)
+
+
+def test_per_user_streams_bulk_equals_one_client_alone():
+    """Every client's negatives, sample order, memory draws and LDP noise drawn alone from its own streams
+    equal its part of the all-clients draw, and do not depend on who else takes part (§13)."""
+    rng = np.random.default_rng(0)
+    positives = {u: np.unique(rng.integers(0, 40, 3 + u % 7)) for u in range(0, 30, 2)}
+    exclude = {u: np.concatenate([v, [u % 40]]) for u, v in positives.items()}
+    maker = PlanMaker(positives, exclude, 40, 4, 8, 30, 2)
+    plan = maker.draw(5, 2, 3)
+    others = PlanMaker({u: v for u, v in positives.items() if u != 4}, exclude, 40, 4, 8, 30, 2).draw(5, 2, 3)
+    for index, user in enumerate(plan.users):
+        lo, hi = plan.offsets[index], plan.offsets[index + 1]
+        alone = plan.client(index)
+        assert np.array_equal(alone["items"], plan.items[lo:hi]) and np.array_equal(alone["labels"], plan.labels[lo:hi])
+        assert not np.isin(alone["items"][alone["labels"] == 0], exclude[user]).any()
+        steps = np.arange(plan.step_offsets[index + 1] - plan.step_offsets[index])
+        for sub in range(2):
+            bulk = plan.memory_perm(np.full(steps.size, index), steps, sub)
+            assert np.array_equal(alone["memory_perms"][:, sub], bulk)
+        if user != 4:
+            mine = int(np.searchsorted(others.users, user))
+            assert np.array_equal(others.client(mine)["items"], alone["items"])
+    assert len({tuple(plan.client(i)["memory_perms"][0, 0]) for i in range(len(plan.users))}) > 1
+    ctx = RoundContext(block=2, round=3, n_items=40, n_prev_users=0, n_prev_items=0, lrs={}, flags={},
+                       net=BACKBONES["fedmf"], seed=5, ldp_scale=0.1)
+    from f3crec.round import ldp_noise
+    bulk = ldp_noise(ctx, plan.users, (40, 4), torch.float64)
+    for index, user in enumerate(plan.users):
+        assert torch.equal(ldp_noise(ctx, np.array([user]), (40, 4), torch.float64)[0], bulk[index])
+    assert abs(float(bulk.abs().mean()) - 0.1) < 0.01                       # Laplace(0, b): E|x| = b
