@@ -12,6 +12,7 @@ A checkpoint (last.pt, a plain dict) is written at every block boundary; the end
 from __future__ import annotations
 
 import json
+import random
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,11 +20,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: `cd f3crec && python main.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "f3crec"  # noqa: E702
 
+import numpy as np
+import torch
 import yaml
 
 from common.config import ConfigError, parse_cli
 from common.runs import log_metrics, start_run, write_results
-from common.utils import run_cli, seed_everything
+from common.cli import run_cli
+from common.utils import seed_everything
 
 from .config import Config, resolve
 from .data import get_blocks
@@ -37,13 +41,22 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
     run_dir = start_run(cfg, "f3crec", cfg.data.name, tag=f"{cfg.method.name}-s{cfg.train.seed}",
                         run_dir=run_dir, root=cfg.run_root)      # config.yaml holds the unresolved config
     cfg, flags = resolve(cfg)
-    seed_everything(cfg.train.seed)
+    seed_global(cfg.train.seed)
     log = lambda record: (log_metrics(run_dir, record), print(json.dumps(record)))  # noqa: E731
     out = fit(cfg, flags, blocks, blocks_id, run_dir, resume, log)
     results = {"summary": summarise(out["rows"]), "blocks": out["blocks"], "flags": flags, "seed": cfg.train.seed,
                "method": cfg.method.name, "backbone": cfg.backbone.name, "blocks_sha": blocks_id,
                "simulator": cfg.federation.simulator, "fidelity": cfg.fidelity}
     return write_results(run_dir, results)
+
+
+def seed_global(seed: int) -> None:
+    """Seed the global generators as a safety net: every random number of a run comes from the explicit
+    streams of model.py (inits) and streams.py (per-user draws, §13), never from these. Deterministic-kernel
+    switches are not needed on the CPU paths (and importing them costs seconds)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def check_resumable(run_dir: Path) -> None:

@@ -20,13 +20,23 @@ from .model import Backbone
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """1-based rank r_cur of each target item in its row's descending order over ALL items (§6 step 2).
 
-    scores (A, I), targets (A, N) -> (A, N). Nothing is masked; ties go to the lower item id (stable sort),
-    so both simulators agree.
+    scores (A, I), targets (A, N) -> (A, N). Nothing is masked; ties go to the lower item id (the order of
+    a stable descending sort), so both simulators agree. rank = 1 + #{j: s_j > s_t} + #{j < t: s_j = s_t},
+    counted without sorting the catalogue: each item's count of target scores below it (a search in the
+    row's sorted target scores) is histogrammed, and the few items equal to a target score are compared
+    with the targets directly.
     """
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)          # (A, I)
-    position = torch.empty_like(order)
-    position.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-    return position.gather(1, targets) + 1
+    values = scores.gather(1, targets)                                           # (A, N)
+    ascending = torch.sort(values, dim=1).values
+    below = torch.searchsorted(ascending, scores)                                # (A, I) #targets < s_j
+    hist = torch.zeros(scores.shape[0], targets.shape[1] + 2, dtype=torch.long, device=scores.device)
+    hist.scatter_add_(1, below, torch.ones_like(below))
+    above = hist.flip(1).cumsum(1).flip(1)                                       # above[h] = #{j: below_j ≥ h}
+    greater = above.gather(1, torch.searchsorted(ascending, values) + 1)         # #{j: s_j > v_k}
+    row, item = torch.nonzero(torch.searchsorted(ascending, scores, right=True) > below, as_tuple=True)
+    equal = (values[row] == scores[row, item, None]) & (item[:, None] < targets[row])   # (E, N)
+    ties = torch.zeros_like(greater).index_add_(0, row, equal.long())
+    return greater + ties + 1
 
 
 def memory_size(ranks: torch.Tensor, eps: float, topn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -36,10 +36,14 @@ class Server:
         """Q′ = mean of the uploaded tables, then ITM in incremental blocks."""
         return self._finish(aggregate(tables))
 
-    def aggregate_deltas(self, rows: torch.Tensor, deltas: torch.Tensor, num_clients: int) -> dict:
-        """Q′ = Q + (1/|P|) Σ_u Δ_u from every client's (row, delta) pairs: the same mean as `aggregate`,
-        since an untouched row of an upload equals the broadcast row."""
+    def aggregate_deltas(self, rows: torch.Tensor, deltas: torch.Tensor, num_clients: int,
+                         summed: torch.Tensor | None = None) -> dict:
+        """Q′ = Q + (1/|P|) Σ_u Δ_u from every client's (row, delta) pairs, plus `summed`, a (I, d) sum of
+        further clients' whole-table deltas: the same mean as `aggregate`, since an untouched row of an
+        upload equals the broadcast row."""
         total = torch.zeros_like(self.items).index_add_(0, rows, deltas)
+        if summed is not None:
+            total += summed
         return self._finish(self.items + total / num_clients)
 
     def _finish(self, mean_table: torch.Tensor) -> dict:

@@ -29,7 +29,7 @@ class _LocalRows:
     """One round's flat layout: participants, their local rows (L of them) and their samples (S)."""
     users: torch.Tensor          # (A,) participants, sorted
     n_clients: int
-    owner: torch.Tensor          # (S,) client index of each sample
+    owner: torch.Tensor          # (S,) client index of each sample; samples ordered by mini-batch step
     returning: torch.Tensor      # (A,) returning users (id < n_{t−1}, t ≥ 1)
     replay: torch.Tensor         # (A,) clients that run ARM this round
     dense_first: bool            # step 1 runs through the dense score matrix
@@ -41,7 +41,7 @@ class _LocalRows:
     sample_row: torch.Tensor     # (S,) local row of each sample (−1 for one-shot clients)
     sample_items: torch.Tensor   # (S,)
     labels: torch.Tensor         # (S,)
-    step_of: torch.Tensor        # (S,) mini-batch index of each sample inside its client
+    step_bounds: np.ndarray      # (max steps + 1,) step k's samples are step_bounds[k]:step_bounds[k+1]
     steps: torch.Tensor          # (A,) mini-batches per client
     ewc_rows: tuple | None       # (keys, F rows, client) of stored Fisher rows (EWC only)
 
@@ -62,8 +62,8 @@ class VectorisedSimulator:
         start = ({k: v.expand(r.n_clients, *v.shape).clone() for k, v in ctx.shared_private.items()}
                  if ctx.reset_private else {k: v[r.users].clone() for k, v in self.state.private.items()})
         stats, summed = {"D": [], "m": []}, None
-        for step in range(int(r.steps.max()) if r.n_clients else 0):
-            idx = torch.nonzero(r.step_of == step).squeeze(1)                        # this step's samples
+        for step in range(len(r.step_bounds) - 1):
+            idx = slice(int(r.step_bounds[step]), int(r.step_bounds[step + 1]))      # this step's samples
             active = r.steps > step                                                  # (A,) clients stepping
             count = torch.bincount(r.owner[idx], minlength=r.n_clients).clamp(min=1).to(r.table.dtype)
             if step == 0 and r.dense_first:
@@ -112,12 +112,17 @@ class VectorisedSimulator:
         row_item = keys % n_items
         sample_row = torch.full((plan.items.size,), -1, dtype=torch.long, device=dev)
         sample_row[put(kept)] = inverse[: int(kept.sum())]                           # sample -> local row
-        position = np.arange(plan.items.size) - plan.offsets[owner_np]
-        return _LocalRows(users=users, n_clients=n_clients, owner=put(owner_np), returning=returning, replay=replay,
-                          dense_first=dense_first, one_shot=put(one_shot), keys=keys, row_owner=keys // n_items,
-                          row_item=row_item, table=q.index_select(0, row_item), sample_row=sample_row,
-                          sample_items=put(plan.items), labels=put(plan.labels).to(q.dtype),
-                          step_of=put(position // plan.batch_size), steps=put(steps_np), ewc_rows=ewc_rows)
+        step_of = (np.arange(plan.items.size) - plan.offsets[owner_np]) // plan.batch_size
+        step_of = step_of.astype(np.int16) if steps_np.size and steps_np.max() < 1 << 15 else step_of  # radix sort
+        by_step = np.argsort(step_of, kind="stable")           # step-major, client order kept inside a step
+        by_step_t = put(by_step)
+        return _LocalRows(users=users, n_clients=n_clients, owner=put(owner_np[by_step]), returning=returning,
+                          replay=replay, dense_first=dense_first, one_shot=put(one_shot), keys=keys,
+                          row_owner=keys // n_items, row_item=row_item, table=q.index_select(0, row_item),
+                          sample_row=sample_row[by_step_t], sample_items=put(plan.items[by_step]),
+                          labels=put(plan.labels[by_step]).to(q.dtype),
+                          step_bounds=np.concatenate([[0], np.cumsum(np.bincount(step_of))]),
+                          steps=put(steps_np), ewc_rows=ewc_rows)
 
     def _sparse_step(self, plan: RoundPlan, ctx: RoundContext, r: "_LocalRows", start: dict, step: int,
                      idx: torch.Tensor, active: torch.Tensor, count: torch.Tensor, stats: dict) -> dict:
@@ -164,10 +169,7 @@ class VectorisedSimulator:
         if ctx.ldp_scale > 0:  # every row is local under LDP: client a's rows are one contiguous (I, d) block
             noise = ldp_noise(ctx, plan.users, (n_items, dim), q.dtype).reshape(-1, dim).to(q.device)
             delta = delta + noise
-        if summed is not None:  # the one-step clients' uploads, already summed: one (I, d) block of deltas
-            row_item = torch.cat([row_item, torch.arange(n_items, device=q.device)])
-            delta = torch.cat([delta, summed])
-        return self.server.aggregate_deltas(row_item, delta, r.n_clients)
+        return self.server.aggregate_deltas(row_item, delta, r.n_clients, summed)
 
     def _dense_first_step(self, plan, ctx, users, start, table, keys, row_owner, row_item, owner, items,
                           labels, count, live, one_shot, stats) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -228,3 +228,15 @@ def test_kd_gradient_reaches_only_p_and_memory_rows(eps):
     touched = model.items.grad.abs().sum(1).nonzero().flatten().tolist()
     assert touched == sorted(client.topn[perm[:size]].tolist())
     assert model.private["p"].grad.abs().sum() > 0
+
+
+def test_target_ranks_equal_a_stable_descending_sort_with_ties():
+    """The counting ranks (§6 step 2) equal the positions in a stable descending sort, ties included."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        rows, n_items = int(torch.randint(1, 12, (1,), generator=g)), int(torch.randint(30, 70, (1,), generator=g))
+        scores = torch.randint(0, 5 if trial % 2 else 1000, (rows, n_items), generator=g).double()
+        targets = torch.stack([torch.randperm(n_items, generator=g)[:30] for _ in range(rows)])
+        order = torch.argsort(scores, dim=1, descending=True, stable=True)
+        position = torch.empty_like(order).scatter_(1, order, torch.arange(n_items).expand_as(order))
+        assert torch.equal(target_ranks(scores, targets), position.gather(1, targets) + 1)
