@@ -262,14 +262,3 @@ def apply_recipe(inter: Interactions, recipe: dict) -> Interactions:
     if recipe["ids"] != "raw":
         inter = remap_ids(inter, order=recipe["ids"])[0]
     return inter
-
-
-def __getattr__(name: str):  # TRANSITIONAL (removed once the papers import the new modules)
-    import importlib
-    if name.startswith("__"):
-        raise AttributeError(name)
-    for module in ("common.datasets", "common.registry", "common.io", "common.prepare"):
-        mod = importlib.import_module(module)
-        if hasattr(mod, name):
-            return getattr(mod, name)
-    raise AttributeError(name)

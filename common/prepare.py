@@ -14,13 +14,13 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from common.data import COLUMNS, Interactions, apply_recipe, check_stats, compute_stats, to_sequences, write_sequences
+from common.cli import run_cli
 from common.download import fetch, file_md5, file_sha256, unpack
 from common.io import REPO, atomic_dir, cache_root, data_root
 from common.registry import DATASETS, dataset_entry, expected_stats, full_recipe
@@ -171,10 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--force", action="store_true", help="rebuild the cached artefact")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        meta = prepare(args.name, args.root, args.force)
-    except (ValueError, FileNotFoundError, ConnectionError) as err:
-        sys.exit(f"error: {err}")
+    meta = prepare(args.name, args.root, args.force)
     stats = meta["stats"]
     print(f"{args.name}: {stats['users']:,} users / {stats['items']:,} items / "
           f"{stats['interactions']:,} interactions (avg len {stats['avg_len']}, min {stats['min_len']}, "
@@ -186,4 +183,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,7 +22,8 @@ import torch.distributed as dist  # noqa: E402
 
 from common.config import config_to_dict, parse_cli  # noqa: E402
 from common.runs import save_checkpoint, start_run, write_results  # noqa: E402
-from common.utils import run_cli, seed_everything  # noqa: E402
+from common.cli import run_cli
+from common.utils import seed_everything  # noqa: E402
 
 from . import stage1  # noqa: E402
 from .config import Config, check_saved_config  # noqa: E402

@@ -38,3 +38,21 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def user_error(capsys):
+    """Run `main(argv)` as the CLI does (through run_cli) and check the bad-input contract: exit status 2,
+    exactly one line on stderr, no traceback. Returns that line for the test to check what it names."""
+    from common.cli import run_cli
+
+    def check(main, argv, code: int = 2) -> str:
+        capsys.readouterr()
+        os.environ.pop("REPRO_DEBUG", None)
+        with pytest.raises(SystemExit) as info:
+            run_cli(lambda: main(list(argv)))
+        err = capsys.readouterr().err
+        assert info.value.code == code, f"exit status {info.value.code}, stderr {err!r}"
+        assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
+        return err.strip()
+    return check

@@ -12,10 +12,7 @@ import torch
 
 from flame.model import SASRec as FlameSASRec
 
-try:                                   # flame's schema in one file (flame/config.py)
-    from flame.config import BackboneConfig as FlameSASRecConfig
-except ImportError:                    # older layout: beside the model
-    from flame.model import ModelConfig as FlameSASRecConfig
+from flame.config import BackboneConfig as FlameSASRecConfig
 from vlm2rec.config import SeqRecConfig
 from vlm2rec.seqrec import SASRec as VlmSASRec
 

@@ -3,6 +3,8 @@
 Every fixture is written by the test in the real file layout; nothing here reads real data or the network.
 """
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -159,8 +161,12 @@ def test_empty_file_is_an_error(tmp_path, reader):
 def test_unknown_dataset_name_lists_known_names(capsys):
     with pytest.raises(ValueError, match=r"unknown dataset 'ml-2m'; known: .*amazon-beauty.*ml-1m"):
         load_sequences("ml-2m")
-    with pytest.raises(SystemExit, match="unknown dataset 'nope'"):
+    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
         prepare_main(["nope"])
+    result = subprocess.run([sys.executable, "-m", "common.prepare", "nope"], cwd=io.REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: unknown dataset 'nope'")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
 @pytest.fixture

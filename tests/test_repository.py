@@ -41,10 +41,13 @@ def test_one_function_named_evaluate_per_paper(paper):
 
 
 @pytest.mark.parametrize("paper", PAPERS)
-def test_compare_and_bench_call_run_not_argv(paper):
+def test_compare_and_bench_build_configs_not_argv(paper):
+    """compare.py runs whole experiments through run(cfg); bench.py times pieces of one, from the same
+    config schema. Neither drives main() with argv strings."""
+    assert re.search(r"\brun\(", (ROOT / paper / "compare.py").read_text()), f"{paper}/compare.py does not call run(cfg)"
     for name in ("compare.py", "bench.py"):
         source = (ROOT / paper / name).read_text()
-        assert re.search(r"\brun\(", source), f"{paper}/{name} does not call run(cfg)"
+        assert re.search(r"from \.config import", source), f"{paper}/{name} does not build its config from config.py"
         assert not re.search(r"\bmain\(\s*\[", source), f"{paper}/{name} drives main() with an argv list"
 
 

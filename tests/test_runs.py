@@ -151,7 +151,7 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
 
 def test_run_cli_turns_user_errors_into_one_line_exit(monkeypatch, capsys):
     from common.config import ConfigError
-    from common.utils import run_cli
+    from common.cli import run_cli
 
     def bad_main():
         raise ConfigError("unknown config key 'train.lrr'")
@@ -168,7 +168,7 @@ def test_run_cli_turns_user_errors_into_one_line_exit(monkeypatch, capsys):
 
 
 def test_ctrl_c_is_one_line_naming_the_run_to_resume(tmp_path, monkeypatch, capsys):
-    from common.utils import run_cli
+    from common.cli import run_cli
     monkeypatch.delenv("REPRO_DEBUG", raising=False)
     run = start_run(Cfg(), "paper", "toy", root=tmp_path)
 

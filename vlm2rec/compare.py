@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: `cd vlm2rec && python compare.
 from common.config import load_config
 from common.io import git_sha, save_json
 from common.runs import default_run_root, read_metrics
-from common.utils import run_cli
+from common.cli import run_cli
 
 from .config import Config
 from .main import run

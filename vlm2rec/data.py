@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from common.data import (
+    compute_stats,
     filter_rating,
     kcore,
     read_ml100k,
@@ -29,39 +30,18 @@ from common.data import (
     to_sequences,
 )
 from common.io import atomic_write, cache_root, data_root
+from common.registry import check_derived
 
 from .config import DATASETS, DataConfig
 
 TIE_RULE = "stable sort by (user, timestamp); equal timestamps keep the raw file order"  # §14.2
 
 
-# Expected post-recipe statistics, asserted. Key: (dataset, missing_image, min_rating). The ML-100K rows were
-# measured by this pipeline on the data files and then frozen (§14.2): they guard against drift, not against
-# a recipe wrong from the start. Amazon rows are the literature values of the raw 2014 5-core files (§14.1;
-# the 5-core re-filter is a no-op on them), asserted before any drop.
-EXPECTED = {
-    ("ml100k-posters", "drop", 0.0): {"users": 943, "items": 1342, "interactions": 99126},
-    ("ml100k-posters", "placeholder", 0.0): {"users": 943, "items": 1349, "interactions": 99287},
-    ("amazon-Beauty", "5core"): {"users": 22363, "items": 12101, "interactions": 198502},
-    ("amazon-Sports_and_Outdoors", "5core"): {"users": 35598, "items": 18357, "interactions": 296337},
-    ("amazon-Toys_and_Games", "5core"): {"users": 19412, "items": 11924, "interactions": 167597},
-    ("amazon-Clothing_Shoes_and_Jewelry", "5core"): {"users": 39387, "items": 23033, "interactions": 278677},
-    ("amazon-Musical_Instruments", "5core"): {"users": 1429, "items": 900, "interactions": 10261},
-}
-# Clothing is known only approximately (≈): allow 1 % there, exact everywhere else.
-TOLERANCE = {("amazon-Clothing_Shoes_and_Jewelry", "5core"): 0.01}
-
-
-def check_stats(key: tuple, stats: dict) -> None:
-    """Raise ValueError when `stats` drift from EXPECTED[key]; keys without an entry are not checked."""
-    expected = EXPECTED.get(key)
-    if expected is None:
-        return
-    tol = TOLERANCE.get(key, 0.0)
-    for field, want in expected.items():
-        got = stats[field]
-        if abs(got - want) > tol * want:
-            raise ValueError(f"{key}: {field}={got:,} but expected {want:,} (preprocessing drift?)")
+def check_stats(key: str, stats: dict) -> None:
+    """Assert the registry's statistics for `key` (common.registry.DERIVED["vlm2rec/..."]): the ML-100K
+    poster join was measured by this pipeline and frozen (§14.2), so it guards against drift only; the Amazon
+    rows are the literature counts of the raw 2014 5-core files (§14.1), asserted before any drop."""
+    check_derived(f"vlm2rec/{key}", stats)
 
 
 # ---------------------------------------------------------------- synthetic (§14.3)
@@ -175,7 +155,8 @@ def load_ml100k_posters(cfg: DataConfig, root: Path) -> dict:
     data["stats"].update(raw_items=len(raw_items), raw_items_with_image=int(has_poster.sum()),
                          raw_items_without_image=int((~has_poster).sum()), tie_rule=TIE_RULE,
                          missing_image=cfg.missing_image, min_rating=cfg.min_rating)
-    check_stats(("ml100k-posters", cfg.missing_image, float(cfg.min_rating)), data["stats"])
+    if cfg.min_rating == 0:  # counts are registered for the whole rating range only
+        check_stats(f"ml100k-posters/{cfg.missing_image}", data["stats"])
     return data
 
 
@@ -269,7 +250,7 @@ def load_amazon(cfg: DataConfig, root: Path) -> dict:
     inter["item"], asins = rank[inter["item"]], sorted(asins)  # codes = ascending-asin order
     inter = kcore(inter, 5, 5)  # a no-op on the 5-core files; kept so the recipe holds for any input
     name = f"amazon-{cfg.category}"
-    check_stats((name, "5core"), _count(inter))
+    check_stats(name, compute_stats(inter))
     meta = amazon_items(root, cfg.category, asins)
     image_of = {a: folder / "images" / f"{a}.jpg" for a in asins}
     usable = np.array([bool(meta[a]["title"]) and image_of[a].exists() for a in asins])
@@ -294,11 +275,6 @@ def load_amazon(cfg: DataConfig, root: Path) -> dict:
 
 
 # ---------------------------------------------------------------- entry point
-
-def _count(inter: dict[str, np.ndarray]) -> dict:
-    return {"users": int(np.unique(inter["user"]).size), "items": int(np.unique(inter["item"]).size),
-            "interactions": int(inter["item"].size)}
-
 
 def _package(name: str, sequences: list[np.ndarray], titles: list[str], images: list[Path | None],
              item_ids: list[str], user_ids: list[str]) -> dict:

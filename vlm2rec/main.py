@@ -18,7 +18,8 @@ import torch
 
 from common.config import parse_cli
 from common.runs import save_checkpoint, start_run, write_results
-from common.utils import get_device, run_cli, seed_everything
+from common.cli import run_cli
+from common.utils import get_device, seed_everything
 
 from .backbones import missing_requirements
 from .catalog import Catalog

@@ -24,8 +24,9 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from common.io import atomic_write, data_root
+from common.cli import run_cli
 from common.download import fetch
+from common.io import atomic_write, data_root
 
 from .catalog import is_valid_image
 from .config import DataConfig
@@ -170,19 +171,14 @@ def main(argv: list[str] | None = None) -> dict:
     posters.add_argument("--root", default=None, help="data root (default: $REPRO_DATA)")
     args = parser.parse_args(argv)
     root = data_root(args.root)
-    try:
-        if args.dataset == "amazon":
-            result = prepare_amazon(args.category, root, args.workers, args.retries, args.max_side,
-                                    args.skip_images)
-        else:
-            result = {mode: load_dataset(DataConfig(name="ml100k-posters", root=str(root),
-                                                    missing_image=mode))["stats"]
-                      for mode in ("drop", "placeholder")}
-    except (ConnectionError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"vlm2rec.prepare: {err}") from None  # one line, no traceback (contract)
+    if args.dataset == "amazon":
+        result = prepare_amazon(args.category, root, args.workers, args.retries, args.max_side, args.skip_images)
+    else:
+        result = {mode: load_dataset(DataConfig(name="ml100k-posters", root=str(root), missing_image=mode))["stats"]
+                  for mode in ("drop", "placeholder")}
     print(json.dumps(result, indent=1, sort_keys=True, default=str))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
