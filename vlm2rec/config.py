@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
+
+from common.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
 
 BACKBONE_NAMES = ("qwen2-vl", "qwen2.5-vl", "tiny", "tiny-qwen2.5-vl", "two-tower")
 DATASETS = ("synthetic", "ml100k-posters", "amazon")
@@ -36,9 +38,9 @@ class PromptConfig:
 class LoraSettings:
     """§5.4: peft adapters on the language model."""
     enabled: bool = True                 # [S] LoRA; false trains nothing inside the VLM
-    r: int = 16                          # [R] rank
-    alpha: int = 32                      # [R] scale alpha / r = 2
-    dropout: float = 0.05                # [R] dropout on the adapter input
+    r: PosInt = 16                          # [R] rank
+    alpha: PosInt = 32                      # [R] scale alpha / r = 2
+    dropout: Annotated[float, Range(0, 1, max_open=True)] = 0.05                # [R] dropout on the adapter input
     target_regex: str = LM_TARGETS       # [R] module-path regex: language-model projections only (Q3)
     include_vision: bool = False         # also adapt the ViT blocks (off: vision tower frozen)
 
@@ -46,12 +48,12 @@ class LoraSettings:
 @dataclass
 class TwoTowerConfig:
     """§15: the MiniLM + EfficientNet-Lite0 stand-in (backbone.name=two-tower)."""
-    dim: int = 256                                          # d of both projections
+    dim: PosInt = 256                                          # d of both projections
     image_pool: Literal["attention", "mean"] = "attention"  # history image tower over item features
     hist_text: Literal["joined", "attention"] = "joined"    # MiniLM over the joined titles, or pooled titles
-    max_text_tokens: int = 256                              # MiniLM's own limit
+    max_text_tokens: Annotated[int, Range(1, 512)] = 256                              # MiniLM's own limit
     separator: str = " ; "                                  # between history titles (as the VLM prompt)
-    encode_batch: int = 64                                  # tower batch size when filling the feature cache
+    encode_batch: PosInt = 64                                  # tower batch size when filling the feature cache
 
 
 @dataclass
@@ -68,8 +70,8 @@ class BackboneConfig:
     normalize: bool = True                           # L2 per branch before the sum (§5.3)
     score: Literal["cos", "dot"] = "cos"             # cos re-normalises the fused vectors
     append_eos: bool = False                         # pool an EOS instead of the instruction's last token (Q1)
-    image_pixels: int = 50176                        # 224^2 image budget of the Qwen processor
-    max_title_tokens: int = 64                       # per title, before joining (§5.5)
+    image_pixels: Annotated[int, Range(784)] = 50176                        # 224^2 image budget of the Qwen processor
+    max_title_tokens: PosInt = 64                       # per title, before joining (§5.5)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
@@ -81,20 +83,20 @@ class DataConfig:
     name: Literal["synthetic", "ml100k-posters", "amazon"] = "amazon"   # [S] the paper's Amazon domains
     category: str = "Beauty"             # [S] Amazon 2014 category (name=amazon), §14.1
     root: Optional[str] = None           # data root; None = common.io.data_root(), i.e. $REPRO_DATA
-    num_users: int = 64                  # synthetic users (name=synthetic)
-    num_items: int = 40                  # synthetic items (name=synthetic)
-    seed: int = 0                        # synthetic generator seed; real datasets need none
-    image_size: int = 224                # [R] side of the square RGB image given to the embedder
-    max_history: int = 10                # [S] a history is the last <= 10 items before the target (§4)
+    num_users: PosInt = 64                  # synthetic users (name=synthetic)
+    num_items: Annotated[int, Range(4)] = 40                  # synthetic items (name=synthetic)
+    seed: NonNegInt = 0                  # synthetic generator seed; real datasets need none
+    image_size: Annotated[int, Range(28)] = 224                # [R] side of the square RGB image given to the embedder
+    max_history: PosInt = 10                # [S] a history is the last <= 10 items before the target (§4)
     missing_image: Literal["drop", "placeholder"] = "drop"     # [R] §14: drop items without image/title
     item_text: Literal["title", "title_overview"] = "title"    # [R] §14.2: ML-100K title (+ TMDB overview)
-    min_rating: float = 0.0              # [R] §14.2: ML-100K ratings >= this before k-core (0 keeps all)
+    min_rating: Annotated[float, Range(0, 5)] = 0.0              # [R] §14.2: ML-100K ratings >= this before k-core (0 keeps all)
 
 
 @dataclass
 class LossConfig:
     """§7: the fused InfoNCE."""
-    temperature: float = 0.05            # [R] tau of every logit (Q2)
+    temperature: PosFloat = 0.05            # [R] tau of every logit (Q2)
     learnable_temperature: bool = False  # learn log(1/tau), starting from `temperature` (Q4)
     symmetric: bool = False              # add the item -> user direction to L_CL
     mask_duplicate_items: bool = True    # in-batch negatives equal to the positive are removed
@@ -104,23 +106,23 @@ class LossConfig:
 class WPCLConfig:
     """§8: weak-modality penalised contrastive learning."""
     enabled: bool = True                 # [C] WPCL on; off = plain contrastive SFT (§10)
-    weight: float = 0.5                  # [R] lambda_w (§8.6)
+    weight: NonNegFloat = 0.5                  # [R] lambda_w (§8.6)
     variant: Literal["neg_penalty", "loss_reweight", "fused_neg_penalty", "grad_scale"] = "neg_penalty"  # §8.5
     strength: Literal["pos_prob", "unimodal_loss"] = "pos_prob"   # c^m = p_bb, or exp(-l^m) (§8.2, Q6)
     granularity: Literal["per_batch", "per_sample"] = "per_batch"  # one weak modality per batch or per row
-    alpha: float = 1.0                   # gamma = 1 + alpha * tanh(rho - 1) (§8.4)
-    fixed_gamma: Optional[float] = None  # force a constant gamma (weak modality still detected)
-    ema: float = 0.0                     # EMA of c^m across steps (per_batch only; 0 = off)
-    beta: float = 1.0                    # variant C: fused negative weight 1 + beta * sigmoid(s^w)
-    strong_weight: float = 1.0           # variant B: weight of the strong modality's InfoNCE
+    alpha: NonNegFloat = 1.0                   # gamma = 1 + alpha * tanh(rho - 1) (§8.4)
+    fixed_gamma: Optional[NonNegFloat] = None  # force a constant gamma (weak modality still detected)
+    ema: Annotated[float, Range(0, 1, max_open=True)] = 0.0                     # EMA of c^m across steps (per_batch only; 0 = off)
+    beta: NonNegFloat = 1.0                    # variant C: fused negative weight 1 + beta * sigmoid(s^w)
+    strong_weight: NonNegFloat = 1.0           # variant B: weight of the strong modality's InfoNCE
 
 
 @dataclass
 class CRTRConfig:
     """§9: cross-modal relational topology regularisation."""
     enabled: bool = True                 # [C] CRTR on (§10)
-    weight: float = 0.1                  # [R] lambda_r (§9.5)
-    temperature: Optional[float] = None  # tau_r; null = tau (reuse the s^m logits)
+    weight: NonNegFloat = 0.1                  # [R] lambda_r (§9.5)
+    temperature: Optional[PosFloat] = None  # tau_r; null = tau (reuse the s^m logits)
     topology: Literal["user_item", "item_item", "user_user", "all"] = "user_item"   # §9.4
     stopgrad: Literal["none", "strong", "weak"] = "none"                            # §9.3
 
@@ -128,19 +130,19 @@ class CRTRConfig:
 @dataclass
 class TrainConfig:
     """§7: contrastive SFT."""
-    seed: int = 0                        # seeds torch, numpy and the batch order
-    max_epochs: int = 3                  # [S] every epoch is validated; the best one is tested
-    batch_size: int = 32                 # [R] in-batch negatives = batch_size - 1
-    lr: float = 1e-4                     # [R]
-    weight_decay: float = 0.0            # [R] none on LoRA
-    warmup_ratio: float = 0.03           # [R] linear warm-up share of all steps
+    seed: NonNegInt = 0                  # seeds torch, numpy and the batch order
+    max_epochs: PosInt = 3                  # [S] every epoch is validated; the best one is tested
+    batch_size: Annotated[int, Range(2)] = 32                 # [R] in-batch negatives = batch_size - 1
+    lr: PosFloat = 1e-4                     # [R]
+    weight_decay: NonNegFloat = 0.0            # [R] none on LoRA
+    warmup_ratio: Fraction = 0.03           # [R] linear warm-up share of all steps
     schedule: Literal["cosine", "constant"] = "cosine"   # [R] after the warm-up
-    grad_clip: float = 1.0               # [R] max global norm of the trained weights; 0 = off
-    instances_per_user: int = 0          # [R] 0 = every target i_2..i_{n-2}; k = each user's latest k
-    grad_norm_every: int = 10            # per-branch gradient norms every N steps (§11.2); 0 = off
-    log_every: int = 10                  # metrics.jsonl line every N steps (printed every 5N)
-    max_steps_per_epoch: int = 0         # 0 = full epoch; > 0 bounds CPU budget runs
-    hard_negatives: int = 0              # [R] per pair, mined each epoch from the fused item table (0 = off)
+    grad_clip: NonNegFloat = 1.0               # [R] max global norm of the trained weights; 0 = off
+    instances_per_user: NonNegInt = 0          # [R] 0 = every target i_2..i_{n-2}; k = each user's latest k
+    grad_norm_every: NonNegInt = 10            # per-branch gradient norms every N steps (§11.2); 0 = off
+    log_every: PosInt = 10                  # metrics.jsonl line every N steps (printed every 5N)
+    max_steps_per_epoch: NonNegInt = 0         # 0 = full epoch; > 0 bounds CPU budget runs
+    hard_negatives: NonNegInt = 0              # [R] per pair, mined each epoch from the fused item table (0 = off)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"   # accelerate's flag; real backbones load in bf16
 
@@ -149,17 +151,17 @@ class TrainConfig:
 class EvalConfig:
     """§13: leave-one-out, both protocols, all modality modes, robustness."""
     protocols: list[Literal["sampled", "full"]] = field(default_factory=lambda: ["sampled", "full"])  # P1, P2
-    num_negatives: int = 100             # [S] 1 positive + 100 sampled negatives (§13.1)
-    ks: list[int] = field(default_factory=lambda: [10, 20])   # cut-offs of HR@K and NDCG@K
+    num_negatives: PosInt = 100             # [S] 1 positive + 100 sampled negatives (§13.1)
+    ks: list[PosInt] = field(default_factory=lambda: [10, 20])   # cut-offs of HR@K and NDCG@K
     ties: Literal["pessimistic", "optimistic", "average"] = "pessimistic"   # [R] P1 ties (Q10)
-    neg_seed: int = 0                    # negatives and robustness edits (same for every method)
+    neg_seed: NonNegInt = 0                    # negatives and robustness edits (same for every method)
     modality_modes: list[Literal["both", "text", "image"]] = field(default_factory=lambda: list(MODES))  # §11.1
     select_on: str = "full/both/NDCG@10"   # validation metric for selection: protocol/mode/metric
-    batch_size: int = 64                 # encoding batch
+    batch_size: PosInt = 64              # encoding batch
     scenarios: list[Literal["missing_image", "missing_title", "noisy_image"]] = field(
         default_factory=lambda: list(SCENARIOS))   # robustness on the test split (§13.3)
-    scenario_fraction: float = 0.5       # share of items hit by a scenario (fixed seed)
-    noise_std: float = 0.3               # noisy_image: Gaussian noise std in [0, 1] pixel units
+    scenario_fraction: Fraction = 0.5       # share of items hit by a scenario (fixed seed)
+    noise_std: NonNegFloat = 0.3               # noisy_image: Gaussian noise std in [0, 1] pixel units
 
 
 @dataclass
@@ -167,16 +169,16 @@ class SeqRecConfig:
     """§12: SASRec trained from the VLM item table."""
     enabled: bool = True                 # train it after the embedder
     init: Literal["random", "pca", "frozen_adapter"] = "pca"   # [R] item-table initialisation (Q5)
-    hidden_size: int = 128               # [R]
-    num_layers: int = 2                  # [R]
-    num_heads: int = 2                   # [R]
-    dropout: float = 0.3                 # [R]
+    hidden_size: PosInt = 128               # [R]
+    num_layers: PosInt = 2                  # [R]
+    num_heads: PosInt = 2                   # [R]
+    dropout: Annotated[float, Range(0, 1, max_open=True)] = 0.3                 # [R]
     adapter_layers: Literal[1, 2] = 1    # frozen_adapter: 1 linear, or 2 with a GELU between
-    lr: float = 1e-3                     # [R]
-    weight_decay: float = 1e-4           # [R]
-    batch_size: int = 256                # [R]
-    max_epochs: int = 200                # upper bound; early stopping usually ends sooner
-    patience: int = 20                   # epochs without validation improvement (full NDCG@10)
+    lr: PosFloat = 1e-3                     # [R]
+    weight_decay: NonNegFloat = 1e-4           # [R]
+    batch_size: PosInt = 256                # [R]
+    max_epochs: PosInt = 200                # upper bound; early stopping usually ends sooner
+    patience: PosInt = 20                   # epochs without validation improvement (full NDCG@10)
 
 
 @dataclass
@@ -213,6 +215,9 @@ def check_config(cfg: Config) -> None:
                          f"got {metric!r}")
     if not cfg.backbone.modalities:
         raise ValueError("backbone.modalities must name at least one of text, image")
+    if cfg.seqrec.hidden_size % cfg.seqrec.num_heads:
+        raise ValueError(f"seqrec.hidden_size={cfg.seqrec.hidden_size} must be a multiple of "
+                         f"seqrec.num_heads={cfg.seqrec.num_heads}")
 
 
 # Keys of run folders written before the schema was unified: old dotted name -> new dotted name.
