@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 DATA ?=
 ARGS ?=
 SEEDS ?= 1 2 3
-EXTRAS ?= vlm,plot,dev
+EXTRAS ?= vlm,plot,dev,fl
 
 .PHONY: setup test test-all smoke data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
         flame-compare f3crec-compare vlm2rec-compare clean-venv

@@ -44,6 +44,15 @@ def test_common_imports_no_paper():
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
+def test_only_the_flower_adapter_imports_flwr():
+    """flwr is an optional extra: the core of every paper (and common/) runs without it."""
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.is_relative_to(ROOT / "f3crec" / "flower"):
+                continue
+            assert "flwr" not in imported_top_levels(path), f"{path.relative_to(ROOT)} imports flwr"
+
+
 # ------------------------------------------------------------------------------------------ import cycles
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
