@@ -1,7 +1,9 @@
 """The item catalogue the embedders read (one title and one image per item) and image loading.
 
 Robustness scenarios (§13.3) edit a copy of a `Catalog`; `fingerprint()` keys the embedding cache by
-content, so an edited catalogue never reuses the clean one's embeddings.
+content, so an edited catalogue never reuses the clean one's embeddings. Every key an image contributes
+(`image_key`) holds the SHA-1 of the file's bytes, never its path: a replaced or repaired poster gets
+fresh features and embeddings.
 """
 from __future__ import annotations
 
@@ -39,6 +41,18 @@ def is_valid_image(path: Path) -> bool:
         return False
 
 
+def file_digest(path: Path | None) -> str:
+    """SHA-1 of a file's bytes; "none" for no file and "missing" for a path that does not exist (both
+    are drawn as the grey placeholder, which is what the key then stands for)."""
+    if path is None:
+        return "none"
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha1").hexdigest()
+    except (FileNotFoundError, IsADirectoryError):
+        return "missing"
+
+
 def history_items(row: torch.Tensor) -> list[int]:
     """The item ids of one left-padded history row, oldest first (0 = padding, dropped)."""
     return [int(i) for i in row.tolist() if i > 0]
@@ -53,6 +67,7 @@ class Catalog:
     noisy: frozenset = field(default_factory=frozenset)   # item ids whose image gets Gaussian noise
     noise_std: float = 0.0
     _loaded: dict = field(default_factory=dict, init=False, repr=False, compare=False)   # decoded images
+    _digests: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # item -> file_digest
 
     def image(self, item: int) -> Image.Image:
         if item not in self._loaded:
@@ -65,8 +80,13 @@ class Catalog:
         return image
 
     def image_key(self, item: int) -> str:
+        """What item's image input is made of: the file's content digest, the side it is resized to, and
+        the noise it gets. Equal keys give equal pixels (digests are read once per Catalog object, and a
+        scenario copy starts with none)."""
+        if item not in self._digests:
+            self._digests[item] = file_digest(self.images[item])
         noise = f"|noise={self.noise_std}" if item in self.noisy else ""
-        return f"{self.images[item]}|{self.image_size}{noise}"
+        return f"{self._digests[item]}|{self.image_size}{noise}"
 
     def fingerprint(self) -> str:
         digest = hashlib.sha1()

@@ -13,8 +13,11 @@ import argparse
 import ast
 import csv
 import gzip
+import hashlib
 import html
 import json
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -86,9 +89,11 @@ def make_synthetic(num_users: int, num_items: int, seed: int, image_size: int, o
         cluster = int(clusters[item])
         titles.append(f"{CLUSTER_WORDS[cluster]} {NOUNS[item % len(NOUNS)]} {item}")
         path = out_dir / "images" / f"{item}.png"
-        _synthetic_image(cluster, item, image_size).save(path)  # always rewritten: out_dir may hold another seed
+        with atomic_write(path, "wb") as handle:   # always rewritten, whole: another run may be reading it
+            _synthetic_image(cluster, item, image_size).save(handle, format="PNG")
         images.append(path)
-    (out_dir / "titles.txt").write_text("\n".join(titles[1:]) + "\n")
+    with atomic_write(out_dir / "titles.txt") as handle:
+        handle.write("\n".join(titles[1:]) + "\n")
     members = [np.flatnonzero(clusters == c) for c in range(num_clusters)]
     rng = np.random.default_rng([seed, 1])  # scoped: user side
     sequences = []
@@ -112,12 +117,20 @@ def ml100k_item_text(root: Path, item_text: str) -> dict[int, str]:
     tmdb = root / "ml-100k-posters" / "items_tmdb.csv"
     texts: dict[int, str] = {}
     if tmdb.exists():
+        need = {"movie_id", "title"} | ({"overview"} if item_text == "title_overview" else set())
         with open(tmdb, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):  # 64 exact duplicate rows: the first occurrence wins
+            reader = csv.DictReader(f)
+            if not need <= set(reader.fieldnames or ()):
+                raise ValueError(f"{tmdb}: not a TMDB item table (header needs columns {sorted(need)}, "
+                                 f"has {reader.fieldnames})")
+            for line_no, row in enumerate(reader, 2):  # 64 exact duplicate rows: the first occurrence wins
                 text = row["title"]
-                if item_text == "title_overview" and row["overview"].strip():
+                if item_text == "title_overview" and (row["overview"] or "").strip():
                     text = f"{text}. {row['overview'].strip()}"
-                texts.setdefault(int(row["movie_id"]), text)
+                try:
+                    texts.setdefault(int(row["movie_id"]), text)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{tmdb}:{line_no}: movie_id {row['movie_id']!r} is not an integer") from None
         return texts
     if item_text == "title_overview":
         raise FileNotFoundError(f"{tmdb} is needed for data.item_text=title_overview")
@@ -138,6 +151,9 @@ def load_ml100k_posters(cfg: DataConfig, root: Path) -> dict:
     inter = read_ml100k(udata)
     raw_items = np.unique(inter["item"])
     has_poster = np.array([(posters / f"{i}.jpg").exists() for i in raw_items])
+    if not has_poster.any() and cfg.missing_image == "drop":
+        raise ValueError(f"{posters}: no item has an image (expected <movie id>.jpg files, e.g. "
+                         f"{raw_items[0]}.jpg); restore the posters or set data.missing_image=placeholder")
     inter = filter_rating(inter, cfg.min_rating) if cfg.min_rating > 0 else inter
     if cfg.missing_image == "drop":
         keep = np.isin(inter["item"], raw_items[has_poster])
@@ -168,11 +184,17 @@ def amazon_dir(root: Path, category: str) -> Path:
 
 
 def _gzip_lines(path: Path):
-    """(1-based line number, line) of a gzipped text file, blank lines skipped."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                yield line_no, line
+    """(1-based line number, line) of a gzipped UTF-8 text file, blank lines skipped; a file that is not
+    gzip, is cut short or is not UTF-8 is a ValueError naming it."""
+    line_no = 0
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    yield line_no, line
+    except (gzip.BadGzipFile, EOFError, UnicodeDecodeError, zlib.error) as err:
+        raise ValueError(f"{path}: not a readable gzip text file after line {line_no} "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def read_amazon_reviews(path: Path) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
@@ -215,22 +237,40 @@ def read_amazon_meta(path: Path, asins: set[str] | None = None) -> dict[str, dic
     return meta
 
 
+def _cached_items(path: Path, meta_sha1: str, asins: list[str]) -> dict[str, dict] | None:
+    """items.json's items when it was built from this metadata file (same SHA-1) for a superset of
+    `asins`; None (rebuild) for anything else, a damaged or older-format file included."""
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        warnings.warn(f"{path} is damaged ({err}); rebuilding it", stacklevel=3)
+        return None
+    if (isinstance(saved, dict) and saved.get("meta_sha1") == meta_sha1 and isinstance(saved.get("items"), dict)
+            and saved["items"].keys() >= set(asins)):
+        return saved["items"]
+    return None
+
+
 def amazon_items(root: Path, category: str, asins: list[str]) -> dict[str, dict]:
-    """Metadata of the 5-core items, cached as items.json (the full meta file is large and slow to parse)."""
+    """Metadata of the 5-core items, cached as items.json (the full meta file is slow to parse) and keyed
+    by the metadata file's SHA-1, so a replaced metadata file is parsed again."""
     folder = amazon_dir(root, category)
-    cached = folder / "items.json"
-    if cached.exists():
-        items = json.loads(cached.read_text())
-        if items.keys() >= set(asins):  # else the reviews changed since the cache was written: rebuild
-            return items
     meta_path = folder / f"meta_{category}.json.gz"
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} not found: run `python -m vlm2rec.prepare amazon "
                                 f"--category {category} --root {root}`")
+    with open(meta_path, "rb") as handle:
+        meta_sha1 = hashlib.file_digest(handle, "sha1").hexdigest()
+    cached = folder / "items.json"
+    items = _cached_items(cached, meta_sha1, asins)
+    if items is not None:
+        return items
     meta = read_amazon_meta(meta_path, set(asins))
     items = {asin: meta.get(asin, {"title": "", "imUrl": ""}) for asin in asins}
     with atomic_write(cached) as handle:  # a crash never leaves half a cache
-        handle.write(json.dumps(items))
+        handle.write(json.dumps({"meta_sha1": meta_sha1, "items": items}))
     return items
 
 

