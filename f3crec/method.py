@@ -33,7 +33,8 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     hist.scatter_add_(1, below, torch.ones_like(below))
     above = hist.flip(1).cumsum(1).flip(1)                                       # above[h] = #{j: below_j ≥ h}
     greater = above.gather(1, torch.searchsorted(ascending, values) + 1)         # #{j: s_j > v_k}
-    row, item = torch.nonzero(torch.searchsorted(ascending, scores, right=True) > below, as_tuple=True)
+    at = ascending.gather(1, below.clamp(max=targets.shape[1] - 1))               # next target score ≥ s_j
+    row, item = torch.nonzero((at == scores) & (below < targets.shape[1]), as_tuple=True)
     equal = (values[row] == scores[row, item, None]) & (item[:, None] < targets[row])   # (E, N)
     ties = torch.zeros_like(greater).index_add_(0, row, equal.long())
     return greater + ties + 1

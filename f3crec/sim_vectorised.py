@@ -46,6 +46,19 @@ class _LocalRows:
     ewc_rows: tuple | None       # (keys, F rows, client) of stored Fisher rows (EWC only)
 
 
+def unique_keys(keys: torch.Tensor, span: int, bitmap_limit: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted unique keys, inverse) of keys in [0, span): a bitmap and a running count when the span is
+    small enough, else a sort (torch.unique)."""
+    if span > bitmap_limit:
+        return torch.unique(keys, return_inverse=True)
+    seen = torch.zeros(span, dtype=torch.bool, device=keys.device)
+    seen[keys] = True
+    unique = torch.nonzero(seen).squeeze(1)
+    index = torch.empty(span, dtype=torch.long, device=keys.device)
+    index[unique] = torch.arange(unique.numel(), device=keys.device)
+    return unique, index[keys]
+
+
 class VectorisedSimulator:
     """Same interface as ReferenceSimulator; client state kept stacked in `state` (see ClientStates)."""
 
@@ -68,9 +81,8 @@ class VectorisedSimulator:
             count = torch.bincount(r.owner[idx], minlength=r.n_clients).clamp(min=1).to(r.table.dtype)
             if step == 0 and r.dense_first:
                 r.table, summed = self._dense_first_step(plan, ctx, r.users, start, r.table, r.keys, r.row_owner,
-                                                         r.row_item, r.owner[idx], r.sample_items[idx],
-                                                         r.labels[idx], count, active & r.replay,
-                                                         r.one_shot, stats)
+                                                         r.owner[idx], r.sample_items[idx], r.labels[idx], count,
+                                                         active & r.replay, r.one_shot, stats)
                 continue
             start = self._sparse_step(plan, ctx, r, start, step, idx, active, count, stats)
         for k, v in start.items():
@@ -95,11 +107,11 @@ class VectorisedSimulator:
         replay = returning & st.has_topn[users] if ctx.flags["arm"] != "off" else torch.zeros_like(returning)
         steps_np = np.diff(plan.step_offsets)
         dense_first = ctx.flags["reg"] is None and ctx.ldp_scale == 0 and n_clients * n_items <= self.dense_limit
-        one_shot = (steps_np == 1) & ~replay.cpu().numpy() if dense_first else np.zeros(n_clients, dtype=bool)
+        one_shot = steps_np == 1 if dense_first else np.zeros(n_clients, dtype=bool)
         kept = ~one_shot[owner_np]
         key_parts = [owner_np[kept] * n_items + plan.items[kept]]
-        if bool(replay.any()):
-            rep = torch.nonzero(replay).squeeze(1)
+        if bool((replay & ~put(one_shot)).any()):
+            rep = torch.nonzero(replay & ~put(one_shot)).squeeze(1)
             key_parts.append((rep[:, None] * n_items + st.topn[users[rep]]).reshape(-1).cpu().numpy())
         dense_rows = n_items if ctx.ldp_scale > 0 else (ctx.n_prev_items if ctx.flags["reg"] == "emb" else 0)
         if dense_rows:
@@ -108,7 +120,7 @@ class VectorisedSimulator:
         if ctx.flags["reg"] == "ewc" and st.fisher_rows is not None and bool(returning.any()):
             ewc_rows = self._ewc_rows(users, returning, n_items)
             key_parts.append(ewc_rows[0].cpu().numpy())
-        keys, inverse = torch.unique(put(np.concatenate(key_parts)), return_inverse=True)
+        keys, inverse = unique_keys(put(np.concatenate(key_parts)), n_clients * n_items)
         row_item = keys % n_items
         sample_row = torch.full((plan.items.size,), -1, dtype=torch.long, device=dev)
         sample_row[put(kept)] = inverse[: int(kept.sum())]                           # sample -> local row
@@ -171,19 +183,18 @@ class VectorisedSimulator:
             delta = delta + noise
         return self.server.aggregate_deltas(row_item, delta, r.n_clients, summed)
 
-    def _dense_first_step(self, plan, ctx, users, start, table, keys, row_owner, row_item, owner, items,
-                          labels, count, live, one_shot, stats) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _dense_first_step(self, plan, ctx, users, start, table, keys, row_owner, owner, items, labels, count,
+                          live, one_shot, stats) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Step 1 of every client at once through the dense score matrix (exact, faster at small |I|).
 
-        At the first step every local row still equals the broadcast, so all logits are entries of
-        S = a Qᵀ + c (A × I). With G = ∂L/∂S: ∂L/∂q_i of client u = G[u, i]·a_u and the private gradient is
-        G backpropagated through S; KD terms (on the local rows, `table`) add their own gradients.
-        One-step clients without replay (`one_shot`) hold no rows: their summed delta −lr·G_oneᵀ a_one is
-        returned alongside the updated rows of the others.
+        At the first step every local row still equals the broadcast, so every logit, the BCE's and ARM's
+        alike, is an entry of S = a Qᵀ + c (A × I), and ARM ranks T^u in S itself. With G = ∂L/∂S:
+        ∂L/∂q_i of client u = G[u, i]·a_u and the private gradient is G backpropagated through S.
+        One-step clients (`one_shot`) hold no rows: their summed delta −lr·G_oneᵀ a_one is returned
+        alongside the updated rows of the others.
         """
         summed = None
         q = self.server.broadcast()
-        identity = lambda r: r  # noqa: E731
         for sub, names in enumerate(ctx.net.substeps):
             for value in start.values():
                 value.requires_grad_(True)
@@ -193,15 +204,12 @@ class VectorisedSimulator:
             flat = owner * q.shape[0] + items                                         # (S,) into A × I
             per_sample = F.binary_cross_entropy_with_logits(dense.view(-1)[flat], labels, reduction="none")
             loss = (per_sample / count[owner]).sum()
-            wanted = [dense] + list(start.values())
             if bool(live.any()):
-                table.requires_grad_(True)
-                loss = loss + self._kd(plan, ctx, users, keys, table, identity, a, c, live, 0, sub, stats)
-                wanted.append(table)
-            grads = torch.autograd.grad(loss, wanted, allow_unused=True, retain_graph=True)
+                loss = loss + self._kd_dense(plan, ctx, users, dense, live, sub, stats)
+            grads = torch.autograd.grad(loss, [dense] + list(start.values()), allow_unused=True, retain_graph=True)
             through = torch.autograd.grad(scores, list(start.values()), grad_outputs=grads[0], allow_unused=True)
             a_old = a.detach().clone()
-            # Φ's gradient: its direct terms (KD, penalties) plus the dense gradient backpropagated through S.
+            # Φ's gradient: its direct terms plus the dense gradient backpropagated through S.
             private_names = tuple(name for name in start if name in names)
             total = [[g for g in (grads[1 + j], through[j]) if g is not None]
                      for j, name in enumerate(start) if name in names]
@@ -209,54 +217,73 @@ class VectorisedSimulator:
             if "Q" in names:
                 with torch.no_grad():
                     row_grad = grads[0].view(-1)[keys][:, None] * a_old.index_select(0, row_owner)
-                    if len(grads) > 1 + len(start) and grads[-1] is not None:
-                        row_grad = row_grad + grads[-1]
-                table = table.detach()
-                sgd_step({"Q": table}, ("Q",), [row_grad], ctx.lrs)
-                if bool(one_shot.any()):
-                    with torch.no_grad():
+                    sgd_step({"Q": table}, ("Q",), [row_grad], ctx.lrs)
+                    if bool(one_shot.any()):
                         summed = -ctx.lrs["Q"] * (grads[0][one_shot].T @ a_old[one_shot])   # (I, d)
-            table = table.detach()
             for name in list(start):
                 start[name] = start[name].detach()
         return table, summed
 
+    def _kd_dense(self, plan, ctx, users, dense, live, sub, stats):
+        """ARM (§6) at step 1 on the dense scores: rank T^u in S, size and draw the memory, KD on S."""
+        st, n_items = self.state, dense.shape[1]
+        rep = torch.nonzero(live).squeeze(1)
+        topn = st.topn[users[rep]]                                                   # (R, N)
+        size, perm = self._memory(plan, ctx, rep, topn, lambda chunk: dense.detach()[chunk], 0, sub, stats)
+        chosen = torch.arange(topn.shape[1], device=dense.device)[None] < size[:, None]
+        if not bool(chosen.any()):
+            return 0.0
+        owner = rep[:, None].expand_as(topn)[chosen]
+        items = topn.gather(1, perm)[chosen]
+        logits = dense.view(-1)[owner * n_items + items]
+        weight = size.to(dense.dtype).clamp(min=1)[torch.searchsorted(rep, owner)]
+        return ctx.flags["kd_weight"] * (kd_terms(logits, st.yhat[users[owner], items]) / weight).sum()
+
+    def _memory(self, plan, ctx, rep, topn, scores_of, step, sub, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m_u, the permutation whose first m_u entries are the memory) of replaying clients `rep`;
+        `scores_of(chunk)` gives their current full-catalogue scores, ranked a chunk at a time."""
+        if ctx.flags["arm"] == "full":                                               # top-N KD: m_u = N
+            size = torch.full((rep.numel(),), topn.shape[1], dtype=torch.long, device=topn.device)
+            return size, torch.arange(topn.shape[1], device=topn.device).expand_as(topn)
+        with torch.no_grad():
+            ranks = torch.cat([target_ranks(scores_of(rep[lo:lo + self.rank_chunk]), topn[lo:lo + self.rank_chunk])
+                               for lo in range(0, rep.numel(), self.rank_chunk)])
+        discrepancy, _, size = memory_size(ranks, ctx.eps, ctx.topn)
+        stats["D"] += discrepancy.tolist()
+        stats["m"] += size.tolist()
+        perm = torch.arange(topn.shape[1], device=topn.device).repeat(rep.numel(), 1)
+        drawing = torch.nonzero(size > 0).squeeze(1)                                 # only they read a draw
+        if drawing.numel():
+            perm[drawing] = torch.as_tensor(plan.memory_perm(rep[drawing].cpu().numpy(), step, sub), device=topn.device)
+        return size, perm
+
     def _kd(self, plan, ctx, users, keys, table, local, a, c, live, step, sub, stats):
-        """Batched ARM (§6): rank T^u in each client's current local scores, size and draw the memory."""
+        """Batched ARM (§6) after step 1: rank T^u in each client's current local scores (broadcast rows
+        overridden by its local rows), size and draw the memory, KD on the local rows."""
         st, q = self.state, self.server.broadcast()
         n_items = q.shape[0]
         rep = torch.nonzero(live).squeeze(1)
         topn = st.topn[users[rep]]                                                   # (R, N)
-        if ctx.flags["arm"] == "full":
-            size = torch.full((rep.numel(),), topn.shape[1], dtype=torch.long, device=q.device)
-            perm = torch.arange(topn.shape[1], device=q.device).expand_as(topn)
-        else:
-            ranks = []
-            with torch.no_grad():
-                for lo in range(0, rep.numel(), self.rank_chunk):
-                    chunk = rep[lo:lo + self.rank_chunk]
-                    scores = a[chunk] @ q.T + c[chunk, None]                         # (R, I) broadcast rows
-                    lo_key, hi_key = chunk.min() * n_items, (chunk.max() + 1) * n_items
-                    rows = torch.nonzero((keys >= lo_key) & (keys < hi_key)).squeeze(1)
-                    rows = rows[torch.isin(keys[rows] // n_items, chunk)]
-                    pos = torch.searchsorted(chunk, keys[rows] // n_items)
-                    scores[pos, keys[rows] % n_items] = (table[local(rows)] * a[keys[rows] // n_items]).sum(-1) \
-                        + c[keys[rows] // n_items]                                   # local rows override
-                    ranks.append(target_ranks(scores, topn[lo:lo + self.rank_chunk]))
-            discrepancy, _, size = memory_size(torch.cat(ranks), ctx.eps, ctx.topn)
-            stats["D"] += discrepancy.tolist()
-            stats["m"] += size.tolist()
-            perm = torch.as_tensor(plan.memory_perm(rep.cpu().numpy(), step, sub), device=q.device)
-        chosen = torch.arange(topn.shape[1], device=q.device)[None] < size[:, None]                  # first m_u of the perm
+
+        def local_scores(chunk: torch.Tensor) -> torch.Tensor:
+            scores = a[chunk] @ q.T + c[chunk, None]                                 # (R, I) broadcast rows
+            rows = torch.nonzero((keys >= chunk.min() * n_items) & (keys < (chunk.max() + 1) * n_items)).squeeze(1)
+            rows = rows[torch.isin(keys[rows] // n_items, chunk)]
+            client = keys[rows] // n_items
+            scores[torch.searchsorted(chunk, client), keys[rows] % n_items] = \
+                (table[local(rows)] * a[client]).sum(-1) + c[client]
+            return scores
+
+        size, perm = self._memory(plan, ctx, rep, topn, local_scores, step, sub, stats)
+        chosen = torch.arange(topn.shape[1], device=q.device)[None] < size[:, None]  # first m_u of the perm
         if not bool(chosen.any()):
             return 0.0
         owner = rep[:, None].expand_as(topn)[chosen]
         items = topn.gather(1, perm)[chosen]
         rows = local(torch.searchsorted(keys, owner * n_items + items))
         logits = (table[rows] * a[owner]).sum(-1) + c[owner]
-        target = st.yhat[users[owner], items]
         weight = size.to(table.dtype).clamp(min=1)[torch.searchsorted(rep, owner)]
-        return ctx.flags["kd_weight"] * (kd_terms(logits, target) / weight).sum()
+        return ctx.flags["kd_weight"] * (kd_terms(logits, st.yhat[users[owner], items]) / weight).sum()
 
     def _penalty(self, ctx, users, private, table, local, row_owner, row_item, keys, live, ewc_rows):
         """emb_reg or EWC penalty (§11) of every stepping returning client, summed over clients."""

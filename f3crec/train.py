@@ -232,12 +232,14 @@ def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, re
             sim, rows, info = load_sim(cfg, flags, base["sim"]), base["rows"], base["info"]
             print(f"[f3crec] base block loaded from {cache}")
         else:
+            started = time.perf_counter()
             sim = grow(sim, lambda items, private: make_simulator(cfg, flags, items, private), cfg, blocks, t,
                        cfg.train.seed)
             if flags["full_retrain"] and t > 0 and not cfg.method.full_retrain_warm:
                 restart(sim, cfg, blocks, t)
             info.append(run_block(sim, cfg, blocks, t, flags, log))
             rows.append(test_row(sim, blocks, t, net, flags["old_block_mask"], flags["metric_decimals"]))
+            info[-1]["seconds"] = round(time.perf_counter() - started, 3)    # grow, rounds, restore, test
             if t == 0 and cache is not None:
                 save_checkpoint(cache, {"sim": sim_state(sim), "rows": rows, "info": info,
                                         "key_config": config_to_dict(cfg)})
