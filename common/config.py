@@ -273,6 +273,12 @@ def parse_cli(argv: Sequence[str] | None, cls: type[T],
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     options = parser.parse_args(list(argv) if argv is not None else None)
     config_path = options.config
+    if options.resume is not None:
+        if not options.resume.is_dir():
+            raise ConfigError(f"--resume {options.resume}: no such run folder")
+        if not (options.resume / "config.yaml").is_file():
+            raise ConfigError(f"--resume {options.resume}: not a run folder (no config.yaml); "
+                              "--resume takes a folder that a run wrote")
     if config_path is None and options.resume is not None:
         config_path = options.resume / "config.yaml"
     if config_path is None:

@@ -36,14 +36,24 @@ def read_table(path, sep: bytes, cols: tuple, header: bool) -> dict:
         raise ValueError(f"{path}: empty file (no data rows)")
     body = body.rstrip()  # the final newline and trailing blank lines are not rows
     dtype = np.dtype([(c, np.float64 if c == "rating" else np.int64) for c in cols])
+    first = 2 if header else 1
+    if sep != b"\t" and b"\t" in body:  # the fast path maps sep to tabs: a tab in the file is a wrong format
+        number = body[:body.index(b"\t")].count(b"\n") + first
+        raise ValueError(f"{path}:{number}: found a tab; fields must be separated by {sep.decode()!r}")
     text = body if sep == b"\t" else body.replace(sep, b"\t")
     if b"\n\n" not in text and b"\n\r\n" not in text:  # loadtxt would skip blank lines silently
         try:
             table = np.loadtxt(io.BytesIO(text), delimiter="\t", dtype=dtype, comments=None, ndmin=1)
-            return {c: np.ascontiguousarray(table[c]) for c in cols}
         except ValueError:
             pass  # fall through to the line-by-line scan for a precise message
-    _raise_first_bad_line(path, body.splitlines(), sep, dtype, first=2 if header else 1)
+        else:
+            columns = {c: np.ascontiguousarray(table[c]) for c in cols}
+            for c in ("user", "item"):
+                bad = np.flatnonzero(columns[c] < 0) if c in columns else ()
+                if len(bad):
+                    raise ValueError(f"{path}:{int(bad[0]) + first}: negative {c} id {columns[c][bad[0]]}")
+            return columns
+    _raise_first_bad_line(path, body.splitlines(), sep, dtype, first=first)
 
 
 def _raise_first_bad_line(path, lines: list[bytes], sep: bytes, dtype: np.dtype, first: int) -> None:

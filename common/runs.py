@@ -156,7 +156,14 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or a pickle that weights_only refuses
+        reason = " ".join(str(err).split())[:120]
+        raise ValueError(f"{path}: not a readable checkpoint (truncated or foreign file: {reason})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a checkpoint of this project (a {type(state).__name__}, not a dict)")
+    return state
 
 
 def rng_state() -> dict:
