@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
+import torch
 import yaml
 
 from common.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
@@ -226,12 +227,26 @@ RENAMED = {"seed": "train.seed", "train.epochs": "train.max_epochs", "data.kind"
            "model.offline": "backbone.local_files_only"}
 
 
+# A top-level config section that only another paper's runs have -> that paper.
+FOREIGN_SECTIONS = {"flame": "FLAME", "method": "FLAME or F3CRec", "federation": "F3CRec", "quirks": "F3CRec"}
+
+
 def check_run_folder(run_dir: str | Path) -> None:
-    """Refuse, in one line, to resume a run folder whose config.yaml uses the old key names."""
+    """Refuse, in one line, to resume a run folder that is another paper's, whose config.yaml is not a
+    mapping or uses the old key names, or that has no readable last.pt (checked before any loading)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return
-    saved = yaml.safe_load(path.read_text()) or {}
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not readable YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a config mapping; --resume takes a folder that a VLM2Rec run wrote")
+    foreign = sorted({FOREIGN_SECTIONS[k] for k in saved if k in FOREIGN_SECTIONS})
+    if foreign:
+        raise ValueError(f"run folder {run_dir} is a {foreign[0]} run (its config.yaml has "
+                         f"{', '.join(k for k in saved if k in FOREIGN_SECTIONS)}), not a VLM2Rec run")
     old = [key for key in ("seed", "model") if key in saved]
     old += [f"{section}.{key}" for section, key in (("train", "epochs"), ("data", "kind"))
             if isinstance(saved.get(section), dict) and key in saved[section]]
@@ -240,6 +255,18 @@ def check_run_folder(run_dir: str | Path) -> None:
         raise ValueError(f"run folder {run_dir} was written with old config keys ({renames}; model.kind "
                          "'offline' is now backbone.name 'two-tower'); this version cannot resume it: "
                          "rerun, or rename the keys in its config.yaml")
+    last = Path(run_dir) / "last.pt"
+    if not last.is_file():
+        raise FileNotFoundError(f"run folder {run_dir} has no last.pt: it stopped before its first epoch ended "
+                                "(nothing to resume); start the run again")
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        missing = [k for k in ("model", "optimizer", "scheduler", "rng", "epoch", "step") if k not in ckpt]
+    except Exception as err:              # torch.load raises many types on a damaged file
+        raise ValueError(f"{last} is damaged or not a VLM2Rec checkpoint ({type(err).__name__}); "
+                         "start the run again") from None
+    if missing:
+        raise ValueError(f"{last} is not a VLM2Rec checkpoint (no {', '.join(missing)})")
 
 
 def check_resume(argv: list[str] | None) -> None:

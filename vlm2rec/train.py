@@ -8,6 +8,7 @@ weights. `train_one_epoch` is one pass over the shuffled pairs, logging the coll
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from common.config import config_to_dict
+from common.io import atomic_write
 from common.runs import check_finite, load_checkpoint, log_metrics, rng_state, save_checkpoint, set_rng_state
 
 from .config import Config, TrainConfig
@@ -132,17 +134,41 @@ class Progress:
     best_val: float = float("-inf")
     best_epoch: int = -1
     best_state: dict | None = None
+    zero_shot_valid: dict | None = None   # the untrained embedder's validation results (kept for results.json)
 
 
-def resume_progress(core, optimizer, scheduler, folder: Path) -> Progress:
-    """Restore weights, optimiser, schedule and RNG from folder/last.pt (and the best weights)."""
+def resume_progress(core, optimizer, scheduler, folder: Path, writes: bool) -> Progress:
+    """Restore weights, optimiser, schedule and RNG from folder/last.pt (and the best weights), and cut
+    metrics.jsonl back to what that checkpoint had logged: the records of the epoch a kill interrupted
+    (a half-written last line included) are dropped, so a resumed run leaves the records of one that
+    never stopped."""
     ckpt = load_checkpoint(Path(folder) / "last.pt")
     core.load_trainable_state(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"])
     best = load_checkpoint(Path(folder) / "best.pt")["model"] if ckpt["best_epoch"] >= 0 else None
-    return Progress(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_val"], ckpt["best_epoch"], best)
+    if writes:
+        truncate_metrics(Path(folder), ckpt["epoch"])
+    print(f"resumed from {Path(folder) / 'last.pt'} after epoch {ckpt['epoch']}")
+    return Progress(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_val"], ckpt["best_epoch"], best,
+                    ckpt.get("zero_shot_valid"))
+
+
+def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
+    """Keep the metrics.jsonl records of epochs <= last_epoch (the zero-shot line is epoch -1); a line
+    that does not parse can only be the one a kill cut short, and is dropped with what follows it."""
+    path = run_dir / "metrics.jsonl"
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if record.get("epoch", -1) <= last_epoch:
+            kept.append(line + "\n")
+    with atomic_write(path) as handle:
+        handle.write("".join(kept))
 
 
 def save_epoch(core, optimizer, scheduler, cfg: Config, progress: Progress, epoch: int, score: float,
@@ -152,6 +178,8 @@ def save_epoch(core, optimizer, scheduler, cfg: Config, progress: Progress, epoc
     state = {"model": core.trainable_state(), "config": config_to_dict(cfg), "epoch": epoch,
              "step": progress.step, "backbone": core.embedder.identifier,
              "best_val": max(progress.best_val, score), "best_epoch": epoch if improved else progress.best_epoch}
+    if progress.zero_shot_valid is not None:
+        state["zero_shot_valid"] = progress.zero_shot_valid
     if improved:
         progress.best_val, progress.best_epoch, progress.best_state = score, epoch, state["model"]
         if run_dir is not None:
@@ -170,12 +198,12 @@ def fit(model, accelerator, split: dict, negs: dict, num_items: int, cfg: Config
                                           accelerator.num_processes)
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
-    progress = Progress() if resume_from is None else resume_progress(core, optimizer, scheduler, resume_from)
-    summary: dict = {}
+    progress = (Progress() if resume_from is None
+                else resume_progress(core, optimizer, scheduler, resume_from, run_dir is not None))
     if cfg.zero_shot and progress.epoch == 0:
-        summary["zero_shot_valid"] = evaluate(core, split["valid"], negs["valid"], num_items, cfg.eval, run_dir, "valid")
+        progress.zero_shot_valid = evaluate(core, split["valid"], negs["valid"], num_items, cfg.eval, run_dir, "valid")
         if run_dir is not None:
-            log_metrics(run_dir, {"step": 0, "epoch": -1, **flat(summary["zero_shot_valid"], "valid")})
+            log_metrics(run_dir, {"step": 0, "epoch": -1, **flat(progress.zero_shot_valid, "valid")})
 
     def log(record: dict) -> None:
         if run_dir is None:
@@ -198,4 +226,5 @@ def fit(model, accelerator, split: dict, negs: dict, num_items: int, cfg: Config
         save_epoch(core, optimizer, scheduler, cfg, progress, epoch, score, run_dir)
     if progress.best_state is not None:       # test once, at the best validation epoch (§13)
         core.load_trainable_state(progress.best_state)
+    summary = {} if progress.zero_shot_valid is None else {"zero_shot_valid": progress.zero_shot_valid}
     return core, {**summary, "best_epoch": progress.best_epoch, "best_valid": progress.best_val}
