@@ -62,6 +62,14 @@ def test_smoke_as_script_from_inside_the_folder(tmp_path):
                  "eval.scenarios=[]"], ROOT / "vlm2rec")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "r" / "results.json").exists()
+    # A calm console: no bar when stderr is not a terminal, and the run ends with its table and folder.
+    assert proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    assert lines[-10].split() == ["test", "HR@10", "NDCG@10", "HR@20", "NDCG@20"]   # 6 modes + 2 SASRec rows
+    assert [line.split()[:2] for line in lines[-9:-1]] == [[p, m] for p in ("sampled", "full")
+                                                          for m in ("text", "image", "both")] + [
+        ["sampled", "SASRec"], ["full", "SASRec"]]
+    assert lines[-1].endswith(f"run folder: {tmp_path / 'r'}") and sum("epoch 1: loss" in x for x in lines) == 1
 
 
 def test_smoke_from_a_copy_of_the_folder(tmp_path):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from common.io import atomic_write, cache_root
 from common.metrics import average, full_sort_metrics, sampled_metrics
@@ -23,6 +22,7 @@ from common.runs import load_checkpoint, save_checkpoint
 
 from .catalog import Catalog
 from .config import SCENARIOS, EvalConfig
+from .console import bar
 from .diagnostics import geometry
 
 SPLITS = ("valid", "test")
@@ -142,14 +142,14 @@ def embed(model, split_data: dict, num_items: int, modes: list[str], cache_dir: 
     device = model.log_scale.device
     modes = tuple(modes)
     item_rows: dict[str, list[torch.Tensor]] = {}
-    for start in tqdm(range(1, num_items + 1, batch_size), desc=f"{desc} items", leave=False):
+    for start in bar(range(1, num_items + 1, batch_size), f"encoding {desc} items"):
         ids = torch.arange(start, min(start + batch_size, num_items + 1), device=device)
         for mode, emb in model.encode("item", ids, modes).items():
             item_rows.setdefault(mode, []).append(emb.float().cpu())
     items = {m: torch.cat([torch.zeros(1, rows[0].shape[1]), *rows]) for m, rows in item_rows.items()}
     history = torch.as_tensor(split_data["history"])
     user_rows: dict[str, list[torch.Tensor]] = {}
-    for start in tqdm(range(0, len(history), batch_size), desc=f"{desc} users", leave=False):
+    for start in bar(range(0, len(history), batch_size), f"encoding {desc} users"):
         for mode, emb in model.encode("hist", history[start:start + batch_size].to(device), modes).items():
             user_rows.setdefault(mode, []).append(emb.float().cpu())
     users = {m: torch.cat(rows) for m, rows in user_rows.items()}

@@ -24,6 +24,7 @@ from common.utils import get_device, seed_everything
 from .backbones import missing_requirements
 from .catalog import Catalog
 from .config import Config, check_config, check_resume
+from .console import results_table
 from .data import load_dataset
 from .diagnostics import plot_run
 from .evaluate import evaluate_test, split_negatives, split_sequences
@@ -59,13 +60,14 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) ->
     # Under `accelerate launch` every process trains its shard and evaluates identically; only the main
     # process owns the run folder and writes.
     writes = accelerator.is_main_process
-    out_dir = start_run(cfg, "vlm2rec", data["name"], cfg.tag, run_dir, root=cfg.run_root) if writes else None
     split = split_sequences(data["sequences"], cfg.data.max_history, cfg.train.instances_per_user)
     num_items = data["num_items"]
     negs, neg_sha = split_negatives(data["sequences"], num_items, cfg.eval, data["name"])
     model = VLM2Rec(cfg.backbone, Catalog(data["titles"], data["images"], cfg.data.image_size), accelerator.device,
                     cfg.loss, cfg.wpcl, cfg.crtr)
     model.embedder.precompute([h for s in ("train", "valid", "test") for h in split[s]["history"]])
+    # The run folder is claimed only now: a split, negatives or backbone that fails leaves no folder behind.
+    out_dir = start_run(cfg, "vlm2rec", data["name"], cfg.tag, run_dir, root=cfg.run_root) if writes else None
     print(f"backbone {model.embedder.identifier}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
           f"trainable parameters; {len(split['train']['target']):,} training pairs; "
           f"{len(data['sequences']):,} users; {num_items:,} items")
@@ -89,11 +91,10 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) ->
 
 
 def print_summary(results: dict) -> None:
-    clean = results["test"]["clean"]
-    for protocol in ("sampled", "full"):
-        for mode, metrics in clean.get(protocol, {}).items():
-            print(f"test {protocol:7s} {mode:5s} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                                             if k.startswith(("HR", "NDCG"))))
+    """The closing lines of a run: one results table and where everything was written."""
+    print(results_table(results))
+    print(f"best epoch {results['best_epoch']} (valid {results['select_on']} {results['best_valid']:.4f}); "
+          f"run folder: {results['run_dir']}")
 
 
 def main(argv: list[str] | None = None) -> dict:

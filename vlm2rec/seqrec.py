@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.runs import check_finite
+
 from .config import EvalConfig, SeqRecConfig
 from .evaluate import score_protocols
 
@@ -141,6 +143,7 @@ def fit_seqrec(cfg: SeqRecConfig, split: dict, item_emb: torch.Tensor | None, ne
             batch = {"history": torch.as_tensor(history[idx], device=device),
                      "target": torch.as_tensor(target[idx], device=device)}
             loss = model.loss(batch)
+            check_finite(loss, f"seqrec epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

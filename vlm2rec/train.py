@@ -22,6 +22,7 @@ from common.io import atomic_write
 from common.runs import check_finite, load_checkpoint, log_metrics, rng_state, save_checkpoint, set_rng_state
 
 from .config import Config, TrainConfig
+from .console import bar, say
 from .diagnostics import branch_grad_norms
 from .evaluate import evaluate, flat, selection_score
 
@@ -210,9 +211,9 @@ def fit(model, accelerator, split: dict, negs: dict, num_items: int, cfg: Config
             return
         log_metrics(run_dir, record)
         if record.get("step", 0) % (cfg.train.log_every * 5) == 0:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
-    for epoch in range(progress.epoch, cfg.train.max_epochs):
+    for epoch in bar(range(progress.epoch, cfg.train.max_epochs), "epochs", leave=True):
         if cfg.train.hard_negatives > 0:   # re-mined every epoch from the current fused item table
             table = core.item_table(num_items, "both", cfg.eval.batch_size).cpu()
             split["train"]["negatives"] = mine_hard_negatives(table, split["train"], cfg.train.hard_negatives)
@@ -222,7 +223,7 @@ def fit(model, accelerator, split: dict, negs: dict, num_items: int, cfg: Config
         score = selection_score(valid, cfg.eval.select_on)
         log({"step": progress.step, "epoch": epoch, "select": score, **{f"train_{k}": v for k, v in means.items()},
              **flat(valid, "valid")})
-        print(f"epoch {epoch}: loss {means.get('loss', float('nan')):.4f} valid {cfg.eval.select_on} {score:.4f}")
+        say(f"epoch {epoch}: loss {means.get('loss', float('nan')):.4f} valid {cfg.eval.select_on} {score:.4f}")
         save_epoch(core, optimizer, scheduler, cfg, progress, epoch, score, run_dir)
     if progress.best_state is not None:       # test once, at the best validation epoch (§13)
         core.load_trainable_state(progress.best_state)

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from common.io import cache_root
 from common.runs import load_checkpoint, save_checkpoint
 
 from .catalog import Catalog, history_items
 from .config import TwoTowerConfig
+from .console import bar
 from .effnet import CROP_FRACTION, IMAGE_SIZE, MEAN, STD, load_pretrained, preprocess
 
 LABEL = "two-tower stand-in (MiniLM + EfficientNet-Lite0), not the paper's VLM"
@@ -101,8 +101,7 @@ class FeatureStore:
         hashed = [_key(k) for k in keys]
         todo = sorted({h: i for i, h in enumerate(hashed) if h not in self.index}.items(), key=lambda kv: kv[1])
         if todo:
-            for start in tqdm(range(0, len(todo), self.batch), desc=f"{self.name} features",
-                              disable=len(todo) <= self.batch):
+            for start in bar(range(0, len(todo), self.batch), f"{self.name} features"):
                 chunk = todo[start:start + self.batch]
                 with torch.inference_mode():
                     out = self.compute([make_input(i) for _, i in chunk]).float().cpu()
