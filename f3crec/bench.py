@@ -71,12 +71,20 @@ def whole_run(overrides: list[str], rounds: int) -> dict:
             "fixed_s": whole - sum(blocks), "rounds": [b["rounds_run"] for b in results["blocks"]]}
 
 
+def torch_import_seconds() -> float:
+    """Wall time of a bare `python -c "import torch"`: the part of the fixed cost no code of ours can cut."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return time.perf_counter() - start
+
+
 def report(ours: dict) -> str:
     """Markdown table: each phase, ours, the reference implementation, the ratio, the target."""
     rows = [("base block (rounds + validation + test)", "base_block_s"), ("per base round (incl. validation)",
             "base_round_s"), ("three incremental blocks", "incremental_blocks_s"),
             ("per incremental round (incl. validation)", "incremental_round_s"),
-            ("fixed cost (outside the blocks)", "fixed_s"), ("whole process", "whole_s")]
+            ("fixed cost (outside the blocks)", "fixed_s"), ("… of which a bare `import torch`", "torch_import_s"),
+            ("whole process", "whole_s")]
     lines = ["| phase | ours (s) | reference implementation (s) | ratio | target |", "|---|---|---|---|---|"]
     for label, key in rows:
         ref = REFERENCE.get(key)
@@ -179,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.per_round:
         return per_round(args)
-    runs = [whole_run(["--config", args.config, *args.overrides], args.block_rounds) for _ in range(args.repeats)]
+    runs = [{**whole_run(["--config", args.config, *args.overrides], args.block_rounds),
+             "torch_import_s": torch_import_seconds()} for _ in range(args.repeats)]
     ours = {k: min(r[k] for r in runs) if k != "rounds" else runs[0][k] for k in runs[0]}   # best of the repeats
     print(f"FedMF F3CRec, {args.block_rounds} rounds per block (ran {ours['rounds']}), one thread, best of "
           f"{args.repeats}, load average {os.getloadavg()[0]:.1f}:\n" + report(ours))

@@ -232,10 +232,20 @@ def previous_scores(net: Backbone, private: dict[str, torch.Tensor], items: torc
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """End-of-block ŷ (U, I) and T (U, N) (top-N, descending, nothing masked, ties to lower id) (§6)."""
     scores = score_matrix(net, private, items)
-    chunk = 4096  # the argsort's int64 index matrix is the memory peak for 10⁵ users: sort in chunks
-    top = [torch.argsort(scores[lo:lo + chunk], dim=1, descending=True, stable=True)[:, :topn]
-           for lo in range(0, scores.shape[0], chunk)]
-    return scores, torch.cat(top)
+    chunk = 4096  # bounds the candidate lists for 10⁵ users
+    return scores, torch.cat([top_n(scores[lo:lo + chunk], topn) for lo in range(0, scores.shape[0], chunk)])
+
+
+def top_n(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n items of each row in a stable descending sort (ties to the lower id), without sorting
+    the row: the candidates are the items scoring at least the row's n-th largest value."""
+    n = min(n, scores.shape[1])
+    threshold = torch.topk(scores, n, dim=1).values[:, -1:]
+    row, item = torch.nonzero(scores >= threshold, as_tuple=True)               # row-major, item ascending
+    by_value = torch.sort(scores[row, item], descending=True, stable=True).indices
+    order = by_value[torch.sort(row[by_value], stable=True).indices]             # (row, −score, item)
+    start = torch.cumsum(torch.bincount(row, minlength=scores.shape[0]), 0) - torch.bincount(row, minlength=scores.shape[0])
+    return item[order][start[:, None] + torch.arange(n, device=scores.device)]
 
 
 def fisher(net: Backbone, private: dict[str, torch.Tensor], items: torch.Tensor, plan: RoundPlan

@@ -240,3 +240,13 @@ def test_target_ranks_equal_a_stable_descending_sort_with_ties():
         order = torch.argsort(scores, dim=1, descending=True, stable=True)
         position = torch.empty_like(order).scatter_(1, order, torch.arange(n_items).expand_as(order))
         assert torch.equal(target_ranks(scores, targets), position.gather(1, targets) + 1)
+
+
+def test_top_n_equals_a_stable_descending_sort_with_ties():
+    """T^u (§6): the first N of a stable descending sort (ties to the lower id), found without sorting."""
+    from f3crec.round import top_n
+    g = torch.Generator().manual_seed(1)
+    for trial in range(100):
+        rows, n_items = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(30, 60, (1,), generator=g))
+        scores = torch.randint(0, 4 if trial % 2 else 1000, (rows, n_items), generator=g).float()
+        assert torch.equal(top_n(scores, 30), torch.argsort(scores, dim=1, descending=True, stable=True)[:, :30])
