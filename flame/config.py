@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
 
+from common.config import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
+
 DatasetName = Literal["amazon-beauty", "amazon-games", "amazon-sports", "amazon-toys", "yelp", "ml-1m", "synthetic"]
+Seed = Annotated[int, Range(0, 2**32 - 1)]  # numpy seeds must fit in 32 bits
 Metric = Literal["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 
 
@@ -21,23 +24,23 @@ class DataConfig:
     """Dataset and windowing (§3)."""
     name: DatasetName = "amazon-toys"  # the FLAME files (§3.1), ml-1m built (§3.6), or generated walks
     root: Optional[str] = None  # raw-data root; None = $REPRO_DATA, then <repo>/data/raw
-    max_len: int = 50  # L, the input window; also the backbone's number of positions (§2)
+    max_len: PosInt = 50  # L, the input window; also the backbone's number of positions (§2)
     truncate: Literal["reference", "none"] = "reference"  # quirk 9: keep the last L+3 items only
-    synthetic_users: int = 300  # size of the generated set (name=synthetic only)
-    synthetic_items: int = 60  # its number of items
-    synthetic_seed: int = 0  # its own seed, independent of train.seed
+    synthetic_users: PosInt = 300  # size of the generated set (name=synthetic only)
+    synthetic_items: Annotated[int, Range(2)] = 60  # its number of items (a ranking needs two)
+    synthetic_seed: Seed = 0  # its own seed, independent of train.seed
 
 
 @dataclass
 class BackboneConfig:
     """The SASRec network (§2, §4); its input length is data.max_len."""
-    d: int = 64  # hidden size
-    heads: int = 2  # attention heads; head h takes features [h*d/heads, (h+1)*d/heads) (§4.3)
-    blocks: int = 2  # transformer blocks
-    dropout: float = 0.5  # embedding output, attention probabilities, both residual branches
-    init_std: float = 0.02  # N(0, std^2) for every Linear and Embedding weight (§4.5)
-    ln_eps: float = 1e-12  # all five LayerNorms
-    mask_value: float = -10000.0  # finite additive mask (§4.2, quirk 12): -inf turns all-pad rows into NaN
+    d: PosInt = 64  # hidden size; a multiple of heads (checked before any training)
+    heads: PosInt = 2  # attention heads; head h takes features [h*d/heads, (h+1)*d/heads) (§4.3)
+    blocks: PosInt = 2  # transformer blocks
+    dropout: Annotated[float, Range(0, 1, max_open=True)] = 0.5  # embedding output, attention probabilities, both residual branches
+    init_std: PosFloat = 0.02  # N(0, std^2) for every Linear and Embedding weight (§4.5)
+    ln_eps: PosFloat = 1e-12  # all five LayerNorms
+    mask_value: Annotated[float, Range(-1e30, 0, max_open=True)] = -10000.0  # finite additive mask (§4.2, quirk 12): -inf turns all-pad rows into NaN
 
 
 @dataclass
@@ -48,20 +51,22 @@ class FlameConfig:
     frozen_mode: Literal["train", "eval"] = "train"  # quirk 4: the reference keeps dropout on in it
     split: Literal["embed_encoder", "per_block"] = "embed_encoder"  # M=2 (§7.1) or M=1+blocks (§8)
     path_mixing: Literal["tiled", "independent"] = "tiled"  # quirk 5: tiled = paths cross-attend
-    num_paths: int = 0  # paths sampled per step (>= 2); 0 = all 2^M paths, as the reference
-    tau: float = 1.0  # NT-Xent temperature (§7.3)
-    lambda0: float = 1.0  # λ at e=0 (§7.4); 0 skips the paths
-    lambdaR: float = 1e-5  # λ at e=R
-    lambda_horizon: Optional[int] = None  # R; None = train.max_epochs (quirk 10)
+    num_paths: NonNegInt = 0  # paths sampled per step (>= 2); 0 = all 2^M paths, as the reference
+    tau: PosFloat = 1.0  # NT-Xent temperature (§7.3)
+    lambda0: NonNegFloat = 1.0  # λ at e=0 (§7.4); 0 skips the paths
+    lambdaR: NonNegFloat = 1e-5  # λ at e=R
+    lambda_horizon: Optional[PosInt] = None  # R; None = train.max_epochs (quirk 10)
     cl_normalize: bool = False  # cosine NT-Xent instead of raw dot products (ablation, quirk 6)
     detach_pair_weights: bool = False  # no gradient through α (ablation, quirk 6)
+    gather_negatives: Optional[bool] = None  # data parallel: L_wcl over the whole batch's paths (all-gathered,
+    # the 1-process objective) or over each rank's rows; None = on under more than one process (§10)
 
 
 @dataclass
 class MethodConfig:
     """What is trained (§11): FLAME or one of its baselines, with the baselines' options."""
     name: Literal["flame", "sasrec", "ensemble", "mutual"] = "flame"  # sasrec = B1, ensemble = B2, mutual = B3
-    ensemble_n: int = 4  # B2: stage-1 SASRecs with seeds seed, seed+1, ...
+    ensemble_n: Annotated[int, Range(2)] = 4  # B2: stage-1 SASRecs with seeds seed, seed+1, ...
     ensemble_members: list[str] = field(default_factory=list)  # B2 from given SASRecs instead: run
     # folders (frozen.pt + results.json) or 36-key checkpoint files (e.g. the shipped frozen nets)
     ml_loss: Literal["wcl", "kl"] = "wcl"  # B3: FLAME's path loss, or classic deep mutual learning
@@ -70,12 +75,12 @@ class MethodConfig:
 @dataclass
 class TrainConfig:
     """Optimisation, early stopping (§2, §7.5) and the speed options (§10)."""
-    lr: float = 1e-3  # Adam, betas (0.9, 0.999), eps 1e-8; no weight decay, schedule or clipping
-    batch_size: int = 256  # training samples per step
-    max_epochs: int = 200  # epochs at most
-    patience: int = 30  # stop when epoch > best_epoch + patience
+    lr: PosFloat = 1e-3  # Adam, betas (0.9, 0.999), eps 1e-8; no weight decay, schedule or clipping
+    batch_size: PosInt = 256  # training samples per step
+    max_epochs: NonNegInt = 200  # epochs at most; 0 only scores the initial (or flame.frozen) net
+    patience: NonNegInt = 30  # stop when epoch > best_epoch + patience
     select: Metric = "NDCG@20"  # validation metric for early stopping, strict improvement
-    seed: int = 42  # python, numpy and torch seeds
+    seed: Seed = 42  # python, numpy and torch seeds
     deterministic: bool = False  # torch.use_deterministic_algorithms; off: some CUDA kernels lack it
     device: str = "auto"  # auto = cuda when available, else cpu; or a torch device name
     bf16: bool = False  # bf16 autocast in training (speed option; reproduction runs use fp32, §7.5)
@@ -90,7 +95,7 @@ class EvalConfig:
     """Evaluation protocol (§9)."""
     seen_mask: Literal["reference", "zero", "neg_inf", "none"] = "reference"  # quirks 7-8
     rank: Literal["argsort", "strict"] = "argsort"  # quirk 15
-    batch_size: int = 256  # users scored per batch
+    batch_size: PosInt = 256  # users scored per batch
 
 
 @dataclass
@@ -103,6 +108,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run_root: Optional[str] = None  # runs go to <run_root>/flame/<dataset>/; None = $REPRO_RUNS, else <repo>/runs
+
+
+def check_config(cfg: Config) -> None:
+    """The constraints between keys (each key's own range is checked at load time): one line naming them,
+    raised before any data is read or any network is trained."""
+    bc, fc = cfg.backbone, cfg.flame
+    if bc.d % bc.heads:
+        raise ConfigError(f"backbone.d={bc.d} must be a multiple of backbone.heads={bc.heads} (§4.3)")
+    paths = 2 ** (2 if fc.split == "embed_encoder" else 1 + bc.blocks)  # 2^M (§7.1, §8)
+    if fc.num_paths and not 2 <= fc.num_paths <= paths:
+        raise ConfigError(f"flame.num_paths={fc.num_paths}: need 0 (all) or 2..{paths} with "
+                          f"flame.split={fc.split} and backbone.blocks={bc.blocks}")
 
 
 # Keys of run folders written by earlier versions of this folder, and what they are called now.

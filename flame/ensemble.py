@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, FlameConfig
-from .model import AveragedLogits, SASRec, load_frozen
+from .model import AveragedLogits, SASRec, load_frozen, scaled
 
 
 def path_order(num_stages: int) -> list[str]:
@@ -93,7 +93,10 @@ class FLAME(nn.Module):
     mutual=False: FLAME, the second network is frozen (no grads, never updated, §7.2).
     mutual=True: baseline B3, the second network is trainable and gets its own L_rec (§11); with
     ml_loss="kl" the path loss is replaced by classic deep mutual learning (KL to the detached peer).
-    batch: "seq" (B, L), "target" (B,), and "lam" (λ of the current epoch: a float, or a 0-d tensor).
+    batch: "seq" (B, L), "target" (B,), and "lam" (λ of the current epoch: a float, or a 0-d tensor);
+    under data parallelism (flame/parallel.py) also "share" (the scale of the per-row means), "gather"
+    (all-gathers the path outputs: L_wcl over the whole batch), "gathered_share" (its scale) and "paths"
+    (the sampled paths, rank 0's). Each returned term is this rank's share: their sum over ranks is the term.
     """
 
     def __init__(self, learnable: SASRec, other: SASRec, cfg: FlameConfig, mutual: bool = False,
@@ -160,26 +163,33 @@ class FLAME(nn.Module):
         else:
             lam = float(lam)
             skip_paths = lam == 0.0
+        share, gather = batch.get("share", 1.0), batch.get("gather")
         mask = self.learnable.mask(seq)  # (B, 1, L, L), used by every pass below
         logits = self.learnable.logits(self.learnable(seq, mask))  # h: the only input of L_rec (§7.1 step 1)
-        rec = F.cross_entropy(logits, target - 1)
+        rec = scaled(F.cross_entropy(logits, target - 1), share)
         terms = {"rec": rec}
         loss = rec
         if self.mutual:
             logits_b = self.frozen.logits(self.frozen(seq, mask))
-            terms["rec_b"] = F.cross_entropy(logits_b, target - 1)
+            terms["rec_b"] = scaled(F.cross_entropy(logits_b, target - 1), share)
             loss = loss + terms["rec_b"]
             if self.ml_loss == "kl":  # deep mutual learning: KL(p_other || p_self), p_other detached
                 log_a, log_b = F.log_softmax(logits, -1), F.log_softmax(logits_b, -1)
-                kl = (F.kl_div(log_a, log_b.detach(), log_target=True, reduction="batchmean")
-                      + F.kl_div(log_b, log_a.detach(), log_target=True, reduction="batchmean"))
+                kl = scaled(F.kl_div(log_a, log_b.detach(), log_target=True, reduction="batchmean")
+                             + F.kl_div(log_b, log_a.detach(), log_target=True, reduction="batchmean"), share)
                 terms["kl"] = kl
                 terms["loss"] = loss + kl
                 return terms
         if not skip_paths:  # λ0 = 0 skips the paths entirely (behaves like B1, §11)
-            z = self.path_outputs(seq, self.sample_paths(), mask)
+            z = self.path_outputs(seq, batch.get("paths") or self.sample_paths(), mask)
+            scale = share
+            if gather is not None:  # every rank: the same L_wcl over the whole batch's rows
+                names = list(z)
+                z = dict(zip(names, gather(torch.stack([z[p] for p in names])).unbind(0)))
+                scale = batch["gathered_share"]
             wcl, alpha = weighted_contrastive(z, self.cfg.tau, self.cfg.cl_normalize,
                                               self.cfg.detach_pair_weights)
+            wcl, alpha = scaled(wcl, scale), {k: scaled(v, scale) for k, v in alpha.items()}
             loss = loss + lam * wcl
             terms["wcl"] = wcl
             terms.update({f"alpha/{k}": v for k, v in alpha.items()})

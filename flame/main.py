@@ -6,7 +6,7 @@
     python -m flame.main --resume runs/flame/amazon-toys/<run>            # continue from last.pt
     cd flame && python main.py --config configs/smoke.yaml
 method.name = flame (default) | sasrec (B1) | ensemble (B2) | mutual (B3), docs/method.md §11.
-Multi-GPU: the same command under `accelerate launch`.
+Data parallel: `python -m flame.launch --nproc 2 -- <the same arguments>` (or torchrun / accelerate launch).
 """
 from __future__ import annotations
 
@@ -18,15 +18,14 @@ from typing import Optional
 if __package__ in (None, ""):  # script mode: `cd flame && python main.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "flame"  # noqa: E702
 
-import torch.distributed as dist  # noqa: E402
-
+from common.cli import run_cli  # noqa: E402
 from common.config import config_to_dict, parse_cli  # noqa: E402
 from common.runs import save_checkpoint, start_run, write_results  # noqa: E402
-from common.cli import run_cli
 from common.utils import seed_everything  # noqa: E402
 
-from . import stage1  # noqa: E402
-from .config import Config, check_saved_config  # noqa: E402
+from . import parallel, stage1  # noqa: E402
+from .checks import check_resume_folder, preflight  # noqa: E402
+from .config import Config  # noqa: E402
 from .data import build_data, load_raw  # noqa: E402
 from .ensemble import build_model  # noqa: E402
 from .evaluate import convergence, evaluate_ensemble, final_metrics, print_table  # noqa: E402
@@ -43,16 +42,17 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> di
     method = cfg.method.name
     device, is_main = setup_device(cfg.train.device)
     check_graph_options(cfg.train, cfg.flame if method in ("flame", "mutual") else None, device)
+    preflight(cfg, run_dir, resume)  # run folder, given files, resumed checkpoint: before any expensive work
+    frozen, stage1_dir = stage1.frozen_checkpoint(cfg)  # the shipped weights are missing: one line, now
     data = build_data(load_raw(cfg.data), cfg.data)
     for sub, folder in stage1.pending(cfg):  # the SASRecs this run builds on (§6), trained once
-        run(sub, folder, resume=(folder / "last.pt").exists())
-    (frozen, stage1_dir), members = stage1.frozen_checkpoint(cfg), stage1.ensemble_members(cfg)
+        with stage1.claimed(folder, lock=is_main):  # one builder per folder; waits for another run's
+            if parallel.broadcast(not stage1.finished(folder)):  # rank 0 decides for every rank
+                run(sub, folder, resume=(folder / "last.pt").exists())
+    members = stage1.ensemble_members(cfg)
     tag = f"{method}_seed{cfg.train.seed}"
     run_dir = start_run(cfg, "flame", cfg.data.name, tag, run_dir, root=cfg.run_root) if is_main else run_dir
-    if dist.is_available() and dist.is_initialized():  # every rank uses rank 0's run folder
-        folder = [str(run_dir)]
-        dist.broadcast_object_list(folder, src=0)
-        run_dir = Path(folder[0])
+    run_dir = Path(parallel.broadcast(str(run_dir)))  # every rank uses rank 0's run folder
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     model = build_model(cfg, data.num_items, frozen, [path for path, _ in members]).to(device)
     data.training_to(device)  # the whole training set on the device (no loader)
@@ -71,18 +71,16 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> di
             results["convergence"] = convergence(cfg, run_dir, results["test"]["reference"]["NDCG@20"], stage1_dir)
         results = write_results(run_dir, results)
         print_table(results)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # other ranks may read frozen.pt / results.json of this run next
+        print(f"run folder: {run_dir}")
+    parallel.barrier()  # other ranks may read frozen.pt / results.json of this run next
     return {**results, "run_dir": str(run_dir)}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     resumed, _ = _resume_option.parse_known_args(argv)
-    if resumed.resume is not None:  # before parse_cli: an old folder's keys get a one-line explanation
-        check_saved_config(resumed.resume)
+    if resumed.resume is not None:  # before parse_cli reads its config.yaml: a missing, foreign or old
+        check_resume_folder(resumed.resume)  # folder gets a one-line explanation
     cfg, options = parse_cli(argv, Config)
-    if options.resume is not None and not (options.resume / "last.pt").exists():
-        raise FileNotFoundError(f"nothing to resume: {options.resume / 'last.pt'} does not exist")
     return run(cfg, options.resume or options.run_dir, resume=options.resume is not None)
 
 

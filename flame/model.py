@@ -141,7 +141,10 @@ class SASRec(nn.Module):
         return h @ self.item_emb.weight[1:].T  # (B, I)
 
     def loss_terms(self, batch: dict) -> dict[str, torch.Tensor]:
-        rec = F.cross_entropy(self.logits(self(batch["seq"])), batch["target"] - 1)  # L_rec, full softmax
+        """L_rec, full softmax; batch["share"] (data parallel, flame/parallel.py): this rank's share of the
+        global mean, so the terms summed over the ranks are the global terms."""
+        rec = scaled(F.cross_entropy(self.logits(self(batch["seq"])), batch["target"] - 1),
+                     batch.get("share", 1.0))
         return {"loss": rec, "rec": rec}
 
     def loss(self, batch: dict) -> torch.Tensor:
@@ -162,6 +165,11 @@ class AveragedLogits(nn.Module):
 
     def score_all(self, batch: dict) -> torch.Tensor:
         return torch.stack([m.score_all(batch) for m in self.members]).mean(0)
+
+
+def scaled(term: torch.Tensor, share: float) -> torch.Tensor:
+    """A loss term times this rank's share (data parallel); one process (share 1) adds no kernel."""
+    return term if share == 1.0 else term * share
 
 
 def sasrec_state(model: SASRec) -> dict[str, torch.Tensor]:

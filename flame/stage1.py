@@ -1,20 +1,26 @@
 """Stage 1 (§6): the plain SASRecs a run needs before it can start, and where they are cached.
 
     for sub, folder in pending(cfg):            # SASRec runs not finished yet: main.run trains them
-        run(sub, folder, resume=(folder / "last.pt").exists())
+        with claimed(folder):                   # one builder per folder, across processes
+            if not finished(folder):            # another run may have finished it while we waited
+                run(sub, folder, resume=(folder / "last.pt").exists())
     frozen, stage1 = frozen_checkpoint(cfg)     # FLAME's frozen net (§5, §6)
     members = ensemble_members(cfg)             # B2's nets (§11)
 
 A stage-1 folder is keyed by every config section that changes its result, so a changed setting
-trains a new net instead of reusing a stale one.
+trains a new net instead of reusing a stale one. A folder is built by one process at a time (an
+exclusive `fcntl.flock` on `<folder>.lock` beside it, released when the builder ends, even by kill -9):
+a second run needing the same net waits, then reuses it, or resumes it if the builder was killed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from common.config import config_to_dict
 from common.io import data_root, load_json
@@ -35,8 +41,29 @@ def stage1_run(cfg: Config, seed: int) -> tuple[Config, Path]:
     return sub, root / "flame" / cfg.data.name / "stage1" / f"seed{seed}_{key}"
 
 
-def _finished(folder: Path) -> bool:
+def finished(folder: Path) -> bool:
+    """A stage-1 folder is usable once its last two files exist (results.json is written last)."""
     return (folder / "results.json").exists() and (folder / "frozen.pt").exists()
+
+
+@contextlib.contextmanager
+def claimed(folder: Path, lock: bool = True) -> Iterator[None]:
+    """Hold the exclusive lock of stage-1 `folder` (waiting for another process that holds it).
+    lock=False: a data-parallel rank other than 0, which follows rank 0's decision instead."""
+    if not lock:
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[stage 1] {folder} is being trained by another run: waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _seeds(cfg: Config) -> list[int]:
@@ -53,8 +80,8 @@ def pending(cfg: Config) -> list[tuple[Config, Path]]:
     """The stage-1 runs this run needs that are not finished (an unfinished folder is resumed)."""
     runs = [stage1_run(cfg, seed) for seed in _seeds(cfg)]
     for _, folder in runs:
-        print(f"[stage 1] {'reusing' if _finished(folder) else 'training SASRec into'} {folder}")
-    return [(sub, folder) for sub, folder in runs if not _finished(folder)]
+        print(f"[stage 1] {'reusing' if finished(folder) else 'needs SASRec'} {folder}")
+    return [(sub, folder) for sub, folder in runs if not finished(folder)]
 
 
 def frozen_checkpoint(cfg: Config) -> tuple[Optional[Path], Optional[Path]]:

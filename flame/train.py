@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
 import torch
-import torch.distributed as dist
+from tqdm import tqdm
 
 from common.io import atomic_write
-from common.runs import check_finite, load_checkpoint, log_metrics, read_metrics, rng_state, \
-    save_checkpoint, set_rng_state
-from common.utils import get_device
+from common.runs import check_finite, log_metrics, read_metrics, rng_state, save_checkpoint, set_rng_state
 
+from . import parallel
+from .checks import LAST_KEYS, read_checkpoint
 from .evaluate import evaluate
 from .fast import GraphStep, autocast, compiled_loss, stacked_terms
 from .model import lambda_schedule
@@ -38,14 +37,10 @@ class Step(Protocol):
 
 
 def setup_device(name: str) -> tuple[torch.device, bool]:
-    """Single process: get_device(train.device). Under `accelerate launch` (WORLD_SIZE > 1): one rank
-    per device. Returns (device, whether this is the process that writes the run folder)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        return accelerator.device, accelerator.is_main_process
-    return get_device(name), True
+    """Single process: get_device(train.device). Under `python -m flame.launch`, torchrun or
+    `accelerate launch` (WORLD_SIZE > 1): one rank per device (parallel.init). Returns (device, whether
+    this is the process that writes the run folder)."""
+    return parallel.init(name)
 
 
 def synchronize(device: torch.device) -> None:
@@ -61,47 +56,36 @@ def make_optimizer(model: torch.nn.Module, tc: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(trainable, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8, capturable=tc.cuda_graph)
 
 
-def _average_gradients(params: list[torch.Tensor]) -> None:
-    """Data parallelism under `accelerate launch`: every rank holds a slice of the batch."""
-    world = dist.get_world_size()
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
-
-
 class EagerStep:
     """The plain training step (§7.5): zero_grad, loss, backward, Adam. The loss terms are summed on the
-    device (no host sync inside a step). Under `accelerate launch` each rank takes its slice of the batch
-    and the gradients are averaged over the ranks."""
+    device (no host sync inside a step). Under data parallelism each rank takes its rows of the batch,
+    its loss terms are scaled to its share and the gradients summed over the ranks (parallel.py), so
+    the step is the 1-process step; gather: flame.gather_negatives (L_wcl over the whole batch)."""
 
     def __init__(self, model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer,
-                 device: torch.device, bf16: bool = False, loss_fn: Optional[Callable[[dict], dict]] = None):
-        self.data, self.optimizer, self.device, self.bf16 = data, optimizer, device, bf16
+                 device: torch.device, bf16: bool = False, loss_fn: Optional[Callable[[dict], dict]] = None,
+                 gather: bool = False):
+        self.model, self.data, self.optimizer, self.device, self.bf16 = model, data, optimizer, device, bf16
         self.loss_fn = loss_fn or model.loss_terms
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.distributed, self.gather = parallel.world() > 1, gather
+        # sampled paths (flame.num_paths) must be the same on every rank: rank 0's are broadcast
+        self.sampled = self.distributed and bool(getattr(getattr(model, "cfg", None), "num_paths", 0))
         self.sums: dict[tuple, list] = {}  # key tuple -> [stacked running sum, steps]
 
     def reset(self) -> None:
         self.sums = {}
 
     def __call__(self, index: torch.Tensor, lam: float) -> None:
-        if self.distributed:
-            index = index[dist.get_rank():: dist.get_world_size()]
+        index, extra = parallel.shard(index, self.gather)
         self.optimizer.zero_grad(set_to_none=True)
-        if len(index) == 0:  # last batch smaller than the world size: this rank adds zero gradients
-            for p in self.params:
-                p.grad = torch.zeros_like(p)
-            _average_gradients(self.params)
-            self.optimizer.step()
-            return
-        batch = {"seq": self.data.train_seq[index], "target": self.data.train_target[index], "lam": lam}
+        batch = {"seq": self.data.train_seq[index], "target": self.data.train_target[index], "lam": lam, **extra}
+        if self.sampled:
+            batch["paths"] = parallel.broadcast(self.model.sample_paths())
         with autocast(self.device, self.bf16):
             terms = self.loss_fn(batch)
         terms["loss"].backward()
-        if self.distributed:
-            _average_gradients(self.params)
+        parallel.sum_gradients(self.params)
         self.optimizer.step()
         keys, values = stacked_terms(terms)
         if keys in self.sums:
@@ -115,11 +99,12 @@ class EagerStep:
 
 
 def make_step(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, tc: Any,
-              device: torch.device) -> Step:
-    """The step of train.cuda_graph (fast.GraphStep), else the eager step (with train.compile's loss)."""
+              device: torch.device, gather: bool = False) -> Step:
+    """The step of train.cuda_graph (fast.GraphStep), else the eager step (with train.compile's loss);
+    gather: all-gather the path representations under data parallelism (flame.gather_negatives)."""
     if tc.cuda_graph:
         return GraphStep(model, data, optimizer, tc.batch_size, device, tc.bf16)
-    return EagerStep(model, data, optimizer, device, tc.bf16, compiled_loss(model, tc))
+    return EagerStep(model, data, optimizer, device, tc.bf16, compiled_loss(model, tc), gather)
 
 
 def _epoch_means(accumulated: list[tuple[tuple, torch.Tensor, int]]) -> dict[str, float]:
@@ -139,6 +124,7 @@ def train_one_epoch(model: torch.nn.Module, data: Any, step: Step, batch_size: i
     The training tensors are on `device` already; only index slices are taken here."""
     model.train()  # the whole model, frozen net included (§7.5, quirk 4)
     perm = torch.randperm(len(data.train_target)).to(device)  # global RNG: restored on resume
+    parallel.broadcast_tensor(perm)  # every rank shards the same permutation (rank 0's)
     step.reset()
     steps = 0
     synchronize(device)
@@ -150,7 +136,10 @@ def train_one_epoch(model: torch.nn.Module, data: Any, step: Step, batch_size: i
             break
     synchronize(device)
     seconds = time.perf_counter() - start
-    stats = _epoch_means(step.accumulated())
+    accumulated = step.accumulated()
+    for _, values, _ in accumulated:  # each rank holds its share of every term: their sum is the term
+        parallel.sum_over_ranks(values)
+    stats = _epoch_means(accumulated)
     check_finite(stats["loss"], f"the epoch's mean training loss ({steps} steps)")
     return {**stats, "train_seconds": seconds, "steps": steps, "samples": min(len(perm), steps * batch_size)}
 
@@ -168,20 +157,25 @@ class Progress:
 def _resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             is_main: bool) -> tuple[Progress, Optional[dict]]:
     """Load last.pt (model, optimizer, RNG, progress) and best.pt's state; drop newer metric records."""
-    ckpt = load_checkpoint(run_dir / "last.pt")
-    model.load_state_dict(ckpt["model"])
-    for group, saved in zip(optimizer.param_groups, ckpt["optimizer"]["param_groups"]):
-        saved["capturable"] = group.get("capturable", False)  # this run's choice, not the saved one
-    optimizer.load_state_dict(ckpt["optimizer"])
+    ckpt = read_checkpoint(run_dir / "last.pt", LAST_KEYS)
+    try:
+        model.load_state_dict(ckpt["model"])
+        for group, saved in zip(optimizer.param_groups, ckpt["optimizer"]["param_groups"]):
+            saved["capturable"] = group.get("capturable", False)  # this run's choice, not the saved one
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:  # another method's, dataset's or size's checkpoint
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{run_dir / 'last.pt'} does not fit this run's network ({first[:160]})") from None
     progress = Progress(ckpt["epoch"], ckpt["best_val"], ckpt["best_epoch"], ckpt["train_time"],
                         ckpt["time_to_best"])
-    best_state = load_checkpoint(run_dir / "best.pt")["model"] if progress.best_epoch > 0 else None
+    best_state = read_checkpoint(run_dir / "best.pt", ("model",))["model"] if progress.best_epoch > 0 else None
     set_rng_state(ckpt["rng"])
     if is_main:  # records a crash left behind after the checkpoint
         kept = [r for r in read_metrics(run_dir) if r.get("epoch", 0) <= progress.epoch]
         with atomic_write(run_dir / "metrics.jsonl") as handle:
             handle.write("".join(json.dumps(r) + "\n" for r in kept))
-    print(f"resumed from {run_dir / 'last.pt'} after epoch {progress.epoch}")
+    if is_main:
+        print(f"resumed from {run_dir / 'last.pt'} after epoch {progress.epoch}")
     return progress, best_state
 
 
@@ -201,11 +195,18 @@ def fit(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, cfg
     if resume and (run_dir / "last.pt").exists():
         progress, resumed_best = _resume(run_dir, model, optimizer, is_main)
         best_state = resumed_best or best_state
-    step = make_step(model, data, optimizer, tc, device)  # after a resume: a graph captures the loaded states
+    elif is_main and (run_dir / "metrics.jsonl").exists():  # a fresh start: no record of an earlier try
+        with atomic_write(run_dir / "metrics.jsonl") as handle:
+            handle.write("")
+    step = make_step(model, data, optimizer, tc, device, parallel.gather_default(fc.gather_negatives))
     horizon = fc.lambda_horizon or tc.max_epochs  # quirk 10
+    # One bar over the epochs on a terminal (stderr); none in a log, where each epoch is one line.
+    bar = tqdm(total=tc.max_epochs, initial=progress.epoch, unit="epoch", desc=cfg.method.name, leave=False,
+               dynamic_ncols=True, disable=None if is_main else True)
     for epoch in range(progress.epoch + 1, tc.max_epochs + 1):
         if epoch > progress.best_epoch + tc.patience:
-            print(f"early stop: no improvement of valid {tc.select} for {tc.patience} epochs")
+            if is_main:
+                tqdm.write(f"early stop: no improvement of valid {tc.select} for {tc.patience} epochs")
             break
         lam = lambda_schedule(epoch, fc.lambda0, fc.lambdaR, horizon)
         stats = train_one_epoch(model, data, step, tc.batch_size, lam, device)
@@ -216,15 +217,17 @@ def fit(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, cfg
         if improved:
             progress.best, progress.best_epoch, progress.time_to_best = valid[tc.select], epoch, progress.train_time
             best_state = copy.deepcopy(model.state_dict())
-        print(f"epoch {epoch:3d} | loss {stats['loss']:.4f} | {stats['train_seconds']:.1f}s | "
-              f"valid NDCG@20 {valid['NDCG@20']:.2f} HR@20 {valid['HR@20']:.2f}" + (" *" if improved else ""))
-        if is_main:
+        bar.update(1)
+        if is_main:  # tqdm.write keeps the line above the bar (plain print when there is no bar)
+            tqdm.write(f"epoch {epoch:3d} | loss {stats['loss']:.4f} | {stats['train_seconds']:.1f}s | "
+                       f"valid NDCG@20 {valid['NDCG@20']:.2f} HR@20 {valid['HR@20']:.2f}" + (" *" if improved else ""))
             log_metrics(run_dir, {"epoch": epoch, "lambda": lam, **{f"train/{k}": v for k, v in stats.items()},
                                   "train/cumulative_seconds": progress.train_time,
                                   **{f"valid/{k}": v for k, v in valid.items()}})
             if improved:
                 save_checkpoint(run_dir / "best.pt", {"model": best_state, "epoch": epoch, "best_val": progress.best})
             _save_last(run_dir, model, optimizer, progress)
+    bar.close()
     model.load_state_dict(best_state)
     return {"best_valid": progress.best, "best_epoch": progress.best_epoch,
             "time_to_best_s": progress.time_to_best, "train_seconds": progress.train_time}

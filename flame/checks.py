@@ -1,0 +1,130 @@
+"""What can be checked before a run reads its data or trains anything: the run folder, the files it
+builds on, the folder it resumes. Every failure is one line naming the file (a user error, exit 2).
+
+    check_resume_folder(path)            # before the CLI reads that folder's config.yaml
+    preflight(cfg, run_dir, resume)      # before data, stage 1 and training
+    ckpt = read_checkpoint(path, KEYS)   # a truncated or foreign file is one line, not a traceback
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import yaml
+
+from common.runs import default_run_root
+
+from .config import Config, check_config, check_saved_config
+
+# The fields fit() writes into last.pt (train.py::_save_last); a file without them is not a FLAME checkpoint.
+LAST_KEYS = ("model", "optimizer", "epoch", "best_val", "best_epoch", "train_time", "time_to_best", "rng")
+# Top-level config sections that only the other papers of this repository have.
+FOREIGN_SECTIONS = {"federation": "f3crec", "quirks": "f3crec", "wpcl": "vlm2rec", "crtr": "vlm2rec",
+                    "seqrec": "vlm2rec", "loss": "vlm2rec"}
+
+
+def read_checkpoint(path: Path, keys: Iterable[str] = (), what: str = "checkpoint") -> dict:
+    """torch.load(weights_only=True) of a checkpoint dict holding `keys`; a missing, truncated, pickled
+    or foreign file is one ValueError/FileNotFoundError line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable checkpoint, truncated or not written by torch.save "
+                         f"({first[:160]})") from None
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{path}: not a FLAME checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def paper_of(run_dir: Path) -> Optional[str]:
+    """The paper that wrote a run folder: the `[paper] run dir` line of its log.txt, else its config's
+    sections; None when neither tells."""
+    log = run_dir / "log.txt"
+    if log.is_file():
+        with open(log, errors="replace") as handle:
+            for line in handle:
+                if " run dir " in line and line.startswith("["):
+                    return line[1: line.index("]")]
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        try:
+            saved = yaml.safe_load(config.read_text())
+        except yaml.YAMLError:
+            return None
+        if isinstance(saved, dict):
+            others = {FOREIGN_SECTIONS[key] for key in saved if key in FOREIGN_SECTIONS}
+            if len(others) == 1:
+                return others.pop()
+    return None
+
+
+def check_resume_folder(run_dir: Path) -> None:
+    """--resume RUN_DIR names a FLAME run folder with a readable last.pt (checked before its config is read)."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise FileNotFoundError(f"nothing to resume: {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise NotADirectoryError(f"--resume {run_dir}: a file, not a run folder")
+    paper = paper_of(run_dir)
+    if paper is not None and paper != "flame":
+        raise ValueError(f"--resume {run_dir}: this folder is a {paper} run, not a FLAME run "
+                         f"(resume it with python -m {paper}.main)")
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+    check_saved_config(run_dir)
+    if not (run_dir / "last.pt").exists():
+        raise FileNotFoundError(f"nothing to resume: {run_dir / 'last.pt'} does not exist")
+
+
+def _writable_target(folder: Path, what: str) -> None:
+    """`folder` exists as a writable directory, or can be created: its nearest existing ancestor is a
+    writable directory. Creates nothing."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{what} {folder} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {folder} is not writable ({probe}; set run_root or $REPRO_RUNS)")
+
+
+def _run_parent(cfg: Config) -> Path:
+    root = Path(cfg.run_root).expanduser() if cfg.run_root is not None else default_run_root()
+    return root / "flame" / cfg.data.name
+
+
+def preflight(cfg: Config, run_dir: Optional[Path], resume: bool) -> None:
+    """Everything run() can check before reading data or training: the key constraints, the run
+    folder (and the stage-1 folders beside it), the files given by flame.frozen,
+    method.ensemble_members and train.sasrec_run, and the checkpoint a resume starts from."""
+    check_config(cfg)
+    _writable_target(Path(run_dir) if run_dir is not None else _run_parent(cfg), "run folder")
+    fc, method = cfg.flame, cfg.method
+    if fc.frozen and method.name in ("flame", "sasrec"):
+        state = read_checkpoint(Path(fc.frozen), what="flame.frozen: frozen checkpoint")
+        if not isinstance(state, dict) or "item_emb.weight" not in state:
+            raise ValueError(f"flame.frozen={fc.frozen}: not a SASRec state dict in the 36-key layout (§5)")
+    if method.name == "ensemble":
+        for entry in map(Path, method.ensemble_members):
+            if not (entry.is_dir() or entry.is_file()):
+                raise FileNotFoundError(f"method.ensemble_members: {entry} is neither a run folder nor a checkpoint")
+        if method.ensemble_members and len(method.ensemble_members) < 2:
+            raise ValueError(f"method.ensemble_members: an ensemble needs at least 2 members, "
+                             f"got {len(method.ensemble_members)}")
+    if cfg.train.sasrec_run and method.name in ("flame", "mutual"):
+        record = Path(cfg.train.sasrec_run) / "results.json"
+        if not record.is_file():
+            raise FileNotFoundError(f"train.sasrec_run={cfg.train.sasrec_run}: not a finished run (no results.json)")
+    if resume and run_dir is not None and (Path(run_dir) / "last.pt").exists():
+        read_checkpoint(Path(run_dir) / "last.pt", LAST_KEYS)
