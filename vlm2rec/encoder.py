@@ -177,12 +177,13 @@ def tiny_vlm(tokenizer, variant: str = "qwen2-vl") -> nn.Module:
     return Qwen2_5_VLModel(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common))
 
 
-def image_processor_for(pixels: int, source: str | None = None):
-    """Qwen2-VL image processor at a fixed pixel budget (the PIL backend: no torchvision needed)."""
+def image_processor_for(pixels: int, source: str | None = None, local_files_only: bool = True):
+    """Qwen2-VL image processor at a fixed pixel budget (the PIL backend: no torchvision needed), from
+    `source` (a local folder or a hub name, downloaded unless `local_files_only`) or built locally."""
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
     kwargs = dict(min_pixels=pixels, max_pixels=pixels)
     if source is None:
         return Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2, **kwargs)
-    return Qwen2VLImageProcessorPil.from_pretrained(source, local_files_only=True, **kwargs)
+    return Qwen2VLImageProcessorPil.from_pretrained(source, local_files_only=local_files_only, **kwargs)
 
 
