@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
+from common.config import Fraction, PosFloat, PosInt
+
 from .model import BACKBONES
 
 MethodName = Literal["ft", "arm", "itm", "f3crec", "topn_kd", "naive_replay", "emb_reg", "ewc", "full_retrain"]
@@ -52,7 +54,11 @@ class MethodConfig:
 
 @dataclass
 class FederationConfig:
-    simulator: Literal["vectorised", "reference"] = "vectorised"  # §13: same semantics, tested equal
+    simulator: Literal["vectorised", "reference", "flower"] = "vectorised"  # §13, §14: same numbers, tested
+    nodes: PosInt = 2                # flower: in-process nodes; user u lives on node u mod nodes (§14)
+    min_reply_fraction: Fraction = 1.0  # flower: a round needs replies for this share of its users (§14)
+    reply_timeout: PosFloat = 600.0  # flower: seconds a round waits for its replies (§14)
+    node_state_dir: Optional[str] = None  # flower: where nodes keep their checkpoints; None = cache (§14)
     rounds: int = 100                # R per block (§9)
     patience: int = 30               # early-stopping rounds without strict improvement (§8.3)
     batch_size: int = 512            # local mini-batch (§5)

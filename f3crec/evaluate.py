@@ -3,10 +3,14 @@ a_{t,i} matrix and LA / RA / H-mean.
 
 `oracle_scores` is the simulation-only evaluation oracle (§3): it assembles every user's scores from the
 clients' state and the server's table; the server itself never sees them. NDCG@20 and Recall@20 are
-per-user means, so a federated evaluation (each client reports a sum and a count) gives the same values.
+per-user means, so a federated evaluation (each client reports a sum and a count) gives the same values:
+a user's score row does not depend on who else is scored with it (`user_scores`), and sums are exact
+rationals (`metric_sums`), so the mean of merged sums equals the mean over all users bit for bit.
 `evaluate` is the one entry point for a metric pair; `test_row` and `summarise` build the protocol on it.
 """
 from __future__ import annotations
+
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -17,11 +21,29 @@ from .data import SPLITS, Block
 from .model import Backbone, score_matrix
 
 
+SCORE_ROWS = 64  # users per score product: every product has this many rows (the last one zero-padded)
+
+
 def oracle_scores(sim, users: torch.Tensor, net: Backbone) -> torch.Tensor:
     """Scores (len(users), |I|) of the given users (simulation-only, §3)."""
     items = sim.server.broadcast()
     private = {k: v[users.to(items.device)] for k, v in sim.private_matrix().items()}
-    return score_matrix(net, private, items).cpu()
+    return user_scores(net, private, items).cpu()
+
+
+def user_scores(net: Backbone, private: dict[str, torch.Tensor], items: torch.Tensor) -> torch.Tensor:
+    """score_matrix in products of exactly SCORE_ROWS users: a matrix product's rows depend on its shape
+    (BLAS picks kernels by size), so one fixed shape makes a user's row the same whoever else is scored
+    with it — a client scoring its own users gets the oracle's row bit for bit (tests/test_f3crec_flower.py)."""
+    count = next(iter(private.values())).shape[0]
+    rows = []
+    for lo in range(0, count, SCORE_ROWS):
+        chunk = {k: v[lo:lo + SCORE_ROWS] for k, v in private.items()}
+        short = SCORE_ROWS - next(iter(chunk.values())).shape[0]
+        if short:
+            chunk = {k: torch.cat([v, v.new_zeros(short, *v.shape[1:])]) for k, v in chunk.items()}
+        rows.append(score_matrix(net, chunk, items)[: SCORE_ROWS - short])
+    return torch.cat(rows) if rows else items.new_zeros(0, items.shape[0])
 
 
 def _mask(users: list[int], parts: list[dict[int, np.ndarray]], n_items: int) -> torch.Tensor:
@@ -40,9 +62,33 @@ def evaluate(scores: torch.Tensor, users: list[int], positives: dict[int, np.nda
 
     `masks` = (positives, excluded) as built by `eval_masks`, to reuse them across rounds.
     """
+    return finish(metric_sums(scores, users, positives, exclude, masks), decimals)
+
+
+def metric_sums(scores: torch.Tensor, users: list[int], positives: dict[int, np.ndarray],
+                exclude: list[dict[int, np.ndarray]], masks: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> dict[str, tuple[Fraction, int]]:
+    """(exact sum, count) of each user's NDCG@20 and Recall@20: what a client reports for its users.
+
+    A float64 is a dyadic rational, so the Fraction sum is exact and merging sums in any order or grouping
+    gives the same total (the mean is rounded once, in `finish`)."""
+    if not users:
+        return {"ndcg": (Fraction(0), 0), "recall": (Fraction(0), 0)}
     pos_mask, exclude_mask = masks or eval_masks(users, positives, exclude, scores.shape[1])
     metrics = full_sort_metrics(scores, pos_mask, ks=(20,), exclude_mask=exclude_mask)
-    out = {"ndcg": float(metrics["NDCG@20"].mean()), "recall": float(metrics["Recall@20"].mean())}
+    return {name: (sum(map(Fraction, metrics[key].tolist()), Fraction(0)), len(users))
+            for name, key in (("ndcg", "NDCG@20"), ("recall", "Recall@20"))}
+
+
+def merge_sums(parts: list[dict[str, tuple[Fraction, int]]]) -> dict[str, tuple[Fraction, int]]:
+    """The sums of several groups of users (e.g. every node's report) as one."""
+    return {name: (sum((p[name][0] for p in parts), Fraction(0)), sum(p[name][1] for p in parts))
+            for name in ("ndcg", "recall")}
+
+
+def finish(sums: dict[str, tuple[Fraction, int]], decimals: int | None) -> dict[str, float]:
+    """Means from exact sums, rounded once to float (then to `decimals` when set, Q5)."""
+    out = {k: float(total / count) if count else float("nan") for k, (total, count) in sums.items()}
     return {k: round(v, decimals) if decimals is not None else v for k, v in out.items()}
 
 
@@ -54,16 +100,21 @@ def eval_masks(users: list[int], positives: dict[int, np.ndarray], exclude: list
 def test_row(sim, blocks: list[Block], t: int, net: Backbone, old_block_mask: str,
              decimals: int | None) -> list[dict[str, float]]:
     """a_{t,i} for i = 0..t (§10): test of D^i, masked with D^t's train+valid [Q4] or cumulatively [D]."""
+    if getattr(sim, "federated", False):  # the clients score themselves and report sums (§14)
+        return sim.test_row(t, old_block_mask, decimals)
     row = []
     for i in range(t + 1):
         users = sorted(blocks[i].test)
         scores = oracle_scores(sim, torch.tensor(users, dtype=torch.long), net)[:, : blocks[t].n_items]
-        if old_block_mask == "current":
-            exclude = [blocks[t].train, blocks[t].valid]
-        else:
-            exclude = [b.split(s) for j, b in enumerate(blocks[: t + 1]) for s in SPLITS if s != "test" or j != i]
-        row.append(evaluate(scores, users, blocks[i].test, exclude, decimals))
+        row.append(evaluate(scores, users, blocks[i].test, test_exclude(blocks, t, i, old_block_mask), decimals))
     return row
+
+
+def test_exclude(blocks: list[Block], t: int, i: int, old_block_mask: str) -> list[dict[int, np.ndarray]]:
+    """What a_{t,i} masks: D^t's train+valid [Q4], or every known interaction but D^i's test [D]."""
+    if old_block_mask == "current":
+        return [blocks[t].train, blocks[t].valid]
+    return [b.split(s) for j, b in enumerate(blocks[: t + 1]) for s in SPLITS if s != "test" or j != i]
 
 
 def la_ra_h(matrix: list[list[float]]) -> dict[str, float]:

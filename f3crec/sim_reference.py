@@ -95,12 +95,18 @@ class ReferenceSimulator:
 
     def train_round(self, plan: RoundPlan, ctx: RoundContext) -> dict:
         uploads, stats = [], {"D": [], "m": []}
-        for index, user in enumerate(plan.users):
-            upload, client_stats = self.clients[int(user)].local_train(self.server.broadcast(), plan.client(index), ctx)
+        for _, upload, client_stats in self.local_round(plan, ctx):
             uploads.append(upload)
             for key in stats:
                 stats[key] += client_stats[key]
         return {**stats, **self.server.aggregate(uploads)}
+
+    def local_round(self, plan: RoundPlan, ctx: RoundContext) -> list[tuple[int, torch.Tensor, dict]]:
+        """(user, upload, stats) of every participant in user order; a Flower node runs this same loop for
+        its own users (§14), so both paths train with one local step."""
+        broadcast = self.server.broadcast()
+        return [(int(user), *self.clients[int(user)].local_train(broadcast, plan.client(index), ctx))
+                for index, user in enumerate(plan.users)]
 
     def end_block(self, ctx: RoundContext, trained: np.ndarray, fisher_plan: RoundPlan | None) -> None:
         """Each client computes ŷ and (if it trained in this block) T^u from the broadcast best Q (§8 step 5)."""

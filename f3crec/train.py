@@ -33,6 +33,9 @@ from .sim_vectorised import VectorisedSimulator
 def make_simulator(cfg, flags: dict, items: torch.Tensor, private: dict):
     """A server with table `items` and one client per row of `private`, in the configured simulator."""
     keep_freed_memory()
+    if cfg.federation.simulator == "flower":  # optional extra: flwr is imported only when asked for (§14)
+        from .flower.launch import make_flower_simulator
+        return make_flower_simulator(cfg, flags, items, private)
     # The per-client reference simulator is the readable ground truth: it always runs on the CPU.
     vectorised = cfg.federation.simulator == "vectorised"
     device = get_device(cfg.train.device) if vectorised else torch.device("cpu")
@@ -56,10 +59,15 @@ def keep_freed_memory() -> None:
 
 
 def sim_state(sim) -> dict:
+    if getattr(sim, "federated", False):  # the server's table; each node checkpoints its own users (§14)
+        return sim.state_dict()
     return {"server": sim.server.state_dict(), "clients": sim.states().state_dict()}
 
 
 def load_sim(cfg, flags: dict, state: dict):
+    if state.get("federated"):
+        from .flower.launch import load_flower_simulator
+        return load_flower_simulator(cfg, flags, state)
     sim = make_simulator(cfg, flags, state["server"]["items"], dict(state["clients"]["private"]))
     device = sim.server.items.device
     sim.server.load_state_dict(_to(state["server"], device))
@@ -129,6 +137,7 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
     """Rounds of block t with validation, selection and early stopping (§8.2–8.3); ends on the best."""
     block, fed, ev = blocks[t], cfg.federation, cfg.eval
     net = BACKBONES[cfg.backbone.name]
+    federated = getattr(sim, "federated", False)   # clients draw their own plans and evaluate themselves (§14)
     data, exclude = block_data(blocks, t, flags, flags["neg_exclude"])
     valid_users = sorted(block.valid)
     valid_index = torch.tensor(valid_users, dtype=torch.long)
@@ -137,15 +146,18 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
     for r in range(fed.rounds):
         started = time.perf_counter()
         ctx = round_context(cfg, flags, blocks, t, r)
-        if maker is None:  # positives and exclusions are fixed for the block (T^u included)
+        if federated:
+            stats, val = sim.train_round(None, ctx), sim.validate(ctx, flags["metric_decimals"])
+        elif maker is None:  # positives and exclusions are fixed for the block (T^u included)
             positives, excluded = plan_inputs(data, sim.topn_lists() if flags["replay"] else {}, ctx)
             if flags["neg_exclude"] != "block_train":
                 excluded = {u: np.concatenate([excluded[u], exclude[u]]) for u in positives}
             maker = PlanMaker(positives, excluded, block.n_items, fed.num_neg, fed.batch_size, cfg.method.topn,
                               len(net.substeps))
-        stats = sim.train_round(maker.draw(cfg.train.seed, t, r), ctx)
-        scores = oracle_scores(sim, valid_index, net)
-        val = evaluate(scores, valid_users, block.valid, [block.train], flags["metric_decimals"], valid_masks)
+        if not federated:
+            stats = sim.train_round(maker.draw(cfg.train.seed, t, r), ctx)
+            scores = oracle_scores(sim, valid_index, net)
+            val = evaluate(scores, valid_users, block.valid, [block.train], flags["metric_decimals"], valid_masks)
         value = val[ev.select_metric]
         record = {"block": t, "round": r, "val_ndcg": val["ndcg"], "val_recall": val["recall"],
                   "seconds": round(time.perf_counter() - started, 4), **_arm_summary(stats)}
@@ -176,7 +188,7 @@ def end_block(sim, cfg, blocks: list[Block], t: int, flags: dict) -> None:
     """End-of-block state from the restored best (§8.5), then the hand-off to t+1 (§8.6)."""
     block = blocks[t]
     fisher_plan = None
-    if flags["reg"] == "ewc":  # 4 negatives per positive drawn once (round index −1)
+    if flags["reg"] == "ewc" and not getattr(sim, "federated", False):  # 4 negatives per positive, round −1
         data, exclude = block_data(blocks, t, flags, flags["neg_exclude"])
         fisher_plan = make_plan(cfg.train.seed, t, -1, data, exclude, block.n_items, cfg.federation.num_neg,
                                 cfg.federation.batch_size, cfg.method.topn, 1)
@@ -200,7 +212,7 @@ def restart(sim, cfg, blocks: list[Block], t: int) -> None:
 # ------------------------------------------------------------------------------------------------ fit
 def base_cache_path(cfg, flags: dict, blocks_id: str) -> Path | None:
     """Where the shared end-of-D⁰ state of this configuration lives, or None when sharing is off."""
-    if not cfg.train.share_base:
+    if not cfg.train.share_base or cfg.federation.simulator == "flower":  # no node state in a shared cache
         return None
     root = Path(cfg.train.base_cache) if cfg.train.base_cache else cache_root() / "f3crec" / "base"
     return root / f"{base_key(cfg, flags, blocks_id)}.pt"
@@ -221,6 +233,8 @@ def base_key(cfg, flags: dict, blocks_id: str) -> str:
 def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, resume: bool, log) -> dict:
     """Every block of §8 with block-boundary checkpoints (`last.pt`); returns rows of a and block infos."""
     sim, rows, info, start = None, [], [], 0
+    if cfg.federation.simulator == "flower":  # the server side sees block sizes only; clients load their data
+        blocks = [Block({}, {}, {}, b.n_users, b.n_items, np.zeros(0, np.int64)) for b in blocks]
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
         sim, rows, info, start = load_sim(cfg, flags, ckpt["sim"]), ckpt["rows"], ckpt["info"], ckpt["block"] + 1

@@ -1,0 +1,91 @@
+"""An in-process Flower Grid (§14): the ServerApp's messages go straight to ClientApps in this process, no
+Ray, no sockets. Each node keeps its own `Context` (node config, run config, state) for the whole run.
+
+It implements the public `flwr.serverapp.Grid` interface, but message ids, the `Run` record and the
+sending task's identity are set through non-public parts of Flower (`Metadata.__dict__`,
+`flwr.supercore.run.Run`, `flwr.supercore.task_identity.TaskIdentity`), as Flower's own runtimes do; that is why the `fl` extra pins the minor version.
+
+Delivery: messages are handled one after another. A node whose ClientApp raises answers with an error
+reply (as a SuperNode does); a reply that took longer than `timeout` seconds counts as not received
+(a real grid's deadline, measured per message since the calls are sequential here).
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+ClientAppLike = Callable[[Message, Context], Message]
+
+
+class LocalGrid(Grid):
+    """node id -> (ClientApp, Context); `send_and_receive` calls the apps directly."""
+
+    def __init__(self, apps: dict[int, ClientAppLike], contexts: dict[int, Context], run_id: int = 1):
+        self.apps, self.contexts = apps, contexts
+        self._run = Run.create_empty(run_id)
+        if TaskIdentity._run_id is None:   # outside a Flower runtime: this process is the ServerApp task
+            TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 0
+        self.messages = 0        # messages delivered (benchmarks: per-message overhead)
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return sorted(self.apps)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("LocalGrid delivers synchronously: use send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("LocalGrid delivers synchronously: use send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            message.metadata.__dict__["_message_id"] = str(uuid4())   # what a SuperLink assigns (non-public)
+            message.metadata.__dict__["_run_id"] = self._run.run_id
+            if node not in self.apps:
+                continue                                             # no such node: nothing comes back
+            started = time.perf_counter()
+            try:
+                reply = self.apps[node](message, self.contexts[node])
+            except Exception as err:                                 # noqa: BLE001 — a node's failure is data
+                reason = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+                reply = Message(Error(code=1, reason=reason), reply_to=message)
+            self.messages += 1
+            if timeout is not None and time.perf_counter() - started > timeout:
+                continue                                             # too late: the round went on without it
+            replies.append(reply)
+        return replies
+
+
+def local_grid(app: ClientAppLike, config_json: str, nodes: int, node_state_dir: str | None = None,
+               apps: dict[int, ClientAppLike] | None = None) -> LocalGrid:
+    """`nodes` nodes running `app` (or `apps[partition]` where given, e.g. a faulty node in a test)."""
+    contexts, by_node = {}, {}
+    for partition in range(nodes):
+        node_id = 1000 + partition
+        node_config = {"partition-id": partition, "num-partitions": nodes}
+        if node_state_dir:
+            node_config["state-dir"] = node_state_dir
+        contexts[node_id] = Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(),
+                                    run_config={"f3crec-config": config_json})
+        by_node[node_id] = (apps or {}).get(partition, app)
+    return LocalGrid(by_node, contexts)

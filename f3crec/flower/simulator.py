@@ -1,0 +1,195 @@
+"""The server side of F3CRec on Flower (§14): `FlowerSimulator` has the interface train.py drives (train_round,
+save_slot/load_slot, end_block, grow, checkpoints) and reaches clients only through a Flower `Grid`.
+
+It holds the public item table and its slots (a `Server`, server.py), the public block sizes, and per node
+only counts. Aggregation is server.py's unweighted mean over the uploads sorted by user id (Flower's FedAvg
+weights by example count and sums in reply order, so its aggregate is not used). Evaluation is federated:
+nodes report exact per-metric sums and counts (evaluate.metric_sums), merged and rounded once here.
+
+Fault rule: a node whose reply is an error or does not arrive within `federation.reply_timeout` is lost
+for the rest of the run (its clients' state may be behind); its users are logged as `lost_users` in every
+round record from then on, and aggregation, validation and test rows use the users that replied. When the
+users of live nodes fall below `federation.min_reply_fraction` of the block's participants, the run stops
+with one line (ConnectionError); the last block-boundary checkpoint stays valid and `--resume` restores
+every node from its own checkpoint.
+
+Invariant (tests/test_f3crec_flower.py): nothing reachable from a FlowerSimulator but through its grid is
+a client's interaction, private parameter, ŷ, Tᵘ or score; this module imports no client-side module.
+"""
+from __future__ import annotations
+
+from uuid import uuid4
+
+import torch
+from flwr.app import Message
+
+from ..evaluate import finish, merge_sums
+from . import wire
+
+TRAIN, VALID, TEST = "train", "evaluate.valid", "evaluate.test"
+
+
+class FlowerSimulator:
+    federated = True   # train.py: clients draw their own plans, evaluate themselves, checkpoint themselves
+
+    def __init__(self, server, grid, min_reply_fraction: float = 1.0, reply_timeout: float | None = None,
+                 run_key: str | None = None):
+        self.server, self.grid = server, grid
+        self.min_reply_fraction, self.reply_timeout = min_reply_fraction, reply_timeout
+        self.run_key = run_key or uuid4().hex          # names the nodes' own checkpoints of this run
+        self.lost: dict[int, str] = {}                   # node id -> why it was lost
+        self.n_users, self.block, self.messages = 0, -1, 0
+        self.nodes: dict[int, dict] = {}                 # node id -> its public description (counts only)
+        for node, (_, info) in self._ask("query.describe", {n: {} for n in self._live()}, "describe").items():
+            self.nodes[node] = info
+        if not self.nodes:
+            raise ConnectionError("no Flower node answered: start the SuperNodes (or give the grid nodes)")
+        counts = {(info["partition"], info["num_partitions"]) for info in self.nodes.values()}
+        self.num_partitions = next(iter(counts))[1]
+        if sorted(p for p, _ in counts) != list(range(self.num_partitions)) or len(counts) != self.num_partitions:
+            raise ValueError(f"Flower nodes must be partitions 0..n-1 of one n, each once; got {sorted(counts)}")
+        self.node_of = {info["partition"]: node for node, info in self.nodes.items()}
+
+    # ------------------------------------------------------------------------------------ messaging
+    def _live(self) -> list[int]:
+        return [n for n in sorted(self.grid.get_node_ids()) if n not in self.lost]
+
+    def _ask(self, kind: str, bodies: dict[int, dict], group: str) -> dict[int, tuple[dict, dict]]:
+        """Send each live node its body ({'tensors': ..., **config}); (tensors, config) of every good reply.
+        Nodes that answer with an error or not at all are lost (§14 fault rule)."""
+        messages = []
+        for node, body in bodies.items():
+            if node in self.lost:
+                continue
+            body = dict(body)
+            messages.append(Message(wire.content(body.pop("tensors", None), **body), node, kind, group_id=group))
+        replies = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.reply_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.lost[node] = f"{kind}: {(reply.error.reason or '').splitlines()[0][:200]}"
+            else:
+                replies[node] = wire.unpack(reply.content)
+        self.messages += len(messages)
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node not in replies and node not in self.lost:
+                self.lost[node] = f"{kind}: no reply within {self.reply_timeout} s"
+        return replies
+
+    def lost_users(self, t: int) -> int:
+        return sum(self.nodes[n]["participants"][t] for n in self.lost if n in self.nodes)
+
+    def _check(self, t: int, where: str) -> None:
+        """The fault rule: stop when the live nodes hold fewer than min_reply_fraction of block t's users."""
+        expected = sum(info["participants"][t] for info in self.nodes.values())
+        kept = expected - self.lost_users(t)
+        if self.lost and (kept == 0 or kept < self.min_reply_fraction * expected):
+            why = "; ".join(f"node {n}: {reason}" for n, reason in sorted(self.lost.items()))
+            raise ConnectionError(f"{where}: {kept} of {expected} users' nodes answered, below "
+                                  f"federation.min_reply_fraction={self.min_reply_fraction} ({why}); the last "
+                                  "block-boundary checkpoint is kept: restart the nodes and resume with --resume")
+
+    def _all(self, body: dict) -> dict[int, dict]:
+        return {n: body for n in self._live()}
+
+    # ------------------------------------------------------------------------------------------ round
+    def train_round(self, plan, ctx) -> dict:
+        """One round: broadcast Q, every node trains its participants, mean of the uploads by user id."""
+        if plan is not None:
+            raise ValueError("FlowerSimulator: clients draw their own plans (train_round(None, ctx))")
+        broadcast = self.server.broadcast()
+        body = {"tensors": {"items": broadcast}, "block": ctx.block, "round": ctx.round}
+        replies = self._ask(TRAIN, self._all(body), f"{ctx.block}.{ctx.round}")
+        self._check(ctx.block, f"block {ctx.block} round {ctx.round}")
+        uploads, stats = {}, {}
+        for tensors, config in replies.values():
+            for user in config["users"]:
+                table = broadcast.clone()          # the rows a client left unchanged equal the broadcast
+                rows = tensors[f"{user}.rows"]
+                table[rows] = tensors[f"{user}.values"].to(table.dtype)
+                uploads[user], stats[user] = table, config["stats"][str(user)]
+        if not uploads:
+            raise ConnectionError(f"block {ctx.block} round {ctx.round}: no client uploaded")
+        users = sorted(uploads)
+        out = {"D": [d for u in users for d in stats[u]["D"]], "m": [m for u in users for m in stats[u]["m"]]}
+        if self.lost:
+            out["lost_users"] = self.lost_users(ctx.block)
+        return {**out, **self.server.aggregate([uploads[u] for u in users])}
+
+    def validate(self, ctx, decimals: int | None) -> dict[str, float]:
+        """Validation NDCG@20 / Recall@20 of block ctx.block from the nodes' exact sums (§8.2)."""
+        body = {"tensors": {"items": self.server.broadcast()}, "block": ctx.block}
+        replies = self._ask(VALID, self._all(body), f"{ctx.block}.{ctx.round}.valid")
+        self._check(ctx.block, f"block {ctx.block} round {ctx.round} validation")
+        return finish(merge_sums([wire.sums_from_json(config["sums"]) for _, config in replies.values()]), decimals)
+
+    def test_row(self, t: int, old_block_mask: str, decimals: int | None) -> list[dict[str, float]]:
+        """a_{t,i}, i = 0..t, from the nodes' exact sums (§10)."""
+        body = {"tensors": {"items": self.server.broadcast()}, "block": t, "old_block_mask": old_block_mask}
+        replies = self._ask(TEST, self._all(body), f"{t}.test")
+        self._check(t, f"block {t} test")
+        rows = [[wire.sums_from_json(sums) for sums in config["row"]] for _, config in replies.values()]
+        return [finish(merge_sums([row[i] for row in rows]), decimals) for i in range(t + 1)]
+
+    def end_block(self, ctx, trained=None, fisher_plan=None) -> None:
+        """Each node builds ŷ, Tᵘ, anchors (and the Fisher) of its users from the best table (§8.5);
+        `trained` and `fisher_plan` are the in-process simulators' inputs: nodes know their own."""
+        body = {"tensors": {"items": self.server.broadcast()}, "block": ctx.block}
+        self._ask("query.end_block", self._all(body), f"{ctx.block}.end")
+        self._check(ctx.block, f"block {ctx.block} end")
+        self.server.end_block()
+        self.block = ctx.block
+
+    # ------------------------------------------------------------------------------------------ state
+    def save_slot(self, name: str) -> None:
+        self.server.save_slot(name)
+        self._ask("query.slot", self._all({"op": "save", "name": name}), f"slot.{name}")
+
+    def load_slot(self, name: str) -> None:
+        self.server.load_slot(name)
+        self._ask("query.slot", self._all({"op": "load", "name": name}), f"slot.{name}")
+
+    def _rows_by_node(self, first: int, private: dict[str, torch.Tensor]) -> dict[int, dict]:
+        """Initial Φ rows of users first.. for their nodes (public-seed values: no trained state)."""
+        count = next(iter(private.values())).shape[0]
+        users = torch.arange(first, first + count)
+        bodies = {}
+        for partition, node in self.node_of.items():
+            mine = torch.nonzero(users % self.num_partitions == partition).squeeze(1)
+            bodies[node] = {"tensors": {"users": users[mine], **{k: v[mine] for k, v in private.items()}}}
+        return bodies
+
+    def grow(self, new_private: dict[str, torch.Tensor] | None) -> None:
+        """Users n..n+k−1 join: each node creates its own with their initial Φ (§8.1)."""
+        if new_private is None:
+            return
+        self._ask("query.grow", self._rows_by_node(self.n_users, new_private), "grow")
+        self.n_users += next(iter(new_private.values())).shape[0]
+
+    def set_private(self, private: dict[str, torch.Tensor]) -> None:
+        """full_retrain's restart: every user's Φ re-drawn from the public seed."""
+        self._ask("query.set_rows", self._rows_by_node(0, private), "restart")
+
+    def topn_lists(self):
+        raise RuntimeError("the Flower server holds no Tᵘ: nodes build their own plans")
+
+    def state_dict(self) -> dict:
+        """The server's part of a block-boundary checkpoint; each node saves its users' state itself."""
+        self._ask("query.save", self._all({"run_key": self.run_key, "block": self.block}), "save")
+        self._check(max(self.block, 0), f"block {self.block} checkpoint")
+        return {"federated": True, "server": self.server.state_dict(), "run_key": self.run_key,
+                "n_users": self.n_users, "block": self.block, "num_partitions": self.num_partitions}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_partitions"] != self.num_partitions:
+            raise ValueError(f"the checkpoint was written by {state['num_partitions']} Flower nodes, "
+                             f"{self.num_partitions} are running: start the same number to resume")
+        self.server.load_state_dict(state["server"])
+        self.n_users, self.block = state["n_users"], state["block"]
+        replies = self._ask("query.restore", self._all({"run_key": self.run_key, "block": self.block}), "restore")
+        if self.lost:
+            raise ConnectionError("resume: " + "; ".join(f"node {n}: {r}" for n, r in sorted(self.lost.items())))
+        restored = sum(config["users"] for _, config in replies.values())
+        if restored != self.n_users:
+            raise ValueError(f"resume: the nodes restored {restored} users, the checkpoint has {self.n_users}")

@@ -1,0 +1,69 @@
+"""How tensors, exact sums and configs travel in Flower records (§14). Lossless: arrays go as raw bytes of
+their own dtype, Fractions as 'numerator/denominator' strings, so what arrives equals what was sent."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from fractions import Fraction
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from common.config import config_to_dict, load_config
+
+from ..config import Config
+
+
+def owner(user: int, num_partitions: int) -> int:
+    """The partition (node) that hosts `user`: a public rule, so the server can address a user's node."""
+    return user % num_partitions
+
+
+def arrays(values: dict[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
+    out = {}
+    for name, value in values.items():
+        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        out[name] = Array(np.ascontiguousarray(value))
+    return ArrayRecord(array_dict=out)
+
+
+def tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.array(array.numpy(), copy=True)) for name, array in record.items()}
+
+
+def content(tensor_values: dict | None = None, **config) -> RecordDict:
+    """A message body: tensors under 'arrays', JSON-able settings under 'config' (one JSON string)."""
+    return RecordDict({"arrays": arrays(tensor_values or {}), "config": ConfigRecord({"json": json.dumps(config)})})
+
+
+def unpack(body: RecordDict) -> tuple[dict[str, torch.Tensor], dict]:
+    return tensors(body["arrays"]), json.loads(body["config"]["json"])
+
+
+def sums_to_json(sums: dict[str, tuple[Fraction, int]]) -> dict:
+    return {name: [f"{total.numerator}/{total.denominator}", count] for name, (total, count) in sums.items()}
+
+
+def sums_from_json(values: dict) -> dict[str, tuple[Fraction, int]]:
+    return {name: (Fraction(total), int(count)) for name, (total, count) in values.items()}
+
+
+def config_to_json(cfg: Config) -> str:
+    """The run's config for the nodes' run config (a Flower UserConfig value is a scalar)."""
+    return json.dumps(config_to_dict(cfg))
+
+
+def config_from_json(text: str) -> Config:
+    """Rebuild a Config from config_to_json through the schema (types and ranges checked as at load)."""
+    flat: list[str] = []
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}{key}.", item)
+        else:
+            flat.append(f"{prefix[:-1]}={json.dumps(value)}")
+
+    walk("", json.loads(text))
+    return replace(load_config(Config, None, flat))
