@@ -101,13 +101,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      usage="python -m flame.launch [--nproc N] [--port P] -- <flame.main arguments>")
     parser.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this machine (default 2)")
     parser.add_argument("--port", type=int, default=None, help="rendezvous port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--module", default="flame.main", help="the module every rank runs (default flame.main)")
     parser.add_argument("--grace-s", type=float, default=10.0, help="seconds a stopped rank gets before SIGKILL")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the arguments of python -m flame.main")
     options = parser.parse_args(argv)
     args = options.args[1:] if options.args[:1] == ["--"] else options.args
     if options.nproc < 1:
         parser.error(f"--nproc {options.nproc}: need at least 1")
-    return launch(options.nproc, args, options.port, options.grace_s)
+    return launch(options.nproc, args, options.port, options.grace_s, options.module)
 
 
 if __name__ == "__main__":

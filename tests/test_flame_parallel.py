@@ -1,0 +1,103 @@
+"""FLAME data parallel on the CPU (gloo, 2 ranks on 127.0.0.1 through flame.launch, bounded timeouts):
+2 ranks × B/2 rows end with the 1-process parameters at batch B (SASRec and FLAME, dropout 0), only rank 0
+writes, --resume works under 2 ranks, and a failing rank ends the launch with one line instead of a hang."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flame.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "flame" / "configs" / "smoke.yaml")
+# dropout 0: the ranks' dropout streams cannot match one process'; 60 users: 13 steps per epoch with a
+# last partial batch of odd size, so the ranks' shards differ in size
+EXACT = ["--config", SMOKE, "backbone.dropout=0", "data.synthetic_users=60"]
+
+
+def launch(args, tmp_path, timeout=150, module=None):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    if module:
+        env["PYTHONPATH"] = str(tmp_path)
+    cmd = [sys.executable, "-m", "flame.launch", "--nproc", "2", "--grace-s", "2",
+           *(["--module", module] if module else []), "--", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def params(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_train_exactly_like_one_process_and_resume(tmp_path):
+    """Stage 1 (SASRec) then FLAME on 2 ranks, each 2 epochs, against the same in one process; then both
+    resumed to 3 epochs (2 ranks, 1 process)."""
+    args = [*EXACT, "flame.frozen_source=own", "train.max_epochs=2"]
+    done = launch([*args, f"run_root={tmp_path / 'dp'}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = main([*args, f"run_root={tmp_path / 'one'}"])
+    runs = {name: sorted(p for p in (tmp_path / name / "flame" / "synthetic").iterdir()) for name in ("dp", "one")}
+    assert [p.name for p in runs["dp"]][-1] == "stage1" and len(runs["dp"]) == 2  # one FLAME folder: rank 0's
+    dp_flame, one_flame = runs["dp"][0], Path(one["run_dir"])
+    dp_stage1 = next((tmp_path / "dp" / "flame" / "synthetic" / "stage1").glob("seed42_*/"))
+    one_stage1 = next((tmp_path / "one" / "flame" / "synthetic" / "stage1").glob("seed42_*/"))
+    assert max_diff(params(dp_stage1 / "last.pt"), params(one_stage1 / "last.pt")) < 1e-5  # SASRec
+    assert max_diff(params(dp_flame / "last.pt"), params(one_flame / "last.pt")) < 1e-5  # FLAME
+    for got, want in zip(records(dp_flame), records(one_flame), strict=True):  # two lines: rank 0 wrote alone
+        assert got["train/loss"] == pytest.approx(want["train/loss"], rel=1e-5)  # the ranks' shares summed
+        assert got["train/wcl"] == pytest.approx(want["train/wcl"], rel=1e-5)
+        assert got["valid/NDCG@20"] == pytest.approx(want["valid/NDCG@20"], abs=1e-6)
+    assert len(list(dp_flame.glob("*.tmp"))) == 0 and "[flame] run dir" in done.stdout
+
+    done = launch(["--resume", str(dp_flame), "train.max_epochs=3"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    main(["--resume", str(one_flame), "train.max_epochs=3"])
+    assert max_diff(params(dp_flame / "last.pt"), params(one_flame / "last.pt")) < 1e-5
+    assert [r["epoch"] for r in records(dp_flame)] == [1, 2, 3]
+
+
+def test_per_rank_negatives_are_a_different_objective(tmp_path):
+    """The same step with flame.gather_negatives=false: each rank's L_wcl sees only its own rows, so the
+    parameters leave the 1-process ones (what the gather is for)."""
+    from flame.config import BackboneConfig, DataConfig
+    from flame.data import build_data, load_raw
+    from flame.model import SASRec, sasrec_state
+
+    data = build_data(load_raw(DataConfig(name="synthetic", synthetic_users=60, synthetic_items=40)),
+                      DataConfig(max_len=10))
+    torch.manual_seed(0)
+    frozen = tmp_path / "frozen.pt"
+    torch.save(sasrec_state(SASRec(BackboneConfig(d=16), data.num_items, max_len=10)), frozen)
+    args = [*EXACT, f"flame.frozen={frozen}", "train.max_epochs=1"]
+    done = launch([*args, "flame.gather_negatives=false", "--run-dir", str(tmp_path / "dp")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    main([*args, "--run-dir", str(tmp_path / "one")])
+    assert max_diff(params(tmp_path / "dp" / "last.pt"), params(tmp_path / "one" / "last.pt")) > 1e-4
+
+
+def test_a_failing_rank_ends_the_launch_in_one_line(tmp_path):
+    """Rank 1 fails after joining the group while rank 0 waits in a collective: the launcher stops
+    rank 0 and exits with rank 1's status and one line naming it."""
+    (tmp_path / "failing_rank.py").write_text(
+        "import torch.distributed as dist\nfrom common.cli import run_cli\n\n"
+        "def main():\n    dist.init_process_group('gloo')\n"
+        "    if dist.get_rank() == 1:\n        raise ValueError('rank one cannot read its shard')\n"
+        "    dist.barrier()  # rank 0 would wait here for good\n\nrun_cli(main)\n")
+    done = launch([], tmp_path, timeout=60, module="failing_rank")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "rank one cannot read its shard" in lines[0] and "rank 1 of 2" in lines[0], lines
+    assert "Traceback" not in done.stderr
