@@ -26,7 +26,7 @@ from ..evaluate import eval_masks, metric_sums, test_exclude, user_scores
 from ..model import BACKBONES
 from ..round import PlanMaker, RoundContext, make_plan, plan_inputs
 from ..sim_reference import Client, ReferenceSimulator
-from ..train import block_data, round_context
+from ..block_inputs import block_data, round_context
 from .wire import owner
 
 
