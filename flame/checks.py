@@ -128,3 +128,13 @@ def preflight(cfg: Config, run_dir: Optional[Path], resume: bool) -> None:
             raise FileNotFoundError(f"train.sasrec_run={cfg.train.sasrec_run}: not a finished run (no results.json)")
     if resume and run_dir is not None and (Path(run_dir) / "last.pt").exists():
         read_checkpoint(Path(run_dir) / "last.pt", LAST_KEYS)
+
+
+def check_fits(model: torch.nn.Module, last: Path) -> None:
+    """The network saved in `last` (a resumed last.pt) loads into `model`: checked before the run folder
+    is touched, so a resume with another network or method leaves the folder as it was."""
+    try:
+        model.load_state_dict(read_checkpoint(last, LAST_KEYS)["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{last} does not fit this run's network ({first[:160]})") from None

@@ -24,7 +24,7 @@ from common.runs import save_checkpoint, start_run, write_results  # noqa: E402
 from common.utils import seed_everything  # noqa: E402
 
 from . import parallel, stage1  # noqa: E402
-from .checks import check_resume_folder, preflight  # noqa: E402
+from .checks import check_fits, check_resume_folder, preflight  # noqa: E402
 from .config import Config  # noqa: E402
 from .data import build_data, load_raw  # noqa: E402
 from .ensemble import build_model  # noqa: E402
@@ -50,11 +50,14 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> di
             if parallel.broadcast(not stage1.finished(folder)):  # rank 0 decides for every rank
                 run(sub, folder, resume=(folder / "last.pt").exists())
     members = stage1.ensemble_members(cfg)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    # built before the run folder exists: a checkpoint of another shape fails without leaving one
+    model = build_model(cfg, data.num_items, frozen, [path for path, _ in members]).to(device)
+    if resume and run_dir is not None and (Path(run_dir) / "last.pt").exists():
+        check_fits(model, Path(run_dir) / "last.pt")
     tag = f"{method}_seed{cfg.train.seed}"
     run_dir = start_run(cfg, "flame", cfg.data.name, tag, run_dir, root=cfg.run_root) if is_main else run_dir
     run_dir = Path(parallel.broadcast(str(run_dir)))  # every rank uses rank 0's run folder
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
-    model = build_model(cfg, data.num_items, frozen, [path for path, _ in members]).to(device)
     data.training_to(device)  # the whole training set on the device (no loader)
     if method == "ensemble":
         summary = evaluate_ensemble(model, data, members, cfg, device)
