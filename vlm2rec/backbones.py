@@ -92,8 +92,11 @@ def _finish(model: nn.Module, cfg: BackboneConfig, catalog: Catalog, tokenizer, 
     if device.type == "cuda" and cfg.grad_checkpointing:
         # Non-reentrant: the reentrant form gives silent zero LoRA grads over a frozen base (Q13).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return VLMEmbedder(model.to(device), tokenizer, processor, catalog, cfg.prompts, identifier,
-                       cfg.max_title_tokens, cfg.append_eos)
+    embedder = VLMEmbedder(model.to(device), tokenizer, processor, catalog, cfg.prompts, identifier,
+                           cfg.max_title_tokens, cfg.append_eos)
+    if cfg.visual_cache:          # on only where the tower is frozen (not lora.include_vision)
+        embedder.enable_visual_cache(f"{identifier}|{next(model.parameters()).dtype}")
+    return embedder
 
 
 def load_hf_embedder(cfg: BackboneConfig, catalog: Catalog, device: torch.device) -> VLMEmbedder:

@@ -81,11 +81,11 @@ class Catalog:
 
     def image_key(self, item: int) -> str:
         """What item's image input is made of: the file's content digest, the side it is resized to, and
-        the noise it gets. Equal keys give equal pixels (digests are read once per Catalog object, and a
+        the noise it gets (seeded by the item id). Equal keys give equal pixels (digests are read once per Catalog object, and a
         scenario copy starts with none)."""
         if item not in self._digests:
             self._digests[item] = file_digest(self.images[item])
-        noise = f"|noise={self.noise_std}" if item in self.noisy else ""
+        noise = f"|noise={self.noise_std}@{item}" if item in self.noisy else ""   # the noise is seeded by item
         return f"{self._digests[item]}|{self.image_size}{noise}"
 
     def fingerprint(self) -> str:

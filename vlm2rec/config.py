@@ -71,6 +71,7 @@ class BackboneConfig:
     normalize: bool = True                           # L2 per branch before the sum (§5.3)
     score: Literal["cos", "dot"] = "cos"             # cos re-normalises the fused vectors
     append_eos: bool = False                         # pool an EOS instead of the instruction's last token (Q1)
+    visual_cache: bool = True                        # frozen vision tower: its output per item computed once, on disk
     image_pixels: Annotated[int, Range(784)] = 50176                        # 224^2 image budget of the Qwen processor
     max_title_tokens: PosInt = 64                       # per title, before joining (§5.5)
     prompts: PromptConfig = field(default_factory=PromptConfig)

@@ -7,13 +7,20 @@ table that maps `backbone.name` to a builder is backbones.py.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
+import warnings
+
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
+
+from common.io import cache_root
+from common.runs import load_checkpoint, save_checkpoint
 
 from .catalog import Catalog, history_items
 from .config import LoraSettings, PromptConfig
+from .console import bar
 
 IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
 IMG = VISION_START + IMAGE_PAD + VISION_END
@@ -52,6 +59,7 @@ class VLMEmbedder(nn.Module):
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.merge = image_processor.merge_size ** 2
         self.hidden_size = model.config.text_config.hidden_size
+        self.visual_cache: VisualCache | None = None
         self.set_catalog(catalog)
 
     def set_catalog(self, catalog: Catalog) -> None:
@@ -59,7 +67,10 @@ class VLMEmbedder(nn.Module):
         self._titles: dict[int, str] = {}
 
     def precompute(self, histories: list[np.ndarray]) -> None:
-        """Nothing to cache: the VLM runs live (LoRA changes every feature)."""
+        """Fill the visual cache (when on) for every catalogue item up front, with one progress bar; the
+        language model runs live (LoRA changes every feature)."""
+        if self.visual_cache is not None:
+            self.visual_cache.fill(self, list(range(1, len(self.catalog.titles))))
 
     def title(self, item: int) -> str:
         # Spec §5.5: truncate each title before joining, so one long title cannot push out older items.
@@ -68,23 +79,23 @@ class VLMEmbedder(nn.Module):
             self._titles[item] = self.tokenizer.decode(ids[: self.max_title_tokens])
         return self._titles[item]
 
-    def _prompt(self, what: str, items: list[int], drop: str | None) -> tuple[str, list[Image.Image]]:
-        """One prompt string (IMG placeholders) and its images, in order."""
+    def _prompt(self, what: str, items: list[int], drop: str | None) -> tuple[str, list[int]]:
+        """One prompt string (IMG placeholders) and the items whose images fill them, in order."""
         p = self.prompts
         if what == "item_text":
             return p.item_text.format(title=self.title(items[0])), []
         if what == "item_image":
-            return p.item_image.format(image=IMG), [self.catalog.image(items[0])]
+            return p.item_image.format(image=IMG), [items[0]]
         if what == "hist_text":
             return p.hist_text.format(titles=p.separator.join(self.title(i) for i in items)), []
         if what == "hist_image":
-            return p.hist_image.format(images=IMG * len(items)), [self.catalog.image(i) for i in items]
+            return p.hist_image.format(images=IMG * len(items)), list(items)
         # Internal fusion (§6): one interleaved prompt; dropout deletes one modality's tokens.
         parts, images = [], []
         for item in items:
             if drop != "image":
                 parts.append(IMG)
-                images.append(self.catalog.image(item))
+                images.append(item)
             if drop != "text":
                 parts.append(self.title(item) + "\n")
         body = "".join(parts)
@@ -101,24 +112,105 @@ class VLMEmbedder(nn.Module):
             images.extend(imgs)
         return self.encode(texts, images)
 
-    def encode(self, texts: list[str], images: list[Image.Image]) -> torch.Tensor:
-        """Processor + forward + last-token pooling -> [B, hidden] (float32)."""
+    def encode(self, texts: list[str], images: list[int]) -> torch.Tensor:
+        """Processor + forward + last-token pooling -> [B, hidden] (float32); `images` are the item ids
+        whose images fill the prompts' placeholders, in order. With a visual cache (frozen vision tower)
+        the tower's output per item is read from it instead of re-running the processor and the tower."""
         device = next(self.model.parameters()).device
         inputs = {}
         if images:
-            vision = self.image_processor(images=images, return_tensors="pt")
-            counts = iter((vision["image_grid_thw"].prod(dim=1) // self.merge).tolist())
+            if self.visual_cache is not None:
+                from transformers.modeling_outputs import BaseModelOutputWithPooling
+                feats, grid = self.visual_cache.get(self, images)
+                inputs = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(
+                    pooler_output=[f.to(device) for f in feats])}, "image_grid_thw": grid.to(device)}
+            else:
+                vision = self.image_processor(images=[self.catalog.image(i) for i in images], return_tensors="pt")
+                dtype = next(self.model.parameters()).dtype
+                inputs = {"pixel_values": vision["pixel_values"].to(device, dtype),
+                          "image_grid_thw": vision["image_grid_thw"].to(device)}
+            counts = iter((inputs["image_grid_thw"].prod(dim=1) // self.merge).tolist())
             # Expand each image placeholder to the number of merged patches of its image (§5.1).
             texts = [_expand_images(text, counts) for text in texts]
-            dtype = next(self.model.parameters()).dtype
-            inputs = {"pixel_values": vision["pixel_values"].to(device, dtype),
-                      "image_grid_thw": vision["image_grid_thw"].to(device)}
         tokens = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         # transformers 5.x wants the token types whenever pixel values are passed (0 text, 1 image).
         inputs["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
-        hidden = self.model(input_ids=input_ids, attention_mask=mask, **inputs).last_hidden_state
+        # use_cache=False: an embedding pass never decodes, so a KV cache would only take memory.
+        hidden = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **inputs).last_hidden_state
         return last_token_pool(hidden, mask).float()
+
+    def enable_visual_cache(self, settings: str) -> bool:
+        """Cache the vision tower's output per item (on disk, by content; see VisualCache) when the tower
+        is frozen and this transformers accepts precomputed encoder outputs; returns whether it is on."""
+        frozen = not any(p.requires_grad for p in self.model.visual.parameters())
+        accepts = "mm_encoder_outputs" in inspect.signature(self.model.forward).parameters
+        self.visual_cache = VisualCache(self, settings) if frozen and accepts else None
+        return self.visual_cache is not None
+
+
+def _digest_module(module: nn.Module) -> str:
+    """SHA-1 over a module's parameters and buffers (names, dtypes, values): what its outputs depend on."""
+    digest = hashlib.sha1()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class VisualCache:
+    """The frozen vision tower's merged-patch embeddings per item image, computed once and kept on disk at
+    <cache_root>/vlm2rec/visual/<key>.pt. The file key is the tower's weights digest + the processor's
+    settings + `settings` (the backbone and dtype); the entry key is Catalog.image_key (the image file's
+    content digest, size and noise), so a replaced image or another processor never reuses a stale entry.
+    A file that fails its check on loading is discarded, not trusted."""
+
+    def __init__(self, embedder: "VLMEmbedder", settings: str):
+        proc = embedder.image_processor
+        spec = (f"{settings}|visual={_digest_module(embedder.model.visual)}|size={dict(proc.size)}"
+                f"|patch={proc.patch_size}|merge={proc.merge_size}|temporal={proc.temporal_patch_size}"
+                f"|mean={list(proc.image_mean)}|std={list(proc.image_std)}")
+        self.path = cache_root() / "vlm2rec" / "visual" / f"{hashlib.sha1(spec.encode()).hexdigest()[:16]}.pt"
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.dirty = False
+        if self.path.exists():
+            try:
+                saved = load_checkpoint(self.path)
+                entries = {k: (f, g) for k, f, g in zip(saved["keys"], saved["features"], saved["grids"], strict=True)}
+                ok = all(f.dim() == 2 and g.shape == (3,) and int(g.prod()) // embedder.merge == f.shape[0]
+                         and bool(torch.isfinite(f).all()) for f, g in entries.values())
+            except Exception:               # torch.load raises many types on a damaged file
+                ok = False
+            if ok:
+                self.entries = entries
+            else:
+                warnings.warn(f"visual cache {self.path} failed its check; recomputing it", stacklevel=2)
+
+    @torch.no_grad()
+    def fill(self, embedder: "VLMEmbedder", items: list[int], batch: int = 32) -> None:
+        """Compute the entries `items` lack, a batch of images per tower pass, and save the file."""
+        catalog = embedder.catalog
+        todo = list(dict.fromkeys(i for i in items if catalog.image_key(i) not in self.entries))
+        if not todo:
+            return
+        device, dtype = next(embedder.model.parameters()).device, next(embedder.model.parameters()).dtype
+        for start in bar(range(0, len(todo), batch), "visual cache"):
+            chunk = todo[start:start + batch]
+            vision = embedder.image_processor(images=[catalog.image(i) for i in chunk], return_tensors="pt")
+            grid = vision["image_grid_thw"]
+            out = embedder.model.get_image_features(vision["pixel_values"].to(device, dtype), grid.to(device),
+                                                    return_dict=True).pooler_output
+            for item, feats, thw in zip(chunk, out, grid):
+                self.entries[catalog.image_key(item)] = (feats.detach().cpu(), thw.clone())
+        keys = list(self.entries)
+        save_checkpoint(self.path, {"keys": keys, "features": [self.entries[k][0] for k in keys],
+                                    "grids": [self.entries[k][1] for k in keys]})
+
+    def get(self, embedder: "VLMEmbedder", items: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-image embeddings (tokens_i, hidden) and the (n, 3) grid of the images of `items`."""
+        self.fill(embedder, items)
+        pairs = [self.entries[embedder.catalog.image_key(i)] for i in items]
+        return [f for f, _ in pairs], torch.stack([g for _, g in pairs])
 
 
 # ---------------------------------------------------------------- LoRA (§5.4)
