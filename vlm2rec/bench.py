@@ -105,6 +105,32 @@ def bench_cpu(kind: str, batch_size: int, steps: int) -> dict:
     return {**out, **time_model(model, batch, items, steps, device)}
 
 
+def bench_visual_cache(variant: str, cached: bool, root: str | None, batch_size: int = 8, steps: int = 2,
+                       image_pixels: int = 50176) -> dict:
+    """Training pairs/s and evaluation items/s of a tiny Qwen-VL at a realistic image budget on the real
+    ML-100K posters, with or without the visual cache (its one-off fill is timed apart)."""
+    device = torch.device("cpu")
+    data = load_dataset(DataConfig(name="ml100k-posters", root=root))
+    split = split_sequences(data["sequences"], 10)
+    catalog = Catalog(data["titles"], data["images"], 224)
+    idx = torch.randperm(len(split["train"]["target"]), generator=torch.Generator().manual_seed(0))[:batch_size].numpy()
+    batch = {"history": torch.as_tensor(split["train"]["history"][idx]),
+             "target": torch.as_tensor(split["train"]["target"][idx])}
+    items = torch.arange(1, 65)
+    torch.manual_seed(0)
+    cfg = BackboneConfig(name="tiny" if variant == "qwen2-vl" else "tiny-qwen2.5-vl", image_pixels=image_pixels,
+                         visual_cache=cached, lora=LoraSettings(r=4, alpha=8))
+    model = VLM2Rec(cfg, catalog, device, LossConfig(), WPCLConfig(), CRTRConfig())
+    fill_s, filled = 0.0, 0
+    if cached:   # what precompute does for the whole catalogue, here for the items this benchmark touches
+        need = sorted((set(batch["history"].flatten().tolist()) - {0}) | set(batch["target"].tolist()) | set(items.tolist()))
+        start = time.perf_counter()
+        model.embedder.visual_cache.fill(model.embedder, need)
+        fill_s, filled = time.perf_counter() - start, len(need)
+    out = time_model(model, batch, items, steps, device)
+    return {**out, "cache_fill_s": fill_s, "cache_images": filled}
+
+
 def bench_gpu_qwen(batch_size: int, steps: int, image_pixels: int) -> dict:
     """Qwen2.5-VL-3B-sized model, random bf16 weights, LoRA + non-reentrant checkpointing, on CUDA."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
@@ -149,12 +175,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--backbones", nargs="+", default=["tiny", "two-tower"], choices=["tiny", "two-tower"])
+    parser.add_argument("--visual-cache", action="store_true",
+                        help="also: tiny Qwen2-VL / 2.5-VL at 224^2 on the real ML-100K posters, visual cache off/on")
+    parser.add_argument("--root", default=None, help="data root for --visual-cache (default: $REPRO_DATA)")
     args, _ = parser.parse_known_args(argv)
     torch.manual_seed(0)
     results = {}
     for kind in args.backbones:
         results[kind] = bench_cpu(kind, args.batch_size, args.steps)
         print(f"{kind:8s} cpu  " + "  ".join(f"{k}={v:.4g}" for k, v in results[kind].items()))
+    if args.visual_cache:
+        for variant in ("qwen2-vl", "qwen2.5-vl"):
+            for cached in (False, True):
+                row = bench_visual_cache(variant, cached, args.root, steps=args.steps)
+                results[f"tiny-{variant}-224-cache-{'on' if cached else 'off'}"] = row
+                print(f"tiny {variant:10s} 224^2 posters visual cache {'on ' if cached else 'off'}  " + "  ".join(
+                    f"{k}={row[k]:.4g}" for k in ("train_pairs_per_s", "encode_items_per_s", "cache_fill_s")))
     if torch.cuda.is_available():
         results["qwen2.5-vl-3b-sized"] = bench_gpu_qwen(args.batch_size, args.steps, 50176)
         print("qwen2.5-vl-3b-sized gpu  " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
