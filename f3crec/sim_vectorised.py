@@ -6,9 +6,11 @@ T^u, all old rows for emb_reg, every row under LDP) in one flat tensor W [L, d];
 broadcast. Step k processes every client that has a k-th mini-batch: the loss is the sum over clients of
 each client's own masked mean, so autograd hands each client exactly its own gradient. Step 1, where
 every local row still equals the broadcast, runs through one dense A × |I| score matrix when that is small
-(`dense_limit`); one-step clients finish there and upload their summed delta. ARM ranks all replaying
-clients with one argsort per chunk. The upload is the concatenation of every client's row deltas, which
-the server scatter-adds and averages (server.py). The client-side state of all users is held stacked
+(`dense_limit`): every logit, the BCE's and ARM's alike, is an entry of it, so one-step clients (with or
+without replay) finish there and upload their summed delta, and only multi-step clients keep local rows.
+ARM ranks T^u of all replaying clients at once, a chunk of clients at a time (method.target_ranks counts,
+it does not sort the catalogue). The upload is every multi-step client's row deltas plus the one-step
+clients' summed delta, which the server adds and averages (server.py). The client-side state of all users is held stacked
 (one row per user) in `self.state`; the server object never receives it.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ class _LocalRows:
     returning: torch.Tensor      # (A,) returning users (id < n_{t−1}, t ≥ 1)
     replay: torch.Tensor         # (A,) clients that run ARM this round
     dense_first: bool            # step 1 runs through the dense score matrix
-    one_shot: torch.Tensor       # (A,) clients finished by the dense first step (no local rows)
+    one_shot: torch.Tensor       # (A,) one-step clients, finished by the dense first step (no local rows)
     keys: torch.Tensor           # (L,) sorted client·|I| + item of every local row
     row_owner: torch.Tensor      # (L,) client index of each local row
     row_item: torch.Tensor       # (L,) item of each local row
@@ -65,7 +67,7 @@ class VectorisedSimulator:
     def __init__(self, server, state, rank_chunk: int = 4096, dense_limit: int = 1 << 25):
         self.server = server
         self.state = state           # ClientStates: stacked client-side tensors, one row per user
-        self.rank_chunk = rank_chunk  # clients ranked per argsort call (memory bound for 1e5 clients)
+        self.rank_chunk = rank_chunk  # clients ranked per call (bounds the (R, |I|) scores for 1e5 clients)
         self.dense_limit = dense_limit  # largest A·|I| for which step 1 uses the dense score matrix
 
     # ------------------------------------------------------------------------------------------ round
@@ -94,8 +96,8 @@ class VectorisedSimulator:
 
         A client can change its sample items, T^u when it replays, every old row under emb_reg, its stored
         Fisher rows under EWC and every row under LDP (noise touches all of them); any other row of its
-        local table equals the broadcast and is never stored. A one-step client without replay is finished
-        by the dense first step (`one_shot`) and needs no rows at all.
+        local table equals the broadcast and is never stored. A one-step client is finished by the dense
+        first step (`one_shot`) and needs no rows at all.
         """
         st, q = self.state, self.server.broadcast()
         n_items, dev = q.shape[0], q.device

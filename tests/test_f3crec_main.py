@@ -73,3 +73,14 @@ def test_old_run_folder_fails_in_one_line_naming_the_rename(tmp_path):
     with pytest.raises(ValueError, match=r"model\.\*.*backbone\.\*") as err:
         main(["--resume", str(tmp_path / "old")])
     assert "\n" not in str(err.value)
+
+
+def test_bench_whole_run_reports_every_phase():
+    """`make bench-f3crec`'s whole-run mode on the smoke stream: the phases add up to the process."""
+    from f3crec.bench import REFERENCE, report, whole_run
+    ours = {**whole_run(["--config", str(SMOKE)], 2), "torch_import_s": 0.0}
+    assert ours["rounds"] == [2, 2, 2, 2] and 0 < ours["base_round_s"] <= ours["base_block_s"]
+    assert 0 < ours["fixed_s"] < ours["whole_s"]
+    assert abs(ours["whole_s"] - ours["fixed_s"] - ours["base_block_s"] - ours["incremental_blocks_s"]) < 1e-9
+    table = report(ours)
+    assert str(REFERENCE["whole_s"]) in table and table.count("\n") == 8
