@@ -209,7 +209,7 @@ class VectorisedSimulator:
             if bool(live.any()):
                 loss = loss + self._kd_dense(plan, ctx, users, dense, live, sub, stats)
             grads = torch.autograd.grad(loss, [dense] + list(start.values()), allow_unused=True, retain_graph=True)
-            through = torch.autograd.grad(scores, list(start.values()), grad_outputs=grads[0], allow_unused=True)
+            through = self._through_scores(a, c, q, grads[0], start)
             a_old = a.detach().clone()
             # Φ's gradient: its direct terms plus the dense gradient backpropagated through S.
             private_names = tuple(name for name in start if name in names)
@@ -225,6 +225,13 @@ class VectorisedSimulator:
             for name in list(start):
                 start[name] = start[name].detach()
         return table, summed
+
+    @staticmethod
+    def _through_scores(a, c, q, grad_scores, start) -> tuple:
+        """∂L/∂Φ through S = a Qᵀ + c given G = ∂L/∂S: (∂L/∂a, ∂L/∂c) = (G Q, G·1), then back through the
+        affine map. A scalar backward: autograd with an explicit output gradient imports sympy (seconds)."""
+        grad_a, grad_c = grad_scores @ q, grad_scores.sum(1)
+        return torch.autograd.grad((a * grad_a).sum() + (c * grad_c).sum(), list(start.values()), allow_unused=True)
 
     def _kd_dense(self, plan, ctx, users, dense, live, sub, stats):
         """ARM (§6) at step 1 on the dense scores: rank T^u in S, size and draw the memory, KD on S."""
