@@ -50,7 +50,7 @@ def check_graph_options(tc: Any, flame_cfg: Any, device: torch.device) -> None:
     if flame_cfg is not None and flame_cfg.num_paths:
         raise ValueError("train.cuda_graph=true needs flame.num_paths=0: a graph cannot sample paths per step")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise ValueError("train.cuda_graph=true runs in a single process, not under accelerate launch")
+        raise ValueError("train.cuda_graph=true runs in a single process, not data parallel")
 
 
 class GraphStep:
