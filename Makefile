@@ -12,7 +12,7 @@ ARGS ?=
 SEEDS ?= 1 2 3
 EXTRAS ?= vlm,plot,dev,fl
 
-.PHONY: setup test test-all smoke data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
+.PHONY: setup test test-all test-transformers-min gpu-check smoke data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
         flame-compare f3crec-compare vlm2rec-compare clean-venv
 
 setup: $(STAMP)
@@ -30,6 +30,18 @@ test: setup
 # Includes the @slow tests that read real data from REPRO_DATA (or ../shared/data).
 test-all: setup
 	REPRO_DATA=$${REPRO_DATA:-../shared/data} $(PY) -m pytest -q
+
+# The VLM tests against the oldest transformers pyproject.toml allows (installed beside the venv, not into it).
+TRANSFORMERS_MIN := 5.18.0
+test-transformers-min: setup
+	rm -rf build/transformers-min
+	$(PY) -m pip install -q --no-deps -t build/transformers-min "transformers==$(TRANSFORMERS_MIN)" "tokenizers>=0.23.1,<0.24"
+	PYTHONPATH=build/transformers-min $(PY) -m pytest -q -m "not gpu" tests/test_vlm2rec*.py tests/test_copies.py
+
+# One prepared GPU script: every gpu test, the benchmarks, then complete runs within the budget (tests/gpu_campaign.py).
+# DRY=1 prints the plan and checks that every command line parses (no GPU needed; CI runs it).
+gpu-check: setup
+	$(PY) tests/gpu_campaign.py $(if $(DRY),--dry-run) $(ARGS)
 
 smoke: setup
 	$(PY) -m flame.main --config flame/configs/smoke.yaml $(ARGS)

@@ -130,10 +130,30 @@ def log_metrics(run_dir: str | Path, record: dict) -> None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of metrics.jsonl. A last line that does not parse is the one a kill cut short and is
+    left out; a bad line before it is a damaged file (one-line ValueError naming file and line)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record; the file is damaged") from None
+    return records
+
+
+def truncate_metrics(run_dir: str | Path, keep: Any) -> list[dict]:
+    """Rewrite metrics.jsonl with the records for which keep(record) is true (a resumed run drops what an
+    interrupted one logged after its checkpoint, and a cut-short last line), atomically; returns them."""
+    kept = [record for record in read_metrics(run_dir) if keep(record)]
+    with atomic_write(Path(run_dir) / "metrics.jsonl") as handle:
+        handle.write("".join(json.dumps(record, default=float) + "\n" for record in kept))
+    return kept
 
 
 def write_results(run_dir: str | Path, results: dict) -> dict:

@@ -186,3 +186,17 @@ def test_unusable_run_root_is_a_one_line_error(tmp_path):
         start_run(Cfg(), "paper", "toy", run_dir=tmp_path / "file")
     with pytest.raises(NotADirectoryError, match="a file is in the way"):
         start_run(Cfg(), "paper", "toy", root=tmp_path / "file")
+
+
+def test_metrics_records_survive_a_cut_short_line_and_truncate_to_a_checkpoint(tmp_path):
+    from common.runs import truncate_metrics
+    for epoch in (1, 2, 3):
+        log_metrics(tmp_path, {"epoch": epoch, "ndcg": epoch / 10})
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"epoch": 4, "nd')  # a kill in the middle of a write
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert [r["epoch"] for r in truncate_metrics(tmp_path, lambda r: r["epoch"] <= 2)] == [1, 2]
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1, "ndcg": 0.1}\n{"epoch": 2, "ndcg": 0.2}\n'
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON record; the file is damaged"):
+        read_metrics(tmp_path)

@@ -76,6 +76,8 @@ def test_sharded_weights_with_a_missing_shard_are_refused(tmp_path):
 def test_an_old_transformers_is_named(monkeypatch):
     import transformers
     monkeypatch.setattr(transformers, "__version__", "4.49.0")
-    assert "transformers >= 5.0 (installed 4.49.0" in vb.transformers_too_old()
+    assert "transformers >= 5.18 (installed 4.49.0" in vb.transformers_too_old()
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    assert "transformers >= 5.18 (installed 5.17.0" in vb.transformers_too_old()
     monkeypatch.setattr(transformers, "__version__", "5.24.0")
     assert vb.transformers_too_old() is None

@@ -31,7 +31,7 @@ SNAPSHOT_FILES = (("config", ("config.json",)),
                   ("image processor", ("preprocessor_config.json",)),
                   ("weights", ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                                "pytorch_model.bin.index.json")))
-MIN_TRANSFORMERS = (5, 0)   # dtype=, mm_token_type_ids, the PIL image processor, 5.x module paths (LoRA regex)
+MIN_TRANSFORMERS = (5, 18)  # dtype=, mm_token_type_ids, the torchvision-free PIL image processor, 5.x module paths
 
 
 def snapshot_gaps(folder: str | Path) -> list[str]:

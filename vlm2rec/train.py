@@ -8,7 +8,6 @@ weights. `train_one_epoch` is one pass over the shuffled pairs, logging the coll
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 
 from common.config import config_to_dict
 from common.io import atomic_write
-from common.runs import check_finite, load_checkpoint, log_metrics, rng_state, save_checkpoint, set_rng_state
+from common.runs import (check_finite, load_checkpoint, log_metrics, rng_state, save_checkpoint, set_rng_state,
+                         truncate_metrics)
 
 from .config import Config, TrainConfig
 from .console import bar, say
@@ -150,26 +150,11 @@ def resume_progress(core, optimizer, scheduler, folder: Path, writes: bool) -> P
     set_rng_state(ckpt["rng"])
     best = load_checkpoint(Path(folder) / "best.pt")["model"] if ckpt["best_epoch"] >= 0 else None
     if writes:
-        truncate_metrics(Path(folder), ckpt["epoch"])
+        # the zero-shot line is epoch -1; a line a kill cut short is dropped
+        truncate_metrics(Path(folder), lambda record: record.get("epoch", -1) <= ckpt["epoch"])
     print(f"resumed from {Path(folder) / 'last.pt'} after epoch {ckpt['epoch']}")
     return Progress(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_val"], ckpt["best_epoch"], best,
                     ckpt.get("zero_shot_valid"))
-
-
-def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
-    """Keep the metrics.jsonl records of epochs <= last_epoch (the zero-shot line is epoch -1); a line
-    that does not parse can only be the one a kill cut short, and is dropped with what follows it."""
-    path = run_dir / "metrics.jsonl"
-    kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if record.get("epoch", -1) <= last_epoch:
-            kept.append(line + "\n")
-    with atomic_write(path) as handle:
-        handle.write("".join(kept))
 
 
 def save_epoch(core, optimizer, scheduler, cfg: Config, progress: Progress, epoch: int, score: float,
