@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from tqdm import tqdm
 
-from common.io import atomic_write
-from common.runs import check_finite, log_metrics, read_metrics, rng_state, save_checkpoint, set_rng_state
+from common.runs import check_finite, log_metrics, rng_state, save_checkpoint, set_rng_state, truncate_metrics
 
 from . import parallel
 from .checks import LAST_KEYS, read_checkpoint
@@ -171,9 +169,7 @@ def _resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     best_state = read_checkpoint(run_dir / "best.pt", ("model",))["model"] if progress.best_epoch > 0 else None
     set_rng_state(ckpt["rng"])
     if is_main:  # records a crash left behind after the checkpoint
-        kept = [r for r in read_metrics(run_dir) if r.get("epoch", 0) <= progress.epoch]
-        with atomic_write(run_dir / "metrics.jsonl") as handle:
-            handle.write("".join(json.dumps(r) + "\n" for r in kept))
+        truncate_metrics(run_dir, lambda record: record.get("epoch", 0) <= progress.epoch)
     if is_main:
         print(f"resumed from {run_dir / 'last.pt'} after epoch {progress.epoch}")
     return progress, best_state
@@ -196,8 +192,7 @@ def fit(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, cfg
         progress, resumed_best = _resume(run_dir, model, optimizer, is_main)
         best_state = resumed_best or best_state
     elif is_main and (run_dir / "metrics.jsonl").exists():  # a fresh start: no record of an earlier try
-        with atomic_write(run_dir / "metrics.jsonl") as handle:
-            handle.write("")
+        truncate_metrics(run_dir, lambda record: False)
     step = make_step(model, data, optimizer, tc, device, parallel.gather_default(fc.gather_negatives))
     horizon = fc.lambda_horizon or tc.max_epochs  # quirk 10
     # One bar over the epochs on a terminal (stderr); none in a log, where each epoch is one line.
