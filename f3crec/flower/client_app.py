@@ -2,7 +2,7 @@
 
 Node config: `partition-id`, `num-partitions` (user u lives on partition u mod num-partitions) and optional
 `state-dir` (where this node keeps its block-boundary checkpoints). Run config: `f3crec-config`, the run's
-config as JSON. Every message is answered from this node's own users only (node.py).
+config as JSON, or `config` + `overrides` (wire.config_from_run_config; app/pyproject.toml). Every message is answered from this node's own users only (node.py).
 
 `Context.state` holds the node's whole client state (one ArrayRecord, stacked by user, and a version);
 within one process the live `Node` is kept too and reused while its version matches the state's, so the
@@ -37,7 +37,7 @@ def _node(context: Context) -> Node:
     live = _LIVE.get(key)
     if live is not None and live[0] == tag:
         return live[1]
-    cfg = wire.config_from_json(str(context.run_config["f3crec-config"]))
+    cfg = wire.config_from_run_config(context.run_config)
     node = Node(cfg, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]))
     if "f3crec.state" in context.state:
         arrays = {name: tensor.numpy() for name, tensor in wire.tensors(context.state["f3crec.state"]).items()}

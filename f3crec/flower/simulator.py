@@ -52,7 +52,10 @@ class FlowerSimulator:
 
     # ------------------------------------------------------------------------------------ messaging
     def _live(self) -> list[int]:
-        return [n for n in sorted(self.grid.get_node_ids()) if n not in self.lost]
+        """The nodes that described themselves at the start and are not lost (before that, the grid's).
+        Not the grid's list later: a real grid stops listing a dead node, which must count as lost."""
+        known = self.nodes or self.grid.get_node_ids()
+        return [n for n in sorted(known) if n not in self.lost]
 
     def _ask(self, kind: str, bodies: dict[int, dict], group: str) -> dict[int, tuple[dict, dict]]:
         """Send each live node its body ({'tensors': ..., **config}); (tensors, config) of every good reply.

@@ -3,14 +3,17 @@ their own dtype, Fractions as 'numerator/denominator' strings, so what arrives e
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import replace
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from common.config import config_to_dict, load_config
+from common.io import REPO
 
 from ..config import Config
 
@@ -67,3 +70,15 @@ def config_from_json(text: str) -> Config:
 
     walk("", json.loads(text))
     return replace(load_config(Config, None, flat))
+
+
+def config_from_run_config(run_config) -> Config:
+    """The run's config from a Flower run config (the same on the ServerApp and every node): `f3crec-config`
+    (a whole config as JSON: deploy.py, the in-process grid) or else `config` (a YAML path, relative to the
+    repository) with `overrides` (space-separated key=value); the simulator is always Flower's."""
+    text = str(run_config.get("f3crec-config", "") or "")
+    if text:
+        return config_from_json(text)
+    path = Path(str(run_config.get("config", "") or "f3crec/configs/smoke.yaml"))
+    overrides = shlex.split(str(run_config.get("overrides", "") or ""))
+    return load_config(Config, path if path.is_absolute() else REPO / path, [*overrides, "federation.simulator=flower"])
