@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{[n.pid for n in deployment.nodes]}; isolation {deployment.isolation}", flush=True)
             outcome = deployment.run(cfg, run_dir, resume, own.get("timeout"),
                                      on_wait=lambda d: _note_checkpoint(run_dir))
+        outcome["pids"] = sorted({pid for proc in deployment.procs for pid in (proc.pid, *proc.known)})
     finally:
         signal.signal(signal.SIGTERM, previous)
         if claimed is not None and claimed.is_dir() and not any(claimed.iterdir()):
