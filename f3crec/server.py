@@ -47,6 +47,9 @@ class Server:
         return self._finish(self.items + total / num_clients)
 
     def _finish(self, mean_table: torch.Tensor) -> dict:
+        if not bool(torch.isfinite(mean_table).all()):
+            raise FloatingPointError("the aggregated item table is not finite: training diverged "
+                                     "(lower backbone.lr)")
         if self.itm and self.previous is not None:
             self.items, weight = item_temporal_mean(mean_table, self.previous, self.beta)
             return {"itm_w": float(weight.mean()) if weight.numel() else 0.0}

@@ -250,3 +250,12 @@ def test_top_n_equals_a_stable_descending_sort_with_ties():
         rows, n_items = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(30, 60, (1,), generator=g))
         scores = torch.randint(0, 4 if trial % 2 else 1000, (rows, n_items), generator=g).float()
         assert torch.equal(top_n(scores, 30), torch.argsort(scores, dim=1, descending=True, stable=True)[:, :30])
+
+
+def test_a_diverged_round_stops_in_one_line():
+    """A non-finite aggregate (e.g. FedNCF at the reference lr 0.5) is a FloatingPointError naming the fix,
+    which the CLI prints as one line, not an error deep inside the next round's KD loss."""
+    from f3crec.server import Server
+    server = Server(torch.zeros(3, 2), beta=0.9, itm=False)
+    with pytest.raises(FloatingPointError, match="backbone.lr"):
+        server.aggregate([torch.tensor([[0.0, float("nan")], [0.0, 0.0], [0.0, 0.0]])])
