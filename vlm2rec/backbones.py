@@ -115,7 +115,7 @@ def load_hf_embedder(cfg: BackboneConfig, catalog: Catalog, device: torch.device
 
 def build_tiny_embedder(cfg: BackboneConfig, catalog: Catalog, device: torch.device,
                         variant: str = "qwen2-vl") -> VLMEmbedder:
-    tokenizer = byte_tokenizer()
+    tokenizer = byte_tokenizer(chat=cfg.prompts.chat_template)
     model = tiny_vlm(tokenizer, variant)
     return _finish(model, cfg, catalog, tokenizer, image_processor_for(cfg.image_pixels), f"tiny-{variant}", device)
 

@@ -112,7 +112,7 @@ def bench_visual_cache(variant: str, cached: bool, root: str | None, batch_size:
     device = torch.device("cpu")
     data = load_dataset(DataConfig(name="ml100k-posters", root=root))
     split = split_sequences(data["sequences"], 10)
-    catalog = Catalog(data["titles"], data["images"], 224)
+    catalog = Catalog(data["titles"], data["images"], 224, keep_aspect=True)   # as main.py builds it for a VLM
     idx = torch.randperm(len(split["train"]["target"]), generator=torch.Generator().manual_seed(0))[:batch_size].numpy()
     batch = {"history": torch.as_tensor(split["train"]["history"][idx]),
              "target": torch.as_tensor(split["train"]["target"][idx])}

@@ -20,12 +20,22 @@ PLACEHOLDER_GREY = (128, 128, 128)  # neutral: no colour cue for a missing image
 IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 
 
-def load_image(path: Path | None, size: int) -> Image.Image:
-    """RGB image resized to size x size; a grey placeholder for None or an unreadable file."""
+def equal_area(width: int, height: int, size: int) -> tuple[int, int]:
+    """(w, h) with the aspect ratio of width x height and about the area of a size x size square (each
+    side >= 1); a square maps to exactly (size, size)."""
+    scale = size / (width * height) ** 0.5
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def load_image(path: Path | None, size: int, keep_aspect: bool = False) -> Image.Image:
+    """RGB image resized to size x size, or with `keep_aspect` to the equal-area size of its own aspect
+    ratio (the Qwen processor then fits it to its pixel budget without distorting it, §5.1); a grey
+    size x size placeholder for None or an unreadable file."""
     if path is not None:
         try:
             with Image.open(path) as img:
-                return img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+                target = equal_area(*img.size, size) if keep_aspect else (size, size)
+                return img.convert("RGB").resize(target, Image.Resampling.BICUBIC)
         except IMAGE_ERRORS as err:
             warnings.warn(f"unreadable image {path} ({err}); using the grey placeholder", stacklevel=2)
     return Image.new("RGB", (size, size), PLACEHOLDER_GREY)
@@ -66,12 +76,13 @@ class Catalog:
     image_size: int
     noisy: frozenset = field(default_factory=frozenset)   # item ids whose image gets Gaussian noise
     noise_std: float = 0.0
+    keep_aspect: bool = False          # equal-area resize keeping the aspect ratio (VLM backbones), else square
     _loaded: dict = field(default_factory=dict, init=False, repr=False, compare=False)   # decoded images
     _digests: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # item -> file_digest
 
     def image(self, item: int) -> Image.Image:
         if item not in self._loaded:
-            self._loaded[item] = load_image(self.images[item], self.image_size)
+            self._loaded[item] = load_image(self.images[item], self.image_size, self.keep_aspect)
         image = self._loaded[item]
         if item in self.noisy:        # per-item seed: the same noisy image every time it is drawn
             rng = np.random.default_rng([int(item), 7])
@@ -80,13 +91,14 @@ class Catalog:
         return image
 
     def image_key(self, item: int) -> str:
-        """What item's image input is made of: the file's content digest, the side it is resized to, and
-        the noise it gets (seeded by the item id). Equal keys give equal pixels (digests are read once per Catalog object, and a
+        """What item's image input is made of: the file's content digest, the side it is resized to (and
+        whether its aspect ratio is kept), and the noise it gets (seeded by the item id). Equal keys give equal pixels (digests are read once per Catalog object, and a
         scenario copy starts with none)."""
         if item not in self._digests:
             self._digests[item] = file_digest(self.images[item])
         noise = f"|noise={self.noise_std}@{item}" if item in self.noisy else ""   # the noise is seeded by item
-        return f"{self._digests[item]}|{self.image_size}{noise}"
+        aspect = "|aspect" if self.keep_aspect else ""                     # other pixels, other key
+        return f"{self._digests[item]}|{self.image_size}{aspect}{noise}"
 
     def fingerprint(self) -> str:
         digest = hashlib.sha1()

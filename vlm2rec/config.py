@@ -27,12 +27,14 @@ LM_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 
 @dataclass
 class PromptConfig:
-    """§5.5 [R]: the paper's wording is unknown; no chat template (Q11)."""
+    """§5.5 [R]: the paper's wording is unknown; raw prompts by default (Q11)."""
     hist_text: str = "{titles}\nSummarize the user's history above to predict the next item:"  # {titles}: joined
     hist_image: str = "{images}Summarize the user's history shown in these images to predict the next item:"
     item_text: str = "{title}\nRepresent this item:"                # {title}: one truncated title
     item_image: str = "{image}Represent this item image:"           # {image}: one image placeholder
     separator: str = " ; "                                          # between history titles
+    chat_template: bool = False      # wrap each prompt in Qwen's chat turns + an appended end token (GME's form)
+    system: str = "You are a helpful assistant."                    # the chat form's system turn
 
 
 @dataclass
@@ -73,6 +75,7 @@ class BackboneConfig:
     append_eos: bool = False                         # pool an EOS instead of the instruction's last token (Q1)
     visual_cache: bool = True                        # frozen vision tower: its output per item computed once, on disk
     image_pixels: Annotated[int, Range(784)] = 50176                        # 224^2 image budget of the Qwen processor
+    keep_aspect: bool = True                         # VLMs: images keep their aspect ratio within the budget (§5.1)
     max_title_tokens: PosInt = 64                       # per title, before joining (§5.5)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)

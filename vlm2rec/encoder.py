@@ -25,6 +25,9 @@ from .console import bar
 IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
 IMG = VISION_START + IMAGE_PAD + VISION_END
 PAD = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# Qwen's chat turns (its tokenizer's own template), as GME wraps a query; the pooled end token follows.
+CHAT = IM_START + "system\n{system}" + IM_END + "\n" + IM_START + "user\n{prompt}" + IM_END + "\n" + IM_START + "assistant\n"
 
 
 def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -56,6 +59,11 @@ class VLMEmbedder(nn.Module):
         self.tokenizer.padding_side = "left"       # §5.2: explicit; pooling works for both anyway
         self.prompts, self.identifier = prompts, identifier
         self.max_title_tokens, self.append_eos = max_title_tokens, append_eos
+        if prompts.chat_template:
+            lacking = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
+            if lacking:
+                raise ValueError(f"backbone.prompts.chat_template=true needs the chat tokens {', '.join(lacking)}, "
+                                 f"which the tokenizer of {identifier} lacks")
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.merge = image_processor.merge_size ** 2
         self.hidden_size = model.config.text_config.hidden_size
@@ -108,12 +116,20 @@ class VLMEmbedder(nn.Module):
         texts, images = [], []
         for items in rows:
             text, imgs = self._prompt(what, items, drop)
-            texts.append(text + (self.tokenizer.eos_token if self.append_eos else ""))
+            texts.append(self.wrap(text))
             images.extend(imgs)
         return self.encode(texts, images)
 
-    def encode(self, texts: list[str], images: list[int]) -> torch.Tensor:
-        """Processor + forward + last-token pooling -> [B, hidden] (float32); `images` are the item ids
+    def wrap(self, prompt: str) -> str:
+        """The text that is tokenised for one prompt (§5.5): raw (default, as VLM2Vec) with an optional EOS,
+        or, with prompts.chat_template, Qwen's system/user/assistant turns followed by the end token
+        (as GME); the pooled token is the last one: the prompt's last token, or the end token."""
+        if self.prompts.chat_template:
+            return CHAT.format(system=self.prompts.system, prompt=prompt) + self.tokenizer.eos_token
+        return prompt + (self.tokenizer.eos_token if self.append_eos else "")
+
+    def inputs(self, texts: list[str], images: list[int]) -> dict[str, torch.Tensor]:
+        """The model inputs of one batch of prompts (left-padded token ids, mask, image inputs); `images` are the item ids
         whose images fill the prompts' placeholders, in order. With a visual cache (frozen vision tower)
         the tower's output per item is read from it instead of re-running the processor and the tower."""
         device = next(self.model.parameters()).device
@@ -136,9 +152,14 @@ class VLMEmbedder(nn.Module):
         input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         # transformers 5.x wants the token types whenever pixel values are passed (0 text, 1 image).
         inputs["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
+        return {"input_ids": input_ids, "attention_mask": mask, **inputs}
+
+    def encode(self, texts: list[str], images: list[int]) -> torch.Tensor:
+        """Processor + forward + last-token pooling -> [B, hidden] (float32); see `inputs`."""
+        inputs = self.inputs(texts, images)
         # use_cache=False: an embedding pass never decodes, so a KV cache would only take memory.
-        hidden = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **inputs).last_hidden_state
-        return last_token_pool(hidden, mask).float()
+        hidden = self.model(use_cache=False, **inputs).last_hidden_state
+        return last_token_pool(hidden, inputs["attention_mask"]).float()
 
     def enable_visual_cache(self, settings: str) -> bool:
         """Cache the vision tower's output per item (on disk, by content; see VisualCache) when the tower
@@ -235,8 +256,10 @@ def apply_lora(model: nn.Module, cfg: LoraSettings) -> nn.Module:
 
 # ---------------------------------------------------------------- tiny test VLM
 
-def byte_tokenizer():
-    """A byte-level tokenizer with Qwen's special tokens, built locally (no download): 256 + 5 ids."""
+def byte_tokenizer(chat: bool = False):
+    """A byte-level tokenizer with Qwen's special tokens, built locally (no download): 256 + 5 ids, and
+    with `chat` also Qwen's two chat-turn tokens (ids 261, 262; the tiny model's vocabulary then grows,
+    so the default 261-id model, and every result built on it, is unchanged)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
@@ -245,6 +268,8 @@ def byte_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens([PAD, VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>"])
+    if chat:
+        core.add_special_tokens([IM_START, IM_END])
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=PAD, padding_side="left")
 
 

@@ -63,8 +63,10 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) ->
     split = split_sequences(data["sequences"], cfg.data.max_history, cfg.train.instances_per_user)
     num_items = data["num_items"]
     negs, neg_sha = split_negatives(data["sequences"], num_items, cfg.eval, data["name"])
-    model = VLM2Rec(cfg.backbone, Catalog(data["titles"], data["images"], cfg.data.image_size), accelerator.device,
-                    cfg.loss, cfg.wpcl, cfg.crtr)
+    # The two-tower stand-in's EfficientNet takes the square data.image_size input whatever keep_aspect says.
+    keep_aspect = cfg.backbone.keep_aspect and cfg.backbone.name != "two-tower"
+    catalog = Catalog(data["titles"], data["images"], cfg.data.image_size, keep_aspect=keep_aspect)
+    model = VLM2Rec(cfg.backbone, catalog, accelerator.device, cfg.loss, cfg.wpcl, cfg.crtr)
     model.embedder.precompute([h for s in ("train", "valid", "test") for h in split[s]["history"]])
     # The run folder is claimed only now: a split, negatives or backbone that fails leaves no folder behind.
     out_dir = start_run(cfg, "vlm2rec", data["name"], cfg.tag, run_dir, root=cfg.run_root) if writes else None
