@@ -100,3 +100,32 @@ def test_chat_template_refuses_a_tokenizer_without_chat_tokens():
     with pytest.raises(ValueError, match="chat_template=true needs the chat tokens <\\|im_start\\|>"):
         VLMEmbedder(tiny_vlm(tok), tok, image_processor_for(3136), Catalog(["", "a"], [None, None], 56),
                     PromptConfig(chat_template=True), "tiny", 16, False)
+
+
+@pytest.mark.parametrize("variant", ["qwen2-vl", "qwen2.5-vl"])
+def test_the_peft_export_round_trips(tmp_path, variant):
+    from peft import PeftModel
+
+    from vlm2rec.encoder import VLMEmbedder, tiny_vlm
+    path = poster(tmp_path / "p.jpg")
+    catalog = Catalog(["", "red lamp", "blue kite"], [None, path, None], 56, keep_aspect=True)
+    trained = embedder(catalog, variant, image_pixels=3136, visual_cache=False)
+    with torch.no_grad():                          # trained adapters: lora_B is no longer its zero init
+        for name, param in trained.model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    assert trained.save_adapter(tmp_path / "adapter", "tiny")
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    torch.manual_seed(0)                           # the same random base the embedder was built on
+    base = tiny_vlm(trained.tokenizer, variant)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    again = VLMEmbedder(loaded, trained.tokenizer, trained.image_processor, catalog, trained.prompts, "tiny", 64, False)
+    trained.eval(), again.eval()
+    for what, ids in (("item_text", [1, 2]), ("item_image", [1, 2]), ("hist_joint", [[0, 1, 2], [2, 1, 2]])):
+        torch.testing.assert_close(again.branch(what, torch.tensor(ids)), trained.branch(what, torch.tensor(ids)),
+                                   atol=1e-5, rtol=1e-5, msg=what)
+    # the same base without the adapters differs: the adapters are what was loaded
+    torch.manual_seed(0)
+    plain = VLMEmbedder(tiny_vlm(trained.tokenizer, variant), trained.tokenizer, trained.image_processor, catalog,
+                        trained.prompts, "tiny", 64, False)
+    assert not torch.allclose(plain.branch("item_text", torch.tensor([1])), trained.branch("item_text", torch.tensor([1])))

@@ -37,6 +37,14 @@ def test_smoke_in_process_writes_every_artifact(tmp_path):
     assert any("grad_ratio_u" in r and "loss_image" in r and "gamma" in r for r in steps)
     assert "seqrec" in results and "full" in results["seqrec"]["test"]
     assert json.loads((run / "results.json").read_text())["best_epoch"] == results["best_epoch"]
+    # the best epoch's adapters, also in peft's format (what PeftModel.from_pretrained reads)
+    from safetensors.torch import load_file
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)["model"]
+    assert len(adapter) == len(best) > 0
+    for key, value in adapter.items():
+        name = "embedder.model." + key.removeprefix("base_model.model.").replace(".weight", ".default.weight")
+        torch.testing.assert_close(value, best[name])
 
 
 def test_old_run_folders_and_inconsistent_configs_fail_in_one_line(tmp_path):

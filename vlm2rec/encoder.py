@@ -7,6 +7,7 @@ table that maps `backbone.name` to a builder is backbones.py.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import warnings
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.io import cache_root
+from common.io import atomic_dir, cache_root
 from common.runs import load_checkpoint, save_checkpoint
 
 from .catalog import Catalog, history_items
@@ -160,6 +161,24 @@ class VLMEmbedder(nn.Module):
         # use_cache=False: an embedding pass never decodes, so a KV cache would only take memory.
         hidden = self.model(use_cache=False, **inputs).last_hidden_state
         return last_token_pool(hidden, inputs["attention_mask"]).float()
+
+    def save_adapter(self, folder, base_name: str) -> bool:
+        """Write the LoRA adapters in peft's own format (adapter_config.json + adapter_model.safetensors,
+        keys as PeftModel.save_pretrained writes them), so `PeftModel.from_pretrained(base, folder)` loads
+        the trained embedder whatever this code's module layout; atomically (a folder is whole or absent).
+        Returns False when the model carries no peft adapters (lora.enabled=false: full fine-tuning)."""
+        if not getattr(self.model, "peft_config", None):
+            return False
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+        state = {f"base_model.model.{k}": v.detach().cpu().contiguous()
+                 for k, v in get_peft_model_state_dict(self.model).items()}
+        config = copy.copy(self.model.peft_config["default"])
+        config.base_model_name_or_path = base_name
+        with atomic_dir(folder) as tmp:
+            save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            config.save_pretrained(str(tmp))
+        return True
 
     def enable_visual_cache(self, settings: str) -> bool:
         """Cache the vision tower's output per item (on disk, by content; see VisualCache) when the tower

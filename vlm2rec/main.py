@@ -21,7 +21,7 @@ from common.runs import save_checkpoint, start_run, write_results
 from common.cli import run_cli
 from common.utils import get_device, seed_everything
 
-from .backbones import missing_requirements
+from .backbones import HF_NAMES, missing_requirements
 from .catalog import Catalog
 from .config import Config, check_config, check_resume
 from .console import results_table
@@ -76,6 +76,10 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) ->
     core, summary = fit(model, accelerator, split, negs, num_items, cfg, out_dir, Path(run_dir) if resume else None)
     results = {"label": LABEL if cfg.backbone.name == "two-tower" else f"VLM embedder {core.embedder.identifier}",
                **summary}
+    # The best weights' adapters also in peft's format: PeftModel.from_pretrained(base, <run>/adapter).
+    if writes and hasattr(core.embedder, "save_adapter"):
+        core.embedder.save_adapter(out_dir / "adapter", cfg.backbone.source if cfg.backbone.name in HF_NAMES
+                                   else core.embedder.identifier)
     results["test"] = evaluate_test(core, split["test"], negs["test"], num_items, cfg.eval, out_dir)
     table = core.item_table(num_items, "both", cfg.eval.batch_size).cpu()
     if writes:
