@@ -12,7 +12,7 @@ ARGS ?=
 SEEDS ?= 1 2 3
 EXTRAS ?= vlm,plot,dev,fl
 
-.PHONY: setup test test-all test-transformers-min gpu-check smoke data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
+.PHONY: setup test test-all test-transformers-min test-deploy gpu-check smoke f3crec-deploy data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
         flame-compare f3crec-compare vlm2rec-compare clean-venv
 
 setup: $(STAMP)
@@ -66,6 +66,15 @@ vlm2rec: setup
 flame-compare f3crec-compare vlm2rec-compare: setup
 	@test -n "$(DATA)" || { echo "make $@ needs DATA=<dataset>" >&2; exit 2; }
 	$(PY) -m $(subst -compare,,$@).compare --config $(subst -compare,,$@)/configs/$(DATA).yaml $(ARGS) --seeds $(SEEDS)
+
+# F3CRec on a real Flower deployment on 127.0.0.1: one SuperLink + NODES SuperNodes as separate processes,
+# every one stopped by pid when the run ends (f3crec/flower/deploy.py). test-deploy runs its two slow tests.
+f3crec-deploy: setup
+	@test -n "$(DATA)" || { echo "make f3crec-deploy needs DATA=<dataset>, e.g. make f3crec-deploy DATA=smoke NODES=4" >&2; exit 2; }
+	$(PY) -m f3crec.flower.deploy --config f3crec/configs/$(DATA).yaml --nodes $(or $(NODES),4) $(ARGS)
+
+test-deploy: setup
+	REPRO_FLOWER_DEPLOY=1 $(PY) -m pytest -q tests/test_f3crec_flower_deploy.py
 
 bench: bench-flame bench-f3crec bench-vlm2rec
 
