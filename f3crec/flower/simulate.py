@@ -1,0 +1,154 @@
+"""F3CRec on Flower's simulation runtime (§14): `flwr run` against a local SuperLink started with
+`--simulation`, which runs the same ServerApp and ClientApp (app/pyproject.toml) with N virtual nodes on
+Ray (extra `fl-sim`, `flwr[simulation]`); user u lives on virtual node u mod N, as in a deployment.
+
+    python -m f3crec.flower.simulate --config f3crec/configs/smoke.yaml --nodes 2 [key=value ...]
+
+Flower's own `:local:` connection starts a detached SuperLink on fixed ports that outlives the command;
+this wrapper starts its own on free 127.0.0.1 ports instead, in a SuperLink connection with
+`options.num-supernodes = N` and Ray sized to `--cpus` (default 1: one ClientApp actor, so every node's
+live state stays in one process), and stops it — with every descendant seen, Ray's GCS, raylet and
+workers among them — by pid in a `finally`, on success, on an error and on Ctrl-C.
+
+Options of its own (before the usual --config / --run-dir / key=value):
+  --nodes N     virtual SuperNodes (default: federation.nodes)
+  --cpus C      CPUs Ray may use (init-args.num-cpus; each ClientApp actor takes one)
+  --timeout S   stop when the run has not finished after S seconds
+  --logs DIR    keep the SuperLink's and the run's logs there (default: a temporary folder, removed)
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import tomli_w
+
+from common.cli import run_cli
+from common.config import ConfigError, parse_cli
+
+from ..config import Config
+from .deploy import BIN, Deployment, claim_run_dir, free_ports
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Simulation(Deployment):
+    """A SuperLink in simulation mode whose runs get `nodes` virtual SuperNodes on Ray (a context manager:
+    leaving it stops the link and every descendant seen — the run's simulation process and Ray's).
+
+    Invariant (Deployment's): every process started here, and every descendant seen while it ran, is
+    stopped by pid in `stop()`; `leftover()` is empty afterwards."""
+
+    def __init__(self, nodes: int, logs: Path, cpus: int = 1, cwd: Path | None = None):
+        if cpus < 1:
+            raise ValueError(f"--cpus must be at least 1, got {cpus}")
+        super().__init__(nodes, logs, cwd=cwd)
+        self.cpus = cpus
+        # Ray's session folder holds AF_UNIX sockets (paths of at most 107 bytes): a short folder of its own
+        # under /tmp, not under `logs`; removed in stop().
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="f3r-", dir="/tmp"))
+        self.env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(self.ray_tmp), "RAY_DEDUP_LOGS": "0"})
+
+    def start(self, timeout: float = 120.0) -> "Simulation":
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
+        (link_port,) = free_ports(1)
+        self.address = f"127.0.0.1:{link_port}"
+        self.link = self._spawn("superlink", [str(BIN / "flower-superlink"), "--insecure", "--simulation",
+                                              "--host", "127.0.0.1", "--port", str(link_port),
+                                              "--disable-runtime-dependency-installation"])
+        self._wait_listening(self.link, link_port, timeout)
+        backend = {"name": "ray", "client-resources": {"num-cpus": 1},
+                   "init-args": {"num-cpus": self.cpus, "log-to-driver": True}}
+        with open(self.home / "config.toml", "wb") as handle:   # Deployment.run submits to "f3crec-deploy"
+            tomli_w.dump({"superlink": {"default": "f3crec-deploy", "f3crec-deploy": {
+                "address": self.address, "insecure": True,
+                "options": {"num-supernodes": self.n, "backend": backend}}}}, handle)
+        self._watch()
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        super().stop(grace)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+def _own_options(args: list[str]) -> tuple[dict, list[str]]:
+    spec = {"--nodes": int, "--cpus": int, "--timeout": float, "--logs": Path}
+    own, rest, i = {}, [], 0
+    while i < len(args):
+        if args[i] in spec:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{args[i]} needs a value")
+            try:
+                own[args[i][2:]] = spec[args[i]](args[i + 1])
+            except ValueError:
+                raise ConfigError(f"{args[i]} {args[i + 1]}: not a {spec[args[i]].__name__}") from None
+            i += 2
+        else:
+            rest.append(args[i])
+            i += 1
+    return own, rest
+
+
+def main(argv: list[str] | None = None) -> dict:
+    own, rest = _own_options(list(argv) if argv is not None else sys.argv[1:])
+    cfg, options = parse_cli(rest, Config)
+    nodes = own.get("nodes", cfg.federation.nodes)
+    if nodes < 1:
+        raise ConfigError(f"--nodes {nodes}: needs at least one virtual SuperNode")
+    if own.get("cpus", 1) < 1:
+        raise ConfigError(f"--cpus {own['cpus']}: needs at least one CPU")
+    if cfg.methods:
+        raise ConfigError("the simulation runs one method: give method.name=..., not methods=[...]")
+    if options.resume is not None:
+        raise ConfigError("--resume: not on the simulation runtime (its nodes' state lives in Ray for one "
+                          "run); resume with python -m f3crec.main ... federation.simulator=flower")
+    if not ray_available():
+        raise ConfigError("Flower's simulation runtime needs Ray, not installed: pip install -e \".[fl-sim]\"")
+    cfg = replace(cfg, federation=replace(cfg.federation, simulator="flower", nodes=nodes))
+    from ..data import get_blocks   # data errors are one line now, before any process starts; warms the cache
+    get_blocks(cfg.data, cfg.train.seed)
+    run_dir = options.run_dir.resolve() if options.run_dir is not None else None
+    claimed = None
+    if run_dir is None:
+        run_dir = claimed = claim_run_dir(cfg)
+    logs = own.get("logs")
+    scratch = None if logs else Path(tempfile.mkdtemp(prefix="f3crec-sim-"))
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with Simulation(nodes, logs or scratch, own.get("cpus", 1)) as simulation:
+            print(f"[f3crec simulate] SuperLink {simulation.address} (pid {simulation.link.pid}), simulation "
+                  f"runtime, {nodes} virtual nodes on Ray ({simulation.cpus} CPU)", flush=True)
+            started = time.perf_counter()
+            outcome = simulation.run(cfg, run_dir, False, own.get("timeout"))
+            outcome["wall_s"] = time.perf_counter() - started
+        outcome["pids"] = sorted({pid for proc in simulation.procs for pid in (proc.pid, *proc.known)})
+        outcome["leftover"], outcome["ray_tmp"] = simulation.leftover(), str(simulation.ray_tmp)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if claimed is not None and claimed.is_dir() and not any(claimed.iterdir()):
+            claimed.rmdir()                   # nothing was written: leave no empty run folder behind
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    from ..train import format_row
+    print(f"\n{cfg.method.name:13s} | {format_row(outcome['summary'])}\nrun folder: {outcome['run_dir']}")
+    return outcome
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt   # SIGTERM stops the simulation as Ctrl-C does (finally: every process by pid)
+
+
+if __name__ == "__main__":
+    run_cli(main)
