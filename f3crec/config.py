@@ -7,9 +7,9 @@ F3CRec, ML-100K, official README hyper-parameters, §9). `configs/smoke.yaml` is
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from common.config import Fraction, PosFloat, PosInt
+from common.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
 
 from .model import BACKBONES
 
@@ -21,18 +21,18 @@ class DataConfig:
     name: Literal["ml-100k", "ml-latest-small", "hetrec2011", "lastfm-2k", "synthetic"] = "ml-100k"  # §12
     blocks: Optional[str] = None     # folder with block_0..3.json (e.g. the released reference blocks, §2)
     root: Optional[str] = None       # raw-data root (default $REPRO_DATA, then data/raw)
-    core: int = 10                   # k of the k-core filter (§1.1 step 3)
-    synthetic_users: int = 60        # synthetic stream size (tests, smoke)
-    synthetic_items: int = 50
-    synthetic_interactions: int = 2400
+    core: PosInt = 10                   # k of the k-core filter (§1.1 step 3)
+    synthetic_users: PosInt = 60        # synthetic stream size (tests, smoke)
+    synthetic_items: PosInt = 50
+    synthetic_interactions: PosInt = 2400
 
 
 @dataclass
 class BackboneConfig:
     name: Literal["fedmf", "fedncf", "pfedrec"] = "fedmf"   # the network (§4 table; model.py::BACKBONES)
-    dim: int = 32                      # d (§9)
-    lr: float = 1.0                    # base SGD learning rate (README FedMF ML-100K value, §9)
-    lr_eta: float = 170.0              # η: FedNCF/PFedRec item and user-vector lr multiplier (§4)
+    dim: PosInt = 32                      # d (§9)
+    lr: PosFloat = 1.0                    # base SGD learning rate (README FedMF ML-100K value, §9)
+    lr_eta: PosFloat = 170.0              # η: FedNCF/PFedRec item and user-vector lr multiplier (§4)
     dtype: Literal["float32", "float64"] = "float32"   # float64 only for the exactness tests
 
 
@@ -41,14 +41,14 @@ class MethodConfig:
     name: MethodName = "f3crec"   # the trained method (§11 table)
     arm: Optional[bool] = None    # override the method's ARM switch (None = as the method defines it)
     itm: Optional[bool] = None    # override the method's ITM switch
-    kd_weight: float = 0.1        # λ (`reg_client_cl`), FedMF ML-100K README value (§9)
-    eps: float = 0.006            # ε of p_u = exp(-ε D_u) (§6)
-    topn: int = 30                # N, size of T^u (§6)
-    beta: float = 0.9             # β of ITM (§7)
-    reg_d: Optional[float] = None  # topn_kd / emb_reg weight; None = λ for topn_kd, 1e-4 for emb_reg [D]
-    ewc_gamma: float = 0.01       # γ of EWC [D]: best mean validation N@20 (FedMF, ML-100K, seed 1) on the
+    kd_weight: NonNegFloat = 0.1        # λ (`reg_client_cl`), FedMF ML-100K README value (§9)
+    eps: NonNegFloat = 0.006            # ε of p_u = exp(-ε D_u) (§6)
+    topn: PosInt = 30                # N, size of T^u (§6)
+    beta: Fraction = 0.9             # β of ITM (§7)
+    reg_d: Optional[NonNegFloat] = None  # topn_kd / emb_reg weight; None = λ for topn_kd, 1e-4 for emb_reg [D]
+    ewc_gamma: NonNegFloat = 0.01       # γ of EWC [D]: best mean validation N@20 (FedMF, ML-100K, seed 1) on the
     #                               grid 1e-3..1e2; γ ≥ 1 diverges because the item lr is lr·|I^t| ≈ 1,150
-    replay_size: int = 30         # naive_replay: pseudo-positives per round (= N) [D]
+    replay_size: PosInt = 30         # naive_replay: pseudo-positives per round (= N) [D]
     full_retrain_warm: bool = False  # full_retrain continues from the previous block instead of re-init
 
 
@@ -56,14 +56,15 @@ class MethodConfig:
 class FederationConfig:
     simulator: Literal["vectorised", "reference", "flower"] = "vectorised"  # §13, §14: same numbers, tested
     nodes: PosInt = 2                # flower: in-process nodes; user u lives on node u mod nodes (§14)
-    min_reply_fraction: Fraction = 1.0  # flower: a round needs replies for this share of its users (§14)
+    # flower: a round needs replies for this share of its users, in (0, 1]: zero replies have no mean (§14)
+    min_reply_fraction: Annotated[float, Range(0, 1, min_open=True)] = 1.0
     reply_timeout: PosFloat = 600.0  # flower: seconds a round waits for its replies (§14)
     node_state_dir: Optional[str] = None  # flower: where nodes keep their checkpoints; None = cache (§14)
-    rounds: int = 100                # R per block (§9)
-    patience: int = 30               # early-stopping rounds without strict improvement (§8.3)
-    batch_size: int = 512            # local mini-batch (§5)
-    num_neg: int = 4                 # negatives per positive (§5)
-    ldp_scale: float = 0.0           # Laplace b of the optional LDP noise on uploads (§3); 0 = off
+    rounds: PosInt = 100                # R per block (§9)
+    patience: PosInt = 30               # early-stopping rounds without strict improvement (§8.3)
+    batch_size: PosInt = 512            # local mini-batch (§5)
+    num_neg: PosInt = 4                 # negatives per positive (§5)
+    ldp_scale: NonNegFloat = 0.0           # Laplace b of the optional LDP noise on uploads (§3); 0 = off
 
 
 @dataclass
@@ -78,16 +79,16 @@ class QuirkConfig:
     private_init_round0: Optional[Literal["shared", "own"]] = None     # Q2 §4 round-0 reset (FedNCF, PFedRec)
     emb_init: Optional[Literal["reference", "small"]] = None           # Q3 §4 N(0,1) vs N(0,.01²) inits
     old_block_mask: Optional[Literal["current", "cumulative"]] = None  # Q4 §10
-    metric_decimals: Optional[int] = None                   # Q5 §8.2: None follows fidelity (5 / unrounded);
-    #                                                         -1 = unrounded; n ≥ 0 = round to n decimals
+    metric_decimals: Optional[Annotated[int, Range(-1)]] = None  # Q5 §8.2: None follows fidelity (5 / unrounded);
+    #                                                            -1 = unrounded; n ≥ 0 = round to n decimals
     neg_exclude: Optional[Literal["block_train", "all_known"]] = None  # Q6 §5
     target_scores: Optional[Literal["latest", "matched"]] = None       # Q7 §6
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 42                   # reference default (§9); compare.py overrides it per seed
-    stop_after_block: Optional[int] = None   # stop after this block (e.g. 0: train only the shared base)
+    seed: NonNegInt = 42                   # reference default (§9); compare.py overrides it per seed
+    stop_after_block: Optional[Annotated[int, Range(0, 3)]] = None   # stop after block 0..3 (0: only the shared base)
     share_base: bool = True          # reuse the cached end-of-D⁰ state across methods (§8.6)
     base_cache: Optional[str] = None  # folder of the shared base states; None = common.io.cache_root()/f3crec/base
     device: Literal["auto", "cpu", "cuda"] = "cpu"   # where the vectorised simulator keeps its tensors
@@ -106,6 +107,19 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     quirks: QuirkConfig = field(default_factory=QuirkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def check_config(cfg: Config) -> None:
+    """The rules between keys (each key's own range is declared in the schema above): one ConfigError line
+    naming the keys, before any data is read."""
+    d = cfg.data
+    if d.name == "synthetic" and not d.blocks and d.synthetic_interactions > d.synthetic_users * d.synthetic_items:
+        raise ConfigError(f"data.synthetic_interactions={d.synthetic_interactions}: more than the "
+                          f"data.synthetic_users x data.synthetic_items = {d.synthetic_users * d.synthetic_items} "
+                          "distinct (user, item) pairs")
+    repeated = sorted({name for name in cfg.methods if cfg.methods.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"methods: {repeated[0]} is listed twice (each method is one run)")
 
 
 def method_flags(cfg: MethodConfig) -> dict:

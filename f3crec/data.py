@@ -20,7 +20,7 @@ import numpy as np
 
 from common.data import kcore
 from common.datasets import load_interactions
-from common.io import atomic_write, cache_root
+from common.io import atomic_write, cache_root, load_json
 from common.prepare import find_raw, prepare
 from common.registry import derived_stats
 
@@ -75,6 +75,9 @@ def build_blocks(inter: dict, seed: int, core: int = 10, base_fraction: float = 
     item = _first_appearance(data["item"][stream])
     total = user.size
     sizes = [int(base_fraction * total)] + [int((1 - base_fraction) / n_incremental * total)] * (n_incremental - 1)
+    if min(sizes + [total - sum(sizes)]) == 0:   # every block needs an interaction (and D⁰ a user)
+        raise ValueError(f"{total} interactions are left after the {core}-core filter (data.core={core}): too "
+                         f"few for {n_incremental + 1} blocks; lower data.core or use more data")
     bounds = np.cumsum([0] + sizes + [total - sum(sizes)])
     blocks = []
     for t in range(n_incremental + 1):
@@ -133,10 +136,17 @@ def load_blocks(directory: str | Path, count: int = 4) -> list[Block]:
         path = directory / f"block_{t}.json"
         if not path.is_file():
             raise FileNotFoundError(f"block file not found: {path}")
-        raw = json.loads(path.read_text())
+        raw = load_json(path)            # a truncated or malformed file: one line naming it
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: not a block object (train_dict, valid_dict, test_dict, item_list)")
         missing = [k for k in ("train_dict", "valid_dict", "test_dict", "item_list") if k not in raw]
         if missing:
             raise ValueError(f"{path}: missing key(s) {missing}")
+        for key in (f"{s}_dict" for s in SPLITS):
+            if not isinstance(raw[key], dict) or not all(isinstance(v, list) for v in raw[key].values()):
+                raise ValueError(f"{path}: {key} is not a mapping of user id to a list of item ids")
+        if not isinstance(raw["item_list"], list):
+            raise ValueError(f"{path}: item_list is not a list of item ids")
         parts = {s: {_as_id(k, path): np.array([_as_id(x, path) for x in v], dtype=np.int64)
                      for k, v in raw[f"{s}_dict"].items() if len(v)} for s in SPLITS}
         for user in set(parts["valid"]) | set(parts["test"]):
@@ -161,10 +171,20 @@ def load_blocks(directory: str | Path, count: int = 4) -> list[Block]:
 
 
 def _as_id(value, path: Path) -> int:
-    number = int(value)
-    if number < 0 or str(number) != str(value).strip():
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if number < 0 or isinstance(value, bool) or str(number) != str(value).strip():
         raise ValueError(f"{path}: id {value!r} is not a non-negative integer")
     return number
+
+
+def pipeline_digest() -> str:
+    """sha256 of the code that turns a stream into blocks (this file and common/data.py's k-core): part of
+    every generated block folder's name, so blocks cached by older code are never read back."""
+    sources = [Path(__file__), Path(kcore.__code__.co_filename)]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:10]
 
 
 def fingerprint(directory: str | Path, count: int = 4) -> str:
@@ -210,7 +230,7 @@ def prepare_blocks(name: str, seed: int, root: str | None = None, core: int = 10
                                     "--config f3crec/configs/smoke.yaml") from None
         root = str(raw.parents[1])
     raw_sha = hashlib.sha256(raw.read_bytes()).hexdigest()
-    out = cache_root() / "f3crec" / f"{name}-core{core}-seed{seed}-{raw_sha[:12]}"
+    out = cache_root() / "f3crec" / f"{name}-core{core}-seed{seed}-{raw_sha[:12]}-{pipeline_digest()}"
     if not (out / "block_3.json").is_file():
         inter = load_interactions(REGISTRY[name], root, {"user_k": core, "item_k": core})
         blocks = build_blocks(inter, seed, core=core)
@@ -232,7 +252,7 @@ def get_blocks(cfg, seed: int) -> tuple[list[Block], str]:
                                     "not redistributable (see method.md §2), or run --config f3crec/configs/smoke.yaml")
     elif cfg.name == "synthetic":
         path = cache_root() / "f3crec" / f"synthetic-{cfg.synthetic_users}-{cfg.synthetic_items}-" \
-            f"{cfg.synthetic_interactions}-core{cfg.core}-seed{seed}"
+            f"{cfg.synthetic_interactions}-core{cfg.core}-seed{seed}-{pipeline_digest()}"
         if not (path / "block_3.json").is_file():
             stream = synthetic_stream(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_interactions, seed)
             write_blocks(path, build_blocks(stream, seed, core=cfg.core), {"dataset": "synthetic"})

@@ -11,7 +11,6 @@ A checkpoint (last.pt, a plain dict) is written at every block boundary; the end
 """
 from __future__ import annotations
 
-import json
 import random
 import sys
 from dataclasses import replace
@@ -22,32 +21,49 @@ if __package__ in (None, ""):  # run as a script: `cd f3crec && python main.py`
 
 import numpy as np
 import torch
-import yaml
 
 from common.config import ConfigError, parse_cli
 from common.runs import log_metrics, start_run, write_results
 from common.cli import run_cli
 from common.utils import seed_everything
 
-from .config import Config, resolve
+from .checks import check_blocks, check_resume_folder, preflight
+from .config import Config, check_config, resolve
 from .data import get_blocks
 from .evaluate import summarise
-from .train import fit, format_row
+from .train import fit, format_row, round_line
 
 
 def run(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
-    """One method, all blocks (§8): the results dict, also written to `run_dir`/results.json."""
-    blocks, blocks_id = get_blocks(cfg.data, cfg.train.seed)      # first: missing data is a one-line error
+    """One method, all blocks (§8): the results dict, also written to `run_dir`/results.json.
+    Every check that can fail on the input runs before the run folder is claimed (or, on a resume, touched)."""
+    preflight(cfg, run_dir, resume)                               # keys, folders, device, the resumed run
+    blocks, blocks_id = get_blocks(cfg.data, cfg.train.seed)      # missing or bad data: a one-line error
+    check_blocks(cfg, blocks)
     run_dir = start_run(cfg, "f3crec", cfg.data.name, tag=f"{cfg.method.name}-s{cfg.train.seed}",
                         run_dir=run_dir, root=cfg.run_root)      # config.yaml holds the unresolved config
     cfg, flags = resolve(cfg)
     seed_global(cfg.train.seed)
-    log = lambda record: (log_metrics(run_dir, record), print(json.dumps(record)))  # noqa: E731
+    log = lambda record: (log_metrics(run_dir, record), print(round_line(record)))  # noqa: E731  (jsonl: the record)
     out = fit(cfg, flags, blocks, blocks_id, run_dir, resume, log)
     results = {"summary": summarise(out["rows"]), "blocks": out["blocks"], "flags": flags, "seed": cfg.train.seed,
                "method": cfg.method.name, "backbone": cfg.backbone.name, "blocks_sha": blocks_id,
                "simulator": cfg.federation.simulator, "fidelity": cfg.fidelity}
-    return write_results(run_dir, results)
+    results = write_results(run_dir, results)
+    print(results_table(results))
+    print(f"run folder: {run_dir}")
+    return results
+
+
+def results_table(results: dict) -> str:
+    """The run's a_{t,i} summary after each block (§10) as one table: LA, RA and H of both metrics."""
+    s = results["summary"]
+    lines = [f"\n{results['method']} ({results['backbone']}, seed {results['seed']}) after each block:",
+             "block |  N@20 LA     RA      H  |  R@20 LA     RA      H  | best round / rounds run"]
+    for t, (ndcg, recall, info) in enumerate(zip(s["ndcg"]["per_block"], s["recall"]["per_block"], results["blocks"])):
+        cells = [" ".join(f"{row[k]:7.4f}" for k in ("LA", "RA", "H")) for row in (ndcg, recall)]
+        lines.append(f"{t:5d} | {cells[0]}  | {cells[1]}  | {info['best_round']:4d} / {info['rounds_run']}")
+    return "\n".join(lines)
 
 
 def seed_global(seed: int) -> None:
@@ -59,21 +75,15 @@ def seed_global(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_resumable(run_dir: Path) -> None:
-    """A run folder from before the `model:` → `backbone:` rename cannot resume: say so in one line."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    if "model" in saved:
-        raise ConfigError(f"{run_dir} was written with config keys model.* (and method.target_scores); this "
-                          "version names them backbone.* (model.backbone -> backbone.name, model.emb_init / "
-                          "model.private_init_round0 -> quirks.*) — rerun, or edit its config.yaml")
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = list(argv) if argv is not None else sys.argv[1:]
-    if "--resume" in args[:-1]:  # before parsing: an old config.yaml would fail on its first unknown key
-        check_resumable(Path(args[args.index("--resume") + 1]))
+    if "--resume" in args[:-1]:  # before parsing: a missing, foreign or old folder gets its own line
+        check_resume_folder(Path(args[args.index("--resume") + 1]))
     cfg, options = parse_cli(argv, Config)
+    check_config(cfg)     # before the methods are split into runs (each run checks its own copy again)
     methods = cfg.methods or [cfg.method.name]
+    if options.resume is not None and len(methods) > 1:
+        raise ConfigError(f"--resume takes one method's run folder; methods={methods} names {len(methods)}")
     results = {}
     for name in methods:
         one = replace(cfg, method=replace(cfg.method, name=name), methods=[])
@@ -81,9 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
         if options.run_dir is not None and len(methods) > 1:
             run_dir = options.run_dir / name
         results[name] = run(one, run_dir, resume=options.resume is not None)
-    print("\nmethod        | " + "NDCG@20 LA / RA / H          | Recall@20 LA / RA / H")
-    for name, res in results.items():
-        print(f"{name:13s} | {format_row(res['summary'])}")
+    if len(methods) > 1:   # each run printed its own table; here the methods side by side
+        print("\nmethod        | " + "NDCG@20 LA / RA / H          | Recall@20 LA / RA / H")
+        for name, res in results.items():
+            print(f"{name:13s} | {format_row(res['summary'])}")
     return results if len(methods) > 1 else results[methods[0]]
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from common.runs import check_finite
+
 from .method import item_temporal_mean
 
 
@@ -24,6 +26,8 @@ class Server:
         self.previous: torch.Tensor | None = None   # Q^{t−1}: best-round table of the last block
         self.beta, self.itm = beta, itm
         self.slots: dict[str, torch.Tensor] = {}
+        # Named when an aggregate is not finite (with the key to change); the block loop adds the round.
+        self.where = "the aggregated item table (training diverged: lower backbone.lr)"
 
     def broadcast(self) -> torch.Tensor:
         return self.items
@@ -47,9 +51,9 @@ class Server:
         return self._finish(self.items + total / num_clients)
 
     def _finish(self, mean_table: torch.Tensor) -> dict:
-        if not bool(torch.isfinite(mean_table).all()):
-            raise FloatingPointError("the aggregated item table is not finite: training diverged "
-                                     "(lower backbone.lr)")
+        # Every simulator aggregates through here (§13, §14): a diverged round stops the run in one line,
+        # before ITM, validation or the next round read the table. max |q| is finite iff every entry is.
+        check_finite(mean_table.abs().max() if mean_table.numel() else 0.0, self.where)
         if self.itm and self.previous is not None:
             self.items, weight = item_temporal_mean(mean_table, self.previous, self.beta)
             return {"itm_w": float(weight.mean()) if weight.numel() else 0.0}

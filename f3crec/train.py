@@ -4,19 +4,21 @@ the end-of-D⁰ state shared across methods (§8.6). Plain functions, no trainer
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from common.config import config_to_dict
 from common.io import cache_root
-from common.runs import load_checkpoint, save_checkpoint
+from common.runs import load_checkpoint, save_checkpoint, truncate_metrics
 from common.utils import get_device
 
 from .client_state import ClientStates
@@ -117,6 +119,8 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
     for r in range(fed.rounds):
         started = time.perf_counter()
         ctx = round_context(cfg, flags, blocks, t, r)
+        # Named by the server's finiteness check (server.py::_finish), which every simulator's aggregate runs.
+        sim.server.where = f"block {t} round {r} (the aggregated item table; backbone.lr={cfg.backbone.lr:g})"
         if federated:
             stats, val = sim.train_round(None, ctx), sim.validate(ctx, flags["metric_decimals"])
         elif maker is None:  # positives and exclusions are fixed for the block (T^u included)
@@ -201,33 +205,72 @@ def base_key(cfg, flags: dict, blocks_id: str) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def claimed(cache: Path | None) -> Iterator[None]:
+    """Hold the exclusive lock of base-cache entry `cache` (nothing to hold when None): one process trains
+    a base block at a time, a second one waits and then loads what the first saved. An fcntl.flock on
+    `<entry>.lock` beside it, released when the holder ends, even by kill -9."""
+    if cache is None:
+        yield
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / f"{cache.name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[f3crec] base block {cache} is being trained by another run: waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_base(cache: Path | None) -> dict | None:
+    """The cached end-of-D⁰ state, or None when there is none or it does not load (a damaged file is
+    never trusted: the base block is trained again and the entry rewritten)."""
+    if cache is None or not cache.is_file():
+        return None
+    try:
+        base = load_checkpoint(cache)
+    except ValueError as err:
+        print(f"[f3crec] base block cache not used, training it again: {err}")
+        return None
+    return base if all(key in base for key in ("sim", "rows", "info")) else None
+
+
 def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, resume: bool, log) -> dict:
-    """Every block of §8 with block-boundary checkpoints (`last.pt`); returns rows of a and block infos."""
+    """Every block of §8 with block-boundary checkpoints (`last.pt`); returns rows of a and block infos.
+    metrics.jsonl then holds exactly the records of the blocks in last.pt: a resume drops what the
+    interrupted run logged after it (a cut-short line included), a fresh start a stale file's records."""
     sim, rows, info, start = None, [], [], 0
     if cfg.federation.simulator == "flower":  # the server side sees block sizes only; clients load their data
         blocks = [Block({}, {}, {}, b.n_users, b.n_items, np.zeros(0, np.int64)) for b in blocks]
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
         sim, rows, info, start = load_sim(cfg, flags, ckpt["sim"]), ckpt["rows"], ckpt["info"], ckpt["block"] + 1
+    if resume or (run_dir / "metrics.jsonl").exists():
+        truncate_metrics(run_dir, lambda record: record.get("block", len(blocks)) < start)
     cache = base_cache_path(cfg, flags, blocks_id)
     net = BACKBONES[cfg.backbone.name]
     for t in range(start, len(blocks)):
-        if t == 0 and cache is not None and cache.is_file():
-            base = load_checkpoint(cache)
-            sim, rows, info = load_sim(cfg, flags, base["sim"]), base["rows"], base["info"]
-            print(f"[f3crec] base block loaded from {cache}")
-        else:
-            started = time.perf_counter()
-            sim = grow(sim, lambda items, private: make_simulator(cfg, flags, items, private), cfg, blocks, t,
-                       cfg.train.seed)
-            if flags["full_retrain"] and t > 0 and not cfg.method.full_retrain_warm:
-                restart(sim, cfg, blocks, t)
-            info.append(run_block(sim, cfg, blocks, t, flags, log))
-            rows.append(test_row(sim, blocks, t, net, flags["old_block_mask"], flags["metric_decimals"]))
-            info[-1]["seconds"] = round(time.perf_counter() - started, 3)    # grow, rounds, restore, test
-            if t == 0 and cache is not None:
-                save_checkpoint(cache, {"sim": sim_state(sim), "rows": rows, "info": info,
-                                        "key_config": config_to_dict(cfg)})
+        with claimed(cache if t == 0 else None):   # two runs needing one base block train it once
+            base = load_base(cache) if t == 0 else None
+            if base is not None:
+                sim, rows, info = load_sim(cfg, flags, base["sim"]), base["rows"], base["info"]
+                print(f"[f3crec] base block loaded from {cache}")
+            else:
+                started = time.perf_counter()
+                sim = grow(sim, lambda items, private: make_simulator(cfg, flags, items, private), cfg, blocks, t,
+                           cfg.train.seed)
+                if flags["full_retrain"] and t > 0 and not cfg.method.full_retrain_warm:
+                    restart(sim, cfg, blocks, t)
+                info.append(run_block(sim, cfg, blocks, t, flags, log))
+                rows.append(test_row(sim, blocks, t, net, flags["old_block_mask"], flags["metric_decimals"]))
+                info[-1]["seconds"] = round(time.perf_counter() - started, 3)    # grow, rounds, restore, test
+                if t == 0 and cache is not None:
+                    save_checkpoint(cache, {"sim": sim_state(sim), "rows": rows, "info": info,
+                                            "key_config": config_to_dict(cfg)})
         end_block(sim, cfg, blocks, t, flags)
         save_checkpoint(run_dir / "last.pt", {"sim": sim_state(sim), "rows": rows, "info": info, "block": t,
                                               "config": config_to_dict(cfg)})
@@ -235,6 +278,13 @@ def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, re
         if cfg.train.stop_after_block is not None and t >= cfg.train.stop_after_block:
             break
     return {"rows": rows, "blocks": info}
+
+
+def round_line(record: dict) -> str:
+    """One compact console line per round (metrics.jsonl keeps the whole record)."""
+    arm = f"  D {record['D_mean']:6.1f} m {record['m_mean']:5.1f}" if "D_mean" in record else ""
+    return (f"[f3crec] block {record['block']} round {record['round']:3d}  val N@20 {record['val_ndcg']:.4f} "
+            f"R@20 {record['val_recall']:.4f}{arm}  {record['seconds']:.2f} s")
 
 
 def format_row(summary: dict) -> str:

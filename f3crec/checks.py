@@ -1,0 +1,154 @@
+"""What a run can check before it reads data or trains anything: the rules between keys, the run folder,
+the base-block cache folder, the folder it resumes and that folder's last.pt. Every failure is one line
+naming the key or the file (a user error, exit 2), raised before anything is written.
+
+    check_resume_folder(path)          # main: before the CLI reads that folder's config.yaml
+    preflight(cfg, run_dir, resume)    # run: before data, the base block and training
+    check_blocks(cfg, blocks)          # run: the keys that depend on the data, before the run folder
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from common.config import ConfigError, config_to_dict
+from common.io import cache_root
+from common.runs import default_run_root, load_checkpoint
+from common.utils import get_device
+
+from .config import Config, check_config
+
+# The fields fit() writes into last.pt (train.py::fit); a file without them is not an F3CRec checkpoint.
+LAST_KEYS = ("sim", "rows", "info", "block", "config")
+# Top-level config sections that only the other papers of this repository have.
+FOREIGN_SECTIONS = {"flame": "flame", "wpcl": "vlm2rec", "crtr": "vlm2rec", "seqrec": "vlm2rec",
+                    "loss": "vlm2rec", "zero_shot": "vlm2rec", "tag": "vlm2rec"}
+# Keys a resume may change: they decide where and how fast a run goes, not its numbers. Every other key
+# must equal the resumed run's, or the records would mix two runs (§8: one checkpoint per block boundary).
+RESUME_FREE = {"run_root", "methods", "train.stop_after_block", "train.device", "train.share_base",
+               "train.base_cache", "federation.nodes", "federation.min_reply_fraction",
+               "federation.reply_timeout", "federation.node_state_dir"}
+
+
+def paper_of(run_dir: Path) -> Optional[str]:
+    """The paper that wrote a run folder: the `[paper] run dir` line of its log.txt, else its config's
+    sections; None when neither tells."""
+    log = run_dir / "log.txt"
+    if log.is_file():
+        with open(log, errors="replace") as handle:
+            for line in handle:
+                if line.startswith("[") and "] run dir " in line:
+                    return line[1: line.index("]")]
+    saved = _saved_config(run_dir, strict=False)
+    others = {FOREIGN_SECTIONS[key] for key in saved if key in FOREIGN_SECTIONS}
+    return others.pop() if len(others) == 1 else None
+
+
+def _saved_config(run_dir: Path, strict: bool = True) -> dict:
+    """The run folder's config.yaml as a mapping; strict: an unreadable one is a one-line error."""
+    path = run_dir / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    except yaml.YAMLError as err:
+        if not strict:
+            return {}
+        raise ValueError(f"{path}: not readable YAML ({' '.join(str(err).split())[:120]})") from None
+    if not isinstance(saved, dict):
+        if not strict:
+            return {}
+        raise ValueError(f"{path}: not a config mapping; --resume takes a folder that an F3CRec run wrote")
+    return saved or {}
+
+
+def check_resume_folder(run_dir: Path) -> dict:
+    """--resume RUN_DIR names an F3CRec run folder with a readable last.pt; returns that checkpoint.
+    Checked before the CLI reads the folder's config.yaml, so an old or foreign folder gets its own line."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise FileNotFoundError(f"nothing to resume: {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise NotADirectoryError(f"--resume {run_dir}: a file, not a run folder")
+    paper = paper_of(run_dir)
+    if paper is not None and paper != "f3crec":
+        raise ValueError(f"--resume {run_dir}: this folder is a {paper} run, not an F3CRec run "
+                         f"(resume it with python -m {paper}.main)")
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: not a run folder (no config.yaml); "
+                                "--resume takes a folder that a run wrote")
+    if "model" in _saved_config(run_dir):
+        raise ConfigError(f"{run_dir} was written with config keys model.* (and method.target_scores); this "
+                          "version names them backbone.* (model.backbone -> backbone.name, model.emb_init / "
+                          "model.private_init_round0 -> quirks.*) — rerun, or edit its config.yaml")
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: no last.pt, the run stopped before block 0 ended "
+                                "(nothing to resume); start the run again")
+    ckpt = load_checkpoint(last)     # truncated or not a torch file: one ValueError line naming it
+    missing = [key for key in LAST_KEYS if key not in ckpt]
+    if missing:
+        raise ValueError(f"{last}: not an F3CRec checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_same_run(cfg: Config, run_dir: Path) -> None:
+    """The resumed run's keys that decide its numbers equal this command's (RESUME_FREE aside); the
+    simulator is one of them (a Flower run's last.pt keeps no client state: the nodes do, §14)."""
+    saved, now = _flat(_saved_config(run_dir)), _flat(config_to_dict(cfg))
+    changed = [key for key in sorted(set(saved) | set(now))
+               if key not in RESUME_FREE and saved.get(key, now.get(key)) != now.get(key)]
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"--resume {run_dir}: its run has {key}={saved.get(key)!r}, this command asks for "
+                          f"{now.get(key)!r}" + (f" (and {len(changed) - 1} more key(s))" if len(changed) > 1 else "")
+                          + "; a resume continues the same run: start a new run for another setting")
+
+
+def _writable_target(folder: Path, what: str, hint: str) -> None:
+    """`folder` exists as a writable directory, or can be created: its nearest existing ancestor is a
+    writable directory. Creates nothing."""
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{what} {folder} cannot be created: {probe} is a file ({hint})")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {folder} is not writable ({probe}; {hint})")
+
+
+def preflight(cfg: Config, run_dir: Optional[Path], resume: bool) -> None:
+    """Everything run() can check before reading data or training: the key rules, the run folder, the
+    base-block cache folder, the device, and on a resume the folder, its last.pt and its keys."""
+    check_config(cfg)
+    root = Path(cfg.run_root).expanduser() if cfg.run_root is not None else default_run_root()
+    target = Path(run_dir) if run_dir is not None else root / "f3crec" / cfg.data.name
+    _writable_target(target, "run folder", "set run_root or $REPRO_RUNS, or --run-dir")
+    if cfg.train.share_base and cfg.federation.simulator != "flower":
+        base = Path(cfg.train.base_cache) if cfg.train.base_cache else cache_root() / "f3crec" / "base"
+        _writable_target(base, "base-block cache", "set train.base_cache, or train.share_base=false")
+    if cfg.federation.simulator == "vectorised":
+        get_device(cfg.train.device)   # cuda asked for but absent: one line now, not after block 0's data
+    if resume:
+        if run_dir is None:
+            raise ConfigError("resume=True needs the run folder to resume")
+        check_resume_folder(Path(run_dir))
+        check_same_run(cfg, Path(run_dir))
+
+
+def check_blocks(cfg: Config, blocks: list) -> None:
+    """The keys whose range depends on the data: T^u (method.topn) ranks the items of block 0."""
+    if cfg.method.topn > blocks[0].n_items:
+        raise ConfigError(f"method.topn={cfg.method.topn}: larger than block 0's catalogue of "
+                          f"{blocks[0].n_items} items (T^u ranks them, §6)")
