@@ -90,3 +90,14 @@ def test_without_ray_the_simulation_says_which_extra_in_one_line(user_error, tmp
     line = user_error(simulate.main, ["--config", str(SMOKE), f"run_root={tmp_path}"])
     assert "Ray" in line and "fl-sim" in line
     assert not (tmp_path / "f3crec").exists()          # no run folder claimed
+
+
+def test_a_crashed_simulation_names_the_first_exception_of_its_log(tmp_path):
+    (tmp_path / "flwr-run-3.log").write_text(
+        "\x1b[91mERROR \x1b[0m:     An exception occured!! socket path too long\n"
+        "Traceback (most recent call last):\n    raise OSError(\n"
+        "OSError: validate_socket_filename failed: AF_UNIX path length cannot exceed 107 bytes\n"
+        "RuntimeError: Simulation Runtime crashed.\n")
+    assert simulate._first_exception(tmp_path) == \
+        "OSError: validate_socket_filename failed: AF_UNIX path length cannot exceed 107 bytes"
+    assert simulate._first_exception(tmp_path / "none") is None

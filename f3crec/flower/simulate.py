@@ -15,9 +15,11 @@ Options of its own (before the usual --config / --run-dir / key=value):
   --cpus C      CPUs Ray may use (init-args.num-cpus; each ClientApp actor takes one)
   --timeout S   stop when the run has not finished after S seconds
   --logs DIR    keep the SuperLink's and the run's logs there (default: a temporary folder, removed)
+No --resume here: resume a Flower run with deploy.py or main.py.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import sys
@@ -78,9 +80,30 @@ class Simulation(Deployment):
         self._watch()
         return self
 
+    def run(self, cfg: Config, run_dir: Path, resume: bool = False, timeout: float | None = None,
+            on_wait=None) -> dict:
+        """Deployment.run; when the simulation crashes before the ServerApp reports (Ray failing to start,
+        say), the one-line error also names the first exception the run's log shows."""
+        try:
+            return super().run(cfg, run_dir, resume, timeout, on_wait)
+        except ConnectionError as err:
+            cause = _first_exception(self.logs)
+            raise ConnectionError(f"{err}; first error in the run's log: {cause}" if cause else str(err)) from None
+
     def stop(self, grace: float = 5.0) -> None:
         super().stop(grace)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+def _first_exception(logs: Path) -> str | None:
+    """The first 'SomeError: message' line of the `flwr run` logs in `logs`."""
+    pattern = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+    for log in sorted(logs.glob("flwr-run-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            found = pattern.match(line)
+            if found:
+                return f"{found.group(1)}: {found.group(2).strip()}"[:300]
+    return None
 
 
 def _own_options(args: list[str]) -> tuple[dict, list[str]]:
@@ -112,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.methods:
         raise ConfigError("the simulation runs one method: give method.name=..., not methods=[...]")
     if options.resume is not None:
-        raise ConfigError("--resume: not on the simulation runtime (its nodes' state lives in Ray for one "
-                          "run); resume with python -m f3crec.main ... federation.simulator=flower")
+        raise ConfigError("--resume is not offered on the simulation runtime: resume a Flower run with "
+                          "python -m f3crec.flower.deploy --resume <run> or python -m f3crec.main")
     if not ray_available():
         raise ConfigError("Flower's simulation runtime needs Ray, not installed: pip install -e \".[fl-sim]\"")
     cfg = replace(cfg, federation=replace(cfg.federation, simulator="flower", nodes=nodes))
