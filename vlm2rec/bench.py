@@ -131,6 +131,120 @@ def bench_visual_cache(variant: str, cached: bool, root: str | None, batch_size:
     return {**out, "cache_fill_s": fill_s, "cache_images": filled}
 
 
+class StepClock:
+    """Explicit timers over one training step of a VLM embedder: data prep (prompt building, tokenizer,
+    image processor or visual-cache lookup: `VLMEmbedder.inputs`), the vision tower's forward (hooks on
+    `model.visual`), the rest of the model's forward (the language model), the backward and the
+    optimiser. With a frozen tower the backward is the language model's alone (nothing before the
+    LM needs a gradient); with a trained tower its backward is timed apart on the step's own pixels."""
+
+    def __init__(self, model: VLM2Rec, device: torch.device):
+        self.model, self.device, self.times = model, device, {}
+        self.pixels: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.replaying = False
+        embedder = model.embedder
+        inputs = embedder.inputs
+
+        def timed_inputs(texts, images):
+            start = time.perf_counter()
+            out = inputs(texts, images)
+            _sync(device)
+            self._add("prep", time.perf_counter() - start)
+            return out
+        embedder.inputs = timed_inputs          # instance attribute: this benchmark's model only
+        visual = embedder.model.visual
+        visual.register_forward_pre_hook(self._vision_start, with_kwargs=True)
+        visual.register_forward_hook(self._vision_end)
+
+    def _add(self, key: str, seconds: float) -> None:
+        self.times[key] = self.times.get(key, 0.0) + seconds
+
+    def _vision_start(self, module, args, kwargs):
+        if self.replaying:                       # _vision_backward's own passes are not the step's
+            return
+        _sync(self.device)
+        self._start = time.perf_counter()
+        if any(p.requires_grad for p in module.parameters()):
+            self.pixels.append((args[0].detach(), (args[1] if len(args) > 1 else kwargs["grid_thw"]).detach()))
+
+    def _vision_end(self, module, args, output):
+        if self.replaying:
+            return
+        _sync(self.device)
+        self._add("vision_forward", time.perf_counter() - self._start)
+
+    def step(self, optimizer) -> dict:
+        """One timed step; returns seconds per part and each part's share of the step."""
+        self.times, self.pixels = {}, []
+        start = time.perf_counter()
+        loss = self.model.loss(self.batch)
+        _sync(self.device)
+        forward = time.perf_counter() - start
+        mark = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(self.device)
+        backward = time.perf_counter() - mark
+        mark = time.perf_counter()
+        optimizer.step()
+        _sync(self.device)
+        opt = time.perf_counter() - mark
+        total = time.perf_counter() - start
+        prep, vision_fwd = self.times.get("prep", 0.0), self.times.get("vision_forward", 0.0)
+        vision_bwd = self._vision_backward()
+        parts = {"prep_s": prep, "vision_forward_s": vision_fwd, "vision_backward_s": vision_bwd,
+                 "lm_forward_s": forward - prep - vision_fwd, "lm_backward_s": backward - vision_bwd,
+                 "optimizer_s": opt, "step_s": total}
+        parts["outside_lm_share"] = (prep + vision_fwd + vision_bwd + opt) / total
+        parts["prep_share"], parts["vision_share"] = prep / total, (vision_fwd + vision_bwd) / total
+        return parts
+
+    def _vision_backward(self) -> float:
+        """A trained tower's backward: its forward + backward on the step's pixels, less that forward."""
+        visual, total = self.model.embedder.model.visual, 0.0
+        self.replaying = True
+        for pixels, grid in self.pixels:
+            start = time.perf_counter()
+            out = visual(pixels, grid_thw=grid)
+            _sync(self.device)
+            mid = time.perf_counter()
+            (out.pooler_output if hasattr(out, "pooler_output") else out).float().sum().backward()
+            _sync(self.device)
+            total += time.perf_counter() - mid
+        self.replaying = False
+        for p in visual.parameters():
+            p.grad = None
+        return total
+
+
+def bench_step_shares(variant: str, mode: str, root: str | None, batch_size: int = 8, steps: int = 2,
+                      image_pixels: int = 50176) -> dict:
+    """Where a training step's time goes (StepClock), tiny Qwen-VL on the real ML-100K posters at a
+    realistic budget; mode: "cache" (frozen tower, visual cache), "frozen" (frozen tower, no cache),
+    "train-tower" (lora.include_vision: the processor and the tower run every step)."""
+    device = torch.device("cpu")
+    data = load_dataset(DataConfig(name="ml100k-posters", root=root))
+    split = split_sequences(data["sequences"], 10)
+    catalog = Catalog(data["titles"], data["images"], 224, keep_aspect=True)
+    idx = torch.randperm(len(split["train"]["target"]), generator=torch.Generator().manual_seed(0))[:batch_size].numpy()
+    torch.manual_seed(0)
+    cfg = BackboneConfig(name="tiny" if variant == "qwen2-vl" else "tiny-qwen2.5-vl", image_pixels=image_pixels,
+                         visual_cache=mode == "cache",
+                         lora=LoraSettings(r=4, alpha=8, include_vision=mode == "train-tower"))
+    model = VLM2Rec(cfg, catalog, device, LossConfig(), WPCLConfig(), CRTRConfig())
+    clock = StepClock(model, device)
+    clock.batch = {"history": torch.as_tensor(split["train"]["history"][idx]),
+                   "target": torch.as_tensor(split["train"]["target"][idx])}
+    if mode == "cache":
+        need = sorted((set(clock.batch["history"].flatten().tolist()) - {0}) | set(clock.batch["target"].tolist()))
+        model.embedder.visual_cache.fill(model.embedder, need)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    clock.step(optimizer)                                          # warm-up
+    rows = [clock.step(optimizer) for _ in range(steps)]
+    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+
+
 def bench_gpu_qwen(batch_size: int, steps: int, image_pixels: int) -> dict:
     """Qwen2.5-VL-3B-sized model, random bf16 weights, LoRA + non-reentrant checkpointing, on CUDA."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
@@ -174,10 +288,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default=None, help="accepted for the Makefile; the benchmark uses synthetic inputs")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--backbones", nargs="+", default=["tiny", "two-tower"], choices=["tiny", "two-tower"])
+    parser.add_argument("--backbones", nargs="*", default=["tiny", "two-tower"], choices=["tiny", "two-tower"])
     parser.add_argument("--visual-cache", action="store_true",
                         help="also: tiny Qwen2-VL / 2.5-VL at 224^2 on the real ML-100K posters, visual cache off/on")
-    parser.add_argument("--root", default=None, help="data root for --visual-cache (default: $REPRO_DATA)")
+    parser.add_argument("--step-shares", action="store_true",
+                        help="also: where a step's time goes (prep, vision tower, language model, optimiser), "
+                             "tiny Qwen2-VL / 2.5-VL at 224^2 on the real posters, cached / frozen / trained tower")
+    parser.add_argument("--root", default=None, help="data root for --visual-cache and --step-shares "
+                                                     "(default: $REPRO_DATA)")
     args, _ = parser.parse_known_args(argv)
     torch.manual_seed(0)
     results = {}
@@ -191,6 +309,15 @@ def main(argv: list[str] | None = None) -> dict:
                 results[f"tiny-{variant}-224-cache-{'on' if cached else 'off'}"] = row
                 print(f"tiny {variant:10s} 224^2 posters visual cache {'on ' if cached else 'off'}  " + "  ".join(
                     f"{k}={row[k]:.4g}" for k in ("train_pairs_per_s", "encode_items_per_s", "cache_fill_s")))
+    if args.step_shares:
+        for variant in ("qwen2-vl", "qwen2.5-vl"):
+            for mode in ("cache", "frozen", "train-tower"):
+                row = bench_step_shares(variant, mode, args.root, steps=args.steps)
+                results[f"tiny-{variant}-224-shares-{mode}"] = row
+                print(f"tiny {variant:10s} 224^2 posters {mode:11s} step {row['step_s']:.3f} s: outside the LM "
+                      f"{100 * row['outside_lm_share']:.1f} % (prep {100 * row['prep_share']:.1f} %, vision "
+                      f"{100 * row['vision_share']:.1f} %)  " + "  ".join(
+                          f"{k}={row[k]:.4f}" for k in row if k.endswith("_s") and k != "step_s"))
     if torch.cuda.is_available():
         results["qwen2.5-vl-3b-sized"] = bench_gpu_qwen(args.batch_size, args.steps, 50176)
         print("qwen2.5-vl-3b-sized gpu  " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
