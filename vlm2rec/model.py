@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import parallel
 from .backbones import BACKBONES
 from .catalog import Catalog
 from .config import MODES, BackboneConfig, CRTRConfig, LossConfig, WPCLConfig
@@ -92,12 +93,24 @@ class VLM2Rec(nn.Module):
         else:
             u = self.fuse({m: named[f"u_{m}"] for m in self.cfg.modalities})
             e = self.fuse({m: named[f"e_{m}"] for m in self.cfg.modalities})
-        fused_logits = u @ e.T / self.tau                                   # (B, B) s_bk
-        extra_logits = extra_mask = None
+        e_neg = negs = None
         if "negatives" in batch:                                            # mined hard negatives (B, k)
             negs = batch["negatives"].reshape(-1)                           # shared by every row: (B*k,)
             e_neg = self.joint("item", negs) if internal else self.fuse(
                 {m: self._unit(self.embedder.branch(f"item_{m}", negs)) for m in self.cfg.modalities})
+        if parallel.world() > 1:
+            # Several processes: every rank's rows, in rank order, so that each computes the global objective
+            # (in-batch negatives, WPCL's statistics, CRTR's topology) with gradients to its own rows.
+            counts = parallel.row_counts(len(target))
+            named = {key: parallel.gather(value, counts) for key, value in named.items()}
+            u, e, target = parallel.gather(u, counts), parallel.gather(e, counts), parallel.gather(target, counts)
+            if negs is not None:
+                k = len(negs) // counts[parallel.rank()]
+                e_neg = parallel.gather(e_neg, [n * k for n in counts])
+                negs = parallel.gather(negs, [n * k for n in counts])
+        fused_logits = u @ e.T / self.tau                                   # (B, B) s_bk
+        extra_logits = extra_mask = None
+        if negs is not None:
             extra_logits = u @ e_neg.T / self.tau                           # (B, B*k)
             extra_mask = negs.view(1, -1) == target.view(-1, 1)             # a row's own target is no negative
         total, stats = objective(named, target, fused_logits, self.tau, self.loss_cfg, self.wpcl, self.crtr,

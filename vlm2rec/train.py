@@ -8,6 +8,7 @@ weights. `train_one_epoch` is one pass over the shuffled pairs, logging the coll
 """
 from __future__ import annotations
 
+import datetime
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from common.runs import (check_finite, load_checkpoint, log_metrics, rng_state, 
                          truncate_metrics)
 
 from .config import Config, TrainConfig
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 from .console import bar, say
 from .diagnostics import branch_grad_norms
 from .evaluate import evaluate, flat, selection_score
@@ -30,13 +33,17 @@ from .evaluate import evaluate, flat, selection_score
 def batches(train: dict, batch_size: int, seed: int, epoch: int, device: torch.device,
             shard: tuple[int, int] = (0, 1)) -> Iterator[dict]:
     """Shuffled training pairs; a scoped generator per (seed, epoch) so order never depends on history.
-    `shard` = (process index, process count): each process takes every count-th pair (its own in-batch
-    negatives; no cross-device gather, §7)."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(train["target"]))[shard[0]::shard[1]]
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        if len(idx) < 2:                 # one pair has no in-batch negative
+    `shard` = (process index, process count): the global batch is batch_size x count consecutive pairs
+    of the permutation and each process takes every count-th of them (model.py gathers them back, §7),
+    so every rank sees the same number of batches. A global batch with fewer than max(2, count) pairs
+    is skipped (one pair has no in-batch negative; every rank needs a row)."""
+    rank, count = shard
+    order = np.random.default_rng([seed, epoch]).permutation(len(train["target"]))
+    for start in range(0, len(order), batch_size * count):
+        chunk = order[start:start + batch_size * count]
+        if len(chunk) < max(2, count):
             continue
+        idx = chunk[rank::count]
         batch = {"history": torch.as_tensor(train["history"][idx], device=device),
                  "target": torch.as_tensor(train["target"][idx], device=device)}
         if "negatives" in train:
@@ -110,9 +117,11 @@ def train_one_epoch(model, optimizer, scheduler, accelerator, train: dict, cfg: 
 def make_accelerator(cfg: TrainConfig, device: torch.device):
     """One process per device; unused heads (e.g. the internal-fusion projection under external fusion)
     must not stall DDP, hence find_unused_parameters."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+    # A collective waits at most COLLECTIVE_TIMEOUT for a peer, so a rank that died fails the others.
     return Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
+                                        InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
 
 
 def make_optimiser(model, num_pairs: int, cfg: TrainConfig, processes: int):
