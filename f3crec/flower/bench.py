@@ -1,14 +1,16 @@
 """Benchmark of the Flower paths (§14), measured in one run, one thread, next to the in-process simulators:
 
-    python -m f3crec.flower.bench [--nodes 2] [--no-subprocess] [key=value ...]     (python -m f3crec.bench --flower)
+    python -m f3crec.flower.bench [--nodes 2] [--no-subprocess] [--no-simulation] [key=value ...]
+                                                                              (python -m f3crec.bench --flower)
 
 Every path runs the same smoke config (block 0 only, so Flower's per-message subprocess fits) and prints
 seconds per round (median of metrics.jsonl `seconds`: a round's training and validation) and the
 per-client-message overhead: (the path's run wall time − the reference simulator's) / client messages, the
 reference simulator being the same client code with no messages. Paths: vectorised, reference, the
-in-process grid (`federation.simulator=flower`), the 127.0.0.1 deployment with one long-lived ClientApp
-executor per node (deploy.py's default) and with Flower's default isolation (a fresh ClientApp process per
-message). The deployment rows also give the start-up (SuperLink + SuperNodes listening) apart, and the
+in-process grid (`federation.simulator=flower`), Flower's simulation runtime (simulate.py: virtual nodes on
+Ray, one CPU; skipped without Ray; its run time includes starting Ray), the 127.0.0.1 deployment with one
+long-lived ClientApp executor per node (deploy.py's default) and with Flower's default isolation (a fresh
+ClientApp process per message). The deployment rows also give the start-up (SuperLink + SuperNodes listening) apart, and the
 cost of a bare `import torch, flwr` in a fresh process, which every message pays in the last mode.
 """
 from __future__ import annotations
@@ -66,6 +68,17 @@ def _deployed(cfg, root: Path, name: str, isolation: str) -> dict:
     return {"path": name, "wall_s": wall, "round_s": _round_seconds(root / name), "startup_s": up}
 
 
+def _simulated(cfg, root: Path, name: str) -> dict:
+    from .simulate import Simulation
+    started = time.perf_counter()
+    with Simulation(cfg.federation.nodes, root / f"logs-{name}", cpus=1) as simulation:
+        up = time.perf_counter() - started
+        begun = time.perf_counter()
+        simulation.run(cfg, root / name, timeout=3600)
+        wall = time.perf_counter() - begun
+    return {"path": name, "wall_s": wall, "round_s": _round_seconds(root / name), "startup_s": up}
+
+
 def bare_import() -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import torch, flwr"], check=True)
@@ -76,6 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--no-subprocess", action="store_true", help="skip Flower's per-message-process isolation")
+    parser.add_argument("--no-simulation", action="store_true", help="skip Flower's simulation runtime (Ray)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     torch_threads()
@@ -89,6 +103,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(_in_process(replace(base, federation=replace(base.federation, simulator=name)), root, name))
         rows.append(_in_process(flower, root, "flower in-process grid"))
         messages = rows[-1]["messages"]
+        if not args.no_simulation:
+            from .simulate import ray_available
+            if ray_available():
+                rows.append(_simulated(flower, root, "simulation runtime, Ray, 1 CPU"))
+            else:
+                print("simulation runtime skipped: Ray is not installed (extra fl-sim)")
         rows.append(_deployed(flower, root, "deployment, executor per node", "process"))
         if not args.no_subprocess:
             rows.append(_deployed(flower, root, "deployment, Flower's process per message", "subprocess"))
