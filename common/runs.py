@@ -211,8 +211,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_finite(value: float | torch.Tensor, where: str) -> None:
-    """Stop on a NaN/inf loss with one clear line instead of training on through it."""
+def check_finite(value: float | torch.Tensor, where: str, what: str = "loss") -> None:
+    """Stop on a NaN/inf `what` (a loss, an aggregated table) with one clear line instead of going on."""
     number = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
     if not math.isfinite(number):
-        raise FloatingPointError(f"non-finite loss ({number}) at {where}: lower the learning rate or check the data")
+        raise FloatingPointError(f"non-finite {what} ({number}) at {where}: lower the learning rate or check the data")

@@ -27,7 +27,7 @@ class Server:
         self.beta, self.itm = beta, itm
         self.slots: dict[str, torch.Tensor] = {}
         # Named when an aggregate is not finite (with the key to change); the block loop adds the round.
-        self.where = "the aggregated item table (training diverged: lower backbone.lr)"
+        self.where = "the server's aggregation (training diverged: lower backbone.lr)"
 
     def broadcast(self) -> torch.Tensor:
         return self.items
@@ -53,7 +53,7 @@ class Server:
     def _finish(self, mean_table: torch.Tensor) -> dict:
         # Every simulator aggregates through here (§13, §14): a diverged round stops the run in one line,
         # before ITM, validation or the next round read the table. max |q| is finite iff every entry is.
-        check_finite(mean_table.abs().max() if mean_table.numel() else 0.0, self.where)
+        check_finite(mean_table.abs().max() if mean_table.numel() else 0.0, self.where, what="item table")
         if self.itm and self.previous is not None:
             self.items, weight = item_temporal_mean(mean_table, self.previous, self.beta)
             return {"itm_w": float(weight.mean()) if weight.numel() else 0.0}

@@ -120,7 +120,7 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
         started = time.perf_counter()
         ctx = round_context(cfg, flags, blocks, t, r)
         # Named by the server's finiteness check (server.py::_finish), which every simulator's aggregate runs.
-        sim.server.where = f"block {t} round {r} (the aggregated item table; backbone.lr={cfg.backbone.lr:g})"
+        sim.server.where = f"block {t} round {r} (the server's mean of the uploads; backbone.lr={cfg.backbone.lr:g})"
         if federated:
             stats, val = sim.train_round(None, ctx), sim.validate(ctx, flags["metric_decimals"])
         elif maker is None:  # positives and exclusions are fixed for the block (T^u included)

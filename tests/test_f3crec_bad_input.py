@@ -250,7 +250,7 @@ def test_a_diverging_run_stops_in_one_line_on_every_simulator(simulator, tmp_pat
     line = user_error(main, ["--config", SMOKE, "--run-dir", str(tmp_path / "r"), *FAST, "backbone.lr=1e30",
                              f"federation.simulator={simulator}", *extra,
                              f"train.base_cache={base}", "train.share_base=true"])
-    assert line.startswith("error: non-finite loss (") and "at block 0 round " in line, line
+    assert line.startswith("error: non-finite item table (") and "at block 0 round " in line, line
     assert "backbone.lr=1e+30" in line, line
     assert not (tmp_path / "r" / "last.pt").exists() and not (tmp_path / "r" / "results.json").exists()
     assert not base.exists() or not any(base.glob("*.pt")), "a diverged base block was cached"
