@@ -7,8 +7,8 @@
     frozen, stage1 = frozen_checkpoint(cfg)     # FLAME's frozen net (§5, §6)
     members = ensemble_members(cfg)             # B2's nets (§11)
 
-A stage-1 folder is keyed by every config section that changes its result, so a changed setting
-trains a new net instead of reusing a stale one. A folder is built by one process at a time (an
+A stage-1 folder is keyed by every config section that changes its result and by the content of the
+raw data file, so a changed setting or a replaced file trains a new net instead of reusing a stale one. A folder is built by one process at a time (an
 exclusive `fcntl.flock` on `<folder>.lock` beside it, released when the builder ends, even by kill -9):
 a second run needing the same net waits, then reuses it, or resumes it if the builder was killed.
 """
@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 
 from common.config import config_to_dict
 from common.io import data_root, load_json
+from common.prepare import find_raw, raw_digest
 from common.runs import default_run_root
 
 from .config import Config, FlameConfig, MethodConfig
@@ -36,9 +37,21 @@ def stage1_run(cfg: Config, seed: int) -> tuple[Config, Path]:
     sub = dataclasses.replace(cfg, method=MethodConfig(name="sasrec"), train=train, flame=FlameConfig())
     keyed = {k: v for k, v in config_to_dict(sub).items() if k in ("data", "backbone", "train", "eval")}
     keyed["train"] = {k: v for k, v in keyed["train"].items() if k != "device"}
+    keyed["raw_sha256"] = _raw_digest(cfg)
     key = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(cfg.run_root).expanduser() if cfg.run_root is not None else default_run_root()
     return sub, root / "flame" / cfg.data.name / "stage1" / f"seed{seed}_{key}"
+
+
+def _raw_digest(cfg: Config) -> Optional[str]:
+    """sha256 of the dataset's raw file (None for generated data, or when the file is not there yet:
+    then loading the data fails with its own message before any net is trained)."""
+    if cfg.data.name == "synthetic":
+        return None
+    try:
+        return raw_digest(cfg.data.name, find_raw(cfg.data.name, cfg.data.root))
+    except FileNotFoundError:
+        return None
 
 
 def finished(folder: Path) -> bool:

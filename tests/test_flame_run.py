@@ -319,3 +319,21 @@ def test_old_run_folder_refuses_to_resume_in_one_line(tmp_path, frozen_file):
     with pytest.raises(ValueError, match="data.dataset is now data.name") as err:
         main(["--resume", str(tmp_path / "new")])
     assert "\n" not in str(err.value) and "model is now method.name" in str(err.value)
+
+
+def test_stage1_folder_follows_the_raw_files_content(tmp_path, monkeypatch):
+    """A replaced raw file (same name, same config) must never get the old stage-1 net back."""
+    from common.config import load_config
+    from common.registry import DATASETS
+    from flame.config import Config
+    from flame.stage1 import stage1_run
+    raw = tmp_path / "flame" / "amazon-toys.txt"
+    raw.parent.mkdir(parents=True)
+    raw.write_text("1 1 2 3\n2 2 3 4\n")
+    monkeypatch.setitem(DATASETS["amazon-toys"], "sha256", None)  # a hand-made file, not the authors' one
+    cfg = load_config(Config, None, ["data.name=amazon-toys", f"data.root={tmp_path}"])
+    first = stage1_run(cfg, 42)[1]
+    raw.write_text("1 1 2 3\n2 2 3 5\n")
+    assert stage1_run(cfg, 42)[1] != first
+    raw.write_text("1 1 2 3\n2 2 3 4\n")
+    assert stage1_run(cfg, 42)[1] == first
