@@ -175,10 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--per-client", type=int, default=60)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--flower", action="store_true", help="the Flower paths instead (flower/bench.py; extra fl)")
+    parser.add_argument("--flower", action="store_true", help="the Flower paths instead (flower/bench.py; extra fl, fl-sim for the simulation runtime)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    if args.flower:   # in-process grid and 127.0.0.1 deployments beside the vectorised / reference simulators (§14)
+    if args.flower:   # in-process grid, simulation runtime, 127.0.0.1 deployments beside the vectorised / reference (§14)
         from .flower.bench import main as flower_bench
         return {"flower": flower_bench(args.overrides)}
     if args.data:
