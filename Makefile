@@ -12,7 +12,7 @@ ARGS ?=
 SEEDS ?= 1 2 3
 EXTRAS ?= vlm,plot,dev,fl
 
-.PHONY: setup test test-all test-transformers-min test-deploy gpu-check smoke f3crec-deploy data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
+.PHONY: setup test test-all test-transformers-min test-deploy gpu-check smoke f3crec-deploy f3crec-sim data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
         flame-compare f3crec-compare vlm2rec-compare clean-venv
 
 setup: $(STAMP)
@@ -73,8 +73,13 @@ f3crec-deploy: setup
 	@test -n "$(DATA)" || { echo "make f3crec-deploy needs DATA=<dataset>, e.g. make f3crec-deploy DATA=smoke NODES=4" >&2; exit 2; }
 	$(PY) -m f3crec.flower.deploy --config f3crec/configs/$(DATA).yaml --nodes $(or $(NODES),4) $(ARGS)
 
+# The same on Flower's simulation runtime (N virtual nodes on Ray; needs the fl-sim extra: pip install -e '.[fl-sim]').
+f3crec-sim: setup
+	@test -n "$(DATA)" || { echo "make f3crec-sim needs DATA=<dataset>, e.g. make f3crec-sim DATA=smoke NODES=4" >&2; exit 2; }
+	$(PY) -m f3crec.flower.simulate --config f3crec/configs/$(DATA).yaml --nodes $(or $(NODES),4) $(ARGS)
+
 test-deploy: setup
-	REPRO_FLOWER_DEPLOY=1 $(PY) -m pytest -q tests/test_f3crec_flower_deploy.py
+	REPRO_FLOWER_DEPLOY=1 $(PY) -m pytest -q tests/test_f3crec_flower_deploy.py tests/test_f3crec_flower_sim.py
 
 bench: bench-flame bench-f3crec bench-vlm2rec
 
