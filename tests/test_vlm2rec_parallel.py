@@ -23,7 +23,7 @@ def test_two_processes_train_the_one_process_objective(tmp_path, monkeypatch):
                           f"run_root={tmp_path / 'one'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert one.returncode == 0, one.stderr[-2000:]
-    assert launch(2, [*ARGS, "train.batch_size=4", f"run_root={tmp_path / 'two'}"], grace_s=5) == 0
+    assert launch(2, [*ARGS, "train.batch_size=4", f"run_root={tmp_path / 'two'}"], "vlm2rec.main", grace_s=5) == 0
     runs = {name: list((tmp_path / name).glob("vlm2rec/*/*")) for name in ("one", "two")}
     assert len(runs["two"]) == 1 and len(runs["one"]) == 1           # rank 1 claimed no folder of its own
     a, b = (torch.load(runs[n][0] / "last.pt", weights_only=True)["model"] for n in ("one", "two"))
@@ -56,7 +56,7 @@ run_cli(main)
 def test_a_failing_rank_ends_the_launch_in_one_line(tmp_path, monkeypatch, capfd):
     (tmp_path / "rank_fails.py").write_text(RANK_FAILS)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    status = launch(2, [], grace_s=2, module="rank_fails")
+    status = launch(2, [], "rank_fails", grace_s=2)
     err = capfd.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1, err
     assert "rank one cannot read its shard" in err[0] and "rank 1 of 2" in err[0]

@@ -14,98 +14,18 @@ the others waiting in a collective. Several machines: `accelerate launch --num_m
 """
 from __future__ import annotations
 
-import argparse
-import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
 if __package__ in (None, ""):  # script mode: `cd vlm2rec && python launch.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "vlm2rec"  # noqa: E702
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def error_line(path: Path) -> str:
-    """A rank's one-line error (run_cli's `error: ...`, or the last line it wrote)."""
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith(("error:", "interrupted"))]
-    return (errors or lines or ["(no output)"])[-1]
-
-
-def stop(procs: list[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM every rank still running, SIGKILL the ones still there after grace_s."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def launch(nproc: int, args: list[str], port: Optional[int] = None, grace_s: float = 10.0,
-           module: str = "vlm2rec.main") -> int:
-    """Run `python -m module args` as `nproc` ranks; returns the launch's exit status."""
-    logs = Path(tempfile.mkdtemp(prefix="vlm2rec-launch-"))
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
-    env = dict(os.environ, OMP_NUM_THREADS=threads, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or free_port()),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    errs = [open(logs / f"rank{r}.err", "w") for r in range(nproc)]
-    procs = [subprocess.Popen([sys.executable, "-m", module, *args], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=None if r == 0 else subprocess.DEVNULL, stderr=errs[r]) for r in range(nproc)]
-    failed: Optional[int] = None
-    try:
-        while failed is None and any(p.poll() is None for p in procs):
-            failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
-            time.sleep(0.05)
-        failed = failed if failed is not None else next((r for r, p in enumerate(procs) if p.returncode), None)
-    except KeyboardInterrupt:  # Ctrl-C reached every rank too: they keep their last checkpoint and exit
-        for p in procs:
-            try:
-                p.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        failed = 0
-    stop(procs, grace_s)
-    for handle in errs:
-        handle.close()
-    if failed is None:
-        sys.stderr.write((logs / "rank0.err").read_text(errors="replace"))   # rank 0's warnings, if any
-        return 0
-    status = procs[failed].returncode
-    print(f"{error_line(logs / f'rank{failed}.err')} (rank {failed} of {nproc}, exit status {status}; "
-          "the other ranks were stopped)", file=sys.stderr)
-    return status if status and status > 0 else 1
+from common.launch import launch, main as launch_main  # noqa: E402,F401  (launch: for callers in Python)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     usage="python -m vlm2rec.launch [--nproc N] [--port P] -- <vlm2rec.main arguments>")
-    parser.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this machine (default 2)")
-    parser.add_argument("--port", type=int, default=None, help="rendezvous port on 127.0.0.1 (default: a free one)")
-    parser.add_argument("--grace-s", type=float, default=10.0, help="seconds a stopped rank gets before SIGKILL")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="the arguments of python -m vlm2rec.main")
-    options = parser.parse_args(argv)
-    args = options.args[1:] if options.args[:1] == ["--"] else options.args
-    if options.nproc < 1:
-        parser.error(f"--nproc {options.nproc}: need at least 1")
-    return launch(options.nproc, args, options.port, options.grace_s)
+    return launch_main(argv, "vlm2rec", __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
