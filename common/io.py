@@ -11,6 +11,7 @@ Ctrl-C leaves either the old file or the new one, never half of one. This module
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -77,6 +78,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, waiting: str = "") -> Iterator[None]:
+    """Hold the exclusive lock of artefact `path` across processes (an fcntl.flock on `<path>.lock` beside
+    it, released when the holder ends, even by kill -9). A second process blocks until the first is done
+    (printing `waiting` first, if given), then sees what it built: one builder per artefact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{path.name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _json_default(value: Any) -> Any:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import hashlib
 import json
 import time
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from common.config import config_to_dict
-from common.io import cache_root
+from common.io import cache_root, exclusive
 from common.runs import load_checkpoint, save_checkpoint, truncate_metrics
 from common.utils import get_device
 
@@ -208,22 +207,12 @@ def base_key(cfg, flags: dict, blocks_id: str) -> str:
 @contextlib.contextmanager
 def claimed(cache: Path | None) -> Iterator[None]:
     """Hold the exclusive lock of base-cache entry `cache` (nothing to hold when None): one process trains
-    a base block at a time, a second one waits and then loads what the first saved. An fcntl.flock on
-    `<entry>.lock` beside it, released when the holder ends, even by kill -9."""
+    a base block at a time, a second one waits and then loads what the first saved."""
     if cache is None:
         yield
         return
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache.parent / f"{cache.name}.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[f3crec] base block {cache} is being trained by another run: waiting for it")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive(cache, f"[f3crec] base block {cache} is being trained by another run: waiting for it"):
+        yield
 
 
 def load_base(cache: Path | None) -> dict | None:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 from pathlib import Path
 from typing import Iterator, Optional
 
 from common.config import config_to_dict
-from common.io import data_root, load_json
+from common.io import data_root, exclusive, load_json
 from common.prepare import find_raw, raw_digest
 from common.runs import default_run_root
 
@@ -66,17 +65,8 @@ def claimed(folder: Path, lock: bool = True) -> Iterator[None]:
     if not lock:
         yield
         return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"{folder.name}.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[stage 1] {folder} is being trained by another run: waiting for it")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive(folder, f"[stage 1] {folder} is being trained by another run: waiting for it"):
+        yield
 
 
 def _seeds(cfg: Config) -> list[int]:
