@@ -123,6 +123,18 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
     return run_dir
 
 
+def paper_of(run_dir: str | Path) -> str | None:
+    """The paper that wrote a run folder, from the `[paper] run dir ...` line start_run logs; None when the
+    folder has no such log (then a paper may still tell by the sections of its config.yaml)."""
+    log = Path(run_dir) / "log.txt"
+    if log.is_file():
+        with open(log, errors="replace") as handle:
+            for line in handle:
+                if line.startswith("[") and "] run dir " in line:
+                    return line[1: line.index("]")]
+    return None
+
+
 def log_metrics(run_dir: str | Path, record: dict) -> None:
     """Append one JSON object (one evaluation, epoch or round) to metrics.jsonl."""
     with open(Path(run_dir) / "metrics.jsonl", "a") as handle:

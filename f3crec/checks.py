@@ -16,7 +16,7 @@ import yaml
 
 from common.config import ConfigError, config_to_dict
 from common.io import cache_root
-from common.runs import default_run_root, load_checkpoint
+from common.runs import default_run_root, load_checkpoint, paper_of as logged_paper
 from common.utils import get_device
 
 from .config import Config, check_config
@@ -36,12 +36,9 @@ RESUME_FREE = {"run_root", "methods", "train.stop_after_block", "train.device", 
 def paper_of(run_dir: Path) -> Optional[str]:
     """The paper that wrote a run folder: the `[paper] run dir` line of its log.txt, else its config's
     sections; None when neither tells."""
-    log = run_dir / "log.txt"
-    if log.is_file():
-        with open(log, errors="replace") as handle:
-            for line in handle:
-                if line.startswith("[") and "] run dir " in line:
-                    return line[1: line.index("]")]
+    logged = logged_paper(run_dir)
+    if logged is not None:
+        return logged
     saved = _saved_config(run_dir, strict=False)
     others = {FOREIGN_SECTIONS[key] for key in saved if key in FOREIGN_SECTIONS}
     return others.pop() if len(others) == 1 else None

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 import torch
 import yaml
 
-from common.runs import default_run_root
+from common.runs import default_run_root, paper_of as logged_paper
 
 from .config import Config, check_config, check_saved_config
 
@@ -48,12 +48,9 @@ def read_checkpoint(path: Path, keys: Iterable[str] = (), what: str = "checkpoin
 def paper_of(run_dir: Path) -> Optional[str]:
     """The paper that wrote a run folder: the `[paper] run dir` line of its log.txt, else its config's
     sections; None when neither tells."""
-    log = run_dir / "log.txt"
-    if log.is_file():
-        with open(log, errors="replace") as handle:
-            for line in handle:
-                if " run dir " in line and line.startswith("["):
-                    return line[1: line.index("]")]
+    logged = logged_paper(run_dir)
+    if logged is not None:
+        return logged
     config = run_dir / "config.yaml"
     if config.is_file():
         try:

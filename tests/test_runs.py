@@ -200,3 +200,11 @@ def test_metrics_records_survive_a_cut_short_line_and_truncate_to_a_checkpoint(t
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON record; the file is damaged"):
         read_metrics(tmp_path)
+
+
+def test_a_run_folder_names_the_paper_that_wrote_it(tmp_path):
+    from common.runs import paper_of
+    run = start_run(Cfg(), "flame", "toy", root=tmp_path)
+    print("something else")
+    assert paper_of(run) == "flame"
+    assert paper_of(tmp_path) is None  # no log: the paper's own config check decides
