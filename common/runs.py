@@ -83,7 +83,7 @@ def _usable(folder: Path):
         raise PermissionError(f"run folder {folder} is not writable (set run_root or $REPRO_RUNS)") from None
 
 
-def _new_run_dir(parent: Path, name: str) -> Path:
+def claim_run_dir(parent: Path, name: str) -> Path:
     """Create and return parent/name, or parent/name-1, -2, ...: mkdir is the claim, so two runs started
     in the same second (in two processes) never share a folder."""
     with _usable(parent):
@@ -106,7 +106,7 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
     if run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = Path(root).expanduser() if root is not None else default_run_root()
-        run_dir = _new_run_dir(base / paper / dataset, f"{stamp}_{tag}" if tag else stamp)
+        run_dir = claim_run_dir(base / paper / dataset, f"{stamp}_{tag}" if tag else stamp)
     run_dir = Path(run_dir)
     with _usable(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)

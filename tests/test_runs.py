@@ -110,8 +110,8 @@ def test_default_run_root_is_the_repo_whatever_the_cwd(tmp_path, monkeypatch):
 def _claim_run_dir(args):
     root, barrier = args
     barrier.wait()  # both processes ask for a folder at the same instant (same second, same stamp)
-    from common.runs import _new_run_dir
-    return str(_new_run_dir(root, "20260101-000000_t"))
+    from common.runs import claim_run_dir
+    return str(claim_run_dir(root, "20260101-000000_t"))
 
 
 def test_two_processes_never_share_a_run_folder(tmp_path):

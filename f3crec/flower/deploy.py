@@ -42,7 +42,7 @@ import tomli_w
 from common.cli import run_cli
 from common.config import ConfigError, parse_cli
 from common.io import REPO
-from common.runs import default_run_root
+from common.runs import claim_run_dir as common_claim_run_dir, default_run_root
 
 from ..config import Config
 from . import wire
@@ -282,19 +282,10 @@ def _follow(log: Path, proc: Proc, report: Path) -> None:
 
 
 def claim_run_dir(cfg: Config) -> Path:
-    """A fresh run folder named as main.run names one (mkdir is the claim)."""
+    """A fresh run folder named as main.run names one (common.runs.claim_run_dir: mkdir is the claim)."""
     base = Path(cfg.run_root).expanduser() if cfg.run_root is not None else default_run_root()
-    parent = (base / "f3crec" / cfg.data.name).resolve()
-    parent.mkdir(parents=True, exist_ok=True)
     name = f"{time.strftime('%Y%m%d-%H%M%S')}_{cfg.method.name}-s{cfg.train.seed}"
-    for suffix in range(10_000):
-        candidate = parent / (name if suffix == 0 else f"{name}-{suffix}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"{parent}: no free run folder name for {name}")
+    return common_claim_run_dir((base / "f3crec" / cfg.data.name).resolve(), name)
 
 
 def _own_options(args: list[str]) -> tuple[dict, list[str]]:
