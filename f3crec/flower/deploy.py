@@ -288,9 +288,12 @@ def claim_run_dir(cfg: Config) -> Path:
     return common_claim_run_dir((base / "f3crec" / cfg.data.name).resolve(), name)
 
 
-def _own_options(args: list[str]) -> tuple[dict, list[str]]:
-    """Take --nodes/--isolation/--node-poll/--timeout/--logs out of argv (the rest goes to parse_cli)."""
-    spec = {"--nodes": int, "--isolation": str, "--node-poll": float, "--timeout": float, "--logs": Path}
+OWN_OPTIONS = {"--nodes": int, "--isolation": str, "--node-poll": float, "--timeout": float, "--logs": Path}
+
+
+def split_options(args: list[str], spec: dict) -> tuple[dict, list[str]]:
+    """Take the launcher's own `--name value` options (spec: option -> type) out of argv; the rest goes to
+    parse_cli. Keys are the option names with dashes as underscores."""
     own, rest, i = {}, [], 0
     while i < len(args):
         if args[i] in spec:
@@ -308,7 +311,7 @@ def _own_options(args: list[str]) -> tuple[dict, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    own, rest = _own_options(list(argv) if argv is not None else sys.argv[1:])
+    own, rest = split_options(list(argv) if argv is not None else sys.argv[1:], OWN_OPTIONS)
     cfg, options = parse_cli(rest, Config)
     nodes = own.get("nodes", cfg.federation.nodes)
     if nodes < 1:

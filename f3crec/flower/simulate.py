@@ -34,7 +34,7 @@ from common.cli import run_cli
 from common.config import ConfigError, parse_cli
 
 from ..config import Config
-from .deploy import BIN, Deployment, claim_run_dir, free_ports
+from .deploy import BIN, Deployment, claim_run_dir, free_ports, split_options
 
 
 def ray_available() -> bool:
@@ -106,26 +106,11 @@ def _first_exception(logs: Path) -> str | None:
     return None
 
 
-def _own_options(args: list[str]) -> tuple[dict, list[str]]:
-    spec = {"--nodes": int, "--cpus": int, "--timeout": float, "--logs": Path}
-    own, rest, i = {}, [], 0
-    while i < len(args):
-        if args[i] in spec:
-            if i + 1 >= len(args):
-                raise ConfigError(f"{args[i]} needs a value")
-            try:
-                own[args[i][2:]] = spec[args[i]](args[i + 1])
-            except ValueError:
-                raise ConfigError(f"{args[i]} {args[i + 1]}: not a {spec[args[i]].__name__}") from None
-            i += 2
-        else:
-            rest.append(args[i])
-            i += 1
-    return own, rest
+OWN_OPTIONS = {"--nodes": int, "--cpus": int, "--timeout": float, "--logs": Path}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    own, rest = _own_options(list(argv) if argv is not None else sys.argv[1:])
+    own, rest = split_options(list(argv) if argv is not None else sys.argv[1:], OWN_OPTIONS)
     cfg, options = parse_cli(rest, Config)
     nodes = own.get("nodes", cfg.federation.nodes)
     if nodes < 1:
