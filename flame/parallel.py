@@ -25,17 +25,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from common.distributed import gather_rows, rank, world  # noqa: F401  (world, rank: for callers)
 from common.utils import get_device
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waits at most this long for a peer, then fails
-
-
-def world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if world() > 1 else 0
 
 
 def init(device_name: str) -> tuple[torch.device, bool]:
@@ -74,36 +67,6 @@ def broadcast_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if world() > 1:
         dist.barrier()
-
-
-class _AllGather(torch.autograd.Function):
-    """Forward: every rank's tensor (same shape), stacked in rank order. Backward: the gradient of the
-    whole stack summed over the ranks (each rank holds one copy of the global loss' gradient), of which
-    this rank's slice flows back to its own tensor."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[dist.get_rank()]
-
-
-def gather_rows(x: torch.Tensor, sizes: list[int], dim: int = 0) -> torch.Tensor:
-    """Concatenate every rank's `x` along `dim` (rank r holds sizes[r] rows there), in rank order, with
-    gradients flowing back to each rank's own rows."""
-    pad = max(sizes) - x.shape[dim]
-    if pad:  # all_gather needs one shape: pad, then cut every rank's padding off again
-        shape = list(x.shape)
-        shape[dim] = pad
-        x = torch.cat([x, x.new_zeros(shape)], dim=dim)
-    parts = _AllGather.apply(x)
-    return torch.cat([parts[r].narrow(dim, 0, n) for r, n in enumerate(sizes)], dim=dim)
 
 
 def shard(index: torch.Tensor, gather: bool) -> tuple[torch.Tensor, dict]:

@@ -16,31 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if world() > 1 else 0
-
-
-class _AllGather(torch.autograd.Function):
-    """Forward: every rank's (same-shape) tensor, stacked in rank order. Backward: the stack's gradient
-    summed over the ranks (each holds one copy of the global loss' gradient); this rank's slice flows
-    back to its own tensor."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[dist.get_rank()]
+from common.distributed import gather_rows as gather, rank, world  # noqa: F401  (gather, rank: for model.py)
 
 
 def row_counts(n: int) -> list[int]:
@@ -50,20 +26,3 @@ def row_counts(n: int) -> list[int]:
     counts = [torch.zeros(1, dtype=torch.long) for _ in range(world())]
     dist.all_gather(counts, torch.tensor([n], dtype=torch.long))
     return [int(c) for c in counts]
-
-
-def gather(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Every rank's rows of `x` (rank r holds counts[r]) concatenated in rank order along dim 0; with a
-    gradient when `x` has one (to this rank's rows), a plain all-gather otherwise."""
-    if len(counts) == 1:
-        return x
-    pad = max(counts) - x.shape[0]
-    if pad:   # all_gather needs one shape: pad, then cut every rank's padding off again
-        x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
-    if x.requires_grad:
-        parts = _AllGather.apply(x)
-    else:
-        parts = [torch.empty_like(x) for _ in counts]
-        dist.all_gather(parts, x.contiguous())
-        parts = torch.stack(parts)
-    return torch.cat([parts[r][:n] for r, n in enumerate(counts)])
