@@ -135,6 +135,24 @@ def paper_of(run_dir: str | Path) -> str | None:
     return None
 
 
+def check_resume_folder(run_dir: str | Path, paper: str, label: str, writer: Any = paper_of) -> Path:
+    """--resume RUN_DIR must name an existing run folder that `paper` wrote (`label`: "a FLAME", say;
+    writer(run_dir) tells which paper wrote a folder). One-line errors, before anything is read from it."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise FileNotFoundError(f"nothing to resume: {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise NotADirectoryError(f"--resume {run_dir}: a file, not a run folder")
+    other = writer(run_dir)
+    if other is not None and other != paper:
+        raise ValueError(f"--resume {run_dir}: this folder is a {other} run, not {label} run "
+                         f"(resume it with python -m {other}.main)")
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: not a run folder (no config.yaml); "
+                                "--resume takes a folder that a run wrote")
+    return run_dir
+
+
 def log_metrics(run_dir: str | Path, record: dict) -> None:
     """Append one JSON object (one evaluation, epoch or round) to metrics.jsonl."""
     with open(Path(run_dir) / "metrics.jsonl", "a") as handle:

@@ -16,7 +16,8 @@ import yaml
 
 from common.config import ConfigError, config_to_dict
 from common.io import cache_root
-from common.runs import default_run_root, load_checkpoint, paper_of as logged_paper
+from common.runs import (check_resume_folder as common_check_resume_folder, default_run_root, load_checkpoint,
+                         paper_of as logged_paper)
 from common.utils import get_device
 
 from .config import Config, check_config
@@ -63,18 +64,7 @@ def _saved_config(run_dir: Path, strict: bool = True) -> dict:
 def check_resume_folder(run_dir: Path) -> dict:
     """--resume RUN_DIR names an F3CRec run folder with a readable last.pt; returns that checkpoint.
     Checked before the CLI reads the folder's config.yaml, so an old or foreign folder gets its own line."""
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise FileNotFoundError(f"nothing to resume: {run_dir} does not exist")
-    if not run_dir.is_dir():
-        raise NotADirectoryError(f"--resume {run_dir}: a file, not a run folder")
-    paper = paper_of(run_dir)
-    if paper is not None and paper != "f3crec":
-        raise ValueError(f"--resume {run_dir}: this folder is a {paper} run, not an F3CRec run "
-                         f"(resume it with python -m {paper}.main)")
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"--resume {run_dir}: not a run folder (no config.yaml); "
-                                "--resume takes a folder that a run wrote")
+    run_dir = common_check_resume_folder(run_dir, "f3crec", "an F3CRec", writer=paper_of)
     if "model" in _saved_config(run_dir):
         raise ConfigError(f"{run_dir} was written with config keys model.* (and method.target_scores); this "
                           "version names them backbone.* (model.backbone -> backbone.name, model.emb_init / "

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 import torch
 import yaml
 
-from common.runs import default_run_root, paper_of as logged_paper
+from common.runs import check_resume_folder as common_check_resume_folder, default_run_root, paper_of as logged_paper
 
 from .config import Config, check_config, check_saved_config
 
@@ -66,17 +66,7 @@ def paper_of(run_dir: Path) -> Optional[str]:
 
 def check_resume_folder(run_dir: Path) -> None:
     """--resume RUN_DIR names a FLAME run folder with a readable last.pt (checked before its config is read)."""
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise FileNotFoundError(f"nothing to resume: {run_dir} does not exist")
-    if not run_dir.is_dir():
-        raise NotADirectoryError(f"--resume {run_dir}: a file, not a run folder")
-    paper = paper_of(run_dir)
-    if paper is not None and paper != "flame":
-        raise ValueError(f"--resume {run_dir}: this folder is a {paper} run, not a FLAME run "
-                         f"(resume it with python -m {paper}.main)")
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+    run_dir = common_check_resume_folder(run_dir, "flame", "a FLAME", writer=paper_of)
     check_saved_config(run_dir)
     if not (run_dir / "last.pt").exists():
         raise FileNotFoundError(f"nothing to resume: {run_dir / 'last.pt'} does not exist")
