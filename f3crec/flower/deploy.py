@@ -22,6 +22,7 @@ Options of its own (before the usual --config / --resume / --run-dir / key=value
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -333,23 +334,36 @@ def main(argv: list[str] | None = None) -> dict:
         run_dir = claimed = claim_run_dir(cfg)
     from common import runs
     runs.CURRENT_RUN = run_dir if resume else None     # Ctrl-C names it once it holds a checkpoint
-    logs = own.get("logs")
-    scratch = None if logs else Path(tempfile.mkdtemp(prefix="f3crec-deploy-"))
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        with Deployment(nodes, logs or scratch, own.get("isolation", "process"), own.get("node_poll", 0.05),
+    with session(claimed, own.get("logs"), "f3crec-deploy-") as folder:
+        with Deployment(nodes, folder, own.get("isolation", "process"), own.get("node_poll", 0.05),
                         cfg.federation.node_state_dir) as deployment:
             print(f"[f3crec deploy] SuperLink {deployment.address} (pid {deployment.link.pid}); SuperNodes "
                   f"{[n.pid for n in deployment.nodes]}; isolation {deployment.isolation}", flush=True)
             outcome = deployment.run(cfg, run_dir, resume, own.get("timeout"),
                                      on_wait=lambda d: _note_checkpoint(run_dir))
         outcome["pids"] = sorted({pid for proc in deployment.procs for pid in (proc.pid, *proc.known)})
+    return report(cfg, outcome)
+
+
+@contextlib.contextmanager
+def session(claimed: Path | None, logs: Path | None, prefix: str):
+    """What a Flower launcher holds around its processes: SIGTERM stops them as Ctrl-C does (every
+    `finally` stops its processes by pid), the logs go to `logs` or a scratch folder removed at the end,
+    and a claimed run folder that nothing was written into is removed. Yields the logs folder."""
+    scratch = None if logs else Path(tempfile.mkdtemp(prefix=prefix))
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield logs or scratch
     finally:
         signal.signal(signal.SIGTERM, previous)
         if claimed is not None and claimed.is_dir() and not any(claimed.iterdir()):
             claimed.rmdir()                   # nothing was written: leave no empty run folder behind
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def report(cfg: Config, outcome: dict) -> dict:
+    """The run's results table line and its folder, as main.run ends."""
     from ..train import format_row
     print(f"\n{cfg.method.name:13s} | {format_row(outcome['summary'])}\nrun folder: {outcome['run_dir']}")
     return outcome
@@ -362,7 +376,7 @@ def _note_checkpoint(run_dir: Path) -> None:
 
 
 def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt   # SIGTERM stops the deployment as Ctrl-C does (finally: every process by pid)
+    raise KeyboardInterrupt   # SIGTERM stops a launcher as Ctrl-C does (finally: every process by pid)
 
 
 if __name__ == "__main__":

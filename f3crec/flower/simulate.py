@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from common.cli import run_cli
 from common.config import ConfigError, parse_cli
 
 from ..config import Config
-from .deploy import BIN, Deployment, claim_run_dir, free_ports, split_options
+from .deploy import BIN, Deployment, claim_run_dir, free_ports, report, session, split_options
 
 
 def ray_available() -> bool:
@@ -132,10 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     if run_dir is None:
         run_dir = claimed = claim_run_dir(cfg)
     logs = own.get("logs")
-    scratch = None if logs else Path(tempfile.mkdtemp(prefix="f3crec-sim-"))
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        with Simulation(nodes, logs or scratch, own.get("cpus", 1)) as simulation:
+    with session(claimed, logs, "f3crec-sim-") as folder:
+        with Simulation(nodes, folder, own.get("cpus", 1)) as simulation:
             print(f"[f3crec simulate] SuperLink {simulation.address} (pid {simulation.link.pid}), simulation "
                   f"runtime, {nodes} virtual nodes on Ray ({simulation.cpus} CPU)", flush=True)
             started = time.perf_counter()
@@ -143,19 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             outcome["wall_s"] = time.perf_counter() - started
         outcome["pids"] = sorted({pid for proc in simulation.procs for pid in (proc.pid, *proc.known)})
         outcome["leftover"], outcome["ray_tmp"] = simulation.leftover(), str(simulation.ray_tmp)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if claimed is not None and claimed.is_dir() and not any(claimed.iterdir()):
-            claimed.rmdir()                   # nothing was written: leave no empty run folder behind
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    from ..train import format_row
-    print(f"\n{cfg.method.name:13s} | {format_row(outcome['summary'])}\nrun folder: {outcome['run_dir']}")
-    return outcome
-
-
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt   # SIGTERM stops the simulation as Ctrl-C does (finally: every process by pid)
+    return report(cfg, outcome)
 
 
 if __name__ == "__main__":
