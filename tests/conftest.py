@@ -56,3 +56,27 @@ def user_error(capsys):
         assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
         return err.strip()
     return check
+
+
+def sigkill_when_logged(module: str, argv: list, run_dir: Path, logged, timeout: float = 120.0):
+    """Run `python -m module argv` writing into `run_dir` and SIGKILL it as soon as a metrics.jsonl line
+    satisfies logged(line) (a kill in the middle of an epoch or block). Returns (exit status, stderr)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", module, *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            path = run_dir / "metrics.jsonl"
+            if any(logged(line) for line in (path.read_text().splitlines() if path.exists() else [])):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        stderr = proc.communicate()[1].decode()
+    return proc.returncode, stderr

@@ -2,14 +2,11 @@
 the same results.json (provenance and timings aside) and the same metrics.jsonl (timings aside) as a run
 that was never interrupted; a fresh start into a folder empties its stale records."""
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
+from conftest import sigkill_when_logged
 
 from f3crec.main import main
 
@@ -40,21 +37,9 @@ def results(run: Path) -> dict:
 def test_sigkill_in_the_middle_of_a_block_then_resume_equals_an_uninterrupted_run(tmp_path):
     main(["--config", SMOKE, "--run-dir", str(tmp_path / "full"), *ROUNDS])
     cut = tmp_path / "cut"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "f3crec.main", "--config", SMOKE, "--run-dir", str(cut), *ROUNDS],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:    # kill at block 1's first logged round
-            lines = (cut / "metrics.jsonl").read_text().splitlines() if (cut / "metrics.jsonl").exists() else []
-            if any(line.startswith('{"block": 1,') for line in lines):
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-    finally:
-        proc.kill()
-        stderr = proc.communicate()[1].decode()
-    assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
+    status, stderr = sigkill_when_logged("f3crec.main", ["--config", SMOKE, "--run-dir", str(cut), *ROUNDS], cut,
+                                         lambda line: line.startswith('{"block": 1,'))
+    assert status == -signal.SIGKILL, stderr[-2000:]
     assert torch.load(cut / "last.pt", weights_only=True)["block"] == 0 and not (cut / "results.json").exists()
     logged = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
     assert any(r["block"] == 1 for r in logged)                   # the kill left part of block 1 behind

@@ -2,14 +2,11 @@
 resumed with --resume leaves the same results.json (provenance and timings aside) and the same
 metrics.jsonl as a run that was never interrupted."""
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
+from conftest import sigkill_when_logged
 
 from vlm2rec.main import main
 
@@ -31,21 +28,9 @@ def results(run: Path) -> dict:
 def test_sigkill_in_the_middle_of_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     main(["--config", SMOKE, "--run-dir", str(tmp_path / "full"), *QUICK])
     cut = tmp_path / "cut"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "vlm2rec.main", "--config", SMOKE, "--run-dir", str(cut), *QUICK],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:    # kill at epoch 1's first logged step
-            lines = (cut / "metrics.jsonl").read_text().splitlines() if (cut / "metrics.jsonl").exists() else []
-            if any('"epoch": 1,' in line and '"lr"' in line for line in lines):
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-    finally:
-        proc.kill()
-        stderr = proc.communicate()[1].decode()
-    assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
+    status, stderr = sigkill_when_logged("vlm2rec.main", ["--config", SMOKE, "--run-dir", str(cut), *QUICK], cut,
+                                         lambda line: '"epoch": 1,' in line and '"lr"' in line)
+    assert status == -signal.SIGKILL, stderr[-2000:]
     assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 0 and not (cut / "results.json").exists()
     assert any(r.get("epoch") == 1 for r in records(cut))       # the kill left part of epoch 1 behind
 
