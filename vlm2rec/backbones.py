@@ -121,7 +121,7 @@ def build_tiny_embedder(cfg: BackboneConfig, catalog: Catalog, device: torch.dev
 
 
 def build_two_tower(cfg: BackboneConfig, catalog: Catalog, device: torch.device) -> nn.Module:
-    return TwoTower(cfg.two_tower, catalog, device)
+    return TwoTower(cfg.two_tower, catalog, device, cfg.lora)
 
 
 BACKBONES: dict[str, Callable] = {

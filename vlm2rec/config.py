@@ -57,6 +57,11 @@ class TwoTowerConfig:
     max_text_tokens: Annotated[int, Range(1, 512)] = 256                              # MiniLM's own limit
     separator: str = " ; "                                  # between history titles (as the VLM prompt)
     encode_batch: PosInt = 64                                  # tower batch size when filling the feature cache
+    # Encoder tuning (§15.1): items are then encoded live, once per step for the batch's unique items, over
+    # cached outputs of the frozen lower layers. Off (0 / false) = frozen towers, cached features (§15).
+    tune_text_layers: Annotated[int, Range(0, 6)] = 0   # top MiniLM layers with LoRA (backbone.lora's r, alpha, dropout)
+    tune_image_stage: bool = False                      # unfreeze EfficientNet's last stage and head (BN statistics kept)
+    tower_lr: Optional[PosFloat] = None                 # learning rate of the tuned tower weights; None = train.lr
 
 
 @dataclass
@@ -147,6 +152,7 @@ class TrainConfig:
     grad_norm_every: NonNegInt = 10            # per-branch gradient norms every N steps (§11.2); 0 = off
     log_every: PosInt = 10                  # metrics.jsonl line every N steps (printed every 5N)
     max_steps_per_epoch: NonNegInt = 0         # 0 = full epoch; > 0 bounds CPU budget runs
+    num_workers: NonNegInt = 0                 # DataLoader workers building prompts + pixels where the tower trains
     hard_negatives: NonNegInt = 0              # [R] per pair, mined each epoch from the fused item table (0 = off)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"   # accelerate's flag; real backbones load in bf16
@@ -220,6 +226,10 @@ def check_config(cfg: Config) -> None:
                          f"got {metric!r}")
     if not cfg.backbone.modalities:
         raise ValueError("backbone.modalities must name at least one of text, image")
+    tower = cfg.backbone.two_tower
+    if cfg.backbone.name == "two-tower" and tower.tune_text_layers and tower.hist_text == "joined":
+        raise ValueError("backbone.two_tower.tune_text_layers needs backbone.two_tower.hist_text=attention: a tuned "
+                         "MiniLM encodes items, not each user's joined titles (§15.1)")
     if cfg.seqrec.hidden_size % cfg.seqrec.num_heads:
         raise ValueError(f"seqrec.hidden_size={cfg.seqrec.hidden_size} must be a multiple of "
                          f"seqrec.num_heads={cfg.seqrec.num_heads}")

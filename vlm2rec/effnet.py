@@ -21,6 +21,7 @@ from PIL import Image
 # (expansion, kernel, stride, out channels, repeats) per stage (§15; checked against the file).
 STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
           (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+LAST_STAGE = sum(stage[-1] for stage in STAGES[:-1])   # index of the last stage's first block (15)
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01   # the TF-converted weights' convention
 FEATURE_DIM = 1280
 IMAGE_SIZE = 224
@@ -78,11 +79,20 @@ class EfficientNetLite0(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, 224, 224] normalised images -> [B, 1280] pooled features (the classifier is unused)."""
+        return self.top(self.bottom(images, len(self._blocks)), len(self._blocks))
+
+    def bottom(self, images: torch.Tensor, cut: int) -> torch.Tensor:
+        """Stem and blocks [0, cut): the activation that enters block `cut` (LAST_STAGE: [B, 192, 7, 7])."""
         x = F.relu6(self._bn0(self._conv_stem(images)))
-        for block in self._blocks:
+        for block in self._blocks[:cut]:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
-        return x.mean(dim=(2, 3))
+        return x
+
+    def top(self, x: torch.Tensor, cut: int) -> torch.Tensor:
+        """Blocks [cut, 16), the 1x1 head and the global average pool: bottom(images, cut) -> [B, 1280]."""
+        for block in self._blocks[cut:]:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x))).mean(dim=(2, 3))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self._fc(self.features(images))       # [B, 1000] ImageNet logits (sanity checks only)

@@ -9,6 +9,7 @@ modality-dropout evaluation (mode in both / text / image, §11.1).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -59,8 +60,34 @@ class VLM2Rec(nn.Module):
 
     def joint(self, side: str, ids: torch.Tensor, drop: str | None = None) -> torch.Tensor:
         """Internal fusion: one interleaved pass; `drop` deletes one modality's tokens (§6)."""
-        out = self._unit(self.embedder.branch(f"{side}_joint", ids, drop=drop))
+        return self._joint_out(self.embedder.branch(f"{side}_joint", ids, drop=drop))
+
+    def _joint_out(self, pooled: torch.Tensor) -> torch.Tensor:
+        out = self._unit(pooled)
         return F.normalize(out, dim=-1) if self.cfg.score == "cos" else out
+
+    def passes(self, negatives: bool) -> list[tuple[str, str]]:
+        """(source, what) of every embedder pass `forward` makes on a training batch: source is the batch key
+        whose ids it encodes (history, target, negatives), what the embedder branch. A DataLoader worker
+        prepares exactly these (train.PreparedLoader)."""
+        internal = self.cfg.fusion == "internal_interleave"
+        out = []
+        if not internal or self.cfg.internal_branch_passes:
+            out += [(source, f"{side}_{m}") for source, side in (("history", "hist"), ("target", "item"))
+                    for m in self.cfg.modalities]
+        if internal:
+            out += [("history", "hist_joint"), ("target", "item_joint")]
+        if negatives:
+            out += [("negatives", "item_joint")] if internal else [("negatives", f"item_{m}") for m in self.cfg.modalities]
+        return out
+
+    def _pass(self, batch: dict, source: str, what: str) -> torch.Tensor:
+        """One embedder pass of `forward` over batch[source] (negatives flattened): from the inputs a
+        DataLoader worker prepared when the batch carries them ("prepared", keyed source:what), else live."""
+        if "prepared" in batch:
+            return self.embedder.forward_prepared(batch["prepared"][f"{source}:{what}"])
+        ids = batch[source].reshape(-1) if source == "negatives" else batch[source]
+        return self.embedder.branch(what, ids)
 
     def encode(self, side: str, ids: torch.Tensor, modes: tuple[str, ...] = MODES) -> dict[str, torch.Tensor]:
         """Embeddings per modality mode. External: text/image are the exact branches (§6)."""
@@ -80,24 +107,31 @@ class VLM2Rec(nn.Module):
         The gradient norms are read on the pooled outputs *before* L2 normalisation: after it, both
         addends of the external sum receive the identical gradient, so their ratio would always be 1.
         """
-        hist, target = batch["history"], batch["target"]
+        # An embedder that encodes items live (the tuned two-tower) encodes the batch's unique items once.
+        scope = getattr(self.embedder, "batch_items", None)
+        with scope(batch["history"], batch["target"], batch.get("negatives")) if scope else contextlib.nullcontext():
+            return self._forward(batch)
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+        target = batch["target"]
         internal = self.cfg.fusion == "internal_interleave"
         raw: dict[str, torch.Tensor] = {}
         if not internal or self.cfg.internal_branch_passes:    # else no unimodal passes (no WPCL/CRTR)
-            for prefix, side, ids in (("u", "hist", hist), ("e", "item", target)):
+            for prefix, side, source in (("u", "hist", "history"), ("e", "item", "target")):
                 for m in self.cfg.modalities:
-                    raw[f"{prefix}_{m}"] = self.embedder.branch(f"{side}_{m}", ids)
+                    raw[f"{prefix}_{m}"] = self._pass(batch, source, f"{side}_{m}")
         named = {key: self._unit(value) for key, value in raw.items()}
         if internal:
-            u, e = self.joint("hist", hist), self.joint("item", target)
+            u = self._joint_out(self._pass(batch, "history", "hist_joint"))
+            e = self._joint_out(self._pass(batch, "target", "item_joint"))
         else:
             u = self.fuse({m: named[f"u_{m}"] for m in self.cfg.modalities})
             e = self.fuse({m: named[f"e_{m}"] for m in self.cfg.modalities})
         e_neg = negs = None
         if "negatives" in batch:                                            # mined hard negatives (B, k)
             negs = batch["negatives"].reshape(-1)                           # shared by every row: (B*k,)
-            e_neg = self.joint("item", negs) if internal else self.fuse(
-                {m: self._unit(self.embedder.branch(f"item_{m}", negs)) for m in self.cfg.modalities})
+            e_neg = self._joint_out(self._pass(batch, "negatives", "item_joint")) if internal else self.fuse(
+                {m: self._unit(self._pass(batch, "negatives", f"item_{m}")) for m in self.cfg.modalities})
         if parallel.world() > 1:
             # Several processes: every rank's rows, in rank order, so that each computes the global objective
             # (in-batch negatives, WPCL's statistics, CRTR's topology) with gradients to its own rows.

@@ -4,7 +4,9 @@
 several, same code path): it builds the optimiser and schedule, resumes from last.pt, validates every
 epoch, keeps the best epoch by `eval.select_on` and writes best.pt / last.pt, and ends at the best
 weights. `train_one_epoch` is one pass over the shuffled pairs, logging the collapse diagnostics every
-`train.grad_norm_every` steps (§11.2). No Trainer class.
+`train.grad_norm_every` steps (§11.2). No Trainer class. With `train.num_workers` > 0 (a VLM whose
+processor runs every step: no visual cache), `PreparedLoader`'s DataLoader workers build each batch's
+prompts, tokens and pixels on the CPU, in the order of `batches`.
 """
 from __future__ import annotations
 
@@ -37,18 +39,112 @@ def batches(train: dict, batch_size: int, seed: int, epoch: int, device: torch.d
     of the permutation and each process takes every count-th of them (model.py gathers them back, §7),
     so every rank sees the same number of batches. A global batch with fewer than max(2, count) pairs
     is skipped (one pair has no in-batch negative; every rank needs a row)."""
-    rank, count = shard
-    order = np.random.default_rng([seed, epoch]).permutation(len(train["target"]))
-    for start in range(0, len(order), batch_size * count):
-        chunk = order[start:start + batch_size * count]
-        if len(chunk) < max(2, count):
-            continue
-        idx = chunk[rank::count]
+    for idx in batch_indices(len(train["target"]), batch_size, seed, epoch, shard):
         batch = {"history": torch.as_tensor(train["history"][idx], device=device),
                  "target": torch.as_tensor(train["target"][idx], device=device)}
         if "negatives" in train:
             batch["negatives"] = torch.as_tensor(train["negatives"][idx], device=device)
         yield batch
+
+
+def batch_indices(num_pairs: int, batch_size: int, seed: int, epoch: int,
+                  shard: tuple[int, int] = (0, 1)) -> Iterator[np.ndarray]:
+    """The pair indices of each batch of `batches` (this process's share), in order."""
+    rank, count = shard
+    order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
+    for start in range(0, len(order), batch_size * count):
+        chunk = order[start:start + batch_size * count]
+        if len(chunk) < max(2, count):
+            continue
+        yield chunk[rank::count]
+
+
+class _EpochPairs:
+    """The DataLoader's sampler: it runs in the main process and hands each worker one batch's pair arrays
+    (history, target[, negatives]) of the epoch set by `PreparedLoader.epoch`, so persistent workers see
+    every epoch's order and freshly mined negatives."""
+
+    def __init__(self, batch_size: int, max_steps: int):
+        self.batch_size, self.max_steps = batch_size, max_steps
+        self.plan: tuple | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        train, seed, epoch, shard = self.plan
+        keys = [k for k in ("history", "target", "negatives") if k in train]
+        for i, idx in enumerate(batch_indices(len(train["target"]), self.batch_size, seed, epoch, shard)):
+            if self.max_steps and i >= self.max_steps:
+                return
+            yield {k: train[k][idx] for k in keys}
+
+
+class _Given(torch.utils.data.Dataset):
+    """The 'dataset' of a PreparedLoader: the sampler's item is the batch itself."""
+
+    def __getitem__(self, pairs: dict) -> dict:
+        return pairs
+
+
+class PrepareBatch:
+    """Collate function of a PreparedLoader (runs in a worker): a batch's pair tensors plus, under
+    "prepared", the CPU inputs of each embedder pass the model's forward makes (`VLM2Rec.passes`). It holds
+    a Preparer (tokenizer, processor, catalogue, prompts) and never the model's weights."""
+
+    def __init__(self, preparer, passes: list[tuple[str, str]], negative_passes: list[tuple[str, str]]):
+        self.preparer, self.passes, self.negative_passes = preparer, passes, negative_passes
+
+    def __call__(self, pairs: dict) -> dict:
+        batch = {k: torch.as_tensor(v) for k, v in pairs.items()}
+        prepared = {}
+        for source, what in self.negative_passes if "negatives" in batch else self.passes:
+            ids = batch[source].reshape(-1) if source == "negatives" else batch[source]
+            prepared[f"{source}:{what}"] = self.preparer.prepare(what, ids)
+        batch["prepared"] = prepared
+        return batch
+
+
+class PreparedLoader:
+    """`batches` through a DataLoader whose `num_workers` persistent workers prepare each batch's embedder
+    inputs (PrepareBatch). The same batches in the same order: the sampler walks `batch_indices`, and the
+    DataLoader returns them in order. It draws nothing from torch's global generator (its own seeds the
+    workers), so the model's dropout sees the same random numbers as without workers."""
+
+    def __init__(self, core, cfg: TrainConfig, device: torch.device):
+        import copy
+        # A copy: evaluation swapping the embedder's catalogue (robustness scenarios) never reaches it.
+        preparer = copy.copy(core.embedder.cpu_preparer())
+        self.device = device
+        self.sampler = _EpochPairs(cfg.batch_size, cfg.max_steps_per_epoch)
+        self.loader = torch.utils.data.DataLoader(
+            _Given(), batch_size=None, sampler=self.sampler,
+            collate_fn=PrepareBatch(preparer, core.passes(False), core.passes(True)), num_workers=cfg.num_workers,
+            persistent_workers=True, prefetch_factor=2, pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed))
+
+    def epoch(self, train: dict, seed: int, epoch: int, shard: tuple[int, int] = (0, 1)) -> Iterator[dict]:
+        """The batches of `batches(train, ..., seed, epoch, device, shard)` with their prepared inputs
+        (left on the CPU: the embedder moves them); at most train.max_steps_per_epoch of them."""
+        self.sampler.plan = (train, seed, epoch, shard)
+        for batch in self.loader:
+            yield {k: v if k == "prepared" else v.to(self.device) for k, v in batch.items()}
+
+    def close(self) -> None:
+        """Stop the workers (dropping the last reference to the DataLoader's iterator shuts them down)."""
+        self.loader = None
+
+
+def prepared_loader(core, cfg: TrainConfig, device: torch.device) -> tuple[PreparedLoader | None, str]:
+    """A PreparedLoader when train.num_workers > 0 and the embedder has CPU work a worker can do, else None
+    and why num_workers is ignored ("" when it is 0): the two-tower stand-in prepares nothing (cached
+    features), and with the visual cache on the preparation is the tokenizer and a lookup that needs the
+    cache the model fills (4-5 % of a step, README)."""
+    if cfg.num_workers == 0:
+        return None, ""
+    preparer = getattr(core.embedder, "cpu_preparer", lambda: None)()
+    if preparer is None:
+        why = ("the visual cache is on (the tower is frozen)" if getattr(core.embedder, "visual_cache", None)
+               is not None else f"the {type(core.embedder).__name__} embedder has no CPU preparation")
+        return None, f"train.num_workers={cfg.num_workers} ignored: {why}"
+    return PreparedLoader(core, cfg, device), ""
 
 
 @torch.no_grad()
@@ -81,13 +177,17 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Callable[
 
 
 def train_one_epoch(model, optimizer, scheduler, accelerator, train: dict, cfg: TrainConfig, seed: int,
-                    epoch: int, step: int, log: Callable[[dict], None]) -> tuple[int, dict[str, float]]:
-    """One epoch; returns the global step and the epoch means of the logged statistics."""
+                    epoch: int, step: int, log: Callable[[dict], None],
+                    loader: PreparedLoader | None = None) -> tuple[int, dict[str, float]]:
+    """One epoch; returns the global step and the epoch means of the logged statistics. With `loader`
+    the batches (the same ones) come with their inputs prepared by its workers."""
     model.train()
     sums: dict[str, float] = {}
     count = 0
     shard = (accelerator.process_index, accelerator.num_processes)
-    for i, batch in enumerate(batches(train, cfg.batch_size, seed, epoch, accelerator.device, shard)):
+    pairs = (batches(train, cfg.batch_size, seed, epoch, accelerator.device, shard) if loader is None
+             else loader.epoch(train, seed, epoch, shard))
+    for i, batch in enumerate(pairs):
         if cfg.max_steps_per_epoch and i >= cfg.max_steps_per_epoch:
             break
         want_grads = cfg.grad_norm_every > 0 and step % cfg.grad_norm_every == 0
@@ -127,7 +227,12 @@ def make_accelerator(cfg: TrainConfig, device: torch.device):
 def make_optimiser(model, num_pairs: int, cfg: TrainConfig, processes: int):
     """AdamW over the trainable weights and the warm-up + cosine/constant schedule over all epochs."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # A tuned two-tower's encoder weights may take their own rate (backbone.two_tower.tower_lr, §15.1).
+    tower = {id(p) for p in getattr(model.embedder, "tower_parameters", list)()}
+    groups = [{"params": [p for p in params if id(p) not in tower]}]
+    if tower:
+        groups.append({"params": [p for p in params if id(p) in tower], "lr": model.embedder.cfg.tower_lr or cfg.lr})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, num_pairs // (cfg.batch_size * processes))
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -207,18 +312,23 @@ def fit(model, accelerator, split: dict, negs: dict, num_items: int, cfg: Config
         if record.get("step", 0) % (cfg.train.log_every * 5) == 0:
             say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
+    loader, ignored = prepared_loader(core, cfg.train, accelerator.device)
+    if ignored and run_dir is not None:
+        say(ignored)
     for epoch in bar(range(progress.epoch, cfg.train.max_epochs), "epochs", leave=True):
         if cfg.train.hard_negatives > 0:   # re-mined every epoch from the current fused item table
             table = core.item_table(num_items, "both", cfg.eval.batch_size).cpu()
             split["train"]["negatives"] = mine_hard_negatives(table, split["train"], cfg.train.hard_negatives)
         progress.step, means = train_one_epoch(model, optimizer, scheduler, accelerator, split["train"], cfg.train,
-                                               cfg.train.seed, epoch, progress.step, log)
+                                               cfg.train.seed, epoch, progress.step, log, loader)
         valid = evaluate(core, split["valid"], negs["valid"], num_items, cfg.eval, run_dir, "valid")
         score = selection_score(valid, cfg.eval.select_on)
         log({"step": progress.step, "epoch": epoch, "select": score, **{f"train_{k}": v for k, v in means.items()},
              **flat(valid, "valid")})
         say(f"epoch {epoch}: loss {means.get('loss', float('nan')):.4f} valid {cfg.eval.select_on} {score:.4f}")
         save_epoch(core, optimizer, scheduler, cfg, progress, epoch, score, run_dir)
+    if loader is not None:
+        loader.close()
     if progress.best_state is not None:       # test once, at the best validation epoch (§13)
         core.load_trainable_state(progress.best_state)
     summary = {} if progress.zero_shot_valid is None else {"zero_shot_valid": progress.zero_shot_valid}
