@@ -50,36 +50,22 @@ def _expand_images(text: str, counts) -> str:
     return pieces[0] + "".join(IMAGE_PAD * next(counts) + piece for piece in pieces[1:])
 
 
-class VLMEmbedder(nn.Module):
-    """Qwen-VL base model (visual + language_model, no LM head) used as a multimodal embedder."""
+class Preparer:
+    """The CPU half of an embedder pass (§5.1, §5.5): prompt strings, tokenisation, image loading and the
+    image processor -> CPU tensors. It holds the tokenizer, the processor, the catalogue and the prompts,
+    never the model, so it pickles into DataLoader workers (train.PreparedLoader)."""
 
-    def __init__(self, model: nn.Module, tokenizer, image_processor, catalog: Catalog, prompts: PromptConfig,
-                 identifier: str, max_title_tokens: int, append_eos: bool):
-        super().__init__()
-        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
-        self.tokenizer.padding_side = "left"       # §5.2: explicit; pooling works for both anyway
-        self.prompts, self.identifier = prompts, identifier
+    def __init__(self, tokenizer, image_processor, catalog: Catalog, prompts: PromptConfig, max_title_tokens: int,
+                 append_eos: bool):
+        self.tokenizer, self.image_processor, self.prompts = tokenizer, image_processor, prompts
         self.max_title_tokens, self.append_eos = max_title_tokens, append_eos
-        if prompts.chat_template:
-            lacking = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
-            if lacking:
-                raise ValueError(f"backbone.prompts.chat_template=true needs the chat tokens {', '.join(lacking)}, "
-                                 f"which the tokenizer of {identifier} lacks")
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.merge = image_processor.merge_size ** 2
-        self.hidden_size = model.config.text_config.hidden_size
-        self.visual_cache: VisualCache | None = None
         self.set_catalog(catalog)
 
     def set_catalog(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self._titles: dict[int, str] = {}
-
-    def precompute(self, histories: list[np.ndarray]) -> None:
-        """Fill the visual cache (when on) for every catalogue item up front, with one progress bar; the
-        language model runs live (LoRA changes every feature)."""
-        if self.visual_cache is not None:
-            self.visual_cache.fill(self, list(range(1, len(self.catalog.titles))))
 
     def title(self, item: int) -> str:
         # Spec §5.5: truncate each title before joining, so one long title cannot push out older items.
@@ -112,15 +98,6 @@ class VLMEmbedder(nn.Module):
             return p.item_text.format(title=body.rstrip("\n")), images
         return p.hist_text.format(titles=body.rstrip("\n")), images
 
-    def branch(self, what: str, ids: torch.Tensor, drop: str | None = None) -> torch.Tensor:
-        rows = [[int(i)] for i in ids.tolist()] if ids.dim() == 1 else [history_items(r) for r in ids]
-        texts, images = [], []
-        for items in rows:
-            text, imgs = self._prompt(what, items, drop)
-            texts.append(self.wrap(text))
-            images.extend(imgs)
-        return self.encode(texts, images)
-
     def wrap(self, prompt: str) -> str:
         """The text that is tokenised for one prompt (§5.5): raw (default, as VLM2Vec) with an optional EOS,
         or, with prompts.chat_template, Qwen's system/user/assistant turns followed by the end token
@@ -129,38 +106,141 @@ class VLMEmbedder(nn.Module):
             return CHAT.format(system=self.prompts.system, prompt=prompt) + self.tokenizer.eos_token
         return prompt + (self.tokenizer.eos_token if self.append_eos else "")
 
-    def inputs(self, texts: list[str], images: list[int]) -> dict[str, torch.Tensor]:
-        """The model inputs of one batch of prompts (left-padded token ids, mask, image inputs); `images` are the item ids
-        whose images fill the prompts' placeholders, in order. With a visual cache (frozen vision tower)
-        the tower's output per item is read from it instead of re-running the processor and the tower."""
-        device = next(self.model.parameters()).device
-        inputs = {}
-        if images:
-            if self.visual_cache is not None:
-                from transformers.modeling_outputs import BaseModelOutputWithPooling
-                feats, grid = self.visual_cache.get(self, images)
-                inputs = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(
-                    pooler_output=[f.to(device) for f in feats])}, "image_grid_thw": grid.to(device)}
-            else:
-                vision = self.image_processor(images=[self.catalog.image(i) for i in images], return_tensors="pt")
-                dtype = next(self.model.parameters()).dtype
-                inputs = {"pixel_values": vision["pixel_values"].to(device, dtype),
-                          "image_grid_thw": vision["image_grid_thw"].to(device)}
-            counts = iter((inputs["image_grid_thw"].prod(dim=1) // self.merge).tolist())
-            # Expand each image placeholder to the number of merged patches of its image (§5.1).
+    def texts(self, what: str, ids: torch.Tensor, drop: str | None = None) -> tuple[list[str], list[int]]:
+        """The tokenised texts of one pass over item ids (B,) or left-padded histories (B, L), and the item
+        ids whose images fill their placeholders, in order."""
+        rows = [[int(i)] for i in ids.tolist()] if ids.dim() == 1 else [history_items(r) for r in ids]
+        texts, images = [], []
+        for items in rows:
+            text, imgs = self._prompt(what, items, drop)
+            texts.append(self.wrap(text))
+            images.extend(imgs)
+        return texts, images
+
+    def pixels(self, images: list[int]) -> dict[str, torch.Tensor]:
+        """The image processor's pixel_values (float32) and image_grid_thw of the images of `images`."""
+        vision = self.image_processor(images=[self.catalog.image(i) for i in images], return_tensors="pt")
+        return {"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+
+    def tokens(self, texts: list[str], vision: dict) -> dict:
+        """Left-padded token ids, mask and token types of `texts`, each image placeholder expanded to the
+        number of merged patches of its image (vision["image_grid_thw"], §5.1), plus `vision` itself."""
+        if "image_grid_thw" in vision:
+            counts = iter((vision["image_grid_thw"].prod(dim=1) // self.merge).tolist())
             texts = [_expand_images(text, counts) for text in texts]
         tokens = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-        input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        input_ids = tokens["input_ids"]
         # transformers 5.x wants the token types whenever pixel values are passed (0 text, 1 image).
-        inputs["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
-        return {"input_ids": input_ids, "attention_mask": mask, **inputs}
+        return {"input_ids": input_ids, "attention_mask": tokens["attention_mask"],
+                "mm_token_type_ids": (input_ids == self.image_token_id).long(), **vision}
 
-    def encode(self, texts: list[str], images: list[int]) -> torch.Tensor:
-        """Processor + forward + last-token pooling -> [B, hidden] (float32); see `inputs`."""
-        inputs = self.inputs(texts, images)
+    def prepare(self, what: str, ids: torch.Tensor, drop: str | None = None) -> dict:
+        """The CPU inputs of one pass (the processor's pixels; no visual cache, which needs the model)."""
+        texts, images = self.texts(what, ids, drop)
+        return self.tokens(texts, self.pixels(images) if images else {})
+
+
+class VLMEmbedder(nn.Module):
+    """Qwen-VL base model (visual + language_model, no LM head) used as a multimodal embedder.
+
+    A pass is `prepare` (CPU: Preparer, or the visual cache's lookup) then `forward_prepared` (device);
+    `branch` does both, and a batch's passes can be prepared elsewhere (DataLoader workers, train.py)."""
+
+    def __init__(self, model: nn.Module, tokenizer, image_processor, catalog: Catalog, prompts: PromptConfig,
+                 identifier: str, max_title_tokens: int, append_eos: bool):
+        super().__init__()
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        self.tokenizer.padding_side = "left"       # §5.2: explicit; pooling works for both anyway
+        self.prompts, self.identifier = prompts, identifier
+        self.max_title_tokens, self.append_eos = max_title_tokens, append_eos
+        if prompts.chat_template:
+            lacking = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
+            if lacking:
+                raise ValueError(f"backbone.prompts.chat_template=true needs the chat tokens {', '.join(lacking)}, "
+                                 f"which the tokenizer of {identifier} lacks")
+        self.preparer = Preparer(tokenizer, image_processor, catalog, prompts, max_title_tokens, append_eos)
+        self.image_token_id, self.merge = self.preparer.image_token_id, self.preparer.merge
+        self.hidden_size = model.config.text_config.hidden_size
+        self.visual_cache: VisualCache | None = None
+        self.set_catalog(catalog)
+
+    def set_catalog(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.preparer.set_catalog(catalog)
+
+    def precompute(self, histories: list[np.ndarray]) -> None:
+        """Fill the visual cache (when on) for every catalogue item up front, with one progress bar; the
+        language model runs live (LoRA changes every feature)."""
+        if self.visual_cache is not None:
+            self.visual_cache.fill(self, list(range(1, len(self.catalog.titles))))
+
+    def title(self, item: int) -> str:
+        return self.preparer.title(item)
+
+    def _prompt(self, what: str, items: list[int], drop: str | None) -> tuple[str, list[int]]:
+        return self.preparer._prompt(what, items, drop)
+
+    def wrap(self, prompt: str) -> str:
+        return self.preparer.wrap(prompt)
+
+    def branch(self, what: str, ids: torch.Tensor, drop: str | None = None) -> torch.Tensor:
+        return self.encode(*self.preparer.texts(what, ids, drop))
+
+    def cpu_preparer(self) -> Preparer | None:
+        """What a DataLoader worker needs to prepare this embedder's passes, or None where preparing needs
+        the model (the visual cache fills itself with the tower; its lookup is all the CPU work left)."""
+        return self.preparer if self.visual_cache is None else None
+
+    def prepare(self, what: str, ids: torch.Tensor, drop: str | None = None) -> dict:
+        """The CPU inputs of one pass (see `cpu_inputs`); `forward_prepared` runs them."""
+        return self.cpu_inputs(*self.preparer.texts(what, ids, drop))
+
+    def cpu_inputs(self, texts: list[str], images: list[int]) -> dict:
+        """The model inputs of one batch of prompts on the CPU (left-padded token ids, mask, token types, the
+        processor's pixels and grid); `images` are the item ids whose images fill the prompts' placeholders,
+        in order. With a visual cache (frozen vision tower) the tower's output per item is read from it
+        ("image_features") instead of re-running the processor and the tower."""
+        vision = {}
+        if images:
+            if self.visual_cache is not None:
+                feats, grid = self.visual_cache.get(self, images)
+                vision = {"image_features": feats, "image_grid_thw": grid}
+            else:
+                vision = self.preparer.pixels(images)
+        return self.preparer.tokens(texts, vision)
+
+    def to_device(self, prepared: dict) -> dict:
+        """CPU inputs (`cpu_inputs`) as the model takes them: on its device, pixels in its dtype."""
+        device = next(self.model.parameters()).device
+        inputs = {}
+        for key, value in prepared.items():
+            if key == "image_features":
+                from transformers.modeling_outputs import BaseModelOutputWithPooling
+                inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
+                    pooler_output=[f.to(device) for f in value])}
+            elif key == "pixel_values":
+                inputs[key] = value.to(device, next(self.model.parameters()).dtype)
+            else:
+                inputs[key] = value.to(device)
+        return inputs
+
+    def inputs(self, texts: list[str], images: list[int]) -> dict[str, torch.Tensor]:
+        """The model inputs of one batch of prompts on the model's device (`cpu_inputs`, `to_device`)."""
+        return self.to_device(self.cpu_inputs(texts, images))
+
+    def run(self, inputs: dict) -> torch.Tensor:
+        """Forward + last-token pooling of device inputs -> [B, hidden] (float32)."""
         # use_cache=False: an embedding pass never decodes, so a KV cache would only take memory.
         hidden = self.model(use_cache=False, **inputs).last_hidden_state
         return last_token_pool(hidden, inputs["attention_mask"]).float()
+
+    def forward_prepared(self, prepared: dict) -> torch.Tensor:
+        """One pass from its CPU inputs (`prepare`, or a DataLoader worker's Preparer.prepare)."""
+        return self.run(self.to_device(prepared))
+
+    def encode(self, texts: list[str], images: list[int]) -> torch.Tensor:
+        """Processor + forward + last-token pooling -> [B, hidden] (float32); see `inputs`."""
+        return self.run(self.inputs(texts, images))
 
     def save_adapter(self, folder, base_name: str) -> bool:
         """Write the LoRA adapters in peft's own format (adapter_config.json + adapter_model.safetensors,
