@@ -23,11 +23,12 @@ if __package__ in (None, ""):  # run as a script: `cd vlm2rec && python bench.py
 import torch
 
 from .catalog import Catalog
-from .config import BackboneConfig, CRTRConfig, DataConfig, LoraSettings, LossConfig, WPCLConfig
+from .config import BackboneConfig, CRTRConfig, DataConfig, LoraSettings, LossConfig, TrainConfig, WPCLConfig
 from .data import load_dataset
 from .encoder import VLMEmbedder, apply_lora, byte_tokenizer, image_processor_for
 from .evaluate import split_sequences
 from .model import VLM2Rec
+from .train import make_accelerator, make_optimiser, prepared_loader, train_one_epoch
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device-name substring.
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -245,6 +246,40 @@ def bench_step_shares(variant: str, mode: str, root: str | None, batch_size: int
     return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
 
 
+def bench_workers(variant: str, num_workers: int, root: str | None, batch_size: int = 8, steps: int = 2,
+                  image_pixels: int = 50176) -> dict:
+    """A trained-tower step (lora.include_vision: prompts, tokenizer and processor every step) through
+    train_one_epoch, tiny Qwen-VL on the real ML-100K posters at a realistic budget, with its inputs prepared
+    on the main process (num_workers=0) or by train.num_workers DataLoader workers. Wall seconds per step
+    over an epoch of `steps` steps after a warm-up epoch (which starts the workers): `step_s` counts the
+    epoch's first step, which waits for the workers' first batch, `steady_step_s` leaves it out."""
+    device = torch.device("cpu")
+    data = load_dataset(DataConfig(name="ml100k-posters", root=root))
+    train = split_sequences(data["sequences"], 10)["train"]
+    catalog = Catalog(data["titles"], data["images"], 224, keep_aspect=True)
+    torch.manual_seed(0)
+    cfg = BackboneConfig(name="tiny" if variant == "qwen2-vl" else "tiny-qwen2.5-vl", image_pixels=image_pixels,
+                         lora=LoraSettings(r=4, alpha=8, include_vision=True))
+    model = VLM2Rec(cfg, catalog, device, LossConfig(), WPCLConfig(), CRTRConfig())
+    train_cfg = TrainConfig(batch_size=batch_size, max_steps_per_epoch=steps, grad_norm_every=0, log_every=1,
+                            num_workers=num_workers)
+    accelerator = make_accelerator(train_cfg, device)
+    optimizer, scheduler = make_optimiser(model, len(train["target"]), train_cfg, 1)
+    loader, _ = prepared_loader(model, train_cfg, device)
+    ends: list[float] = []
+    log = lambda record: ends.append(time.perf_counter())          # noqa: E731  (log_every=1: once per step)
+    train_one_epoch(model, optimizer, scheduler, accelerator, train, train_cfg, 0, 0, 0, log, loader)   # warm-up
+    ends.clear()
+    start = time.perf_counter()
+    train_one_epoch(model, optimizer, scheduler, accelerator, train, train_cfg, 0, 1, steps, log, loader)
+    if loader is not None:
+        loader.close()
+    times = [b - a for a, b in zip([start] + ends[:-1], ends)]
+    return {"num_workers": num_workers, "steps": len(times), "step_s": sum(times) / len(times),
+            "steady_step_s": sum(times[1:]) / max(1, len(times) - 1), "first_step_s": times[0],
+            "train_pairs_per_s": batch_size * len(times) / sum(times)}
+
+
 def bench_gpu_qwen(batch_size: int, steps: int, image_pixels: int) -> dict:
     """Qwen2.5-VL-3B-sized model, random bf16 weights, LoRA + non-reentrant checkpointing, on CUDA."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
@@ -294,7 +329,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--step-shares", action="store_true",
                         help="also: where a step's time goes (prep, vision tower, language model, optimiser), "
                              "tiny Qwen2-VL / 2.5-VL at 224^2 on the real posters, cached / frozen / trained tower")
-    parser.add_argument("--root", default=None, help="data root for --visual-cache and --step-shares "
+    parser.add_argument("--workers", nargs="*", type=int, default=[],
+                        help="also: a trained-tower step (lora.include_vision) with each of these train.num_workers "
+                             "(e.g. 0 2), tiny Qwen2-VL / 2.5-VL at 224^2 on the real posters")
+    parser.add_argument("--root", default=None, help="data root for --visual-cache, --step-shares and --workers "
                                                      "(default: $REPRO_DATA)")
     args, _ = parser.parse_known_args(argv)
     torch.manual_seed(0)
@@ -318,6 +356,12 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{100 * row['outside_lm_share']:.1f} % (prep {100 * row['prep_share']:.1f} %, vision "
                       f"{100 * row['vision_share']:.1f} %)  " + "  ".join(
                           f"{k}={row[k]:.4f}" for k in row if k.endswith("_s") and k != "step_s"))
+    for variant in ("qwen2-vl", "qwen2.5-vl") if args.workers else ():
+        for workers in args.workers:
+            row = bench_workers(variant, workers, args.root, steps=args.steps)
+            results[f"tiny-{variant}-224-train-tower-workers-{workers}"] = row
+            print(f"tiny {variant:10s} 224^2 posters train-tower num_workers={workers}  " + "  ".join(
+                f"{k}={row[k]:.4g}" for k in ("step_s", "steady_step_s", "first_step_s", "train_pairs_per_s")))
     if torch.cuda.is_available():
         results["qwen2.5-vl-3b-sized"] = bench_gpu_qwen(args.batch_size, args.steps, 50176)
         print("qwen2.5-vl-3b-sized gpu  " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
