@@ -2,8 +2,11 @@
 image tower, both real pretrained weights shipped in pip packages, joined by trainable projections.
 
 Results from it are labelled "two-tower stand-in (MiniLM + EfficientNet-Lite0), not the paper's VLM".
-The towers are frozen, so their outputs are computed once and cached on disk by content
+By default the towers are frozen, so their outputs are computed once and cached on disk by content
 (<cache_root>/vlm2rec/features/); training touches only the projections and the history pooling.
+With encoder tuning (§15.1) LoRA adapts MiniLM's top layer(s) and EfficientNet's last stage trains;
+the frozen layers below them are cached the same way, and a step runs the tuned part once per modality
+over the batch's unique items.
 """
 from __future__ import annotations
 
