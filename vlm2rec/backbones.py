@@ -73,11 +73,13 @@ def resolve_backbone(source: str, local_files_only: bool) -> str | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
     try:
-        return snapshot_download(source, local_files_only=True)
+        cached = snapshot_download(source, local_files_only=True)
     except HFValidationError:
         return None
     except LocalEntryNotFoundError:
         return None if local_files_only else source
+    # A snapshot that an interrupted download left partial is completed by the loaders when downloading is allowed.
+    return source if not local_files_only and snapshot_gaps(cached) else cached
 
 
 def looks_like_path(source: str) -> bool:
@@ -106,10 +108,19 @@ def load_hf_embedder(cfg: BackboneConfig, catalog: Catalog, device: torch.device
         raise FileNotFoundError(f"backbone {cfg.source} is not in the local Hugging Face cache "
                                 "(backbone.local_files_only=true)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                      local_files_only=cfg.local_files_only)
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cfg.local_files_only)
-    processor = image_processor_for(cfg.image_pixels, source, cfg.local_files_only)
+    try:
+        model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                          local_files_only=cfg.local_files_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cfg.local_files_only)
+        processor = image_processor_for(cfg.image_pixels, source, cfg.local_files_only)
+    except OSError as err:
+        if cfg.local_files_only or Path(source).is_dir():
+            raise
+        # A download that failed (network, a body cut short) leaves no file in the snapshot; say so in one line.
+        cause = err.__cause__ or err
+        raise ConnectionError(f"downloading {cfg.source} failed ({type(cause).__name__}: "
+                              f"{str(cause).splitlines()[0][:200]}); run again to fetch the rest (completed files "
+                              f"are kept), or `hf download {cfg.source}`") from err
     return _finish(model, cfg, catalog, tokenizer, processor, cfg.source, device)
 
 
