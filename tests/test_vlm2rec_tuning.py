@@ -137,3 +137,19 @@ def test_variable_length_rows_round_trip_and_a_wrong_shape_is_not_trusted(tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(again.rows_of(["a", "abc", "ab"], lambda i: 1 / 0), rows))
     with pytest.warns(UserWarning, match="failed its check"):                   # same file, other row width
         FeatureStore("unit-test", f"rows-{tmp_path.name}", (None, 4), compute, batch=2)
+
+
+def test_an_edited_catalogue_gets_fresh_lower_layers_and_no_stale_table(catalog):
+    """Robustness scenarios swap the catalogue (set_catalog): the cached lower layers and the no-grad
+    tables must follow the new titles and images, never the clean catalogue's."""
+    m = model(catalog)
+    clean = branches(m)                                   # fills the no-grad tables of the clean catalogue
+    edited = Catalog(["", "Fargo (1996)", *TITLES[2:]], [None, None, *catalog.images[2:]], catalog.image_size)
+    m.embedder.set_catalog(edited)
+    fresh = branches(model(edited))
+    after = branches(m)
+    for what in clean:
+        assert torch.allclose(after[what], fresh[what], atol=1e-5), what
+    for what in ("hist_text", "hist_image"):                 # every history holds item 1, whose content changed
+        assert not torch.allclose(after[what], clean[what], atol=1e-4), what
+    assert torch.allclose(after["item_text"], clean["item_text"], atol=1e-5)   # the targets (2, 3, 4) did not
