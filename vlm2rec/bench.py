@@ -20,10 +20,12 @@ if __package__ in (None, ""):  # run as a script: `cd vlm2rec && python bench.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "vlm2rec"
 
+import numpy as np
 import torch
 
 from .catalog import Catalog
-from .config import BackboneConfig, CRTRConfig, DataConfig, LoraSettings, LossConfig, TrainConfig, WPCLConfig
+from .config import (BackboneConfig, CRTRConfig, DataConfig, LoraSettings, LossConfig, TrainConfig, TwoTowerConfig,
+                     WPCLConfig)
 from .data import load_dataset
 from .encoder import VLMEmbedder, apply_lora, byte_tokenizer, image_processor_for
 from .evaluate import split_sequences
@@ -246,6 +248,60 @@ def bench_step_shares(variant: str, mode: str, root: str | None, batch_size: int
     return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
 
 
+def bench_tuned(tuned: bool, root: str | None, batch_size: int = 64, steps: int = 3) -> dict:
+    """The two-tower stand-in on the real ML-100K posters, configs/ml100k_tune.yaml's towers (one MiniLM
+    layer with LoRA r 8, EfficientNet's last stage) or the same heads over frozen towers: training step
+    time over real batches (3 latest pairs per user), the unique items a step encodes, the forward time
+    of each tuned tower within it (their backward is in the rest of the step), and one no-grad pass over
+    the catalogue (what an evaluation pays once)."""
+    from .two_tower import TwoTower
+    cfg = DataConfig(name="ml100k-posters", root=root)
+    data = load_dataset(cfg)
+    split = split_sequences(data["sequences"], cfg.max_history, 3)
+    catalog = Catalog(data["titles"], data["images"], cfg.image_size)
+    tower = TwoTowerConfig(hist_text="attention", max_text_tokens=64, tune_text_layers=1 if tuned else 0,
+                           tune_image_stage=tuned, tower_lr=1e-4)
+    backbone = BackboneConfig(name="two-tower", two_tower=tower, lora=LoraSettings(r=8, alpha=16))
+    model = VLM2Rec(backbone, catalog, torch.device("cpu"), LossConfig(), WPCLConfig(), CRTRConfig())
+    optimizer, _ = make_optimiser(model, len(split["train"]["target"]), TrainConfig(lr=1e-3, batch_size=batch_size), 1)
+    spent = {"text": 0.0, "image": 0.0}
+    encode = TwoTower._encode
+
+    def timed(self, kind, items):
+        start = time.perf_counter()
+        out = encode(self, kind, items)
+        spent[kind] += time.perf_counter() - start
+        return out
+    TwoTower._encode = timed
+    try:
+        order = np.random.default_rng(0).permutation(len(split["train"]["target"]))
+        model.train()
+        times, unique = [], []
+        for step in range(steps + 1):                                     # step 0 warms up
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            batch = {key: torch.as_tensor(split["train"][key][idx]) for key in ("history", "target")}
+            unique.append(len(torch.unique(torch.cat([batch["history"].reshape(-1), batch["target"]]))) - 1)
+            if step == 1:
+                spent.update(text=0.0, image=0.0)                         # count the timed steps only
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            model.loss(batch).backward()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        forward = dict(spent)                                             # the towers' forward in the timed steps
+        model.eval()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.item_table(data["num_items"], "both", 256)
+        table_s = time.perf_counter() - start
+    finally:
+        TwoTower._encode = encode
+    step_s = sum(times[1:]) / steps
+    return {"step_s": step_s, "train_pairs_per_s": batch_size / step_s, "unique_items_per_step": sum(unique[1:]) / steps,
+            "text_tower_forward_s": forward["text"] / steps, "image_stage_forward_s": forward["image"] / steps,
+            "catalogue_pass_s": table_s, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
 def bench_workers(variant: str, num_workers: int, root: str | None, batch_size: int = 8, steps: int = 2,
                   image_pixels: int = 50176) -> dict:
     """A trained-tower step (lora.include_vision: prompts, tokenizer and processor every step) through
@@ -332,7 +388,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", nargs="*", type=int, default=[],
                         help="also: a trained-tower step (lora.include_vision) with each of these train.num_workers "
                              "(e.g. 0 2), tiny Qwen2-VL / 2.5-VL at 224^2 on the real posters")
-    parser.add_argument("--root", default=None, help="data root for --visual-cache, --step-shares and --workers "
+    parser.add_argument("--tuned", action="store_true",
+                        help="also: the two-tower stand-in with tuned towers (configs/ml100k_tune.yaml) vs frozen ones, "
+                             "batch 64 of real ML-100K pairs")
+    parser.add_argument("--root", default=None, help="data root for --visual-cache, --step-shares, --workers and --tuned "
                                                      "(default: $REPRO_DATA)")
     args, _ = parser.parse_known_args(argv)
     torch.manual_seed(0)
@@ -362,6 +421,11 @@ def main(argv: list[str] | None = None) -> dict:
             results[f"tiny-{variant}-224-train-tower-workers-{workers}"] = row
             print(f"tiny {variant:10s} 224^2 posters train-tower num_workers={workers}  " + "  ".join(
                 f"{k}={row[k]:.4g}" for k in ("step_s", "steady_step_s", "first_step_s", "train_pairs_per_s")))
+    for tuned in (False, True) if args.tuned else ():
+        row = bench_tuned(tuned, args.root, steps=args.steps)
+        results[f"two-tower-{'tuned' if tuned else 'frozen'}-ml100k"] = row
+        print(f"two-tower {'tuned ' if tuned else 'frozen'} ml100k batch 64  " + "  ".join(
+            f"{k}={v:.4g}" for k, v in row.items()))
     if torch.cuda.is_available():
         results["qwen2.5-vl-3b-sized"] = bench_gpu_qwen(args.batch_size, args.steps, 50176)
         print("qwen2.5-vl-3b-sized gpu  " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
