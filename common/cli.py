@@ -13,7 +13,7 @@ import sys
 from typing import Any, Callable
 
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, ConnectionError, PermissionError,
-               NotADirectoryError, IsADirectoryError)  # ConfigError is a ValueError
+               NotADirectoryError, IsADirectoryError, FileExistsError)  # ConfigError is a ValueError
 
 
 def run_cli(main: Callable[[], Any]) -> None:

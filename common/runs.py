@@ -98,11 +98,60 @@ def claim_run_dir(parent: Path, name: str) -> Path:
     raise FileExistsError(f"{parent}: no free run folder name for {name}")
 
 
+# What a run leaves that a later run must never mix with its own (appended metrics, an old results.json).
+RUN_RECORDS = ("metrics.jsonl", "results.json", "last.pt", "best.pt")
+
+
+def held_records(run_dir: str | Path) -> list[str]:
+    return [name for name in RUN_RECORDS if (Path(run_dir) / name).exists()]
+
+
+def clear_records(run_dir: str | Path) -> None:
+    """Remove an earlier run's records (and its log) from a folder that a fresh run starts in."""
+    for name in (*RUN_RECORDS, "log.txt"):
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+def comparison_slot(run_dir: str | Path, cfg: Any) -> str:
+    """What a comparison script does with one of its run folders, given the config it would run there:
+    "run" (absent, or killed before its first checkpoint: start_run clears it), "resume" (stopped after a
+    checkpoint), "reuse" (finished). A folder that holds a run of another config is refused in
+    one line: reusing it would report that config's numbers under this one's name."""
+    run_dir = Path(run_dir)
+    if not held_records(run_dir):
+        return "run"
+    saved = run_dir / "config.yaml"
+    try:
+        same = saved.is_file() and yaml.safe_load(saved.read_text()) == yaml.safe_load(
+            yaml.safe_dump(config_to_dict(cfg), sort_keys=True))
+    except yaml.YAMLError:
+        same = False
+    if not same:
+        raise FileExistsError(f"{run_dir} holds a run of another config (its config.yaml differs): remove it, or "
+                              "give the comparison another --out")
+    if (run_dir / "results.json").is_file():
+        return "reuse"
+    return "resume" if (run_dir / "last.pt").is_file() else "run"
+
+
+def run_or_reuse(run: Any, cfg: Any, run_dir: str | Path) -> dict:
+    """One cell of a comparison in `run_dir`: run(cfg, run_dir, resume=...) as comparison_slot decides, or
+    the results.json of the finished run of the same config (so a stopped comparison picks up where it was)."""
+    slot = comparison_slot(run_dir, cfg)
+    if slot == "reuse":
+        print(f"reusing the finished run {run_dir}")
+        return {**json.loads((Path(run_dir) / "results.json").read_text()), "run_dir": str(run_dir)}
+    return run(cfg, run_dir, resume=slot == "resume")
+
+
 def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | Path | None = None,
-              root: str | Path | None = None) -> Path:
+              root: str | Path | None = None, resume: bool = False) -> Path:
     """Create the run directory, write the resolved config.yaml, print the git sha and the config.
 
-    `root` None = default_run_root(); a relative root is relative to the current directory."""
+    `root` None = default_run_root(); a relative root is relative to the current directory. A fresh (not
+    `resume`) run in an explicit `run_dir` that holds an earlier run starts clean: that run's records
+    (RUN_RECORDS, log.txt) are removed, so nothing is appended to its metrics and no old results.json or
+    last.pt outlives a failure of this one."""
     if run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = Path(root).expanduser() if root is not None else default_run_root()
@@ -112,6 +161,8 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / ".write-test").touch()
         (run_dir / ".write-test").unlink()
+    if not resume:
+        clear_records(run_dir)
     global CURRENT_RUN
     CURRENT_RUN = run_dir
     resolved = config_to_dict(cfg)

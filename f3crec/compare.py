@@ -10,7 +10,6 @@ and reused through the base cache (§8.6). Results are the values after the last
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from dataclasses import replace
@@ -21,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: `cd f3crec && python compare.p
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "f3crec"  # noqa: E702
 
 from common.config import load_config
-from common.runs import default_run_root
+from common.runs import default_run_root, run_or_reuse
 
 from .config import Config, MethodName
 from .main import run
@@ -94,11 +93,9 @@ def main(argv: list[str] | None = None) -> str:
     for seed in args.seeds:
         for method in args.methods:
             run_dir = out / f"seed{seed}" / method
-            if (run_dir / "results.json").is_file():  # finished earlier: reuse (delete the folder to rerun)
-                results[method].append(json.loads((run_dir / "results.json").read_text()))
-                continue
             cfg = replace(base, train=replace(base.train, seed=seed), method=replace(base.method, name=method))
-            results[method].append(run(cfg, run_dir))
+            # finished earlier with this config: reused; stopped: resumed; another config's: refused
+            results[method].append(run_or_reuse(run, cfg, run_dir))
     text = table(results)
     (out / "table.md").write_text(text + "\n")
     print(text)

@@ -41,7 +41,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
     blocks, blocks_id = get_blocks(cfg.data, cfg.train.seed)      # missing or bad data: a one-line error
     check_blocks(cfg, blocks)
     run_dir = start_run(cfg, "f3crec", cfg.data.name, tag=f"{cfg.method.name}-s{cfg.train.seed}",
-                        run_dir=run_dir, root=cfg.run_root)      # config.yaml holds the unresolved config
+                        run_dir=run_dir, root=cfg.run_root, resume=resume)      # config.yaml holds the unresolved config
     cfg, flags = resolve(cfg)
     seed_global(cfg.train.seed)
     log = lambda record: (log_metrics(run_dir, record), print(round_line(record)))  # noqa: E731  (jsonl: the record)

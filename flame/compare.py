@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # script mode: `cd flame && python compare.py`
 
 from common.config import load_config  # noqa: E402
 from common.io import load_json, save_json  # noqa: E402
-from common.runs import default_run_root, read_metrics  # noqa: E402
+from common.runs import default_run_root, read_metrics, run_or_reuse  # noqa: E402
 
 from .config import Config  # noqa: E402
 from .evaluate import convergence_against  # noqa: E402
@@ -156,7 +156,7 @@ def run_seeds(base: Config, seeds: list[int], methods: list[str], out_dir: Path)
                     flame = dataclasses.replace(flame, frozen=str(sasrec_dir / "frozen.pt"))  # = stage 1 of this seed
             cfg = dataclasses.replace(base, method=dataclasses.replace(base.method, name=method), train=train,
                                       flame=flame)
-            results = run(cfg, out_dir / f"{method}_seed{seed}")
+            results = run_or_reuse(run, cfg, out_dir / f"{method}_seed{seed}")
             all_results[method].append(results)
             if method == "sasrec":
                 sasrec_dir = Path(results["run_dir"])

@@ -56,7 +56,8 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> di
     if resume and run_dir is not None and (Path(run_dir) / "last.pt").exists():
         check_fits(model, Path(run_dir) / "last.pt")
     tag = f"{method}_seed{cfg.train.seed}"
-    run_dir = start_run(cfg, "flame", cfg.data.name, tag, run_dir, root=cfg.run_root) if is_main else run_dir
+    run_dir = (start_run(cfg, "flame", cfg.data.name, tag, run_dir, root=cfg.run_root, resume=resume)
+               if is_main else run_dir)
     run_dir = Path(parallel.broadcast(str(run_dir)))  # every rank uses rank 0's run folder
     data.training_to(device)  # the whole training set on the device (no loader)
     if method == "ensemble":

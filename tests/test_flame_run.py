@@ -337,3 +337,19 @@ def test_stage1_folder_follows_the_raw_files_content(tmp_path, monkeypatch):
     assert stage1_run(cfg, 42)[1] != first
     raw.write_text("1 1 2 3\n2 2 3 4\n")
     assert stage1_run(cfg, 42)[1] == first
+
+
+def test_a_rerun_comparison_reuses_its_finished_runs_and_refuses_another_config(tmp_path):
+    """Re-running a comparison into the same --out reuses each finished run of the same config (the
+    table is the same, nothing is trained or appended); another config there is refused in one line."""
+    from flame.compare import main as compare
+
+    out = tmp_path / "cmp"
+    first = compare(["--config", SMOKE, f"run_root={tmp_path}", *FAST, "--seeds", "1", "--out", str(out)])
+    logged = {m: (out / f"{m}_seed1" / "metrics.jsonl").read_text() for m in first}
+    again = compare(["--config", SMOKE, f"run_root={tmp_path}", *FAST, "--seeds", "1", "--out", str(out)])
+    for method in first:
+        assert again[method][0]["test"] == first[method][0]["test"]
+        assert (out / f"{method}_seed1" / "metrics.jsonl").read_text() == logged[method]   # no second run appended
+    with pytest.raises(FileExistsError, match="holds a run of another config"):
+        compare(["--config", SMOKE, f"run_root={tmp_path}", *FAST, "train.lr=0.0123", "--seeds", "1", "--out", str(out)])

@@ -208,3 +208,46 @@ def test_a_run_folder_names_the_paper_that_wrote_it(tmp_path):
     print("something else")
     assert paper_of(run) == "flame"
     assert paper_of(tmp_path) is None  # no log: the paper's own config check decides
+
+
+def _finished_run(folder, cfg, resume=False):
+    run = start_run(cfg, "paper", "toy", run_dir=folder, resume=resume)
+    log_metrics(run, {"epoch": 0, "ndcg": 0.5})
+    save_checkpoint(run / "last.pt", {"epoch": 0})
+    write_results(run, {"test": {"NDCG@20": 0.1}})
+    return run
+
+
+def test_a_fresh_run_in_a_used_folder_starts_clean_and_a_resume_keeps_it(tmp_path):
+    from common.runs import RUN_RECORDS
+    run = _finished_run(tmp_path / "run", Cfg())
+    (run / "best.pt").write_bytes(b"old")
+    kept = start_run(Cfg(), "paper", "toy", run_dir=run, resume=True)          # a resume: nothing removed
+    assert all((kept / name).exists() for name in RUN_RECORDS) and len(read_metrics(kept)) == 1
+    start_run(Cfg(lr=0.2), "paper", "toy", run_dir=run)                         # a fresh start in the same folder
+    assert not any((run / name).exists() for name in RUN_RECORDS)              # no old metrics, results, checkpoints
+    log_metrics(run, {"epoch": 0, "ndcg": 0.7})
+    assert [r["ndcg"] for r in read_metrics(run)] == [0.7]
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.2
+
+
+def test_a_comparison_reuses_resumes_or_reruns_a_cell_and_refuses_another_configs(tmp_path):
+    from common.runs import comparison_slot, run_or_reuse
+    calls = []
+
+    def run(cfg, run_dir, resume=False):
+        calls.append(resume)
+        return {"ran": True}
+    assert comparison_slot(tmp_path / "absent", Cfg()) == "run"
+    done = _finished_run(tmp_path / "done", Cfg())
+    assert comparison_slot(done, Cfg()) == "reuse"
+    reused = run_or_reuse(run, Cfg(), done)
+    assert reused["test"] == {"NDCG@20": 0.1} and reused["run_dir"] == str(done) and calls == []
+    stopped = start_run(Cfg(), "paper", "toy", run_dir=tmp_path / "stopped")
+    log_metrics(stopped, {"epoch": 0})
+    assert comparison_slot(stopped, Cfg()) == "run"                             # killed before its first checkpoint
+    save_checkpoint(stopped / "last.pt", {"epoch": 0})
+    assert comparison_slot(stopped, Cfg()) == "resume"
+    assert run_or_reuse(run, Cfg(), stopped) == {"ran": True} and calls == [True]
+    with pytest.raises(FileExistsError, match="holds a run of another config"):
+        comparison_slot(done, Cfg(lr=0.3))                                      # never another config's numbers

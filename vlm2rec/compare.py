@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: `cd vlm2rec && python compare.
 
 from common.config import load_config
 from common.io import git_sha, save_json
-from common.runs import default_run_root, read_metrics
+from common.runs import default_run_root, read_metrics, run_or_reuse
 from common.cli import run_cli
 
 from .config import Config
@@ -107,7 +107,7 @@ def compare(argv: list[str] | None = None) -> dict:
             run_dir = out_dir / f"{slug}_seed{seed}"
             cfg = load_config(Config, args.config, [*VARIANTS[variant], f"train.seed={seed}", f"tag={slug}",
                                                     *args.overrides])
-            results = run(cfg, run_dir)
+            results = run_or_reuse(run, cfg, run_dir)
             results["grad_ratios"] = grad_ratios(str(run_dir))
             runs.setdefault(variant, []).append(results)
     table = summarise(runs)

@@ -69,7 +69,8 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) ->
     model = VLM2Rec(cfg.backbone, catalog, accelerator.device, cfg.loss, cfg.wpcl, cfg.crtr)
     model.embedder.precompute([h for s in ("train", "valid", "test") for h in split[s]["history"]])
     # The run folder is claimed only now: a split, negatives or backbone that fails leaves no folder behind.
-    out_dir = start_run(cfg, "vlm2rec", data["name"], cfg.tag, run_dir, root=cfg.run_root) if writes else None
+    out_dir = start_run(cfg, "vlm2rec", data["name"], cfg.tag, run_dir, root=cfg.run_root,
+                        resume=resume) if writes else None
     print(f"backbone {model.embedder.identifier}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
           f"trainable parameters; {len(split['train']['target']):,} training pairs; "
           f"{len(data['sequences']):,} users; {num_items:,} items")
