@@ -44,7 +44,8 @@ def test_one_function_named_evaluate_per_paper(paper):
 def test_compare_and_bench_build_configs_not_argv(paper):
     """compare.py runs whole experiments through run(cfg); bench.py times pieces of one, from the same
     config schema. Neither drives main() with argv strings."""
-    assert re.search(r"\brun\(", (ROOT / paper / "compare.py").read_text()), f"{paper}/compare.py does not call run(cfg)"
+    calls_run = r"\brun\(|\brun_or_reuse\(run\b"          # run(cfg, ...) directly or through common.runs.run_or_reuse
+    assert re.search(calls_run, (ROOT / paper / "compare.py").read_text()), f"{paper}/compare.py does not call run(cfg)"
     for name in ("compare.py", "bench.py"):
         source = (ROOT / paper / name).read_text()
         assert re.search(r"from \.config import", source), f"{paper}/{name} does not build its config from config.py"
