@@ -151,3 +151,27 @@ def test_num_workers_is_ignored_in_one_line_where_nothing_is_prepared_on_the_cpu
     loader, why = prepared_loader(tower, cfg, CPU)
     assert loader is None and why == "train.num_workers=2 ignored: the TwoTower embedder has no CPU preparation"
     assert "\n" not in why
+
+
+def test_the_workers_stop_when_training_fails_midway(monkeypatch):
+    """fit closes its DataLoader workers however the epochs end: here a step fails after the workers started,
+    and the loader stays referenced (as a traceback kept by a notebook or an error handler keeps it), so
+    only an explicit close can stop them, not garbage collection."""
+    import vlm2rec.train as vtrain
+    from vlm2rec.config import Config
+    data, train = _data()
+    cfg = Config()
+    cfg.zero_shot, cfg.train.num_workers, cfg.train.batch_size, cfg.train.max_epochs = False, 2, 4, 2
+    model = _model(data)
+    kept = []
+
+    def failing_epoch(*args, **kwargs):
+        loader = args[-1]
+        kept.append(loader)
+        next(iter(loader.epoch(train, 0, 0, (0, 1))))          # the workers are up and have built a batch
+        assert len(multiprocessing.active_children()) >= 2
+        raise FloatingPointError("loss is NaN at epoch 0 step 0")
+    monkeypatch.setattr(vtrain, "train_one_epoch", failing_epoch)
+    with pytest.raises(FloatingPointError):
+        vtrain.fit(model, make_accelerator(cfg.train, CPU), {"train": train}, {}, 20, cfg, None)
+    assert kept and not multiprocessing.active_children()

@@ -315,20 +315,22 @@ def fit(model, accelerator, split: dict, negs: dict, num_items: int, cfg: Config
     loader, ignored = prepared_loader(core, cfg.train, accelerator.device)
     if ignored and run_dir is not None:
         say(ignored)
-    for epoch in bar(range(progress.epoch, cfg.train.max_epochs), "epochs", leave=True):
-        if cfg.train.hard_negatives > 0:   # re-mined every epoch from the current fused item table
-            table = core.item_table(num_items, "both", cfg.eval.batch_size).cpu()
-            split["train"]["negatives"] = mine_hard_negatives(table, split["train"], cfg.train.hard_negatives)
-        progress.step, means = train_one_epoch(model, optimizer, scheduler, accelerator, split["train"], cfg.train,
-                                               cfg.train.seed, epoch, progress.step, log, loader)
-        valid = evaluate(core, split["valid"], negs["valid"], num_items, cfg.eval, run_dir, "valid")
-        score = selection_score(valid, cfg.eval.select_on)
-        log({"step": progress.step, "epoch": epoch, "select": score, **{f"train_{k}": v for k, v in means.items()},
-             **flat(valid, "valid")})
-        say(f"epoch {epoch}: loss {means.get('loss', float('nan')):.4f} valid {cfg.eval.select_on} {score:.4f}")
-        save_epoch(core, optimizer, scheduler, cfg, progress, epoch, score, run_dir)
-    if loader is not None:
-        loader.close()
+    try:                                      # the workers stop however the epochs end (an error, Ctrl-C)
+        for epoch in bar(range(progress.epoch, cfg.train.max_epochs), "epochs", leave=True):
+            if cfg.train.hard_negatives > 0:   # re-mined every epoch from the current fused item table
+                table = core.item_table(num_items, "both", cfg.eval.batch_size).cpu()
+                split["train"]["negatives"] = mine_hard_negatives(table, split["train"], cfg.train.hard_negatives)
+            progress.step, means = train_one_epoch(model, optimizer, scheduler, accelerator, split["train"], cfg.train,
+                                                   cfg.train.seed, epoch, progress.step, log, loader)
+            valid = evaluate(core, split["valid"], negs["valid"], num_items, cfg.eval, run_dir, "valid")
+            score = selection_score(valid, cfg.eval.select_on)
+            log({"step": progress.step, "epoch": epoch, "select": score, **{f"train_{k}": v for k, v in means.items()},
+                 **flat(valid, "valid")})
+            say(f"epoch {epoch}: loss {means.get('loss', float('nan')):.4f} valid {cfg.eval.select_on} {score:.4f}")
+            save_epoch(core, optimizer, scheduler, cfg, progress, epoch, score, run_dir)
+    finally:
+        if loader is not None:
+            loader.close()
     if progress.best_state is not None:       # test once, at the best validation epoch (§13)
         core.load_trainable_state(progress.best_state)
     summary = {} if progress.zero_shot_valid is None else {"zero_shot_valid": progress.zero_shot_valid}
