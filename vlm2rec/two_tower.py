@@ -11,6 +11,7 @@ over the batch's unique items.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
 import os
@@ -28,6 +29,7 @@ from common.runs import load_checkpoint, save_checkpoint
 from .catalog import Catalog, history_items
 from .config import LoraSettings, TwoTowerConfig
 from .console import bar
+from .encoder import apply_lora
 from .effnet import CROP_FRACTION, IMAGE_SIZE, LAST_STAGE, MEAN, STAGES, STD, load_pretrained, preprocess
 
 LABEL = "two-tower stand-in (MiniLM + EfficientNet-Lite0), not the paper's VLM"
@@ -63,9 +65,24 @@ def load_minilm():
 def minilm_features(tokenizer, model, texts: list[str], max_tokens: int) -> torch.Tensor:
     """MiniLM's own sentence embedding: mean over non-padding tokens, then L2 (§15, Q8) -> (B, 384)."""
     tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
-    hidden = model(**tokens).last_hidden_state
-    mask = tokens["attention_mask"].unsqueeze(-1).float()
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+    return mean_l2(model(**tokens).last_hidden_state, tokens["attention_mask"])
+
+
+def mean_l2(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens where mask is 1, then L2: [B, T, 384], [B, T] -> [B, 384]."""
+    weights = mask.unsqueeze(-1).float()
+    return F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp_min(1), dim=-1)
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module):
+    """`net` in eval mode (dropout off) inside the block, its own mode again after it."""
+    was = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was)
 
 
 def _fits(row, shape: tuple) -> bool:
@@ -88,22 +105,15 @@ def minilm_top(layers, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     for layer in layers:
         hidden = layer(hidden, attention_mask=keys)
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-    weights = mask.unsqueeze(-1).float()
-    return F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp_min(1), dim=-1)
+    return mean_l2(hidden, mask)
 
 
-def text_lora(model: nn.Module, cut: int, r: int, alpha: int, dropout: float) -> nn.Module:
-    """Freeze MiniLM and inject peft LoRA adapters on the attention (query, key, value, output) of the
-    layers from `cut` up."""
-    from peft import LoraConfig, inject_adapter_in_model
-    for param in model.parameters():
-        param.requires_grad_(False)
+def text_lora(model: nn.Module, cut: int, lora: LoraSettings) -> nn.Module:
+    """MiniLM frozen, with the VLM path's peft LoRA (encoder.apply_lora: lora's r, alpha, dropout) on the
+    attention (query, key, value, output) of the layers from `cut` up."""
     layers = "|".join(str(i) for i in range(cut, model.config.num_hidden_layers))
     regex = rf"encoder\.layer\.({layers})\.attention\.(self\.(query|key|value)|output\.dense)"
-    model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=regex), model)
-    for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
-    return model
+    return apply_lora(model, dataclasses.replace(lora, target_regex=regex, include_vision=False))
 
 
 def _stored(path, shape: tuple) -> tuple[list[str], list[torch.Tensor]]:
@@ -141,7 +151,7 @@ class FeatureStore:
         self.index: dict[str, int] = {key: i for i, key in enumerate(keys)}
 
     def get(self, keys: list[str], make_input: Callable[[int], object]) -> torch.Tensor:
-        """Features [len(keys), *shape] (fixed shapes); see rows()."""
+        """Features [len(keys), *shape] (fixed shapes); see rows_of()."""
         return torch.stack(self.rows_of(keys, make_input))
 
     def rows_of(self, keys: list[str], make_input: Callable[[int], object]) -> list[torch.Tensor]:
@@ -208,15 +218,15 @@ class TwoTower(nn.Module):
             tokenizer, net = load_minilm()
             self.text_cut = net.config.num_hidden_layers - cfg.tune_text_layers
             self._towers["minilm_tok"] = tokenizer
-            self.text_net = text_lora(net, self.text_cut, lora.r, lora.alpha, lora.dropout)
+            self.text_net = text_lora(net, self.text_cut, lora)
             self.text_lower_store = FeatureStore(
                 "minilm-lower", f"{MINILM}|max_tokens={cfg.max_text_tokens}|cut={self.text_cut}",
                 (None, TEXT_DIM), self._minilm_lower, cfg.encode_batch)
         if cfg.tune_image_stage:
-            self.image_net = load_pretrained()
-            for name, param in self.image_net.named_parameters():   # last stage + 1x1 head train, nothing else
-                param.requires_grad_(name.startswith(("_conv_head", "_bn1")) or
-                                     any(name.startswith(f"_blocks.{b}.") for b in range(LAST_STAGE, 16)))
+            self.image_net = net = load_pretrained()
+            net.requires_grad_(False)                                   # last stage + 1x1 head train, nothing else
+            for part in (*net._blocks[LAST_STAGE:], net._conv_head, net._bn1):
+                part.requires_grad_(True)
             self.image_lower_store = FeatureStore("effnet-lower", f"{EFFNET}|cut={LAST_STAGE}", LOWER_IMAGE_SHAPE,
                                                   self._effnet_lower, cfg.encode_batch)
         self.text_store = FeatureStore("minilm", f"{MINILM}|max_tokens={cfg.max_text_tokens}", TEXT_DIM,
@@ -237,12 +247,8 @@ class TwoTower(nn.Module):
         return self._towers["effnet"].features(preprocess(images))
 
     def _minilm_lower(self, texts: list[str]) -> list[torch.Tensor]:
-        was = self.text_net.training
-        self.text_net.eval()           # the cached states are the frozen layers' eval-mode outputs
-        try:
+        with eval_mode(self.text_net):   # the cached states are the frozen layers' eval-mode outputs
             return minilm_lower(self._towers["minilm_tok"], self.text_net, texts, self.cfg.max_text_tokens, self.text_cut)
-        finally:
-            self.text_net.train(was)
 
     def _effnet_lower(self, images: list) -> torch.Tensor:
         return self.image_net.bottom(preprocess(images).to(self.image_net._conv_stem.weight.device), LAST_STAGE)
@@ -265,11 +271,10 @@ class TwoTower(nn.Module):
             text = self.text_store.get(titles, lambda p: catalog.titles[p + 1])
             self.item_text = torch.cat([torch.zeros(1, TEXT_DIM), text]).to(device)
         else:
-            rows = [torch.zeros(1, TEXT_DIM)] + self.text_lower_store.rows_of(titles, lambda p: catalog.titles[p + 1])
-            self.text_lower = nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device)   # [I+1, T, 384]
-            self.text_mask = (torch.arange(self.text_lower.shape[1]) < torch.tensor([len(r) for r in rows])[:, None])
-            self.text_mask[0] = False
-            self.text_mask = self.text_mask.to(device)
+            rows = self.text_lower_store.rows_of(titles, lambda p: catalog.titles[p + 1])
+            lengths = torch.tensor([0] + [len(r) for r in rows])                       # row 0: padding, no token
+            self.text_lower = nn.utils.rnn.pad_sequence([torch.zeros(0, TEXT_DIM), *rows], batch_first=True).to(device)
+            self.text_mask = (torch.arange(self.text_lower.shape[1]) < lengths[:, None]).to(device)   # [I+1, T]
         keys = [catalog.image_key(i) for i in items]
         if self.image_net is None:
             image = self.image_store.get(keys, lambda p: catalog.image(p + 1))
@@ -302,12 +307,9 @@ class TwoTower(nn.Module):
         net = self.text_net if kind == "text" else self.image_net
         version = tuple(p._version for p in net.parameters() if p.requires_grad)
         if kind not in self._tables or self._tables[kind][0] != version:
-            was = net.training
-            net.eval()
             ids = torch.arange(len(self.catalog.titles), device=self.text_proj.weight.device)
-            table = torch.cat([self._encode_padded(kind, chunk) for chunk in ids.split(self.cfg.encode_batch * 4)])
-            if kind == "text":
-                net.train(was)         # (the image stage stays in eval mode: see train())
+            with eval_mode(net):
+                table = torch.cat([self._encode_padded(kind, chunk) for chunk in ids.split(self.cfg.encode_batch * 4)])
             self._tables[kind] = (version, table)
         return self._tables[kind][1]
 
