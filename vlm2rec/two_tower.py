@@ -74,6 +74,12 @@ def mean_l2(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp_min(1), dim=-1)
 
 
+def gather_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """table[ids] ([*ids.shape, F]) by index_select, whose backward is deterministic on several CPU
+    threads (plain indexing accumulates its gradient with atomic adds)."""
+    return table.index_select(0, ids.reshape(-1)).reshape(*ids.shape, table.shape[-1])
+
+
 @contextlib.contextmanager
 def eval_mode(net: nn.Module):
     """`net` in eval mode (dropout off) inside the block, its own mode again after it."""
@@ -323,9 +329,9 @@ class TwoTower(nn.Module):
         if self._scope is not None:                       # the step's unique items, encoded once per modality
             if kind not in self._scope:
                 self._scope[kind] = self._encode_padded(kind, self._scope["items"])
-            return self._scope[kind][torch.searchsorted(self._scope["items"], ids)]
+            return gather_rows(self._scope[kind], torch.searchsorted(self._scope["items"], ids))
         items, inverse = torch.unique(ids, return_inverse=True)
-        return self._encode_padded(kind, items)[inverse]
+        return gather_rows(self._encode_padded(kind, items), inverse)
 
     @contextlib.contextmanager
     def batch_items(self, *ids: torch.Tensor | None):
