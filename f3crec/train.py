@@ -231,14 +231,15 @@ def load_base(cache: Path | None) -> dict | None:
 def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, resume: bool, log) -> dict:
     """Every block of §8 with block-boundary checkpoints (`last.pt`); returns rows of a and block infos.
     metrics.jsonl then holds exactly the records of the blocks in last.pt: a resume drops what the
-    interrupted run logged after it (a cut-short line included), a fresh start a stale file's records."""
+    interrupted run logged after it (a cut-short line included); a fresh start finds none (start_run
+    removed an earlier run's)."""
     sim, rows, info, start = None, [], [], 0
     if cfg.federation.simulator == "flower":  # the server side sees block sizes only; clients load their data
         blocks = [Block({}, {}, {}, b.n_users, b.n_items, np.zeros(0, np.int64)) for b in blocks]
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
         sim, rows, info, start = load_sim(cfg, flags, ckpt["sim"]), ckpt["rows"], ckpt["info"], ckpt["block"] + 1
-    if resume or (run_dir / "metrics.jsonl").exists():
+    if resume:
         truncate_metrics(run_dir, lambda record: record.get("block", len(blocks)) < start)
     cache = base_cache_path(cfg, flags, blocks_id)
     net = BACKBONES[cfg.backbone.name]
