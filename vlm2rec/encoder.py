@@ -152,14 +152,13 @@ class VLMEmbedder(nn.Module):
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
         self.tokenizer.padding_side = "left"       # §5.2: explicit; pooling works for both anyway
         self.prompts, self.identifier = prompts, identifier
-        self.max_title_tokens, self.append_eos = max_title_tokens, append_eos
         if prompts.chat_template:
             lacking = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
             if lacking:
                 raise ValueError(f"backbone.prompts.chat_template=true needs the chat tokens {', '.join(lacking)}, "
                                  f"which the tokenizer of {identifier} lacks")
         self.preparer = Preparer(tokenizer, image_processor, catalog, prompts, max_title_tokens, append_eos)
-        self.image_token_id, self.merge = self.preparer.image_token_id, self.preparer.merge
+        self.merge = self.preparer.merge           # merged patches per visual token (the visual cache reads it)
         self.hidden_size = model.config.text_config.hidden_size
         self.visual_cache: VisualCache | None = None
         self.set_catalog(catalog)
