@@ -15,6 +15,7 @@ pytest.importorskip("flwr")
 from common.config import load_config  # noqa: E402
 from f3crec.config import Config  # noqa: E402
 from f3crec.flower import simulate  # noqa: E402
+from f3crec.flower.deploy import alive  # noqa: E402
 from f3crec.main import run  # noqa: E402
 
 SMOKE = Path(__file__).resolve().parents[1] / "f3crec" / "configs" / "smoke.yaml"
@@ -24,17 +25,6 @@ SHORT = ["federation.rounds=2", "federation.patience=1", "train.stop_after_block
 def _records(run_dir: Path) -> list[dict]:
     keep = ("block", "round", "val_ndcg", "val_recall", "D_mean", "m_mean", "m_hist", "D_hist", "itm_w", "lost_users")
     return [{k: r[k] for k in keep if k in r} for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
-
-
-def _alive(pids) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
 
 
 def _mentioning(folder: Path) -> list[str]:
@@ -56,7 +46,7 @@ def test_simulation_runtime_gives_the_in_process_grid_metrics_and_leaves_no_proc
     outcome = simulate.main(["--config", str(SMOKE), "--nodes", "2", "--logs", str(logs), "--run-dir", str(out),
                              "--timeout", "300", *SHORT, f"federation.node_state_dir={tmp_path / 'nodes'}"])
     assert outcome["ok"] and Path(outcome["run_dir"]) == out.resolve()
-    assert not _alive(outcome["pids"]) and not outcome["leftover"]
+    assert not alive(outcome["pids"]) and not outcome["leftover"]
     assert len(outcome["pids"]) >= 5                  # link, superexec, flwr run, flwr-simulation, Ray's processes
     assert not _mentioning(Path(outcome["ray_tmp"]))  # no Ray process of this run's session survives
     assert not Path(outcome["ray_tmp"]).exists()

@@ -208,14 +208,7 @@ class Deployment:
         """Pids started here (or descendants seen) that are still running (zombies do not count)."""
         if pids is None:
             pids = {pid for proc in self.procs for pid in (proc.pid, *proc.known)}
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        return sorted(alive)
+        return alive(pids)
 
     def __enter__(self) -> "Deployment":
         try:
@@ -311,15 +304,35 @@ def split_options(args: list[str], spec: dict) -> tuple[dict, list[str]]:
     return own, rest
 
 
-def main(argv: list[str] | None = None) -> dict:
-    own, rest = split_options(list(argv) if argv is not None else sys.argv[1:], OWN_OPTIONS)
+def flower_cli(argv: list[str] | None, spec: dict, what: str, nodes_of: str) -> tuple[Config, object, dict]:
+    """(cfg on the Flower simulator with --nodes, the CLI's --resume/--run-dir, the launcher's own
+    options) of a deploy or simulate command line, after the checks both launchers share: `what` names
+    the launcher ("deployment"), `nodes_of` its nodes ("SuperNode") in the one-line errors."""
+    own, rest = split_options(list(argv) if argv is not None else sys.argv[1:], spec)
     cfg, options = parse_cli(rest, Config)
     nodes = own.get("nodes", cfg.federation.nodes)
     if nodes < 1:
-        raise ConfigError(f"--nodes {nodes}: needs at least one SuperNode")
+        raise ConfigError(f"--nodes {nodes}: needs at least one {nodes_of}")
     if cfg.methods:
-        raise ConfigError("the deployment runs one method: give method.name=..., not methods=[...]")
-    cfg = replace(cfg, federation=replace(cfg.federation, simulator="flower", nodes=nodes))
+        raise ConfigError(f"the {what} runs one method: give method.name=..., not methods=[...]")
+    return replace(cfg, federation=replace(cfg.federation, simulator="flower", nodes=nodes)), options, own
+
+
+def alive(pids) -> list[int]:
+    """The pids of `pids` still running (zombies do not count), sorted."""
+    running = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                running.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(running)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, options, own = flower_cli(argv, OWN_OPTIONS, "deployment", "SuperNode")
+    nodes = cfg.federation.nodes
     from ..data import get_blocks   # data errors are one line now, before any process starts; warms the cache
     get_blocks(cfg.data, cfg.train.seed)
     resume = options.resume is not None

@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import re
 import shutil
-import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import tomli_w
 
 from common.cli import run_cli
-from common.config import ConfigError, parse_cli
+from common.config import ConfigError
 
 from ..config import Config
-from .deploy import BIN, Deployment, claim_run_dir, free_ports, report, session, split_options
+from .deploy import BIN, Deployment, claim_run_dir, flower_cli, free_ports, report, session
 
 
 def ray_available() -> bool:
@@ -109,21 +107,15 @@ OWN_OPTIONS = {"--nodes": int, "--cpus": int, "--timeout": float, "--logs": Path
 
 
 def main(argv: list[str] | None = None) -> dict:
-    own, rest = split_options(list(argv) if argv is not None else sys.argv[1:], OWN_OPTIONS)
-    cfg, options = parse_cli(rest, Config)
-    nodes = own.get("nodes", cfg.federation.nodes)
-    if nodes < 1:
-        raise ConfigError(f"--nodes {nodes}: needs at least one virtual SuperNode")
+    cfg, options, own = flower_cli(argv, OWN_OPTIONS, "simulation", "virtual SuperNode")
+    nodes = cfg.federation.nodes
     if own.get("cpus", 1) < 1:
         raise ConfigError(f"--cpus {own['cpus']}: needs at least one CPU")
-    if cfg.methods:
-        raise ConfigError("the simulation runs one method: give method.name=..., not methods=[...]")
     if options.resume is not None:
         raise ConfigError("--resume is not offered on the simulation runtime: resume a Flower run with "
                           "python -m f3crec.flower.deploy --resume <run> or python -m f3crec.main")
     if not ray_available():
         raise ConfigError("Flower's simulation runtime needs Ray, not installed: pip install -e \".[fl-sim]\"")
-    cfg = replace(cfg, federation=replace(cfg.federation, simulator="flower", nodes=nodes))
     from ..data import get_blocks   # data errors are one line now, before any process starts; warms the cache
     get_blocks(cfg.data, cfg.train.seed)
     run_dir = options.run_dir.resolve() if options.run_dir is not None else None
