@@ -254,48 +254,45 @@ def bench_tuned(tuned: bool, root: str | None, batch_size: int = 64, steps: int 
     time over real batches (3 latest pairs per user), the unique items a step encodes, the forward time
     of each tuned tower within it (their backward is in the rest of the step), and one no-grad pass over
     the catalogue (what an evaluation pays once)."""
-    from .two_tower import TwoTower
     cfg = DataConfig(name="ml100k-posters", root=root)
     data = load_dataset(cfg)
     split = split_sequences(data["sequences"], cfg.max_history, 3)
     catalog = Catalog(data["titles"], data["images"], cfg.image_size)
-    tower = TwoTowerConfig(hist_text="attention", max_text_tokens=64, tune_text_layers=1 if tuned else 0,
-                           tune_image_stage=tuned, tower_lr=1e-4)
-    backbone = BackboneConfig(name="two-tower", two_tower=tower, lora=LoraSettings(r=8, alpha=16))
+    towers = TwoTowerConfig(hist_text="attention", max_text_tokens=64, tune_text_layers=1 if tuned else 0,
+                            tune_image_stage=tuned, tower_lr=1e-4)
+    backbone = BackboneConfig(name="two-tower", two_tower=towers, lora=LoraSettings(r=8, alpha=16))
     model = VLM2Rec(backbone, catalog, torch.device("cpu"), LossConfig(), WPCLConfig(), CRTRConfig())
     optimizer, _ = make_optimiser(model, len(split["train"]["target"]), TrainConfig(lr=1e-3, batch_size=batch_size), 1)
     spent = {"text": 0.0, "image": 0.0}
-    encode = TwoTower._encode
+    tower = model.embedder
+    encode = tower._encode
 
-    def timed(self, kind, items):
+    def timed(kind, items):                  # this model's tuned towers only (an instance attribute)
         start = time.perf_counter()
-        out = encode(self, kind, items)
+        out = encode(kind, items)
         spent[kind] += time.perf_counter() - start
         return out
-    TwoTower._encode = timed
-    try:
-        order = np.random.default_rng(0).permutation(len(split["train"]["target"]))
-        model.train()
-        times, unique = [], []
-        for step in range(steps + 1):                                     # step 0 warms up
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            batch = {key: torch.as_tensor(split["train"][key][idx]) for key in ("history", "target")}
-            unique.append(len(torch.unique(torch.cat([batch["history"].reshape(-1), batch["target"]]))) - 1)
-            if step == 1:
-                spent.update(text=0.0, image=0.0)                         # count the timed steps only
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            model.loss(batch).backward()
-            optimizer.step()
-            times.append(time.perf_counter() - start)
-        forward = dict(spent)                                             # the towers' forward in the timed steps
-        model.eval()
+    tower._encode = timed
+    order = np.random.default_rng(0).permutation(len(split["train"]["target"]))
+    model.train()
+    times, unique = [], []
+    for step in range(steps + 1):                                     # step 0 warms up
+        idx = order[step * batch_size:(step + 1) * batch_size]
+        batch = {key: torch.as_tensor(split["train"][key][idx]) for key in ("history", "target")}
+        unique.append(len(torch.unique(torch.cat([batch["history"].reshape(-1), batch["target"]]))) - 1)
+        if step == 1:
+            spent.update(text=0.0, image=0.0)                         # count the timed steps only
         start = time.perf_counter()
-        with torch.no_grad():
-            model.item_table(data["num_items"], "both", 256)
-        table_s = time.perf_counter() - start
-    finally:
-        TwoTower._encode = encode
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(batch).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    forward = dict(spent)                                             # the towers' forward in the timed steps
+    model.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.item_table(data["num_items"], "both", 256)
+    table_s = time.perf_counter() - start
     step_s = sum(times[1:]) / steps
     return {"step_s": step_s, "train_pairs_per_s": batch_size / step_s, "unique_items_per_step": sum(unique[1:]) / steps,
             "text_tower_forward_s": forward["text"] / steps, "image_stage_forward_s": forward["image"] / steps,
