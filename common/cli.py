@@ -3,35 +3,90 @@
     if __name__ == "__main__":
         run_cli(main)
 
-Exit status 2 for a bad config, file or value (every paper and tool alike), 130 for Ctrl-C; set
-REPRO_DEBUG=1 to see the traceback. Standard library only, so data tools can use it without torch.
+Exit status 2 for a bad config, file or value and for an operating-system error (a full disk, a read-only
+or missing folder, a name too long, a symlink loop, out of memory: one line naming the path and the
+setting that chose it), every paper and tool alike; 130 for Ctrl-C and 143 for SIGTERM (both stop as
+Ctrl-C does: temp files removed, the last checkpoint kept). Set REPRO_DEBUG=1 to see the traceback.
+Standard library only, so data tools can use it without torch.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, ConnectionError, PermissionError,
                NotADirectoryError, IsADirectoryError, FileExistsError)  # ConfigError is a ValueError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that it unwinds as Ctrl-C does (finally blocks, temp files)."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _setting(path: Any) -> str:
+    try:
+        from common.io import setting_for  # stdlib only; imported late so a broken env still gets a line
+        return setting_for(path)
+    except Exception:  # noqa: BLE001 - the message is better without a hint than not at all
+        return ""
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a user error, an OSError (its reason, the path, the setting that chose the path) or an
+    out-of-memory error."""
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and not isinstance(err, OSError)):
+        text = _one_line(err) or "no detail"
+        return (f"out of memory ({text[:200]}): lower the size that asked for it (the data size, "
+                "batch size or model size)")
+    if isinstance(err, OSError) and err.errno and err.strerror:
+        text = _one_line(err.strerror)
+        paths = [p for p in (err.filename, err.filename2) if p is not None]
+        for path in paths:
+            if os.fspath(path) not in text:
+                text += f": {os.fspath(path)}"
+        where = _setting(paths[0]) if paths else ""
+        if where and where not in text:
+            text += f" ({where})"
+        return text
+    return _one_line(err) or type(err).__name__
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "failed to allocate" in text)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def run_cli(main: Callable[[], Any]) -> None:
-    """Entry point for `python -m <paper>.main`: a bad config, file or value is one line on stderr and
-    exit status 2, not a traceback; Ctrl-C is one line naming the run to resume, exit status 130.
-    Set REPRO_DEBUG=1 to see the traceback."""
+    """Entry point for `python -m <paper>.main`: a bad config, file or value, and any OSError or
+    out-of-memory error, is one line on stderr and exit status 2, not a traceback; Ctrl-C (130) and SIGTERM
+    (143) are one line saying how to continue (common.runs.interrupt_hint_text). REPRO_DEBUG=1: traceback."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _terminate)  # unwind: atomic writes remove their temp files
     try:
         main()
-    except USER_ERRORS as err:
-        if os.environ.get("REPRO_DEBUG"):
+    except (*USER_ERRORS, OSError, MemoryError, RuntimeError) as err:
+        if os.environ.get("REPRO_DEBUG") or (isinstance(err, RuntimeError) and not _is_out_of_memory(err)):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {describe_error(err)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if os.environ.get("REPRO_DEBUG"):
             raise
         runs = sys.modules.get("common.runs")  # set by start_run when a run folder exists
-        run_dir = getattr(runs, "CURRENT_RUN", None)
-        hint = f"; its last checkpoint is kept: resume with --resume {run_dir}" if run_dir else ""
-        print(f"interrupted{hint}", file=sys.stderr)
-        sys.exit(130)
+        hint = runs.interrupt_hint_text() if runs is not None else ""
+        print(f"{'terminated' if isinstance(err, Terminated) else 'interrupted'}{hint}", file=sys.stderr)
+        sys.exit(143 if isinstance(err, Terminated) else 130)

@@ -227,6 +227,36 @@ def config_to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(saved: dict, now: dict, free: Sequence[str] = (), run_dir: Any = "") -> dict:
+    """The keys in which config `now` differs from the `saved` config of the run it resumes, as
+    {key: (saved, now)}; a changed key outside `free` (the config class's RESUME_FREE) is a one-line
+    ConfigError: a resume runs exactly the saved config. `run_root` is always free; a key the saved
+    config lacks (an older version's run) counts as unchanged."""
+    free = {"run_root", *free}  # where new run folders go: a resume runs in its own folder
+    old, new = _flat(saved), _flat(now)
+    changed = {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+               if key in old and key in new and old[key] != new[key]}
+    refused = [key for key in changed if key not in free]
+    if refused:
+        key = refused[0]
+        allowed = f"only {', '.join(sorted(free))} may change" if free else "no key may change"
+        more = f" (and {len(refused) - 1} more key(s): {', '.join(refused[1:4])})" if len(refused) > 1 else ""
+        raise ConfigError(f"--resume {run_dir}: its run has {key}={old[key]!r}, this command asks for "
+                          f"{new[key]!r}{more}; a resume runs the saved config ({allowed}): start a new run "
+                          "(another --run-dir) for another setting")
+    return changed
+
+
 def _type_name(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Annotated:
@@ -256,9 +286,10 @@ def describe(cls: type, defaults: Any = None, prefix: str = "") -> list[str]:
 
 def parse_cli(argv: Sequence[str] | None, cls: type[T],
               default_config: str | Path | None = None) -> tuple[T, argparse.Namespace]:
-    """Parse `--config PATH [--resume RUN_DIR] [--run-dir DIR] key=value ...` into (cfg, options).
+    """Parse `--config PATH [--resume RUN_DIR] [--run-dir DIR] [--overwrite] key=value ...` into (cfg, options).
 
-    With `--resume` and no `--config`, the resumed run's config.yaml is the base; overrides still apply.
+    With `--resume` the resumed run's config.yaml is the config: an override or `--config` that changes a
+    key is refused in one line, except the keys the config class lists in RESUME_FREE (a ClassVar).
     `--help` lists every key with its type, range and default, generated from the schema.
     """
     default = f"the config file {default_config}" if default_config else "the defaults below (the paper's main setting)"
@@ -270,9 +301,17 @@ def parse_cli(argv: Sequence[str] | None, cls: type[T],
     parser.add_argument("--config", type=Path, default=None, help="YAML file with the values that differ")
     parser.add_argument("--resume", type=Path, default=None, help="run directory whose last.pt to resume")
     parser.add_argument("--run-dir", type=Path, default=None, help="write the run here instead of runs/...")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let a fresh run use a --run-dir that holds files: they move into previous-<time>/")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     options = parser.parse_args(list(argv) if argv is not None else None)
     config_path = options.config
+    if options.resume is not None and options.run_dir is not None and options.run_dir != options.resume:
+        raise ConfigError(f"--resume {options.resume} and --run-dir {options.run_dir}: a resume continues in "
+                          "its own folder; give one of them")
+    if options.resume is not None and options.overwrite:
+        raise ConfigError(f"--resume {options.resume} with --overwrite: a resume keeps the folder's records; "
+                          "give one of them")
     if options.resume is not None:
         if not options.resume.is_dir():
             raise ConfigError(f"--resume {options.resume}: no such run folder")
@@ -284,4 +323,8 @@ def parse_cli(argv: Sequence[str] | None, cls: type[T],
     if config_path is None:
         config_path = default_config
     options.config = Path(config_path) if config_path is not None else None
-    return load_config(cls, options.config, options.overrides), options
+    cfg = load_config(cls, options.config, options.overrides)
+    if options.resume is not None:  # one line now, before any data is read
+        saved = load_config(cls, options.resume / "config.yaml")
+        resume_changes(config_to_dict(saved), config_to_dict(cfg), getattr(cls, "RESUME_FREE", ()), options.resume)
+    return cfg, options

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -32,8 +33,54 @@ def data_root(override: str | os.PathLike | None = None) -> Path:
 
 
 def cache_root() -> Path:
-    """Where processed artefacts go: $REPRO_CACHE > <repo>/data/processed (never the data root)."""
-    return Path(os.environ.get("REPRO_CACHE") or REPO / "data" / "processed").expanduser()
+    """Where processed artefacts go: $REPRO_CACHE > <repo>/data/processed (never the data root).
+    A $REPRO_CACHE that names a file is a one-line error naming the variable."""
+    path = Path(os.environ.get("REPRO_CACHE") or REPO / "data" / "processed").expanduser()
+    if path.exists() and not path.is_dir():
+        setting = f"$REPRO_CACHE={os.environ['REPRO_CACHE']}" if os.environ.get("REPRO_CACHE") else "the cache"
+        raise NotADirectoryError(f"{setting}: {path} is a file, not a folder (set $REPRO_CACHE to a folder)")
+    return path
+
+
+def setting_for(path: str | os.PathLike) -> str:
+    """The setting that chose `path`, for an error message: the run root, the cache or the data root
+    (and their variables), or '' when `path` is under none of them."""
+    try:
+        target = Path(os.path.abspath(os.fspath(path)))
+    except (TypeError, ValueError):
+        return ""
+    runs = Path(os.environ.get("REPRO_RUNS") or REPO / "runs").expanduser()
+    places = ((runs, "the run folder: --run-dir, run_root or $REPRO_RUNS"),
+              (Path(os.environ.get("REPRO_CACHE") or REPO / "data" / "processed").expanduser(),
+               "the cache: $REPRO_CACHE"),
+              (data_root(), "the data root: data.root or $REPRO_DATA"),
+              (Path(tempfile.gettempdir()), "the temp folder: $TMPDIR"))
+    for base, setting in places:
+        base = Path(os.path.abspath(base))
+        if target == base or base in target.parents:
+            return setting
+    return ""
+
+
+def check_writable(folder: str | os.PathLike, what: str, setting: str) -> Path:
+    """`folder` is (or can be created as) a folder this process can write to: its nearest existing
+    ancestor is a folder where a probe file can be created and removed. Creates no folder. One-line
+    errors name `what` (e.g. "run folder"), the path and `setting` (what to change)."""
+    folder = Path(folder).expanduser()
+    probe = folder
+    try:
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{what} {folder} cannot be created: a file is in the way ({probe} is a file; {setting})")
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".write-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        if not err.errno:  # ours, above
+            raise
+        raise PermissionError(f"{what} {folder} is not writable ({err.strerror} at {probe}; {setting})") from None
+    return folder
 
 
 @contextlib.contextmanager
@@ -51,9 +98,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
             yield handle
         os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600: give the mode open() would (logs, results alike)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno and err.filename is None:  # a failed write names no file
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
         raise
 
 
@@ -98,6 +147,19 @@ def exclusive(path: str | os.PathLike, waiting: str = "") -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def safe_filename(text: str, max_len: int = 100) -> str:
+    """A file name for an id that comes from downloaded data: the id itself when it is 1..max_len
+    characters of [A-Za-z0-9_.-], starting with neither '.' nor '-' (every Amazon ASIN), else
+    'id-<sha256 of the id, 32 hex>': never a separator, '..', a hidden name or an overlong name."""
+    text = str(text)
+    if 0 < len(text) <= max_len and set(text) <= _SAFE and text[0] not in ".-":
+        return text
+    return "id-" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _json_default(value: Any) -> Any:

@@ -6,7 +6,9 @@ Raw files are looked up under the data root (--root > $REPRO_DATA > <repo>/data/
 dataset as the registry names it) and then <repo>/data/raw; when absent they are downloaded into <repo>/data/raw. The
 artefact goes to cache_root()/<name>/<key>/ (interactions.tsv and/or sequences.txt, stats.json), keyed by
 dataset + recipe + format version + the raw file's sha256, so a changed raw file or data root never gets an
-old build back; it is written atomically, and the data root is never written to.
+old build back; it is written atomically, and the data root is never written to. One process builds an
+artefact (or downloads a raw file) at a time: a second one waits for the first (an fcntl.flock on
+`<artefact>.lock` beside it, released even by kill -9) and then uses what it built.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 from common.data import COLUMNS, Interactions, apply_recipe, check_stats, compute_stats, to_sequences, write_sequences
 from common.cli import run_cli
 from common.download import fetch, file_md5, file_sha256, unpack
-from common.io import REPO, atomic_dir, cache_root, data_root
+from common.io import REPO, atomic_dir, cache_root, check_writable, data_root, exclusive
 from common.registry import DATASETS, dataset_entry, expected_stats, full_recipe
 
 FORMAT_VERSION = 1  # bump when the artefact layout or a transform's semantics change: invalidates caches
@@ -80,6 +82,16 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, recipe: dict
     out = cache_root() / name / artefact_key(name, recipe, digest)
     if (out / "stats.json").is_file() and not force:
         return out
+    check_writable(out.parent, "data cache", "$REPRO_CACHE")
+    with exclusive(out, f"[prepare] {out} is being built by another process: waiting for it"):
+        if (out / "stats.json").is_file() and not force:  # built by the process we waited for
+            return out
+        _build(name, entry, recipe, raw, digest, out)
+    return out
+
+
+def _build(name: str, entry: dict, recipe: dict, raw: Path, digest: str, out: Path) -> None:
+    """Read `raw`, apply the recipe, check the statistics and write the artefact folder `out`."""
     files = {}
     if entry["kind"] == "sequences":
         seqs = entry["reader"](raw)
@@ -99,7 +111,6 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, recipe: dict
             "expected": expected, "raw": str(raw), "raw_sha256": digest,
             "tie_rule": "stable sorts: equal timestamps keep the raw file's row order"}
     _write_artefact(out, files, meta)
-    return out
 
 
 def _write_artefact(out: Path, files: dict, meta: dict) -> None:
@@ -123,6 +134,15 @@ def download_raw(name: str, download_dir: str | os.PathLike | None = None, timeo
     entry = dataset_entry(name)
     base = Path(download_dir) if download_dir else REPO / "data" / "raw"
     dest = base / entry["dir"] / entry["file"]
+    check_writable(dest.parent, "download folder", "the download folder: <repo>/data/raw unless given")
+    with exclusive(dest, f"[prepare] {dest} is being downloaded by another process: waiting for it"):
+        if entry["sha256"] and dest.is_file() and \
+                file_sha256(dest, crlf_as_lf=entry.get("sha256_crlf_as_lf", False)) == entry["sha256"]:
+            return dest  # the process we waited for fetched it (verified)
+        return _download(name, entry, dest, timeout, root)
+
+
+def _download(name: str, entry: dict, dest: Path, timeout: float, root: str | os.PathLike | None) -> Path:
     where = (f"fetch it by hand and put {entry['file']} (member {entry['member']} of "
              f"{entry['url'].rsplit('/', 1)[-1]})" if entry["member"] else f"fetch it by hand and put {entry['file']}")
     hint = f"{where} at {data_root(root) / entry['dir'] / entry['file']} (data root: --root or $REPRO_DATA)"

@@ -7,11 +7,23 @@
 
 Runs go under `<run root>/<paper>/<dataset>/<stamp>_<tag>/`; the run root is a paper's `run_root` key,
 else $REPRO_RUNS, else `<repo>/runs` (the folder that holds common/), whatever the current directory.
+
+A run folder has one owner and one identity:
+- a fresh run refuses a folder that holds anything (an earlier run's records, a user's files) unless
+  `overwrite=True` (`--overwrite`): then what was there moves into `previous-<time>/` inside it, never deleted;
+- the run holds an exclusive lock on `<run>/.run.lock` (fcntl.flock, released when the process ends, even by
+  kill -9): a second process given the same folder fails in one line instead of mixing its records in;
+- `resume=True` runs the folder's saved config.yaml (not rewritten): a changed key is refused unless the
+  config class lists it in RESUME_FREE (recorded in log.txt and results.json), and last.pt must carry the
+  digest of that config.yaml (save_checkpoint writes it into every last.pt of a run started here).
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
+import errno as errnos
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -20,14 +32,14 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import yaml
 
-from common.config import config_to_dict
-from common.io import REPO, atomic_write, git_sha, save_json
+from common.config import ConfigError, config_to_dict, resume_changes
+from common.io import REPO, atomic_write, git_sha, save_json, setting_for
 from common.utils import package_versions
 
 
@@ -38,8 +50,11 @@ class _Tee:
         self.stream, self.log_file = stream, log_file
 
     def write(self, text: str) -> int:
-        self.log_file.write(text)
-        self.log_file.flush()
+        try:
+            self.log_file.write(text)
+            self.log_file.flush()
+        except OSError as err:  # a full disk: say which file, not "[Errno 28]" alone
+            raise _named(err, self.log_file.name) from None
         return self.stream.write(text)
 
     def flush(self) -> None:
@@ -65,6 +80,86 @@ def _tee_stdout(log_path: Path) -> None:
 
 
 CURRENT_RUN: Path | None = None  # the folder of the run in progress, for run_cli's Ctrl-C message
+LOCK_NAME = ".run.lock"           # the run folder's owner lock (see the module docstring)
+_HELD: dict[Path, Any] = {}       # run folder (resolved) -> the open lock file this process holds on it
+_RUNS: dict[Path, dict] = {}      # run folder (resolved) -> its identity, written into every last.pt
+_HINTS: list[str] = []            # what Ctrl-C should say instead of naming CURRENT_RUN (interrupt_hint)
+
+
+def _named(err: OSError, path: Any) -> OSError:
+    """`err` with `path` as its file name (a write error knows no file name), and the setting that chose it."""
+    if err.filename is not None:
+        return err
+    named = OSError(err.errno, err.strerror or str(err), str(path))
+    return named
+
+
+class RunFolderBusy(FileExistsError):
+    """Another process holds the run folder's lock."""
+
+
+def lock_run(run_dir: str | Path) -> None:
+    """Take the run folder's exclusive lock for this process's life (or until release_run); a folder that
+    another process holds is a one-line RunFolderBusy naming it and its holder."""
+    run_dir = Path(run_dir)
+    key = run_dir.resolve()
+    if key in _HELD:
+        return
+    try:
+        handle = open(run_dir / LOCK_NAME, "a+")
+    except OSError as err:
+        raise _named(err, run_dir / LOCK_NAME) from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = " ".join(handle.read().split()) or "another process"
+        handle.close()
+        raise RunFolderBusy(f"run folder {run_dir} is in use by another run ({owner}): wait for it to end, "
+                            "or give another --run-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+    handle.flush()
+    _HELD[key] = handle
+
+
+def release_run(run_dir: str | Path | None = None) -> None:
+    """Give up the lock of `run_dir` (of every run folder this process holds when None)."""
+    keys = list(_HELD) if run_dir is None else [Path(run_dir).resolve()]
+    for key in keys:
+        handle = _HELD.pop(key, None)
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+@contextlib.contextmanager
+def interrupt_hint(text: str) -> Iterator[None]:
+    """While inside, Ctrl-C / SIGTERM says `text` (e.g. FLAME's stage 1: rerun the same command) instead of
+    naming the run folder in progress."""
+    _HINTS.append(text)
+    try:
+        yield
+    except KeyboardInterrupt:  # kept for run_cli, which prints it once the interrupt has unwound
+        raise
+    except BaseException:
+        _HINTS.remove(text)
+        raise
+    _HINTS.remove(text)
+
+
+def interrupt_hint_text() -> str:
+    """What run_cli adds to 'interrupted': how to continue. Names --resume RUN only when RUN holds a last.pt."""
+    if _HINTS:
+        return f"; {_HINTS[-1]}"
+    run = CURRENT_RUN
+    if run is None:
+        return ""
+    if (Path(run) / "last.pt").is_file():
+        return f"; its last checkpoint is kept: resume with --resume {run}"
+    return (f"; it stopped before its first checkpoint, so there is nothing to resume: start it again "
+            f"({run} keeps its log; to reuse that folder add --run-dir {run} --overwrite)")
 
 
 def default_run_root() -> Path:
@@ -100,16 +195,125 @@ def claim_run_dir(parent: Path, name: str) -> Path:
 
 # What a run leaves that a later run must never mix with its own (appended metrics, an old results.json).
 RUN_RECORDS = ("metrics.jsonl", "results.json", "last.pt", "best.pt")
+ASIDE = "previous-"  # prefix of the folders that --overwrite moves an earlier run's records into
+
+
+def _ours(name: str) -> bool:
+    """Entries of a run folder that are no record: its lock, atomic_write's temp files, set-aside folders."""
+    return name == LOCK_NAME or (name.startswith(".") and name.endswith(".tmp")) or name.startswith(ASIDE)
 
 
 def held_records(run_dir: str | Path) -> list[str]:
-    return [name for name in RUN_RECORDS if (Path(run_dir) / name).exists()]
+    """What a folder holds that a fresh run would mix with or overwrite (sorted names; [] when absent)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(entry.name for entry in run_dir.iterdir() if not _ours(entry.name))
 
 
-def clear_records(run_dir: str | Path) -> None:
-    """Remove an earlier run's records (and its log) from a folder that a fresh run starts in."""
-    for name in (*RUN_RECORDS, "log.txt"):
-        (Path(run_dir) / name).unlink(missing_ok=True)
+def set_aside(run_dir: str | Path) -> Path | None:
+    """Move everything a folder holds (held_records) into a new `previous-<time>/` inside it and return
+    that folder (None when there was nothing): an earlier run's records are never deleted."""
+    run_dir = Path(run_dir)
+    held = held_records(run_dir)
+    if not held:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for suffix in range(10_000):
+        aside = run_dir / (f"{ASIDE}{stamp}" if suffix == 0 else f"{ASIDE}{stamp}-{suffix}")
+        try:
+            aside.mkdir()
+            break
+        except FileExistsError:
+            continue
+    for name in held:
+        os.replace(run_dir / name, aside / name)
+    return aside
+
+
+def clear_records(run_dir: str | Path) -> Path | None:
+    """Kept for callers of the earlier API: an earlier run's records now move aside (set_aside), never deleted."""
+    return set_aside(run_dir)
+
+
+def refused_folder(run_dir: str | Path, overwrite: bool = False) -> None:
+    """The check start_run makes on a fresh run's explicit folder, made early (before data and training):
+    a folder another process holds, or one that holds files without `overwrite`, is a one-line error."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    lock = run_dir / LOCK_NAME
+    if lock.is_file() and run_dir.resolve() not in _HELD:
+        with open(lock, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = " ".join(handle.read().split()) or "another process"
+                raise RunFolderBusy(f"run folder {run_dir} is in use by another run ({owner}): wait for it to "
+                                    "end, or give another --run-dir") from None
+    held = held_records(run_dir)
+    if held and not overwrite:
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise FileExistsError(f"run folder {run_dir} is not empty ({shown}): give a new --run-dir, "
+                              f"--resume {run_dir} to continue its run, or --overwrite to move what it holds "
+                              f"into {run_dir}/{ASIDE}<time>/")
+
+
+def remove_stale_temps(run_dir: str | Path) -> list[str]:
+    """Remove the temp files (`.<name>.<random>.tmp`) a killed writer left in a folder this process holds
+    the lock of (no live writer can own them). Returns their names."""
+    removed = []
+    for entry in Path(run_dir).glob(".*.tmp"):
+        if entry.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry.name)
+    return removed
+
+
+def config_digest(tree: Any) -> str:
+    """The identity of a run: sha256 (16 hex) of its config as a canonical JSON text."""
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def saved_config(run_dir: str | Path) -> dict:
+    """The run folder's config.yaml as a mapping; a missing or unreadable one is a one-line error."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: not a run folder (no config.yaml); "
+                                "--resume takes a folder that a run wrote")
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not readable YAML ({' '.join(str(err).split())[:120]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: not a config mapping; --resume takes a folder that a run wrote")
+    return saved
+
+
+def checkpoint_identity(run_dir: str | Path) -> dict | None:
+    """The identity that `run_dir`/last.pt carries, checked against the folder's config.yaml; None when
+    there is no last.pt. A last.pt of another run (another seed's, copied in) or of no recorded run is
+    refused in one line: resuming it would report its numbers under this folder's config."""
+    run_dir = Path(run_dir)
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return None
+    want = config_digest(saved_config(run_dir))
+    state = load_checkpoint(last)
+    identity = state.get("run_identity")
+    if not isinstance(identity, dict) or "config_sha256" not in identity:
+        raise ValueError(f"{last}: this checkpoint carries no run identity (written by an older version, or "
+                         f"copied in): it cannot be told to belong to {run_dir}'s config.yaml; start a new run")
+    if identity["config_sha256"] != want:
+        raise ValueError(f"{last}: this checkpoint belongs to another run (config digest "
+                         f"{identity['config_sha256']}, {run_dir / 'config.yaml'} has {want}): refusing to resume "
+                         "it; start a new run")
+    return identity
 
 
 def comparison_slot(run_dir: str | Path, cfg: Any) -> str:
@@ -141,17 +345,24 @@ def run_or_reuse(run: Any, cfg: Any, run_dir: str | Path) -> dict:
     if slot == "reuse":
         print(f"reusing the finished run {run_dir}")
         return {**json.loads((Path(run_dir) / "results.json").read_text()), "run_dir": str(run_dir)}
+    if slot == "run" and held_records(run_dir):  # the same config's attempt killed before a checkpoint
+        lock_run(run_dir)
+        aside = set_aside(run_dir)
+        release_run(run_dir)
+        print(f"{run_dir}: an attempt stopped before its first checkpoint; its files moved to {aside}")
     return run(cfg, run_dir, resume=slot == "resume")
 
 
 def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | Path | None = None,
-              root: str | Path | None = None, resume: bool = False) -> Path:
-    """Create the run directory, write the resolved config.yaml, print the git sha and the config.
+              root: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+              inputs: dict | None = None) -> Path:
+    """Claim and lock the run directory, write the resolved config.yaml, print the git sha and the config.
 
-    `root` None = default_run_root(); a relative root is relative to the current directory. A fresh (not
-    `resume`) run in an explicit `run_dir` that holds an earlier run starts clean: that run's records
-    (RUN_RECORDS, log.txt) are removed, so nothing is appended to its metrics and no old results.json or
-    last.pt outlives a failure of this one."""
+    `root` None = default_run_root(); a relative root is relative to the current directory. A fresh run in
+    an explicit `run_dir` that holds anything is refused (one line) unless `overwrite`: then what was there
+    moves into `previous-<time>/`. `resume` keeps config.yaml and checks the command's config against it
+    (changes outside the config class's RESUME_FREE refused) and last.pt against it (checkpoint_identity).
+    `inputs`: files the run builds on (FLAME's frozen net), recorded in last.pt so a resume uses the same."""
     if run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = Path(root).expanduser() if root is not None else default_run_root()
@@ -159,17 +370,40 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
     run_dir = Path(run_dir)
     with _usable(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ".write-test").touch()
-        (run_dir / ".write-test").unlink()
-    if not resume:
-        clear_records(run_dir)
+    release_run()  # one run at a time per process: an earlier run of this process is over
+    lock_run(run_dir)  # before anything in the folder is read, moved or written
+    resolved = config_to_dict(cfg)
+    changed, aside = {}, None
+    try:
+        if resume:
+            saved = saved_config(run_dir)
+            changed = resume_changes(saved, resolved, getattr(type(cfg), "RESUME_FREE", ()), run_dir)
+            identity = checkpoint_identity(run_dir)
+            digest = config_digest(saved)
+            inputs = (identity or {}).get("inputs") or inputs
+        else:
+            refused_folder(run_dir, overwrite)
+            aside = set_aside(run_dir)
+            with atomic_write(run_dir / "config.yaml") as handle:
+                yaml.safe_dump(resolved, handle, sort_keys=True)
+            digest = config_digest(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        stale = remove_stale_temps(run_dir)
+    except BaseException:
+        release_run(run_dir)
+        raise
     global CURRENT_RUN
     CURRENT_RUN = run_dir
-    resolved = config_to_dict(cfg)
-    with atomic_write(run_dir / "config.yaml") as handle:
-        yaml.safe_dump(resolved, handle, sort_keys=True)
+    _RUNS[run_dir.resolve()] = {"config_sha256": digest, "paper": paper, "inputs": dict(inputs or {}),
+                                "resume_changes": changed}
     _tee_stdout(run_dir / "log.txt")
-    print(f"[{paper}] run dir {run_dir} | git {git_sha()}")
+    print(f"[{paper}] run dir {run_dir} | git {git_sha()}" + (" | resumed" if resume else ""))
+    if aside is not None:
+        print(f"--overwrite: what {run_dir} held moved to {aside}")
+    if stale:
+        print(f"removed temp files a stopped writer left: {', '.join(stale)}")
+    if changed:
+        print("resumed with changed settings (allowed: they do not change the run's numbers): "
+              + "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items()))
     print(yaml.safe_dump(resolved, sort_keys=True).rstrip())
     return run_dir
 
@@ -206,8 +440,12 @@ def check_resume_folder(run_dir: str | Path, paper: str, label: str, writer: Any
 
 def log_metrics(run_dir: str | Path, record: dict) -> None:
     """Append one JSON object (one evaluation, epoch or round) to metrics.jsonl."""
-    with open(Path(run_dir) / "metrics.jsonl", "a") as handle:
-        handle.write(json.dumps(record, default=float) + "\n")
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record, default=float) + "\n")
+    except OSError as err:  # a cut-short last line is what read_metrics leaves out
+        raise _named(err, path) from None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -242,14 +480,33 @@ def write_results(run_dir: str | Path, results: dict) -> dict:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     full = {**results, "git_sha": git_sha(), "versions": package_versions(), "device": device,
             "python": platform.python_version(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    run = _RUNS.get(Path(run_dir).resolve())
+    if run and run["resume_changes"]:
+        full["resume_changes"] = {key: list(pair) for key, pair in run["resume_changes"].items()}
     save_json(Path(run_dir) / "results.json", full)
+    release_run(run_dir)  # the run's last record: the folder is free again
     return full
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """torch.save a plain dict of tensors and primitives, atomically (temp file + rename)."""
-    with atomic_write(path, "wb") as handle:
-        torch.save(state, handle)
+    """torch.save a plain dict of tensors and primitives, atomically (temp file + rename): a write that
+    fails (a full disk) leaves the previous file and no temp file. A last.pt in the folder of a run started
+    by start_run carries that run's identity (`run_identity`: its config digest and inputs)."""
+    path = Path(path)
+    run = _RUNS.get(path.parent.resolve()) if path.name == "last.pt" else None
+    if run is not None:
+        state = {**state, "run_identity": {"config_sha256": run["config_sha256"], "paper": run["paper"],
+                                           "inputs": run["inputs"]}}
+    try:
+        with atomic_write(path, "wb") as handle:
+            torch.save(state, handle)
+    except RuntimeError as err:  # torch's zip writer reports a failed write (a full disk) this way
+        text = " ".join(str(err).split())
+        if "writ" not in text.lower():
+            raise
+        where = setting_for(path)
+        raise OSError(errnos.EIO, f"cannot write checkpoint {path} ({text[:160]}); the previous one is kept"
+                      + (f" ({where})" if where else ""), str(path)) from None
 
 
 def load_checkpoint(path: str | Path) -> dict:

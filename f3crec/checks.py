@@ -8,16 +8,15 @@ naming the key or the file (a user error, exit 2), raised before anything is wri
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
 from common.config import ConfigError, config_to_dict
-from common.io import cache_root
-from common.runs import (check_resume_folder as common_check_resume_folder, default_run_root, load_checkpoint,
-                         paper_of as logged_paper)
+from common.io import cache_root, check_writable
+from common.runs import (check_resume_folder as common_check_resume_folder, checkpoint_identity, default_run_root,
+                         load_checkpoint, paper_of as logged_paper, refused_folder)
 from common.utils import get_device
 
 from .config import Config, check_config
@@ -29,9 +28,7 @@ FOREIGN_SECTIONS = {"flame": "flame", "wpcl": "vlm2rec", "crtr": "vlm2rec", "seq
                     "loss": "vlm2rec", "zero_shot": "vlm2rec", "tag": "vlm2rec"}
 # Keys a resume may change: they decide where and how fast a run goes, not its numbers. Every other key
 # must equal the resumed run's, or the records would mix two runs (§8: one checkpoint per block boundary).
-RESUME_FREE = {"run_root", "methods", "train.stop_after_block", "train.device", "train.share_base",
-               "train.base_cache", "federation.nodes", "federation.min_reply_fraction",
-               "federation.reply_timeout", "federation.node_state_dir"}
+RESUME_FREE = set(Config.RESUME_FREE)
 
 
 def paper_of(run_dir: Path) -> Optional[str]:
@@ -77,6 +74,7 @@ def check_resume_folder(run_dir: Path) -> dict:
     missing = [key for key in LAST_KEYS if key not in ckpt]
     if missing:
         raise ValueError(f"{last}: not an F3CRec checkpoint (no {', '.join(missing)})")
+    checkpoint_identity(run_dir)     # a last.pt of another run (another seed's, copied in) is refused
     return ckpt
 
 
@@ -105,23 +103,19 @@ def check_same_run(cfg: Config, run_dir: Path) -> None:
 
 def _writable_target(folder: Path, what: str, hint: str) -> None:
     """`folder` exists as a writable directory, or can be created: its nearest existing ancestor is a
-    writable directory. Creates nothing."""
-    probe = folder
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise NotADirectoryError(f"{what} {folder} cannot be created: {probe} is a file ({hint})")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise PermissionError(f"{what} {folder} is not writable ({probe}; {hint})")
+    directory where a probe file can be written. Creates no folder."""
+    check_writable(folder, what, hint)
 
 
-def preflight(cfg: Config, run_dir: Optional[Path], resume: bool) -> None:
+def preflight(cfg: Config, run_dir: Optional[Path], resume: bool, overwrite: bool = False) -> None:
     """Everything run() can check before reading data or training: the key rules, the run folder, the
     base-block cache folder, the device, and on a resume the folder, its last.pt and its keys."""
     check_config(cfg)
     root = Path(cfg.run_root).expanduser() if cfg.run_root is not None else default_run_root()
     target = Path(run_dir) if run_dir is not None else root / "f3crec" / cfg.data.name
     _writable_target(target, "run folder", "set run_root or $REPRO_RUNS, or --run-dir")
+    if run_dir is not None and not resume:
+        refused_folder(Path(run_dir), overwrite)   # a folder with records, or another run's: one line, now
     if cfg.train.share_base and cfg.federation.simulator != "flower":
         base = Path(cfg.train.base_cache) if cfg.train.base_cache else cache_root() / "f3crec" / "base"
         _writable_target(base, "base-block cache", "set train.base_cache, or train.share_base=false")

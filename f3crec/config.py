@@ -7,7 +7,7 @@ F3CRec, ML-100K, official README hyper-parameters, §9). `configs/smoke.yaml` is
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 from common.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
 
@@ -87,7 +87,7 @@ class QuirkConfig:
 
 @dataclass
 class TrainConfig:
-    seed: NonNegInt = 42                   # reference default (§9); compare.py overrides it per seed
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 42   # reference default (§9); numpy seeds fit in 32 bits
     stop_after_block: Optional[Annotated[int, Range(0, 3)]] = None   # stop after block 0..3 (0: only the shared base)
     share_base: bool = True          # reuse the cached end-of-D⁰ state across methods (§8.6)
     base_cache: Optional[str] = None  # folder of the shared base states; None = common.io.cache_root()/f3crec/base
@@ -107,6 +107,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     quirks: QuirkConfig = field(default_factory=QuirkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # What `--resume` may change (checks.RESUME_FREE says why; recorded in log.txt and results.json).
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("run_root", "methods", "train.stop_after_block", "train.device",
+                                              "train.share_base", "train.base_cache", "federation.nodes",
+                                              "federation.min_reply_fraction", "federation.reply_timeout",
+                                              "federation.node_state_dir")
 
 
 def check_config(cfg: Config) -> None:

@@ -4,6 +4,7 @@
     python -m f3crec.main --config f3crec/configs/smoke.yaml # synthetic smoke run, seconds
     python -m f3crec.main "methods=[ft,arm,itm,f3crec]"      # several methods, one shared base block
     python -m f3crec.main --resume runs/f3crec/ml-100k/<run> # continue at the next block boundary
+    python -m f3crec.main --run-dir DIR [--overwrite]        # a fresh run in DIR (--overwrite: its files move aside)
     cd f3crec && python main.py --config configs/smoke.yaml
 
 A checkpoint (last.pt, a plain dict) is written at every block boundary; the end-of-D⁰ state is cached
@@ -34,14 +35,15 @@ from .evaluate import summarise
 from .train import fit, format_row, round_line
 
 
-def run(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
+def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     """One method, all blocks (§8): the results dict, also written to `run_dir`/results.json.
-    Every check that can fail on the input runs before the run folder is claimed (or, on a resume, touched)."""
-    preflight(cfg, run_dir, resume)                               # keys, folders, device, the resumed run
+    Every check that can fail on the input runs before the run folder is claimed (or, on a resume, touched).
+    `overwrite`: a fresh run may use a `run_dir` that holds files (they move into previous-<time>/)."""
+    preflight(cfg, run_dir, resume, overwrite)                    # keys, folders, device, the resumed run
     blocks, blocks_id = get_blocks(cfg.data, cfg.train.seed)      # missing or bad data: a one-line error
     check_blocks(cfg, blocks)
     run_dir = start_run(cfg, "f3crec", cfg.data.name, tag=f"{cfg.method.name}-s{cfg.train.seed}",
-                        run_dir=run_dir, root=cfg.run_root, resume=resume)      # config.yaml holds the unresolved config
+                        run_dir=run_dir, root=cfg.run_root, resume=resume, overwrite=overwrite)  # the unresolved config
     cfg, flags = resolve(cfg)
     seed_global(cfg.train.seed)
     log = lambda record: (log_metrics(run_dir, record), print(round_line(record)))  # noqa: E731  (jsonl: the record)
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         run_dir = options.resume or options.run_dir
         if options.run_dir is not None and len(methods) > 1:
             run_dir = options.run_dir / name
-        results[name] = run(one, run_dir, resume=options.resume is not None)
+        results[name] = run(one, run_dir, resume=options.resume is not None, overwrite=options.overwrite)
     if len(methods) > 1:   # each run printed its own table; here the methods side by side
         print("\nmethod        | " + "NDCG@20 LA / RA / H          | Recall@20 LA / RA / H")
         for name, res in results.items():

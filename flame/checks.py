@@ -7,7 +7,6 @@ builds on, the folder it resumes. Every failure is one line naming the file (a u
 """
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -16,7 +15,10 @@ from typing import Iterable, Optional
 import torch
 import yaml
 
-from common.runs import check_resume_folder as common_check_resume_folder, default_run_root, paper_of as logged_paper
+from common.io import check_writable
+from common.config import ConfigError
+from common.runs import (check_resume_folder as common_check_resume_folder, checkpoint_identity, default_run_root,
+                         paper_of as logged_paper, refused_folder, saved_config)
 
 from .config import Config, check_config, check_saved_config
 
@@ -70,20 +72,14 @@ def check_resume_folder(run_dir: Path) -> None:
     check_saved_config(run_dir)
     if not (run_dir / "last.pt").exists():
         raise FileNotFoundError(f"nothing to resume: {run_dir / 'last.pt'} does not exist")
+    read_checkpoint(run_dir / "last.pt", LAST_KEYS)  # a foreign or damaged file: its own line first
+    checkpoint_identity(run_dir)  # a last.pt of another run (another seed's, copied in) is refused
 
 
 def _writable_target(folder: Path, what: str) -> None:
     """`folder` exists as a writable directory, or can be created: its nearest existing ancestor is a
-    writable directory. Creates nothing."""
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise NotADirectoryError(f"{what} {folder} cannot be created: {probe} is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise PermissionError(f"{what} {folder} is not writable ({probe}; set run_root or $REPRO_RUNS)")
+    directory where a probe file can be written. Creates no folder."""
+    check_writable(folder, what, "--run-dir, run_root or $REPRO_RUNS")
 
 
 def _run_parent(cfg: Config) -> Path:
@@ -91,12 +87,14 @@ def _run_parent(cfg: Config) -> Path:
     return root / "flame" / cfg.data.name
 
 
-def preflight(cfg: Config, run_dir: Optional[Path], resume: bool) -> None:
+def preflight(cfg: Config, run_dir: Optional[Path], resume: bool, overwrite: bool = False) -> None:
     """Everything run() can check before reading data or training: the key constraints, the run
     folder (and the stage-1 folders beside it), the files given by flame.frozen,
     method.ensemble_members and train.sasrec_run, and the checkpoint a resume starts from."""
     check_config(cfg)
     _writable_target(Path(run_dir) if run_dir is not None else _run_parent(cfg), "run folder")
+    if run_dir is not None and not resume:
+        refused_folder(Path(run_dir), overwrite)  # a folder with records, or another run's: one line, now
     fc, method = cfg.flame, cfg.method
     if fc.frozen and method.name in ("flame", "sasrec"):
         state = read_checkpoint(Path(fc.frozen), what="flame.frozen: frozen checkpoint")
@@ -115,6 +113,20 @@ def preflight(cfg: Config, run_dir: Optional[Path], resume: bool) -> None:
             raise FileNotFoundError(f"train.sasrec_run={cfg.train.sasrec_run}: not a finished run (no results.json)")
     if resume and run_dir is not None and (Path(run_dir) / "last.pt").exists():
         read_checkpoint(Path(run_dir) / "last.pt", LAST_KEYS)
+    if resume and run_dir is not None:
+        check_more_epochs(cfg, Path(run_dir))
+
+
+def check_more_epochs(cfg: Config, run_dir: Path) -> None:
+    """A resume may raise train.max_epochs (Config.RESUME_FREE) only where it moves nothing but the stop:
+    FLAME's and B3's λ horizon is max_epochs unless flame.lambda_horizon is set (quirk 10)."""
+    saved = saved_config(run_dir).get("train", {}).get("max_epochs")
+    if saved is None or saved == cfg.train.max_epochs:
+        return
+    if cfg.method.name in ("flame", "mutual") and not cfg.flame.lambda_horizon:
+        raise ConfigError(f"--resume {run_dir}: train.max_epochs={cfg.train.max_epochs} (the run has {saved}) would "
+                          "move λ's horizon, which is max_epochs while flame.lambda_horizon is not set (quirk 10): "
+                          "start a new run for more epochs")
 
 
 def check_fits(model: torch.nn.Module, last: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 import yaml
 
@@ -108,6 +108,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run_root: Optional[str] = None  # runs go to <run_root>/flame/<dataset>/; None = $REPRO_RUNS, else <repo>/runs
+    # What `--resume` may change (recorded in log.txt and results.json): where the run goes and, for more
+    # epochs, where it stops, not the numbers of the epochs it shares (float-level device differences aside).
+    # max_epochs only where λ's horizon does not follow it (checks.check_more_epochs, quirk 10). A resume
+    # finds its frozen net through its last.pt, not the run root. Every other key is the saved run's.
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("train.device", "run_root", "train.max_epochs")
 
 
 def check_config(cfg: Config) -> None:
@@ -132,7 +137,13 @@ def check_saved_config(run_dir: Path) -> None:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return
-    saved = yaml.safe_load(path.read_text()) or {}
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not readable YAML ({' '.join(str(err).split())[:120]}); --resume takes a "
+                         "folder that a FLAME run wrote") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a config mapping; --resume takes a folder that a FLAME run wrote")
     old = [key for key in RENAMED if _has_key(saved, key.split("."))]
     if old:
         renames = "; ".join(f"{key} is now {RENAMED[key]}" for key in old)

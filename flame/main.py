@@ -4,6 +4,7 @@
     python -m flame.main --config flame/configs/smoke.yaml                 # offline, seconds on CPU
     python -m flame.main --config flame/configs/amazon-toys.yaml method.name=sasrec
     python -m flame.main --resume runs/flame/amazon-toys/<run>            # continue from last.pt
+    python -m flame.main --run-dir DIR [--overwrite]   # a fresh run in DIR (--overwrite: its files move aside)
     cd flame && python main.py --config configs/smoke.yaml
 method.name = flame (default) | sasrec (B1) | ensemble (B2) | mutual (B3), docs/method.md §11.
 Data parallel: `python -m flame.launch --nproc 2 -- <the same arguments>` (or torchrun / accelerate launch).
@@ -11,6 +12,7 @@ Data parallel: `python -m flame.launch --nproc 2 -- <the same arguments>` (or to
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,7 +22,7 @@ if __package__ in (None, ""):  # script mode: `cd flame && python main.py`
 
 from common.cli import run_cli  # noqa: E402
 from common.config import config_to_dict, parse_cli  # noqa: E402
-from common.runs import save_checkpoint, start_run, write_results  # noqa: E402
+from common.runs import checkpoint_identity, interrupt_hint, save_checkpoint, start_run, write_results  # noqa: E402
 from common.utils import seed_everything  # noqa: E402
 
 from . import parallel, stage1  # noqa: E402
@@ -37,18 +39,36 @@ _resume_option = argparse.ArgumentParser(add_help=False)
 _resume_option.add_argument("--resume", type=Path)
 
 
-def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> dict:
-    """One run of cfg.method.name; returns the results dict also written to results.json."""
+def recorded_frozen(run_dir: Path) -> tuple[Optional[Path], Optional[Path]] | None:
+    """The frozen net (and its stage-1 folder) a resumed run recorded in its last.pt, or None when it
+    recorded none: a resume builds on the same net wherever today's run root is (§6)."""
+    inputs = (checkpoint_identity(run_dir) or {}).get("inputs") or {}
+    if not inputs.get("frozen"):
+        return None
+    frozen = Path(inputs["frozen"])
+    if not frozen.is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: the frozen net this run was started on, {frozen} "
+                                "(recorded in its last.pt), is missing; restore it, or start a new run")
+    return frozen, Path(inputs["stage1"]) if inputs.get("stage1") else None
+
+
+def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, overwrite: bool = False) -> dict:
+    """One run of cfg.method.name; returns the results dict also written to results.json.
+    `overwrite`: a fresh run may use a `run_dir` that holds files (they move into previous-<time>/)."""
     method = cfg.method.name
     device, is_main = setup_device(cfg.train.device)
     check_graph_options(cfg.train, cfg.flame if method in ("flame", "mutual") else None, device)
-    preflight(cfg, run_dir, resume)  # run folder, given files, resumed checkpoint: before any expensive work
-    frozen, stage1_dir = stage1.frozen_checkpoint(cfg)  # the shipped weights are missing: one line, now
+    preflight(cfg, run_dir, resume, overwrite)  # run folder, given files, resumed checkpoint: before expensive work
+    recorded = recorded_frozen(Path(run_dir)) if resume and run_dir is not None else None
+    # the shipped weights are missing: one line, now
+    frozen, stage1_dir = recorded if recorded is not None else stage1.frozen_checkpoint(cfg)
     data = build_data(load_raw(cfg.data), cfg.data)
-    for sub, folder in stage1.pending(cfg):  # the SASRecs this run builds on (§6), trained once
-        with stage1.claimed(folder, lock=is_main):  # one builder per folder; waits for another run's
+    for sub, folder in ([] if recorded is not None else stage1.pending(cfg)):  # the SASRecs this run builds on
+        hint = f"stage 1 ({folder}) was stopped: the same command continues it from its last checkpoint"
+        with stage1.claimed(folder, lock=is_main), interrupt_hint(hint):  # one builder per folder
             if parallel.broadcast(not stage1.finished(folder)):  # rank 0 decides for every rank
-                run(sub, folder, resume=(folder / "last.pt").exists())
+                # the folder is the cache's own: an attempt stopped before its first checkpoint moves aside
+                run(sub, folder, resume=(folder / "last.pt").exists(), overwrite=True)
     members = stage1.ensemble_members(cfg)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     # built before the run folder exists: a checkpoint of another shape fails without leaving one
@@ -56,8 +76,10 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False) -> di
     if resume and run_dir is not None and (Path(run_dir) / "last.pt").exists():
         check_fits(model, Path(run_dir) / "last.pt")
     tag = f"{method}_seed{cfg.train.seed}"
-    run_dir = (start_run(cfg, "flame", cfg.data.name, tag, run_dir, root=cfg.run_root, resume=resume)
-               if is_main else run_dir)
+    inputs = {"frozen": os.path.abspath(frozen), "stage1": os.path.abspath(stage1_dir) if stage1_dir else None} \
+        if frozen else None  # recorded in last.pt: a resume builds on this net, whatever its run root
+    run_dir = (start_run(cfg, "flame", cfg.data.name, tag, run_dir, root=cfg.run_root, resume=resume,
+                         overwrite=overwrite, inputs=inputs) if is_main else run_dir)
     run_dir = Path(parallel.broadcast(str(run_dir)))  # every rank uses rank 0's run folder
     data.training_to(device)  # the whole training set on the device (no loader)
     if method == "ensemble":
@@ -85,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if resumed.resume is not None:  # before parse_cli reads its config.yaml: a missing, foreign or old
         check_resume_folder(resumed.resume)  # folder gets a one-line explanation
     cfg, options = parse_cli(argv, Config)
-    return run(cfg, options.resume or options.run_dir, resume=options.resume is not None)
+    return run(cfg, options.resume or options.run_dir, resume=options.resume is not None, overwrite=options.overwrite)
 
 
 if __name__ == "__main__":

@@ -54,5 +54,8 @@ def test_sigkill_in_the_middle_of_a_block_then_resume_equals_an_uninterrupted_ru
 def test_a_fresh_start_into_a_used_folder_keeps_no_stale_record(tmp_path):
     run = tmp_path / "run"
     main(["--config", SMOKE, "--run-dir", str(run), "federation.rounds=2", "federation.patience=2"])
-    main(["--config", SMOKE, "--run-dir", str(run), "federation.rounds=1", "train.stop_after_block=0"])
+    first = (run / "metrics.jsonl").read_bytes()
+    # --overwrite (without it the folder is refused, tests/test_trust.py): the earlier run moves aside
+    main(["--config", SMOKE, "--run-dir", str(run), "federation.rounds=1", "train.stop_after_block=0", "--overwrite"])
     assert [(r["block"], r["round"]) for r in records(run)] == [(0, 0)]
+    assert [(p / "metrics.jsonl").read_bytes() for p in run.glob("previous-*")] == [first]

@@ -174,6 +174,12 @@ def test_ctrl_c_is_one_line_naming_the_run_to_resume(tmp_path, monkeypatch, caps
 
     def interrupted():
         raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as info:   # before the first checkpoint: no --resume hint (issue 19)
+        run_cli(interrupted)
+    assert info.value.code == 130
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "--resume" not in err and err.count("\n") == 1
+    save_checkpoint(run / "last.pt", {"epoch": 1})
     with pytest.raises(SystemExit) as info:
         run_cli(interrupted)
     assert info.value.code == 130
@@ -218,14 +224,20 @@ def _finished_run(folder, cfg, resume=False):
     return run
 
 
-def test_a_fresh_run_in_a_used_folder_starts_clean_and_a_resume_keeps_it(tmp_path):
+def test_a_fresh_run_in_a_used_folder_is_refused_or_moves_it_aside_and_a_resume_keeps_it(tmp_path):
     from common.runs import RUN_RECORDS
     run = _finished_run(tmp_path / "run", Cfg())
     (run / "best.pt").write_bytes(b"old")
     kept = start_run(Cfg(), "paper", "toy", run_dir=run, resume=True)          # a resume: nothing removed
     assert all((kept / name).exists() for name in RUN_RECORDS) and len(read_metrics(kept)) == 1
-    start_run(Cfg(lr=0.2), "paper", "toy", run_dir=run)                         # a fresh start in the same folder
+    before = {name: (run / name).read_bytes() for name in RUN_RECORDS}
+    with pytest.raises(FileExistsError, match="is not empty .*--overwrite"):
+        start_run(Cfg(lr=0.2), "paper", "toy", run_dir=run)                     # a fresh start: refused
+    assert {name: (run / name).read_bytes() for name in RUN_RECORDS} == before
+    start_run(Cfg(lr=0.2), "paper", "toy", run_dir=run, overwrite=True)         # told to: the old run moves aside
     assert not any((run / name).exists() for name in RUN_RECORDS)              # no old metrics, results, checkpoints
+    aside = [p for p in run.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and {name: (aside[0] / name).read_bytes() for name in RUN_RECORDS} == before
     log_metrics(run, {"epoch": 0, "ndcg": 0.7})
     assert [r["ndcg"] for r in read_metrics(run)] == [0.7]
     assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.2

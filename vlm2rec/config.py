@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 import torch
 import yaml
 
 from common.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
+from common.runs import checkpoint_identity
 
 BACKBONE_NAMES = ("qwen2-vl", "qwen2.5-vl", "tiny", "tiny-qwen2.5-vl", "two-tower")
 DATASETS = ("synthetic", "ml100k-posters", "amazon")
@@ -95,7 +96,7 @@ class DataConfig:
     root: Optional[str] = None           # data root; None = common.io.data_root(), i.e. $REPRO_DATA
     num_users: PosInt = 64                  # synthetic users (name=synthetic)
     num_items: Annotated[int, Range(4)] = 40                  # synthetic items (name=synthetic)
-    seed: NonNegInt = 0                  # synthetic generator seed; real datasets need none
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0   # synthetic generator seed; real datasets need none
     image_size: Annotated[int, Range(28)] = 224                # [R] side of the square RGB image given to the embedder
     max_history: PosInt = 10                # [S] a history is the last <= 10 items before the target (§4)
     missing_image: Literal["drop", "placeholder"] = "drop"     # [R] §14: drop items without image/title
@@ -140,7 +141,7 @@ class CRTRConfig:
 @dataclass
 class TrainConfig:
     """§7: contrastive SFT."""
-    seed: NonNegInt = 0                  # seeds torch, numpy and the batch order
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0   # seeds torch, numpy and the batch order (numpy: 32 bits)
     max_epochs: PosInt = 3                  # [S] every epoch is validated; the best one is tested
     batch_size: Annotated[int, Range(2)] = 32                 # [R] in-batch negatives = batch_size - 1
     lr: PosFloat = 1e-4                     # [R]
@@ -165,7 +166,7 @@ class EvalConfig:
     num_negatives: PosInt = 100             # [S] 1 positive + 100 sampled negatives (§13.1)
     ks: list[PosInt] = field(default_factory=lambda: [10, 20])   # cut-offs of HR@K and NDCG@K
     ties: Literal["pessimistic", "optimistic", "average"] = "pessimistic"   # [R] P1 ties (Q10)
-    neg_seed: NonNegInt = 0                    # negatives and robustness edits (same for every method)
+    neg_seed: Annotated[int, Range(0, 2**32 - 1)] = 0   # negatives and robustness edits (same for every method)
     modality_modes: list[Literal["both", "text", "image"]] = field(default_factory=lambda: list(MODES))  # §11.1
     select_on: str = "full/both/NDCG@10"   # validation metric for selection: protocol/mode/metric
     batch_size: PosInt = 64              # encoding batch
@@ -206,6 +207,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seqrec: SeqRecConfig = field(default_factory=SeqRecConfig)
+    # What `--resume` may change (recorded in log.txt and results.json): where and on what the run goes, not
+    # its numbers (float-level device differences aside); max_epochs is not among them (it sets the schedule).
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("train.device", "run_root", "tag")
 
 
 def check_config(cfg: Config) -> None:
@@ -281,6 +285,7 @@ def check_run_folder(run_dir: str | Path) -> None:
                          "start the run again") from None
     if missing:
         raise ValueError(f"{last} is not a VLM2Rec checkpoint (no {', '.join(missing)})")
+    checkpoint_identity(Path(run_dir))  # a last.pt of another run (another seed's, copied in) is refused
 
 
 def check_resume(argv: list[str] | None) -> None:

@@ -32,7 +32,7 @@ from common.data import (
     sort_chronological,
     to_sequences,
 )
-from common.io import atomic_write, cache_root, data_root
+from common.io import atomic_write, cache_root, data_root, safe_filename
 from common.registry import check_derived
 
 from .config import DATASETS, DataConfig
@@ -292,7 +292,7 @@ def load_amazon(cfg: DataConfig, root: Path) -> dict:
     name = f"amazon-{cfg.category}"
     check_stats(name, compute_stats(inter))
     meta = amazon_items(root, cfg.category, asins)
-    image_of = {a: folder / "images" / f"{a}.jpg" for a in asins}
+    image_of = {a: folder / "images" / f"{safe_filename(a)}.jpg" for a in asins}  # as vlm2rec.prepare names them
     usable = np.array([bool(meta[a]["title"]) and image_of[a].exists() for a in asins])
     if cfg.missing_image == "drop":
         inter = kcore({k: v[usable[inter["item"]]] for k, v in inter.items()}, 5, 5)

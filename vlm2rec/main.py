@@ -17,7 +17,8 @@ if __package__ in (None, ""):  # run as a script: `cd vlm2rec && python main.py`
 import torch
 
 from common.config import parse_cli
-from common.runs import save_checkpoint, start_run, write_results
+from common.io import cache_root, check_writable
+from common.runs import default_run_root, refused_folder, save_checkpoint, start_run, write_results
 from common.cli import run_cli
 from common.utils import get_device, seed_everything
 
@@ -52,8 +53,22 @@ def preflight(cfg: Config) -> dict:
     return data
 
 
-def run(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) -> dict:
-    """One run; `resume=True` continues the run folder `run_dir` from its last.pt."""
+def check_folders(cfg: Config, run_dir: str | Path | None, resume: bool, overwrite: bool) -> None:
+    """The run folder and the cache can be written, and a fresh run's folder is free: one line before the
+    data, the backbone or the item features are touched."""
+    root = Path(cfg.run_root).expanduser() if cfg.run_root is not None else default_run_root()
+    check_writable(Path(run_dir) if run_dir is not None else root / "vlm2rec", "run folder",
+                   "--run-dir, run_root or $REPRO_RUNS")
+    if run_dir is not None and not resume:
+        refused_folder(Path(run_dir), overwrite)
+    check_writable(cache_root(), "cache", "$REPRO_CACHE")
+
+
+def run(cfg: Config, run_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
+    """One run; `resume=True` continues the run folder `run_dir` from its last.pt; `overwrite`: a fresh
+    run may use a `run_dir` that holds files (they move into previous-<time>/)."""
+    check_config(cfg)
+    check_folders(cfg, run_dir, resume, overwrite)
     data = preflight(cfg)
     seed_everything(cfg.train.seed)
     accelerator = make_accelerator(cfg.train, get_device(cfg.train.device))
@@ -70,7 +85,7 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) ->
     model.embedder.precompute([h for s in ("train", "valid", "test") for h in split[s]["history"]])
     # The run folder is claimed only now: a split, negatives or backbone that fails leaves no folder behind.
     out_dir = start_run(cfg, "vlm2rec", data["name"], cfg.tag, run_dir, root=cfg.run_root,
-                        resume=resume) if writes else None
+                        resume=resume, overwrite=overwrite) if writes else None
     print(f"backbone {model.embedder.identifier}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
           f"trainable parameters; {len(split['train']['target']):,} training pairs; "
           f"{len(data['sequences']):,} users; {num_items:,} items")
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, options = parse_cli(argv, Config)
     if options.resume is not None:
         return run(cfg, options.resume, resume=True)
-    return run(cfg, options.run_dir)
+    return run(cfg, options.run_dir, overwrite=options.overwrite)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,23 @@ meta_<cat>.json.gz, items.json (the 5-core items' title and image URL), images/<
 and images_manifest.json (counts and the reason for every image that could not be had).
 Image download is concurrent, retried with exponential backoff, and resumable: a file already present
 and decodable is skipped, so an interrupted run continues where it stopped.
+
+Trust: an item id from the metadata names its image file only through common.io.safe_filename (no separator,
+no '..', at most 100 characters; any other id becomes id-<sha256>), so no id writes outside images/. SNAP
+publishes no checksum or size for the 2014 files: a download is checked against the server's Content-Length
+and by decompressing it whole (gzip's CRC-32 and length trailer), and its sha256 and size are recorded in
+downloads.json beside it on first download; a later run refuses a file that no longer matches that record.
+An image is at most MAX_IMAGE_BYTES and must decode within PIL's decompression-bomb limit.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import http.client
 import io
 import json
 import time
+import zlib
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -25,15 +34,16 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from common.cli import run_cli
-from common.download import fetch
-from common.io import atomic_write, data_root
+from common.download import fetch, file_sha256
+from common.io import atomic_write, data_root, load_json, safe_filename, save_json
 
 from .catalog import is_valid_image
 from .config import DataConfig
 from .data import amazon_dir, amazon_items, load_dataset
 
 CATEGORIES = ("Toys_and_Games", "Beauty", "Sports_and_Outdoors", "Clothing_Shoes_and_Jewelry")
-BASE_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
+BASE_URL = "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
+MAX_IMAGE_BYTES = 20 << 20  # an Amazon product image is ~10-100 KB; a larger body is not one
 USER_AGENT = "repro-recsys-vlm2rec/0.1 (research reproduction)"
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}  # transient; any other HTTP error is final (e.g. 404)
 # §14.1 offline cross-check: ICLRec sequence files + P5 datamaps (ids -> ASIN / reviewerID) under
@@ -48,10 +58,52 @@ def amazon_urls(category: str) -> dict[str, str]:
     return {name: f"{BASE_URL}/{name}" for name in names}
 
 
-def _get(url: str, timeout: float) -> bytes:
+def _get(url: str, timeout: float, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        return response.read()
+        payload = response.read(max_bytes + 1)
+    if len(payload) > max_bytes:
+        raise ValueError(f"more than {max_bytes:,} bytes")
+    return payload
+
+
+def check_gzip(path: Path) -> None:
+    """Decompress `path` whole (streamed) so gzip's CRC-32 and length trailer check it: a truncated or
+    damaged download is a one-line ValueError naming it."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            while handle.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: not a complete gzip file ({' '.join(str(err).split())[:100]}); delete it "
+                         "and download again") from None
+
+
+def verified_download(url: str, dest: Path, hint: str) -> Path:
+    """Fetch `url` to `dest` once and record its sha256 and size in downloads.json beside it (SNAP publishes
+    neither); a file already there must match its record (or, with no record, pass check_gzip and get one)."""
+    record_path = dest.parent / "downloads.json"
+    records = load_json(record_path) if record_path.is_file() else {}
+    if not dest.exists():
+        fetch(url, dest, timeout=60.0, hint=hint)
+        if dest.suffix == ".gz":
+            try:
+                check_gzip(dest)
+            except ValueError:
+                dest.unlink()  # never trusted: the next attempt downloads it again
+                raise
+    elif dest.name in records:
+        want, size = records[dest.name]["sha256"], records[dest.name]["bytes"]
+        if dest.stat().st_size != size or file_sha256(dest) != want:
+            raise ValueError(f"{dest} no longer matches its record in {record_path} (sha256 {want}, {size:,} "
+                             "bytes): it was changed or damaged; delete it and download again")
+        return dest
+    elif dest.suffix == ".gz":
+        check_gzip(dest)
+    records[dest.name] = {"url": url, "sha256": file_sha256(dest), "bytes": dest.stat().st_size,
+                          "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    save_json(record_path, records)
+    return dest
 
 
 def download_image(url: str, dest: Path, retries: int = 3, backoff: float = 1.0, timeout: float = 20.0,
@@ -78,6 +130,8 @@ def download_image(url: str, dest: Path, retries: int = 3, backoff: float = 1.0,
         except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
             reason = f"{type(err).__name__}: {err}"  # network-level: worth another try
             continue
+        except ValueError as err:  # larger than any product image: not one
+            return f"failed: {err}"
         try:
             with Image.open(io.BytesIO(payload)) as img:
                 img = img.convert("RGB")
@@ -99,8 +153,8 @@ def download_images(urls: dict[str, str], out_dir: Path, workers: int = 16, retr
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = sorted(urls)
 
-    def one(key: str) -> str:
-        return download_image(urls[key], out_dir / f"{key}.jpg", retries, backoff, timeout, max_side)
+    def one(key: str) -> str:  # the id comes from downloaded data: never a path of its own
+        return download_image(urls[key], out_dir / f"{safe_filename(key)}.jpg", retries, backoff, timeout, max_side)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(tqdm(pool.map(one, keys), total=len(keys), desc="images", disable=not progress))
@@ -134,9 +188,8 @@ def prepare_amazon(category: str, root: Path, workers: int = 16, retries: int = 
                    skip_images: bool = False) -> dict:
     """Download one category, build and check its 5-core sequences, fetch its images, write the manifest."""
     folder = amazon_dir(root, category)
-    for name, url in amazon_urls(category).items():
-        if not (folder / name).exists():  # resumable: the big files are fetched once
-            fetch(url, folder / name, timeout=60.0, hint=f"or place {name} in {folder} by hand")
+    for name, url in amazon_urls(category).items():  # resumable: the big files are fetched once, then checked
+        verified_download(url, folder / name, hint=f"or place {name} in {folder} by hand")
     # Placeholder mode = the plain 5-core view; it asserts the statistics before the long image download.
     dataset = load_dataset(DataConfig(name="amazon", root=str(root), category=category, missing_image="placeholder"))
     items = amazon_items(root, category, dataset["item_ids"][1:])  # cached by load_dataset: a json read
