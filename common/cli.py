@@ -32,7 +32,8 @@ def _one_line(text: str) -> str:
 def _setting(path: Any) -> str:
     try:
         from common.io import setting_for  # stdlib only; imported late so a broken env still gets a line
-        return setting_for(path)
+        runs = sys.modules.get("common.runs")
+        return setting_for(path, getattr(runs, "CURRENT_RUN", None))
     except Exception:  # noqa: BLE001 - the message is better without a hint than not at all
         return ""
 

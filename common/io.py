@@ -42,19 +42,18 @@ def cache_root() -> Path:
     return path
 
 
-def setting_for(path: str | os.PathLike) -> str:
-    """The setting that chose `path`, for an error message: the run root, the cache or the data root
-    (and their variables), or '' when `path` is under none of them."""
+def setting_for(path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> str:
+    """The setting that chose `path`, for an error message: the run folder in progress (`run_dir`) or the
+    run root, the cache or the data root (and their variables); '' when `path` is under none of them."""
     try:
         target = Path(os.path.abspath(os.fspath(path)))
     except (TypeError, ValueError):
         return ""
-    runs = Path(os.environ.get("REPRO_RUNS") or REPO / "runs").expanduser()
-    places = ((runs, "the run folder: --run-dir, run_root or $REPRO_RUNS"),
-              (Path(os.environ.get("REPRO_CACHE") or REPO / "data" / "processed").expanduser(),
-               "the cache: $REPRO_CACHE"),
-              (data_root(), "the data root: data.root or $REPRO_DATA"),
-              (Path(tempfile.gettempdir()), "the temp folder: $TMPDIR"))
+    runs = "the run folder: --run-dir, run_root or $REPRO_RUNS"
+    places = ([(Path(run_dir), runs)] if run_dir is not None else []) + [
+        (Path(os.environ.get("REPRO_RUNS") or REPO / "runs").expanduser(), runs),
+        (Path(os.environ.get("REPRO_CACHE") or REPO / "data" / "processed").expanduser(), "the cache: $REPRO_CACHE"),
+        (data_root(), "the data root: data.root or $REPRO_DATA")]
     for base, setting in places:
         base = Path(os.path.abspath(base))
         if target == base or base in target.parents:

@@ -504,7 +504,7 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         text = " ".join(str(err).split())
         if "writ" not in text.lower():
             raise
-        where = setting_for(path)
+        where = setting_for(path, CURRENT_RUN)
         raise OSError(errnos.EIO, f"cannot write checkpoint {path} ({text[:160]}); the previous one is kept"
                       + (f" ({where})" if where else ""), str(path)) from None
 

@@ -244,22 +244,25 @@ def test_two_processes_given_one_folder_one_runs_one_is_refused(tmp_path):
     """Real processes: the first holds the lock while it runs; the second fails at once in one line."""
     folder = tmp_path / "shared"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "f3crec.main", *F3C, "federation.rounds=6",
-                              "federation.patience=6", "--run-dir", str(folder)], env=env,
+    first = subprocess.Popen([sys.executable, "-m", "f3crec.main", *F3C, "federation.rounds=12",
+                              "federation.patience=12", "train.stop_after_block=1", "--run-dir", str(folder)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
-        while not (folder / "config.yaml").is_file() and time.time() < deadline and first.poll() is None:
+        while not (folder / "metrics.jsonl").is_file() and time.time() < deadline and first.poll() is None:
             time.sleep(0.05)
-        second = subprocess.run([sys.executable, "-m", "f3crec.main", *F3C, "--run-dir", str(folder)], env=env,
-                                capture_output=True, text=True, timeout=120)
+        second = subprocess.Popen([sys.executable, "-m", "f3crec.main", *F3C, "--run-dir", str(folder)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        second_err = second.communicate(timeout=120)[1]
+        overlapped = first.poll() is None  # the first still ran when the second had finished
     finally:
         first_err = first.communicate(timeout=180)[1].decode()
-    if first.returncode == 0 and "not empty" in second.stderr:  # the first finished before the second started
-        pytest.skip("the first run ended before the second began (a very fast machine)")
     assert first.returncode == 0, first_err
-    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
-    assert str(folder) in second.stderr and ("in use by another run" in second.stderr or "not empty" in second.stderr)
+    assert second.returncode == 2 and second_err.count("\n") == 1, second_err
+    if overlapped:
+        assert "in use by another run" in second_err and str(folder) in second_err
+    else:  # a fast machine: the first had ended; its records still refuse a second fresh run
+        assert "not empty" in second_err and str(folder) in second_err
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     assert len({json.loads(line)["round"] for line in lines if json.loads(line)["block"] == 0}) == len(
         [line for line in lines if json.loads(line)["block"] == 0])   # one run's rounds, none twice
@@ -457,11 +460,12 @@ def test_a_full_disk_while_writing_is_one_line_and_keeps_the_earlier_run(paper, 
     shutil.copytree(source, disk / "old", ignore=shutil.ignore_patterns("*.pt", runs.LOCK_NAME))
     before = snapshot(disk / "old")
     free = shutil.disk_usage(disk).free
-    (disk / "filler").write_bytes(b"\0" * max(free - 60_000, 0))   # a few tens of KB left
+    (disk / "filler").write_bytes(b"\0" * max(free - 40_000, 0))   # a few tens of KB left
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "REPRO_CACHE": str(tmp_path / "c")}
-    args = [*ARGS[paper], *extra, "--run-dir", str(disk / "new")]
+    args = [*ARGS[paper], *extra]
     if paper == "flame":
-        args += ["train.max_epochs=30", "train.patience=30", "backbone.d=64"]
+        args += ["train.max_epochs=30", "train.patience=30"]
+    args += ["--run-dir", str(disk / "new")]
     done = subprocess.run([sys.executable, "-m", f"{paper}.main", *args], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
@@ -627,7 +631,7 @@ def test_two_prepares_of_one_dataset_at_once_both_succeed(tmp_path):
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outs = [proc.communicate(timeout=240) for proc in procs]
     assert all(proc.returncode == 0 for proc in procs), [err[-500:] for _, err in outs]
-    built = {out.strip() for out, _ in outs}
+    built = {out.strip().splitlines()[-1] for out, _ in outs}   # a waiter prints that it waits first
     assert len(built) == 1 and (Path(built.pop()) / "stats.json").is_file()
 
 
