@@ -129,23 +129,42 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def exclusive(path: str | os.PathLike, waiting: str = "") -> Iterator[None]:
+def exclusive(path: str | os.PathLike, waiting: str = "", remove: bool = False) -> Iterator[None]:
     """Hold the exclusive lock of artefact `path` across processes (an fcntl.flock on `<path>.lock` beside
     it, released when the holder ends, even by kill -9). A second process blocks until the first is done
-    (printing `waiting` first, if given), then sees what it built: one builder per artefact."""
+    (printing `waiting` first, if given), then sees what it built: one builder per artefact.
+    `remove`: the holder deletes the lock file when done (a folder keeps no trace of the lock); a waiter that
+    then holds the lock of a deleted file takes the lock again on the current one (git-style lock files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f"{path.name}.lock", "a") as handle:
+    lock = path.parent / f"{path.name}.lock"
+    told = False
+    while True:
+        handle = open(lock, "a")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting:
-                print(waiting, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting and not told:
+                    print(waiting, flush=True)
+                    told = True
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock).st_ino
+            except FileNotFoundError:
+                current = None
+            if remove and current != os.fstat(handle.fileno()).st_ino:
+                continue  # the holder we waited for removed this file: lock the current one
+            try:
+                yield
+            finally:
+                if remove:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(lock)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            return
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
 
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")

@@ -83,7 +83,7 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, recipe: dict
     if (out / "stats.json").is_file() and not force:
         return out
     check_writable(out.parent, "data cache", "$REPRO_CACHE")
-    with exclusive(out, f"[prepare] {out} is being built by another process: waiting for it"):
+    with exclusive(out, f"[prepare] {out} is being built by another process: waiting for it", remove=True):
         if (out / "stats.json").is_file() and not force:  # built by the process we waited for
             return out
         _build(name, entry, recipe, raw, digest, out)
@@ -135,7 +135,7 @@ def download_raw(name: str, download_dir: str | os.PathLike | None = None, timeo
     base = Path(download_dir) if download_dir else REPO / "data" / "raw"
     dest = base / entry["dir"] / entry["file"]
     check_writable(dest.parent, "download folder", "the download folder: <repo>/data/raw unless given")
-    with exclusive(dest, f"[prepare] {dest} is being downloaded by another process: waiting for it"):
+    with exclusive(dest, f"[prepare] {dest} is being downloaded by another process: waiting for it", remove=True):
         if entry["sha256"] and dest.is_file() and \
                 file_sha256(dest, crlf_as_lf=entry.get("sha256_crlf_as_lf", False)) == entry["sha256"]:
             return dest  # the process we waited for fetched it (verified)
