@@ -17,8 +17,9 @@ import sys
 import threading
 from typing import Any, Callable
 
+# ConfigError is a ValueError; OSError covers FileNotFoundError, PermissionError, ConnectionError, a full disk...
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, ConnectionError, PermissionError,
-               NotADirectoryError, IsADirectoryError, FileExistsError)  # ConfigError is a ValueError
+               NotADirectoryError, IsADirectoryError, FileExistsError, OSError, MemoryError)
 
 
 class Terminated(KeyboardInterrupt):
@@ -79,7 +80,7 @@ def run_cli(main: Callable[[], Any]) -> None:
         signal.signal(signal.SIGTERM, _terminate)  # unwind: atomic writes remove their temp files
     try:
         main()
-    except (*USER_ERRORS, OSError, MemoryError, RuntimeError) as err:
+    except (*USER_ERRORS, RuntimeError) as err:  # a RuntimeError only when it is torch's out of memory
         if os.environ.get("REPRO_DEBUG") or (isinstance(err, RuntimeError) and not _is_out_of_memory(err)):
             raise
         print(f"error: {describe_error(err)}", file=sys.stderr)

@@ -71,7 +71,8 @@ def check_writable(folder: str | os.PathLike, what: str, setting: str) -> Path:
         while not probe.exists() and probe.parent != probe:
             probe = probe.parent
         if not probe.is_dir():
-            raise NotADirectoryError(f"{what} {folder} cannot be created: a file is in the way ({probe} is a file; {setting})")
+            raise NotADirectoryError(f"{what} {folder} cannot be created: a file is in the way "
+                                     f"({probe} is a file; {setting})")
         fd, name = tempfile.mkstemp(dir=probe, prefix=".write-probe.", suffix=".tmp")
         os.close(fd)
         os.unlink(name)

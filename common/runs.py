@@ -211,6 +211,19 @@ def held_records(run_dir: str | Path) -> list[str]:
     return sorted(entry.name for entry in run_dir.iterdir() if not _ours(entry.name))
 
 
+def _aside_folder(run_dir: Path) -> Path:
+    """A new, empty `previous-<time>[-n]/` folder inside `run_dir` (mkdir is the claim)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for suffix in range(10_000):
+        aside = run_dir / (f"{ASIDE}{stamp}" if suffix == 0 else f"{ASIDE}{stamp}-{suffix}")
+        try:
+            aside.mkdir()
+            return aside
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{run_dir}: no free {ASIDE}<time> folder name")
+
+
 def set_aside(run_dir: str | Path) -> Path | None:
     """Move everything a folder holds (held_records) into a new `previous-<time>/` inside it and return
     that folder (None when there was nothing): an earlier run's records are never deleted."""
@@ -218,14 +231,7 @@ def set_aside(run_dir: str | Path) -> Path | None:
     held = held_records(run_dir)
     if not held:
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for suffix in range(10_000):
-        aside = run_dir / (f"{ASIDE}{stamp}" if suffix == 0 else f"{ASIDE}{stamp}-{suffix}")
-        try:
-            aside.mkdir()
-            break
-        except FileExistsError:
-            continue
+    aside = _aside_folder(run_dir)
     for name in held:
         os.replace(run_dir / name, aside / name)
     return aside
@@ -381,6 +387,9 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
             identity = checkpoint_identity(run_dir)
             digest = config_digest(saved)
             inputs = (identity or {}).get("inputs") or inputs
+            if (run_dir / "results.json").is_file():  # a finished run continued (more epochs, blocks): its
+                aside = _aside_folder(run_dir)         # results.json is kept, not overwritten
+                os.replace(run_dir / "results.json", aside / "results.json")
         else:
             refused_folder(run_dir, overwrite)
             aside = set_aside(run_dir)
@@ -397,7 +406,9 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
                                 "resume_changes": changed}
     _tee_stdout(run_dir / "log.txt")
     print(f"[{paper}] run dir {run_dir} | git {git_sha()}" + (" | resumed" if resume else ""))
-    if aside is not None:
+    if aside is not None and resume:
+        print(f"the finished run's results.json moved to {aside} (this resume writes a new one)")
+    elif aside is not None:
         print(f"--overwrite: what {run_dir} held moved to {aside}")
     if stale:
         print(f"removed temp files a stopped writer left: {', '.join(stale)}")

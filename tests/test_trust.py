@@ -173,7 +173,8 @@ def test_a_resume_refuses_another_config_file(paper, copy_of, refused, tmp_path)
     assert snapshot(run) == before
 
 
-@pytest.mark.parametrize("extra,words", [(["--overwrite"], "--overwrite"), (["--run-dir", "/tmp/elsewhere"], "--run-dir")])
+@pytest.mark.parametrize("extra,words", [(["--overwrite"], "--overwrite"),
+                                         (["--run-dir", "/tmp/elsewhere"], "--run-dir")])
 def test_a_resume_with_overwrite_or_another_run_dir_is_refused(extra, words, copy_of, refused):
     run, _ = copy_of("f3crec")
     before = snapshot(run)
@@ -274,9 +275,11 @@ def test_resume_records_an_allowed_change_in_log_and_results(copy_of, tmp_path, 
     config = (run / "config.yaml").read_bytes()
     state = torch.load(run / "last.pt", weights_only=True)
     assert state["block"] == 0
+    first = (run / "results.json").read_bytes()
     paper_main("f3crec")(["--resume", str(run), "train.stop_after_block=1"])
     runs.release_run()
     assert (run / "config.yaml").read_bytes() == config            # the identity is the saved config
+    assert [p.read_bytes() for p in run.glob("previous-*/results.json")] == [first]   # the block-0 record kept
     results = json.loads((run / "results.json").read_text())
     assert results["resume_changes"] == {"train.stop_after_block": [0, 1]}
     assert "train.stop_after_block: 0 -> 1" in (run / "log.txt").read_text()
@@ -647,3 +650,16 @@ def _release_locks():
     yield
     runs.release_run()
     runs._HINTS.clear()
+
+
+def test_flame_more_epochs_on_resume_only_where_they_do_not_move_the_lambda_horizon(tmp_path):
+    from common.config import ConfigError, config_to_dict
+    from flame.checks import check_more_epochs
+    from flame.config import Config, FlameConfig, TrainConfig
+    saved = Config(train=TrainConfig(max_epochs=3))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(saved)))
+    more = Config(train=TrainConfig(max_epochs=5))
+    with pytest.raises(ConfigError, match="train.max_epochs=5 .*λ's horizon"):
+        check_more_epochs(more, tmp_path)                       # horizon = max_epochs: the numbers would move
+    check_more_epochs(Config(train=TrainConfig(max_epochs=5), flame=FlameConfig(lambda_horizon=200)), tmp_path)
+    check_more_epochs(Config(train=TrainConfig(max_epochs=3)), tmp_path)
