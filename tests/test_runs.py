@@ -228,16 +228,24 @@ def test_a_fresh_run_in_a_used_folder_is_refused_or_moves_it_aside_and_a_resume_
     from common.runs import RUN_RECORDS
     run = _finished_run(tmp_path / "run", Cfg())
     (run / "best.pt").write_bytes(b"old")
-    kept = start_run(Cfg(), "paper", "toy", run_dir=run, resume=True)          # a resume: nothing removed
-    assert all((kept / name).exists() for name in RUN_RECORDS) and len(read_metrics(kept)) == 1
-    before = {name: (run / name).read_bytes() for name in RUN_RECORDS}
+    results = (run / "results.json").read_bytes()
+    kept = start_run(Cfg(), "paper", "toy", run_dir=run, resume=True)          # a resume: nothing removed,
+    assert all((kept / name).exists() for name in RUN_RECORDS if name != "results.json")
+    assert len(read_metrics(kept)) == 1                                         # a finished run's results kept
+    assert [p.read_bytes() for p in kept.glob("previous-*/results.json")] == [results]
+    names = ("metrics.jsonl", "last.pt", "best.pt", "config.yaml", "log.txt")
+    before = {name: (run / name).read_bytes() for name in names}
     with pytest.raises(FileExistsError, match="is not empty .*--overwrite"):
         start_run(Cfg(lr=0.2), "paper", "toy", run_dir=run)                     # a fresh start: refused
-    assert {name: (run / name).read_bytes() for name in RUN_RECORDS} == before
+    assert {name: (run / name).read_bytes() for name in names} == before
+    aside_before = set(run.glob("previous-*"))
     start_run(Cfg(lr=0.2), "paper", "toy", run_dir=run, overwrite=True)         # told to: the old run moves aside
     assert not any((run / name).exists() for name in RUN_RECORDS)              # no old metrics, results, checkpoints
-    aside = [p for p in run.iterdir() if p.name.startswith("previous-")]
-    assert len(aside) == 1 and {name: (aside[0] / name).read_bytes() for name in RUN_RECORDS} == before
+    aside = set(run.glob("previous-*")) - aside_before
+    assert len(aside) == 1
+    moved = aside.pop()
+    assert {name: (moved / name).read_bytes() for name in names if name != "log.txt"} == {
+        name: data for name, data in before.items() if name != "log.txt"}   # the log gained the resume's lines
     log_metrics(run, {"epoch": 0, "ndcg": 0.7})
     assert [r["ndcg"] for r in read_metrics(run)] == [0.7]
     assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.2
