@@ -64,7 +64,9 @@ def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, overw
     frozen, stage1_dir = recorded if recorded is not None else stage1.frozen_checkpoint(cfg)
     data = build_data(load_raw(cfg.data), cfg.data)
     for sub, folder in ([] if recorded is not None else stage1.pending(cfg)):  # the SASRecs this run builds on
-        hint = f"stage 1 ({folder}) was stopped: the same command continues it from its last checkpoint"
+        again = (f"resume with --resume {run_dir}" if resume else f"run the same command (--run-dir {run_dir}) again"
+                 if run_dir is not None else "run the same command again")  # names the user's run, not stage 1's
+        hint = f"stopped in stage 1 ({folder}): {again}; stage 1 continues from its last checkpoint"
         with stage1.claimed(folder, lock=is_main), interrupt_hint(hint):  # one builder per folder
             if parallel.broadcast(not stage1.finished(folder)):  # rank 0 decides for every rank
                 # the folder is the cache's own: an attempt stopped before its first checkpoint moves aside
