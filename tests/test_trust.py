@@ -663,3 +663,18 @@ def test_flame_more_epochs_on_resume_only_where_they_do_not_move_the_lambda_hori
         check_more_epochs(more, tmp_path)                       # horizon = max_epochs: the numbers would move
     check_more_epochs(Config(train=TrainConfig(max_epochs=5), flame=FlameConfig(lambda_horizon=200)), tmp_path)
     check_more_epochs(Config(train=TrainConfig(max_epochs=3)), tmp_path)
+
+
+def test_ctrl_c_in_a_real_stage_1_names_the_users_run_not_the_stage_1_folder(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "REPRO_RUNS": str(tmp_path / "runs")}
+    user = tmp_path / "mine"
+    proc = subprocess.Popen([sys.executable, "-m", "flame.main", *FLAME, "train.max_epochs=200", "train.patience=200",
+                             "--run-dir", str(user)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list((tmp_path / "runs").rglob("stage1/*/last.pt")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 130 and err.count("\n") == 1, err
+    assert "stopped in stage 1" in err and f"--run-dir {user}" in err and "--resume" not in err
+    assert not user.exists()                                  # the user's run had not started
