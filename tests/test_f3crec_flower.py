@@ -246,3 +246,20 @@ def test_fault_rule_stops_below_the_fraction_and_resume_continues(tmp_path, user
     resumed = main(["--resume", str(tmp_path / "cut")])
     full = main(argv + ["--run-dir", str(tmp_path / "full")])
     assert resumed["summary"] == full["summary"]
+
+
+def test_a_config_error_inside_the_server_app_is_one_line(tmp_path, caplog):
+    """A bad run config reaches the ServerApp (Flower hands it over unchecked): one logged line, the same line
+    in the report for the launcher, exit status 2, no traceback."""
+    from flwr.app import Context, RecordDict
+    from f3crec.flower import server_app
+    report = tmp_path / "report.json"
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"overrides": "federation.rounds=x", "report": str(report), "run-dir": "", "resume": False})
+    with caplog.at_level("ERROR", logger="f3crec.flower"), pytest.raises(SystemExit) as exit_:
+        server_app.app(local_grid(client_app.app, "{}", 0), context)
+    assert exit_.value.code == 2
+    outcome = json.loads(report.read_text())
+    assert not outcome["ok"] and "federation.rounds" in outcome["message"] and "\n" not in outcome["message"]
+    assert [r.getMessage() for r in caplog.records] == [f"f3crec: {outcome['message']}"]
+    assert not any(r.exc_info for r in caplog.records)

@@ -2,7 +2,8 @@
 
 Node config: `partition-id`, `num-partitions` (user u lives on partition u mod num-partitions) and optional
 `state-dir` (where this node keeps its block-boundary checkpoints). Run config: `f3crec-config`, the run's
-config as JSON, or `config` + `overrides` (wire.config_from_run_config; app/pyproject.toml). Every message is answered from this node's own users only (node.py).
+config as JSON, or `config` + `overrides` (wire.config_from_run_config; app/pyproject.toml). Every message is
+answered from this node's own users only (node.py).
 
 `Context.state` holds the node's whole client state (one ArrayRecord, stacked by user, and a version);
 within one process the live `Node` is kept too and reused while its version matches the state's, so the
@@ -11,7 +12,11 @@ process per message rebuilds it from `Context.state` alone.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import time
+
+_IMPORT_STARTED = time.perf_counter()
+from pathlib import Path  # noqa: E402
 from uuid import uuid4
 
 from flwr.app import ConfigRecord, Context, Message
@@ -23,6 +28,36 @@ from . import wire
 from .node import Node
 
 app = ClientApp()
+_IMPORTED = time.perf_counter()
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux /proc), for the timing trace; NaN elsewhere."""
+    try:
+        start = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+@app.lifespan()
+def _trace(context: Context):
+    """With F3CREC_FLOWER_TIMING=<file>: one JSON line per message — process age at entry, import time, the
+    node's build time and the handler's time (where a message's seconds go, README)."""
+    path = os.environ.get("F3CREC_FLOWER_TIMING")
+    entered, age = time.perf_counter(), _process_age()
+    _BUILD[0] = 0.0
+    yield
+    if path:
+        import json
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"node": context.node_id, "pid": os.getpid(), "age_at_entry": round(age, 3),
+                                     "imports": round(_IMPORTED - _IMPORT_STARTED, 3),
+                                     "node_build": round(_BUILD[0], 3),
+                                     "handler": round(time.perf_counter() - entered, 3)}) + "\n")
+
+
+_BUILD = [0.0]
 _LIVE: dict[tuple[int, int], tuple[tuple[str, int], Node]] = {}  # (run, node) -> ((incarnation, version), node)
 
 
@@ -37,12 +72,14 @@ def _node(context: Context) -> Node:
     live = _LIVE.get(key)
     if live is not None and live[0] == tag:
         return live[1]
+    started = time.perf_counter()
     cfg = wire.config_from_run_config(context.run_config)
     node = Node(cfg, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]))
     if "f3crec.state" in context.state:
         arrays = {name: tensor.numpy() for name, tensor in wire.tensors(context.state["f3crec.state"]).items()}
         node.load_arrays(arrays, list(meta["slots"]) if "slots" in meta else [])
     _LIVE[key] = (tag, node)
+    _BUILD[0] += time.perf_counter() - started
     return node
 
 
