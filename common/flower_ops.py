@@ -128,11 +128,13 @@ def certificates(folder: Path, hosts: list[str], nodes: int) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------- processes
-def _env(home: Path) -> dict:
-    return {**os.environ, "FLWR_HOME": str(home / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
+def _env(home: Path, bin_dir: Path = BIN) -> dict:
+    """Flower's environment for a deployment in `home`, its CLIs from `bin_dir` (another venv: no PYTHONPATH)."""
+    base = dict(os.environ) if bin_dir == BIN else {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**base, "FLWR_HOME": str(home / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -154,19 +156,47 @@ def _check_free(host: str, port: int, what: str) -> None:
             raise DeployError(f"{host}:{port} for {what} is taken by another process: choose another port") from None
 
 
+def _listens(pids: list[int], port: int) -> bool:
+    """Whether one of `pids` holds a socket listening on `port` (Linux /proc, read in the namespace of the
+    first pid, so a process in another network namespace is seen too)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            pass
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/{pids[0]}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                return True
+    return False
+
+
 class Deployment:
     """One SuperLink and `nodes` SuperNodes with TLS and node authentication (a context manager; leaving it
     stops every process started here and every descendant seen, by pid)."""
 
     def __init__(self, folder: Path, nodes: int, node_config: str = "", host: str = "127.0.0.1",
                  start_timeout: float = 60.0, runtime_install: bool = False, ports: list[int] | None = None,
-                 simulation: bool = False):
+                 simulation: bool = False, bin_dir: Path = BIN, link_prefix: tuple = (), node_prefix: tuple = ()):
         self.folder, self.n, self.node_config, self.host = Path(folder), nodes, node_config, host
+        self.bin = Path(bin_dir)     # the venv whose Flower CLIs run (its Python runs the app)
+        # argv prefixes placing the SuperLink, and the SuperNodes with the `flwr` CLI, on other hosts or network
+        # namespaces (e.g. ("ip", "netns", "exec", "a")); then `host` is the SuperLink's address there
+        self.link_prefix, self.node_prefix = list(link_prefix), list(node_prefix)
         self.start_timeout, self.runtime_install, self.ports = start_timeout, runtime_install, ports
         self.simulation = simulation   # Flower's simulation runtime: `nodes` virtual SuperNodes on Ray
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
         self.seen: set[int] = set()
-        self.env = _env(self.folder)
+        self.env = _env(self.folder, self.bin)
         if simulation:   # Ray's session folder holds AF_UNIX sockets (paths <= 107 bytes): a short one, removed in stop()
             self.ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
             self.env.update({"RAY_TMPDIR": self.ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"})
@@ -179,7 +209,7 @@ class Deployment:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as out:
             popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env or self.env, start_new_session=True)
+                                     env=env or self.env, start_new_session=True, cwd=self.folder)
         self.procs.append((name, popen, log))
         return popen
 
@@ -196,9 +226,7 @@ class Deployment:
                 raise DeployError(f"{name} exited at start (status {popen.returncode}): {self._last(self.log(name))} "
                                   f"(log {self.log(name)})")
             try:
-                procs = [psutil.Process(popen.pid), *psutil.Process(popen.pid).children(recursive=True)]
-                if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
-                       for p in procs for c in p.net_connections("tcp")):
+                if _listens([popen.pid, *(c.pid for c in psutil.Process(popen.pid).children(recursive=True))], port):
                     return
             except psutil.NoSuchProcess:
                 pass
@@ -208,20 +236,22 @@ class Deployment:
             time.sleep(0.1)
 
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, env=self.env,
+        return subprocess.run([*self.node_prefix, str(self.bin / "flwr"), *args], capture_output=True, text=True, env=self.env,
                               timeout=timeout, cwd=self.folder)
 
     def start(self) -> "Deployment":
         self.keys = certificates(self.folder / "secrets", [self.host, "localhost"], self.n)
-        link_port, *node_ports = self.ports or free_ports(1 + (0 if self.simulation else self.n), self.host)
-        for what, port in [("the SuperLink", link_port), *[(f"SuperNode {i}", p) for i, p in enumerate(node_ports)]]:
-            _check_free(self.host, port, what)
+        link_port, *node_ports = self.ports or free_ports(1 + (0 if self.simulation else self.n),
+                                                          "127.0.0.1" if self.link_prefix else self.host)
+        checks = [("the SuperLink", link_port)] if not self.link_prefix else []
+        for what, port in [*checks, *[(f"SuperNode {i}", p) for i, p in enumerate(node_ports)]]:
+            _check_free(self.host if what == "the SuperLink" else "127.0.0.1", port, what)
         self.address = f"{self.host}:{link_port}"
         tls = ["--ssl-ca-certfile", str(self.keys["ca"]), "--ssl-certfile", str(self.keys["cert"]),
                "--ssl-keyfile", str(self.keys["key"]), "--superexec-auth-secret-file", str(self.keys["secret"])]
         install = [] if self.runtime_install else ["--disable-runtime-dependency-installation"]
         mode = ["--simulation"] if self.simulation else ["--enable-supernode-auth"]
-        link = self.spawn("superlink", [str(BIN / "flower-superlink"), *tls, *mode,
+        link = self.spawn("superlink", [*self.link_prefix, str(self.bin / "flower-superlink"), *tls, *mode,
                                         "--host", self.host, "--port", str(link_port), *install])
         self.wait_listening("superlink", link, link_port)
         home = self.folder / "flwr-home"
@@ -245,7 +275,7 @@ class Deployment:
         for i, port in enumerate(node_ports):
             config = self.node_config.format(i=i, n=self.n)
             self.nodes.append(self.spawn(f"supernode-{i}", [
-                str(BIN / "flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.keys["ca"]),
+                *self.node_prefix, str(self.bin / "flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.keys["ca"]),
                 "--auth-supernode-private-key", str(self.keys[f"node-{i}"]), *tls, "--host", "127.0.0.1",
                 "--port", str(port), *(["--node-config", config] if config else []),
                 *(["--allow-runtime-dependency-installation"] if self.runtime_install else [])]))
@@ -264,7 +294,7 @@ class Deployment:
 
     def run(self, app: Path, run_config: str = "", timeout: float = 600.0, report: Path | None = None) -> dict:
         """`flwr run app deployment --stream` with a deadline; the app's report (if any) or the exit status."""
-        argv = [str(BIN / "flwr"), "run", str(app), "deployment", "--stream"]
+        argv = [*self.node_prefix, str(self.bin / "flwr"), "run", str(app), "deployment", "--stream"]
         if run_config:
             argv += ["--run-config", run_config]
         name = f"flwr-run-{len(self.procs)}"
@@ -340,7 +370,8 @@ def alive(pids) -> list[int]:
 
 def deploy(app: Path, packages: list[str], nodes: int, node_config: str = "", run_config: str = "",
            report_key: str | None = None, folder: Path | None = None, timeout: float = 600.0,
-           host: str = "127.0.0.1", runtime_install: bool = False, simulation: bool = False) -> dict:
+           host: str = "127.0.0.1", runtime_install: bool = False, simulation: bool = False,
+           bin_dir: Path = BIN) -> dict:
     """Build, start, run, stop (module docstring). Returns the report (or {"ok": True}) with the pids used."""
     if nodes < 1:
         raise ValueError(f"--nodes {nodes}: needs at least one SuperNode")
@@ -359,7 +390,7 @@ def deploy(app: Path, packages: list[str], nodes: int, node_config: str = "", ru
         if report is not None:
             run_config = f"{run_config} {report_key}={json.dumps(str(report))}".strip()
         with Deployment(folder, nodes, node_config, host, runtime_install=runtime_install,
-                        simulation=simulation) as deployment:
+                        simulation=simulation, bin_dir=bin_dir) as deployment:
             kind = "virtual SuperNodes on Ray" if simulation else "SuperNodes (TLS, node authentication)"
             print(f"[flower_ops] SuperLink {deployment.address}; {nodes} {kind}; folder {folder}", flush=True)
             outcome = deployment.run(staged, run_config, timeout, report)
@@ -396,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--runtime-install", action="store_true", help="let Flower install the FAB's dependencies")
     d.add_argument("--simulation", action="store_true", help="Flower's simulation runtime (Ray): virtual nodes")
+    d.add_argument("--flower-bin", type=Path, default=BIN, help="the bin/ of the venv whose Flower runs the app")
     c = sub.add_parser("certs")
     c.add_argument("--folder", type=Path, required=True)
     c.add_argument("--host", action="append", required=True)
@@ -409,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(f"{k}: {v}" for k, v in certificates(args.folder, args.host, args.nodes).items()))
         else:
             outcome = deploy(args.app, args.package, args.nodes, args.node_config, args.run_config, args.report_key,
-                             args.folder, args.timeout, args.host, args.runtime_install, args.simulation)
+                             args.folder, args.timeout, args.host, args.runtime_install, args.simulation, args.flower_bin)
             print(json.dumps({k: v for k, v in outcome.items() if k != "pids"}))
     except (DeployError, ValueError, OSError, subprocess.TimeoutExpired) as err:
         print(f"error: {err}".splitlines()[0], file=sys.stderr)

@@ -105,7 +105,7 @@ def test_the_bundle_holds_the_code_it_runs_and_declares_its_dependencies(tmp_pat
         assert needed in names, needed
     assert not any(n.startswith(("flame/", "vlm2rec/", "tests/")) for n in names)
     deps = " ".join(project["project"]["dependencies"])
-    assert all(name in deps for name in ("flwr", "torch", "numpy", "pyyaml"))
+    assert all(name in deps for name in ("flwr", "torch", "numpy", "pyyaml", "tqdm"))
 
 
 # ------------------------------------------------------------------------------------------- deployments
@@ -195,3 +195,71 @@ def test_foreign_run_and_foreign_node_are_refused(tmp_path):
     assert runs.get("runs", []) == [], runs
     assert len([n for n in nodes["nodes"] if n.get("status") == "online"]) == 1, nodes
     assert not mark.exists() and alive(d.pids()) == []
+
+
+@pytest.mark.slow
+@deployment
+def test_the_bundle_runs_on_a_fresh_venv_with_only_its_dependencies(tmp_path, monkeypatch):
+    """A venv made here (no system site-packages, not this repository) gets only the FAB's declared
+    dependencies; stock flower-superlink / flower-supernode from it run the bundle (runtime dependency
+    installation off), with the in-process grid's results. REPRO_FLOWER_FRESH_VENV=<dir> reuses a venv."""
+    import tomllib
+    import zipfile
+    venv = Path(os.environ.get("REPRO_FLOWER_FRESH_VENV") or tmp_path / "venv")
+    fab = flower_ops.build(APP, PACKAGES, tmp_path / "fab")
+    with zipfile.ZipFile(fab) as bundle:
+        deps = tomllib.loads(bundle.read("pyproject.toml").decode())["project"]["dependencies"]
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *deps], check=True, timeout=1800,
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import f3crec"], cwd=tmp_path, env=clean,
+                           capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'f3crec'" in probe.stderr    # only the bundle brings it
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
+    out, short = tmp_path / "fresh", ["federation.rounds=2", "federation.patience=1", "train.stop_after_block=0"]
+    outcome = flower_ops.deploy(APP, PACKAGES, 2, _node_config(tmp_path), _run_config([*short, "federation.nodes=2"], out),
+                                "report", tmp_path / "d", timeout=900, bin_dir=venv / "bin")
+    assert outcome["ok"] and alive(outcome["pids"]) == []
+    cfg = load_config(Config, SMOKE, [*short, "federation.simulator=flower", "federation.nodes=2",
+                                      f"federation.node_state_dir={tmp_path / 'nodes-grid'}"])
+    assert outcome["summary"] == run(cfg, tmp_path / "grid")["summary"]
+    assert _records(out) == _records(tmp_path / "grid")
+
+
+@pytest.mark.slow
+@deployment
+def test_deployment_across_two_network_namespaces(tmp_path, monkeypatch):
+    """Outgrowing one machine, shown: the SuperLink in network namespace A (10.213.0.1), the SuperNodes and
+    `flwr run` in namespace B (10.213.0.2), joined by a veth pair made here (TLS + node authentication over
+    it); the in-process grid's results. Skipped where namespaces cannot be made (not root, no `ip`)."""
+    tag = f"{os.getpid() % 100000}"
+    a, b = f"f3c{tag}a", f"f3c{tag}b"
+    steps = [["netns", "add", a], ["netns", "add", b], ["link", "add", f"v{tag}a", "type", "veth", "peer", "name", f"v{tag}b"],
+             ["link", "set", f"v{tag}a", "netns", a], ["link", "set", f"v{tag}b", "netns", b],
+             ["-n", a, "addr", "add", "10.213.0.1/24", "dev", f"v{tag}a"], ["-n", b, "addr", "add", "10.213.0.2/24", "dev", f"v{tag}b"],
+             ["-n", a, "link", "set", f"v{tag}a", "up"], ["-n", b, "link", "set", f"v{tag}b", "up"],
+             ["-n", a, "link", "set", "lo", "up"], ["-n", b, "link", "set", "lo", "up"]]
+    try:
+        try:
+            for step in steps:
+                subprocess.run(["ip", *step], check=True, capture_output=True, timeout=30)
+        except (OSError, subprocess.CalledProcessError) as err:
+            pytest.skip(f"cannot make network namespaces here: {err}")
+        monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
+        out, short = tmp_path / "two-hosts", ["federation.rounds=2", "federation.patience=1", "train.stop_after_block=0"]
+        staged = stage(APP, PACKAGES, tmp_path / "app")
+        report = tmp_path / "report.json"
+        with Deployment(tmp_path / "d", 2, _node_config(tmp_path), host="10.213.0.1",
+                        link_prefix=("ip", "netns", "exec", a), node_prefix=("ip", "netns", "exec", b)) as d:
+            assert d.address.startswith("10.213.0.1:")
+            outcome = d.run(staged, _run_config([*short, "federation.nodes=2"], out) + f' report="{report}"', 900, report)
+        assert outcome["ok"] and alive(d.pids()) == []
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+    cfg = load_config(Config, SMOKE, [*short, "federation.simulator=flower", "federation.nodes=2",
+                                      f"federation.node_state_dir={tmp_path / 'nodes-grid'}"])
+    assert outcome["summary"] == run(cfg, tmp_path / "grid")["summary"]
+    assert _records(out) == _records(tmp_path / "grid")
