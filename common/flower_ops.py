@@ -240,7 +240,8 @@ class Deployment:
                               timeout=timeout, cwd=self.folder)
 
     def start(self) -> "Deployment":
-        self.keys = certificates(self.folder / "secrets", [self.host, "localhost"], self.n)
+        # the SuperNodes' Runtime APIs listen on their own host's loopback: the certificate names it too
+        self.keys = certificates(self.folder / "secrets", list(dict.fromkeys([self.host, "127.0.0.1", "localhost"])), self.n)
         link_port, *node_ports = self.ports or free_ports(1 + (0 if self.simulation else self.n),
                                                           "127.0.0.1" if self.link_prefix else self.host)
         checks = [("the SuperLink", link_port)] if not self.link_prefix else []

@@ -49,16 +49,22 @@ def _factory(cfg, flags, name, nodes=3):
 
 def node_states(sim: FlowerSimulator) -> dict[str, torch.Tensor]:
     """Test oracle only: every user's Φ, ŷ and Tᵘ read from the nodes' Context.state, stacked by user."""
-    parts = [wire.tensors(context.state["f3crec.state"]) for context in sim.grid.contexts.values()
-             if "f3crec.state" in context.state]
-    users = torch.cat([p["users"] for p in parts])
-    order = torch.argsort(users)
-    assert torch.equal(users[order], torch.arange(users.numel()))
-    out = {}
-    for key in [k for k in parts[0] if k.startswith("private.")] + ["has_topn", "topn", "yhat_width"]:
-        out[key] = torch.cat([p[key] for p in parts])[order]
-    width = max(p["yhat"].shape[1] for p in parts)
-    out["yhat"] = torch.cat([torch.nn.functional.pad(p["yhat"], (0, width - p["yhat"].shape[1])) for p in parts])[order]
+    clients = {}
+    for context in sim.grid.contexts.values():
+        if "f3crec.state" in context.state:
+            clients.update(wire.load(context.state["f3crec.state"]["torch"])["clients"])
+    users = sorted(clients)
+    assert users == list(range(len(users)))
+    out = {f"private.{k}": torch.stack([clients[u]["private"][k] for u in users]) for k in clients[0]["private"]}
+    out["has_topn"] = torch.tensor([clients[u]["topn"] is not None for u in users])
+    width = max([clients[u]["topn"].numel() for u in users if clients[u]["topn"] is not None], default=0)
+    out["topn"] = torch.stack([clients[u]["topn"] if clients[u]["topn"] is not None
+                               else torch.zeros(width, dtype=torch.int64) for u in users])
+    yhat = [clients[u]["yhat"] for u in users]
+    width = max([y.shape[0] for y in yhat if y is not None], default=0)
+    dtype = out[next(iter(out))].dtype
+    out["yhat"] = torch.stack([torch.nn.functional.pad(y, (0, width - y.shape[0])) if y is not None
+                               else torch.zeros(width, dtype=dtype) for y in yhat])
     return out
 
 

@@ -2,6 +2,7 @@
 their own dtype, Fractions as 'numerator/denominator' strings, so what arrives equals what was sent."""
 from __future__ import annotations
 
+import io
 import json
 import shlex
 from dataclasses import replace
@@ -42,6 +43,17 @@ def content(tensor_values: dict | None = None, **config) -> RecordDict:
 
 def unpack(body: RecordDict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors(body["arrays"]), json.loads(body["config"]["json"])
+
+
+def dump(value) -> bytes:
+    """A node's state as bytes (torch.save: tensors bit-exact, shared storage kept once)."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def load(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def sums_to_json(sums: dict[str, tuple[Fraction, int]]) -> dict:
