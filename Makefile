@@ -70,7 +70,7 @@ flame-compare f3crec-compare vlm2rec-compare: setup
 # F3CRec's Flower App (f3crec/flower/app) on stock Flower processes, through Flower's own CLIs (common/flower_ops.py):
 # f3crec-fab bundles it (the FAB holds f3crec/ and common/); f3crec-deploy starts a SuperLink + NODES SuperNodes on
 # 127.0.0.1 with a per-deployment CA, TLS and SuperNode authentication, runs the app with `flwr run` and stops every
-# process by pid. RESUME=<run folder> resumes a run. test-deploy runs the slow deployment tests.
+# process by pid. RESUME=<run folder> resumes a run (its saved config, same NODES). test-deploy runs the slow tests.
 FLOWER_APP = --app f3crec/flower/app --package f3crec --package common
 FLOWER_ENV = REPRO_RUNS=$${REPRO_RUNS:-$(CURDIR)/runs} REPRO_CACHE=$${REPRO_CACHE:-$(CURDIR)/data/processed}
 
@@ -81,7 +81,7 @@ f3crec-deploy: setup
 	@test -n "$(DATA)" || { echo "make f3crec-deploy needs DATA=<dataset>, e.g. make f3crec-deploy DATA=smoke NODES=4" >&2; exit 2; }
 	$(FLOWER_ENV) $(PY) -m common.flower_ops deploy $(FLOWER_APP) --nodes $(or $(NODES),4) --report-key report \
 	  --node-config 'partition-id={i} num-partitions={n}' \
-	  --run-config 'config="f3crec/configs/$(DATA).yaml" overrides="federation.nodes=$(or $(NODES),4) $(ARGS)"$(if $(RESUME), resume=true run-dir="$(abspath $(RESUME))")'
+	  --run-config '$(if $(RESUME),resume=true run-dir="$(abspath $(RESUME))",config="f3crec/configs/$(DATA).yaml" overrides="federation.nodes=$(or $(NODES),4) $(ARGS)")'
 
 # The same app on Flower's simulation runtime (NODES virtual nodes on Ray): needs the fl-sim extra, pip install -e '.[fl-sim]'.
 f3crec-sim: setup

@@ -269,3 +269,16 @@ def test_a_config_error_inside_the_server_app_is_one_line(tmp_path, caplog):
     assert not outcome["ok"] and "federation.rounds" in outcome["message"] and "\n" not in outcome["message"]
     assert [r.getMessage() for r in caplog.records] == [f"f3crec: {outcome['message']}"]
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_resume_runs_the_saved_config_on_server_and_nodes(tmp_path):
+    """resume=true: the ServerApp and every node read the run folder's config.yaml (not the default config);
+    an override is refused in one line."""
+    import yaml
+    from common.config import ConfigError, config_to_dict
+    saved = load_config(Config, SMOKE, ["federation.rounds=2", "train.seed=7"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(saved)))
+    cfg = wire.config_from_run_config({"resume": True, "run-dir": str(tmp_path), "config": str(SMOKE)})
+    assert (cfg.federation.rounds, cfg.train.seed, cfg.federation.simulator) == (2, 7, "flower")
+    with pytest.raises(ConfigError, match="no overrides"):
+        wire.config_from_run_config({"resume": True, "run-dir": str(tmp_path), "overrides": "train.seed=8"})

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from common.config import config_to_dict, load_config
+from common.config import ConfigError, config_to_dict, load_config
 from common.io import REPO
 
 from ..config import Config
@@ -86,11 +86,18 @@ def config_from_json(text: str) -> Config:
 
 def config_from_run_config(run_config) -> Config:
     """The run's config from a Flower run config (the same on the ServerApp and every node): `f3crec-config`
-    (a whole config as JSON: deploy.py, the in-process grid) or else `config` (a YAML path, relative to the
-    repository) with `overrides` (space-separated key=value); the simulator is always Flower's."""
+    (a whole config as JSON: the in-process grid), else on `resume` the run folder's own config.yaml (a resume
+    runs exactly the saved config: `overrides` are refused), else `config` (a YAML path, relative to the
+    bundle's root, or absolute) with `overrides` (space-separated key=value); the simulator is Flower's."""
     text = str(run_config.get("f3crec-config", "") or "")
     if text:
         return config_from_json(text)
-    path = Path(str(run_config.get("config", "") or "f3crec/configs/smoke.yaml"))
     overrides = shlex.split(str(run_config.get("overrides", "") or ""))
+    if run_config.get("resume", False):
+        run_dir = Path(str(run_config.get("run-dir", "") or ""))
+        if overrides or not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"resume=true runs the saved config of run-dir={run_dir}: it needs that folder's "
+                              f"config.yaml and no overrides (got {len(overrides)})")
+        return load_config(Config, run_dir / "config.yaml", ["federation.simulator=flower"])
+    path = Path(str(run_config.get("config", "") or "f3crec/configs/smoke.yaml"))
     return load_config(Config, path if path.is_absolute() else REPO / path, [*overrides, "federation.simulator=flower"])
