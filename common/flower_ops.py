@@ -6,6 +6,7 @@ no paper is imported either). Operations tooling, kept out of the paper folders.
     python -m common.flower_ops deploy --app APP_DIR --package ... --nodes K
                                        [--node-config 'partition-id={i} num-partitions={n}'] [--run-config 'k=v ...']
                                        [--report-key KEY] [--folder DIR] [--timeout S] [--host 127.0.0.1]
+                                       [--simulation] [--runtime-install] [--flower-bin OTHER_VENV/bin]
     python -m common.flower_ops certs  --folder DIR --host IP [--host IP ...] --nodes K     (multi-host, README)
 
 `build` stages the app's pyproject.toml with the listed packages (each a folder of the repository) in one
@@ -16,6 +17,9 @@ SuperLink (TLS, SuperNode authentication on) and registers each node's public ke
 starts; starts K SuperNodes (TLS to the link, their own key, their Runtime API on TLS with the secret);
 runs the app with `flwr run --stream` through a connection that trusts only this deployment's CA; and
 stops every process it started, and every descendant seen, by pid — on success, on an error, on Ctrl-C.
+`--simulation`: one SuperLink with `--simulation` (TLS too) and a connection with `options.num-supernodes`
+(Flower's simulation runtime, needs Ray). `--flower-bin`: the CLIs (and so the Python that runs the app)
+of another venv, e.g. one holding only the FAB's dependencies.
 
 Every wait has a deadline (`--timeout`, default 600 s for the run, 60 s for each start). With
 `--report-key KEY` the run config gets KEY=<folder>/report.json: the app writes {"ok": bool, "message": ...}
