@@ -12,7 +12,7 @@ ARGS ?=
 SEEDS ?= 1 2 3
 EXTRAS ?= vlm,plot,dev,fl
 
-.PHONY: setup test test-all test-transformers-min test-deploy gpu-check smoke f3crec-deploy f3crec-sim data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
+.PHONY: setup test test-all test-transformers-min test-deploy gpu-check smoke f3crec-fab f3crec-deploy f3crec-sim data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
         flame-compare f3crec-compare vlm2rec-compare clean-venv
 
 setup: $(STAMP)
@@ -67,16 +67,27 @@ flame-compare f3crec-compare vlm2rec-compare: setup
 	@test -n "$(DATA)" || { echo "make $@ needs DATA=<dataset>" >&2; exit 2; }
 	$(PY) -m $(subst -compare,,$@).compare --config $(subst -compare,,$@)/configs/$(DATA).yaml $(ARGS) --seeds $(SEEDS)
 
-# F3CRec on a real Flower deployment on 127.0.0.1: one SuperLink + NODES SuperNodes as separate processes,
-# every one stopped by pid when the run ends (f3crec/flower/deploy.py). test-deploy runs its two slow tests.
+# F3CRec's Flower App (f3crec/flower/app) on stock Flower processes, through Flower's own CLIs (common/flower_ops.py):
+# f3crec-fab bundles it (the FAB holds f3crec/ and common/); f3crec-deploy starts a SuperLink + NODES SuperNodes on
+# 127.0.0.1 with a per-deployment CA, TLS and SuperNode authentication, runs the app with `flwr run` and stops every
+# process by pid. RESUME=<run folder> resumes a run (its saved config, same NODES). test-deploy runs the slow tests.
+FLOWER_APP = --app f3crec/flower/app --package f3crec --package common
+FLOWER_ENV = REPRO_RUNS=$${REPRO_RUNS:-$(CURDIR)/runs} REPRO_CACHE=$${REPRO_CACHE:-$(CURDIR)/data/processed}
+
+f3crec-fab: setup
+	$(PY) -m common.flower_ops build $(FLOWER_APP) --out build/fab
+
 f3crec-deploy: setup
 	@test -n "$(DATA)" || { echo "make f3crec-deploy needs DATA=<dataset>, e.g. make f3crec-deploy DATA=smoke NODES=4" >&2; exit 2; }
-	$(PY) -m f3crec.flower.deploy --config f3crec/configs/$(DATA).yaml --nodes $(or $(NODES),4) $(ARGS)
+	$(FLOWER_ENV) $(PY) -m common.flower_ops deploy $(FLOWER_APP) --nodes $(or $(NODES),4) --report-key report \
+	  --node-config 'partition-id={i} num-partitions={n}' \
+	  --run-config '$(if $(RESUME),resume=true run-dir="$(abspath $(RESUME))",config="f3crec/configs/$(DATA).yaml" overrides="federation.nodes=$(or $(NODES),4) $(ARGS)")'
 
-# The same on Flower's simulation runtime (N virtual nodes on Ray; needs the fl-sim extra: pip install -e '.[fl-sim]').
+# The same app on Flower's simulation runtime (NODES virtual nodes on Ray): needs the fl-sim extra, pip install -e '.[fl-sim]'.
 f3crec-sim: setup
 	@test -n "$(DATA)" || { echo "make f3crec-sim needs DATA=<dataset>, e.g. make f3crec-sim DATA=smoke NODES=4" >&2; exit 2; }
-	$(PY) -m f3crec.flower.simulate --config f3crec/configs/$(DATA).yaml --nodes $(or $(NODES),4) $(ARGS)
+	$(FLOWER_ENV) $(PY) -m common.flower_ops deploy --simulation $(FLOWER_APP) --nodes $(or $(NODES),4) --report-key report \
+	  --run-config 'config="f3crec/configs/$(DATA).yaml" overrides="federation.nodes=$(or $(NODES),4) $(ARGS)"'
 
 test-deploy: setup
 	REPRO_FLOWER_DEPLOY=1 $(PY) -m pytest -q tests/test_f3crec_flower_deploy.py tests/test_f3crec_flower_sim.py

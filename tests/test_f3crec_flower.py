@@ -49,16 +49,22 @@ def _factory(cfg, flags, name, nodes=3):
 
 def node_states(sim: FlowerSimulator) -> dict[str, torch.Tensor]:
     """Test oracle only: every user's Φ, ŷ and Tᵘ read from the nodes' Context.state, stacked by user."""
-    parts = [wire.tensors(context.state["f3crec.state"]) for context in sim.grid.contexts.values()
-             if "f3crec.state" in context.state]
-    users = torch.cat([p["users"] for p in parts])
-    order = torch.argsort(users)
-    assert torch.equal(users[order], torch.arange(users.numel()))
-    out = {}
-    for key in [k for k in parts[0] if k.startswith("private.")] + ["has_topn", "topn", "yhat_width"]:
-        out[key] = torch.cat([p[key] for p in parts])[order]
-    width = max(p["yhat"].shape[1] for p in parts)
-    out["yhat"] = torch.cat([torch.nn.functional.pad(p["yhat"], (0, width - p["yhat"].shape[1])) for p in parts])[order]
+    clients = {}
+    for context in sim.grid.contexts.values():
+        if "f3crec.state" in context.state:
+            clients.update(wire.load(context.state["f3crec.state"]["torch"])["clients"])
+    users = sorted(clients)
+    assert users == list(range(len(users)))
+    out = {f"private.{k}": torch.stack([clients[u]["private"][k] for u in users]) for k in clients[0]["private"]}
+    out["has_topn"] = torch.tensor([clients[u]["topn"] is not None for u in users])
+    width = max([clients[u]["topn"].numel() for u in users if clients[u]["topn"] is not None], default=0)
+    out["topn"] = torch.stack([clients[u]["topn"] if clients[u]["topn"] is not None
+                               else torch.zeros(width, dtype=torch.int64) for u in users])
+    yhat = [clients[u]["yhat"] for u in users]
+    width = max([y.shape[0] for y in yhat if y is not None], default=0)
+    dtype = out[next(iter(out))].dtype
+    out["yhat"] = torch.stack([torch.nn.functional.pad(y, (0, width - y.shape[0])) if y is not None
+                               else torch.zeros(width, dtype=dtype) for y in yhat])
     return out
 
 
@@ -208,7 +214,7 @@ def _faulty(fail_at: str, how: str):
         if message.metadata.message_type == "train" and message.metadata.group_id == fail_at:
             if how == "raise":
                 raise RuntimeError("device lost power")
-            time.sleep(0.5)
+            time.sleep(6.0)   # far beyond reply_timeout, which a loaded machine's normal reply stays under
         return client_app.app(message, context)
     return app
 
@@ -220,11 +226,11 @@ ARGS = ["federation.simulator=flower", "backbone.dtype=float64", "federation.rou
 @pytest.mark.parametrize("how", ["raise", "timeout"])
 def test_fault_rule_continues_above_the_fraction(how, tmp_path):
     from f3crec.main import main
-    cfg = load_config(Config, SMOKE, ARGS + ["federation.min_reply_fraction=0.5", "federation.reply_timeout=0.3"])
+    cfg = load_config(Config, SMOKE, ARGS + ["federation.min_reply_fraction=0.5", "federation.reply_timeout=3"])
     grid = local_grid(client_app.app, wire.config_to_json(cfg), 3, str(tmp_path / "nodes"), apps={1: _faulty("1.1", how)})
     with using_grid(grid):
         res = main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "run"), *ARGS,
-                    "federation.min_reply_fraction=0.5", "federation.reply_timeout=0.3"])
+                    "federation.min_reply_fraction=0.5", "federation.reply_timeout=3"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lost = [r.get("lost_users", 0) for r in records]
     before = [r for r in records if (r["block"], r["round"]) < (1, 1)]
@@ -246,3 +252,33 @@ def test_fault_rule_stops_below_the_fraction_and_resume_continues(tmp_path, user
     resumed = main(["--resume", str(tmp_path / "cut")])
     full = main(argv + ["--run-dir", str(tmp_path / "full")])
     assert resumed["summary"] == full["summary"]
+
+
+def test_a_config_error_inside_the_server_app_is_one_line(tmp_path, caplog):
+    """A bad run config reaches the ServerApp (Flower hands it over unchecked): one logged line, the same line
+    in the report for the launcher, exit status 2, no traceback."""
+    from flwr.app import Context, RecordDict
+    from f3crec.flower import server_app
+    report = tmp_path / "report.json"
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"overrides": "federation.rounds=x", "report": str(report), "run-dir": "", "resume": False})
+    with caplog.at_level("ERROR", logger="f3crec.flower"), pytest.raises(SystemExit) as exit_:
+        server_app.app(local_grid(client_app.app, "{}", 0), context)
+    assert exit_.value.code == 2
+    outcome = json.loads(report.read_text())
+    assert not outcome["ok"] and "federation.rounds" in outcome["message"] and "\n" not in outcome["message"]
+    assert [r.getMessage() for r in caplog.records] == [f"f3crec: {outcome['message']}"]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_resume_runs_the_saved_config_on_server_and_nodes(tmp_path):
+    """resume=true: the ServerApp and every node read the run folder's config.yaml (not the default config);
+    an override is refused in one line."""
+    import yaml
+    from common.config import ConfigError, config_to_dict
+    saved = load_config(Config, SMOKE, ["federation.rounds=2", "train.seed=7"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(saved)))
+    cfg = wire.config_from_run_config({"resume": True, "run-dir": str(tmp_path), "config": str(SMOKE)})
+    assert (cfg.federation.rounds, cfg.train.seed, cfg.federation.simulator) == (2, 7, "flower")
+    with pytest.raises(ConfigError, match="no overrides"):
+        wire.config_from_run_config({"resume": True, "run-dir": str(tmp_path), "overrides": "train.seed=8"})

@@ -1,33 +1,41 @@
-"""F3CRec on a real Flower deployment (method.md §14): a SuperLink and 2–3 SuperNodes as separate processes on
-127.0.0.1 give the in-process grid's and the reference simulator's metrics on the smoke stream; a SuperNode
-killed by its pid mid-run stops the run in one line below federation.min_reply_fraction, its block-boundary
-checkpoint intact, and --resume on a fresh deployment ends with the uninterrupted run's results. Every
-process started is gone afterwards. The two deployments take ~35 s and ~100 s on 2 busy cores (each starts
-4–7 Python processes), so they run only with REPRO_FLOWER_DEPLOY=1:
+"""F3CRec's Flower App on stock Flower processes (method.md §14), launched by common/flower_ops.py:
 
-    REPRO_FLOWER_DEPLOY=1 .venv/bin/python -m pytest -q tests/test_f3crec_flower_deploy.py
+- fast (always): a taken port and a process that never listens are one line, each before any wait ends
+  without a deadline; the ServerApp's config error is one line (test_f3crec_flower.py);
+- opt-in (REPRO_FLOWER_DEPLOY=1, `make test-deploy`; each starts a SuperLink and SuperNodes, 1–5 min on 2
+  busy cores): the deployment (TLS + SuperNode authentication) gives the in-process grid's and the reference
+  simulator's records; a SuperNode killed mid-run stops the run in one line and a resume on fresh nodes ends
+  with the uninterrupted results; a foreign `flwr run` (without the deployment's CA, or insecure) and a
+  foreign SuperNode (its own key, or insecure) are refused; every process started is gone afterwards.
 """
 import json
 import os
-from dataclasses import replace
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-flwr = pytest.importorskip("flwr")
+pytest.importorskip("flwr")
+pytest.importorskip("psutil")
 
+from common import flower_ops  # noqa: E402
 from common.config import load_config  # noqa: E402
+from common.flower_ops import BIN, DeployError, Deployment, alive, free_ports, stage  # noqa: E402
 from common.runs import load_checkpoint  # noqa: E402
 from f3crec.config import Config  # noqa: E402
-from f3crec.flower import deploy  # noqa: E402
-from f3crec.flower.deploy import Deployment  # noqa: E402
 from f3crec.main import run  # noqa: E402
 
-deployment = pytest.mark.skipif(os.environ.get("REPRO_FLOWER_DEPLOY") != "1",
-                                reason="starts a SuperLink and SuperNodes (~2 min): set REPRO_FLOWER_DEPLOY=1")
-SMOKE = Path(__file__).resolve().parents[1] / "f3crec" / "configs" / "smoke.yaml"
+REPO = Path(__file__).resolve().parents[1]
+APP, PACKAGES = REPO / "f3crec" / "flower" / "app", ["f3crec", "common"]
+SMOKE = REPO / "f3crec" / "configs" / "smoke.yaml"
 SHORT = ["federation.rounds=2", "federation.patience=1", "train.stop_after_block=1"]   # 2 blocks, 2 rounds each
+deployment = pytest.mark.skipif(os.environ.get("REPRO_FLOWER_DEPLOY") != "1",
+                                reason="starts a SuperLink and SuperNodes (minutes): set REPRO_FLOWER_DEPLOY=1")
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -43,74 +51,215 @@ def _oracle(tmp_path: Path, simulator: str, nodes: int, extra=()) -> dict:
     return {"results": results, "records": _records(out_dir)}
 
 
-def _gone(pids) -> bool:
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            pass
-    return True
+def _run_config(overrides: list[str], run_dir: Path, resume: bool = False) -> str:
+    return (f'overrides="{" ".join(overrides)}" run-dir="{run_dir}"' + (" resume=true" if resume else ""))
 
 
+def _node_config(tmp_path: Path) -> str:
+    return f'partition-id={{i}} num-partitions={{n}} state-dir="{tmp_path / "nodes"}"'
+
+
+# ------------------------------------------------------------------------------------------------- fast
+def test_a_taken_port_is_one_line_before_any_process(tmp_path):
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        d = Deployment(tmp_path / "d", 1, ports=[free_ports(1)[0], taken])
+        with pytest.raises(DeployError) as err:
+            d.start()
+    assert f"127.0.0.1:{taken} for SuperNode 0 is taken by another process" in str(err.value)
+    assert d.procs == [] and "\n" not in str(err.value)
+
+
+def test_a_process_that_never_listens_hits_the_deadline_and_names_a_log_that_exists(tmp_path):
+    d = Deployment(tmp_path / "d", 1, start_timeout=1.0)
+    started = time.monotonic()
+    sleeper = d.spawn("sleeper", [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"])
+    try:
+        with pytest.raises(DeployError) as err:
+            d.wait_listening("sleeper", sleeper, free_ports(1)[0])
+    finally:
+        d.stop()
+    assert time.monotonic() - started < 10 and alive([sleeper.pid]) == []
+    line = str(err.value)
+    assert "within 1 s" in line and Path(line.rsplit("(log ", 1)[1].rstrip(")")).is_file(), line
+
+
+def test_deploy_cli_bad_input_is_one_line(tmp_path, capsys):
+    assert flower_ops.main(["deploy", "--app", str(APP), "--nodes", "0", "--folder", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --nodes 0: needs at least one SuperNode" and not (tmp_path / "d").exists()
+
+
+def test_the_bundle_holds_the_code_it_runs_and_declares_its_dependencies(tmp_path):
+    """`flwr build` of the staged app: f3crec's core and common/ inside, flwr/torch/numpy/pyyaml declared."""
+    import tomllib
+    import zipfile
+    fab = flower_ops.build(APP, PACKAGES, tmp_path)
+    with zipfile.ZipFile(fab) as bundle:
+        names = set(bundle.namelist())
+        project = tomllib.loads(bundle.read("pyproject.toml").decode())
+    for needed in ("f3crec/flower/client_app.py", "f3crec/flower/server_app.py", "f3crec/train.py",
+                   "f3crec/configs/smoke.yaml", "common/runs.py"):
+        assert needed in names, needed
+    assert not any(n.startswith(("flame/", "vlm2rec/", "tests/")) for n in names)
+    deps = " ".join(project["project"]["dependencies"])
+    assert all(name in deps for name in ("flwr", "torch", "numpy", "pyyaml", "tqdm"))
+
+
+# ------------------------------------------------------------------------------------------- deployments
 @pytest.mark.slow
 @deployment
-def test_deployment_gives_the_in_process_and_reference_metrics(tmp_path, capsys):
+def test_deployment_gives_the_in_process_and_reference_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "deployed"
-    outcome = deploy.main(["--config", str(SMOKE), "--nodes", "2", "--logs", str(tmp_path / "logs"),
-                           "--run-dir", str(out), "--timeout", "300", *SHORT,
-                           f"federation.node_state_dir={tmp_path / 'nodes'}"])
-    assert outcome["ok"] and Path(outcome["run_dir"]) == out.resolve()
-    assert _gone(outcome["pids"]) and len(outcome["pids"]) >= 5         # link, 2 nodes, 2 executors (+ tasks)
+    outcome = flower_ops.deploy(APP, PACKAGES, 2, _node_config(tmp_path), _run_config([*SHORT, "federation.nodes=2"], out),
+                                "report", tmp_path / "d", timeout=900)
+    assert outcome["ok"] and Path(outcome["run_dir"]) == out
+    assert alive(outcome["pids"]) == [] and len(outcome["pids"]) >= 3
     deployed = json.loads((out / "results.json").read_text())
     for simulator in ("flower", "reference"):
         oracle = _oracle(tmp_path, simulator, 2)
         assert deployed["summary"] == oracle["results"]["summary"], simulator       # a-matrices, LA/RA/H
         assert _records(out) == oracle["records"], simulator                          # every round's record
-    assert "run folder:" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 @deployment
-def test_node_killed_mid_run_stops_in_one_line_and_resume_continues(tmp_path):
-    fed = ["federation.simulator=flower", "federation.nodes=3", "federation.reply_timeout=10",
-           f"federation.node_state_dir={tmp_path / 'nodes'}"]
-    cfg = load_config(Config, SMOKE, [*SHORT, *fed])
-    run_dir = tmp_path / "run"
-    killed: list[int] = []
-
-    def kill_in_block_1(d: Deployment) -> None:
-        records = run_dir / "metrics.jsonl"
-        if not killed and records.exists() and any(r["block"] == 1 for r in _records(run_dir)):
-            killed.append(d.kill_node(1))
-
-    with Deployment(3, tmp_path / "logs-1") as first:
-        with pytest.raises(ConnectionError) as err:
-            first.run(cfg, run_dir, on_wait=kill_in_block_1, timeout=300)
-    assert killed and _gone([killed[0]]) and first.leftover() == []
-    line = str(err.value)
+def test_node_killed_mid_run_stops_in_one_line_and_resume_continues(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
+    fed = ["federation.nodes=3", "federation.reply_timeout=20", f"federation.node_state_dir={tmp_path / 'nodes'}"]
+    run_dir, outcome = tmp_path / "run", {}
+    with Deployment(tmp_path / "d1", 3, _node_config(tmp_path)) as first:
+        staged = stage(APP, PACKAGES, tmp_path / "app")
+        report = tmp_path / "report-1.json"
+        worker = threading.Thread(target=lambda: outcome.update(first.run(
+            staged, _run_config([*SHORT, *fed], run_dir) + f' report="{report}"', 900, report)))
+        worker.start()
+        while worker.is_alive() and not ((run_dir / "metrics.jsonl").exists()
+                                         and any(r["block"] == 1 for r in _records(run_dir))):
+            time.sleep(0.2)
+        killed = first.nodes[1].pid
+        first.nodes[1].kill()
+        worker.join(900)
+    assert alive(first.pids()) == [] and not outcome["ok"], outcome
+    line = outcome["message"]
     assert "\n" not in line and "min_reply_fraction=1.0" in line and "--resume" in line, line
-    assert load_checkpoint(run_dir / "last.pt")["block"] == 0            # block 0's checkpoint, intact
-    with Deployment(3, tmp_path / "logs-2") as second:
-        resumed = second.run(replace(cfg), run_dir, resume=True, timeout=300)
-    assert second.leftover() == []
-    oracle = _oracle(tmp_path, "flower", 3, fed[2:3])
+    assert alive([killed]) == [] and load_checkpoint(run_dir / "last.pt")["block"] == 0
+    resumed = flower_ops.deploy(APP, PACKAGES, 3, _node_config(tmp_path), _run_config([], run_dir, resume=True),
+                                "report", tmp_path / "d2", timeout=900)
+    oracle = _oracle(tmp_path, "flower", 3, fed[1:])
     assert resumed["summary"] == oracle["results"]["summary"]
     expected = [r for r in oracle["records"] if r["block"] == 1]
     assert [r for r in _records(run_dir) if r["block"] == 1][-len(expected):] == expected
 
 
-def _empty_run(tmp_path: Path) -> Path:
-    folder = tmp_path / "no-checkpoint"
-    folder.mkdir()
-    (folder / "config.yaml").write_text("data:\n  name: synthetic\n")
-    return folder
+@pytest.mark.slow
+@deployment
+def test_foreign_run_and_foreign_node_are_refused(tmp_path):
+    """Another local user's `flwr run` (no CA of this deployment, or insecure) and another SuperNode (its own
+    key, or insecure) get nothing: no run is created, no foreign node is listed, and nothing they sent ran."""
+    mark = tmp_path / "foreign-ran.json"
+    with Deployment(tmp_path / "d", 1) as d:
+        staged = stage(APP, PACKAGES, tmp_path / "foreign-app")
+        env = {**flower_ops._env(tmp_path / "foreign"), "PYTHONPATH": str(staged)}
+        Path(env["FLWR_HOME"]).mkdir(parents=True)
+        for extra in ("", "insecure = true\n"):
+            (Path(env["FLWR_HOME"]) / "config.toml").write_text(
+                f'[superlink]\ndefault = "x"\n\n[superlink.x]\naddress = "{d.address}"\n{extra}')
+            done = subprocess.run([str(BIN / "flwr"), "run", str(staged), "x", "--run-config", f'report="{mark}"'],
+                                  capture_output=True, text=True, env=env, timeout=120)
+            assert done.returncode != 0, done.stdout + done.stderr
+        keys = flower_ops.certificates(tmp_path / "foreign-keys", ["127.0.0.1"], 1)
+        logs = [tmp_path / "own-key.log", tmp_path / "insecure.log"]
+        foreign = [subprocess.Popen(argv, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+                   for log, argv in zip(logs, [
+                       [str(BIN / "flower-supernode"), "--superlink", d.address, "--root-certificates", str(d.keys["ca"]),
+                        "--auth-supernode-private-key", str(keys["node-0"]), "--port", str(free_ports(1)[0])],
+                       [str(BIN / "flower-supernode"), "--superlink", d.address, "--insecure",
+                        "--port", str(free_ports(1)[0])]])]
+        try:
+            assert foreign[0].wait(timeout=120) != 0                  # refused: it exits by itself
+            assert "Failed to activate SuperNode" in logs[0].read_text()
+            time.sleep(5)
+            runs = json.loads(d.flwr("ls", "deployment", "--format", "json").stdout)
+            nodes = json.loads(d.flwr("supernode", "ls", "deployment", "--format", "json").stdout)
+        finally:
+            for proc in foreign:                                       # each with the SuperExec it started
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+    assert runs.get("runs", []) == [], runs
+    assert len([n for n in nodes["nodes"] if n.get("status") == "online"]) == 1, nodes
+    assert not mark.exists() and alive(d.pids()) == []
 
 
-def test_deploy_bad_input_is_one_line_before_any_process(tmp_path, user_error):
-    logs = tmp_path / "logs"
-    assert "--nodes 0" in user_error(deploy.main, ["--config", str(SMOKE), "--nodes", "0", "--logs", str(logs)])
-    assert "--nodes" in user_error(deploy.main, ["--config", str(SMOKE), "--nodes", "two"])
-    assert "federation.rounds" in user_error(deploy.main, ["--config", str(SMOKE), "federation.rounds=x"])
-    assert "last.pt" in user_error(deploy.main, ["--nodes", "2", "--resume", str(_empty_run(tmp_path))])
-    assert not logs.exists()
+@pytest.mark.slow
+@deployment
+def test_the_bundle_runs_on_a_fresh_venv_with_only_its_dependencies(tmp_path, monkeypatch):
+    """A venv made here (no system site-packages, not this repository) gets only the FAB's declared
+    dependencies; stock flower-superlink / flower-supernode from it run the bundle (runtime dependency
+    installation off), with the in-process grid's results. REPRO_FLOWER_FRESH_VENV=<dir> reuses a venv."""
+    import tomllib
+    import zipfile
+    venv = Path(os.environ.get("REPRO_FLOWER_FRESH_VENV") or tmp_path / "venv")
+    fab = flower_ops.build(APP, PACKAGES, tmp_path / "fab")
+    with zipfile.ZipFile(fab) as bundle:
+        deps = tomllib.loads(bundle.read("pyproject.toml").decode())["project"]["dependencies"]
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *deps], check=True, timeout=1800,
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import f3crec"], cwd=tmp_path, env=clean,
+                           capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'f3crec'" in probe.stderr    # only the bundle brings it
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
+    out, short = tmp_path / "fresh", ["federation.rounds=2", "federation.patience=1", "train.stop_after_block=0"]
+    outcome = flower_ops.deploy(APP, PACKAGES, 2, _node_config(tmp_path), _run_config([*short, "federation.nodes=2"], out),
+                                "report", tmp_path / "d", timeout=900, bin_dir=venv / "bin")
+    assert outcome["ok"] and alive(outcome["pids"]) == []
+    cfg = load_config(Config, SMOKE, [*short, "federation.simulator=flower", "federation.nodes=2",
+                                      f"federation.node_state_dir={tmp_path / 'nodes-grid'}"])
+    assert outcome["summary"] == run(cfg, tmp_path / "grid")["summary"]
+    assert _records(out) == _records(tmp_path / "grid")
+
+
+@pytest.mark.slow
+@deployment
+def test_deployment_across_two_network_namespaces(tmp_path, monkeypatch):
+    """Outgrowing one machine, shown: the SuperLink in network namespace A (10.213.0.1), the SuperNodes and
+    `flwr run` in namespace B (10.213.0.2), joined by a veth pair made here (TLS + node authentication over
+    it); the in-process grid's results. Skipped where namespaces cannot be made (not root, no `ip`)."""
+    tag = f"{os.getpid() % 100000}"
+    a, b = f"f3c{tag}a", f"f3c{tag}b"
+    steps = [["netns", "add", a], ["netns", "add", b], ["link", "add", f"v{tag}a", "type", "veth", "peer", "name", f"v{tag}b"],
+             ["link", "set", f"v{tag}a", "netns", a], ["link", "set", f"v{tag}b", "netns", b],
+             ["-n", a, "addr", "add", "10.213.0.1/24", "dev", f"v{tag}a"], ["-n", b, "addr", "add", "10.213.0.2/24", "dev", f"v{tag}b"],
+             ["-n", a, "link", "set", f"v{tag}a", "up"], ["-n", b, "link", "set", f"v{tag}b", "up"],
+             ["-n", a, "link", "set", "lo", "up"], ["-n", b, "link", "set", "lo", "up"]]
+    try:
+        try:
+            for step in steps:
+                subprocess.run(["ip", *step], check=True, capture_output=True, timeout=30)
+        except (OSError, subprocess.CalledProcessError) as err:
+            pytest.skip(f"cannot make network namespaces here: {err}")
+        monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
+        out, short = tmp_path / "two-hosts", ["federation.rounds=2", "federation.patience=1", "train.stop_after_block=0"]
+        staged = stage(APP, PACKAGES, tmp_path / "app")
+        report = tmp_path / "report.json"
+        with Deployment(tmp_path / "d", 2, _node_config(tmp_path), host="10.213.0.1",
+                        link_prefix=("ip", "netns", "exec", a), node_prefix=("ip", "netns", "exec", b)) as d:
+            assert d.address.startswith("10.213.0.1:")
+            outcome = d.run(staged, _run_config([*short, "federation.nodes=2"], out) + f' report="{report}"', 900, report)
+        assert outcome["ok"] and alive(d.pids()) == []
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+    cfg = load_config(Config, SMOKE, [*short, "federation.simulator=flower", "federation.nodes=2",
+                                      f"federation.node_state_dir={tmp_path / 'nodes-grid'}"])
+    assert outcome["summary"] == run(cfg, tmp_path / "grid")["summary"]
+    assert _records(out) == _records(tmp_path / "grid")

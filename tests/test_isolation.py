@@ -53,6 +53,23 @@ def test_only_the_flower_adapter_imports_flwr():
             assert "flwr" not in imported_top_levels(path), f"{path.relative_to(ROOT)} imports flwr"
 
 
+PUBLIC_FLWR = {"flwr.app", "flwr.serverapp", "flwr.clientapp"}   # Flower's documented App API
+
+
+def test_the_flower_app_uses_public_flower_modules_only():
+    """f3crec/flower imports only Flower's public App API (no flwr.supercore / flwr.superlink / flwr.common ...),
+    so the `fl` extra can be a version range; common/flower_ops.py drives Flower through its CLIs only."""
+    for path in sorted((ROOT / "f3crec" / "flower").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for name in names:
+                if name.split(".")[0] == "flwr":
+                    assert name in PUBLIC_FLWR, f"{path.relative_to(ROOT)} imports {name}"
+    assert "flwr" not in imported_top_levels(ROOT / "common" / "flower_ops.py")
+
+
 # ------------------------------------------------------------------------------------------ import cycles
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)

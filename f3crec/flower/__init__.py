@@ -1,11 +1,10 @@
-"""F3CRec on Flower (§14, optional extra `flwr`): a ClientApp per node hosting a shard of users, a ServerApp
-that drives train.fit through `FlowerSimulator`, an in-process grid, Flower's simulation runtime (Ray, extra
-`fl-sim`) and a local deployment.
+"""F3CRec on Flower (§14, extra `fl`): a Flower App (app/pyproject.toml) whose ClientApp hosts a shard of users
+per SuperNode and whose ServerApp drives train.fit through `FlowerSimulator`; Flower's public App API only.
 
     python -m f3crec.main --config f3crec/configs/smoke.yaml federation.simulator=flower   # in-process grid
-    python -m f3crec.flower.deploy --nodes 4 --config f3crec/configs/smoke.yaml            # SuperLink + 4 SuperNodes
-    python -m f3crec.flower.simulate --nodes 4 --config f3crec/configs/smoke.yaml          # 4 virtual nodes on Ray
+    make f3crec-deploy DATA=smoke NODES=4     # stock SuperLink + 4 SuperNodes, TLS + node auth (common/flower_ops.py)
+    make f3crec-sim DATA=smoke NODES=4        # Flower's simulation runtime (extra fl-sim)
 
-Only this package imports flwr (tests/test_isolation.py); `node.py` (the client side) and `wire.py` do not
-need it for their logic, `simulator.py` is the server side and reaches clients only through a Grid.
+Only this package imports flwr (tests/test_isolation.py); `node.py` (the client side) does not need it for its
+logic, `simulator.py` is the server side and reaches clients only through a Grid.
 """

@@ -1,25 +1,20 @@
-"""Benchmark of the Flower paths (§14), measured in one run, one thread, next to the in-process simulators:
+"""Where a Flower message's seconds go (§14), one smoke block on 2 nodes, one thread:
 
-    python -m f3crec.flower.bench [--nodes 2] [--no-subprocess] [--no-simulation] [key=value ...]
-                                                                              (python -m f3crec.bench --flower)
+    python -m f3crec.flower.bench [--nodes 2] [--no-deploy] [key=value ...]      (python -m f3crec.bench --flower)
 
-Every path runs the same smoke config (block 0 only, so Flower's per-message subprocess fits) and prints
-seconds per round (median of metrics.jsonl `seconds`: a round's training and validation) and the
-per-client-message overhead: (the path's run wall time − the reference simulator's) / client messages, the
-reference simulator being the same client code with no messages. Paths: vectorised, reference, the
-in-process grid (`federation.simulator=flower`), Flower's simulation runtime (simulate.py: virtual nodes on
-Ray, one CPU; skipped without Ray; its run time includes starting Ray), the 127.0.0.1 deployment with one
-long-lived ClientApp executor per node (deploy.py's default) and with Flower's default isolation (a fresh
-ClientApp process per message). The deployment rows also give the start-up (SuperLink + SuperNodes listening) apart, and the
-cost of a bare `import torch, flwr` in a fresh process, which every message pays in the last mode.
+Rows: the reference simulator, the in-process grid (same client code, messages but no processes), and stock
+Flower processes on 127.0.0.1 (common/flower_ops.py: SuperLink + SuperNodes, TLS, node auth, Flower's default
+process-per-message isolation). For the deployment the ClientApp's trace (F3CREC_FLOWER_TIMING) splits each
+message: the ClientApp process's age when its handler starts (process start + Flower's runtime + imports +
+pulling the message), the import of the app module (flwr.app, torch, f3crec) within it, the node's build from
+Context.state, and the handler; the rest of a round is Flower's transport and polling.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -33,100 +28,47 @@ SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
 
 def _round_seconds(run_dir: Path) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["seconds"] for r in records)
-
-
-def _in_process(cfg, root: Path, name: str) -> dict:
-    from ..main import run
-    from . import simulator as flower_sim
-    counted = []
-    original = flower_sim.FlowerSimulator._ask
-
-    def ask(self, kind, bodies, group):   # count client messages (one per live node per ask)
-        counted.append(len([n for n in bodies if n not in self.lost]))
-        return original(self, kind, bodies, group)
-
-    flower_sim.FlowerSimulator._ask = ask
-    try:
-        started = time.perf_counter()
-        run(cfg, root / name)
-        wall = time.perf_counter() - started
-    finally:
-        flower_sim.FlowerSimulator._ask = original
-    return {"path": name, "wall_s": wall, "round_s": _round_seconds(root / name), "messages": sum(counted)}
-
-
-def _deployed(cfg, root: Path, name: str, isolation: str) -> dict:
-    from .deploy import Deployment
-    started = time.perf_counter()
-    with Deployment(cfg.federation.nodes, root / f"logs-{name}", isolation=isolation) as deployment:
-        up = time.perf_counter() - started
-        begun = time.perf_counter()
-        deployment.run(cfg, root / name, timeout=3600)
-        wall = time.perf_counter() - begun
-    return {"path": name, "wall_s": wall, "round_s": _round_seconds(root / name), "startup_s": up}
-
-
-def _simulated(cfg, root: Path, name: str) -> dict:
-    from .simulate import Simulation
-    started = time.perf_counter()
-    with Simulation(cfg.federation.nodes, root / f"logs-{name}", cpus=1) as simulation:
-        up = time.perf_counter() - started
-        begun = time.perf_counter()
-        simulation.run(cfg, root / name, timeout=3600)
-        wall = time.perf_counter() - begun
-    return {"path": name, "wall_s": wall, "round_s": _round_seconds(root / name), "startup_s": up}
-
-
-def bare_import() -> float:
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, flwr"], check=True)
-    return time.perf_counter() - started
+    return statistics.median(json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--no-subprocess", action="store_true", help="skip Flower's per-message-process isolation")
-    parser.add_argument("--no-simulation", action="store_true", help="skip Flower's simulation runtime (Ray)")
+    parser.add_argument("--no-deploy", action="store_true", help="skip the stock Flower deployment")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    torch_threads()
-    base = load_config(Config, SMOKE, ["train.stop_after_block=0", f"federation.nodes={args.nodes}", *args.overrides])
+    import torch
+    torch.set_num_threads(1)
+    from ..main import run
+    overrides = ["train.stop_after_block=0", f"federation.nodes={args.nodes}", *args.overrides]
     rows = []
     with tempfile.TemporaryDirectory(prefix="f3crec-flower-bench-") as tmp:
         root = Path(tmp)
-        flower = replace(base, federation=replace(base.federation, simulator="flower",
-                                                  node_state_dir=str(root / "nodes")))
-        for name in ("vectorised", "reference"):
-            rows.append(_in_process(replace(base, federation=replace(base.federation, simulator=name)), root, name))
-        rows.append(_in_process(flower, root, "flower in-process grid"))
-        messages = rows[-1]["messages"]
-        if not args.no_simulation:
-            from .simulate import ray_available
-            if ray_available():
-                rows.append(_simulated(flower, root, "simulation runtime, Ray, 1 CPU"))
-            else:
-                print("simulation runtime skipped: Ray is not installed (extra fl-sim)")
-        rows.append(_deployed(flower, root, "deployment, executor per node", "process"))
-        if not args.no_subprocess:
-            rows.append(_deployed(flower, root, "deployment, Flower's process per message", "subprocess"))
-    reference = rows[1]["wall_s"]
-    print(f"# f3crec Flower bench: smoke block 0, {args.nodes} nodes, {messages} client messages, one thread")
-    print(f"{'path':42s} {'s/round':>8s} {'run s':>8s} {'overhead s/message':>19s} {'start-up s':>10s}")
+        for name in ("reference", "flower"):
+            cfg = load_config(Config, SMOKE, [*overrides, f"federation.simulator={name}"])
+            cfg = replace(cfg, federation=replace(cfg.federation, node_state_dir=str(root / "nodes")))
+            started, cpu = time.perf_counter(), time.process_time()
+            run(cfg, root / name)
+            rows.append({"path": name if name == "reference" else "in-process grid", "round_s": _round_seconds(root / name),
+                         "wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu})
+        if not args.no_deploy:
+            from common import flower_ops
+            trace = root / "trace.jsonl"
+            os.environ["F3CREC_FLOWER_TIMING"] = str(trace)
+            started = time.perf_counter()
+            flower_ops.deploy(Path(__file__).resolve().parent / "app", ["f3crec", "common"], args.nodes,
+                              f'partition-id={{i}} num-partitions={{n}} state-dir="{root / "nodes-deployed"}"',
+                              f'overrides="{" ".join(overrides)}" run-dir="{root / "deployed"}"', "report",
+                              root / "deployment", timeout=3600)
+            messages = [json.loads(line) for line in trace.read_text().splitlines()]
+            median = lambda key: statistics.median(m[key] for m in messages)  # noqa: E731
+            rows.append({"path": "stock Flower deployment", "round_s": _round_seconds(root / "deployed"),
+                         "wall_s": time.perf_counter() - started, "messages": len(messages),
+                         **{f"{k}_s": median(k) for k in ("age_at_entry", "imports", "node_build", "handler")}})
+    print(f"# f3crec Flower bench: smoke block 0, {args.nodes} nodes, one thread; load {os.getloadavg()[0]:.2f}")
     for row in rows:
-        overhead = (row["wall_s"] - reference) / messages if row["path"] not in ("vectorised", "reference") else None
-        row["overhead_s_per_message"] = overhead
-        print(f"{row['path']:42s} {row['round_s']:8.3f} {row['wall_s']:8.2f} "
-              f"{'' if overhead is None else f'{overhead:.4f}':>19s} {row.get('startup_s', float('nan')):10.2f}")
-    print(f"bare `import torch, flwr` in a fresh process: {bare_import():.2f} s")
+        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     return rows
-
-
-def torch_threads() -> None:
-    import torch
-    torch.set_num_threads(1)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
 """An in-process Flower Grid (§14): the ServerApp's messages go straight to ClientApps in this process, no
 Ray, no sockets. Each node keeps its own `Context` (node config, run config, state) for the whole run.
 
-It implements the public `flwr.serverapp.Grid` interface, but message ids, the `Run` record and the
-sending task's identity are set through non-public parts of Flower (`Metadata.__dict__`,
-`flwr.supercore.run.Run`, `flwr.supercore.task_identity.TaskIdentity`), as Flower's own runtimes do; that is why the `fl` extra pins the minor version.
+Public Flower API only (`flwr.app`, `flwr.serverapp.Grid`): outside a Flower runtime no task identity is
+set, so this grid makes each message with an explicit `flwr.app.Metadata` (`make_message`), its id included.
 
 Delivery: messages are handled one after another. A node whose ClientApp raises answers with an error
 reply (as a SuperNode does); a reply that took longer than `timeout` seconds counts as not received
@@ -16,35 +15,37 @@ import traceback
 from collections.abc import Callable, Iterable
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import DEFAULT_TTL, Context, Error, Message, Metadata, RecordDict
 from flwr.serverapp import Grid
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 ClientAppLike = Callable[[Message, Context], Message]
+SERVER_NODE = 0
 
 
 class LocalGrid(Grid):
     """node id -> (ClientApp, Context); `send_and_receive` calls the apps directly."""
 
     def __init__(self, apps: dict[int, ClientAppLike], contexts: dict[int, Context], run_id: int = 1):
-        self.apps, self.contexts = apps, contexts
-        self._run = Run.create_empty(run_id)
-        if TaskIdentity._run_id is None:   # outside a Flower runtime: this process is the ServerApp task
-            TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 0
+        self.apps, self.contexts, self.run_id = apps, contexts, run_id
+        self._run = None
         self.messages = 0        # messages delivered (benchmarks: per-message overhead)
 
-    def set_run(self, run: Run) -> None:
+    def set_run(self, run) -> None:
         self._run = run
 
     @property
-    def run(self) -> Run:
+    def run(self):
         return self._run
+
+    def make_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str) -> Message:
+        metadata = Metadata(run_id=self.run_id, message_id=uuid4().hex, src_node_id=SERVER_NODE,
+                            dst_node_id=dst_node_id, reply_to_message_id="", group_id=group_id,
+                            created_at=time.time(), ttl=DEFAULT_TTL, message_type=message_type)
+        return Message(content, metadata=metadata)
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                        ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+        return self.make_message(content, message_type, dst_node_id, group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return sorted(self.apps)
@@ -59,8 +60,6 @@ class LocalGrid(Grid):
         replies = []
         for message in messages:
             node = message.metadata.dst_node_id
-            message.metadata.__dict__["_message_id"] = str(uuid4())   # what a SuperLink assigns (non-public)
-            message.metadata.__dict__["_run_id"] = self._run.run_id
             if node not in self.apps:
                 continue                                             # no such node: nothing comes back
             started = time.perf_counter()

@@ -187,82 +187,33 @@ class Node:
         return row
 
     # ------------------------------------------------------------------------------------ checkpoints
-    def state_arrays(self) -> dict[str, np.ndarray]:
-        """Every client's state stacked by sorted user id, as plain arrays (Context.state, checkpoints)."""
-        clients = self.clients.clients
-        users = sorted(clients)
-        out: dict[str, np.ndarray] = {"users": np.array(users, dtype=np.int64)}
-        if not users:
-            return out
-        first = clients[users[0]]
-        stack = lambda values: torch.stack(values).numpy()  # noqa: E731
-        for k in first.private:
-            out[f"private.{k}"] = stack([clients[u].private[k] for u in users])
-            out[f"anchor.{k}"] = stack([clients[u].anchor.get(k, clients[u].private[k]) for u in users])
-            for s in self.clients.slot_names:
-                out[f"slot.{s}.{k}"] = stack([clients[u].slots[s][k] for u in users])
-            if any(clients[u].fisher for u in users):
-                out[f"fisher.{k}"] = stack([clients[u].fisher[k] if clients[u].fisher else torch.zeros_like(
-                    clients[u].private[k]) for u in users])
-        out["has_anchor"] = np.array([bool(clients[u].anchor) for u in users])
-        widths = [clients[u].yhat.shape[0] if clients[u].yhat is not None else -1 for u in users]
-        out["yhat_width"] = np.array(widths, dtype=np.int64)
-        yhat = np.zeros((len(users), max(max(widths), 0)), dtype=first.private[next(iter(first.private))].numpy().dtype)
-        for j, u in enumerate(users):
-            if widths[j] >= 0:
-                yhat[j, : widths[j]] = clients[u].yhat.numpy()
-        out["yhat"] = yhat
-        out["has_topn"] = np.array([clients[u].topn is not None for u in users])
-        out["topn"] = np.stack([clients[u].topn.numpy() if clients[u].topn is not None
-                                else np.zeros(self.clients.topn, np.int64) for u in users])
-        out["fisher_valid"] = np.array([bool(clients[u].fisher) for u in users])
-        with_rows = [u for u in users if clients[u].fisher]
-        out["fisher_user"] = np.concatenate([np.full(len(clients[u].fisher["rows"]), u) for u in with_rows]
-                                            + [np.zeros(0, np.int64)]).astype(np.int64)
-        if with_rows:
-            out["fisher_item"] = torch.cat([clients[u].fisher["rows"] for u in with_rows]).numpy()
-            out["fisher_F"] = torch.cat([clients[u].fisher["F_rows"] for u in with_rows]).numpy()
-        if first.anchor_items is not None:   # every client received the same Q^{t−1}: kept once
-            out["anchor_items"] = first.anchor_items.numpy()
-        return out
+    def state(self) -> dict:
+        """Every client's attributes (tensors, dicts of tensors, None, ints; a numpy array as a tensor, named in
+        `_numpy`) and the slot names: what Context.state and the node's checkpoints hold (wire.dump, bit-exact)."""
+        clients = {}
+        for user, client in self.clients.clients.items():
+            attrs = vars(client)
+            clients[user] = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in attrs.items()}
+            clients[user]["_numpy"] = [k for k, v in attrs.items() if isinstance(v, np.ndarray)]
+        return {"slots": list(self.clients.slot_names), "clients": clients}
 
-    def load_arrays(self, arrays: dict[str, np.ndarray], slot_names: list[str]) -> None:
-        """Rebuild every client from `state_arrays` output (bit-exact: arrays are copied, not converted)."""
-        t = lambda name: torch.from_numpy(np.array(arrays[name], copy=True))  # noqa: E731
-        users = [int(u) for u in arrays["users"]]
+    def load_state(self, state: dict) -> None:
+        """Rebuild every client from `state()` output."""
         self.clients = NodeClients(self.cfg.method.topn)
-        self.clients.slot_names = list(slot_names)
-        if not users:
-            return
-        names = [key.split(".", 1)[1] for key in arrays if key.startswith("private.")]
-        tensors = {key: t(key) for key in arrays if "." in key}
-        anchor_items = t("anchor_items") if "anchor_items" in arrays else None
-        has_anchor, has_topn, valid = arrays["has_anchor"], arrays["has_topn"], arrays["fisher_valid"]
-        widths, yhat, topn = arrays["yhat_width"], t("yhat"), t("topn")
-        fisher_user = arrays["fisher_user"]
-        for j, u in enumerate(users):
-            client = Client(u, {k: tensors[f"private.{k}"][j].clone() for k in names})
-            client.anchor = {k: tensors[f"anchor.{k}"][j].clone() for k in names} if has_anchor[j] else {}
-            client.slots = {s: {k: tensors[f"slot.{s}.{k}"][j].clone() for k in names} for s in slot_names}
-            client.yhat = yhat[j, : widths[j]].clone() if widths[j] >= 0 else None
-            client.topn = topn[j].clone() if has_topn[j] else None
-            client.anchor_items = anchor_items
-            if valid[j]:
-                mine = torch.from_numpy(fisher_user == u)
-                client.fisher = {**{k: tensors[f"fisher.{k}"][j].clone() for k in names},
-                                 "rows": t("fisher_item")[mine], "F_rows": t("fisher_F")[mine]}
-            self.clients.clients[u] = client
+        self.clients.slot_names = list(state["slots"])
+        for user, attrs in state["clients"].items():
+            client = Client.__new__(Client)
+            client.__dict__.update({k: v.numpy() if k in attrs["_numpy"] else v for k, v in attrs.items() if k != "_numpy"})
+            self.clients.clients[user] = client
 
     def save(self, path, block: int) -> None:
-        arrays = {k: torch.from_numpy(v) for k, v in self.state_arrays().items()}
-        save_checkpoint(path, {"arrays": arrays, "slots": self.clients.slot_names, "block": block,
-                               "partition": self.partition, "num_partitions": self.num_partitions})
+        save_checkpoint(path, {"state": self.state(), "block": block, "partition": self.partition,
+                               "num_partitions": self.num_partitions})
 
     def restore(self, path, block: int) -> None:
         state = load_checkpoint(path)
-        state["arrays"] = {k: v.numpy() for k, v in state["arrays"].items()}
         if (state["block"], state["partition"], state["num_partitions"]) != (block, self.partition, self.num_partitions):
             raise ValueError(f"{path}: node checkpoint of block {state['block']}, node {state['partition']} of "
                              f"{state['num_partitions']}; the run needs block {block}, node {self.partition} of "
                              f"{self.num_partitions}")
-        self.load_arrays(state["arrays"], state["slots"])
+        self.load_state(state["state"])

@@ -1,18 +1,19 @@
-"""The ServerApp (§14): Flower runs it inside a SuperLink (a deployment, deploy.py, or the simulation runtime)
-and hands it a Grid to the SuperNodes; it runs the unchanged block loop, `main.run`, with the
-FlowerSimulator talking to that grid.
+"""The ServerApp (§14): Flower runs it inside a SuperLink (a deployment or the simulation runtime) and hands
+it a Grid to the SuperNodes; it runs the unchanged block loop, `main.run`, with the FlowerSimulator talking
+to that grid (polled through the public push/pull interface).
 
-    flwr run f3crec/flower/app <superlink-connection> --run-config 'overrides="federation.rounds=2"'
+    flwr run <staged app> <superlink-connection> --run-config 'overrides="federation.rounds=2"'
 
 Run config (app/pyproject.toml): the run's config (`f3crec-config` JSON, else `config` + `overrides`),
 `run-dir`, `resume`, and `report`, a file this app writes its outcome to — {"ok": true, "run_dir", "summary"}
-or {"ok": false, "error": <exception type>, "message": <one line>, "run_dir"} — so the process that
-started the run (deploy.py) can report a user error in one line; the error is raised again, so Flower
-marks the run failed too.
+or {"ok": false, "error": <exception type>, "message": <one line>, "run_dir"} — which the launcher
+(common/flower_ops.py) reports. A user error (a bad config key, a missing file, the fault rule) is one logged
+line and exit status 2, no traceback; any other error is raised, so Flower shows it and marks the run failed.
 """
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,6 +28,7 @@ from . import wire
 from .launch import using_grid
 
 app = ServerApp()
+log = logging.getLogger("f3crec.flower")
 
 
 class PollingGrid(Grid):
@@ -69,17 +71,6 @@ class PollingGrid(Grid):
         return replies
 
 
-def quick_reply_pulls() -> None:
-    """A reply is listed as soon as its metadata reaches the SuperLink, often before its objects; Flower's
-    grid then retries the object pull after 1 s, 2 s, ... (up to 10 s). In this process the retries start
-    at 0.02 s, doubling up to 0.2 s (a non-public module attribute: the `fl` extra pins the minor)."""
-    from functools import partial
-
-    from flwr.superlink.grid import http_grid
-    if not isinstance(http_grid.pull_objects, partial):
-        http_grid.pull_objects = partial(http_grid.pull_objects, initial_backoff=0.02, backoff_cap=0.2)
-
-
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
     """Block until `count` SuperNodes are connected (a deployment starts its nodes beside the link)."""
     end = time.monotonic() + timeout
@@ -105,17 +96,19 @@ def main(grid: Grid, context: Context) -> None:
     report = str(rc.get("report", "") or "")
     try:
         cfg = wire.config_from_run_config(rc)
-        quick_reply_pulls()
         grid = PollingGrid(grid)
         wait_for_nodes(grid, cfg.federation.nodes, cfg.federation.reply_timeout)
         run_dir = str(rc.get("run-dir", "") or "") or None
         with using_grid(grid):
             results = run(cfg, Path(run_dir) if run_dir else None, resume=bool(rc.get("resume", False)))
         _write_report(report, {"ok": True, "run_dir": str(runs.CURRENT_RUN), "summary": results["summary"]})
-    except Exception as err:   # reported, then raised again: Flower marks the run failed
+    except Exception as err:   # one line in the log and the report; Flower marks the run failed
         line = str(err).splitlines()[0] if str(err) else type(err).__name__
         if not isinstance(err, USER_ERRORS):
             line = f"{type(err).__name__}: {line}"
         _write_report(report, {"ok": False, "error": type(err).__name__, "message": line,
                                "run_dir": str(runs.CURRENT_RUN) if runs.CURRENT_RUN else None})
+        log.error("f3crec: %s", line)
+        if isinstance(err, USER_ERRORS):
+            raise SystemExit(2) from None   # a user error: its one line, no traceback
         raise

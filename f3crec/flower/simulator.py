@@ -65,7 +65,9 @@ class FlowerSimulator:
             if node in self.lost:
                 continue
             body = dict(body)
-            messages.append(Message(wire.content(body.pop("tensors", None), **body), node, kind, group_id=group))
+            content = wire.content(body.pop("tensors", None), **body)
+            make = getattr(self.grid, "make_message", None)   # the in-process grid: no Flower runtime around it
+            messages.append(make(content, kind, node, group) if make else Message(content, node, kind, group_id=group))
         replies = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.reply_timeout):
             node = reply.metadata.src_node_id

@@ -2,6 +2,7 @@
 their own dtype, Fractions as 'numerator/denominator' strings, so what arrives equals what was sent."""
 from __future__ import annotations
 
+import io
 import json
 import shlex
 from dataclasses import replace
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from common.config import config_to_dict, load_config
+from common.config import ConfigError, config_to_dict, load_config
 from common.io import REPO
 
 from ..config import Config
@@ -42,6 +43,17 @@ def content(tensor_values: dict | None = None, **config) -> RecordDict:
 
 def unpack(body: RecordDict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors(body["arrays"]), json.loads(body["config"]["json"])
+
+
+def dump(value) -> bytes:
+    """A node's state as bytes (torch.save: tensors bit-exact, shared storage kept once)."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def load(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def sums_to_json(sums: dict[str, tuple[Fraction, int]]) -> dict:
@@ -74,11 +86,18 @@ def config_from_json(text: str) -> Config:
 
 def config_from_run_config(run_config) -> Config:
     """The run's config from a Flower run config (the same on the ServerApp and every node): `f3crec-config`
-    (a whole config as JSON: deploy.py, the in-process grid) or else `config` (a YAML path, relative to the
-    repository) with `overrides` (space-separated key=value); the simulator is always Flower's."""
+    (a whole config as JSON: the in-process grid), else on `resume` the run folder's own config.yaml (a resume
+    runs exactly the saved config: `overrides` are refused), else `config` (a YAML path, relative to the
+    bundle's root, or absolute) with `overrides` (space-separated key=value); the simulator is Flower's."""
     text = str(run_config.get("f3crec-config", "") or "")
     if text:
         return config_from_json(text)
-    path = Path(str(run_config.get("config", "") or "f3crec/configs/smoke.yaml"))
     overrides = shlex.split(str(run_config.get("overrides", "") or ""))
+    if run_config.get("resume", False):
+        run_dir = Path(str(run_config.get("run-dir", "") or ""))
+        if overrides or not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"resume=true runs the saved config of run-dir={run_dir}: it needs that folder's "
+                              f"config.yaml and no overrides (got {len(overrides)})")
+        return load_config(Config, run_dir / "config.yaml", ["federation.simulator=flower"])
+    path = Path(str(run_config.get("config", "") or "f3crec/configs/smoke.yaml"))
     return load_config(Config, path if path.is_absolute() else REPO / path, [*overrides, "federation.simulator=flower"])
