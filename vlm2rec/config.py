@@ -165,6 +165,7 @@ class EvalConfig:
     num_negatives: PosInt = 100             # [S] 1 positive + 100 sampled negatives (§13.1)
     ks: list[PosInt] = field(default_factory=lambda: [10, 20])   # cut-offs of HR@K and NDCG@K
     ties: Literal["pessimistic", "optimistic", "average"] = "pessimistic"   # [R] P1 ties (Q10)
+    full_ties: Literal["topk", "pessimistic", "optimistic", "average"] = "topk"   # [R] P2 ties (Q10), as RecBole
     neg_seed: NonNegInt = 0                    # negatives and robustness edits (same for every method)
     modality_modes: list[Literal["both", "text", "image"]] = field(default_factory=lambda: list(MODES))  # §11.1
     select_on: str = "full/both/NDCG@10"   # validation metric for selection: protocol/mode/metric
