@@ -12,13 +12,7 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: `cd vlm2rec && python bench.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "vlm2rec"
 
 import numpy as np
 import torch
