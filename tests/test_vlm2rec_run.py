@@ -112,9 +112,13 @@ def test_gpu_benchmark_of_a_3b_sized_qwen_runs():
 
 def test_cpu_benchmark_reports_throughput_and_memory():
     from vlm2rec.bench import bench_cpu
+    start = time.perf_counter()
     out = bench_cpu("tiny", batch_size=4, steps=2)
+    outside = time.perf_counter() - start
     assert out["items_encoded"] == 64 and out["pairs_per_step"] == 4 and out["steps"] == 2  # the run's own counts
-    # pairs/s x seconds/step = pairs per step: the two timings come from one measurement
-    assert out["train_pairs_per_s"] * out["train_step_s"] == pytest.approx(out["pairs_per_step"], rel=1e-9)
+    # The timed phases happen inside the call: their durations fit in the time measured around it.
+    encode_s = out["items_encoded"] / out["encode_items_per_s"]
+    train_s = out["steps"] * out["pairs_per_step"] / out["train_pairs_per_s"]
+    assert 0 < encode_s + train_s <= outside
     assert 0 < out["encode_items_per_s"] < 1e6 and 0 < out["train_pairs_per_s"] < 1e6
     assert out["peak_memory_mb"] > 100                      # the process holds torch and a model: not a stub
