@@ -1,9 +1,10 @@
 """The VLM embedder: prompts, last-token pooling, LoRA, and the tiny test VLM (§5, §6).
 
-`VLMEmbedder.branch(what, ids, drop=None) -> (B, hidden)` for what in {item_text, item_image,
-hist_text, hist_image, item_joint, hist_joint}, where `ids` are item ids (B,) or left-padded
-histories (B, L) (0 = padding). The two-tower stand-in (two_tower.py) has the same interface; the
-table that maps `backbone.name` to a builder is backbones.py.
+One pass of `VLMEmbedder` is `prepare(what, ids, drop=None)` (CPU inputs) then `forward(prepared)`
+(device) -> (B, hidden), for what in {item_text, item_image, hist_text, hist_image, item_joint, hist_joint},
+where `ids` are item ids (B,) or left-padded histories (B, L) (0 = padding); `branch(what, ids, drop)` is
+the two in one call, the interface the two-tower stand-in (two_tower.py) shares. The table that maps
+`backbone.name` to a builder is backbones.py.
 """
 from __future__ import annotations
 
@@ -143,8 +144,8 @@ class Preparer:
 class VLMEmbedder(nn.Module):
     """Qwen-VL base model (visual + language_model, no LM head) used as a multimodal embedder.
 
-    A pass is `prepare` (CPU: Preparer, or the visual cache's lookup) then `forward_prepared` (device);
-    `branch` does both, and a batch's passes can be prepared elsewhere (DataLoader workers, train.py)."""
+    A pass is `prepare` (CPU: Preparer, or the visual cache's lookup) then `forward` (device); `branch`
+    does both, and a batch's passes can be prepared elsewhere (DataLoader workers, train.py)."""
 
     def __init__(self, model: nn.Module, tokenizer, image_processor, catalog: Catalog, prompts: PromptConfig,
                  identifier: str, max_title_tokens: int, append_eos: bool):
@@ -173,32 +174,18 @@ class VLMEmbedder(nn.Module):
         if self.visual_cache is not None:
             self.visual_cache.fill(self, list(range(1, len(self.catalog.titles))))
 
-    def title(self, item: int) -> str:
-        return self.preparer.title(item)
-
-    def _prompt(self, what: str, items: list[int], drop: str | None) -> tuple[str, list[int]]:
-        return self.preparer._prompt(what, items, drop)
-
-    def wrap(self, prompt: str) -> str:
-        return self.preparer.wrap(prompt)
-
-    def branch(self, what: str, ids: torch.Tensor, drop: str | None = None) -> torch.Tensor:
-        return self.encode(*self.preparer.texts(what, ids, drop))
-
     def cpu_preparer(self) -> Preparer | None:
         """What a DataLoader worker needs to prepare this embedder's passes, or None where preparing needs
         the model (the visual cache fills itself with the tower; its lookup is all the CPU work left)."""
         return self.preparer if self.visual_cache is None else None
 
     def prepare(self, what: str, ids: torch.Tensor, drop: str | None = None) -> dict:
-        """The CPU inputs of one pass (see `cpu_inputs`); `forward_prepared` runs them."""
-        return self.cpu_inputs(*self.preparer.texts(what, ids, drop))
-
-    def cpu_inputs(self, texts: list[str], images: list[int]) -> dict:
-        """The model inputs of one batch of prompts on the CPU (left-padded token ids, mask, token types, the
-        processor's pixels and grid); `images` are the item ids whose images fill the prompts' placeholders,
-        in order. With a visual cache (frozen vision tower) the tower's output per item is read from it
-        ("image_features") instead of re-running the processor and the tower."""
+        """The CPU inputs of one pass over item ids (B,) or left-padded histories (B, L): left-padded token
+        ids, mask, token types, and the processor's pixels and grid of the items whose images fill the
+        prompts' placeholders. With a visual cache (frozen vision tower) the tower's output per item is read
+        from it ("image_features") instead of re-running the processor and the tower. A DataLoader worker's
+        `Preparer.prepare` gives the same dict (without a visual cache)."""
+        texts, images = self.preparer.texts(what, ids, drop)
         vision = {}
         if images:
             if self.visual_cache is not None:
@@ -208,8 +195,21 @@ class VLMEmbedder(nn.Module):
                 vision = self.preparer.pixels(images)
         return self.preparer.tokens(texts, vision)
 
-    def to_device(self, prepared: dict) -> dict:
-        """CPU inputs (`cpu_inputs`) as the model takes them: on its device, pixels in its dtype."""
+    def forward(self, prepared: dict) -> torch.Tensor:
+        """One pass from its CPU inputs (`prepare`): to the model's device, forward, last-token pooling ->
+        [B, hidden] (float32)."""
+        inputs = self._on_device(prepared)
+        # use_cache=False: an embedding pass never decodes, so a KV cache would only take memory.
+        hidden = self.model(use_cache=False, **inputs).last_hidden_state
+        return last_token_pool(hidden, inputs["attention_mask"]).float()
+
+    def branch(self, what: str, ids: torch.Tensor, drop: str | None = None) -> torch.Tensor:
+        """`forward(prepare(...))`: the one call the model makes on either embedder (two_tower.py has it too)."""
+        return self(self.prepare(what, ids, drop))
+
+    def _on_device(self, prepared: dict) -> dict:
+        """CPU inputs as the model takes them: on its device, pixels in its dtype, cached tower outputs as
+        the encoder outputs transformers accepts."""
         device = next(self.model.parameters()).device
         inputs = {}
         for key, value in prepared.items():
@@ -222,24 +222,6 @@ class VLMEmbedder(nn.Module):
             else:
                 inputs[key] = value.to(device)
         return inputs
-
-    def inputs(self, texts: list[str], images: list[int]) -> dict[str, torch.Tensor]:
-        """The model inputs of one batch of prompts on the model's device (`cpu_inputs`, `to_device`)."""
-        return self.to_device(self.cpu_inputs(texts, images))
-
-    def run(self, inputs: dict) -> torch.Tensor:
-        """Forward + last-token pooling of device inputs -> [B, hidden] (float32)."""
-        # use_cache=False: an embedding pass never decodes, so a KV cache would only take memory.
-        hidden = self.model(use_cache=False, **inputs).last_hidden_state
-        return last_token_pool(hidden, inputs["attention_mask"]).float()
-
-    def forward_prepared(self, prepared: dict) -> torch.Tensor:
-        """One pass from its CPU inputs (`prepare`, or a DataLoader worker's Preparer.prepare)."""
-        return self.run(self.to_device(prepared))
-
-    def encode(self, texts: list[str], images: list[int]) -> torch.Tensor:
-        """Processor + forward + last-token pooling -> [B, hidden] (float32); see `inputs`."""
-        return self.run(self.inputs(texts, images))
 
     def save_adapter(self, folder, base_name: str) -> bool:
         """Write the LoRA adapters in peft's own format (adapter_config.json + adapter_model.safetensors,
