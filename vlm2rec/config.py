@@ -17,9 +17,7 @@ import yaml
 
 from common.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
 
-BACKBONE_NAMES = ("qwen2-vl", "qwen2.5-vl", "tiny", "tiny-qwen2.5-vl", "two-tower")
 DATASETS = ("synthetic", "ml100k-posters", "amazon")
-PROTOCOLS = ("sampled", "full")
 MODES = ("both", "text", "image")
 SCENARIOS = ("missing_image", "missing_title", "noisy_image")
 LM_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
