@@ -48,6 +48,7 @@ def test_resume_at_block_boundary_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["script", "copied"])
+@pytest.mark.heavy
 def test_launch_as_script_and_from_a_copy(tmp_path, how):
     if how == "script":
         cmd, cwd = [sys.executable, "main.py", "--config", "configs/smoke.yaml"], ROOT / "f3crec"
@@ -76,6 +77,7 @@ def test_old_run_folder_fails_in_one_line_naming_the_rename(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.heavy
 def test_bench_whole_run_reports_every_phase():
     """`make bench-f3crec`'s whole-run mode on the smoke stream: the phases add up to the process."""
     from f3crec.bench import REFERENCE, report, whole_run

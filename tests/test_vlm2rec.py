@@ -192,6 +192,7 @@ def test_shapes_score_all_and_checkpoint_round_trip(tmp_path):
     assert torch.allclose(reloaded_model.score_all(batch), scores, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_one_batch_overfits():
     """100 clipped AdamW steps on 6 pairs with distinct targets: L_CL falls below a tenth of its start and
     every history ranks its own next item first among the batch's items (the tiny VLM trains in full)."""

@@ -75,6 +75,7 @@ def _train(data, train, fusion, negatives, num_workers):
 
 
 @pytest.mark.parametrize("fusion,negatives", [("external_sum", True), ("internal_interleave", False)])
+@pytest.mark.heavy
 def test_workers_give_the_same_batches_losses_and_gradients(fusion, negatives):
     data, train = _data()
     plain = _train(data, dict(train), fusion, negatives, 0)
@@ -137,6 +138,7 @@ def test_prepared_inputs_are_those_of_branch_and_the_worker_state_pickles_withou
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.heavy
 def test_num_workers_is_ignored_in_one_line_where_nothing_is_prepared_on_the_cpu():
     data, _ = _data()
     cfg = TrainConfig(num_workers=2)
