@@ -1,6 +1,6 @@
 # Thin map from names to commands. Every target is .PHONY: the targets share their names with the
 # paper folders, so without it `make flame` would say "up to date".
-#   make flame DATA=ml-1m            make test            make data DATA=ml-100k
+#   make flame DATA=ml-1m            make test  make test-fast     make data DATA=ml-100k
 #   make flame DATA=amazon-toys ARGS="train.lr=3e-4 train.max_epochs=5"
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,7 +12,7 @@ ARGS ?=
 SEEDS ?= 1 2 3
 EXTRAS ?= vlm,plot,dev,fl
 
-.PHONY: setup test test-all test-transformers-min test-deploy gpu-check smoke f3crec-fab f3crec-deploy f3crec-sim data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
+.PHONY: setup test test-fast test-all test-transformers-min test-deploy gpu-check smoke f3crec-fab f3crec-deploy f3crec-sim data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
         flame-compare f3crec-compare vlm2rec-compare clean-venv
 
 setup: $(STAMP)
@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q -m "not gpu"
+
+# The fast tier, for every change: all but the heavy tests (subprocess runs, launchers, kill-and-resume, the
+# local hub, torch.compile) and the real-data ones; `make test` (CI) still runs everything.
+test-fast: setup
+	$(PY) -m pytest -q -m "not gpu and not heavy and not slow"
 
 # Includes the @slow tests that read real data from REPRO_DATA (or ../shared/data).
 test-all: setup

@@ -25,9 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: `cd f3crec && python bench.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "f3crec"  # noqa: E702
-
 import numpy as np
 import torch
 

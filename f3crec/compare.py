@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import get_args
-
-if __package__ in (None, ""):  # run as a script: `cd f3crec && python compare.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "f3crec"  # noqa: E702
 
 from common.config import load_config
 from common.runs import default_run_root, run_or_reuse

@@ -14,24 +14,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import resource
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # script mode: `cd flame && python bench.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "flame"  # noqa: E702
+import torch
 
-import torch  # noqa: E402
+from common.config import load_config
+from common.utils import seed_everything
 
-from common.config import load_config  # noqa: E402
-from common.utils import seed_everything  # noqa: E402
-
-from .config import Config  # noqa: E402
-from .data import build_data, load_raw  # noqa: E402
-from .ensemble import build_model  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .fast import check_graph_options  # noqa: E402
-from .train import make_optimizer, make_step, setup_device, synchronize, train_one_epoch  # noqa: E402
+from .config import Config
+from .data import build_data, load_raw
+from .ensemble import build_model
+from .evaluate import evaluate
+from .fast import check_graph_options
+from .train import make_optimizer, make_step, setup_device, synchronize, train_one_epoch
 
 PAPER_DIR = Path(__file__).resolve().parent
 

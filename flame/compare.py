@@ -18,20 +18,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # script mode: `cd flame && python compare.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "flame"  # noqa: E702
+from common.config import load_config
+from common.io import load_json, save_json
+from common.runs import default_run_root, read_metrics, run_or_reuse
 
-from common.config import load_config  # noqa: E402
-from common.io import load_json, save_json  # noqa: E402
-from common.runs import default_run_root, read_metrics, run_or_reuse  # noqa: E402
-
-from .config import Config  # noqa: E402
-from .evaluate import convergence_against  # noqa: E402
-from .main import run  # noqa: E402
+from .config import Config
+from .evaluate import convergence_against
+from .main import run
 
 COLUMNS = [("test NDCG@20", ("test", "reference", "NDCG@20")), ("test HR@20", ("test", "reference", "HR@20")),
            ("test NDCG@10", ("test", "reference", "NDCG@10")), ("test NDCG@20 neg_inf", ("test", "neg_inf", "NDCG@20")),

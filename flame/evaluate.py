@@ -41,10 +41,15 @@ def seen_adjust(scores: torch.Tensor, hist: torch.Tensor, mode: str) -> torch.Te
     raise ValueError(f"eval.seen_mask={mode!r}: expected reference, zero, neg_inf or none")
 
 
-def target_ranks(scores: torch.Tensor, target: torch.Tensor, rank: str) -> torch.Tensor:
-    """0-based rank of column target-1 (§9). strict: the number of strictly greater logits.
-    argsort: the target's position in a descending unstable sort, as the reference's double argsort;
-    it differs from strict only where the target's logit is tied, so only those rows are sorted."""
+def leave_one_out_ranks(scores: torch.Tensor, target: torch.Tensor, rank: str) -> torch.Tensor:
+    """0-based rank of each row's one held-out item, column target-1 (§9). strict: the number of strictly
+    greater logits. argsort: the target's position in a descending unstable sort, as the reference's double
+    argsort; it differs from strict only where the target's logit is tied, so only those rows are sorted.
+    A NaN logit is refused (it would compare false with everything and rank the target first)."""
+    nan = torch.isnan(scores)
+    if bool(nan.any()):
+        raise ValueError(f"flame.evaluate.leave_one_out_ranks: {int(nan.sum())} NaN logit(s); "
+                         "metrics of such scores are meaningless (check the model for a NaN output)")
     column = (target - 1).unsqueeze(1)
     chosen = scores.gather(1, column)  # (B, 1)
     greater = (scores > chosen).sum(1)
@@ -72,7 +77,7 @@ def evaluate(model: torch.nn.Module, seq: torch.Tensor, target: torch.Tensor, hi
         part = slice(first, first + batch_size)
         scores = model.score_all({"seq": seq[part]})[:, 1:].float()  # (B, I): drop padding
         scores = seen_adjust(scores, hist[part], seen_mask)
-        ranks.append(target_ranks(scores, target[part], rank))
+        ranks.append(leave_one_out_ranks(scores, target[part], rank))
     per_user = rank_metrics(torch.cat(ranks).cpu(), ks=(1, 5, 10, 20))
     return {key: 100.0 * float(per_user[key].mean()) for key in REPORT}
 

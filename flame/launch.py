@@ -13,13 +13,9 @@ collective. Several machines: torchrun or `accelerate launch` with their --nnode
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # script mode: `cd flame && python launch.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "flame"  # noqa: E702
-
-from common.launch import launch, main as launch_main  # noqa: E402,F401  (launch: for callers in Python)
+from common.launch import launch, main as launch_main  # noqa: F401  (launch: for callers in Python)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

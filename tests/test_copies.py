@@ -8,6 +8,7 @@ change of the maths on either side (pre-LN, another mask value, another activati
 import dataclasses
 import inspect
 
+import pytest
 import torch
 
 from flame.model import SASRec as FlameSASRec
@@ -73,6 +74,7 @@ def sequences() -> torch.Tensor:
     return seq
 
 
+@pytest.mark.heavy
 def test_vlm2rec_sasrec_equals_flame_sasrec_under_mapped_weights():
     flame, ours = pair()
     seq = sequences()

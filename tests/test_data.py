@@ -158,6 +158,7 @@ def test_empty_file_is_an_error(tmp_path, reader):
         reader(tmp_path / "empty.dat")
 
 
+@pytest.mark.heavy
 def test_unknown_dataset_name_lists_known_names(capsys):
     with pytest.raises(ValueError, match=r"unknown dataset 'ml-2m'; known: .*amazon-beauty.*ml-1m"):
         load_sequences("ml-2m")

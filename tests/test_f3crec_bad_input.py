@@ -243,7 +243,7 @@ def test_a_resume_may_change_where_it_stops(stopped_run, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- non-finite
-@pytest.mark.parametrize("simulator", ["vectorised", "reference", "flower"])
+@pytest.mark.parametrize("simulator", ["vectorised", "reference", pytest.param("flower", marks=pytest.mark.heavy)])
 def test_a_diverging_run_stops_in_one_line_on_every_simulator(simulator, tmp_path, user_error):
     base = tmp_path / "base"
     extra = ["federation.nodes=2"] if simulator == "flower" else []

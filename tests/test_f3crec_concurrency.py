@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from common.config import load_config
 from f3crec.config import Config, resolve
 from f3crec.data import get_blocks, load_blocks
@@ -35,6 +37,7 @@ def _log(run: Path) -> str:
     return (run / "log.txt").read_text() if (run / "log.txt").exists() else ""
 
 
+@pytest.mark.heavy
 def test_two_runs_needing_one_base_block_train_it_once(tmp_path):
     overrides = ["federation.rounds=2", "federation.patience=2", "train.share_base=true",
                  f"train.base_cache={tmp_path / 'base'}", "train.stop_after_block=0"]
@@ -72,6 +75,7 @@ for _ in range(int(sys.argv[2])):
 """
 
 
+@pytest.mark.heavy
 def test_two_block_writers_leave_valid_files(tmp_path):
     folder = tmp_path / "blocks"
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(folder), "40"], env=env(), stderr=subprocess.PIPE)

@@ -5,6 +5,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from f3crec.data import build_blocks, synthetic_stream, write_blocks
 from f3crec.main import main
 
@@ -39,6 +41,7 @@ def _blocks(folder: Path, stream_seed: int = 1) -> Path:
     return folder
 
 
+@pytest.mark.heavy
 def test_base_cache_is_keyed_by_the_blocks_content_and_a_damaged_entry_is_retrained(tmp_path, capsys):
     base = tmp_path / "base"
     common = ["--config", SMOKE, *FAST, "train.share_base=true", f"train.base_cache={base}", "train.stop_after_block=0"]

@@ -75,6 +75,7 @@ def node_states(sim: FlowerSimulator) -> dict[str, torch.Tensor]:
     (["backbone.name=fedncf", "backbone.lr=0.02", "method.name=emb_reg"], False),
     (["method.name=topn_kd", "federation.ldp_scale=0.01", "quirks.target_scores=matched"], True),
 ])
+@pytest.mark.heavy
 def test_flower_equals_reference_exactly_after_every_round(overrides, late, tmp_path):
     cfg, flags, blocks = _setup(overrides, tmp_path, late)
     net = BACKBONES[cfg.backbone.name]
@@ -125,6 +126,7 @@ def test_flower_equals_reference_exactly_after_every_round(overrides, late, tmp_
         assert saw_memory                                                 # 0 < m_u < N occurred
 
 
+@pytest.mark.heavy
 def test_flower_run_equals_reference_run(tmp_path):
     """main on the smoke stream: a-matrix, LA/RA/H, every round record (seconds aside) are the same."""
     from f3crec.main import main
@@ -167,6 +169,7 @@ def test_federated_sums_equal_centralised_evaluation():
                                                                                              exclude, 5)
 
 
+@pytest.mark.heavy
 def test_server_side_reaches_no_client_data(tmp_path):
     """Walk everything reachable from the FlowerSimulator, with the grid as the network it must not look
     through: no client, node, Context, interaction array, private tensor or score; replies carry uploads,
@@ -238,6 +241,7 @@ def test_fault_rule_continues_above_the_fraction(how, tmp_path):
     assert all(v > 0 for v in lost[len(before):]) and len(res["summary"]["ndcg"]["a"]) == 4
 
 
+@pytest.mark.heavy
 def test_fault_rule_stops_below_the_fraction_and_resume_continues(tmp_path, user_error):
     """A node lost in block 1: one line, exit 2, the block-0 checkpoint intact; --resume with every node
     back gives the uninterrupted run's results."""

@@ -5,6 +5,7 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import sigkill_when_logged
 
@@ -34,6 +35,7 @@ def results(run: Path) -> dict:
     return untimed(json.loads((run / "results.json").read_text()))
 
 
+@pytest.mark.heavy
 def test_sigkill_in_the_middle_of_a_block_then_resume_equals_an_uninterrupted_run(tmp_path):
     main(["--config", SMOKE, "--run-dir", str(tmp_path / "full"), *ROUNDS])
     cut = tmp_path / "cut"

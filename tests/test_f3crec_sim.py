@@ -54,6 +54,7 @@ def _ctx(cfg, flags, blocks, t, r):
     ["method.name=ewc"], ["method.name=naive_replay"], ["method.name=topn_kd", "federation.ldp_scale=0.01"],
     ["quirks.target_scores=matched", "method.name=arm"],     # Q7 clean: ŷ kept from the block that made T^u
 ])
+@pytest.mark.heavy
 def test_simulators_agree_round_by_round(overrides, stream, tmp_path):
     cfg, flags, blocks = _setup(overrides, stream, tmp_path)
     if stream == "late_joiners":

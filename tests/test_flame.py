@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from flame.config import BackboneConfig, DataConfig, FlameConfig
 from flame.data import build_data
 from flame.ensemble import FLAME, nt_xent, path_order, weighted_contrastive
-from flame.evaluate import evaluate, seen_adjust, target_ranks
+from flame.evaluate import evaluate, leave_one_out_ranks, seen_adjust
 from flame.model import AveragedLogits, SASRec, attention_mask, lambda_schedule, load_frozen, sasrec_state
 
 L = 6
@@ -219,16 +219,24 @@ def test_argsort_rank_equals_double_argsort_without_ties():
     scores, target = torch.randn(8, 30), torch.randint(1, 31, (8,))
     order = torch.argsort(scores, dim=1, descending=True)
     double = torch.argsort(order, dim=1).gather(1, (target - 1)[:, None]).flatten()
-    assert torch.equal(target_ranks(scores, target, "argsort"), double)
-    assert torch.equal(target_ranks(scores, target, "strict"), double)
+    assert torch.equal(leave_one_out_ranks(scores, target, "argsort"), double)
+    assert torch.equal(leave_one_out_ranks(scores, target, "strict"), double)
+
+
+def test_a_nan_logit_is_refused_not_ranked_first():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.5], [0.3, 0.2, 0.1, 0.0]])
+    scores[0, 2] = float("nan")                                         # the target's own logit
+    for rule in ("strict", "argsort"):
+        with pytest.raises(ValueError, match="^flame.evaluate.leave_one_out_ranks: 1 NaN logit"):
+            leave_one_out_ranks(scores, torch.tensor([3, 4]), rule)
 
 
 def test_ranks_and_metrics_hand_case():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.5], [0.3, 0.2, 0.1, 0.0]])
     target = torch.tensor([3, 4])
-    assert target_ranks(scores, target, "strict").tolist() == [1, 3]
-    assert target_ranks(scores, target, "argsort")[1] == 3
-    assert target_ranks(scores, target, "argsort")[0] in (1, 2)  # tie with item 4
+    assert leave_one_out_ranks(scores, target, "strict").tolist() == [1, 3]
+    assert leave_one_out_ranks(scores, target, "argsort")[1] == 3
+    assert leave_one_out_ranks(scores, target, "argsort")[0] in (1, 2)  # tie with item 4
 
     class Fixed(torch.nn.Module):
         def score_all(self, batch):

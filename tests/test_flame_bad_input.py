@@ -200,6 +200,7 @@ def stable(value):
     return [stable(v) for v in value] if isinstance(value, list) else value
 
 
+@pytest.mark.heavy
 def test_kill_9_then_resume_gives_the_uninterrupted_records(tmp_path):
     frozen = random_sasrec(tmp_path / "frozen.pt")
     args = ["--config", SMOKE, f"flame.frozen={frozen}", "train.max_epochs=5", "train.patience=5"]
@@ -226,6 +227,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_records(tmp_path):
     assert lines[0] == lines[1] and [r["epoch"] for r in lines[0]] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.heavy
 def test_two_processes_needing_one_stage1_net_train_it_once(tmp_path):
     cmd = [sys.executable, "-m", "flame.main", "--config", SMOKE, *FAST,
            f"run_root={tmp_path}"]

@@ -43,6 +43,7 @@ def train_epochs(use_graph_step, data, epochs=2, batch=64, mutual=False):
 
 
 @pytest.mark.parametrize("mutual", [False, True])
+@pytest.mark.heavy
 def test_static_buffer_step_trains_exactly_like_the_eager_loop(mutual):
     data = small_data()
     assert len(data.train_target) % 64 != 0  # a last partial batch goes through the eager path
@@ -117,6 +118,7 @@ def test_captured_step_matches_eager_on_gpu():
 
 
 @pytest.mark.parametrize("mutual", [False, True])
+@pytest.mark.heavy
 def test_loss_with_tensor_lambda_has_no_host_reads(mutual):
     """What a CUDA-graph capture forbids in the forward (.item(), float(tensor), `if tensor`) would be
     a graph break here: Dynamo with fullgraph=True must trace FLAME's loss in one piece."""

@@ -42,6 +42,7 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.heavy
 def test_two_ranks_train_exactly_like_one_process_and_resume(tmp_path):
     """Stage 1 (SASRec) then FLAME on 2 ranks, each 2 epochs, against the same in one process; then both
     resumed to 3 epochs (2 ranks, 1 process)."""
@@ -69,6 +70,7 @@ def test_two_ranks_train_exactly_like_one_process_and_resume(tmp_path):
     assert [r["epoch"] for r in records(dp_flame)] == [1, 2, 3]
 
 
+@pytest.mark.heavy
 def test_per_rank_negatives_are_a_different_objective(tmp_path):
     """The same step with flame.gather_negatives=false: each rank's L_wcl sees only its own rows, so the
     parameters leave the 1-process ones (what the gather is for)."""
@@ -88,6 +90,7 @@ def test_per_rank_negatives_are_a_different_objective(tmp_path):
     assert max_diff(params(tmp_path / "dp" / "last.pt"), params(tmp_path / "one" / "last.pt")) > 1e-4
 
 
+@pytest.mark.heavy
 def test_a_failing_rank_ends_the_launch_in_one_line(tmp_path):
     """Rank 1 fails after joining the group while rank 0 waits in a collective: the launcher stops
     rank 0 and exits with rank 1's status and one line naming it."""

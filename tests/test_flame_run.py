@@ -37,6 +37,7 @@ def frozen_file(tmp_path):
     return path
 
 
+@pytest.mark.heavy
 def test_smoke_end_to_end_with_stage1(tmp_path):
     results = main(["--config", SMOKE, f"run_root={tmp_path}"])
     run_dir = Path(results["run_dir"])
@@ -55,6 +56,7 @@ def test_smoke_end_to_end_with_stage1(tmp_path):
     assert again["test"] == results["test"]
 
 
+@pytest.mark.heavy
 def test_resume_reproduces_uninterrupted_run(tmp_path, frozen_file):
     common = ["--config", SMOKE, f"flame.frozen={frozen_file}", "train.max_epochs=3", "train.patience=5"]
     full = main(common + ["--run-dir", str(tmp_path / "full")])
@@ -116,6 +118,7 @@ def test_sasrec_run_as_convergence_baseline(tmp_path, frozen_file):
     assert out["convergence"]["sasrec_best_valid"] == base["best_valid"]
 
 
+@pytest.mark.heavy
 def test_compare_tabulates_finished_runs(tmp_path, frozen_file):
     """Runs made in parallel (no train.sasrec_run) get their convergence figures afterwards."""
     from common.io import load_json
@@ -140,6 +143,7 @@ def test_compare_tabulates_finished_runs(tmp_path, frozen_file):
         compare(["--runs", str(tmp_path / "cmp")])
 
 
+@pytest.mark.heavy
 def test_compare_writes_table_and_plot(tmp_path):
     from flame.compare import main as compare
 
@@ -153,6 +157,7 @@ def test_compare_writes_table_and_plot(tmp_path):
     assert out["flame"][0]["frozen"].endswith("sasrec_seed1/frozen.pt")
 
 
+@pytest.mark.heavy
 def test_bench_reports_every_model(capsys, monkeypatch):
     from flame import bench as bench_module
     from flame.bench import main as bench
@@ -169,6 +174,7 @@ def test_bench_reports_every_model(capsys, monkeypatch):
     assert "reference FLAME" not in printed  # the GPU yardstick is not set against a CPU epoch
 
 
+@pytest.mark.heavy
 def test_script_form_from_paper_folder(tmp_path):
     cmd = [sys.executable, "main.py", "--config", "configs/smoke.yaml", f"run_root={tmp_path}", *FAST]
     done = subprocess.run(cmd, cwd=ROOT / "flame", env=clean_env(), capture_output=True, text=True, timeout=120)
@@ -176,6 +182,7 @@ def test_script_form_from_paper_folder(tmp_path):
     assert list(tmp_path.glob("flame/synthetic/*flame*/results.json"))
 
 
+@pytest.mark.heavy
 def test_copied_out_folder_runs(tmp_path):
     for name in ("flame", "common"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "runs"))
@@ -236,6 +243,7 @@ def test_shipped_toys_scores_far_above_random(shared_data, monkeypatch):
     assert broken["NDCG@20"] < 0.5 * metrics["NDCG@20"]
 
 
+@pytest.mark.heavy
 def test_compiled_training_runs_and_learns(tmp_path, frozen_file, monkeypatch):
     """train.compile=true: Dynamo traces FLAME's loss once per batch shape, not once per epoch (λ(e)
     is a new float every epoch), and the compiled loss trains. Inductor's code generation is swapped
@@ -339,6 +347,7 @@ def test_stage1_folder_follows_the_raw_files_content(tmp_path, monkeypatch):
     assert stage1_run(cfg, 42)[1] == first
 
 
+@pytest.mark.heavy
 def test_a_rerun_comparison_reuses_its_finished_runs_and_refuses_another_config(tmp_path):
     """Re-running a comparison into the same --out reuses each finished run of the same config (the
     table is the same, nothing is trained or appended); another config there is refused in one line."""

@@ -1,31 +1,48 @@
-"""common/metrics.py against a pure-Python brute force and hand-computed values (CONVENTIONS.md §8)."""
+"""common/metrics.py against a pure-Python brute force and hand-computed values; the tie rules against an
+enumeration of every order of the tied items."""
+import itertools
 import math
 
 import pytest
 import torch
 
-from common.metrics import average, full_sort_metrics, rank_metrics, sampled_metrics, target_rank
+from common.metrics import average, full_sort_metrics, rank_metrics, sampled_metrics, tie_metrics
 
 
-def brute_force(scores, pos, ks, exclude=None):
-    """Per-row loops: sort by score (stable on index, like a fixed tie order), then count."""
+def metrics_of_order(order, positives, ks):
+    """Textbook metrics of one ranked list (item ids, best first) given the set of positives."""
+    out = {}
+    for k in ks:
+        hits = [1 if j in positives else 0 for j in order[:k]]
+        dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hits))
+        idcg = sum(1 / math.log2(r + 2) for r in range(min(len(positives), k)))
+        first = next((r for r, h in enumerate(hits) if h), None)
+        out[f"HR@{k}"] = float(any(hits))
+        out[f"Recall@{k}"] = sum(hits) / len(positives)
+        out[f"NDCG@{k}"] = dcg / idcg
+        out[f"MRR@{k}"] = 0.0 if first is None else 1 / (first + 1)
+    return out
+
+
+def brute_force(scores, pos, ks, exclude=None, tie_key=lambda j, positives: j):
+    """Per-row loops: sort by score, ties by `tie_key` (default: the item id, like a fixed tie order), then count."""
     out = {f"{m}@{k}": [] for k in ks for m in ("HR", "Recall", "NDCG", "MRR")}
     for b in range(len(scores)):
         row = [(-math.inf if exclude is not None and exclude[b][j] and not pos[b][j] else s, j)
                for j, s in enumerate(scores[b])]
-        order = [j for _, j in sorted(row, key=lambda t: (-t[0], t[1]))]
         positives = {j for j, p in enumerate(pos[b]) if p}
-        for k in ks:
-            top = order[:k]
-            hits = [1 if j in positives else 0 for j in top]
-            dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hits))
-            idcg = sum(1 / math.log2(r + 2) for r in range(min(len(positives), k)))
-            first = next((r for r, h in enumerate(hits) if h), None)
-            out[f"HR@{k}"].append(float(any(hits)))
-            out[f"Recall@{k}"].append(sum(hits) / len(positives))
-            out[f"NDCG@{k}"].append(dcg / idcg)
-            out[f"MRR@{k}"].append(0.0 if first is None else 1 / (first + 1))
+        order = [j for _, j in sorted(row, key=lambda t: (-t[0], tie_key(t[1], positives)))]
+        for key, value in metrics_of_order(order, positives, ks).items():
+            out[key].append(value)
     return out
+
+
+def expected_over_tie_orders(scores, positives, ks):
+    """The mean metrics over EVERY order of the items inside each group of equal scores (rows of <= 8 items)."""
+    groups = [[j for j in range(len(scores)) if scores[j] == value] for value in sorted(set(scores), reverse=True)]
+    orders = [sum(choice, []) for choice in itertools.product(*(map(list, itertools.permutations(g)) for g in groups))]
+    per_order = [metrics_of_order(order, positives, ks) for order in orders]
+    return {key: sum(m[key] for m in per_order) / len(per_order) for key in per_order[0]}
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -73,10 +90,13 @@ def test_single_target_ndcg_identity_and_rank_metrics_agree():
     target = torch.randint(0, 50, (64,), generator=gen)
     pos = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, target.view(-1, 1), True)
     full = full_sort_metrics(scores, pos, ks=(10, 20))
-    rank = target_rank(scores, target)
+    rank = (scores > scores.gather(1, target.view(-1, 1))).sum(1).double()     # distinct scores: the rank
     by_rank = rank_metrics(rank, ks=(10, 20))
     for key in full:
         torch.testing.assert_close(full[key], by_rank[key], msg=key)
+    for ties in ("pessimistic", "optimistic", "average"):          # no ties: every rule agrees with topk
+        for key, value in full_sort_metrics(scores, pos, ks=(10, 20), ties=ties).items():
+            torch.testing.assert_close(value, full[key], msg=f"{ties} {key}")
     hit = rank < 20
     torch.testing.assert_close(full["NDCG@20"][hit], 1 / torch.log2(rank[hit] + 2))
 
@@ -87,7 +107,8 @@ def test_exclusion_never_hides_a_target():
     exclude = torch.ones_like(pos)  # everything "seen", the target too
     m = full_sort_metrics(scores, pos, ks=(1,), exclude_mask=exclude)
     assert m["HR@1"].item() == 1.0
-    assert target_rank(scores, torch.tensor([1]), exclude_mask=exclude).item() == 0.0
+    for ties in ("pessimistic", "average"):
+        assert full_sort_metrics(scores, pos, ks=(1,), exclude_mask=exclude, ties=ties)["HR@1"].item() == 1.0
 
 
 def test_row_without_positive_is_an_error():
@@ -96,13 +117,56 @@ def test_row_without_positive_is_an_error():
 
 
 def test_tie_rules():
-    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]])
-    target = torch.tensor([2])  # one item strictly above, two others tied with it
-    assert target_rank(scores, target, ties="optimistic").item() == 0.0
-    assert target_rank(scores, target, ties="pessimistic").item() == 2.0
-    assert target_rank(scores, target, ties="average").item() == 1.0
-    with pytest.raises(ValueError):
-        target_rank(scores, target, ties="random")
+    scores = torch.tensor([[3.0, 2.0, 2.0, 2.0, 0.0]])
+    pos = torch.tensor([[False, False, True, False, False]])  # one item strictly above, two others tied with it
+    hr = {ties: full_sort_metrics(scores, pos, ks=(1, 2, 3), ties=ties) for ties in ("optimistic", "pessimistic", "average")}
+    assert [hr["optimistic"][f"HR@{k}"].item() for k in (1, 2, 3)] == [0.0, 1.0, 1.0]
+    assert [hr["pessimistic"][f"HR@{k}"].item() for k in (1, 2, 3)] == [0.0, 0.0, 0.0]
+    assert [hr["average"][f"HR@{k}"].item() for k in (1, 2, 3)] == pytest.approx([0.0, 1 / 3, 2 / 3])
+    with pytest.raises(ValueError, match="full_sort_metrics: ties must be one of"):
+        full_sort_metrics(scores, pos, ties="random")
+    with pytest.raises(ValueError, match="sampled_metrics: ties must be one of"):
+        sampled_metrics(torch.zeros(1), torch.zeros(1, 3), ties="topk")     # topk is full ranking only
+
+
+def test_average_ties_are_the_expected_metric_not_the_metric_of_the_average_rank():
+    # 18 items above the target, 4 others tied with it, K = 20: the target lands at rank 18..22 with equal
+    # chance, 2 of the 5 are inside the top 20. The average rank (20) would give HR 0.
+    m = tie_metrics(torch.tensor([18]), torch.tensor([4]), ks=(20,), ties="average")
+    assert m["HR@20"].item() == pytest.approx(0.4)
+    assert m["NDCG@20"].item() == pytest.approx((1 / math.log2(20) + 1 / math.log2(21)) / 5)
+    assert m["MRR@20"].item() == pytest.approx((1 / 19 + 1 / 20) / 5)
+    scores = torch.cat([torch.arange(40.0, 22.0, -1), torch.zeros(5), torch.full((7,), -1.0)]).view(1, -1)
+    pos = torch.zeros_like(scores, dtype=torch.bool)
+    pos[0, 20] = True                                                   # in the middle of the 5 tied items
+    full = full_sort_metrics(scores, pos, ks=(20,), ties="average")
+    assert full["HR@20"].item() == pytest.approx(0.4)
+    sampled = sampled_metrics(scores[0, 20:21], scores[:, [j for j in range(30) if j != 20]], ks=(20,), ties="average")
+    assert sampled["HR@20"].item() == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_full_ranking_tie_rules_against_every_order(seed):
+    """Rows of 7 items with scores in {0, 1, 2} (large tie groups) and 1-3 positives: "average" is the mean
+    over all orders of the tied items, "pessimistic"/"optimistic" the order with positives last/first."""
+    gen = torch.Generator().manual_seed(seed)
+    B, N, ks = 6, 7, (1, 2, 3, 5)
+    scores = torch.randint(0, 3, (B, N), generator=gen).double()
+    pos = torch.zeros(B, N, dtype=torch.bool)
+    for b in range(B):
+        pos[b, torch.randperm(N, generator=gen)[: 1 + b % 3]] = True
+    exclude = torch.rand(B, N, generator=gen) < 0.2
+    got = full_sort_metrics(scores, pos, ks, exclude_mask=exclude, ties="average")
+    masked = scores.masked_fill(exclude & ~pos, float("-inf"))
+    for b in range(B):
+        want = expected_over_tie_orders(masked[b].tolist(), {j for j in range(N) if pos[b, j]}, ks)
+        for key, value in want.items():
+            assert got[key][b].item() == pytest.approx(value, abs=1e-12), (b, key)
+    for ties, key in (("pessimistic", lambda j, p: (j in p, j)), ("optimistic", lambda j, p: (j not in p, j))):
+        got = full_sort_metrics(scores, pos, ks, exclude_mask=exclude, ties=ties)
+        want = brute_force(scores.tolist(), pos.tolist(), ks, exclude.tolist(), tie_key=key)
+        for name, values in want.items():
+            torch.testing.assert_close(got[name], torch.tensor(values, dtype=torch.float64), msg=f"{ties} {name}")
 
 
 def test_sampled_metrics_against_brute_force():
@@ -114,17 +178,46 @@ def test_sampled_metrics_against_brute_force():
         for b in range(40):
             greater = sum(1 for v in neg[b] if v > pos[b])
             tied = sum(1 for v in neg[b] if v == pos[b])
-            rank = greater + {"pessimistic": tied, "optimistic": 0, "average": tied / 2}[ties]
+            # "average": the target's rank is uniform on greater .. greater + tied; the metric is averaged.
+            ranks = {"pessimistic": [greater + tied], "optimistic": [greater],
+                     "average": range(greater, greater + tied + 1)}[ties]
             for k in (10, 20):
-                want = 1 / math.log2(rank + 2) if rank < k else 0.0
-                assert got[f"NDCG@{k}"][b].item() == pytest.approx(want)
-                assert got[f"HR@{k}"][b].item() == float(rank < k)
+                want_ndcg = sum(1 / math.log2(r + 2) if r < k else 0.0 for r in ranks) / len(ranks)
+                want_hr = sum(float(r < k) for r in ranks) / len(ranks)
+                assert got[f"NDCG@{k}"][b].item() == pytest.approx(want_ndcg)
+                assert got[f"HR@{k}"][b].item() == pytest.approx(want_hr)
+
+
+def test_sampled_average_ties_against_every_order():
+    # Few negatives so that every order of the tied ones can be listed: the positive is item 0.
+    scores = [[1.0, 1.0, 1.0, 0.0, 1.0, 2.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [3.0, 1.0, 3.0, 3.0, 5.0, 3.0]]
+    got = sampled_metrics(torch.tensor([r[0] for r in scores]), torch.tensor([r[1:] for r in scores]),
+                          ks=(1, 2, 4), ties="average")
+    for b, row in enumerate(scores):
+        for key, value in expected_over_tie_orders(row, {0}, (1, 2, 4)).items():
+            assert got[key][b].item() == pytest.approx(value, abs=1e-12), (b, key)
 
 
 def test_collapsed_scores_are_pessimistic_misses():
     # A branch that scores every candidate the same must not get HR = 1 under the default tie rule.
     m = sampled_metrics(torch.zeros(3), torch.zeros(3, 100), ks=(10,))
     assert m["HR@10"].sum().item() == 0.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scores_are_refused_naming_the_call(bad):
+    scores = torch.tensor([[0.3, 0.2, 0.1]])
+    broken = scores.clone()
+    broken[0, 1] = bad                                                  # the target's own score
+    pos = torch.tensor([[False, True, False]])
+    with pytest.raises(ValueError, match=r"^full_sort_metrics: 1 non-finite value\(s\) .* in scores"):
+        full_sort_metrics(broken, pos)
+    with pytest.raises(ValueError, match=r"^sampled_metrics: 1 non-finite .* in pos_scores"):
+        sampled_metrics(broken[:, 1], scores[:, [0, 2]])
+    with pytest.raises(ValueError, match=r"^sampled_metrics: 1 non-finite .* in neg_scores"):
+        sampled_metrics(scores[:, 1], broken[:, [0, 1]])
+    with pytest.raises(ValueError, match=r"^rank_metrics: 1 non-finite .* in rank"):
+        rank_metrics(torch.tensor([bad]))
 
 
 def test_average_is_exact_over_uneven_batches():

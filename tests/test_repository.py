@@ -64,3 +64,68 @@ def test_licence_and_citation():
         assert arxiv in readme, f"{paper}/README.md does not link arXiv {arxiv}"
         assert re.search(r"written from the paper", readme, re.IGNORECASE), \
             f"{paper}/README.md does not say the code was written from the paper, not copied"
+
+
+def test_script_mode_only_in_each_papers_main():
+    """`cd <paper> && python main.py` works (main.py puts the repository on sys.path); every other module is
+    imported as a package (`python -m <paper>.bench`), so no other file edits sys.path."""
+    editors = sorted(str(p.relative_to(ROOT)) for folder in (*PAPERS, "common") for p in (ROOT / folder).rglob("*.py")
+                     if "sys.path.insert" in p.read_text())
+    assert editors == sorted(f"{paper}/main.py" for paper in PAPERS), editors
+
+
+# ----------------------------------------------------------------------------- `file.py::NAME` references
+CODE_REF = re.compile(r"([\w./-]+\.py)::([A-Za-z_][\w.]*\w)")
+
+
+def defined_names(path: Path) -> dict[str, set[str]]:
+    """{top-level name: names defined in its body (for a class)} of a module: functions, classes, assignments."""
+    out: dict[str, set[str]] = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            members = {n.name for n in getattr(node, "body", []) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            members |= {t.id for n in getattr(node, "body", []) if isinstance(n, (ast.Assign, ast.AnnAssign))
+                        for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+            out[node.name] = members if isinstance(node, ast.ClassDef) else set()
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    out[target.id] = set()
+    return out
+
+
+def resolves(reference: str, name: str, folder: Path) -> bool:
+    """`file.py::NAME` (or `::Class.member`; a bare method name counts when one class defines it) names
+    something that exists, the file taken from the repository root or from the folder of the citing paper."""
+    for base in (ROOT, folder):
+        path = base / reference
+        if path.is_file():
+            names = defined_names(path)
+            head, _, member = name.partition(".")
+            if member:
+                return member in names.get(head, set())
+            return head in names or any(head in members for members in names.values())
+    return False
+
+
+def test_every_code_reference_in_docs_readmes_and_yamls_exists():
+    cited, unresolved = 0, []
+    sources = [ROOT / "README.md"] + [p for folder in (*PAPERS, "common") for p in sorted((ROOT / folder).rglob("*"))
+                                      if p.suffix in (".md", ".yaml", ".py") and "__pycache__" not in p.parts]
+    for path in sources:
+        folder = ROOT / path.relative_to(ROOT).parts[0] if path.parent != ROOT else ROOT
+        for reference, name in CODE_REF.findall(path.read_text()):
+            cited += 1
+            if not resolves(reference, name, folder):
+                unresolved.append(f"{path.relative_to(ROOT)}: {reference}::{name}")
+    assert cited >= 25, f"only {cited} references found: the pattern no longer matches how the docs cite code"
+    assert not unresolved, "references to code that does not exist: " + "; ".join(unresolved)
+
+
+def test_code_reference_check_catches_a_missing_name():
+    assert resolves("data.py", "check_expected", ROOT / "f3crec")
+    assert resolves("f3crec/model.py", "Backbone.affine", ROOT)
+    assert resolves("server.py", "_finish", ROOT / "f3crec") and resolves("server.py", "Server._finish", ROOT / "f3crec")
+    assert not resolves("data.py", "EXPECTED", ROOT / "f3crec")          # deleted; the docs used to cite it
+    assert not resolves("model.py", "Backbone.nothing", ROOT / "f3crec")
+    assert not resolves("nowhere.py", "main", ROOT / "f3crec")

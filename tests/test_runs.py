@@ -114,6 +114,7 @@ def _claim_run_dir(args):
     return str(claim_run_dir(root, "20260101-000000_t"))
 
 
+@pytest.mark.heavy
 def test_two_processes_never_share_a_run_folder(tmp_path):
     with multiprocessing.Manager() as manager:
         barrier = manager.Barrier(4)

@@ -132,6 +132,7 @@ def client(tmp_path, endpoint: str, offline: bool) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.heavy
 def test_a_hub_name_downloads_model_tokenizer_and_processor_then_loads_offline(hub, tmp_path):
     endpoint = f"http://127.0.0.1:{hub.server_address[1]}"
     first = client(tmp_path, endpoint, offline=False)
@@ -151,6 +152,7 @@ def test_a_hub_name_downloads_model_tokenizer_and_processor_then_loads_offline(h
     assert offline == online                                  # the same weights, the same embedding
 
 
+@pytest.mark.heavy
 def test_a_download_cut_short_fails_and_leaves_no_snapshot_file(hub, tmp_path):
     hub.cut.add("model.safetensors")
     run = client(tmp_path, f"http://127.0.0.1:{hub.server_address[1]}", offline=False)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from vlm2rec.launch import launch
@@ -17,6 +18,7 @@ ARGS = ["--config", str(ROOT / "vlm2rec/configs/smoke.yaml"), "zero_shot=false",
         "eval.modality_modes=[both]", "eval.scenarios=[]", "seqrec.enabled=false", "train.grad_norm_every=0"]
 
 
+@pytest.mark.heavy
 def test_two_processes_train_the_one_process_objective(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     one = subprocess.run([sys.executable, "-m", "vlm2rec.main", *ARGS, "train.batch_size=8",
@@ -53,6 +55,7 @@ run_cli(main)
 """
 
 
+@pytest.mark.heavy
 def test_a_failing_rank_ends_the_launch_in_one_line(tmp_path, monkeypatch, capfd):
     (tmp_path / "rank_fails.py").write_text(RANK_FAILS)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))

@@ -78,16 +78,16 @@ def test_raw_and_chat_prompt_token_ids_and_the_pooled_token():
     assert (im_start, im_end, end) == (261, 262, 256)
     byte = lambda text: byte_tokenizer()(text, add_special_tokens=False)["input_ids"]   # noqa: E731
     prompt = "red lamp\nRepresent this item:"
-    raw_ids = raw.inputs([raw.wrap(prompt)], [])["input_ids"][0].tolist()
+    raw_ids = raw.preparer.tokens([raw.preparer.wrap(prompt)], {})["input_ids"][0].tolist()
     assert raw_ids == byte(prompt) and len(raw_ids) == len(prompt.encode())
-    chat_ids = chat.inputs([chat.wrap(prompt)], [])["input_ids"][0].tolist()
+    chat_ids = chat.preparer.tokens([chat.preparer.wrap(prompt)], {})["input_ids"][0].tolist()
     assert chat_ids == ([im_start] + byte("system\nS") + [im_end] + byte("\n") + [im_start] + byte("user\n" + prompt)
                         + [im_end] + byte("\n") + [im_start] + byte("assistant\n") + [end])
     # The pooled token is the last real one: ':' of the instruction (raw), the appended end token (chat),
     # with left padding in a batch of two lengths; the pooled vector is that position's hidden state.
     for model, last in ((raw, byte(":")[0]), (chat, end)):
         ids = torch.tensor([1, 2])
-        batch = model.inputs([model.wrap(model._prompt("item_text", [i], None)[0]) for i in (1, 2)], [])
+        batch = model.prepare("item_text", ids)
         assert batch["attention_mask"][0, 0] == 0 and batch["input_ids"][:, -1].tolist() == [last, last]
         hidden = model.model(use_cache=False, **batch).last_hidden_state
         torch.testing.assert_close(model.branch("item_text", ids), hidden[:, -1].float())

@@ -5,6 +5,7 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import sigkill_when_logged
 
@@ -25,6 +26,7 @@ def results(run: Path) -> dict:
     return {k: v for k, v in json.loads((run / "results.json").read_text()).items() if k not in PROVENANCE}
 
 
+@pytest.mark.heavy
 def test_sigkill_in_the_middle_of_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     main(["--config", SMOKE, "--run-dir", str(tmp_path / "full"), *QUICK])
     cut = tmp_path / "cut"

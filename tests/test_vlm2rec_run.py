@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "vlm2rec/configs/smoke.yaml")
 
 
+@pytest.mark.heavy
 def test_smoke_in_process_writes_every_artifact(tmp_path):
     results = main(["--config", SMOKE, "--run-dir", str(tmp_path / "run")])
     run = tmp_path / "run"
@@ -65,6 +66,7 @@ def _run(cmd, cwd):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.heavy
 def test_smoke_as_script_from_inside_the_folder(tmp_path):
     proc = _run([sys.executable, "main.py", "--config", "configs/smoke.yaml", "--run-dir", str(tmp_path / "r"),
                  "eval.scenarios=[]"], ROOT / "vlm2rec")
@@ -80,6 +82,7 @@ def test_smoke_as_script_from_inside_the_folder(tmp_path):
     assert lines[-1].endswith(f"run folder: {tmp_path / 'r'}") and sum("epoch 1: loss" in x for x in lines) == 1
 
 
+@pytest.mark.heavy
 def test_smoke_from_a_copy_of_the_folder(tmp_path):
     for name in ("vlm2rec", "common"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -110,11 +113,16 @@ def test_gpu_benchmark_of_a_3b_sized_qwen_runs():
     assert out["train_pairs_per_s"] > 0 and out["params"] > 3e9
 
 
+@pytest.mark.heavy
 def test_cpu_benchmark_reports_throughput_and_memory():
     from vlm2rec.bench import bench_cpu
+    start = time.perf_counter()
     out = bench_cpu("tiny", batch_size=4, steps=2)
+    outside = time.perf_counter() - start
     assert out["items_encoded"] == 64 and out["pairs_per_step"] == 4 and out["steps"] == 2  # the run's own counts
-    # pairs/s x seconds/step = pairs per step: the two timings come from one measurement
-    assert out["train_pairs_per_s"] * out["train_step_s"] == pytest.approx(out["pairs_per_step"], rel=1e-9)
+    # The timed phases happen inside the call: their durations fit in the time measured around it.
+    encode_s = out["items_encoded"] / out["encode_items_per_s"]
+    train_s = out["steps"] * out["pairs_per_step"] / out["train_pairs_per_s"]
+    assert 0 < encode_s + train_s <= outside
     assert 0 < out["encode_items_per_s"] < 1e6 and 0 < out["train_pairs_per_s"] < 1e6
     assert out["peak_memory_mb"] > 100                      # the process holds torch and a model: not a stub

@@ -50,6 +50,7 @@ def branches(m) -> dict[str, torch.Tensor]:
                 (("item_text", TARGET), ("item_image", TARGET), ("hist_text", HISTORY), ("hist_image", HISTORY))}
 
 
+@pytest.mark.heavy
 def test_untrained_tuned_towers_equal_the_frozen_ones(catalog):
     """LoRA starts at zero and the last stage at its pretrained weights: before a step, the live towers over
     the cached lower layers give the frozen towers' features, and the heads start from the same draws."""
@@ -155,6 +156,7 @@ def test_an_edited_catalogue_gets_fresh_lower_layers_and_no_stale_table(catalog)
     assert torch.allclose(after["item_text"], clean["item_text"], atol=1e-5)   # the targets (2, 3, 4) did not
 
 
+@pytest.mark.heavy
 def test_a_training_step_is_bit_reproducible_on_two_threads(catalog):
     """The tuned rows are gathered with index_select: a plain `table[ids]` accumulates its gradient with
     atomic adds on several CPU threads, so the same seed gave other weights from run to run."""

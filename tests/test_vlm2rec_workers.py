@@ -48,7 +48,7 @@ def _train(data, train, fusion, negatives, num_workers):
                       lr=1e-2, warmup_ratio=0.0)
     accelerator = make_accelerator(cfg, CPU)
     optimizer, scheduler = make_optimiser(model, len(train["target"]), cfg, 1)
-    seen, records, calls = [], [], {"branch": 0, "forward_prepared": 0}
+    seen, records, calls = [], [], {"prepare": 0, "forward": 0}
     embedder = model.embedder
     for name in calls:                  # count on the main process only (a worker's calls land in its own copy)
         def counted(*args, _name=name, _inner=getattr(embedder, name), **kwargs):
@@ -75,6 +75,7 @@ def _train(data, train, fusion, negatives, num_workers):
 
 
 @pytest.mark.parametrize("fusion,negatives", [("external_sum", True), ("internal_interleave", False)])
+@pytest.mark.heavy
 def test_workers_give_the_same_batches_losses_and_gradients(fusion, negatives):
     data, train = _data()
     plain = _train(data, dict(train), fusion, negatives, 0)
@@ -94,8 +95,8 @@ def test_workers_give_the_same_batches_losses_and_gradients(fusion, negatives):
         assert not prep_a and prep_b and children >= 2    # the worker path ran, in worker processes
     # Every pass came prepared from the workers: none ran the prompts + processor on the main process.
     passes = 4 + (2 if negatives else 0) + (2 if fusion == "internal_interleave" else 0)
-    assert calls2 == {"branch": 0, "forward_prepared": 4 * passes}
-    assert calls0 == {"branch": 4 * passes, "forward_prepared": 0}
+    assert calls2 == {"prepare": 0, "forward": 4 * passes}
+    assert calls0 == {"prepare": 4 * passes, "forward": 4 * passes}
     assert [r["step"] for r in rec0] == [r["step"] for r in rec2] == [0, 1, 2, 3]
     for r0, r2 in zip(rec0, rec2):
         assert r0.keys() == r2.keys() and any(k.startswith("grad_") for k in r0)
@@ -120,7 +121,7 @@ def test_prepared_inputs_are_those_of_branch_and_the_worker_state_pickles_withou
         for source, what in model.passes(False):
             prepared = embedder.prepare(what, batch[source])
             assert all(v.device == CPU for v in prepared.values() if isinstance(v, torch.Tensor))
-            assert torch.equal(embedder.forward_prepared(prepared), embedder.branch(what, batch[source]))
+            assert torch.equal(embedder(prepared), embedder.branch(what, batch[source]))
     preparer = embedder.cpu_preparer()
     if embedder.visual_cache is not None:
         assert preparer is None                  # the cache's lookup needs the model that fills it
@@ -137,6 +138,7 @@ def test_prepared_inputs_are_those_of_branch_and_the_worker_state_pickles_withou
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.heavy
 def test_num_workers_is_ignored_in_one_line_where_nothing_is_prepared_on_the_cpu():
     data, _ = _data()
     cfg = TrainConfig(num_workers=2)

@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: `cd vlm2rec && python compare.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "vlm2rec"
 
 from common.config import load_config
 from common.io import git_sha, save_json

@@ -18,9 +18,7 @@ import yaml
 from common.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
 from common.runs import checkpoint_identity
 
-BACKBONE_NAMES = ("qwen2-vl", "qwen2.5-vl", "tiny", "tiny-qwen2.5-vl", "two-tower")
 DATASETS = ("synthetic", "ml100k-posters", "amazon")
-PROTOCOLS = ("sampled", "full")
 MODES = ("both", "text", "image")
 SCENARIOS = ("missing_image", "missing_title", "noisy_image")
 LM_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -166,6 +164,7 @@ class EvalConfig:
     num_negatives: PosInt = 100             # [S] 1 positive + 100 sampled negatives (§13.1)
     ks: list[PosInt] = field(default_factory=lambda: [10, 20])   # cut-offs of HR@K and NDCG@K
     ties: Literal["pessimistic", "optimistic", "average"] = "pessimistic"   # [R] P1 ties (Q10)
+    full_ties: Literal["topk", "pessimistic", "optimistic", "average"] = "topk"   # [R] P2 ties (Q10), as RecBole
     neg_seed: Annotated[int, Range(0, 2**32 - 1)] = 0   # negatives and robustness edits (same for every method)
     modality_modes: list[Literal["both", "text", "image"]] = field(default_factory=lambda: list(MODES))  # §11.1
     select_on: str = "full/both/NDCG@10"   # validation metric for selection: protocol/mode/metric

@@ -1,27 +1,25 @@
 """The VLM embedder: prompts, last-token pooling, LoRA, and the tiny test VLM (§5, §6).
 
-`VLMEmbedder.branch(what, ids, drop=None) -> (B, hidden)` for what in {item_text, item_image,
-hist_text, hist_image, item_joint, hist_joint}, where `ids` are item ids (B,) or left-padded
-histories (B, L) (0 = padding). The two-tower stand-in (two_tower.py) has the same interface; the
-table that maps `backbone.name` to a builder is backbones.py.
+One pass of `VLMEmbedder` is `prepare(what, ids, drop=None)` (CPU inputs) then `forward(prepared)`
+(device) -> (B, hidden), for what in {item_text, item_image, hist_text, hist_image, item_joint, hist_joint},
+where `ids` are item ids (B,) or left-padded histories (B, L) (0 = padding); `branch(what, ids, drop)` is
+the two in one call, the interface the two-tower stand-in (two_tower.py) shares. The table that maps
+`backbone.name` to a builder is backbones.py; the frozen vision tower's per-image cache is visual_cache.py.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
-import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from common.io import atomic_dir, cache_root
-from common.runs import load_checkpoint, save_checkpoint
+from common.io import atomic_dir
 
 from .catalog import Catalog, history_items
 from .config import LoraSettings, PromptConfig
-from .console import bar
+from .visual_cache import VisualCache
 
 IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
 IMG = VISION_START + IMAGE_PAD + VISION_END
@@ -143,8 +141,8 @@ class Preparer:
 class VLMEmbedder(nn.Module):
     """Qwen-VL base model (visual + language_model, no LM head) used as a multimodal embedder.
 
-    A pass is `prepare` (CPU: Preparer, or the visual cache's lookup) then `forward_prepared` (device);
-    `branch` does both, and a batch's passes can be prepared elsewhere (DataLoader workers, train.py)."""
+    A pass is `prepare` (CPU: Preparer, or the visual cache's lookup) then `forward` (device); `branch`
+    does both, and a batch's passes can be prepared elsewhere (DataLoader workers, train.py)."""
 
     def __init__(self, model: nn.Module, tokenizer, image_processor, catalog: Catalog, prompts: PromptConfig,
                  identifier: str, max_title_tokens: int, append_eos: bool):
@@ -173,32 +171,18 @@ class VLMEmbedder(nn.Module):
         if self.visual_cache is not None:
             self.visual_cache.fill(self, list(range(1, len(self.catalog.titles))))
 
-    def title(self, item: int) -> str:
-        return self.preparer.title(item)
-
-    def _prompt(self, what: str, items: list[int], drop: str | None) -> tuple[str, list[int]]:
-        return self.preparer._prompt(what, items, drop)
-
-    def wrap(self, prompt: str) -> str:
-        return self.preparer.wrap(prompt)
-
-    def branch(self, what: str, ids: torch.Tensor, drop: str | None = None) -> torch.Tensor:
-        return self.encode(*self.preparer.texts(what, ids, drop))
-
     def cpu_preparer(self) -> Preparer | None:
         """What a DataLoader worker needs to prepare this embedder's passes, or None where preparing needs
         the model (the visual cache fills itself with the tower; its lookup is all the CPU work left)."""
         return self.preparer if self.visual_cache is None else None
 
     def prepare(self, what: str, ids: torch.Tensor, drop: str | None = None) -> dict:
-        """The CPU inputs of one pass (see `cpu_inputs`); `forward_prepared` runs them."""
-        return self.cpu_inputs(*self.preparer.texts(what, ids, drop))
-
-    def cpu_inputs(self, texts: list[str], images: list[int]) -> dict:
-        """The model inputs of one batch of prompts on the CPU (left-padded token ids, mask, token types, the
-        processor's pixels and grid); `images` are the item ids whose images fill the prompts' placeholders,
-        in order. With a visual cache (frozen vision tower) the tower's output per item is read from it
-        ("image_features") instead of re-running the processor and the tower."""
+        """The CPU inputs of one pass over item ids (B,) or left-padded histories (B, L): left-padded token
+        ids, mask, token types, and the processor's pixels and grid of the items whose images fill the
+        prompts' placeholders. With a visual cache (frozen vision tower) the tower's output per item is read
+        from it ("image_features") instead of re-running the processor and the tower. A DataLoader worker's
+        `Preparer.prepare` gives the same dict (without a visual cache)."""
+        texts, images = self.preparer.texts(what, ids, drop)
         vision = {}
         if images:
             if self.visual_cache is not None:
@@ -208,8 +192,21 @@ class VLMEmbedder(nn.Module):
                 vision = self.preparer.pixels(images)
         return self.preparer.tokens(texts, vision)
 
-    def to_device(self, prepared: dict) -> dict:
-        """CPU inputs (`cpu_inputs`) as the model takes them: on its device, pixels in its dtype."""
+    def forward(self, prepared: dict) -> torch.Tensor:
+        """One pass from its CPU inputs (`prepare`): to the model's device, forward, last-token pooling ->
+        [B, hidden] (float32)."""
+        inputs = self._on_device(prepared)
+        # use_cache=False: an embedding pass never decodes, so a KV cache would only take memory.
+        hidden = self.model(use_cache=False, **inputs).last_hidden_state
+        return last_token_pool(hidden, inputs["attention_mask"]).float()
+
+    def branch(self, what: str, ids: torch.Tensor, drop: str | None = None) -> torch.Tensor:
+        """`forward(prepare(...))`: the one call the model makes on either embedder (two_tower.py has it too)."""
+        return self(self.prepare(what, ids, drop))
+
+    def _on_device(self, prepared: dict) -> dict:
+        """CPU inputs as the model takes them: on its device, pixels in its dtype, cached tower outputs as
+        the encoder outputs transformers accepts."""
         device = next(self.model.parameters()).device
         inputs = {}
         for key, value in prepared.items():
@@ -222,24 +219,6 @@ class VLMEmbedder(nn.Module):
             else:
                 inputs[key] = value.to(device)
         return inputs
-
-    def inputs(self, texts: list[str], images: list[int]) -> dict[str, torch.Tensor]:
-        """The model inputs of one batch of prompts on the model's device (`cpu_inputs`, `to_device`)."""
-        return self.to_device(self.cpu_inputs(texts, images))
-
-    def run(self, inputs: dict) -> torch.Tensor:
-        """Forward + last-token pooling of device inputs -> [B, hidden] (float32)."""
-        # use_cache=False: an embedding pass never decodes, so a KV cache would only take memory.
-        hidden = self.model(use_cache=False, **inputs).last_hidden_state
-        return last_token_pool(hidden, inputs["attention_mask"]).float()
-
-    def forward_prepared(self, prepared: dict) -> torch.Tensor:
-        """One pass from its CPU inputs (`prepare`, or a DataLoader worker's Preparer.prepare)."""
-        return self.run(self.to_device(prepared))
-
-    def encode(self, texts: list[str], images: list[int]) -> torch.Tensor:
-        """Processor + forward + last-token pooling -> [B, hidden] (float32); see `inputs`."""
-        return self.run(self.inputs(texts, images))
 
     def save_adapter(self, folder, base_name: str) -> bool:
         """Write the LoRA adapters in peft's own format (adapter_config.json + adapter_model.safetensors,
@@ -266,70 +245,6 @@ class VLMEmbedder(nn.Module):
         accepts = "mm_encoder_outputs" in inspect.signature(self.model.forward).parameters
         self.visual_cache = VisualCache(self, settings) if frozen and accepts else None
         return self.visual_cache is not None
-
-
-def _digest_module(module: nn.Module) -> str:
-    """SHA-1 over a module's parameters and buffers (names, dtypes, values): what its outputs depend on."""
-    digest = hashlib.sha1()
-    for name, tensor in module.state_dict().items():
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-class VisualCache:
-    """The frozen vision tower's merged-patch embeddings per item image, computed once and kept on disk at
-    <cache_root>/vlm2rec/visual/<key>.pt. The file key is the tower's weights digest + the processor's
-    settings + `settings` (the backbone and dtype); the entry key is Catalog.image_key (the image file's
-    content digest, size and noise), so a replaced image or another processor never reuses a stale entry.
-    A file that fails its check on loading is discarded, not trusted."""
-
-    def __init__(self, embedder: "VLMEmbedder", settings: str):
-        proc = embedder.image_processor
-        spec = (f"{settings}|visual={_digest_module(embedder.model.visual)}|size={dict(proc.size)}"
-                f"|patch={proc.patch_size}|merge={proc.merge_size}|temporal={proc.temporal_patch_size}"
-                f"|mean={list(proc.image_mean)}|std={list(proc.image_std)}")
-        self.path = cache_root() / "vlm2rec" / "visual" / f"{hashlib.sha1(spec.encode()).hexdigest()[:16]}.pt"
-        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.dirty = False
-        if self.path.exists():
-            try:
-                saved = load_checkpoint(self.path)
-                entries = {k: (f, g) for k, f, g in zip(saved["keys"], saved["features"], saved["grids"], strict=True)}
-                ok = all(f.dim() == 2 and g.shape == (3,) and int(g.prod()) // embedder.merge == f.shape[0]
-                         and bool(torch.isfinite(f).all()) for f, g in entries.values())
-            except Exception:               # torch.load raises many types on a damaged file
-                ok = False
-            if ok:
-                self.entries = entries
-            else:
-                warnings.warn(f"visual cache {self.path} failed its check; recomputing it", stacklevel=2)
-
-    @torch.no_grad()
-    def fill(self, embedder: "VLMEmbedder", items: list[int], batch: int = 32) -> None:
-        """Compute the entries `items` lack, a batch of images per tower pass, and save the file."""
-        catalog = embedder.catalog
-        todo = list(dict.fromkeys(i for i in items if catalog.image_key(i) not in self.entries))
-        if not todo:
-            return
-        device, dtype = next(embedder.model.parameters()).device, next(embedder.model.parameters()).dtype
-        for start in bar(range(0, len(todo), batch), "visual cache"):
-            chunk = todo[start:start + batch]
-            vision = embedder.image_processor(images=[catalog.image(i) for i in chunk], return_tensors="pt")
-            grid = vision["image_grid_thw"]
-            out = embedder.model.get_image_features(vision["pixel_values"].to(device, dtype), grid.to(device),
-                                                    return_dict=True).pooler_output
-            for item, feats, thw in zip(chunk, out, grid):
-                self.entries[catalog.image_key(item)] = (feats.detach().cpu(), thw.clone())
-        keys = list(self.entries)
-        save_checkpoint(self.path, {"keys": keys, "features": [self.entries[k][0] for k in keys],
-                                    "grids": [self.entries[k][1] for k in keys]})
-
-    def get(self, embedder: "VLMEmbedder", items: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Per-image embeddings (tokens_i, hidden) and the (n, 3) grid of the images of `items`."""
-        self.fill(embedder, items)
-        pairs = [self.entries[embedder.catalog.image_key(i)] for i in items]
-        return [f for f, _ in pairs], torch.stack([g for _, g in pairs])
 
 
 # ---------------------------------------------------------------- LoRA (§5.4)

@@ -2,8 +2,10 @@
 
 Protocol (§13): leave-one-out by time; the history is the <= 10 items before the target.
   P1 `sampled`  the target vs 100 negatives drawn uniformly from items the user never touched (saved once
-                per dataset, scoped seed), pessimistic ties by default: the paper's protocol.
-  P2 `full`     every item scored, padding and the user's earlier items masked (never the target).
+                per dataset, scoped seed). Ties: pessimistic by default (`eval.ties`), our choice, not the
+                paper's: the paper does not say; a collapsed model then scores 0, never a lucky hit.
+  P2 `full`     every item scored, padding and the user's earlier items masked (never the target). Ties:
+                `torch.topk`'s order by default (`eval.full_ties`: topk), as RecBole.
 Selection uses validation only; test is scored once at the best-validation checkpoint.
 """
 from __future__ import annotations
@@ -186,9 +188,11 @@ def score_protocols(users: torch.Tensor, items: torch.Tensor, split_data: dict, 
     if "sampled" in cfg.protocols:
         per_user = []
         for s in range(0, len(users), batch):
-            u, t, n = users[s:s + batch], target[s:s + batch], torch.as_tensor(negs[s:s + batch])
-            pos = (u * items[t]).sum(-1)                                      # (b,)
-            neg = torch.einsum("bd,bnd->bn", u, items[n])                     # (b, n)
+            # One product scores the positive and the negatives alike, so equal item vectors tie exactly
+            # (separate dot products may differ in the last bit and turn a collapsed model into hits).
+            scores = users[s:s + batch] @ items.T                             # (b, I+1)
+            pos = scores.gather(1, target[s:s + batch].view(-1, 1)).squeeze(1)     # (b,)
+            neg = scores.gather(1, torch.as_tensor(negs[s:s + batch]))       # (b, n)
             per_user.append(sampled_metrics(pos, neg, tuple(cfg.ks), cfg.ties))
         out["sampled"] = average(per_user)
     if "full" in cfg.protocols:
@@ -200,7 +204,7 @@ def score_protocols(users: torch.Tensor, items: torch.Tensor, split_data: dict, 
             for row, seen in enumerate(split_data["seen"][s:s + batch]):
                 exclude[row, torch.as_tensor(seen)] = True                    # earlier items, never the target
             pos = torch.zeros_like(exclude).scatter_(1, target[s:s + batch].view(-1, 1), True)
-            per_user.append(full_sort_metrics(scores, pos, tuple(cfg.ks), exclude))
+            per_user.append(full_sort_metrics(scores, pos, tuple(cfg.ks), exclude, cfg.full_ties))
         out["full"] = average(per_user)
     return out
 

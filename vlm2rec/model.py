@@ -85,7 +85,7 @@ class VLM2Rec(nn.Module):
         """One embedder pass of `forward` over batch[source] (negatives flattened): from the inputs a
         DataLoader worker prepared when the batch carries them ("prepared", keyed source:what), else live."""
         if "prepared" in batch:
-            return self.embedder.forward_prepared(batch["prepared"][f"{source}:{what}"])
+            return self.embedder(batch["prepared"][f"{source}:{what}"])
         ids = batch[source].reshape(-1) if source == "negatives" else batch[source]
         return self.embedder.branch(what, ids)
 

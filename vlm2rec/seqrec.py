@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.runs import check_finite
+from common.selection import Selection
 
 from .config import EvalConfig, SeqRecConfig
 from .evaluate import score_protocols
@@ -134,7 +135,7 @@ def fit_seqrec(cfg: SeqRecConfig, split: dict, item_emb: torch.Tensor | None, ne
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     history, target = split["train"]["history"], split["train"]["target"]
-    best, best_state, bad, best_epoch = -1.0, None, 0, 0
+    select, best_state = Selection(patience=cfg.patience), None
     for epoch in range(cfg.max_epochs):
         model.train()
         order = np.random.default_rng([seed, epoch, 5]).permutation(len(target))   # scoped shuffling
@@ -149,14 +150,11 @@ def fit_seqrec(cfg: SeqRecConfig, split: dict, item_emb: torch.Tensor | None, ne
             optimizer.step()
         valid = evaluate_seqrec(model, split["valid"], negs["valid"], eval_cfg, device)
         score = valid["full"]["NDCG@10"] if "full" in valid else valid["sampled"]["NDCG@10"]
-        if score > best:
-            best, bad, best_epoch = score, 0, epoch
+        if select.update(score, epoch):
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-        if bad >= cfg.patience:
+        if select.should_stop:
             break
-    log(f"seqrec[{cfg.init}] best epoch {best_epoch} valid NDCG@10 {best:.4f}")
+    log(f"seqrec[{cfg.init}] best epoch {select.best_at} valid NDCG@10 {select.best:.4f}")
     model.load_state_dict(best_state)
     test = evaluate_seqrec(model, split["test"], negs["test"], eval_cfg, device)
-    return {"init": cfg.init, "best_epoch": best_epoch, "valid_select": best, "test": test}
+    return {"init": cfg.init, "best_epoch": select.best_at, "valid_select": select.best, "test": test}

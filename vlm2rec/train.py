@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,6 +23,7 @@ from common.config import config_to_dict
 from common.io import atomic_write
 from common.runs import (check_finite, load_checkpoint, log_metrics, rng_state, save_checkpoint, set_rng_state,
                          truncate_metrics)
+from common.selection import Selection
 
 from .config import Config, TrainConfig
 
@@ -243,11 +244,11 @@ def make_optimiser(model, num_pairs: int, cfg: TrainConfig, processes: int):
 
 @dataclass
 class Progress:
-    """Where training stands: the next epoch, the global step and the best validation epoch so far."""
+    """Where training stands: the next epoch, the global step and the best validation epoch so far (the best
+    of all train.max_epochs epochs: no early stopping for the VLM)."""
     epoch: int = 0
     step: int = 0
-    best_val: float = float("-inf")
-    best_epoch: int = -1
+    select: Selection = field(default_factory=Selection)
     best_state: dict | None = None
     zero_shot_valid: dict | None = None   # the untrained embedder's validation results (kept for results.json)
 
@@ -267,21 +268,21 @@ def resume_progress(core, optimizer, scheduler, folder: Path, writes: bool) -> P
         # the zero-shot line is epoch -1; a line a kill cut short is dropped
         truncate_metrics(Path(folder), lambda record: record.get("epoch", -1) <= ckpt["epoch"])
     print(f"resumed from {Path(folder) / 'last.pt'} after epoch {ckpt['epoch']}")
-    return Progress(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_val"], ckpt["best_epoch"], best,
-                    ckpt.get("zero_shot_valid"))
+    return Progress(ckpt["epoch"] + 1, ckpt["step"], Selection(best=ckpt["best_val"], best_at=ckpt["best_epoch"]),
+                    best, ckpt.get("zero_shot_valid"))
 
 
 def save_epoch(core, optimizer, scheduler, cfg: Config, progress: Progress, epoch: int, score: float,
                run_dir: Path | None) -> None:
     """Update the best epoch (strictly better validation score wins) and write best.pt / last.pt."""
-    improved = score > progress.best_val
+    improved = progress.select.update(score, epoch)
     state = {"model": core.trainable_state(), "config": config_to_dict(cfg), "epoch": epoch,
              "step": progress.step, "backbone": core.embedder.identifier,
-             "best_val": max(progress.best_val, score), "best_epoch": epoch if improved else progress.best_epoch}
+             "best_val": progress.select.best, "best_epoch": progress.select.best_at}
     if progress.zero_shot_valid is not None:
         state["zero_shot_valid"] = progress.zero_shot_valid
     if improved:
-        progress.best_val, progress.best_epoch, progress.best_state = score, epoch, state["model"]
+        progress.best_state = state["model"]
         if run_dir is not None:
             save_checkpoint(run_dir / "best.pt", state)
     if run_dir is not None:
@@ -334,4 +335,4 @@ def fit(model, accelerator, split: dict, negs: dict, num_items: int, cfg: Config
     if progress.best_state is not None:       # test once, at the best validation epoch (§13)
         core.load_trainable_state(progress.best_state)
     summary = {} if progress.zero_shot_valid is None else {"zero_shot_valid": progress.zero_shot_valid}
-    return core, {**summary, "best_epoch": progress.best_epoch, "best_valid": progress.best_val}
+    return core, {**summary, "best_epoch": progress.select.best_at, "best_valid": progress.select.best}
