@@ -15,12 +15,11 @@ from typing import Optional
 import yaml
 
 from common.config import ConfigError, config_to_dict
-from common.io import cache_root
 from common.runs import (check_resume_folder as common_check_resume_folder, default_run_root, load_checkpoint,
                          paper_of as logged_paper)
 from common.utils import get_device
 
-from .config import Config, check_config
+from .config import Config, base_cache_dir, check_config
 
 # The fields fit() writes into last.pt (train.py::fit); a file without them is not an F3CRec checkpoint.
 LAST_KEYS = ("sim", "rows", "info", "block", "config")
@@ -122,9 +121,9 @@ def preflight(cfg: Config, run_dir: Optional[Path], resume: bool) -> None:
     root = Path(cfg.run_root).expanduser() if cfg.run_root is not None else default_run_root()
     target = Path(run_dir) if run_dir is not None else root / "f3crec" / cfg.data.name
     _writable_target(target, "run folder", "set run_root or $REPRO_RUNS, or --run-dir")
-    if cfg.train.share_base and cfg.federation.simulator != "flower":
-        base = Path(cfg.train.base_cache) if cfg.train.base_cache else cache_root() / "f3crec" / "base"
-        _writable_target(base, "base-block cache", "set train.base_cache, or train.share_base=false")
+    if cfg.train.share_base and cfg.federation.simulator != "flower" and not resume:  # a resume is past block 0
+        _writable_target(base_cache_dir(cfg.train), "base-block cache",
+                         "set train.base_cache, or train.share_base=false")
     if cfg.federation.simulator == "vectorised":
         get_device(cfg.train.device)   # cuda asked for but absent: one line now, not after block 0's data
     if resume:

@@ -44,11 +44,17 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
                         run_dir=run_dir, root=cfg.run_root, resume=resume)      # config.yaml holds the unresolved config
     cfg, flags = resolve(cfg)
     seed_global(cfg.train.seed)
-    log = lambda record: (log_metrics(run_dir, record), print(round_line(record)))  # noqa: E731  (jsonl: the record)
-    out = fit(cfg, flags, blocks, blocks_id, run_dir, resume, log)
+    log = lambda record: (log_metrics(run_dir, record),  # noqa: E731  (jsonl: the whole record; console: one line)
+                          None if record.get("reused") else print(round_line(record)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.train.threads)   # a sum's rounding depends on it: part of the run's identity
+    try:
+        out = fit(cfg, flags, blocks, blocks_id, run_dir, resume, log)
+    finally:
+        torch.set_num_threads(threads)
     results = {"summary": summarise(out["rows"]), "blocks": out["blocks"], "flags": flags, "seed": cfg.train.seed,
                "method": cfg.method.name, "backbone": cfg.backbone.name, "blocks_sha": blocks_id,
-               "simulator": cfg.federation.simulator, "fidelity": cfg.fidelity}
+               "simulator": cfg.federation.simulator, "fidelity": cfg.fidelity, "threads": cfg.train.threads}
     results = write_results(run_dir, results)
     print(results_table(results))
     print(f"run folder: {run_dir}")

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from common.config import config_to_dict
-from common.io import cache_root, exclusive
+from common.io import exclusive
 from common.runs import load_checkpoint, save_checkpoint, truncate_metrics
 from common.utils import get_device
 
 from .client_state import ClientStates
+from .config import base_cache_dir
 from .data import Block
 from .evaluate import eval_masks, evaluate, oracle_scores, summarise, test_row
 from .model import BACKBONES, init_items, init_private
@@ -188,8 +189,7 @@ def base_cache_path(cfg, flags: dict, blocks_id: str) -> Path | None:
     """Where the shared end-of-D⁰ state of this configuration lives, or None when sharing is off."""
     if not cfg.train.share_base or cfg.federation.simulator == "flower":  # no node state in a shared cache
         return None
-    root = Path(cfg.train.base_cache) if cfg.train.base_cache else cache_root() / "f3crec" / "base"
-    return root / f"{base_key(cfg, flags, blocks_id)}.pt"
+    return base_cache_dir(cfg.train) / f"{base_key(cfg, flags, blocks_id)}.pt"
 
 
 def base_key(cfg, flags: dict, blocks_id: str) -> str:
@@ -199,7 +199,7 @@ def base_key(cfg, flags: dict, blocks_id: str) -> str:
     tree = config_to_dict(cfg)
     relevant = {"blocks": blocks_id, "backbone": tree["backbone"], "fed": tree["federation"], "eval": tree["eval"],
                 "seed": cfg.train.seed, "quirks": tree["quirks"], "fidelity": cfg.fidelity,
-                "device": cfg.train.device, "code": code.hexdigest(),
+                "device": cfg.train.device, "code": code.hexdigest(), "threads": cfg.train.threads,
                 "flags": {k: flags[k] for k in ("metric_decimals", "neg_exclude")}}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -225,7 +225,7 @@ def load_base(cache: Path | None) -> dict | None:
     except ValueError as err:
         print(f"[f3crec] base block cache not used, training it again: {err}")
         return None
-    return base if all(key in base for key in ("sim", "rows", "info")) else None
+    return base if all(key in base for key in ("sim", "rows", "info", "records")) else None
 
 
 def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, resume: bool, log) -> dict:
@@ -241,25 +241,29 @@ def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, re
         sim, rows, info, start = load_sim(cfg, flags, ckpt["sim"]), ckpt["rows"], ckpt["info"], ckpt["block"] + 1
     if resume:
         truncate_metrics(run_dir, lambda record: record.get("block", len(blocks)) < start)
-    cache = base_cache_path(cfg, flags, blocks_id)
+    cache = base_cache_path(cfg, flags, blocks_id) if start == 0 else None
     net = BACKBONES[cfg.backbone.name]
     for t in range(start, len(blocks)):
         with claimed(cache if t == 0 else None):   # two runs needing one base block train it once
             base = load_base(cache) if t == 0 else None
             if base is not None:
                 sim, rows, info = load_sim(cfg, flags, base["sim"]), base["rows"], base["info"]
-                print(f"[f3crec] base block loaded from {cache}")
+                info[0]["reused_from"] = str(cache)
+                for record in base["records"]:   # the run folder tells the whole story: block 0's rounds too
+                    log({**record, "reused": True, "reused_from": cache.name})
+                print(f"[f3crec] base block loaded from {cache} ({len(base['records'])} round records copied "
+                      "into metrics.jsonl, marked reused)")
             else:
-                started = time.perf_counter()
+                started, records = time.perf_counter(), []
                 sim = grow(sim, lambda items, private: make_simulator(cfg, flags, items, private), cfg, blocks, t,
                            cfg.train.seed)
                 if flags["full_retrain"] and t > 0 and not cfg.method.full_retrain_warm:
                     restart(sim, cfg, blocks, t)
-                info.append(run_block(sim, cfg, blocks, t, flags, log))
+                info.append(run_block(sim, cfg, blocks, t, flags, lambda record: (records.append(record), log(record))))
                 rows.append(test_row(sim, blocks, t, net, flags["old_block_mask"], flags["metric_decimals"]))
                 info[-1]["seconds"] = round(time.perf_counter() - started, 3)    # grow, rounds, restore, test
                 if t == 0 and cache is not None:
-                    save_checkpoint(cache, {"sim": sim_state(sim), "rows": rows, "info": info,
+                    save_checkpoint(cache, {"sim": sim_state(sim), "rows": rows, "info": info, "records": records,
                                             "key_config": config_to_dict(cfg)})
         end_block(sim, cfg, blocks, t, flags)
         save_checkpoint(run_dir / "last.pt", {"sim": sim_state(sim), "rows": rows, "info": info, "block": t,

@@ -37,6 +37,36 @@ def test_base_block_shared_between_methods(tmp_path, capsys):
     assert "base block loaded" in capsys.readouterr().out
     assert first["summary"]["ndcg"]["a"][0] == second["summary"]["ndcg"]["a"][0]
     assert first["summary"]["ndcg"]["a"][3] != second["summary"]["ndcg"]["a"][3]
+    # The second folder tells the whole story: block 0's round records, copied from the entry, marked reused.
+    (entry,) = (tmp_path / "base").glob("*.pt")
+    trained, reused = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                       for name in ("ft", "itm"))
+    base_trained = [r for r in trained if r["block"] == 0]
+    base_reused = [r for r in reused if r["block"] == 0]
+    assert len(base_trained) == 2 and not any("reused" in r for r in trained)
+    assert reused[:2] == base_reused == [{**r, "reused": True, "reused_from": entry.name} for r in base_trained]
+    assert {r["block"] for r in reused} == {0, 1, 2, 3} and not any("reused" in r for r in reused[2:])
+    saved = json.loads((tmp_path / "itm" / "results.json").read_text())
+    assert saved["blocks"][0]["reused_from"] == str(entry) and "reused_from" not in saved["blocks"][1]
+    assert saved["threads"] == 1
+
+
+def test_thread_count_is_part_of_the_base_entry_and_restored_after_the_run(tmp_path):
+    before = torch.get_num_threads()
+    common = ["--config", str(SMOKE), *FAST, f"train.base_cache={tmp_path / 'base'}", "train.share_base=true",
+              "train.stop_after_block=0"]
+    main([*common, "--run-dir", str(tmp_path / "one")])
+    two = main([*common, "train.threads=2", "--run-dir", str(tmp_path / "two")])
+    assert len(list((tmp_path / "base").glob("*.pt"))) == 2       # a 1-thread entry never serves a 2-thread run
+    assert two["threads"] == 2 and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("value", ["null", "off", "none", "''"])
+def test_base_cache_that_reads_as_off_is_refused_naming_the_switch(tmp_path, value):
+    with pytest.raises(ValueError, match=r"train\.base_cache=.*ambiguous.*train\.share_base=false") as err:
+        main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "x"), *FAST, "train.share_base=true",
+              f"train.base_cache={value}"])
+    assert "\n" not in str(err.value) and not (tmp_path / "x").exists()
 
 
 def test_resume_at_block_boundary_equals_uninterrupted(tmp_path):
