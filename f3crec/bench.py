@@ -1,14 +1,16 @@
-"""Benchmark (§13): a whole run and its phases, one thread, next to the reference implementation's figures.
+"""Benchmark (§13): a whole run and its phases, one thread, beside the reference implementation timed in the same sitting.
 
     python -m f3crec.bench                       # whole FedMF F3CRec run, released ML-100K blocks, 20 rounds/block
+    python -m f3crec.bench --repeats 3 --reference /path/F3CRec-CIKM-25 --reference-python /path/python
+                                                 # the same, alternating with the official code's whole process
     python -m f3crec.bench --per-round           # seconds per round of both simulators in D⁰ and D¹
     python -m f3crec.bench --per-round --simulators vectorised --clients 100000 --items 2000 --per-client 10
                                                  # synthetic scale test of the vectorised simulator
 
 The whole run is `python -m f3crec.main` in a subprocess (OMP_NUM_THREADS=1, so imports and start-up are
-counted), seed 42, 20 rounds in every block and no early stopping, so both sides do the same work as the
-yardstick: the reference implementation measured on this machine, one thread each, same blocks and rounds
-(REFERENCE below). A block's phase is grow + rounds with validation + restore + test (results.json
+counted), seed 42, 20 rounds in every block and no early stopping; with `--reference` the official
+implementation's whole process does the same work (base block trained, same blocks and rounds, one thread),
+alternating with ours. A ratio is printed only for two sides timed in one sitting. A block's phase is grow + rounds with validation + restore + test (results.json
 `blocks[t].seconds`); a round is plan drawing, local training, aggregation and validation (metrics.jsonl
 `seconds`); the fixed cost is the whole process minus its block phases (imports, block loading, end-of-block
 states, checkpoints, results).
@@ -42,33 +44,53 @@ from .train import end_block, grow, make_simulator, round_context
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "ml-100k.yaml"
 ROOT = Path(__file__).resolve().parent.parent
-# The reference implementation on the released ML-100K blocks, FedMF F3CRec, seed 42, 20 rounds per block,
-# one thread, measured on this 2-core machine at a load average of about 2.
-REFERENCE = {"base_block_s": 111.7, "base_round_s": 5.5, "incremental_blocks_s": 80.6, "incremental_round_s": 1.3,
-             "whole_s": 192.4}
+# The official implementation (github.com/Jaehyung-Lim/F3CRec-CIKM-25) run as a whole process: FedMF F3CRec,
+# ML-100K, the README's hyper-parameters, base block trained (--load_model 0 --save_model 0), one thread.
+REFERENCE_ARGS = ["--load_model", "0", "--save_model", "0", "--backbone", "fedmf", "--model", "fcrec", "--lr", "1.0",
+                  "--dim", "32", "--patience", "30", "--client_cl", "--server_cl", "--reg_client_cl", "0.1",
+                  "--eps", "0.006", "--topN", "30", "--beta", "0.9", "--dataset", "ml-100k", "--seed", "42"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TARGETS = {"base_round_s": 0.055, "incremental_round_s": 0.013, "fixed_s": 1.5}
+
+
+def _child_cpu() -> float:
+    """CPU seconds (user + system) of every child process waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ------------------------------------------------------------------------------------------ whole run
 def whole_run(overrides: list[str], rounds: int) -> dict:
-    """Time one `python -m f3crec.main` process and read its phases from the run folder."""
+    """Time one `python -m f3crec.main` process (CPU and wall) and read its phases from the run folder."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "f3crec.main", "--run-dir", str(Path(tmp) / "run"), *overrides,
                f"federation.rounds={rounds}", f"federation.patience={rounds + 1}", "train.share_base=false",
-               "train.seed=42", f"train.base_cache={tmp}"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-        whole = time.perf_counter() - start
+               "train.seed=42", "train.threads=1"]
+        cpu, start = _child_cpu(), time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **ONE_THREAD})
+        whole, cpu = time.perf_counter() - start, _child_cpu() - cpu
         if done.returncode != 0:
             raise RuntimeError(f"bench run failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
         results = json.loads((Path(tmp) / "run" / "results.json").read_text())
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     blocks = [b["seconds"] for b in results["blocks"]]
     per_round = lambda ts: float(np.median([r["seconds"] for r in records if r["block"] in ts]))  # noqa: E731
-    return {"whole_s": whole, "base_block_s": blocks[0], "incremental_blocks_s": sum(blocks[1:]),
+    return {"whole_s": whole, "whole_cpu_s": cpu, "base_block_s": blocks[0], "incremental_blocks_s": sum(blocks[1:]),
             "base_round_s": per_round({0}), "incremental_round_s": per_round({1, 2, 3}),
             "fixed_s": whole - sum(blocks), "rounds": [b["rounds_run"] for b in results["blocks"]]}
+
+
+def reference_run(checkout: Path, python: str, rounds: int) -> dict:
+    """Time the official implementation's whole process, CPU and wall, the same work as `whole_run`.
+    `checkout` is a prepared copy of its repository (README "Speed": pandas installed, its get_device
+    pointed at the CPU, fcrec_data/dataset/ml-100k/total_blocks_timestamp.pickle rebuilt)."""
+    cmd = [python, "main.py", *REFERENCE_ARGS, "--num_round", str(rounds)]
+    cpu, start = _child_cpu(), time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout / "fcrec", env={**os.environ, **ONE_THREAD})
+    whole, cpu = time.perf_counter() - start, _child_cpu() - cpu
+    if done.returncode != 0:
+        raise RuntimeError(f"reference run failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return {"whole_s": whole, "whole_cpu_s": cpu}
 
 
 def torch_import_seconds() -> float:
@@ -78,19 +100,22 @@ def torch_import_seconds() -> float:
     return time.perf_counter() - start
 
 
-def report(ours: dict) -> str:
-    """Markdown table: each phase, ours, the reference implementation, the ratio, the target."""
+def report(ours: dict, reference: dict | None = None) -> str:
+    """Markdown table of each phase; with `reference` (timed in the same sitting) its column and the ratio.
+    A ratio against figures from another sitting is never printed."""
     rows = [("base block (rounds + validation + test)", "base_block_s"), ("per base round (incl. validation)",
             "base_round_s"), ("three incremental blocks", "incremental_blocks_s"),
             ("per incremental round (incl. validation)", "incremental_round_s"),
             ("fixed cost (outside the blocks)", "fixed_s"), ("… of which a bare `import torch`", "torch_import_s"),
-            ("whole process", "whole_s")]
-    lines = ["| phase | ours (s) | reference implementation (s) | ratio | target |", "|---|---|---|---|---|"]
+            ("whole process, wall", "whole_s"), ("whole process, CPU", "whole_cpu_s")]
+    reference = reference or {}
+    lines = ["| phase | ours (s) | reference implementation, same sitting (s) | ratio | target |",
+             "|---|---|---|---|---|"]
     for label, key in rows:
-        ref = REFERENCE.get(key)
-        ratio = f"{ref / ours[key]:.0f}×" if ref else "—"
+        ref = reference.get(key)
+        ratio = f"{ref / ours[key]:.1f}×" if ref else "—"
         target = f"≤ {TARGETS[key]}" if key in TARGETS else "—"
-        lines.append(f"| {label} | {ours[key]:.4g} | {ref if ref else '—'} | {ratio} | {target} |")
+        lines.append(f"| {label} | {ours[key]:.4g} | {f'{ref:.4g}' if ref else '—'} | {ratio} | {target} |")
     return "\n".join(lines)
 
 
@@ -174,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--per-client", type=int, default=60)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--reference", default=None, help="a prepared checkout of the official code: time it too, "
+                        "alternating with ours (README, Speed)")
+    parser.add_argument("--reference-python", default=sys.executable, help="the interpreter that has its pandas")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--flower", action="store_true", help="the Flower paths instead (flower/bench.py; extra fl, fl-sim for the simulation runtime)")
     parser.add_argument("overrides", nargs="*")
@@ -191,12 +219,18 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.per_round:
         return per_round(args)
-    runs = [{**whole_run(["--config", args.config, *args.overrides], args.block_rounds),
-             "torch_import_s": torch_import_seconds()} for _ in range(args.repeats)]
-    ours = {k: min(r[k] for r in runs) if k != "rounds" else runs[0][k] for k in runs[0]}   # best of the repeats
+    runs, refs, loads = [], [], [os.getloadavg()[0]]
+    for _ in range(args.repeats):   # alternating, so both sides meet the same load
+        runs.append({**whole_run(["--config", args.config, *args.overrides], args.block_rounds),
+                     "torch_import_s": torch_import_seconds()})
+        if args.reference:
+            refs.append(reference_run(Path(args.reference), args.reference_python, args.block_rounds))
+        loads.append(os.getloadavg()[0])
+    best = lambda rs: {k: min(r[k] for r in rs) if k != "rounds" else rs[0][k] for k in rs[0]}  # noqa: E731
+    ours, ref = best(runs), best(refs) if refs else None
     print(f"FedMF F3CRec, {args.block_rounds} rounds per block (ran {ours['rounds']}), one thread, best of "
-          f"{args.repeats}, load average {os.getloadavg()[0]:.1f}:\n" + report(ours))
-    return ours
+          f"{args.repeats}, load average {min(loads):.1f}–{max(loads):.1f}:\n" + report(ours, ref))
+    return {"ours": ours, "reference": ref} if ref else ours
 
 
 if __name__ == "__main__":

@@ -107,10 +107,13 @@ def test_old_run_folder_fails_in_one_line_naming_the_rename(tmp_path):
 
 def test_bench_whole_run_reports_every_phase():
     """`make bench-f3crec`'s whole-run mode on the smoke stream: the phases add up to the process."""
-    from f3crec.bench import REFERENCE, report, whole_run
+    from f3crec.bench import report, whole_run
     ours = {**whole_run(["--config", str(SMOKE)], 2), "torch_import_s": 0.0}
     assert ours["rounds"] == [2, 2, 2, 2] and 0 < ours["base_round_s"] <= ours["base_block_s"]
-    assert 0 < ours["fixed_s"] < ours["whole_s"]
+    assert 0 < ours["fixed_s"] < ours["whole_s"] and 0 < ours["whole_cpu_s"]
     assert abs(ours["whole_s"] - ours["fixed_s"] - ours["base_block_s"] - ours["incremental_blocks_s"]) < 1e-9
-    table = report(ours)
-    assert str(REFERENCE["whole_s"]) in table and table.count("\n") == 8
+    alone = report(ours)           # no reference timed in this sitting: no ratio anywhere
+    assert alone.count("\n") == 9 and "×" not in alone
+    table = report(ours, {"whole_cpu_s": 10 * ours["whole_cpu_s"]})
+    (line,) = [row for row in table.splitlines() if row.startswith("| whole process, CPU")]
+    assert "| 10.0× |" in line and table.count("×") == 1
