@@ -39,6 +39,7 @@ from common.io import data_root
 from .config import Config, resolve
 from .data import Block, get_blocks
 from .model import BACKBONES
+from .evaluate import oracle_sums, sparse_masks
 from .round import PlanMaker, plan_inputs
 from .train import end_block, grow, make_simulator, round_context
 
@@ -131,6 +132,39 @@ def scale_blocks(clients: int, items: int, per_client: int, seed: int = 0) -> li
     return blocks
 
 
+def ml100k_shaped_blocks(clients: int, seed: int = 0) -> list[Block]:
+    """Two blocks shaped like ML-100K's D⁰ and D¹ at `clients` base-block users: ≈ 1.2 items per user in
+    all, ≈ 94 interactions per base-block user (80/10/10 per user), a popularity-skewed item choice; D¹ has
+    ≈ 22 interactions per user for 37 % as many users, half of them returning. Time and memory are linear in
+    the interactions (items drawn by inverse CDF against a fixed popularity table, dedup by one sort)."""
+    rng = np.random.default_rng([seed, clients])
+    n_items = max(int(1.22 * clients), 60)
+    popularity = np.cumsum(1.0 / np.arange(10, n_items + 10) ** 0.9)
+    blocks, first = [], 0
+    for t, (users, per_user) in enumerate([(np.arange(clients), 94),
+                                           (np.arange(int(0.8 * clients), int(1.17 * clients)), 22)]):
+        owner = np.repeat(users, rng.poisson(per_user, users.size).clip(3))
+        items = np.searchsorted(popularity, rng.random(owner.size) * popularity[-1]).clip(max=n_items - 1)
+        pairs = np.unique(owner.astype(np.int64) * n_items + items)        # sorted by user, then item
+        owner, items = pairs // n_items, pairs % n_items
+        order = np.lexsort((rng.random(owner.size), owner))                 # random order within each user
+        owner, items = owner[order], items[order]
+        starts = np.searchsorted(owner, owner)                              # first index of each user's run
+        counts = np.bincount(owner, minlength=int(owner.max()) + 1)[owner]
+        rank = np.arange(owner.size) - starts
+        split = np.where(rank < np.ceil(0.8 * counts), 0, np.where(rank < np.ceil(0.9 * counts), 1, 2))
+        parts = []
+        for which in range(3):
+            keep = split == which
+            bounds = np.flatnonzero(np.diff(owner[keep], prepend=-1, append=-1))
+            us = owner[keep][bounds[:-1]]
+            parts.append({int(u): items[keep][lo:hi] for u, lo, hi in zip(us, bounds[:-1], bounds[1:])})
+        first = max(first, int(users.max()) + 1)
+        blocks.append(Block(train=parts[0], valid=parts[1], test=parts[2], n_users=first, n_items=n_items,
+                            item_list=np.zeros(0, np.int64)))
+    return blocks
+
+
 def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
     """Seconds per round (plan + training + aggregation) in D⁰ and D¹ (after a real end-of-D⁰ state)."""
     sim = grow(None, lambda i, p: make_simulator(cfg, flags, i.to(device), {k: v.to(device) for k, v in p.items()}),
@@ -146,13 +180,21 @@ def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
         positives, exclude = plan_inputs(dict(blocks[t].train), {}, ctx)
         maker = PlanMaker(positives, exclude, blocks[t].n_items, cfg.federation.num_neg, cfg.federation.batch_size,
                           cfg.method.topn, len(BACKBONES[cfg.backbone.name].substeps))
-        times = []
+        valid_users = sorted(blocks[t].valid)
+        masks = sparse_masks(valid_users, blocks[t].valid, [blocks[t].train])
+        times, cpu, val = [], [], []
         for r in range(rounds):
-            start = time.perf_counter()
+            start, cpu0 = time.perf_counter(), time.process_time()
             sim.train_round(maker.draw(cfg.train.seed, t, r), ctx)
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu0)
+            if valid_users:
+                oracle_sums(sim, BACKBONES[cfg.backbone.name], valid_users, masks, blocks[t].n_items)
+            val.append(time.process_time() - cpu0 - cpu[-1])
         per_round = float(np.median(times))
         out[f"block{t}"] = {"clients": len(positives), "sec_per_round": round(per_round, 4),
+                            "cpu_s_per_round": round(float(np.median(cpu)), 4),
+                            "validation_cpu_s": round(float(np.median(val)), 4),
                             "clients_per_sec": round(len(positives) / per_round, 1)}
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if device.type == "cuda":
@@ -165,8 +207,12 @@ def worker(args) -> dict:
     overrides = [f"federation.simulator={args.only}", *args.overrides]
     cfg, flags = resolve(load_config(Config, args.config, overrides))
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    blocks = scale_blocks(args.clients, args.items, args.per_client) if args.clients else \
-        get_blocks(cfg.data, cfg.train.seed)[0]
+    if args.scale:
+        blocks = ml100k_shaped_blocks(args.clients)
+    elif args.clients:
+        blocks = scale_blocks(args.clients, args.items, args.per_client)
+    else:
+        blocks = get_blocks(cfg.data, cfg.train.seed)[0]
     return time_rounds(cfg, flags, blocks, args.rounds, device)
 
 
@@ -176,13 +222,35 @@ def per_round(args) -> dict:
     for name in args.simulators:
         cmd = [sys.executable, "-m", "f3crec.bench", "--only", name, "--config", args.config, "--rounds",
                str(args.rounds), "--clients", str(args.clients), "--items", str(args.items), "--per-client",
-               str(args.per_client), "--device", args.device, *args.overrides]
+               str(args.per_client), "--device", args.device, *(["--scale"] if args.scale else []), *args.overrides]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         if done.returncode != 0:
             raise RuntimeError(f"bench worker {name} failed: {done.stderr.strip().splitlines()[-1]}")
         out[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{name:10s} {json.dumps(out[name])}")
+    return out
+
+
+def scale(args) -> dict:
+    """ms per round (training, validation) and peak RSS at each of `args.sizes` ML-100K-shaped client counts,
+    each size in its own process (its own peak RSS), the vectorised simulator, one thread."""
+    out = {}
+    print(f"ML-100K-shaped synthetic blocks, vectorised simulator, one thread, median of {args.rounds} rounds, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("| clients | items | base round, CPU ms | its validation, CPU ms | incremental round, CPU ms | peak RSS GB |")
+    print("|---|---|---|---|---|---|")
+    for clients in args.sizes:
+        args.clients, args.scale, args.simulators = clients, True, ["vectorised"]
+        try:
+            res = per_round(args)["vectorised"]
+        except RuntimeError as err:
+            print(f"| {clients} | — | failed: {err} | | | |")
+            break
+        out[clients] = res
+        b0, b1 = res["block0"], res["block1"]
+        print(f"| {clients} | {max(int(1.22 * clients), 60)} | {1000 * b0['cpu_s_per_round']:.0f} | "
+              f"{1000 * b0['validation_cpu_s']:.0f} | {1000 * b1['cpu_s_per_round']:.0f} | {res['peak_rss_mb'] / 1024:.2f} |")
     return out
 
 
@@ -199,6 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--per-client", type=int, default=60)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--scale", action="store_true", help="ms per round and peak RSS at --sizes ML-100K-shaped "
+                        "client counts (synthetic, linear-time generator)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--reference", default=None, help="a prepared checkout of the official code: time it too, "
                         "alternating with ours (README, Speed)")
     parser.add_argument("--reference-python", default=sys.executable, help="the interpreter that has its pandas")
@@ -211,12 +282,14 @@ def main(argv: list[str] | None = None) -> dict:
         return {"flower": flower_bench(args.overrides)}
     if args.data:
         args.config = str(Path(__file__).resolve().parent / "configs" / f"{args.data}.yaml")
-    if not args.overrides and not args.clients and not args.data:
+    if not args.overrides and not args.clients and not args.data and not args.scale:
         blocks = data_root() / "f3crec-ml-100k-blocks"
         args.overrides = [f"data.blocks={blocks}"] if (blocks / "block_0.json").is_file() else []
     if args.only:
         print(json.dumps(worker(args)))
         return {}
+    if args.scale:
+        return scale(args)
     if args.per_round:
         return per_round(args)
     runs, refs, loads = [], [], [os.getloadavg()[0]]

@@ -23,7 +23,7 @@ from common.utils import get_device
 from .client_state import ClientStates
 from .config import base_cache_dir
 from .data import Block
-from .evaluate import eval_masks, evaluate, oracle_scores, summarise, test_row
+from .evaluate import finish, oracle_sums, sparse_masks, summarise, test_row
 from .model import BACKBONES, init_items, init_private
 from .round import PlanMaker, RoundContext, make_plan, plan_inputs
 from .server import Server
@@ -113,8 +113,7 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
     federated = getattr(sim, "federated", False)   # clients draw their own plans and evaluate themselves (§14)
     data, exclude = block_data(blocks, t, flags, flags["neg_exclude"])
     valid_users = sorted(block.valid)
-    valid_index = torch.tensor(valid_users, dtype=torch.long)
-    valid_masks = eval_masks(valid_users, block.valid, [block.train], block.n_items)
+    valid_masks = sparse_masks(valid_users, block.valid, [block.train])   # O(interactions), built once a block
     best, best_round, stale, maker = -1.0, -1, 0, None
     for r in range(fed.rounds):
         started = time.perf_counter()
@@ -131,8 +130,7 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
                               len(net.substeps))
         if not federated:
             stats = sim.train_round(maker.draw(cfg.train.seed, t, r), ctx)
-            scores = oracle_scores(sim, valid_index, net)
-            val = evaluate(scores, valid_users, block.valid, [block.train], flags["metric_decimals"], valid_masks)
+            val = finish(oracle_sums(sim, net, valid_users, valid_masks, block.n_items), flags["metric_decimals"])
         value = val[ev.select_metric]
         record = {"block": t, "round": r, "val_ndcg": val["ndcg"], "val_recall": val["recall"],
                   "seconds": round(time.perf_counter() - started, 4), **_arm_summary(stats)}
