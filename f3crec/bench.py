@@ -40,7 +40,6 @@ from .config import Config, resolve
 from .data import Block, get_blocks
 from .model import BACKBONES
 from .evaluate import oracle_sums, sparse_masks
-from .round import PlanMaker, plan_inputs
 from .train import end_block, grow, make_simulator, round_context
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "ml-100k.yaml"
@@ -167,7 +166,8 @@ def ml100k_shaped_blocks(clients: int, seed: int = 0) -> list[Block]:
 
 def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
     """Seconds per round (plan + training + aggregation) in D⁰ and D¹ (after a real end-of-D⁰ state)."""
-    sim = grow(None, lambda i, p: make_simulator(cfg, flags, i.to(device), {k: v.to(device) for k, v in p.items()}),
+    sim = grow(None, lambda i, p: make_simulator(cfg, flags, i.to(device), {k: v.to(device) for k, v in p.items()},
+                                                 blocks),
                cfg, blocks, 0, cfg.train.seed)
     out = {}
     for t in (0, 1):
@@ -176,16 +176,13 @@ def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
             sim.save_slot("last")
             end_block(sim, cfg, blocks, 0, flags)
             sim = grow(sim, None, cfg, blocks, 1, cfg.train.seed)
-        ctx = round_context(cfg, flags, blocks, t, 1)
-        positives, exclude = plan_inputs(dict(blocks[t].train), {}, ctx)
-        maker = PlanMaker(positives, exclude, blocks[t].n_items, cfg.federation.num_neg, cfg.federation.batch_size,
-                          cfg.method.topn, len(BACKBONES[cfg.backbone.name].substeps))
+        positives = blocks[t].train
         valid_users = sorted(blocks[t].valid)
         masks = sparse_masks(valid_users, blocks[t].valid, [blocks[t].train])
         times, cpu, val = [], [], []
         for r in range(rounds):
             start, cpu0 = time.perf_counter(), time.process_time()
-            sim.train_round(maker.draw(cfg.train.seed, t, r), ctx)
+            sim.train_round(None, round_context(cfg, flags, blocks, t, r + 1))   # the simulator draws the plan
             times.append(time.perf_counter() - start)
             cpu.append(time.process_time() - cpu0)
             if valid_users:

@@ -143,6 +143,12 @@ def test_row(sim, blocks: list[Block], t: int, net: Backbone, old_block_mask: st
     """a_{t,i} for i = 0..t (§10): test of D^i, masked with D^t's train+valid [Q4] or cumulatively [D]."""
     if getattr(sim, "federated", False):  # the clients score themselves and report sums (§14)
         return sim.test_row(t, old_block_mask, decimals)
+    return oracle_test_row(sim, blocks, t, net, old_block_mask, decimals)
+
+
+def oracle_test_row(sim, blocks: list[Block], t: int, net: Backbone, old_block_mask: str,
+                    decimals: int | None) -> list[dict[str, float]]:
+    """test_row from the simulation-only oracle (§3): every user scored from the clients' state."""
     row = []
     for i in range(t + 1):
         users = sorted(blocks[i].test)

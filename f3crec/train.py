@@ -23,9 +23,9 @@ from common.utils import get_device
 from .client_state import ClientStates
 from .config import base_cache_dir
 from .data import Block
-from .evaluate import finish, oracle_sums, sparse_masks, summarise, test_row
+from .evaluate import summarise
 from .model import BACKBONES, init_items, init_private
-from .round import PlanMaker, RoundContext, make_plan, plan_inputs
+from .round import RoundContext
 from .server import Server
 from .sim_reference import ReferenceSimulator
 from .sim_vectorised import VectorisedSimulator
@@ -33,8 +33,9 @@ from .block_inputs import block_data, round_context  # noqa: F401  (shared with 
 
 
 # ------------------------------------------------------------------------------------------ simulators
-def make_simulator(cfg, flags: dict, items: torch.Tensor, private: dict):
-    """A server with table `items` and one client per row of `private`, in the configured simulator."""
+def make_simulator(cfg, flags: dict, items: torch.Tensor, private: dict, blocks: list[Block] | None = None):
+    """A server with table `items` and one client per row of `private`, in the configured simulator; with
+    `blocks`, a local simulator also answers the block loop's calls (local_loop.py: plans, evaluation)."""
     keep_freed_memory()
     if cfg.federation.simulator == "flower":  # optional extra: flwr is imported only when asked for (§14)
         from .flower.launch import make_flower_simulator
@@ -45,7 +46,8 @@ def make_simulator(cfg, flags: dict, items: torch.Tensor, private: dict):
     items, private = items.to(device), {k: v.to(device) for k, v in private.items()}
     server = Server(items, cfg.method.beta, itm=flags["itm"])
     states = ClientStates(private, cfg.method.topn)
-    return (VectorisedSimulator if vectorised else ReferenceSimulator)(server, states)
+    sim = (VectorisedSimulator if vectorised else ReferenceSimulator)(server, states)
+    return sim.attach(cfg, flags, blocks) if blocks is not None else sim
 
 
 def keep_freed_memory() -> None:
@@ -67,11 +69,11 @@ def sim_state(sim) -> dict:
     return {"server": sim.server.state_dict(), "clients": sim.states().state_dict()}
 
 
-def load_sim(cfg, flags: dict, state: dict):
+def load_sim(cfg, flags: dict, state: dict, blocks: list[Block]):
     if state.get("federated"):
         from .flower.launch import load_flower_simulator
         return load_flower_simulator(cfg, flags, state)
-    sim = make_simulator(cfg, flags, state["server"]["items"], dict(state["clients"]["private"]))
+    sim = make_simulator(cfg, flags, state["server"]["items"], dict(state["clients"]["private"]), blocks)
     device = sim.server.items.device
     sim.server.load_state_dict(_to(state["server"], device))
     states = ClientStates(dict(sim.states().private), cfg.method.topn)
@@ -108,29 +110,15 @@ def grow(sim, make_sim: Callable | None, cfg, blocks: list[Block], t: int, seed:
 
 def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
     """Rounds of block t with validation, selection and early stopping (§8.2–8.3); ends on the best."""
-    block, fed, ev = blocks[t], cfg.federation, cfg.eval
-    net = BACKBONES[cfg.backbone.name]
-    federated = getattr(sim, "federated", False)   # clients draw their own plans and evaluate themselves (§14)
-    data, exclude = block_data(blocks, t, flags, flags["neg_exclude"])
-    valid_users = sorted(block.valid)
-    valid_masks = sparse_masks(valid_users, block.valid, [block.train])   # O(interactions), built once a block
-    best, best_round, stale, maker = -1.0, -1, 0, None
+    fed, ev = cfg.federation, cfg.eval
+    best, best_round, stale = -1.0, -1, 0
     for r in range(fed.rounds):
         started = time.perf_counter()
         ctx = round_context(cfg, flags, blocks, t, r)
         # Named by the server's finiteness check (server.py::_finish), which every simulator's aggregate runs.
         sim.server.where = f"block {t} round {r} (the server's mean of the uploads; backbone.lr={cfg.backbone.lr:g})"
-        if federated:
-            stats, val = sim.train_round(None, ctx), sim.validate(ctx, flags["metric_decimals"])
-        elif maker is None:  # positives and exclusions are fixed for the block (T^u included)
-            positives, excluded = plan_inputs(data, sim.topn_lists() if flags["replay"] else {}, ctx)
-            if flags["neg_exclude"] != "block_train":
-                excluded = {u: np.concatenate([excluded[u], exclude[u]]) for u in positives}
-            maker = PlanMaker(positives, excluded, block.n_items, fed.num_neg, fed.batch_size, cfg.method.topn,
-                              len(net.substeps))
-        if not federated:
-            stats = sim.train_round(maker.draw(cfg.train.seed, t, r), ctx)
-            val = finish(oracle_sums(sim, net, valid_users, valid_masks, block.n_items), flags["metric_decimals"])
+        stats = sim.train_round(None, ctx)          # each simulator draws the round's plan itself
+        val = sim.validate(ctx, flags["metric_decimals"])
         value = val[ev.select_metric]
         record = {"block": t, "round": r, "val_ndcg": val["ndcg"], "val_recall": val["recall"],
                   "seconds": round(time.perf_counter() - started, 4), **_arm_summary(stats)}
@@ -160,11 +148,7 @@ def _arm_summary(stats: dict) -> dict:
 def end_block(sim, cfg, blocks: list[Block], t: int, flags: dict) -> None:
     """End-of-block state from the restored best (§8.5), then the hand-off to t+1 (§8.6)."""
     block = blocks[t]
-    fisher_plan = None
-    if flags["reg"] == "ewc" and not getattr(sim, "federated", False):  # 4 negatives per positive, round −1
-        data, exclude = block_data(blocks, t, flags, flags["neg_exclude"])
-        fisher_plan = make_plan(cfg.train.seed, t, -1, data, exclude, block.n_items, cfg.federation.num_neg,
-                                cfg.federation.batch_size, cfg.method.topn, 1)
+    fisher_plan = sim.fisher_plan(cfg, flags, blocks, t)   # EWC's plan (round −1), or None; Flower's nodes draw theirs
     ctx = RoundContext(block=t, round=0, n_items=block.n_items, n_prev_users=0, n_prev_items=0, lrs={},
                        flags=flags, net=BACKBONES[cfg.backbone.name], seed=cfg.train.seed, topn=cfg.method.topn)
     sim.end_block(ctx, np.array(sorted(block.train), dtype=np.int64), fisher_plan)
@@ -236,16 +220,15 @@ def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, re
         blocks = [Block({}, {}, {}, b.n_users, b.n_items, np.zeros(0, np.int64)) for b in blocks]
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
-        sim, rows, info, start = load_sim(cfg, flags, ckpt["sim"]), ckpt["rows"], ckpt["info"], ckpt["block"] + 1
+        sim, rows, info, start = load_sim(cfg, flags, ckpt["sim"], blocks), ckpt["rows"], ckpt["info"], ckpt["block"] + 1
     if resume:
         truncate_metrics(run_dir, lambda record: record.get("block", len(blocks)) < start)
     cache = base_cache_path(cfg, flags, blocks_id) if start == 0 else None
-    net = BACKBONES[cfg.backbone.name]
     for t in range(start, len(blocks)):
         with claimed(cache if t == 0 else None):   # two runs needing one base block train it once
             base = load_base(cache) if t == 0 else None
             if base is not None:
-                sim, rows, info = load_sim(cfg, flags, base["sim"]), base["rows"], base["info"]
+                sim, rows, info = load_sim(cfg, flags, base["sim"], blocks), base["rows"], base["info"]
                 info[0]["reused_from"] = str(cache)
                 for record in base["records"]:   # the run folder tells the whole story: block 0's rounds too
                     log({**record, "reused": True, "reused_from": cache.name})
@@ -253,12 +236,12 @@ def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, re
                       "into metrics.jsonl, marked reused)")
             else:
                 started, records = time.perf_counter(), []
-                sim = grow(sim, lambda items, private: make_simulator(cfg, flags, items, private), cfg, blocks, t,
-                           cfg.train.seed)
+                sim = grow(sim, lambda items, private: make_simulator(cfg, flags, items, private, blocks), cfg, blocks,
+                           t, cfg.train.seed)
                 if flags["full_retrain"] and t > 0 and not cfg.method.full_retrain_warm:
                     restart(sim, cfg, blocks, t)
                 info.append(run_block(sim, cfg, blocks, t, flags, lambda record: (records.append(record), log(record))))
-                rows.append(test_row(sim, blocks, t, net, flags["old_block_mask"], flags["metric_decimals"]))
+                rows.append(sim.test_row(t, flags["old_block_mask"], flags["metric_decimals"]))
                 info[-1]["seconds"] = round(time.perf_counter() - started, 3)    # grow, rounds, restore, test
                 if t == 0 and cache is not None:
                     save_checkpoint(cache, {"sim": sim_state(sim), "rows": rows, "info": info, "records": records,
