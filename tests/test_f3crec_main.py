@@ -88,6 +88,9 @@ def test_launch_as_script_and_from_a_copy(tmp_path, how):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "run" / "results.json").is_file() and "LA" in out.stdout
+    # the command exits without the interpreter's teardown: everything printed reached stdout and log.txt
+    last = f"run folder: {tmp_path / 'run'}"
+    assert out.stdout.rstrip().endswith(last) and (tmp_path / "run" / "log.txt").read_text().rstrip().endswith(last)
 
 
 def test_bad_config_fails_in_one_line(tmp_path):
