@@ -7,6 +7,7 @@ nodes, which draw their own plans and evaluate their own users (§14).
     sim.validate(ctx, decimals)             # validation NDCG/Recall@20 of block ctx.block
     sim.test_row(t, old_block_mask, decimals)   # a_{t,i}, i = 0..t
     sim.fisher_plan(cfg, flags, blocks, t)  # EWC's end-of-block plan (round −1), or None
+    sim.state_dict()                        # what last.pt and the base cache keep of the simulator
 
 The round plan is built here and only here: positives and exclusions (T^u included) are fixed for a
 block, so the `PlanMaker` is made at the block's first round and draws every round from it.
@@ -60,6 +61,10 @@ class LocalLoop:
     def test_row(self, t: int, old_block_mask: str, decimals: int | None) -> list[dict[str, float]]:
         """a_{t,i} for i = 0..t (§10): test of D^i, masked with D^t's train+valid [Q4] or cumulatively [D]."""
         return oracle_test_row(self, self.blocks, t, BACKBONES[self.cfg.backbone.name], old_block_mask, decimals)
+
+    def state_dict(self) -> dict:
+        """The server's state and every client's (ClientStates form), for last.pt and the base cache."""
+        return {"server": self.server.state_dict(), "clients": self.states().state_dict()}
 
     def fisher_plan(self, cfg, flags: dict, blocks: list, t: int) -> RoundPlan | None:
         """EWC's end-of-block plan: 4 negatives per train positive, drawn once at round −1 (§11); None

@@ -64,9 +64,8 @@ def keep_freed_memory() -> None:
 
 
 def sim_state(sim) -> dict:
-    if getattr(sim, "federated", False):  # the server's table; each node checkpoints its own users (§14)
-        return sim.state_dict()
-    return {"server": sim.server.state_dict(), "clients": sim.states().state_dict()}
+    """Every simulator's own checkpoint form (Flower's: the server's table; each node keeps its users, §14)."""
+    return sim.state_dict()
 
 
 def load_sim(cfg, flags: dict, state: dict, blocks: list[Block]):
