@@ -1,4 +1,4 @@
-"""Benchmark (§13): a whole run and its phases, one thread, beside the reference implementation timed in the same sitting.
+"""Benchmark (§13): a whole run and its phases, one thread, beside the official code timed in the same sitting.
 
     python -m f3crec.bench                       # whole FedMF F3CRec run, released ML-100K blocks, 20 rounds/block
     python -m f3crec.bench --repeats 3 --reference /path/F3CRec-CIKM-25 --reference-python /path/python
@@ -6,14 +6,15 @@
     python -m f3crec.bench --per-round           # seconds per round of both simulators in D⁰ and D¹
     python -m f3crec.bench --per-round --simulators vectorised --clients 100000 --items 2000 --per-client 10
                                                  # synthetic scale test of the vectorised simulator
+    python -m f3crec.bench --scale --sizes 1000 10000 100000   # ML-100K-shaped: CPU ms per round, peak RSS
 
 The whole run is `python -m f3crec.main` in a subprocess (OMP_NUM_THREADS=1, so imports and start-up are
 counted), seed 42, 20 rounds in every block and no early stopping; with `--reference` the official
 implementation's whole process does the same work (base block trained, same blocks and rounds, one thread),
-alternating with ours. A ratio is printed only for two sides timed in one sitting. A block's phase is grow + rounds with validation + restore + test (results.json
-`blocks[t].seconds`); a round is plan drawing, local training, aggregation and validation (metrics.jsonl
-`seconds`); the fixed cost is the whole process minus its block phases (imports, block loading, end-of-block
-states, checkpoints, results).
+alternating with ours. A ratio is printed only for two sides timed in one sitting. A block's phase is grow
++ rounds with validation + restore + test (results.json `blocks[t].seconds`); a round is plan drawing, local
+training, aggregation and validation (metrics.jsonl `seconds`); the fixed cost is the whole process minus
+its block phases (imports, block loading, end-of-block states, checkpoints, results).
 """
 from __future__ import annotations
 

@@ -219,7 +219,8 @@ def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, re
         blocks = [Block({}, {}, {}, b.n_users, b.n_items, np.zeros(0, np.int64)) for b in blocks]
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
-        sim, rows, info, start = load_sim(cfg, flags, ckpt["sim"], blocks), ckpt["rows"], ckpt["info"], ckpt["block"] + 1
+        sim, rows, info = load_sim(cfg, flags, ckpt["sim"], blocks), ckpt["rows"], ckpt["info"]
+        start = ckpt["block"] + 1
     if resume:
         truncate_metrics(run_dir, lambda record: record.get("block", len(blocks)) < start)
     cache = base_cache_path(cfg, flags, blocks_id) if start == 0 else None
