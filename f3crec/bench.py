@@ -1,17 +1,20 @@
-"""Benchmark (§13): a whole run and its phases, one thread, next to the reference implementation's figures.
+"""Benchmark (§13): a whole run and its phases, one thread, beside the official code timed in the same sitting.
 
     python -m f3crec.bench                       # whole FedMF F3CRec run, released ML-100K blocks, 20 rounds/block
+    python -m f3crec.bench --repeats 3 --reference /path/F3CRec-CIKM-25 --reference-python /path/python
+                                                 # the same, alternating with the official code's whole process
     python -m f3crec.bench --per-round           # seconds per round of both simulators in D⁰ and D¹
     python -m f3crec.bench --per-round --simulators vectorised --clients 100000 --items 2000 --per-client 10
                                                  # synthetic scale test of the vectorised simulator
+    python -m f3crec.bench --scale --sizes 1000 10000 100000   # ML-100K-shaped: CPU ms per round, peak RSS
 
 The whole run is `python -m f3crec.main` in a subprocess (OMP_NUM_THREADS=1, so imports and start-up are
-counted), seed 42, 20 rounds in every block and no early stopping, so both sides do the same work as the
-yardstick: the reference implementation measured on this machine, one thread each, same blocks and rounds
-(REFERENCE below). A block's phase is grow + rounds with validation + restore + test (results.json
-`blocks[t].seconds`); a round is plan drawing, local training, aggregation and validation (metrics.jsonl
-`seconds`); the fixed cost is the whole process minus its block phases (imports, block loading, end-of-block
-states, checkpoints, results).
+counted), seed 42, 20 rounds in every block and no early stopping; with `--reference` the official
+implementation's whole process does the same work (base block trained, same blocks and rounds, one thread),
+alternating with ours. A ratio is printed only for two sides timed in one sitting. A block's phase is grow
++ rounds with validation + restore + test (results.json `blocks[t].seconds`); a round is plan drawing, local
+training, aggregation and validation (metrics.jsonl `seconds`); the fixed cost is the whole process minus
+its block phases (imports, block loading, end-of-block states, checkpoints, results).
 """
 from __future__ import annotations
 
@@ -34,38 +37,58 @@ from common.io import data_root
 from .config import Config, resolve
 from .data import Block, get_blocks
 from .model import BACKBONES
-from .round import PlanMaker, plan_inputs
+from .evaluate import oracle_sums, sparse_masks
 from .train import end_block, grow, make_simulator, round_context
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "ml-100k.yaml"
 ROOT = Path(__file__).resolve().parent.parent
-# The reference implementation on the released ML-100K blocks, FedMF F3CRec, seed 42, 20 rounds per block,
-# one thread, measured on this 2-core machine at a load average of about 2.
-REFERENCE = {"base_block_s": 111.7, "base_round_s": 5.5, "incremental_blocks_s": 80.6, "incremental_round_s": 1.3,
-             "whole_s": 192.4}
+# The official implementation (github.com/Jaehyung-Lim/F3CRec-CIKM-25) run as a whole process: FedMF F3CRec,
+# ML-100K, the README's hyper-parameters, base block trained (--load_model 0 --save_model 0), one thread.
+REFERENCE_ARGS = ["--load_model", "0", "--save_model", "0", "--backbone", "fedmf", "--model", "fcrec", "--lr", "1.0",
+                  "--dim", "32", "--patience", "30", "--client_cl", "--server_cl", "--reg_client_cl", "0.1",
+                  "--eps", "0.006", "--topN", "30", "--beta", "0.9", "--dataset", "ml-100k", "--seed", "42"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TARGETS = {"base_round_s": 0.055, "incremental_round_s": 0.013, "fixed_s": 1.5}
+
+
+def _child_cpu() -> float:
+    """CPU seconds (user + system) of every child process waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ------------------------------------------------------------------------------------------ whole run
 def whole_run(overrides: list[str], rounds: int) -> dict:
-    """Time one `python -m f3crec.main` process and read its phases from the run folder."""
+    """Time one `python -m f3crec.main` process (CPU and wall) and read its phases from the run folder."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "f3crec.main", "--run-dir", str(Path(tmp) / "run"), *overrides,
                f"federation.rounds={rounds}", f"federation.patience={rounds + 1}", "train.share_base=false",
-               "train.seed=42", f"train.base_cache={tmp}"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-        whole = time.perf_counter() - start
+               "train.seed=42", "train.threads=1"]
+        cpu, start = _child_cpu(), time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **ONE_THREAD})
+        whole, cpu = time.perf_counter() - start, _child_cpu() - cpu
         if done.returncode != 0:
             raise RuntimeError(f"bench run failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
         results = json.loads((Path(tmp) / "run" / "results.json").read_text())
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     blocks = [b["seconds"] for b in results["blocks"]]
     per_round = lambda ts: float(np.median([r["seconds"] for r in records if r["block"] in ts]))  # noqa: E731
-    return {"whole_s": whole, "base_block_s": blocks[0], "incremental_blocks_s": sum(blocks[1:]),
+    return {"whole_s": whole, "whole_cpu_s": cpu, "base_block_s": blocks[0], "incremental_blocks_s": sum(blocks[1:]),
             "base_round_s": per_round({0}), "incremental_round_s": per_round({1, 2, 3}),
             "fixed_s": whole - sum(blocks), "rounds": [b["rounds_run"] for b in results["blocks"]]}
+
+
+def reference_run(checkout: Path, python: str, rounds: int) -> dict:
+    """Time the official implementation's whole process, CPU and wall, the same work as `whole_run`.
+    `checkout` is a prepared copy of its repository (README "Speed": pandas installed, its get_device
+    pointed at the CPU, fcrec_data/dataset/ml-100k/total_blocks_timestamp.pickle rebuilt)."""
+    cmd = [python, "main.py", *REFERENCE_ARGS, "--num_round", str(rounds)]
+    cpu, start = _child_cpu(), time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout / "fcrec", env={**os.environ, **ONE_THREAD})
+    whole, cpu = time.perf_counter() - start, _child_cpu() - cpu
+    if done.returncode != 0:
+        raise RuntimeError(f"reference run failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return {"whole_s": whole, "whole_cpu_s": cpu}
 
 
 def torch_import_seconds() -> float:
@@ -75,19 +98,22 @@ def torch_import_seconds() -> float:
     return time.perf_counter() - start
 
 
-def report(ours: dict) -> str:
-    """Markdown table: each phase, ours, the reference implementation, the ratio, the target."""
+def report(ours: dict, reference: dict | None = None) -> str:
+    """Markdown table of each phase; with `reference` (timed in the same sitting) its column and the ratio.
+    A ratio against figures from another sitting is never printed."""
     rows = [("base block (rounds + validation + test)", "base_block_s"), ("per base round (incl. validation)",
             "base_round_s"), ("three incremental blocks", "incremental_blocks_s"),
             ("per incremental round (incl. validation)", "incremental_round_s"),
             ("fixed cost (outside the blocks)", "fixed_s"), ("… of which a bare `import torch`", "torch_import_s"),
-            ("whole process", "whole_s")]
-    lines = ["| phase | ours (s) | reference implementation (s) | ratio | target |", "|---|---|---|---|---|"]
+            ("whole process, wall", "whole_s"), ("whole process, CPU", "whole_cpu_s")]
+    reference = reference or {}
+    lines = ["| phase | ours (s) | reference implementation, same sitting (s) | ratio | target |",
+             "|---|---|---|---|---|"]
     for label, key in rows:
-        ref = REFERENCE.get(key)
-        ratio = f"{ref / ours[key]:.0f}×" if ref else "—"
+        ref = reference.get(key)
+        ratio = f"{ref / ours[key]:.1f}×" if ref else "—"
         target = f"≤ {TARGETS[key]}" if key in TARGETS else "—"
-        lines.append(f"| {label} | {ours[key]:.4g} | {ref if ref else '—'} | {ratio} | {target} |")
+        lines.append(f"| {label} | {ours[key]:.4g} | {f'{ref:.4g}' if ref else '—'} | {ratio} | {target} |")
     return "\n".join(lines)
 
 
@@ -103,9 +129,43 @@ def scale_blocks(clients: int, items: int, per_client: int, seed: int = 0) -> li
     return blocks
 
 
+def ml100k_shaped_blocks(clients: int, seed: int = 0) -> list[Block]:
+    """Two blocks shaped like ML-100K's D⁰ and D¹ at `clients` base-block users: ≈ 1.2 items per user in
+    all, ≈ 94 interactions per base-block user (80/10/10 per user), a popularity-skewed item choice; D¹ has
+    ≈ 22 interactions per user for 37 % as many users, half of them returning. Time and memory are linear in
+    the interactions (items drawn by inverse CDF against a fixed popularity table, dedup by one sort)."""
+    rng = np.random.default_rng([seed, clients])
+    n_items = max(int(1.22 * clients), 60)
+    popularity = np.cumsum(1.0 / np.arange(10, n_items + 10) ** 0.9)
+    blocks, first = [], 0
+    for t, (users, per_user) in enumerate([(np.arange(clients), 94),
+                                           (np.arange(int(0.8 * clients), int(1.17 * clients)), 22)]):
+        owner = np.repeat(users, rng.poisson(per_user, users.size).clip(3))
+        items = np.searchsorted(popularity, rng.random(owner.size) * popularity[-1]).clip(max=n_items - 1)
+        pairs = np.unique(owner.astype(np.int64) * n_items + items)        # sorted by user, then item
+        owner, items = pairs // n_items, pairs % n_items
+        order = np.lexsort((rng.random(owner.size), owner))                 # random order within each user
+        owner, items = owner[order], items[order]
+        starts = np.searchsorted(owner, owner)                              # first index of each user's run
+        counts = np.bincount(owner, minlength=int(owner.max()) + 1)[owner]
+        rank = np.arange(owner.size) - starts
+        split = np.where(rank < np.ceil(0.8 * counts), 0, np.where(rank < np.ceil(0.9 * counts), 1, 2))
+        parts = []
+        for which in range(3):
+            keep = split == which
+            bounds = np.flatnonzero(np.diff(owner[keep], prepend=-1, append=-1))
+            us = owner[keep][bounds[:-1]]
+            parts.append({int(u): items[keep][lo:hi] for u, lo, hi in zip(us, bounds[:-1], bounds[1:])})
+        first = max(first, int(users.max()) + 1)
+        blocks.append(Block(train=parts[0], valid=parts[1], test=parts[2], n_users=first, n_items=n_items,
+                            item_list=np.zeros(0, np.int64)))
+    return blocks
+
+
 def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
     """Seconds per round (plan + training + aggregation) in D⁰ and D¹ (after a real end-of-D⁰ state)."""
-    sim = grow(None, lambda i, p: make_simulator(cfg, flags, i.to(device), {k: v.to(device) for k, v in p.items()}),
+    sim = grow(None, lambda i, p: make_simulator(cfg, flags, i.to(device), {k: v.to(device) for k, v in p.items()},
+                                                 blocks),
                cfg, blocks, 0, cfg.train.seed)
     out = {}
     for t in (0, 1):
@@ -114,17 +174,22 @@ def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
             sim.save_slot("last")
             end_block(sim, cfg, blocks, 0, flags)
             sim = grow(sim, None, cfg, blocks, 1, cfg.train.seed)
-        ctx = round_context(cfg, flags, blocks, t, 1)
-        positives, exclude = plan_inputs(dict(blocks[t].train), {}, ctx)
-        maker = PlanMaker(positives, exclude, blocks[t].n_items, cfg.federation.num_neg, cfg.federation.batch_size,
-                          cfg.method.topn, len(BACKBONES[cfg.backbone.name].substeps))
-        times = []
+        positives = blocks[t].train
+        valid_users = sorted(blocks[t].valid)
+        masks = sparse_masks(valid_users, blocks[t].valid, [blocks[t].train])
+        times, cpu, val = [], [], []
         for r in range(rounds):
-            start = time.perf_counter()
-            sim.train_round(maker.draw(cfg.train.seed, t, r), ctx)
+            start, cpu0 = time.perf_counter(), time.process_time()
+            sim.train_round(None, round_context(cfg, flags, blocks, t, r + 1))   # the simulator draws the plan
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu0)
+            if valid_users:
+                oracle_sums(sim, BACKBONES[cfg.backbone.name], valid_users, masks, blocks[t].n_items)
+            val.append(time.process_time() - cpu0 - cpu[-1])
         per_round = float(np.median(times))
         out[f"block{t}"] = {"clients": len(positives), "sec_per_round": round(per_round, 4),
+                            "cpu_s_per_round": round(float(np.median(cpu)), 4),
+                            "validation_cpu_s": round(float(np.median(val)), 4),
                             "clients_per_sec": round(len(positives) / per_round, 1)}
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if device.type == "cuda":
@@ -137,8 +202,12 @@ def worker(args) -> dict:
     overrides = [f"federation.simulator={args.only}", *args.overrides]
     cfg, flags = resolve(load_config(Config, args.config, overrides))
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    blocks = scale_blocks(args.clients, args.items, args.per_client) if args.clients else \
-        get_blocks(cfg.data, cfg.train.seed)[0]
+    if args.scale:
+        blocks = ml100k_shaped_blocks(args.clients)
+    elif args.clients:
+        blocks = scale_blocks(args.clients, args.items, args.per_client)
+    else:
+        blocks = get_blocks(cfg.data, cfg.train.seed)[0]
     return time_rounds(cfg, flags, blocks, args.rounds, device)
 
 
@@ -148,13 +217,35 @@ def per_round(args) -> dict:
     for name in args.simulators:
         cmd = [sys.executable, "-m", "f3crec.bench", "--only", name, "--config", args.config, "--rounds",
                str(args.rounds), "--clients", str(args.clients), "--items", str(args.items), "--per-client",
-               str(args.per_client), "--device", args.device, *args.overrides]
+               str(args.per_client), "--device", args.device, *(["--scale"] if args.scale else []), *args.overrides]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         if done.returncode != 0:
             raise RuntimeError(f"bench worker {name} failed: {done.stderr.strip().splitlines()[-1]}")
         out[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{name:10s} {json.dumps(out[name])}")
+    return out
+
+
+def scale(args) -> dict:
+    """ms per round (training, validation) and peak RSS at each of `args.sizes` ML-100K-shaped client counts,
+    each size in its own process (its own peak RSS), the vectorised simulator, one thread."""
+    out = {}
+    print(f"ML-100K-shaped synthetic blocks, vectorised simulator, one thread, median of {args.rounds} rounds, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("| clients | items | base round, CPU ms | its validation, CPU ms | incremental round, CPU ms | peak RSS GB |")
+    print("|---|---|---|---|---|---|")
+    for clients in args.sizes:
+        args.clients, args.scale, args.simulators = clients, True, ["vectorised"]
+        try:
+            res = per_round(args)["vectorised"]
+        except RuntimeError as err:
+            print(f"| {clients} | — | failed: {err} | | | |")
+            break
+        out[clients] = res
+        b0, b1 = res["block0"], res["block1"]
+        print(f"| {clients} | {max(int(1.22 * clients), 60)} | {1000 * b0['cpu_s_per_round']:.0f} | "
+              f"{1000 * b0['validation_cpu_s']:.0f} | {1000 * b1['cpu_s_per_round']:.0f} | {res['peak_rss_mb'] / 1024:.2f} |")
     return out
 
 
@@ -171,6 +262,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--per-client", type=int, default=60)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--scale", action="store_true", help="ms per round and peak RSS at --sizes ML-100K-shaped "
+                        "client counts (synthetic, linear-time generator)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--reference", default=None, help="a prepared checkout of the official code: time it too, "
+                        "alternating with ours (README, Speed)")
+    parser.add_argument("--reference-python", default=sys.executable, help="the interpreter that has its pandas")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--flower", action="store_true", help="the Flower paths instead (flower/bench.py; extra fl, fl-sim for the simulation runtime)")
     parser.add_argument("overrides", nargs="*")
@@ -180,20 +277,28 @@ def main(argv: list[str] | None = None) -> dict:
         return {"flower": flower_bench(args.overrides)}
     if args.data:
         args.config = str(Path(__file__).resolve().parent / "configs" / f"{args.data}.yaml")
-    if not args.overrides and not args.clients and not args.data:
+    if not args.overrides and not args.clients and not args.data and not args.scale:
         blocks = data_root() / "f3crec-ml-100k-blocks"
         args.overrides = [f"data.blocks={blocks}"] if (blocks / "block_0.json").is_file() else []
     if args.only:
         print(json.dumps(worker(args)))
         return {}
+    if args.scale:
+        return scale(args)
     if args.per_round:
         return per_round(args)
-    runs = [{**whole_run(["--config", args.config, *args.overrides], args.block_rounds),
-             "torch_import_s": torch_import_seconds()} for _ in range(args.repeats)]
-    ours = {k: min(r[k] for r in runs) if k != "rounds" else runs[0][k] for k in runs[0]}   # best of the repeats
+    runs, refs, loads = [], [], [os.getloadavg()[0]]
+    for _ in range(args.repeats):   # alternating, so both sides meet the same load
+        runs.append({**whole_run(["--config", args.config, *args.overrides], args.block_rounds),
+                     "torch_import_s": torch_import_seconds()})
+        if args.reference:
+            refs.append(reference_run(Path(args.reference), args.reference_python, args.block_rounds))
+        loads.append(os.getloadavg()[0])
+    best = lambda rs: {k: min(r[k] for r in rs) if k != "rounds" else rs[0][k] for k in rs[0]}  # noqa: E731
+    ours, ref = best(runs), best(refs) if refs else None
     print(f"FedMF F3CRec, {args.block_rounds} rounds per block (ran {ours['rounds']}), one thread, best of "
-          f"{args.repeats}, load average {os.getloadavg()[0]:.1f}:\n" + report(ours))
-    return ours
+          f"{args.repeats}, load average {min(loads):.1f}–{max(loads):.1f}:\n" + report(ours, ref))
+    return {"ours": ours, "reference": ref} if ref else ours
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ from typing import Optional
 import yaml
 
 from common.config import ConfigError, config_to_dict
-from common.io import cache_root, check_writable
+from common.io import check_writable
 from common.runs import (check_resume_folder as common_check_resume_folder, checkpoint_identity, default_run_root,
                          load_checkpoint, paper_of as logged_paper, refused_folder)
 from common.utils import get_device
 
-from .config import Config, check_config
+from .config import Config, base_cache_dir, check_config
 
 # The fields fit() writes into last.pt (train.py::fit); a file without them is not an F3CRec checkpoint.
 LAST_KEYS = ("sim", "rows", "info", "block", "config")
@@ -116,9 +116,9 @@ def preflight(cfg: Config, run_dir: Optional[Path], resume: bool, overwrite: boo
     _writable_target(target, "run folder", "set run_root or $REPRO_RUNS, or --run-dir")
     if run_dir is not None and not resume:
         refused_folder(Path(run_dir), overwrite)   # a folder with records, or another run's: one line, now
-    if cfg.train.share_base and cfg.federation.simulator != "flower":
-        base = Path(cfg.train.base_cache) if cfg.train.base_cache else cache_root() / "f3crec" / "base"
-        _writable_target(base, "base-block cache", "set train.base_cache, or train.share_base=false")
+    if cfg.train.share_base and cfg.federation.simulator != "flower" and not resume:  # a resume is past block 0
+        _writable_target(base_cache_dir(cfg.train), "base-block cache",
+                         "set train.base_cache, or train.share_base=false")
     if cfg.federation.simulator == "vectorised":
         get_device(cfg.train.device)   # cuda asked for but absent: one line now, not after block 0's data
     if resume:

@@ -7,9 +7,12 @@ F3CRec, ML-100K, official README hyper-parameters, §9). `configs/smoke.yaml` is
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Annotated, ClassVar, Literal, Optional
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal, Optional, Union
 
 from common.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
+
+from common.io import cache_root
 
 from .model import BACKBONES
 
@@ -89,8 +92,10 @@ class QuirkConfig:
 class TrainConfig:
     seed: Annotated[int, Range(0, 2**32 - 1)] = 42   # reference default (§9); numpy seeds fit in 32 bits
     stop_after_block: Optional[Annotated[int, Range(0, 3)]] = None   # stop after block 0..3 (0: only the shared base)
-    share_base: bool = True          # reuse the cached end-of-D⁰ state across methods (§8.6)
-    base_cache: Optional[str] = None  # folder of the shared base states; None = common.io.cache_root()/f3crec/base
+    share_base: bool = True          # reuse the cached end-of-D⁰ state across methods (§8.6); false = train it here
+    base_cache: Union[str, bool, None] = "default"  # WHERE the shared base states live (not whether): a folder,
+    #                 or "default" = common.io.cache_root()/f3crec/base; null/off/false are refused (share_base says whether)
+    threads: PosInt = 1              # torch's intra-op threads: sums, so the numbers, depend on it; keyed and recorded
     device: Literal["auto", "cpu", "cuda"] = "cpu"   # where the vectorised simulator keeps its tensors
 
 
@@ -125,6 +130,24 @@ def check_config(cfg: Config) -> None:
     repeated = sorted({name for name in cfg.methods if cfg.methods.count(name) > 1})
     if repeated:
         raise ConfigError(f"methods: {repeated[0]} is listed twice (each method is one run)")
+
+
+# Values of train.base_cache that read as "no cache" but would name a folder: refused with the key that does it.
+NOT_A_CACHE_FOLDER = {"", "off", "none", "no", "false", "null", "0"}
+
+
+def base_cache_dir(train: TrainConfig):
+    """The folder of the shared end-of-D⁰ states that `train.base_cache` names. It says where, never
+    whether: `train.share_base=false` turns sharing off, and a value that reads as "off" is refused."""
+    value = train.base_cache
+    if value is None or isinstance(value, bool) or str(value).strip().lower() in NOT_A_CACHE_FOLDER:
+        shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+        raise ConfigError(f"train.base_cache={shown} is ambiguous: it names where the "
+                          "shared base block is cached, not whether; use train.share_base=false to train the base "
+                          "block in this run (no cache), or train.base_cache=default for $REPRO_CACHE/f3crec/base")
+    if value == "default":
+        return cache_root() / "f3crec" / "base"
+    return Path(value).expanduser()
 
 
 def method_flags(cfg: MethodConfig) -> dict:

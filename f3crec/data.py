@@ -196,15 +196,25 @@ def fingerprint(directory: str | Path, count: int = 4) -> str:
 
 
 # ----------------------------------------------------------------------------------------- entry points
-def synthetic_stream(num_users: int, num_items: int, num_interactions: int, seed: int, dim: int = 4) -> dict:
-    """A random-time stream with low-rank taste (learnable) and users recurring across blocks."""
+def synthetic_stream(num_users: int, num_items: int, num_interactions: int, seed: int, dim: int = 4,
+                     chunk: int = 4096) -> dict:
+    """A random-time stream with low-rank taste (learnable) and users recurring across blocks.
+
+    Each candidate interaction draws its item from the softmax of its user's taste over all items, by
+    inverse CDF against one uniform; candidates are handled `chunk` at a time, so memory is
+    O(interactions + chunk · items) rather than O(interactions · items) (time stays O(interactions · items)).
+    The draws do not depend on `chunk` (tested)."""
     rng = np.random.default_rng([seed, 17])
     taste, traits = rng.normal(size=(num_users, dim)), rng.normal(size=(num_items, dim))
     user = rng.integers(0, num_users, size=num_interactions * 3)
-    logits = (taste[user, None, :] * traits[None]).sum(-1) * 1.5               # (n, I)
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    cumulative = np.cumsum(probs / probs.sum(1, keepdims=True), axis=1)
-    item = (cumulative < rng.random(user.size)[:, None]).sum(1).clip(max=num_items - 1)
+    uniform = rng.random(user.size)
+    item = np.empty(user.size, dtype=np.int64)
+    for lo in range(0, user.size, chunk):
+        hi = min(lo + chunk, user.size)
+        logits = (taste[user[lo:hi], None, :] * traits[None]).sum(-1) * 1.5           # (chunk, I)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        cumulative = np.cumsum(probs / probs.sum(1, keepdims=True), axis=1)
+        item[lo:hi] = (cumulative < uniform[lo:hi, None]).sum(1).clip(max=num_items - 1)
     pairs = np.unique(user * num_items + item, return_index=True)[1]
     pick = np.sort(pairs)[:num_interactions]
     return {"user": user[pick] + 1, "item": item[pick] + 1, "rating": np.ones(pick.size),

@@ -22,6 +22,7 @@ from .model import Backbone, score_matrix
 
 
 SCORE_ROWS = 64  # users per score product: every product has this many rows (the last one zero-padded)
+EVAL_CHUNK = 16 * SCORE_ROWS  # users scored, masked and ranked at once: memory O(EVAL_CHUNK × items)
 
 
 def oracle_scores(sim, users: torch.Tensor, net: Backbone) -> torch.Tensor:
@@ -80,6 +81,46 @@ def metric_sums(scores: torch.Tensor, users: list[int], positives: dict[int, np.
             for name, key in (("ndcg", "NDCG@20"), ("recall", "Recall@20"))}
 
 
+def sparse_masks(users: list[int], positives: dict[int, np.ndarray], exclude: list[dict[int, np.ndarray]],
+                 chunk: int = EVAL_CHUNK) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Per chunk of `users`: (lo, hi, positive (row, item) pairs, excluded (row, item) pairs), rows local to the
+    chunk. Built once per block; O(interactions) memory, where dense masks were O(users × items)."""
+    out = []
+    for lo in range(0, len(users), chunk):
+        pairs = []
+        for parts in ([positives], exclude):
+            rows, cols = [], []
+            for row, user in enumerate(users[lo:lo + chunk]):
+                for part in parts:
+                    if user in part:
+                        rows.append(np.full(len(part[user]), row, np.int64))
+                        cols.append(np.asarray(part[user], np.int64))
+            pairs.append(torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)]) if rows
+                                          else np.zeros((2, 0), np.int64)))
+        out.append((lo, min(lo + chunk, len(users)), *pairs))
+    return out
+
+
+def _dense(pairs: torch.Tensor, rows: int, n_items: int) -> torch.Tensor:
+    mask = torch.zeros(rows, n_items, dtype=torch.bool)
+    mask[pairs[0], pairs[1]] = True
+    return mask
+
+
+def oracle_sums(sim, net: Backbone, users: list[int], masks: list, n_items: int) -> dict[str, tuple[Fraction, int]]:
+    """metric_sums of `users` (simulation-only oracle, §3), scored, masked and ranked EVAL_CHUNK users at a
+    time against the first `n_items` items: memory O(EVAL_CHUNK × items). Each user's row and metric do not
+    depend on the chunk it is in (fixed-shape products, per-row top-K) and the sums are exact, so the result
+    equals one dense evaluation bit for bit (tested)."""
+    parts = []
+    for lo, hi, pos, exc in masks:
+        index = torch.tensor(users[lo:hi], dtype=torch.long)
+        scores = oracle_scores(sim, index, net)[:, :n_items]
+        rows = hi - lo
+        parts.append(metric_sums(scores, users[lo:hi], {}, [], (_dense(pos, rows, n_items), _dense(exc, rows, n_items))))
+    return merge_sums(parts) if parts else metric_sums(torch.zeros(0, 0), [], {}, [])
+
+
 def merge_sums(parts: list[dict[str, tuple[Fraction, int]]]) -> dict[str, tuple[Fraction, int]]:
     """The sums of several groups of users (e.g. every node's report) as one."""
     return {name: (sum((p[name][0] for p in parts), Fraction(0)), sum(p[name][1] for p in parts))
@@ -102,11 +143,17 @@ def test_row(sim, blocks: list[Block], t: int, net: Backbone, old_block_mask: st
     """a_{t,i} for i = 0..t (§10): test of D^i, masked with D^t's train+valid [Q4] or cumulatively [D]."""
     if getattr(sim, "federated", False):  # the clients score themselves and report sums (§14)
         return sim.test_row(t, old_block_mask, decimals)
+    return oracle_test_row(sim, blocks, t, net, old_block_mask, decimals)
+
+
+def oracle_test_row(sim, blocks: list[Block], t: int, net: Backbone, old_block_mask: str,
+                    decimals: int | None) -> list[dict[str, float]]:
+    """test_row from the simulation-only oracle (§3): every user scored from the clients' state."""
     row = []
     for i in range(t + 1):
         users = sorted(blocks[i].test)
-        scores = oracle_scores(sim, torch.tensor(users, dtype=torch.long), net)[:, : blocks[t].n_items]
-        row.append(evaluate(scores, users, blocks[i].test, test_exclude(blocks, t, i, old_block_mask), decimals))
+        masks = sparse_masks(users, blocks[i].test, test_exclude(blocks, t, i, old_block_mask))
+        row.append(finish(oracle_sums(sim, net, users, masks, blocks[t].n_items), decimals))
     return row
 
 

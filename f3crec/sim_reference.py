@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .client_state import ClientStates
+from .local_loop import LocalLoop
 from .method import kd_terms, memory_size, target_ranks
 from .model import LocalModel, sgd_step
 from .round import RoundContext, RoundPlan, fisher, ldp_noise, previous_scores
@@ -85,7 +86,7 @@ class Client:
         return loss
 
 
-class ReferenceSimulator:
+class ReferenceSimulator(LocalLoop):
     """Loop over clients: broadcast → local copy → train → upload → aggregate (§13a)."""
 
     def __init__(self, server, states: ClientStates):
@@ -93,7 +94,8 @@ class ReferenceSimulator:
         self.clients: dict[int, Client] = {}
         self.load_states(states)
 
-    def train_round(self, plan: RoundPlan, ctx: RoundContext) -> dict:
+    def train_round(self, plan: RoundPlan | None, ctx: RoundContext) -> dict:
+        plan = self.plan(ctx) if plan is None else plan
         uploads, stats = [], {"D": [], "m": []}
         for _, upload, client_stats in self.local_round(plan, ctx):
             uploads.append(upload)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .local_loop import LocalLoop
 from .method import kd_terms, memory_size, target_ranks
 from .model import sgd_step
 from .round import RoundContext, RoundPlan, fisher, ldp_noise, previous_scores
@@ -61,7 +62,7 @@ def unique_keys(keys: torch.Tensor, span: int, bitmap_limit: int = 1 << 25) -> t
     return unique, index[keys]
 
 
-class VectorisedSimulator:
+class VectorisedSimulator(LocalLoop):
     """Same interface as ReferenceSimulator; client state kept stacked in `state` (see ClientStates)."""
 
     def __init__(self, server, state, rank_chunk: int = 4096, dense_limit: int = 1 << 25):
@@ -73,6 +74,7 @@ class VectorisedSimulator:
     # ------------------------------------------------------------------------------------------ round
     def train_round(self, plan: RoundPlan, ctx: RoundContext) -> dict:
         """One round of every participant at once (§3, §5, §6): local steps, then the summed upload."""
+        plan = self.plan(ctx) if plan is None else plan
         r = self._local_rows(plan, ctx)
         start = ({k: v.expand(r.n_clients, *v.shape).clone() for k, v in ctx.shared_private.items()}
                  if ctx.reset_private else {k: v[r.users].clone() for k, v in self.state.private.items()})

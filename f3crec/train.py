@@ -16,15 +16,16 @@ import numpy as np
 import torch
 
 from common.config import config_to_dict
-from common.io import cache_root, exclusive
+from common.io import exclusive
 from common.runs import load_checkpoint, save_checkpoint, truncate_metrics
 from common.utils import get_device
 
 from .client_state import ClientStates
+from .config import base_cache_dir
 from .data import Block
-from .evaluate import eval_masks, evaluate, oracle_scores, summarise, test_row
+from .evaluate import summarise
 from .model import BACKBONES, init_items, init_private
-from .round import PlanMaker, RoundContext, make_plan, plan_inputs
+from .round import RoundContext
 from .server import Server
 from .sim_reference import ReferenceSimulator
 from .sim_vectorised import VectorisedSimulator
@@ -32,8 +33,9 @@ from .block_inputs import block_data, round_context  # noqa: F401  (shared with 
 
 
 # ------------------------------------------------------------------------------------------ simulators
-def make_simulator(cfg, flags: dict, items: torch.Tensor, private: dict):
-    """A server with table `items` and one client per row of `private`, in the configured simulator."""
+def make_simulator(cfg, flags: dict, items: torch.Tensor, private: dict, blocks: list[Block] | None = None):
+    """A server with table `items` and one client per row of `private`, in the configured simulator; with
+    `blocks`, a local simulator also answers the block loop's calls (local_loop.py: plans, evaluation)."""
     keep_freed_memory()
     if cfg.federation.simulator == "flower":  # optional extra: flwr is imported only when asked for (§14)
         from .flower.launch import make_flower_simulator
@@ -44,7 +46,8 @@ def make_simulator(cfg, flags: dict, items: torch.Tensor, private: dict):
     items, private = items.to(device), {k: v.to(device) for k, v in private.items()}
     server = Server(items, cfg.method.beta, itm=flags["itm"])
     states = ClientStates(private, cfg.method.topn)
-    return (VectorisedSimulator if vectorised else ReferenceSimulator)(server, states)
+    sim = (VectorisedSimulator if vectorised else ReferenceSimulator)(server, states)
+    return sim.attach(cfg, flags, blocks) if blocks is not None else sim
 
 
 def keep_freed_memory() -> None:
@@ -61,16 +64,15 @@ def keep_freed_memory() -> None:
 
 
 def sim_state(sim) -> dict:
-    if getattr(sim, "federated", False):  # the server's table; each node checkpoints its own users (§14)
-        return sim.state_dict()
-    return {"server": sim.server.state_dict(), "clients": sim.states().state_dict()}
+    """Every simulator's own checkpoint form (Flower's: the server's table; each node keeps its users, §14)."""
+    return sim.state_dict()
 
 
-def load_sim(cfg, flags: dict, state: dict):
+def load_sim(cfg, flags: dict, state: dict, blocks: list[Block]):
     if state.get("federated"):
         from .flower.launch import load_flower_simulator
         return load_flower_simulator(cfg, flags, state)
-    sim = make_simulator(cfg, flags, state["server"]["items"], dict(state["clients"]["private"]))
+    sim = make_simulator(cfg, flags, state["server"]["items"], dict(state["clients"]["private"]), blocks)
     device = sim.server.items.device
     sim.server.load_state_dict(_to(state["server"], device))
     states = ClientStates(dict(sim.states().private), cfg.method.topn)
@@ -107,31 +109,15 @@ def grow(sim, make_sim: Callable | None, cfg, blocks: list[Block], t: int, seed:
 
 def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
     """Rounds of block t with validation, selection and early stopping (§8.2–8.3); ends on the best."""
-    block, fed, ev = blocks[t], cfg.federation, cfg.eval
-    net = BACKBONES[cfg.backbone.name]
-    federated = getattr(sim, "federated", False)   # clients draw their own plans and evaluate themselves (§14)
-    data, exclude = block_data(blocks, t, flags, flags["neg_exclude"])
-    valid_users = sorted(block.valid)
-    valid_index = torch.tensor(valid_users, dtype=torch.long)
-    valid_masks = eval_masks(valid_users, block.valid, [block.train], block.n_items)
-    best, best_round, stale, maker = -1.0, -1, 0, None
+    fed, ev = cfg.federation, cfg.eval
+    best, best_round, stale = -1.0, -1, 0
     for r in range(fed.rounds):
         started = time.perf_counter()
         ctx = round_context(cfg, flags, blocks, t, r)
         # Named by the server's finiteness check (server.py::_finish), which every simulator's aggregate runs.
         sim.server.where = f"block {t} round {r} (the server's mean of the uploads; backbone.lr={cfg.backbone.lr:g})"
-        if federated:
-            stats, val = sim.train_round(None, ctx), sim.validate(ctx, flags["metric_decimals"])
-        elif maker is None:  # positives and exclusions are fixed for the block (T^u included)
-            positives, excluded = plan_inputs(data, sim.topn_lists() if flags["replay"] else {}, ctx)
-            if flags["neg_exclude"] != "block_train":
-                excluded = {u: np.concatenate([excluded[u], exclude[u]]) for u in positives}
-            maker = PlanMaker(positives, excluded, block.n_items, fed.num_neg, fed.batch_size, cfg.method.topn,
-                              len(net.substeps))
-        if not federated:
-            stats = sim.train_round(maker.draw(cfg.train.seed, t, r), ctx)
-            scores = oracle_scores(sim, valid_index, net)
-            val = evaluate(scores, valid_users, block.valid, [block.train], flags["metric_decimals"], valid_masks)
+        stats = sim.train_round(None, ctx)          # each simulator draws the round's plan itself
+        val = sim.validate(ctx, flags["metric_decimals"])
         value = val[ev.select_metric]
         record = {"block": t, "round": r, "val_ndcg": val["ndcg"], "val_recall": val["recall"],
                   "seconds": round(time.perf_counter() - started, 4), **_arm_summary(stats)}
@@ -161,11 +147,7 @@ def _arm_summary(stats: dict) -> dict:
 def end_block(sim, cfg, blocks: list[Block], t: int, flags: dict) -> None:
     """End-of-block state from the restored best (§8.5), then the hand-off to t+1 (§8.6)."""
     block = blocks[t]
-    fisher_plan = None
-    if flags["reg"] == "ewc" and not getattr(sim, "federated", False):  # 4 negatives per positive, round −1
-        data, exclude = block_data(blocks, t, flags, flags["neg_exclude"])
-        fisher_plan = make_plan(cfg.train.seed, t, -1, data, exclude, block.n_items, cfg.federation.num_neg,
-                                cfg.federation.batch_size, cfg.method.topn, 1)
+    fisher_plan = sim.fisher_plan(cfg, flags, blocks, t)   # EWC's plan (round −1), or None; Flower's nodes draw theirs
     ctx = RoundContext(block=t, round=0, n_items=block.n_items, n_prev_users=0, n_prev_items=0, lrs={},
                        flags=flags, net=BACKBONES[cfg.backbone.name], seed=cfg.train.seed, topn=cfg.method.topn)
     sim.end_block(ctx, np.array(sorted(block.train), dtype=np.int64), fisher_plan)
@@ -188,8 +170,7 @@ def base_cache_path(cfg, flags: dict, blocks_id: str) -> Path | None:
     """Where the shared end-of-D⁰ state of this configuration lives, or None when sharing is off."""
     if not cfg.train.share_base or cfg.federation.simulator == "flower":  # no node state in a shared cache
         return None
-    root = Path(cfg.train.base_cache) if cfg.train.base_cache else cache_root() / "f3crec" / "base"
-    return root / f"{base_key(cfg, flags, blocks_id)}.pt"
+    return base_cache_dir(cfg.train) / f"{base_key(cfg, flags, blocks_id)}.pt"
 
 
 def base_key(cfg, flags: dict, blocks_id: str) -> str:
@@ -199,7 +180,7 @@ def base_key(cfg, flags: dict, blocks_id: str) -> str:
     tree = config_to_dict(cfg)
     relevant = {"blocks": blocks_id, "backbone": tree["backbone"], "fed": tree["federation"], "eval": tree["eval"],
                 "seed": cfg.train.seed, "quirks": tree["quirks"], "fidelity": cfg.fidelity,
-                "device": cfg.train.device, "code": code.hexdigest(),
+                "device": cfg.train.device, "code": code.hexdigest(), "threads": cfg.train.threads,
                 "flags": {k: flags[k] for k in ("metric_decimals", "neg_exclude")}}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -225,7 +206,7 @@ def load_base(cache: Path | None) -> dict | None:
     except ValueError as err:
         print(f"[f3crec] base block cache not used, training it again: {err}")
         return None
-    return base if all(key in base for key in ("sim", "rows", "info")) else None
+    return base if all(key in base for key in ("sim", "rows", "info", "records")) else None
 
 
 def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, resume: bool, log) -> dict:
@@ -238,28 +219,32 @@ def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, re
         blocks = [Block({}, {}, {}, b.n_users, b.n_items, np.zeros(0, np.int64)) for b in blocks]
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
-        sim, rows, info, start = load_sim(cfg, flags, ckpt["sim"]), ckpt["rows"], ckpt["info"], ckpt["block"] + 1
+        sim, rows, info = load_sim(cfg, flags, ckpt["sim"], blocks), ckpt["rows"], ckpt["info"]
+        start = ckpt["block"] + 1
     if resume:
         truncate_metrics(run_dir, lambda record: record.get("block", len(blocks)) < start)
-    cache = base_cache_path(cfg, flags, blocks_id)
-    net = BACKBONES[cfg.backbone.name]
+    cache = base_cache_path(cfg, flags, blocks_id) if start == 0 else None
     for t in range(start, len(blocks)):
         with claimed(cache if t == 0 else None):   # two runs needing one base block train it once
             base = load_base(cache) if t == 0 else None
             if base is not None:
-                sim, rows, info = load_sim(cfg, flags, base["sim"]), base["rows"], base["info"]
-                print(f"[f3crec] base block loaded from {cache}")
+                sim, rows, info = load_sim(cfg, flags, base["sim"], blocks), base["rows"], base["info"]
+                info[0]["reused_from"] = str(cache)
+                for record in base["records"]:   # the run folder tells the whole story: block 0's rounds too
+                    log({**record, "reused": True, "reused_from": cache.name})
+                print(f"[f3crec] base block loaded from {cache} ({len(base['records'])} round records copied "
+                      "into metrics.jsonl, marked reused)")
             else:
-                started = time.perf_counter()
-                sim = grow(sim, lambda items, private: make_simulator(cfg, flags, items, private), cfg, blocks, t,
-                           cfg.train.seed)
+                started, records = time.perf_counter(), []
+                sim = grow(sim, lambda items, private: make_simulator(cfg, flags, items, private, blocks), cfg, blocks,
+                           t, cfg.train.seed)
                 if flags["full_retrain"] and t > 0 and not cfg.method.full_retrain_warm:
                     restart(sim, cfg, blocks, t)
-                info.append(run_block(sim, cfg, blocks, t, flags, log))
-                rows.append(test_row(sim, blocks, t, net, flags["old_block_mask"], flags["metric_decimals"]))
+                info.append(run_block(sim, cfg, blocks, t, flags, lambda record: (records.append(record), log(record))))
+                rows.append(sim.test_row(t, flags["old_block_mask"], flags["metric_decimals"]))
                 info[-1]["seconds"] = round(time.perf_counter() - started, 3)    # grow, rounds, restore, test
                 if t == 0 and cache is not None:
-                    save_checkpoint(cache, {"sim": sim_state(sim), "rows": rows, "info": info,
+                    save_checkpoint(cache, {"sim": sim_state(sim), "rows": rows, "info": info, "records": records,
                                             "key_config": config_to_dict(cfg)})
         end_block(sim, cfg, blocks, t, flags)
         save_checkpoint(run_dir / "last.pt", {"sim": sim_state(sim), "rows": rows, "info": info, "block": t,

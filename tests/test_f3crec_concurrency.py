@@ -57,9 +57,13 @@ def test_two_runs_needing_one_base_block_train_it_once(tmp_path):
             fcntl.flock(lock, fcntl.LOCK_UN)   # now one of them trains it and the other must load it
         for proc in procs:
             assert proc.wait(timeout=120) == 0, proc.communicate()[1].decode()[-2000:]
-    trained = [r for r in runs if (r / "metrics.jsonl").exists() and (r / "metrics.jsonl").read_text().strip()]
+    records = {r: [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in runs}
+    trained = [r for r in runs if records[r] and not any(rec.get("reused") for rec in records[r])]
     loaded = [r for r in runs if "base block loaded from" in _log(r)]
     assert len(trained) == 1 and loaded == [r for r in runs if r not in trained], (trained, loaded)
+    # the loading run's metrics.jsonl holds the trained run's block-0 records, each marked as reused
+    assert [{k: v for k, v in rec.items() if k not in ("reused", "reused_from")} for rec in records[loaded[0]]] \
+        == records[trained[0]] and all(rec["reused_from"] == entry.name for rec in records[loaded[0]])
     first, second = (json.loads((r / "results.json").read_text())["summary"]["ndcg"]["a"] for r in runs)
     assert first == second                                  # one base block, shared
     assert sorted(p.name for p in entry.parent.iterdir()) == sorted([entry.name, f"{entry.name}.lock"])

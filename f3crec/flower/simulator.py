@@ -137,6 +137,10 @@ class FlowerSimulator:
         rows = [[wire.sums_from_json(sums) for sums in config["row"]] for _, config in replies.values()]
         return [finish(merge_sums([row[i] for row in rows]), decimals) for i in range(t + 1)]
 
+    def fisher_plan(self, cfg, flags, blocks, t: int) -> None:
+        """The block loop's call (local_loop.py): every node draws its own users' EWC plan (node.py)."""
+        return None
+
     def end_block(self, ctx, trained=None, fisher_plan=None) -> None:
         """Each node builds ŷ, Tᵘ, anchors (and the Fisher) of its users from the best table (§8.5);
         `trained` and `fisher_plan` are the in-process simulators' inputs: nodes know their own."""

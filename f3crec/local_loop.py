@@ -1,0 +1,76 @@
+"""The block loop's side of a local simulator (§8, §13): what `train.fit` asks of every simulator, so the
+loop has no special case for any of them. A simulator that runs in this process (vectorised, reference)
+gets it from `LocalLoop`; the Flower simulator (flower/simulator.py) answers the same calls by asking its
+nodes, which draw their own plans and evaluate their own users (§14).
+
+    sim.train_round(None, ctx)              # draws the round's plan itself (from the per-user streams)
+    sim.validate(ctx, decimals)             # validation NDCG/Recall@20 of block ctx.block
+    sim.test_row(t, old_block_mask, decimals)   # a_{t,i}, i = 0..t
+    sim.fisher_plan(cfg, flags, blocks, t)  # EWC's end-of-block plan (round −1), or None
+    sim.state_dict()                        # what last.pt and the base cache keep of the simulator
+
+The round plan is built here and only here: positives and exclusions (T^u included) are fixed for a
+block, so the `PlanMaker` is made at the block's first round and draws every round from it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .block_inputs import block_data
+from .evaluate import finish, oracle_sums, oracle_test_row, sparse_masks
+from .model import BACKBONES
+from .round import PlanMaker, RoundContext, RoundPlan, make_plan, plan_inputs
+
+
+class LocalLoop:
+    """Mixin: the block-loop calls answered from the run's blocks (set by `attach`) and the simulator's own
+    state. `train_round(plan, ctx)` with an explicit plan (the equality tests) never needs `attach`."""
+
+    cfg = flags = blocks = None
+    _maker: tuple[int, PlanMaker] | None = None
+    _valid: tuple[int, list[int], list] | None = None
+
+    def attach(self, cfg, flags: dict, blocks: list) -> "LocalLoop":
+        self.cfg, self.flags, self.blocks = cfg, flags, blocks
+        self._maker = self._valid = None
+        return self
+
+    def plan(self, ctx: RoundContext) -> RoundPlan:
+        """Round ctx.round of block ctx.block, drawn from every participant's own streams."""
+        if self._maker is None or self._maker[0] != ctx.block:
+            cfg, flags, block = self.cfg, self.flags, self.blocks[ctx.block]
+            data, exclude = block_data(self.blocks, ctx.block, flags, flags["neg_exclude"])
+            positives, excluded = plan_inputs(data, self.topn_lists() if flags["replay"] else {}, ctx)
+            if flags["neg_exclude"] != "block_train":
+                excluded = {u: np.concatenate([excluded[u], exclude[u]]) for u in positives}
+            self._maker = (ctx.block, PlanMaker(positives, excluded, block.n_items, cfg.federation.num_neg,
+                                                cfg.federation.batch_size, cfg.method.topn,
+                                                len(BACKBONES[cfg.backbone.name].substeps)))
+        return self._maker[1].draw(self.cfg.train.seed, ctx.block, ctx.round)
+
+    def validate(self, ctx: RoundContext, decimals: int | None) -> dict[str, float]:
+        """Validation of block ctx.block, only its train masked (§8.2); sparse masks built once a block."""
+        if self._valid is None or self._valid[0] != ctx.block:
+            block = self.blocks[ctx.block]
+            users = sorted(block.valid)
+            self._valid = (ctx.block, users, sparse_masks(users, block.valid, [block.train]))
+        _, users, masks = self._valid
+        net = BACKBONES[self.cfg.backbone.name]
+        return finish(oracle_sums(self, net, users, masks, self.blocks[ctx.block].n_items), decimals)
+
+    def test_row(self, t: int, old_block_mask: str, decimals: int | None) -> list[dict[str, float]]:
+        """a_{t,i} for i = 0..t (§10): test of D^i, masked with D^t's train+valid [Q4] or cumulatively [D]."""
+        return oracle_test_row(self, self.blocks, t, BACKBONES[self.cfg.backbone.name], old_block_mask, decimals)
+
+    def state_dict(self) -> dict:
+        """The server's state and every client's (ClientStates form), for last.pt and the base cache."""
+        return {"server": self.server.state_dict(), "clients": self.states().state_dict()}
+
+    def fisher_plan(self, cfg, flags: dict, blocks: list, t: int) -> RoundPlan | None:
+        """EWC's end-of-block plan: 4 negatives per train positive, drawn once at round −1 (§11); None
+        for every other method."""
+        if flags["reg"] != "ewc":
+            return None
+        data, exclude = block_data(blocks, t, flags, flags["neg_exclude"])
+        return make_plan(cfg.train.seed, t, -1, data, exclude, blocks[t].n_items, cfg.federation.num_neg,
+                         cfg.federation.batch_size, cfg.method.topn, 1)
