@@ -41,6 +41,8 @@ class BackboneConfig:
     init_std: PosFloat = 0.02  # N(0, std^2) for every Linear and Embedding weight (§4.5)
     ln_eps: PosFloat = 1e-12  # all five LayerNorms
     mask_value: Annotated[float, Range(-1e30, 0, max_open=True)] = -10000.0  # finite additive mask (§4.2, quirk 12): -inf turns all-pad rows into NaN
+    kernels: Literal["fast", "torch"] = "fast"  # fast: dropout masks from a counter-based Philox stream and the last
+    # block computed for the read rows only (§10.1); torch: torch's dropout stream and full last block, bit-compatible with runs before it
 
 
 @dataclass
