@@ -491,6 +491,9 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[Co
     parser.add_argument("--no-pairs", action="store_true", help="no B2 runs from the SASRec pairs")
     parser.add_argument("--out", type=Path, required=True, help="the table's folder (run folders inside)")
     parser.add_argument("--resume", action="store_true", help="resume every unfinished run under --out")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: tabulate the finished run folders under --out (e.g. several table "
+                             "processes, one per dataset, or run folders unpacked from a GPU campaign's bundle)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every dataset")
     args = parser.parse_intermixed_args(argv)
     bases = [load_config(Config, path, args.overrides) for path in args.configs]
@@ -508,9 +511,33 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[Co
     return args, bases
 
 
+def collect(out: Path) -> dict[str, dict[str, list[dict]]]:
+    """The finished runs under a table folder: {dataset: {method: [results.json + run_dir], seed order}}."""
+    from .compare import method_of
+    order = {"sasrec": 0, "flame": 1, "ensemble": 2}
+    found: dict[str, dict[str, list[dict]]] = {}
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []:
+        runs = [(run, load_json(run / "results.json")) for run in sorted(folder.glob("*_seed*"))
+                if (run / "results.json").is_file()]
+        if not runs:
+            continue
+        per: dict[str, list[dict]] = {}
+        for run, record in runs:
+            per.setdefault(method_of(record), []).append({**record, "run_dir": str(run)})
+        found[folder.name] = {m: sorted(per[m], key=lambda r: r["seed"])
+                              for m in sorted(per, key=lambda m: (order.get(m, 9), m))}
+    return found
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args, bases = parse(argv)
     out = args.out.expanduser().resolve()
+    if args.report:
+        found = collect(out)
+        if not found:
+            raise FileNotFoundError(f"--report: no finished run folder under {out}")
+        write_tables(found, out)
+        return found
     all_results = {}
     for base in bases:
         all_results[base.data.name] = run_dataset(base, base.data.name, args.seeds, args.methods, out, args.resume,
