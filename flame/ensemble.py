@@ -141,6 +141,7 @@ class FLAME(nn.Module):
         B, L = seq.shape
         # Stage 0: each network embeds the raw sequence on its own (E_l, E_f of §7.1 step 2).
         streams = {n: nets[n].embed(seq) for n in sorted({p[0] for p in paths}, key="lf".index)}
+        tiled_masks: dict[int, torch.Tensor] = {}  # k -> the k x k tiled mask, built once per step
         for stage in range(1, self.stages):
             needed = {p[: stage + 1] for p in paths}
             for n in "lf":
@@ -152,7 +153,9 @@ class FLAME(nn.Module):
                 last = stage == self.stages - 1  # only each stream's last index is read after it
                 if self.cfg.path_mixing == "tiled":
                     x = torch.cat([streams[q] for q in parents], dim=1)  # (B, kL, d)
-                    mask = base_mask.repeat(1, 1, k, k)  # tiled k x k (§7.1 step 4)
+                    if k not in tiled_masks:
+                        tiled_masks[k] = base_mask.repeat(1, 1, k, k)  # tiled k x k (§7.1 step 4)
+                    mask = tiled_masks[k]
                     rows = nets[n].seq_encoder.last_rows(k, L, seq.device) if last else None
                     y = run_stage(nets[n], self.cfg.split, stage, x, mask, rows).split(1 if last else L, dim=1)
                 else:  # independent streams along the batch axis, plain mask (§8)
