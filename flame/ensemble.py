@@ -77,7 +77,7 @@ def weighted_contrastive(paths: dict[str, torch.Tensor], tau: float, normalize: 
 
 
 def num_stages(net: SASRec, split: str) -> int:
-    return 2 if split == "embed_encoder" else 1 + len(net.seq_encoder.mhas)
+    return 2 if split == "embed_encoder" else 1 + net.cfg.blocks
 
 
 def run_stage(net: SASRec, split: str, stage: int, x: torch.Tensor, mask: torch.Tensor,

@@ -152,7 +152,7 @@ class StackedSASRec(nn.Module):
     def forward(self, seq: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 generators: Generators = None) -> torch.Tensor:
         """h = encoder output at index L-1 per run: (K, B, d)."""
-        rows = torch.tensor([seq.shape[-1] - 1], device=seq.device)
+        rows = torch.arange(seq.shape[-1] - 1, seq.shape[-1], device=seq.device)  # a kernel, no host copy (CUDA graphs)
         mask = self.mask(seq) if mask is None else mask
         return self.encoder(self.embed(seq, generators), mask, rows, generators)[:, :, -1]
 

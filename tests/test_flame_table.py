@@ -212,3 +212,38 @@ def test_make_flame_table_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| synthetic | FLAME |" in (out / "table.md").read_text()
     assert json.loads((out / "synthetic" / "flame_seed2" / "results.json").read_text())["method"] == "flame"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_table_under_the_cuda_graph_on_gpu(tmp_path):
+    """The smoke table with the stacked step captured as one CUDA graph (runs leave the stack and the graph is
+    recaptured), and the captured stacked step trains like the eager stacked loop at dropout 0."""
+    from types import SimpleNamespace
+
+    from flame.fast import GraphStep
+
+    out = tmp_path / "t"
+    table.main(["--configs", SMOKE, "--seeds", "1", "2", "--out", str(out), "train.cuda_graph=true",
+                "train.device=cuda", "train.max_epochs=4", "train.patience=1"])
+    for method in ("sasrec", "flame"):
+        for seed in (1, 2):
+            assert (out / "synthetic" / f"{method}_seed{seed}" / "results.json").is_file()
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    data = SimpleNamespace(train_seq=torch.randint(0, ITEMS + 1, (300, L), generator=g).to(device),
+                           train_target=torch.randint(1, ITEMS + 1, (300,), generator=g).to(device))
+    lam = torch.tensor([0.9, 0.5], device=device)
+    index = torch.stack([torch.randperm(300, generator=g) for _ in range(2)]).to(device)  # the same batches for both
+    nets_out = []
+    for graph_on in (False, True):
+        stack = StackedFLAME.from_models([FLAME(*nets(s, 0.0), FlameConfig()) for s in (1, 2)]).to(device).train()
+        opt = torch.optim.Adam([p for p in stack.parameters() if p.requires_grad], lr=1e-3, capturable=True)
+        step = GraphStep(stack, data, opt, 32, device, capture=graph_on, runs=2)
+        for first in range(0, 300, 32):
+            step(index[:, first: first + 32], lam)
+        nets_out.append(stack)
+    for k in range(2):
+        a, b = nets_out[0].run_state(k), nets_out[1].run_state(k)
+        for name in a:
+            assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
