@@ -11,7 +11,7 @@ carry (`carry: ["data/raw/flame"]`); there the default data root <repo>/data/raw
 In order, each step only if the budget still holds its estimate (a skipped step is listed as skipped):
   1. flame-table: the results table as one batched program per dataset (flame/table.py: seeds 1 2 3 x {SASRec,
      FLAME}, each method's runs stacked, the stacked step captured as one CUDA graph), the five datasets as five
-     processes sharing the GPU; stopped with Ctrl-C 150 s before the budget ends, so the next steps still run
+     processes sharing the GPU; stopped with Ctrl-C 180 s before the budget ends, so the next steps still run
      (a cut run keeps its last.pt and --resume finishes it on the same machine);
   2. flame-table-report: table.md (flame/README.md's format, mean ± std) from every finished run;
   3. flame-bench: flame.bench eager / cuda-graph / cuda-graph-bf16 on amazon-toys and amazon-beauty at batch 256,
@@ -52,7 +52,7 @@ BENCH_VARIANTS = ("eager", "cuda-graph", "cuda-graph-bf16")
 COMPILE_VARIANTS = ("compile",)
 TABLE_DATA = ("amazon-beauty", "amazon-games", "amazon-sports", "amazon-toys", "yelp")
 TABLE_SEEDS = (1, 2, 3)
-TABLE_STOP_BEFORE_END_S = 150.0  # the table stops this long before the budget ends: the bench still runs
+TABLE_STOP_BEFORE_END_S = 180.0  # the table stops this long before the budget ends: the bench still runs
 SHIPPED = ("amazon-beauty", "amazon-games", "amazon-toys")  # datasets with the authors' frozen net
 STAGED = Path("data") / "raw" / "flame"  # where --stage-data puts FLAME's files: the folder to carry
 
@@ -159,7 +159,7 @@ def table_jobs(out: Path) -> list[Job]:
 
 
 def _bench_job(data: str, variants: tuple, stack: bool, name: str) -> Job:
-    argv = ["--data", data, "train.batch_size=256", "train.device=cuda", "--steps", "200",
+    argv = ["--data", data, "train.batch_size=256", "train.device=cuda", "--steps", "100",
             "--models", "sasrec", "flame", "--variants", *variants]
     if stack:
         argv += ["--stack", "1", "4", "16"]
@@ -173,7 +173,7 @@ def plan(out: Path) -> list[Step]:
                   stop_before_end_s=TABLE_STOP_BEFORE_END_S),
              Step("flame-table-report", 15, [Job("table-report", [PY, "-m", "flame.table", *report],
                                                  _flame_table(report))])]
-    steps.append(Step("flame-bench", 100, [_bench_job(data, BENCH_VARIANTS, data == BENCH_DATA[0], f"bench-{data}")
+    steps.append(Step("flame-bench", 120, [_bench_job(data, BENCH_VARIANTS, data == BENCH_DATA[0], f"bench-{data}")
                                            for data in BENCH_DATA]))
     steps.append(Step("gpu-tests", 60, [Job("pytest-gpu", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
                                                            "gpu", "tests/"], _gpu_tests_exist)]))
