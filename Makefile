@@ -13,7 +13,7 @@ SEEDS ?= 1 2 3
 EXTRAS ?= vlm,plot,dev,fl
 
 .PHONY: setup test test-fast test-all test-transformers-min test-deploy gpu-check smoke f3crec-fab f3crec-deploy f3crec-sim data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
-        flame-compare f3crec-compare vlm2rec-compare clean-venv
+        flame-compare f3crec-compare vlm2rec-compare flame-table clean-venv
 
 setup: $(STAMP)
 
@@ -71,6 +71,12 @@ vlm2rec: setup
 flame-compare f3crec-compare vlm2rec-compare: setup
 	@test -n "$(DATA)" || { echo "make $@ needs DATA=<dataset>" >&2; exit 2; }
 	$(PY) -m $(subst -compare,,$@).compare --config $(subst -compare,,$@)/configs/$(DATA).yaml $(ARGS) --seeds $(SEEDS)
+
+# FLAME's results table as one batched program (flame/table.py): the five datasets x SEEDS x {SASRec, FLAME}, B2
+# from the SASRec pairs; tables and curves into OUT (table.md in flame/README.md's format). RESUME=1 finishes a
+# stopped table. SMOKE=1: the same program on the smoke config (synthetic data, seconds on a CPU; CI runs it).
+flame-table: setup
+	$(PY) -m flame.table $(if $(SMOKE),--configs flame/configs/smoke.yaml) --seeds $(SEEDS) --out $(or $(OUT),runs/flame/table$(if $(SMOKE),-smoke)) $(if $(RESUME),--resume) $(ARGS)
 
 # F3CRec's Flower App (f3crec/flower/app) on stock Flower processes, through Flower's own CLIs (common/flower_ops.py):
 # f3crec-fab bundles it (the FAB holds f3crec/ and common/); f3crec-deploy starts a SuperLink + NODES SuperNodes on

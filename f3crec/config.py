@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Optional, Union
 
-from common.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
+from common.config import ConfigError, Fraction, NonNegFloat, PosFloat, PosInt, Range
 
 from common.io import cache_root
 

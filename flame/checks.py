@@ -3,12 +3,10 @@ builds on, the folder it resumes. Every failure is one line naming the file (a u
 
     check_resume_folder(path)            # before the CLI reads that folder's config.yaml
     preflight(cfg, run_dir, resume)      # before data, stage 1 and training
-    ckpt = read_checkpoint(path, KEYS)   # a truncated or foreign file is one line, not a traceback
+    ckpt = read_checkpoint(path, KEYS)   # common.runs.load_checkpoint + the keys a FLAME file must hold
 """
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -18,7 +16,7 @@ import yaml
 from common.io import check_writable
 from common.config import ConfigError
 from common.runs import (check_resume_folder as common_check_resume_folder, checkpoint_identity, default_run_root,
-                         paper_of as logged_paper, refused_folder, saved_config)
+                         load_checkpoint, paper_of as logged_paper, refused_folder, saved_config)
 
 from .config import Config, check_config, check_saved_config
 
@@ -30,18 +28,13 @@ FOREIGN_SECTIONS = {"federation": "f3crec", "quirks": "f3crec", "wpcl": "vlm2rec
 
 
 def read_checkpoint(path: Path, keys: Iterable[str] = (), what: str = "checkpoint") -> dict:
-    """torch.load(weights_only=True) of a checkpoint dict holding `keys`; a missing, truncated, pickled
-    or foreign file is one ValueError/FileNotFoundError line naming it."""
+    """common.runs.load_checkpoint (weights_only; a truncated, pickled or foreign file is one ValueError line
+    naming it) of a checkpoint dict that must hold `keys`; a missing file is one line naming `what`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a readable checkpoint, truncated or not written by torch.save "
-                         f"({first[:160]})") from None
-    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    state = load_checkpoint(path)
+    missing = [key for key in keys if key not in state]
     if missing:
         raise ValueError(f"{path}: not a FLAME checkpoint (no {', '.join(missing)})")
     return state

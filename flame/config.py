@@ -41,6 +41,8 @@ class BackboneConfig:
     init_std: PosFloat = 0.02  # N(0, std^2) for every Linear and Embedding weight (§4.5)
     ln_eps: PosFloat = 1e-12  # all five LayerNorms
     mask_value: Annotated[float, Range(-1e30, 0, max_open=True)] = -10000.0  # finite additive mask (§4.2, quirk 12): -inf turns all-pad rows into NaN
+    kernels: Literal["fast", "torch"] = "fast"  # fast: dropout masks from a counter-based Philox stream and the last
+    # block computed for the read rows only (§10.1); torch: torch's dropout stream and full last block, bit-compatible with runs before it
 
 
 @dataclass
@@ -149,6 +151,21 @@ def check_saved_config(run_dir: Path) -> None:
         renames = "; ".join(f"{key} is now {RENAMED[key]}" for key in old)
         raise ValueError(f"{path} was written by an older version of flame ({renames}): rerun, "
                          f"or edit config.yaml to the new names and resume again")
+
+
+def legacy_overrides(run_dir: Optional[Path], argv: list[str]) -> list[str]:
+    """Overrides that keep a resumed run on the kernels it started with: a folder written before
+    backbone.kernels existed ran torch's dropout stream and the full last block (§10.1)."""
+    path = Path(run_dir) / "config.yaml" if run_dir is not None else None
+    if path is None or not path.is_file() or any(a.startswith("backbone.kernels=") for a in argv):
+        return []
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return []  # parse_cli reports the damaged file
+    if isinstance(saved, dict) and isinstance(saved.get("backbone"), dict) and "kernels" not in saved["backbone"]:
+        return ["backbone.kernels=torch"]
+    return []
 
 
 def _has_key(tree: object, parts: list[str]) -> bool:

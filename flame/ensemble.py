@@ -77,14 +77,19 @@ def weighted_contrastive(paths: dict[str, torch.Tensor], tau: float, normalize: 
 
 
 def num_stages(net: SASRec, split: str) -> int:
-    return 2 if split == "embed_encoder" else 1 + len(net.seq_encoder.mhas)
+    return 2 if split == "embed_encoder" else 1 + net.cfg.blocks
 
 
-def run_stage(net: SASRec, split: str, stage: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Stage ≥ 1 of a network: the whole encoder (embed_encoder) or one block (per_block)."""
+def run_stage(net: SASRec, split: str, stage: int, x: torch.Tensor, mask: torch.Tensor,
+              rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Stage ≥ 1 of a network: the whole encoder (embed_encoder) or one block (per_block). rows: on the
+    last stage, the rows that are read (each stream's last index): only those are computed (§10.1)."""
+    encoder = net.seq_encoder
     if split == "embed_encoder":
-        return net.seq_encoder(x, mask)
-    return net.seq_encoder.block(stage - 1, x, mask)
+        return encoder(x, mask, rows)
+    if rows is None:
+        return encoder.block(stage - 1, x, mask)
+    return encoder.block(stage - 1, x, mask, rows) if encoder.read_rows else encoder.block(stage - 1, x, mask)[:, rows]
 
 
 class FLAME(nn.Module):
@@ -136,6 +141,7 @@ class FLAME(nn.Module):
         B, L = seq.shape
         # Stage 0: each network embeds the raw sequence on its own (E_l, E_f of §7.1 step 2).
         streams = {n: nets[n].embed(seq) for n in sorted({p[0] for p in paths}, key="lf".index)}
+        tiled_masks: dict[int, torch.Tensor] = {}  # k -> the k x k tiled mask, built once per step
         for stage in range(1, self.stages):
             needed = {p[: stage + 1] for p in paths}
             for n in "lf":
@@ -144,13 +150,18 @@ class FLAME(nn.Module):
                 if not parents:
                     continue
                 k = len(parents)
+                last = stage == self.stages - 1  # only each stream's last index is read after it
                 if self.cfg.path_mixing == "tiled":
                     x = torch.cat([streams[q] for q in parents], dim=1)  # (B, kL, d)
-                    mask = base_mask.repeat(1, 1, k, k)  # tiled k x k (§7.1 step 4)
-                    y = run_stage(nets[n], self.cfg.split, stage, x, mask).split(L, dim=1)
+                    if k not in tiled_masks:
+                        tiled_masks[k] = base_mask.repeat(1, 1, k, k)  # tiled k x k (§7.1 step 4)
+                    mask = tiled_masks[k]
+                    rows = nets[n].seq_encoder.last_rows(k, L, seq.device) if last else None
+                    y = run_stage(nets[n], self.cfg.split, stage, x, mask, rows).split(1 if last else L, dim=1)
                 else:  # independent streams along the batch axis, plain mask (§8)
                     x = torch.cat([streams[q] for q in parents], dim=0)  # (kB, L, d)
-                    y = run_stage(nets[n], self.cfg.split, stage, x, base_mask.repeat(k, 1, 1, 1))
+                    rows = nets[n].seq_encoder.last_rows(1, L, seq.device) if last else None
+                    y = run_stage(nets[n], self.cfg.split, stage, x, base_mask.repeat(k, 1, 1, 1), rows)
                     y = y.split(B, dim=0)
                 for q, out in zip(parents, y):
                     streams[q + n] = out

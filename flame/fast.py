@@ -30,6 +30,12 @@ def stacked_terms(terms: dict[str, torch.Tensor]) -> tuple[tuple, torch.Tensor]:
     return keys, torch.stack([terms[k].detach().float() for k in keys])
 
 
+def objective(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the backward starts from: the loss, or the sum of a stacked model's per-run losses."""
+    loss = terms["loss"]
+    return loss if loss.dim() == 0 else loss.sum()
+
+
 def compiled_loss(model: torch.nn.Module, tc: Any) -> Optional[Callable[[dict], dict]]:
     """model.loss_terms under torch.compile when train.compile is on (None: eager).
     compile_mode=reduce-overhead adds CUDA graphs on a GPU."""
@@ -71,13 +77,15 @@ class GraphStep:
     """
 
     def __init__(self, model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, batch_size: int,
-                 device: torch.device, bf16: bool = False, capture: bool = True, warmup: int = 3):
+                 device: torch.device, bf16: bool = False, capture: bool = True, warmup: int = 3, runs: int = 0):
+        """runs > 0: a stacked model of that many runs (flame/stack.py): the index is (runs, batch_size),
+        λ one value per run, and every loss term one value per run (the objective is their sum)."""
         self.model, self.data, self.optimizer, self.device, self.bf16 = model, data, optimizer, device, bf16
         if capture and warmup < 1:
             raise ValueError("GraphStep needs at least one eager warm-up step before the capture")
         self.capture, self.warmup = capture, warmup
-        self.index = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.lam = torch.zeros((), dtype=torch.float32, device=device)
+        self.index = torch.zeros((runs, batch_size) if runs else batch_size, dtype=torch.long, device=device)
+        self.lam = torch.zeros(runs if runs else (), dtype=torch.float32, device=device)
         self.keys: Optional[tuple] = None
         self.sums: Optional[torch.Tensor] = None
         self.graph = None
@@ -91,7 +99,7 @@ class GraphStep:
                  "lam": self.lam}
         with autocast(self.device, self.bf16, cache=not self.capture):
             terms = self.model.loss_terms(batch)
-        terms["loss"].backward()
+        objective(terms).backward()
         self.optimizer.step()
         keys, values = stacked_terms(terms)
         if self.keys is None:
@@ -107,7 +115,7 @@ class GraphStep:
         batch = {"seq": self.data.train_seq[index], "target": self.data.train_target[index], "lam": lam}
         with autocast(self.device, self.bf16):
             terms = self.model.loss_terms(batch)
-        terms["loss"].backward()
+        objective(terms).backward()
         self.optimizer.step()
         keys, values = stacked_terms(terms)
         if keys in self.partial:
@@ -123,12 +131,15 @@ class GraphStep:
         if self.sums is not None:
             self.sums.zero_()
 
-    def __call__(self, index: torch.Tensor, lam: float) -> None:
-        if len(index) != len(self.index):
+    def __call__(self, index: torch.Tensor, lam: float | torch.Tensor) -> None:
+        if index.shape != self.index.shape:
             self._partial_step(index, lam)
             return
         self.index.copy_(index)
-        self.lam.fill_(lam)
+        if torch.is_tensor(lam):
+            self.lam.copy_(lam)
+        else:
+            self.lam.fill_(lam)
         self.calls += 1
         self.steps += 1
         if not self.capture:

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +33,57 @@ def attention_mask(seq: torch.Tensor, mask_value: float, tiles: int = 1) -> torc
     return mask.unsqueeze(1)  # (B, 1, tiles*L, tiles*L), broadcast over heads
 
 
+KEEP_BITS = 2**32  # a fast mask draws one uint32 per element: keep iff u >= round(p * 2^32)
+
+
+@torch.compiler.disable  # host code (numpy): never traced into a graph
+def keep_mask(shape: tuple, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Dropout's keep mask (bool, CPU) from a counter-based stream (§10.1): one 63-bit key drawn from
+    `generator` (None: torch's global CPU generator, so seeding and last.pt's RNG state cover it), then
+    numpy's Philox-4x32 keyed by it gives one uint32 per element; kept with probability
+    1 - round(p 2^32)/2^32 (= 1 - p to 2^-32), every element independent. Same Bernoulli law as torch's
+    bernoulli_, another stream, ~50x cheaper on the CPU."""
+    n = math.prod(shape)
+    key = int(torch.randint(0, 2**63 - 1, (), generator=generator))
+    raw = np.random.Generator(np.random.Philox(key)).bit_generator.random_raw((n + 1) // 2)
+    drawn = raw.view(np.uint32)[:n]
+    return torch.from_numpy(drawn >= np.uint32(min(round(p * KEEP_BITS), KEEP_BITS - 1))).view(shape)
+
+
+def fast_dropout(x: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """x * keep / (1 - p) with keep_mask's stream (as torch's dropout: noise = keep / (1 - p), out = x * noise)."""
+    noise = keep_mask(tuple(x.shape), p, generator).to(x.device, x.dtype).div_(1 - p)
+    return x * noise
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with backbone.kernels' choice of stream: fast (keep_mask, CPU tensors) or torch.
+    On a CUDA device, and under torch.compile, the torch stream is used either way (bernoulli is cheap there,
+    graph-safe, and traceable)."""
+
+    def __init__(self, p: float, kernels: str = "fast"):
+        super().__init__()
+        self.p, self.fast = p, kernels == "fast"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.fast and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            return fast_dropout(x, self.p)
+        return F.dropout(x, self.p, True)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, p: float, fast: bool,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """softmax(QK^T/sqrt(hs) + A) V with dropout p on the probabilities. Without dropout: SDPA (fused).
+    With dropout and fast kernels on the CPU: the probabilities times keep_mask's noise; else SDPA's own."""
+    if p == 0.0 or not fast or q.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=p)
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1])).add_(mask.to(q.dtype))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(fast_dropout(probs, p, generator), v)
+
+
 class MultiHeadAttention(nn.Module):
     """Attention sub-layer with its post-LN residual: x <- LN(x + Dropout(W_O(attn(x))))."""
 
@@ -44,20 +96,26 @@ class MultiHeadAttention(nn.Module):
         self.w = nn.Linear(cfg.d, cfg.d)  # output projection Linear_O
         self.layernorm = nn.LayerNorm(cfg.d, eps=cfg.ln_eps)
         self.dropout_p = cfg.dropout
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.fast = cfg.kernels == "fast"
+        self.dropout = Dropout(cfg.dropout, cfg.kernels)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """rows: the query rows whose output is read after this block (None: all). Keys and values come
+        from every position, so the kept rows equal the full computation's (§10.1)."""
         B, T, C = x.shape
+        xq = x if rows is None else x[:, rows]  # (B, R, C)
+        if rows is not None:
+            mask = mask[:, :, rows]
         # Contiguous head split (§4.3): view (B, T, heads, C/heads), head h = features 32h..32h+31.
-        q = self.w_Q(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        q = self.w_Q(xq).view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, R, hs)
         k = self.w_K(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
         v = self.w_V(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
         # softmax(QK^T/sqrt(hs) + A) with dropout on the probabilities: exactly SDPA with a float
         # additive mask. The mask is finite, so all-pad query rows stay finite (§4.2, quirk 12).
         p = self.dropout_p if self.training else 0.0
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=p)
-        context = context.transpose(1, 2).reshape(B, T, C)  # heads concatenated back in order
-        return self.layernorm(x + self.dropout(self.w(context)))
+        context = attend(q, k, v, mask, p, self.fast)
+        context = context.transpose(1, 2).reshape(B, -1, C)  # heads concatenated back in order
+        return self.layernorm(xq + self.dropout(self.w(context)))
 
 
 class FeedForward(nn.Module):
@@ -68,7 +126,7 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.d, 4 * cfg.d)
         self.w2 = nn.Linear(4 * cfg.d, cfg.d)
         self.layernorm = nn.LayerNorm(cfg.d, eps=cfg.ln_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, cfg.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = F.gelu(self.w1(x))  # exact erf GELU
@@ -82,14 +140,24 @@ class SequenceEncoder(nn.Module):
         super().__init__()
         self.mhas = nn.ModuleList(MultiHeadAttention(cfg) for _ in range(cfg.blocks))
         self.ffns = nn.ModuleList(FeedForward(cfg) for _ in range(cfg.blocks))
+        self.read_rows = cfg.kernels == "fast"  # the last block computes only the rows that are read
 
-    def block(self, k: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.ffns[k](self.mhas[k](x, mask))
+    def block(self, k: int, x: torch.Tensor, mask: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.ffns[k](self.mhas[k](x, mask, rows))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        for k in range(len(self.mhas)):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """rows: the rows of the output that are read (None: all, (B, T, d)); with backbone.kernels=fast the
+        last block computes only those and the result is (B, len(rows), d), else the full output is sliced."""
+        last = len(self.mhas) - 1
+        for k in range(last):
             x = self.block(k, x, mask)
-        return x
+        if rows is None:
+            return self.block(last, x, mask)
+        return self.block(last, x, mask, rows) if self.read_rows else self.block(last, x, mask)[:, rows]
+
+    def last_rows(self, tiles: int, length: int, device: torch.device) -> torch.Tensor:
+        """The read rows of `tiles` streams of `length` positions side by side: each stream's last index."""
+        return torch.arange(1, tiles + 1, device=device) * length - 1
 
 
 class SASRec(nn.Module):
@@ -107,7 +175,7 @@ class SASRec(nn.Module):
         self.item_emb = nn.Embedding(num_items + 1, cfg.d, padding_idx=0)  # row 0 = padding
         self.pos_emb = nn.Embedding(max_len, cfg.d)
         self.layernorm = nn.LayerNorm(cfg.d, eps=cfg.ln_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, cfg.kernels)
         self.seq_encoder = SequenceEncoder(cfg)
         # Positions are array indices 0..L-1 (§4.1): the latest item always sits at L-1.
         self.register_buffer("positions", torch.arange(max_len), persistent=False)
@@ -134,7 +202,8 @@ class SASRec(nn.Module):
     def forward(self, seq: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Sequence representation h = encoder output at the last index L-1 (§4.4): (B, d).
         `mask`: this sequence's attention_mask when the caller has it already."""
-        return self.seq_encoder(self.embed(seq), self.mask(seq) if mask is None else mask)[:, -1]
+        rows = self.seq_encoder.last_rows(1, seq.shape[1], seq.device)
+        return self.seq_encoder(self.embed(seq), self.mask(seq) if mask is None else mask, rows)[:, -1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output: column c holds item c+1; the padding row is left out (§4.4)."""

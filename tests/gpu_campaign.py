@@ -1,22 +1,30 @@
 """The GPU campaign: every GPU measurement of the three papers in one run, within a time budget, into one folder.
 
-    python tests/gpu_campaign.py                      # on a machine with a CUDA GPU (about 9 minutes)
+    python tests/gpu_campaign.py --stage-data         # here, before the loan: FLAME's files into data/raw/flame
+    python tests/gpu_campaign.py --out /tmp/c --bundle $OUT   # on the GPU machine (about 9 minutes)
     python tests/gpu_campaign.py --dry-run            # the plan, and every command line checked, no GPU
-    python tests/gpu_campaign.py --out DIR --budget-s 540
+    python tests/gpu_campaign.py --unbundle runs.jsonl --out DIR   # here: the bundle back into run folders
 
+The GPU machine has the checkout only (no ../shared): --stage-data copies the five FLAME sequence files and the
+three shipped frozen nets into <repo>/data/raw/flame/ (git-ignored, about 18 MB), the folder the GPU call must
+carry (`carry: ["data/raw/flame"]`); there the default data root <repo>/data/raw finds them.
 In order, each step only if the budget still holds its estimate (a skipped step is listed as skipped):
-  1. every @pytest.mark.gpu test;
-  2. flame.bench, variants eager / cuda-graph / cuda-graph-bf16 / compile, on amazon-toys and
-     amazon-beauty at batch 256: seconds per epoch beside the reference's 17.0 / 20.4 s (quoted);
-     and a few epochs of each variant (flame.main) for their validation NDCG@20 against eager;
-  3. the f3crec vectorised simulator on the GPU: the ML-100K whole run, and one round of 10^5 clients;
-  4. the vlm2rec benchmark, whose GPU row is the Qwen2.5-VL-3B-sized model (pairs/s, peak memory, MFU);
-  5. with the time left: complete FLAME runs (their stage 1 is the SASRec run, or B1 beside the shipped
-     frozen net) with train.cuda_graph=true for the datasets and seeds not yet in flame/README.md, all at
-     once on the one GPU; cut off at the budget with Ctrl-C (the last checkpoint is kept) and resumed
-     from there by the next campaign with the same --out.
-Everything goes under --out (default <repo>/runs/gpu_campaign, the same folder every time so step 5
-resumes): one log per step and summary.md, rewritten after every step.
+  1. flame-table: the results table as one batched program per dataset (flame/table.py: seeds 1 2 3 x {SASRec,
+     FLAME}, each method's runs stacked, the stacked step captured as one CUDA graph), the five datasets as five
+     processes sharing the GPU; stopped with Ctrl-C 180 s before the budget ends, so the next steps still run
+     (a cut run keeps its last.pt and --resume finishes it on the same machine);
+  2. flame-table-report: table.md (flame/README.md's format, mean ± std) from every finished run;
+  3. flame-bench: flame.bench eager / cuda-graph / cuda-graph-bf16 on amazon-toys and amazon-beauty at batch 256,
+     seconds per epoch beside the reference's 17.0 / 20.4 s (quoted, H200), and samples/s of K = 1, 4, 16
+     stacked runs;
+  4. every @pytest.mark.gpu test;
+  5. the f3crec vectorised simulator on the GPU: the ML-100K whole run, and one round of 10^5 clients;
+  6. the vlm2rec benchmark, whose GPU row is the Qwen2.5-VL-3B-sized model (pairs/s, peak memory, MFU);
+  7. flame-bench-compile: the torch.compile variant last (a fresh machine spends minutes compiling).
+Everything goes under --out: one log per step and summary.md, rewritten after every step. --bundle DIR
+writes at most four files there after every step (the GPU machine returns at most 8 files of <= 16 MiB):
+summary.md, table.md, runs.jsonl (every run folder's results.json, metrics.jsonl and config.yaml, one run
+a line; no checkpoints) and logs.txt (the tail of every step's log).
 """
 from __future__ import annotations
 
@@ -40,14 +48,13 @@ if str(REPO) not in sys.path:
 
 PY = sys.executable
 BENCH_DATA = ("amazon-toys", "amazon-beauty")
-BENCH_VARIANTS = ("eager", "cuda-graph", "cuda-graph-bf16", "compile")
-# train.* of each variant for the few-epoch runs (the same table as flame.bench's VARIANTS)
-VARIANT_OVERRIDES = {"eager": [], "cuda-graph": ["train.cuda_graph=true"],
-                     "cuda-graph-bf16": ["train.cuda_graph=true", "train.bf16=true"], "compile": ["train.compile=true"]}
-CURVE_EPOCHS = 3
-RUN_DATA = ("amazon-games", "amazon-sports", "yelp")  # not yet in flame/README.md
-RUN_SEEDS = (43, 44)
-SHIPPED = {"amazon-games"}  # datasets with the authors' frozen net: B1 runs beside FLAME
+BENCH_VARIANTS = ("eager", "cuda-graph", "cuda-graph-bf16")
+COMPILE_VARIANTS = ("compile",)
+TABLE_DATA = ("amazon-beauty", "amazon-games", "amazon-sports", "amazon-toys", "yelp")
+TABLE_SEEDS = (1, 2, 3)
+TABLE_STOP_BEFORE_END_S = 180.0  # the table stops this long before the budget ends: the bench still runs
+SHIPPED = ("amazon-beauty", "amazon-games", "amazon-toys")  # datasets with the authors' frozen net
+STAGED = Path("data") / "raw" / "flame"  # where --stage-data puts FLAME's files: the folder to carry
 
 
 @dataclass
@@ -66,6 +73,7 @@ class Step:
     jobs: list[Job]
     parallel: bool = False  # all jobs at once (the GPU is shared)
     until_budget: bool = False  # runs until the budget ends, then Ctrl-C (resumable)
+    stop_before_end_s: float = 0.0  # an until_budget step stops this long before the budget's end
     status: str = "pending"
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -90,6 +98,13 @@ def _help_lists(module: str, options: list[str]) -> Callable[[], None]:
 def _flame_bench(argv: list[str]) -> Callable[[], None]:
     def check() -> None:
         from flame.bench import parse
+        parse(argv)
+    return check
+
+
+def _flame_table(argv: list[str]) -> Callable[[], None]:
+    def check() -> None:
+        from flame.table import parse
         parse(argv)
     return check
 
@@ -133,45 +148,35 @@ def _vlm2rec_gpu_row() -> None:
 # ----------------------------------------------------------------------------------- the plan
 
 
-def flame_run_jobs(out: Path) -> list[Job]:
-    """Step 5: per dataset and seed one FLAME run (stage 1 inside it when the frozen net is our own), and
-    B1 beside the shipped frozen net; resumed where a previous campaign cut them off."""
+def table_jobs(out: Path) -> list[Job]:
+    """Step 1: one flame.table process per dataset (all at once on the GPU), resuming what is under --out."""
     jobs = []
-    for data in RUN_DATA:
-        for seed in RUN_SEEDS:
-            methods = ["sasrec", "flame"] if data in SHIPPED else ["flame"]
-            for method in methods:
-                run_dir = out / "runs" / data / f"{method}_seed{seed}"
-                base = ["--config", f"flame/configs/{data}.yaml", f"method.name={method}", f"train.seed={seed}",
-                        "train.cuda_graph=true", f"run_root={out / 'runs'}"]
-                if (run_dir / "results.json").exists():
-                    continue
-                resume = (run_dir / "last.pt").exists()
-                argv = ["--resume", str(run_dir), "train.cuda_graph=true"] if resume else [*base, "--run-dir", str(run_dir)]
-                jobs.append(Job(f"{method}-{data}-seed{seed}", [PY, "-m", "flame.main", *argv],
-                                _flame_main(base)))
+    for data in TABLE_DATA:
+        argv = ["--configs", f"flame/configs/{data}.yaml", "--seeds", *map(str, TABLE_SEEDS), "--out",
+                str(out / "table"), "--resume", "--", "train.cuda_graph=true", "train.device=cuda"]
+        jobs.append(Job(f"table-{data}", [PY, "-m", "flame.table", *argv], _flame_table(argv)))
     return jobs
+
+
+def _bench_job(data: str, variants: tuple, stack: bool, name: str) -> Job:
+    argv = ["--data", data, "train.batch_size=256", "train.device=cuda", "--steps", "100",
+            "--models", "sasrec", "flame", "--variants", *variants]
+    if stack:
+        argv += ["--stack", "1", "4", "16"]
+    return Job(name, [PY, "-m", "flame.bench", *argv], _flame_bench(argv))
 
 
 def plan(out: Path) -> list[Step]:
     # estimates are guesses for one H100/H200, not measurements: the campaign re-plans on what is left
-    steps = [Step("gpu-tests", 60, [Job("pytest-gpu", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
-                                                       "tests/"], _gpu_tests_exist)])]
-    bench = []
-    for data in BENCH_DATA:
-        argv = ["--data", data, "train.batch_size=256", "train.device=cuda", "--steps", "200",
-                "--models", "sasrec", "flame", "--variants", *BENCH_VARIANTS]
-        bench.append(Job(f"bench-{data}", [PY, "-m", "flame.bench", *argv], _flame_bench(argv)))
-    steps.append(Step("flame-bench", 120, bench))
-    curves = []
-    for data in BENCH_DATA:
-        for variant in BENCH_VARIANTS:
-            argv = ["--config", f"flame/configs/{data}.yaml", "train.batch_size=256", f"train.max_epochs={CURVE_EPOCHS}",
-                    f"train.patience={CURVE_EPOCHS}", *VARIANT_OVERRIDES[variant]]
-            run_dir = out / "curves" / f"{data}_{variant}"
-            curves.append(Job(f"curve-{data}-{variant}", [PY, "-m", "flame.main", *argv, "--run-dir", str(run_dir)],
-                              _flame_main(argv)))
-    steps.append(Step("flame-curves", 100, curves, parallel=True))
+    report = ["--out", str(out / "table"), "--report"]
+    steps = [Step("flame-table", 240, table_jobs(out), parallel=True, until_budget=True,
+                  stop_before_end_s=TABLE_STOP_BEFORE_END_S),
+             Step("flame-table-report", 15, [Job("table-report", [PY, "-m", "flame.table", *report],
+                                                 _flame_table(report))])]
+    steps.append(Step("flame-bench", 120, [_bench_job(data, BENCH_VARIANTS, data == BENCH_DATA[0], f"bench-{data}")
+                                           for data in BENCH_DATA]))
+    steps.append(Step("gpu-tests", 60, [Job("pytest-gpu", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
+                                                           "gpu", "tests/"], _gpu_tests_exist)]))
     whole = ["--data", "ml-100k", "train.device=cuda"]
     scale = ["--per-round", "--clients", "100000", "--simulators", "vectorised", "--device", "cuda"]
     steps.append(Step("f3crec-gpu", 60, [
@@ -184,8 +189,87 @@ def plan(out: Path) -> list[Step]:
     steps.append(Step("vlm2rec-3b-bench", 90, [
         Job("vlm2rec-bench", [PY, "-m", "vlm2rec.bench", *vlm],
             _both(_help_lists("vlm2rec.bench", ["--backbones", "--batch-size", "--steps"]), _vlm2rec_gpu_row))]))
-    steps.append(Step("flame-complete-runs", 60, flame_run_jobs(out), parallel=True, until_budget=True))
+    steps.append(Step("flame-bench-compile", 120, [_bench_job(data, COMPILE_VARIANTS, False, f"bench-compile-{data}")
+                                                   for data in BENCH_DATA]))
     return steps
+
+
+# ----------------------------------------------------------------------------------- data and bundle
+
+
+def stage_data(source: Optional[Path] = None) -> Path:
+    """Copy FLAME's sequence files and shipped frozen nets into <repo>/data/raw/flame (git-ignored): the
+    folder a GPU call carries. Source: --data-root, else $REPRO_DATA, else ../shared/data."""
+    import shutil
+    roots = [source, os.environ.get("REPRO_DATA"), REPO.parent / "shared" / "data"]
+    root = next((Path(r) for r in roots if r and (Path(r) / "flame").is_dir()), None)
+    if root is None:
+        raise FileNotFoundError("no FLAME data to stage: give --data-root or set REPRO_DATA (a folder holding flame/)")
+    target = REPO / STAGED
+    (target / "frozen_weights").mkdir(parents=True, exist_ok=True)
+    names = [f"{d}.txt" for d in TABLE_DATA] + ["SOURCE.txt"] + [f"frozen_weights/{d}.pt" for d in SHIPPED]
+    for name in names:
+        src = root / "flame" / name
+        if not src.is_file():
+            raise FileNotFoundError(f"{src} is missing: the table needs it")
+        shutil.copy2(src, target / name)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    print(f"staged {len(names)} files ({size / 2**20:.1f} MiB) in {target}; carry: [\"{STAGED.as_posix()}\"]")
+    return target
+
+
+def _run_lines(out: Path) -> list[str]:
+    """Every run folder under out/table as one JSON line: its path, results.json, metrics.jsonl, config.yaml."""
+    from common.runs import read_metrics
+    lines = []
+    for folder in sorted((out / "table").glob("*/*_seed*")):
+        if not folder.is_dir():
+            continue
+        results = folder / "results.json"
+        config = folder / "config.yaml"
+        lines.append(json.dumps({"run": f"{folder.parent.name}/{folder.name}",
+                                 "results": json.loads(results.read_text()) if results.is_file() else None,
+                                 "metrics": read_metrics(folder),
+                                 "config": config.read_text() if config.is_file() else None}))
+    return lines
+
+
+def write_bundle(out: Path, bundle: Path, steps: list[Step]) -> None:
+    """At most four files in `bundle`: summary.md, table.md, runs.jsonl, logs.txt."""
+    import shutil
+    from common.io import atomic_write
+    bundle.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(out / "summary.md", bundle / "summary.md")
+    if (out / "table" / "table.md").is_file():
+        shutil.copy2(out / "table" / "table.md", bundle / "table.md")
+    with atomic_write(bundle / "runs.jsonl") as handle:
+        handle.write("".join(line + "\n" for line in _run_lines(out)))
+    with atomic_write(bundle / "logs.txt") as handle:
+        for step in steps:
+            for job in step.jobs:
+                if job.log and job.log.exists():
+                    tail = job.log.read_text(errors="replace").splitlines()[-60:]
+                    handle.write(f"===== {step.name} / {job.name} ({step.status})\n" + "\n".join(tail) + "\n")
+
+
+def unbundle(runs: Path, out: Path) -> int:
+    """runs.jsonl back into run folders under `out` (results.json, metrics.jsonl, config.yaml): then
+    `python -m flame.table --out OUT --report` tabulates them and draws the curves."""
+    count = 0
+    for line in runs.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        folder = out / record["run"]
+        folder.mkdir(parents=True, exist_ok=True)
+        if record["results"] is not None:
+            (folder / "results.json").write_text(json.dumps(record["results"], indent=1))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in record["metrics"]))
+        if record["config"] is not None:
+            (folder / "config.yaml").write_text(record["config"])
+        count += 1
+    print(f"{count} run folders under {out}: python -m flame.table --out {out} --report")
+    return count
 
 
 # ----------------------------------------------------------------------------------- running
@@ -251,32 +335,20 @@ def _table_lines(log: Path) -> list[str]:
     return table or lines[-8:]
 
 
-def _curves(out: Path) -> list[str]:
-    rows = ["| dataset | variant | " + " | ".join(f"valid NDCG@20 e{e}" for e in range(1, CURVE_EPOCHS + 1))
-            + " | train s/epoch (mean) |", "|---|---|" + "---|" * (CURVE_EPOCHS + 1)]
-    for data in BENCH_DATA:
-        for variant in BENCH_VARIANTS:
-            path = out / "curves" / f"{data}_{variant}" / "metrics.jsonl"
-            if not path.exists():
-                continue
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            ndcg = [f"{r['valid/NDCG@20']:.2f}" for r in records] + ["—"] * (CURVE_EPOCHS - len(records))
-            secs = sum(r["train/train_seconds"] for r in records) / max(len(records), 1)
-            rows.append(f"| {data} | {variant} | " + " | ".join(ndcg) + f" | {secs:.2f} |")
-    return rows if len(rows) > 2 else []
-
-
-def _runs(out: Path) -> list[str]:
-    rows = ["| run | epochs done | best epoch | valid NDCG@20 | test NDCG@20 (reference) | state |", "|---|---|---|---|---|---|"]
-    for folder in sorted((out / "runs").glob("*/*_seed*")):
+def _table_runs(out: Path) -> list[str]:
+    """One row per run folder of the table: epochs done, best epoch, scores, finished or resumable."""
+    rows = ["| run | epochs done | best epoch | valid NDCG@20 | test NDCG@20 (reference) | train s | state |",
+            "|---|---|---|---|---|---|---|"]
+    for folder in sorted((out / "table").glob("*/*_seed*")):
         metrics = folder / "metrics.jsonl"
         epochs = len(metrics.read_text().splitlines()) if metrics.exists() else 0
         if (folder / "results.json").exists():
             res = json.loads((folder / "results.json").read_text())
             rows.append(f"| {folder.parent.name}/{folder.name} | {epochs} | {res['best_epoch']} | "
-                        f"{res['best_valid']:.2f} | {res['test']['reference']['NDCG@20']:.2f} | finished |")
+                        f"{res['best_valid']:.2f} | {res['test']['reference']['NDCG@20']:.2f} | "
+                        f"{res['train_seconds'] or 0:.0f} | finished |")
         else:
-            rows.append(f"| {folder.parent.name}/{folder.name} | {epochs} | | | | resumable |")
+            rows.append(f"| {folder.parent.name}/{folder.name} | {epochs} | | | | | resumable |")
     return rows if len(rows) > 2 else []
 
 
@@ -296,15 +368,15 @@ def write_summary(out: Path, steps: list[Step], started: str, budget: float) -> 
         lines += [f"- {note}" for note in s.notes]
         for job in s.jobs:
             lines.append(f"`{' '.join(job.argv[1:])}` (log: {job.log.name if job.log else 'not run'})")
-            if s.name in ("flame-bench", "f3crec-gpu", "vlm2rec-3b-bench", "gpu-tests"):
+            if s.name in ("flame-bench", "flame-bench-compile", "f3crec-gpu", "vlm2rec-3b-bench", "gpu-tests"):
                 lines += ["", *_table_lines(job.log), ""]
         if s.name == "flame-bench":
             lines.append("reference (quoted, the authors' code on an H200, four runs sharing it): "
                          "17.0 s per FLAME epoch on amazon-toys, 20.4 s on amazon-beauty")
-        if s.name == "flame-curves":
-            lines += ["", *_curves(out)]
-        if s.name == "flame-complete-runs":
-            lines += ["", *_runs(out)]
+        if s.name == "flame-table":
+            lines += ["", *_table_runs(out)]
+        if s.name == "flame-table-report" and (out / "table" / "table.md").is_file():
+            lines += ["", (out / "table" / "table.md").read_text()]
         lines.append("")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "summary.md") as handle:
@@ -337,11 +409,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and check every command line")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "gpu_campaign", help="the campaign folder")
     parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the whole campaign")
+    parser.add_argument("--bundle", type=Path, help="after every step, at most four files here (summary.md, table.md, "
+                                                    "runs.jsonl, logs.txt): what a GPU machine sends back")
+    parser.add_argument("--stage-data", action="store_true", help=f"copy FLAME's files into <repo>/{STAGED} and stop")
+    parser.add_argument("--data-root", type=Path, help="--stage-data's source (a folder holding flame/)")
+    parser.add_argument("--unbundle", type=Path, help="a bundle's runs.jsonl: write its run folders under --out")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     os.chdir(REPO)  # the commands (and their checks here) name files relative to the repository
+    if args.stage_data:
+        stage_data(args.data_root)
+        return 0
+    if args.unbundle:
+        unbundle(args.unbundle, out)
+        return 0
     steps = plan(out)
     if args.dry_run:
+        staged = all((REPO / STAGED / f"{d}.txt").is_file() for d in TABLE_DATA)
+        print(f"FLAME data in {STAGED}: {'staged' if staged else 'not staged (run --stage-data before the GPU call)'}")
         return dry_run(steps, args.budget_s)
     import torch
     if not torch.cuda.is_available():
@@ -359,8 +444,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             step.status = f"skipped: {left:.0f} s left, needs about {step.estimate_s:.0f} s"
         else:
             print(f"[{step.name}] {len(step.jobs)} command(s), {left:.0f} s left", flush=True)
-            run_step(step, logs, time.monotonic() + left)
+            run_step(step, logs, time.monotonic() + max(left - step.stop_before_end_s, 30))
         write_summary(out, steps, started, args.budget_s)
+        if args.bundle:
+            write_bundle(out, args.bundle.resolve(), steps)
     print(f"summary: {out / 'summary.md'}")
     return 0 if all(s.status in ("ok", "cut off", "nothing left to do") or s.status.startswith("skipped")
                     for s in steps) else 1
