@@ -41,7 +41,7 @@ TRANSFORMERS_MIN := 5.18.0
 test-transformers-min: setup
 	rm -rf build/transformers-min
 	$(PY) -m pip install -q --no-deps -t build/transformers-min "transformers==$(TRANSFORMERS_MIN)" "tokenizers>=0.23.1,<0.24"
-	PYTHONPATH=build/transformers-min $(PY) -m pytest -q -m "not gpu" tests/test_vlm2rec*.py tests/test_copies.py
+	PYTHONPATH=build/transformers-min $(PY) -m pytest -q -m "not gpu" tests/vlm2rec tests/common/test_copies.py
 
 # One prepared GPU script: every gpu test, the benchmarks, then complete runs within the budget (tests/gpu_campaign.py).
 # DRY=1 prints the plan and checks that every command line parses (no GPU needed; CI runs it).
@@ -101,7 +101,7 @@ f3crec-sim: setup
 	  --run-config 'config="f3crec/configs/$(DATA).yaml" overrides="federation.nodes=$(or $(NODES),4) $(ARGS)"'
 
 test-deploy: setup
-	REPRO_FLOWER_DEPLOY=1 $(PY) -m pytest -q tests/test_f3crec_flower_deploy.py tests/test_f3crec_flower_sim.py
+	REPRO_FLOWER_DEPLOY=1 $(PY) -m pytest -q tests/f3crec/test_flower_deploy.py tests/f3crec/test_flower_sim.py
 
 bench: bench-flame bench-f3crec bench-vlm2rec
 

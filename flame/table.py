@@ -22,35 +22,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-if __package__ in (None, ""):  # script mode: `cd flame && python table.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "flame"  # noqa: E702
+import torch
 
-import torch  # noqa: E402
-
-from common.config import config_to_dict, load_config  # noqa: E402
-from common.io import atomic_write, load_json  # noqa: E402
-from common.metrics import rank_metrics  # noqa: E402
-from common.runs import (check_finite, comparison_slot, log_metrics, rng_state, run_or_reuse, save_checkpoint,  # noqa: E402
+from common.config import config_to_dict, load_config
+from common.io import atomic_write, load_json
+from common.metrics import rank_metrics
+from common.runs import (check_finite, comparison_slot, log_metrics, rng_state, run_or_reuse, save_checkpoint,
                          start_run, truncate_metrics, write_results)
-from common.utils import seed_everything  # noqa: E402
+from common.utils import seed_everything
 
-from . import stage1  # noqa: E402
-from .checks import LAST_KEYS, read_checkpoint  # noqa: E402
-from .compare import plot  # noqa: E402
-from .config import Config, check_config  # noqa: E402
-from .data import build_data, load_raw  # noqa: E402
-from .ensemble import build_model  # noqa: E402
-from .evaluate import REPORT, convergence, final_metrics, print_table, seen_adjust, target_ranks  # noqa: E402
-from .fast import GraphStep, stacked_terms  # noqa: E402
-from .model import lambda_schedule, sasrec_state  # noqa: E402
-from .stack import StackedFLAME, StackedSASRec  # noqa: E402
-from .train import Progress, setup_device, synchronize  # noqa: E402
+from . import stage1
+from .checks import LAST_KEYS, read_checkpoint
+from .compare import plot
+from .config import Config, check_config
+from .data import build_data, load_raw
+from .ensemble import build_model
+from .evaluate import REPORT, convergence, final_metrics, print_table, seen_adjust, leave_one_out_ranks
+from .fast import GraphStep, stacked_terms
+from .model import lambda_schedule, sasrec_state
+from .stack import StackedFLAME, StackedSASRec
+from .train import Progress, setup_device, synchronize
 
 PAPER_DIR = Path(__file__).resolve().parent
 DATASETS = ("amazon-beauty", "amazon-games", "amazon-sports", "amazon-toys", "yelp")
@@ -286,7 +282,7 @@ def evaluate_stack(net: torch.nn.Module, seq: torch.Tensor, target: torch.Tensor
         b = len(s)
         scores = net.score_items(s.unsqueeze(0).expand(runs, b, s.shape[1])).float()  # (K, b, I)
         scores = seen_adjust(scores.reshape(runs * b, -1), hist[part].repeat(runs, 1), seen_mask)
-        ranks.append(target_ranks(scores, target[part].repeat(runs), rank).view(runs, b))
+        ranks.append(leave_one_out_ranks(scores, target[part].repeat(runs), rank).view(runs, b))
     ranks = torch.cat(ranks, dim=1).cpu()
     out = []
     for k in range(runs):

@@ -80,3 +80,16 @@ def sigkill_when_logged(module: str, argv: list, run_dir: Path, logged, timeout:
         proc.kill()
         stderr = proc.communicate()[1].decode()
     return proc.returncode, stderr
+
+
+def late_joiner_blocks(folder: Path, seed: int = 1) -> Path:
+    """The smoke stream with a third of the users entering only in the last 40 % of the time line, so
+    every incremental block brings new users (the released ML-100K blocks bring ~110 per block, §1.2)."""
+    from f3crec.data import build_blocks, synthetic_stream, write_blocks
+    import numpy as np
+    stream = synthetic_stream(60, 50, 2400, seed)
+    late = stream["user"] % 3 == 0
+    stream["timestamp"] = np.where(late, stream["timestamp"] // 2 + 2 * stream["timestamp"].max(),
+                                   stream["timestamp"])
+    write_blocks(folder, build_blocks(stream, seed, core=3), {"dataset": "synthetic-late-joiners"})
+    return folder

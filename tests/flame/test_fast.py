@@ -156,7 +156,7 @@ def test_a_run_from_before_the_kernels_key_resumes_on_torch_kernels(tmp_path, mo
     import yaml
 
     from flame.main import main
-    smoke = str(Path(__file__).resolve().parents[1] / "flame" / "configs" / "smoke.yaml")
+    smoke = str(Path(__file__).resolve().parents[2] / "flame" / "configs" / "smoke.yaml")
     run = tmp_path / "old"
     frozen = tmp_path / "frozen.pt"
     torch.manual_seed(0)

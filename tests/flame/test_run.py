@@ -15,7 +15,7 @@ from flame.evaluate import evaluate
 from flame.main import main
 from flame.model import AveragedLogits, SASRec, load_frozen, sasrec_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "flame" / "configs" / "smoke.yaml")
 FAST = ["train.max_epochs=1", "data.synthetic_users=60"]
 

@@ -11,7 +11,7 @@ import torch
 
 from f3crec.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "f3crec" / "configs" / "smoke.yaml"
 FAST = ["federation.rounds=2", "federation.patience=2"]
 

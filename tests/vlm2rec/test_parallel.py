@@ -12,7 +12,7 @@ import torch
 
 from vlm2rec.launch import launch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--config", str(ROOT / "vlm2rec/configs/smoke.yaml"), "zero_shot=false", "train.max_epochs=1",
         "train.max_steps_per_epoch=3", "backbone.lora.dropout=0", "eval.protocols=[full]",
         "eval.modality_modes=[both]", "eval.scenarios=[]", "seqrec.enabled=false", "train.grad_norm_every=0"]

@@ -13,7 +13,7 @@ from f3crec import evaluate as ev
 from f3crec.model import BACKBONES
 from f3crec.train import grow, make_simulator
 
-SMOKE = Path(__file__).resolve().parents[1] / "f3crec" / "configs" / "smoke.yaml"
+SMOKE = Path(__file__).resolve().parents[2] / "f3crec" / "configs" / "smoke.yaml"
 
 
 def test_synthetic_stream_does_not_depend_on_its_chunk():

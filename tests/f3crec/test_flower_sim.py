@@ -19,7 +19,7 @@ from common.flower_ops import alive  # noqa: E402
 from f3crec.config import Config  # noqa: E402
 from f3crec.main import run  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 APP, PACKAGES = REPO / "f3crec" / "flower" / "app", ["f3crec", "common"]
 SMOKE = REPO / "f3crec" / "configs" / "smoke.yaml"
 SHORT = ["federation.rounds=2", "federation.patience=1", "train.stop_after_block=1"]   # 2 blocks, 2 rounds each

@@ -11,7 +11,7 @@ from conftest import sigkill_when_logged
 
 from f3crec.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "f3crec" / "configs" / "smoke.yaml")
 # More rounds than the smoke config widen the window in which the kill lands inside block 1.
 ROUNDS = ["federation.rounds=8", "federation.patience=8"]
@@ -57,7 +57,7 @@ def test_a_fresh_start_into_a_used_folder_keeps_no_stale_record(tmp_path):
     run = tmp_path / "run"
     main(["--config", SMOKE, "--run-dir", str(run), "federation.rounds=2", "federation.patience=2"])
     first = (run / "metrics.jsonl").read_bytes()
-    # --overwrite (without it the folder is refused, tests/test_trust.py): the earlier run moves aside
+    # --overwrite (without it the folder is refused, tests/common/test_trust.py): the earlier run moves aside
     main(["--config", SMOKE, "--run-dir", str(run), "federation.rounds=1", "train.stop_after_block=0", "--overwrite"])
     assert [(r["block"], r["round"]) for r in records(run)] == [(0, 0)]
     assert [(p / "metrics.jsonl").read_bytes() for p in run.glob("previous-*")] == [first]

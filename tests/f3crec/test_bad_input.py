@@ -15,7 +15,7 @@ from common.io import cache_root
 from f3crec.data import build_blocks, load_blocks, synthetic_stream, write_blocks
 from f3crec.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "f3crec" / "configs" / "smoke.yaml")
 FAST = ["federation.rounds=2", "federation.patience=2"]
 

@@ -1,7 +1,7 @@
 """F3CRec's Flower App on stock Flower processes (method.md §14), launched by common/flower_ops.py:
 
 - fast (always): a taken port and a process that never listens are one line, each before any wait ends
-  without a deadline; the ServerApp's config error is one line (test_f3crec_flower.py);
+  without a deadline; the ServerApp's config error is one line (tests/f3crec/test_flower.py);
 - opt-in (REPRO_FLOWER_DEPLOY=1, `make test-deploy`; each starts a SuperLink and SuperNodes, 1–5 min on 2
   busy cores): the deployment (TLS + SuperNode authentication) gives the in-process grid's and the reference
   simulator's records; a SuperNode killed mid-run stops the run in one line and a resume on fresh nodes ends
@@ -30,7 +30,7 @@ from common.runs import load_checkpoint  # noqa: E402
 from f3crec.config import Config  # noqa: E402
 from f3crec.main import run  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 APP, PACKAGES = REPO / "f3crec" / "flower" / "app", ["f3crec", "common"]
 SMOKE = REPO / "f3crec" / "configs" / "smoke.yaml"
 SHORT = ["federation.rounds=2", "federation.patience=1", "train.stop_after_block=1"]   # 2 blocks, 2 rounds each

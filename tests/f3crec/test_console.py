@@ -10,7 +10,7 @@ import pytest
 from f3crec.data import build_blocks, synthetic_stream, write_blocks
 from f3crec.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "f3crec" / "configs" / "smoke.yaml")
 FAST = ["federation.rounds=2", "federation.patience=2"]
 

@@ -18,7 +18,7 @@ from flame.data import build_data, load_raw
 from flame.main import main
 from flame.model import SASRec, sasrec_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "flame" / "configs" / "smoke.yaml")
 FAST = ["train.max_epochs=1", "data.synthetic_users=60"]
 

@@ -25,7 +25,7 @@ from common import runs
 from common.cli import run_cli
 from common.io import safe_filename
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FLAME = ["--config", str(ROOT / "flame/configs/smoke.yaml"), "train.max_epochs=1", "data.synthetic_users=60"]
 VLM = ["--config", str(ROOT / "vlm2rec/configs/smoke.yaml"), "train.max_epochs=1", "seqrec.enabled=false",
        "eval.scenarios=[]", "eval.protocols=[full]", "eval.modality_modes=[both]"]

@@ -28,9 +28,10 @@ from f3crec.model import BACKBONES  # noqa: E402
 from f3crec.round import PlanMaker, plan_inputs  # noqa: E402
 from f3crec.sim_reference import Client  # noqa: E402
 from f3crec.train import end_block, grow, make_simulator, round_context  # noqa: E402
-from test_f3crec_sim import SMOKE, late_joiner_blocks  # noqa: E402
+from conftest import late_joiner_blocks  # noqa: E402
 
-FLOWER = Path(__file__).resolve().parents[1] / "f3crec" / "flower"
+FLOWER = Path(__file__).resolve().parents[2] / "f3crec" / "flower"
+SMOKE = FLOWER.parent / "configs" / "smoke.yaml"
 
 
 def _setup(overrides, tmp_path, late=False):

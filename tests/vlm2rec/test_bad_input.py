@@ -11,7 +11,7 @@ from vlm2rec import model as vmodel
 from vlm2rec.encoder import byte_tokenizer
 from vlm2rec.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "vlm2rec/configs/smoke.yaml")
 
 

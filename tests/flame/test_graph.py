@@ -5,6 +5,8 @@ train exactly like the ordinary loop. The capture itself is checked by the @gpu 
 """
 from types import SimpleNamespace
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from flame.main import main
 from flame.model import SASRec
 from flame.train import EagerStep, make_optimizer, train_one_epoch
 
-from test_flame_run import SMOKE
+SMOKE = str(Path(__file__).resolve().parents[2] / "flame" / "configs" / "smoke.yaml")
 
 
 def small_data(users=150, max_len=10):

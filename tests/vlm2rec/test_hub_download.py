@@ -18,7 +18,7 @@ import torch
 
 from vlm2rec.encoder import byte_tokenizer, image_processor_for, tiny_vlm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REPO_ID = "tiny-org/tiny-qwen2-vl"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

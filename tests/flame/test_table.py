@@ -15,7 +15,7 @@ from flame.main import main as plain_main
 from flame.model import SASRec
 from flame.stack import StackedFLAME, StackedSASRec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "flame" / "configs" / "smoke.yaml")
 L, ITEMS = 8, 30
 

@@ -12,7 +12,7 @@ import torch
 
 from flame.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "flame" / "configs" / "smoke.yaml")
 # dropout 0: the ranks' dropout streams cannot match one process'; 60 users: 13 steps per epoch with a
 # last partial batch of odd size, so the ranks' shards differ in size

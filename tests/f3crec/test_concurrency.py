@@ -15,7 +15,7 @@ from f3crec.config import Config, resolve
 from f3crec.data import get_blocks, load_blocks
 from f3crec.train import base_cache_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "f3crec" / "configs" / "smoke.yaml")
 
 

@@ -1,5 +1,5 @@
 """VLM2Rec end to end (vlm2rec/docs/method.md §16): the smoke config trains and evaluates in-process (kill-and-resume:
-test_vlm2rec_resume.py), runs as a script from inside vlm2rec/ and from a copy of vlm2rec/ + common/; the paper's default
+tests/vlm2rec/test_resume.py), runs as a script from inside vlm2rec/ and from a copy of vlm2rec/ + common/; the paper's default
 config fails fast offline with one message."""
 import json
 import os
@@ -14,7 +14,7 @@ import torch
 
 from vlm2rec.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 SMOKE = str(ROOT / "vlm2rec/configs/smoke.yaml")

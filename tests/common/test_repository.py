@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPERS = ("flame", "vlm2rec", "f3crec")
 ARXIV = {"flame": "2604.04038", "vlm2rec": "2603.17450", "f3crec": "2508.04792"}
 # file -> public functions it must define (the skeleton of README.md "How a paper folder is laid out")

@@ -3,7 +3,7 @@
 Each case runs a real entry point through `run_cli` (the `user_error` fixture checks the exit status, the
 single stderr line and the absence of a traceback) and then checks what the line names. Cases that build an
 artefact also check that nothing was left behind that a later run would trust, and that fixing the input
-gives a fresh, correct artefact. The papers' own corpora are in tests/test_<paper>_bad_input.py.
+gives a fresh, correct artefact. The papers' own corpora are in tests/<paper>/test_bad_input.py.
 """
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -11,7 +11,7 @@ from conftest import sigkill_when_logged
 
 from vlm2rec.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "vlm2rec/configs/smoke.yaml")
 # Full epochs (about ten steps each) widen the window in which the kill lands inside epoch 1.
 QUICK = ["eval.scenarios=[]", "seqrec.enabled=false", "train.max_steps_per_epoch=0"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPERS = ("flame", "vlm2rec", "f3crec")
 PACKAGES = ("common",) + PAPERS
 TEXT_SUFFIXES = (".py", ".md", ".yaml", ".yml", ".toml", ".txt")
