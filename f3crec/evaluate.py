@@ -35,7 +35,7 @@ def oracle_scores(sim, users: torch.Tensor, net: Backbone) -> torch.Tensor:
 def user_scores(net: Backbone, private: dict[str, torch.Tensor], items: torch.Tensor) -> torch.Tensor:
     """score_matrix in products of exactly SCORE_ROWS users: a matrix product's rows depend on its shape
     (BLAS picks kernels by size), so one fixed shape makes a user's row the same whoever else is scored
-    with it — a client scoring its own users gets the oracle's row bit for bit (tests/test_f3crec_flower.py)."""
+    with it — a client scoring its own users gets the oracle's row bit for bit (tests/f3crec/test_flower.py)."""
     count = next(iter(private.values())).shape[0]
     rows = []
     for lo in range(0, count, SCORE_ROWS):

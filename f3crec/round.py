@@ -27,7 +27,7 @@ class RoundPlan:
     `client(index)` is what one client draws alone from its own streams (the reference simulator);
     `items`, `labels` and `memory_perm` are the same draws for every client at once (the vectorised
     simulator), laid out by sorted user id. Both go through the same per-element functions of
-    streams.py, so they are bit-identical (tests/test_f3crec_sim.py).
+    streams.py, so they are bit-identical (tests/f3crec/test_sim.py).
     """
 
     def __init__(self, maker: "PlanMaker", seed: int, block: int, round_idx: int):

@@ -1,7 +1,7 @@
 """The server (§3, §7): owns the public item table Q, the previous-block snapshot Q^{t−1}, the
 best-round copy, and the aggregation. It imports nothing from the client side and its API takes only what
 clients upload: whole local tables (`aggregate`) or, from the vectorised simulator, the concatenation of
-every participant's row deltas (`aggregate_deltas`). tests/test_f3crec_sim.py walks the object graph to
+every participant's row deltas (`aggregate_deltas`). tests/f3crec/test_sim.py walks the object graph to
 prove no client parameter or interaction is reachable from a Server.
 """
 from __future__ import annotations

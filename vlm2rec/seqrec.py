@@ -20,7 +20,7 @@ from .config import EvalConfig, SeqRecConfig
 from .evaluate import score_protocols
 
 
-# Adapted from flame/model.py::SASRec; kept in step by tests/test_copies.py (Q12). Post-LN blocks, a finite
+# Adapted from flame/model.py::SASRec; kept in step by tests/common/test_copies.py (Q12). Post-LN blocks, a finite
 # additive mask (a -inf mask would turn all-padding rows into NaN), learned positions, tied output
 # embedding, full softmax. The adaptation: one fused QKV projection, PyTorch's LayerNorm epsilon.
 class SASRecBlock(nn.Module):

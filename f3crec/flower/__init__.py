@@ -5,6 +5,6 @@ per SuperNode and whose ServerApp drives train.fit through `FlowerSimulator`; Fl
     make f3crec-deploy DATA=smoke NODES=4     # stock SuperLink + 4 SuperNodes, TLS + node auth (common/flower_ops.py)
     make f3crec-sim DATA=smoke NODES=4        # Flower's simulation runtime (extra fl-sim)
 
-Only this package imports flwr (tests/test_isolation.py); `node.py` (the client side) does not need it for its
+Only this package imports flwr (tests/common/test_isolation.py); `node.py` (the client side) does not need it for its
 logic, `simulator.py` is the server side and reaches clients only through a Grid.
 """

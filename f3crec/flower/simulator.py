@@ -13,7 +13,7 @@ users of live nodes fall below `federation.min_reply_fraction` of the block's pa
 with one line (ConnectionError); the last block-boundary checkpoint stays valid and `--resume` restores
 every node from its own checkpoint.
 
-Invariant (tests/test_f3crec_flower.py): nothing reachable from a FlowerSimulator but through its grid is
+Invariant (tests/f3crec/test_flower.py): nothing reachable from a FlowerSimulator but through its grid is
 a client's interaction, private parameter, ŷ, Tᵘ or score; this module imports no client-side module.
 """
 from __future__ import annotations
