@@ -134,7 +134,7 @@ def _both(*checks: Callable[[], None]) -> Callable[[], None]:
 
 
 def _gpu_tests_exist() -> None:
-    marked = [p.name for p in (REPO / "tests").glob("test_*.py") if "@pytest.mark.gpu" in p.read_text()]
+    marked = [p.name for p in (REPO / "tests").rglob("test_*.py") if "@pytest.mark.gpu" in p.read_text()]
     if not marked:
         raise ValueError("no @pytest.mark.gpu test in tests/")
     import pytest  # noqa: F401  (the runner must be installed)
