@@ -266,7 +266,9 @@ class Deployment:
                 raise DeployError(f"could not make a private network namespace (unprivileged user namespaces off?): "
                                   f"{self._last(self.log('netns'))} (log {self.log('netns')})")
             time.sleep(0.05)
-        self.link_prefix = self.node_prefix = ["nsenter", f"--target={holder.pid}", "--user", "--net"]
+        # --preserve-credentials: a non-root user keeps its uid (mapped to the namespace's root), no setgroups
+        self.link_prefix = self.node_prefix = ["nsenter", "--preserve-credentials", f"--target={holder.pid}",
+                                               "--user", "--net"]
 
     def start(self) -> "Deployment":
         if self.private_network:
