@@ -271,7 +271,7 @@ class Deployment:
                                                "--user", "--net"]
 
     def start(self) -> "Deployment":
-        if self.private_network:
+        if self.private_network and not self.link_prefix:   # (isolate() may have been called already)
             self.isolate()
         # the SuperNodes' Runtime APIs listen on their own host's loopback: the certificate names it too
         self.keys = certificates(self.folder / "secrets", list(dict.fromkeys([self.host, "127.0.0.1", "localhost"])), self.n)

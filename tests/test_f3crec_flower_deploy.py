@@ -304,11 +304,14 @@ def test_a_private_network_deployment_admits_only_its_own(tmp_path, monkeypatch)
     out, short = tmp_path / "private", ["federation.rounds=2", "federation.patience=1", "train.stop_after_block=0"]
     staged = stage(APP, PACKAGES, tmp_path / "app")
     report = tmp_path / "report.json"
+    d = Deployment(tmp_path / "d", 2, _node_config(tmp_path), private_network=True)
     try:
-        d = Deployment(tmp_path / "d", 2, _node_config(tmp_path), private_network=True).start()
+        d.isolate()
     except DeployError as err:
+        d.stop()
         pytest.skip(f"no unprivileged user + network namespaces here: {err}")
     try:
+        d.start()
         env = {**flower_ops._env(tmp_path / "foreign"), "PYTHONPATH": str(staged)}
         Path(env["FLWR_HOME"]).mkdir(parents=True)
         with pytest.raises(ConnectionRefusedError):
