@@ -81,7 +81,9 @@ flame-table: setup
 # F3CRec's Flower App (f3crec/flower/app) on stock Flower processes, through Flower's own CLIs (common/flower_ops.py):
 # f3crec-fab bundles it (the FAB holds f3crec/ and common/); f3crec-deploy starts a SuperLink + NODES SuperNodes on
 # 127.0.0.1 with a per-deployment CA, TLS and SuperNode authentication, runs the app with `flwr run` and stops every
-# process by pid. RESUME=<run folder> resumes a run (its saved config, same NODES). test-deploy runs the slow tests.
+# process by pid. RESUME=<run folder> resumes a run (its saved config, same NODES). FLOWER_ARGS=--private-network runs
+# every process in a network namespace of its own (no other local process reaches the SuperLink). test-deploy runs
+# the slow tests.
 FLOWER_APP = --app f3crec/flower/app --package f3crec --package common
 FLOWER_ENV = REPRO_RUNS=$${REPRO_RUNS:-$(CURDIR)/runs} REPRO_CACHE=$${REPRO_CACHE:-$(CURDIR)/data/processed}
 
@@ -90,7 +92,7 @@ f3crec-fab: setup
 
 f3crec-deploy: setup
 	@test -n "$(DATA)" || { echo "make f3crec-deploy needs DATA=<dataset>, e.g. make f3crec-deploy DATA=smoke NODES=4" >&2; exit 2; }
-	$(FLOWER_ENV) $(PY) -m common.flower_ops deploy $(FLOWER_APP) --nodes $(or $(NODES),4) --report-key report \
+	$(FLOWER_ENV) $(PY) -m common.flower_ops deploy $(FLOWER_ARGS) $(FLOWER_APP) --nodes $(or $(NODES),4) --report-key report \
 	  --node-config 'partition-id={i} num-partitions={n}' \
 	  --run-config '$(if $(RESUME),resume=true run-dir="$(abspath $(RESUME))",config="f3crec/configs/$(DATA).yaml" overrides="federation.nodes=$(or $(NODES),4) $(ARGS)")'
 

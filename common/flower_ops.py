@@ -7,6 +7,7 @@ no paper is imported either). Operations tooling, kept out of the paper folders.
                                        [--node-config 'partition-id={i} num-partitions={n}'] [--run-config 'k=v ...']
                                        [--report-key KEY] [--folder DIR] [--timeout S] [--host 127.0.0.1]
                                        [--simulation] [--runtime-install] [--flower-bin OTHER_VENV/bin]
+                                       [--private-network]
     python -m common.flower_ops certs  --folder DIR --host IP [--host IP ...] --nodes K     (multi-host, README)
 
 `build` stages the app's pyproject.toml with the listed packages (each a folder of the repository) in one
@@ -19,7 +20,9 @@ runs the app with `flwr run --stream` through a connection that trusts only this
 stops every process it started, and every descendant seen, by pid — on success, on an error, on Ctrl-C.
 `--simulation`: one SuperLink with `--simulation` (TLS too) and a connection with `options.num-supernodes`
 (Flower's simulation runtime, needs Ray). `--flower-bin`: the CLIs (and so the Python that runs the app)
-of another venv, e.g. one holding only the FAB's dependencies.
+of another venv, e.g. one holding only the FAB's dependencies. `--private-network`: every process (SuperLink,
+SuperNodes, the `flwr` calls) in one new unprivileged user + network namespace (`unshare`, `nsenter`), so
+nothing listens on the host and no other local process can reach the SuperLink's unauthenticated Control API.
 
 Every wait has a deadline (`--timeout`, default 600 s for the run, 60 s for each start). With
 `--report-key KEY` the run config gets KEY=<folder>/report.json: the app writes {"ok": bool, "message": ...}
@@ -190,7 +193,8 @@ class Deployment:
 
     def __init__(self, folder: Path, nodes: int, node_config: str = "", host: str = "127.0.0.1",
                  start_timeout: float = 60.0, runtime_install: bool = False, ports: list[int] | None = None,
-                 simulation: bool = False, bin_dir: Path = BIN, link_prefix: tuple = (), node_prefix: tuple = ()):
+                 simulation: bool = False, bin_dir: Path = BIN, link_prefix: tuple = (), node_prefix: tuple = (),
+                 private_network: bool = False):
         self.folder, self.n, self.node_config, self.host = Path(folder), nodes, node_config, host
         self.bin = Path(bin_dir)     # the venv whose Flower CLIs run (its Python runs the app)
         # argv prefixes placing the SuperLink, and the SuperNodes with the `flwr` CLI, on other hosts or network
@@ -198,6 +202,11 @@ class Deployment:
         self.link_prefix, self.node_prefix = list(link_prefix), list(node_prefix)
         self.start_timeout, self.runtime_install, self.ports = start_timeout, runtime_install, ports
         self.simulation = simulation   # Flower's simulation runtime: `nodes` virtual SuperNodes on Ray
+        # every process of the deployment in one new (unprivileged) user + network namespace: its loopback, and so
+        # the SuperLink's Control API, is reachable by no other process on the host (README, "Who may use")
+        self.private_network = private_network
+        if private_network and (link_prefix or node_prefix or host != "127.0.0.1"):
+            raise ValueError("--private-network runs every process on one private loopback: no prefixes, host 127.0.0.1")
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
         self.seen: set[int] = set()
         self.env = _env(self.folder, self.bin)
@@ -243,7 +252,27 @@ class Deployment:
         return subprocess.run([*self.node_prefix, str(self.bin / "flwr"), *args], capture_output=True, text=True, env=self.env,
                               timeout=timeout, cwd=self.folder)
 
+    def isolate(self) -> None:
+        """Start a process holding a new user + network namespace (loopback up) and run every Flower process of
+        the deployment in it through `nsenter`: nothing listens on the host's network."""
+        missing = [tool for tool in ("unshare", "nsenter", "ip") if shutil.which(tool) is None]
+        if missing:
+            raise DeployError(f"--private-network needs {', '.join(missing)} (util-linux, iproute2) on PATH")
+        holder = self.spawn("netns", ["unshare", "--user", "--map-root-user", "--net", "sh", "-c",
+                                      "ip link set lo up && echo ready && exec sleep 2147483647"])
+        end = time.monotonic() + self.start_timeout
+        while "ready" not in (self.log("netns").read_text(errors="replace") if self.log("netns").exists() else ""):
+            if holder.poll() is not None or time.monotonic() > end:
+                raise DeployError(f"could not make a private network namespace (unprivileged user namespaces off?): "
+                                  f"{self._last(self.log('netns'))} (log {self.log('netns')})")
+            time.sleep(0.05)
+        # --preserve-credentials: a non-root user keeps its uid (mapped to the namespace's root), no setgroups
+        self.link_prefix = self.node_prefix = ["nsenter", "--preserve-credentials", f"--target={holder.pid}",
+                                               "--user", "--net"]
+
     def start(self) -> "Deployment":
+        if self.private_network and not self.link_prefix:   # (isolate() may have been called already)
+            self.isolate()
         # the SuperNodes' Runtime APIs listen on their own host's loopback: the certificate names it too
         self.keys = certificates(self.folder / "secrets", list(dict.fromkeys([self.host, "127.0.0.1", "localhost"])), self.n)
         link_port, *node_ports = self.ports or free_ports(1 + (0 if self.simulation else self.n),
@@ -376,7 +405,7 @@ def alive(pids) -> list[int]:
 def deploy(app: Path, packages: list[str], nodes: int, node_config: str = "", run_config: str = "",
            report_key: str | None = None, folder: Path | None = None, timeout: float = 600.0,
            host: str = "127.0.0.1", runtime_install: bool = False, simulation: bool = False,
-           bin_dir: Path = BIN) -> dict:
+           bin_dir: Path = BIN, private_network: bool = False) -> dict:
     """Build, start, run, stop (module docstring). Returns the report (or {"ok": True}) with the pids used."""
     if nodes < 1:
         raise ValueError(f"--nodes {nodes}: needs at least one SuperNode")
@@ -395,7 +424,7 @@ def deploy(app: Path, packages: list[str], nodes: int, node_config: str = "", ru
         if report is not None:
             run_config = f"{run_config} {report_key}={json.dumps(str(report))}".strip()
         with Deployment(folder, nodes, node_config, host, runtime_install=runtime_install,
-                        simulation=simulation, bin_dir=bin_dir) as deployment:
+                        simulation=simulation, bin_dir=bin_dir, private_network=private_network) as deployment:
             kind = "virtual SuperNodes on Ray" if simulation else "SuperNodes (TLS, node authentication)"
             print(f"[flower_ops] SuperLink {deployment.address}; {nodes} {kind}; folder {folder}", flush=True)
             outcome = deployment.run(staged, run_config, timeout, report)
@@ -433,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--runtime-install", action="store_true", help="let Flower install the FAB's dependencies")
     d.add_argument("--simulation", action="store_true", help="Flower's simulation runtime (Ray): virtual nodes")
     d.add_argument("--flower-bin", type=Path, default=BIN, help="the bin/ of the venv whose Flower runs the app")
+    d.add_argument("--private-network", action="store_true",
+                   help="run every Flower process in a new network namespace: no other local process reaches the "
+                        "SuperLink (its Control API has no authentication in open-source Flower)")
     c = sub.add_parser("certs")
     c.add_argument("--folder", type=Path, required=True)
     c.add_argument("--host", action="append", required=True)
@@ -446,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(f"{k}: {v}" for k, v in certificates(args.folder, args.host, args.nodes).items()))
         else:
             outcome = deploy(args.app, args.package, args.nodes, args.node_config, args.run_config, args.report_key,
-                             args.folder, args.timeout, args.host, args.runtime_install, args.simulation, args.flower_bin)
+                             args.folder, args.timeout, args.host, args.runtime_install, args.simulation, args.flower_bin,
+                             args.private_network)
             print(json.dumps({k: v for k, v in outcome.items() if k != "pids"}))
     except (DeployError, ValueError, OSError, subprocess.TimeoutExpired) as err:
         print(f"error: {err}".splitlines()[0], file=sys.stderr)

@@ -86,6 +86,33 @@ def test_a_process_that_never_listens_hits_the_deadline_and_names_a_log_that_exi
     assert "within 1 s" in line and Path(line.rsplit("(log ", 1)[1].rstrip(")")).is_file(), line
 
 
+def test_a_private_network_is_reachable_inside_only(tmp_path):
+    """--private-network: a process started through the deployment's prefix listens on the private loopback;
+    the same address on the host's loopback refuses a connection; stop() ends the namespace holder by pid."""
+    d = Deployment(tmp_path / "d", 1, private_network=True)
+    try:
+        try:
+            d.isolate()
+        except DeployError as err:
+            pytest.skip(f"no unprivileged user + network namespaces here: {err}")
+        port = free_ports(1)[0]
+        server = d.spawn("listener", [*d.link_prefix, sys.executable, "-c",
+                                      "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', %d)); s.listen(); "
+                                      "print('up', flush=True); c, _ = s.accept(); c.sendall(b'inside'); time.sleep(60)" % port])
+        d.wait_listening("listener", server, port)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        inside = subprocess.run([*d.link_prefix, sys.executable, "-c",
+                                 "import socket; print(socket.create_connection(('127.0.0.1', %d), 5).recv(6).decode())" % port],
+                                capture_output=True, text=True, timeout=60)
+        assert inside.stdout.strip() == "inside", inside.stderr
+    finally:
+        d.stop()
+    assert alive(d.pids()) == []
+    with pytest.raises(ValueError, match="private-network"):
+        Deployment(tmp_path / "e", 1, host="10.0.0.1", private_network=True)
+
+
 def test_deploy_cli_bad_input_is_one_line(tmp_path, capsys):
     assert flower_ops.main(["deploy", "--app", str(APP), "--nodes", "0", "--folder", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
@@ -259,6 +286,47 @@ def test_deployment_across_two_network_namespaces(tmp_path, monkeypatch):
     finally:
         for ns in (a, b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+    cfg = load_config(Config, SMOKE, [*short, "federation.simulator=flower", "federation.nodes=2",
+                                      f"federation.node_state_dir={tmp_path / 'nodes-grid'}"])
+    assert outcome["summary"] == run(cfg, tmp_path / "grid")["summary"]
+    assert _records(out) == _records(tmp_path / "grid")
+
+
+@pytest.mark.slow
+@deployment
+def test_a_private_network_deployment_admits_only_its_own(tmp_path, monkeypatch):
+    """--private-network: the SuperLink (Control API included) listens in a network namespace of its own, so a
+    foreign `flwr run` on the host at the deployment's address is refused even holding the deployment's CA or
+    skipping verification (nothing listens there), and no run is created; the deploying user's run works and
+    gives the in-process grid's records."""
+    mark = tmp_path / "foreign-ran.json"
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
+    out, short = tmp_path / "private", ["federation.rounds=2", "federation.patience=1", "train.stop_after_block=0"]
+    staged = stage(APP, PACKAGES, tmp_path / "app")
+    report = tmp_path / "report.json"
+    d = Deployment(tmp_path / "d", 2, _node_config(tmp_path), private_network=True)
+    try:
+        d.isolate()
+    except DeployError as err:
+        d.stop()
+        pytest.skip(f"no unprivileged user + network namespaces here: {err}")
+    try:
+        d.start()
+        env = {**flower_ops._env(tmp_path / "foreign"), "PYTHONPATH": str(staged)}
+        Path(env["FLWR_HOME"]).mkdir(parents=True)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", int(d.address.rsplit(":", 1)[1])), timeout=5).close()
+        for extra in (f'root-certificates = "{d.keys["ca"]}"\n', "insecure = true\n"):
+            (Path(env["FLWR_HOME"]) / "config.toml").write_text(
+                f'[superlink]\ndefault = "x"\n\n[superlink.x]\naddress = "{d.address}"\n{extra}')
+            done = subprocess.run([str(BIN / "flwr"), "run", str(staged), "x", "--run-config", f'report="{mark}"'],
+                                  capture_output=True, text=True, env=env, timeout=120)
+            assert done.returncode != 0, done.stdout + done.stderr
+        assert json.loads(d.flwr("ls", "deployment", "--format", "json").stdout).get("runs", []) == []
+        outcome = d.run(staged, _run_config([*short, "federation.nodes=2"], out) + f' report="{report}"', 900, report)
+    finally:
+        d.stop()
+    assert outcome["ok"] and alive(d.pids()) == [] and not mark.exists()
     cfg = load_config(Config, SMOKE, [*short, "federation.simulator=flower", "federation.nodes=2",
                                       f"federation.node_state_dir={tmp_path / 'nodes-grid'}"])
     assert outcome["summary"] == run(cfg, tmp_path / "grid")["summary"]
