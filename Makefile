@@ -81,9 +81,10 @@ flame-table: setup
 # F3CRec's Flower App (f3crec/flower/app) on stock Flower processes, through Flower's own CLIs (common/flower_ops.py):
 # f3crec-fab bundles it (the FAB holds f3crec/ and common/); f3crec-deploy starts a SuperLink + NODES SuperNodes on
 # 127.0.0.1 with a per-deployment CA, TLS and SuperNode authentication, runs the app with `flwr run` and stops every
-# process by pid. RESUME=<run folder> resumes a run (its saved config, same NODES). FLOWER_ARGS=--private-network runs
-# every process in a network namespace of its own (no other local process reaches the SuperLink). test-deploy runs
-# the slow tests.
+# process by pid. RESUME=<run folder> resumes a run (its saved config, same NODES). By default (FLOWER_ARGS) every
+# process runs in a user + network namespace of its own, so no other local process reaches the SuperLink; where user
+# namespaces are blocked, FLOWER_ARGS= runs on the host's 127.0.0.1 (TLS + node auth only). test-deploy: slow tests.
+FLOWER_ARGS ?= --private-network
 FLOWER_APP = --app f3crec/flower/app --package f3crec --package common
 FLOWER_ENV = REPRO_RUNS=$${REPRO_RUNS:-$(CURDIR)/runs} REPRO_CACHE=$${REPRO_CACHE:-$(CURDIR)/data/processed}
 
