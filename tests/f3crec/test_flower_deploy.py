@@ -55,6 +55,14 @@ def _run_config(overrides: list[str], run_dir: Path, resume: bool = False) -> st
     return (f'overrides="{" ".join(overrides)}" run-dir="{run_dir}"' + (" resume=true" if resume else ""))
 
 
+def _assert_equals_in_process_grid(outcome: dict, out: Path, short: list[str], tmp_path: Path) -> None:
+    """The deployment's summary and every round record equal the same config on the in-process grid (2 nodes)."""
+    cfg = load_config(Config, SMOKE, [*short, "federation.simulator=flower", "federation.nodes=2",
+                                      f"federation.node_state_dir={tmp_path / 'nodes-grid'}"])
+    assert outcome["summary"] == run(cfg, tmp_path / "grid")["summary"]
+    assert _records(out) == _records(tmp_path / "grid")
+
+
 def _node_config(tmp_path: Path) -> str:
     return f'partition-id={{i}} num-partitions={{n}} state-dir="{tmp_path / "nodes"}"'
 
@@ -249,10 +257,7 @@ def test_the_bundle_runs_on_a_fresh_venv_with_only_its_dependencies(tmp_path, mo
     outcome = flower_ops.deploy(APP, PACKAGES, 2, _node_config(tmp_path), _run_config([*short, "federation.nodes=2"], out),
                                 "report", tmp_path / "d", timeout=900, bin_dir=venv / "bin")
     assert outcome["ok"] and alive(outcome["pids"]) == []
-    cfg = load_config(Config, SMOKE, [*short, "federation.simulator=flower", "federation.nodes=2",
-                                      f"federation.node_state_dir={tmp_path / 'nodes-grid'}"])
-    assert outcome["summary"] == run(cfg, tmp_path / "grid")["summary"]
-    assert _records(out) == _records(tmp_path / "grid")
+    _assert_equals_in_process_grid(outcome, out, short, tmp_path)
 
 
 @pytest.mark.slow
@@ -286,10 +291,7 @@ def test_deployment_across_two_network_namespaces(tmp_path, monkeypatch):
     finally:
         for ns in (a, b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-    cfg = load_config(Config, SMOKE, [*short, "federation.simulator=flower", "federation.nodes=2",
-                                      f"federation.node_state_dir={tmp_path / 'nodes-grid'}"])
-    assert outcome["summary"] == run(cfg, tmp_path / "grid")["summary"]
-    assert _records(out) == _records(tmp_path / "grid")
+    _assert_equals_in_process_grid(outcome, out, short, tmp_path)
 
 
 @pytest.mark.slow
@@ -327,7 +329,4 @@ def test_a_private_network_deployment_admits_only_its_own(tmp_path, monkeypatch)
     finally:
         d.stop()
     assert outcome["ok"] and alive(d.pids()) == [] and not mark.exists()
-    cfg = load_config(Config, SMOKE, [*short, "federation.simulator=flower", "federation.nodes=2",
-                                      f"federation.node_state_dir={tmp_path / 'nodes-grid'}"])
-    assert outcome["summary"] == run(cfg, tmp_path / "grid")["summary"]
-    assert _records(out) == _records(tmp_path / "grid")
+    _assert_equals_in_process_grid(outcome, out, short, tmp_path)
