@@ -18,6 +18,7 @@ import torch
 from common.config import config_to_dict
 from common.io import exclusive
 from common.runs import load_checkpoint, save_checkpoint, truncate_metrics
+from common.selection import Selection
 from common.utils import get_device
 
 from .client_state import ClientStates
@@ -110,7 +111,7 @@ def grow(sim, make_sim: Callable | None, cfg, blocks: list[Block], t: int, seed:
 def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
     """Rounds of block t with validation, selection and early stopping (§8.2–8.3); ends on the best."""
     fed, ev = cfg.federation, cfg.eval
-    best, best_round, stale = -1.0, -1, 0
+    select = Selection(patience=fed.patience, best=-1.0)  # every score in [0, 1] beats the start
     for r in range(fed.rounds):
         started = time.perf_counter()
         ctx = round_context(cfg, flags, blocks, t, r)
@@ -121,17 +122,14 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
         value = val[ev.select_metric]
         record = {"block": t, "round": r, "val_ndcg": val["ndcg"], "val_recall": val["recall"],
                   "seconds": round(time.perf_counter() - started, 4), **_arm_summary(stats)}
-        if value > best:  # strict improvement saves the full state (§8.3)
-            best, best_round, stale = value, r, 0
+        if select.update(value, r):  # strict improvement saves the full state (§8.3)
             sim.save_slot("best")
-        else:
-            stale += 1
         log(record)
-        if stale >= fed.patience:
+        if select.should_stop:
             break
     sim.save_slot("last")
     sim.load_slot("best")
-    return {"best_round": best_round, "best_val": best, "rounds_run": r + 1}
+    return {"best_round": select.best_at, "best_val": select.best, "rounds_run": r + 1}
 
 
 def _arm_summary(stats: dict) -> dict:

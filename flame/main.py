@@ -18,22 +18,23 @@ from pathlib import Path
 from typing import Optional
 
 if __package__ in (None, ""):  # script mode: `cd flame && python main.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "flame"  # noqa: E702
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "flame"
 
-from common.cli import run_cli  # noqa: E402
-from common.config import config_to_dict, parse_cli  # noqa: E402
-from common.runs import checkpoint_identity, interrupt_hint, save_checkpoint, start_run, write_results  # noqa: E402
-from common.utils import seed_everything  # noqa: E402
+from common.cli import run_cli
+from common.config import config_to_dict, parse_cli
+from common.runs import checkpoint_identity, save_checkpoint, start_run, write_results
+from common.utils import seed_everything
 
-from . import parallel, stage1  # noqa: E402
-from .checks import check_fits, check_resume_folder, preflight  # noqa: E402
-from .config import Config, legacy_overrides  # noqa: E402
-from .data import build_data, load_raw  # noqa: E402
-from .ensemble import build_model  # noqa: E402
-from .evaluate import convergence, evaluate_ensemble, final_metrics, print_table  # noqa: E402
-from .fast import check_graph_options  # noqa: E402
-from .model import sasrec_state  # noqa: E402
-from .train import fit, make_optimizer, setup_device  # noqa: E402
+from . import parallel, stage1
+from .checks import check_fits, check_resume_folder, preflight
+from .config import Config, legacy_overrides
+from .data import build_data, load_raw
+from .ensemble import build_model
+from .evaluate import convergence, evaluate_ensemble, final_metrics, print_table
+from .fast import check_graph_options
+from .model import sasrec_state
+from .train import fit, make_optimizer, setup_device
 
 _resume_option = argparse.ArgumentParser(add_help=False)
 _resume_option.add_argument("--resume", type=Path)
@@ -53,24 +54,40 @@ def recorded_frozen(run_dir: Path) -> tuple[Optional[Path], Optional[Path]] | No
 
 
 def run(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False, overwrite: bool = False) -> dict:
-    """One run of cfg.method.name; returns the results dict also written to results.json.
+    """One run of cfg.method.name, after the stage-1 nets it builds on (stage1.build); returns the
+    results dict also written to results.json.
     `overwrite`: a fresh run may use a `run_dir` that holds files (they move into previous-<time>/)."""
-    method = cfg.method.name
     device, is_main = setup_device(cfg.train.device)
-    check_graph_options(cfg.train, cfg.flame if method in ("flame", "mutual") else None, device)
+    check_graph_options(cfg.train, cfg.flame if cfg.method.name in ("flame", "mutual") else None, device)
     preflight(cfg, run_dir, resume, overwrite)  # run folder, given files, resumed checkpoint: before expensive work
     recorded = recorded_frozen(Path(run_dir)) if resume and run_dir is not None else None
     # the shipped weights are missing: one line, now
     frozen, stage1_dir = recorded if recorded is not None else stage1.frozen_checkpoint(cfg)
     data = build_data(load_raw(cfg.data), cfg.data)
-    for sub, folder in ([] if recorded is not None else stage1.pending(cfg)):  # the SASRecs this run builds on
+    if recorded is None:  # the SASRecs this run builds on; a Ctrl-C there names the user's run, not stage 1's
         again = (f"resume with --resume {run_dir}" if resume else f"run the same command (--run-dir {run_dir}) again"
-                 if run_dir is not None else "run the same command again")  # names the user's run, not stage 1's
-        hint = f"stopped in stage 1 ({folder}): {again}; stage 1 continues from its last checkpoint"
-        with stage1.claimed(folder, lock=is_main), interrupt_hint(hint):  # one builder per folder
-            if parallel.broadcast(not stage1.finished(folder)):  # rank 0 decides for every rank
-                # the folder is the cache's own: an attempt stopped before its first checkpoint moves aside
-                run(sub, folder, resume=(folder / "last.pt").exists(), overwrite=True)
+                 if run_dir is not None else "run the same command again")
+        stage1.build(cfg, again, is_main, train_stage1)
+    return train_and_test(cfg, data, frozen, stage1_dir, run_dir, resume, overwrite, device, is_main)
+
+
+def train_stage1(sub: Config, folder: Path) -> dict:
+    """Stage 1's trainer (§6): the plain SASRec `sub` in its cache folder, continued from its last.pt
+    when there is one (the folder is the cache's own: an attempt stopped before its first checkpoint
+    moves aside)."""
+    resume = (folder / "last.pt").exists()
+    device, is_main = setup_device(sub.train.device)
+    check_graph_options(sub.train, None, device)
+    preflight(sub, folder, resume, True)
+    data = build_data(load_raw(sub.data), sub.data)
+    return train_and_test(sub, data, None, None, folder, resume, True, device, is_main)
+
+
+def train_and_test(cfg: Config, data, frozen: Optional[Path], stage1_dir: Optional[Path], run_dir: Optional[Path],
+                   resume: bool, overwrite: bool, device, is_main: bool) -> dict:
+    """Model -> run folder -> fit (or B2's evaluation) -> test -> results.json, on the frozen net
+    `frozen` (from stage-1 folder `stage1_dir`) where the method has one."""
+    method = cfg.method.name
     members = stage1.ensemble_members(cfg)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     # built before the run folder exists: a checkpoint of another shape fails without leaving one

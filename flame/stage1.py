@@ -1,9 +1,7 @@
 """Stage 1 (§6): the plain SASRecs a run needs before it can start, and where they are cached.
 
-    for sub, folder in pending(cfg):            # SASRec runs not finished yet: main.run trains them
-        with claimed(folder):                   # one builder per folder, across processes
-            if not finished(folder):            # another run may have finished it while we waited
-                run(sub, folder, resume=(folder / "last.pt").exists())
+    build(cfg, again, is_main, train)           # the SASRec runs not finished yet, each trained by
+                                                # train(sub, folder) under the folder's lock
     frozen, stage1 = frozen_checkpoint(cfg)     # FLAME's frozen net (§5, §6)
     members = ensemble_members(cfg)             # B2's nets (§11)
 
@@ -19,13 +17,14 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from common.config import config_to_dict
 from common.io import data_root, exclusive, load_json
 from common.prepare import find_raw, raw_digest
-from common.runs import default_run_root
+from common.runs import default_run_root, interrupt_hint
 
+from . import parallel
 from .config import Config, FlameConfig, MethodConfig
 
 
@@ -85,6 +84,18 @@ def pending(cfg: Config) -> list[tuple[Config, Path]]:
     for _, folder in runs:
         print(f"[stage 1] {'reusing' if finished(folder) else 'needs SASRec'} {folder}")
     return [(sub, folder) for sub, folder in runs if not finished(folder)]
+
+
+def build(cfg: Config, again: str, is_main: bool, train: Callable[[Config, Path], Any]) -> None:
+    """Stage 1 as one step: every SASRec run `cfg` needs and no earlier run finished is trained by
+    train(sub, folder) (flame.main.train_stage1), one builder per folder across processes (its lock),
+    rank 0 deciding for every data-parallel rank. `again`: what the user does after a Ctrl-C here
+    (it names the user's run, not the stage-1 folder)."""
+    for sub, folder in pending(cfg):
+        hint = f"stopped in stage 1 ({folder}): {again}; stage 1 continues from its last checkpoint"
+        with claimed(folder, lock=is_main), interrupt_hint(hint):  # one builder per folder
+            if parallel.broadcast(not finished(folder)):  # another run may have finished it while we waited
+                train(sub, folder)
 
 
 def frozen_checkpoint(cfg: Config) -> tuple[Optional[Path], Optional[Path]]:

@@ -60,20 +60,23 @@ class Slot:
     run_dir: Path
     frozen: Optional[Path] = None
     stage1: Optional[Path] = None
-    progress: Progress = field(default_factory=Progress)
+    progress: Optional[Progress] = None   # Progress.start(cfg.train.patience) unless given
     best_state: Optional[dict] = None
     generator: torch.Generator = field(default_factory=torch.Generator)
     optimizer_state: Optional[dict] = None  # the plain-layout Adam state of a resumed run
     failed: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.progress is None:
+            self.progress = Progress.start(self.cfg.train.patience)
 
     @property
     def method(self) -> str:
         return self.cfg.method.name
 
     def finished_training(self) -> bool:
-        nxt = self.progress.epoch + 1
-        return self.failed is not None or nxt > self.cfg.train.max_epochs or \
-            nxt > self.progress.best_epoch + self.cfg.train.patience
+        return self.failed is not None or self.progress.epoch + 1 > self.cfg.train.max_epochs or \
+            self.progress.select.should_stop
 
 
 # ------------------------------------------------------------------------------------ one run's start
@@ -98,8 +101,7 @@ def open_slot(slot: Slot, data: Any, resume: bool, device: torch.device) -> torc
         except RuntimeError as err:
             first = str(err).strip().splitlines()[0]
             raise ValueError(f"{slot.run_dir / 'last.pt'} does not fit this run's network ({first[:160]})") from None
-        slot.progress = Progress(ckpt["epoch"], ckpt["best_val"], ckpt["best_epoch"], ckpt["train_time"],
-                                 ckpt["time_to_best"])
+        slot.progress = Progress.from_checkpoint(ckpt, cfg.train.patience)
         slot.optimizer_state = ckpt["optimizer"]
         slot.generator.set_state(ckpt["rng"]["torch"])
         if slot.progress.best_epoch > 0:
@@ -238,11 +240,9 @@ class Stack:
                 print(f"{slot.run_dir}: {err}; this run stops, the others go on")
                 continue
             epoch = p.epoch + 1
-            p.epoch, p.train_time = epoch, p.train_time + stats[k]["train_seconds"]
-            improved = valid[k][tc.select] > p.best  # strict improvement (§7.5)
+            improved = p.record(epoch, valid[k][tc.select], stats[k]["train_seconds"])
             state = self.net.run_state(k)
             if improved:
-                p.best, p.best_epoch, p.time_to_best = valid[k][tc.select], epoch, p.train_time
                 slot.best_state = state
             lam = stats[k].pop("lambda")
             print(f"{slot.cfg.data.name} {slot.method} seed {tc.seed} epoch {epoch:3d} | loss {stats[k]['loss']:.4f} | "

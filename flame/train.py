@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from common.runs import check_finite, log_metrics, rng_state, save_checkpoint, set_rng_state, truncate_metrics
+from common.selection import Selection
 
 from . import parallel
 from .checks import LAST_KEYS, read_checkpoint
@@ -144,16 +145,45 @@ def train_one_epoch(model: torch.nn.Module, data: Any, step: Step, batch_size: i
 
 @dataclass
 class Progress:
-    """Where early stopping stands after `epoch` finished epochs (the fields of last.pt)."""
+    """Where early stopping stands after `epoch` finished epochs (the fields of last.pt). The rule is
+    common.selection's (§7.5): a strict improvement of the validation score is the new best, and training
+    stops after `patience` epochs without one. FLAME's reference starts from a best of 0.0 at epoch 0 (a
+    score of 0 is no improvement; best_epoch 0 = the initial network)."""
     epoch: int = 0
-    best: float = 0.0
-    best_epoch: int = 0
+    select: Selection = field(default_factory=lambda: Selection(best=0.0, best_at=0))
     train_time: float = 0.0
     time_to_best: float = 0.0
 
+    @classmethod
+    def start(cls, patience: int) -> "Progress":
+        return cls(select=Selection(patience=patience, best=0.0, best_at=0))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, patience: int) -> "Progress":
+        """last.pt's fields; every epoch is one evaluation, so the epochs since the best are its count."""
+        select = Selection(patience=patience, best=ckpt["best_val"], best_at=ckpt["best_epoch"],
+                           stale=ckpt["epoch"] - ckpt["best_epoch"])
+        return cls(ckpt["epoch"], select, ckpt["train_time"], ckpt["time_to_best"])
+
+    @property
+    def best(self) -> float:
+        return self.select.best
+
+    @property
+    def best_epoch(self) -> int:
+        return self.select.best_at
+
+    def record(self, epoch: int, score: float, train_seconds: float) -> bool:
+        """One finished epoch and its validation score; True when it is the new best."""
+        self.epoch, self.train_time = epoch, self.train_time + train_seconds
+        improved = self.select.update(score, epoch)  # strict improvement (§7.5)
+        if improved:
+            self.time_to_best = self.train_time
+        return improved
+
 
 def _resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            is_main: bool) -> tuple[Progress, Optional[dict]]:
+            is_main: bool, patience: int) -> tuple[Progress, Optional[dict]]:
     """Load last.pt (model, optimizer, RNG, progress) and best.pt's state; drop newer metric records."""
     ckpt = read_checkpoint(run_dir / "last.pt", LAST_KEYS)
     try:
@@ -164,8 +194,7 @@ def _resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     except (RuntimeError, ValueError, KeyError) as err:  # another method's, dataset's or size's checkpoint
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{run_dir / 'last.pt'} does not fit this run's network ({first[:160]})") from None
-    progress = Progress(ckpt["epoch"], ckpt["best_val"], ckpt["best_epoch"], ckpt["train_time"],
-                        ckpt["time_to_best"])
+    progress = Progress.from_checkpoint(ckpt, patience)
     best_state = read_checkpoint(run_dir / "best.pt", ("model",))["model"] if progress.best_epoch > 0 else None
     set_rng_state(ckpt["rng"])
     if is_main:  # records a crash left behind after the checkpoint
@@ -187,9 +216,9 @@ def fit(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, cfg
     """Early-stopped training (§7.5): λ(e) of §7.4, strict improvement of validation cfg.train.select,
     patience, best state restored at the end. best.pt on improvement, last.pt every epoch (resumable)."""
     tc, ec, fc = cfg.train, cfg.eval, cfg.flame
-    progress, best_state = Progress(), copy.deepcopy(model.state_dict())
+    progress, best_state = Progress.start(tc.patience), copy.deepcopy(model.state_dict())
     if resume and (run_dir / "last.pt").exists():
-        progress, resumed_best = _resume(run_dir, model, optimizer, is_main)
+        progress, resumed_best = _resume(run_dir, model, optimizer, is_main, tc.patience)
         best_state = resumed_best or best_state
     elif is_main and (run_dir / "metrics.jsonl").exists():  # a fresh start: no record of an earlier try
         truncate_metrics(run_dir, lambda record: False)
@@ -199,18 +228,16 @@ def fit(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, cfg
     bar = tqdm(total=tc.max_epochs, initial=progress.epoch, unit="epoch", desc=cfg.method.name, leave=False,
                dynamic_ncols=True, disable=None if is_main else True)
     for epoch in range(progress.epoch + 1, tc.max_epochs + 1):
-        if epoch > progress.best_epoch + tc.patience:
+        if progress.select.should_stop:
             if is_main:
                 tqdm.write(f"early stop: no improvement of valid {tc.select} for {tc.patience} epochs")
             break
         lam = lambda_schedule(epoch, fc.lambda0, fc.lambdaR, horizon)
         stats = train_one_epoch(model, data, step, tc.batch_size, lam, device)
-        progress.epoch, progress.train_time = epoch, progress.train_time + stats["train_seconds"]
         valid = evaluate(model, data.valid_seq, data.valid_target, data.valid_hist, ec.seen_mask, ec.rank,
                          ec.batch_size, device)
-        improved = valid[tc.select] > progress.best  # strict improvement (§7.5)
+        improved = progress.record(epoch, valid[tc.select], stats["train_seconds"])
         if improved:
-            progress.best, progress.best_epoch, progress.time_to_best = valid[tc.select], epoch, progress.train_time
             best_state = copy.deepcopy(model.state_dict())
         bar.update(1)
         if is_main:  # tqdm.write keeps the line above the bar (plain print when there is no bar)
