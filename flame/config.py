@@ -153,21 +153,6 @@ def check_saved_config(run_dir: Path) -> None:
                          f"or edit config.yaml to the new names and resume again")
 
 
-def legacy_overrides(run_dir: Optional[Path], argv: list[str]) -> list[str]:
-    """Overrides that keep a resumed run on the kernels it started with: a folder written before
-    backbone.kernels existed ran torch's dropout stream and the full last block (§10.1)."""
-    path = Path(run_dir) / "config.yaml" if run_dir is not None else None
-    if path is None or not path.is_file() or any(a.startswith("backbone.kernels=") for a in argv):
-        return []
-    try:
-        saved = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        return []  # parse_cli reports the damaged file
-    if isinstance(saved, dict) and isinstance(saved.get("backbone"), dict) and "kernels" not in saved["backbone"]:
-        return ["backbone.kernels=torch"]
-    return []
-
-
 def _has_key(tree: object, parts: list[str]) -> bool:
     for part in parts:
         if not isinstance(tree, dict) or part not in tree:

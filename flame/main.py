@@ -28,7 +28,7 @@ from common.utils import seed_everything
 
 from . import parallel, stage1
 from .checks import check_fits, check_resume_folder, preflight
-from .config import Config, legacy_overrides
+from .config import Config
 from .data import build_data, load_raw
 from .ensemble import build_model
 from .evaluate import convergence, evaluate_ensemble, final_metrics, print_table
@@ -125,8 +125,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     resumed, _ = _resume_option.parse_known_args(argv)
     if resumed.resume is not None:  # before parse_cli reads its config.yaml: a missing, foreign or old
         check_resume_folder(resumed.resume)  # folder gets a one-line explanation
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv += legacy_overrides(resumed.resume, argv)  # a run from before backbone.kernels resumes on torch's kernels
     cfg, options = parse_cli(argv, Config)
     return run(cfg, options.resume or options.run_dir, resume=options.resume is not None, overwrite=options.overwrite)
 

@@ -1,7 +1,6 @@
 """The exact savings and the cheap dropout of backbone.kernels=fast (flame/docs/method.md §10.1): the last block
 computed for the read rows only equals the full computation (dropout 0) for SASRec, FLAME's tiled and
 independent paths and the baselines; the fast dropout masks have dropout's Bernoulli law."""
-import dataclasses
 import math
 
 import numpy as np
@@ -146,26 +145,3 @@ def test_torch_kernels_keep_the_old_stream():
         x = ffn.layernorm(x + F.dropout(ffn.w2(F.gelu(ffn.w1(x))), 0.5, True))
     expected = F.cross_entropy(full.logits(x[:, -1]), b["target"] - 1)
     assert torch.equal(got, expected)
-
-
-def test_a_run_from_before_the_kernels_key_resumes_on_torch_kernels(tmp_path, monkeypatch):
-    """A run folder whose config.yaml has no backbone.kernels was trained on torch's dropout stream and the full
-    last block: --resume keeps it there (an explicit backbone.kernels= override still wins)."""
-    from pathlib import Path
-
-    import yaml
-
-    from flame.main import main
-    smoke = str(Path(__file__).resolve().parents[2] / "flame" / "configs" / "smoke.yaml")
-    run = tmp_path / "old"
-    frozen = tmp_path / "frozen.pt"
-    torch.manual_seed(0)
-    torch.save(dict(SASRec(BackboneConfig(d=16), 40, 10).state_dict()), frozen)
-    main(["--config", smoke, "train.max_epochs=1", "data.synthetic_users=60", f"flame.frozen={frozen}",
-          "--run-dir", str(run)])
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["backbone"].pop("kernels") == "fast"
-    (run / "config.yaml").write_text(yaml.safe_dump(saved))
-    (run / "results.json").unlink()
-    out = main(["--resume", str(run), "train.max_epochs=2"])
-    assert out["config"]["backbone"]["kernels"] == "torch"
