@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, FlameConfig
-from .model import AveragedLogits, SASRec, load_frozen, scaled
+from .model import AveragedLogits, SASRec, load_frozen
 
 
 def path_order(num_stages: int) -> list[str]:
@@ -98,10 +98,10 @@ class FLAME(nn.Module):
     mutual=False: FLAME, the second network is frozen (no grads, never updated, §7.2).
     mutual=True: baseline B3, the second network is trainable and gets its own L_rec (§11); with
     ml_loss="kl" the path loss is replaced by classic deep mutual learning (KL to the detached peer).
-    batch: "seq" (B, L), "target" (B,), and "lam" (λ of the current epoch: a float, or a 0-d tensor);
-    under data parallelism (flame/parallel.py) also "share" (the scale of the per-row means), "gather"
-    (all-gathers the path outputs: L_wcl over the whole batch), "gathered_share" (its scale) and "paths"
-    (the sampled paths, rank 0's). Each returned term is this rank's share: their sum over ranks is the term.
+    batch: "seq" (B, L), "target" (B,), "lam" (λ of the current epoch: a float, or a 0-d tensor) and
+    optionally "paths" (the paths to run). The loss is computed in two halves, row_terms (per-row terms
+    and path outputs) then pair_terms + total, so that data parallelism (flame/parallel.py::loss_terms)
+    can scale the terms and all-gather the path outputs between them.
     """
 
     def __init__(self, learnable: SASRec, other: SASRec, cfg: FlameConfig, mutual: bool = False,
@@ -167,45 +167,54 @@ class FLAME(nn.Module):
                     streams[q + n] = out
         return {p: streams[p][:, -1] for p in paths}  # (B, d) each: the last index of its stream
 
-    def loss_terms(self, batch: dict) -> dict[str, torch.Tensor]:
-        seq, target, lam = batch["seq"], batch["target"], batch.get("lam", 1.0)
-        if torch.is_tensor(lam):  # a device scalar under CUDA graphs (train.cuda_graph): no host read
-            skip_paths = self.cfg.lambda0 == 0.0
-        else:
-            lam = float(lam)
-            skip_paths = lam == 0.0
-        share, gather = batch.get("share", 1.0), batch.get("gather")
+    def loss_terms(self, batch: dict, skip_paths: Optional[bool] = None) -> dict[str, torch.Tensor]:
+        """The paper's loss of one batch from its inputs alone: L_rec (+ B3's terms) + λ L_wcl (§7, §11).
+        skip_paths: leave the paths (L_wcl, α) out, the caller's decision; None: only when λ is the float 0
+        (a tensor λ is never read on the host, so the paths are computed: CUDA graphs pass their own)."""
+        lam = batch.get("lam", 1.0)
+        if skip_paths is None:
+            skip_paths = not torch.is_tensor(lam) and float(lam) == 0.0
+        terms, z = self.row_terms(batch["seq"], batch["target"], skip_paths, batch.get("paths"))
+        if z is not None:
+            terms.update(self.pair_terms(z))
+        return self.total(terms, lam)
+
+    def row_terms(self, seq: torch.Tensor, target: torch.Tensor, skip_paths: bool,
+                  paths: Optional[list[str]] = None) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
+        """First half of the loss: the per-row terms (means over these rows: L_rec; B3's L_rec of the
+        other network and its KL) and the path outputs (None when skipped or under ml_loss=kl).
+        paths: the paths to run (None: sample_paths())."""
         mask = self.learnable.mask(seq)  # (B, 1, L, L), used by every pass below
         logits = self.learnable.logits(self.learnable(seq, mask))  # h: the only input of L_rec (§7.1 step 1)
-        rec = scaled(F.cross_entropy(logits, target - 1), share)
-        terms = {"rec": rec}
-        loss = rec
+        terms = {"rec": F.cross_entropy(logits, target - 1)}
         if self.mutual:
             logits_b = self.frozen.logits(self.frozen(seq, mask))
-            terms["rec_b"] = scaled(F.cross_entropy(logits_b, target - 1), share)
-            loss = loss + terms["rec_b"]
+            terms["rec_b"] = F.cross_entropy(logits_b, target - 1)
             if self.ml_loss == "kl":  # deep mutual learning: KL(p_other || p_self), p_other detached
                 log_a, log_b = F.log_softmax(logits, -1), F.log_softmax(logits_b, -1)
-                kl = scaled(F.kl_div(log_a, log_b.detach(), log_target=True, reduction="batchmean")
-                             + F.kl_div(log_b, log_a.detach(), log_target=True, reduction="batchmean"), share)
-                terms["kl"] = kl
-                terms["loss"] = loss + kl
-                return terms
-        if not skip_paths:  # λ0 = 0 skips the paths entirely (behaves like B1, §11)
-            z = self.path_outputs(seq, batch.get("paths") or self.sample_paths(), mask)
-            scale = share
-            if gather is not None:  # every rank: the same L_wcl over the whole batch's rows
-                names = list(z)
-                z = dict(zip(names, gather(torch.stack([z[p] for p in names])).unbind(0)))
-                scale = batch["gathered_share"]
-            wcl, alpha = weighted_contrastive(z, self.cfg.tau, self.cfg.cl_normalize,
-                                              self.cfg.detach_pair_weights)
-            wcl, alpha = scaled(wcl, scale), {k: scaled(v, scale) for k, v in alpha.items()}
-            loss = loss + lam * wcl
-            terms["wcl"] = wcl
-            terms.update({f"alpha/{k}": v for k, v in alpha.items()})
-        terms["loss"] = loss
-        return terms
+                terms["kl"] = (F.kl_div(log_a, log_b.detach(), log_target=True, reduction="batchmean")
+                               + F.kl_div(log_b, log_a.detach(), log_target=True, reduction="batchmean"))
+                return terms, None
+        if skip_paths:  # λ0 = 0 skips the paths entirely (behaves like B1, §11)
+            return terms, None
+        return terms, self.path_outputs(seq, paths or self.sample_paths(), mask)
+
+    def pair_terms(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Second half: L_wcl and the detached α per pair (§7.3) of the path outputs z (possibly gathered
+        over the ranks: flame/parallel.py)."""
+        wcl, alpha = weighted_contrastive(z, self.cfg.tau, self.cfg.cl_normalize, self.cfg.detach_pair_weights)
+        return {"wcl": wcl, **{f"alpha/{k}": v for k, v in alpha.items()}}
+
+    @staticmethod
+    def total(terms: dict[str, torch.Tensor], lam: float | torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms with "loss" added: L_rec (+ L_rec_b + KL) + λ L_wcl, summed in that order."""
+        loss = terms["rec"]
+        for key in ("rec_b", "kl"):
+            if key in terms:
+                loss = loss + terms[key]
+        if "wcl" in terms:
+            loss = loss + (lam if torch.is_tensor(lam) else float(lam)) * terms["wcl"]
+        return {**terms, "loss": loss}
 
     def loss(self, batch: dict) -> torch.Tensor:
         return self.loss_terms(batch)["loss"]

@@ -36,12 +36,12 @@ def objective(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     return loss if loss.dim() == 0 else loss.sum()
 
 
-def compiled_loss(model: torch.nn.Module, tc: Any) -> Optional[Callable[[dict], dict]]:
-    """model.loss_terms under torch.compile when train.compile is on (None: eager).
-    compile_mode=reduce-overhead adds CUDA graphs on a GPU."""
+def compiled_loss(model: torch.nn.Module, tc: Any, fn: Optional[Callable] = None) -> Optional[Callable]:
+    """model.loss_terms (or fn: another piece of the loss) under torch.compile when train.compile is on
+    (None: eager). compile_mode=reduce-overhead adds CUDA graphs on a GPU."""
     if not tc.compile:
         return None
-    return torch.compile(model.loss_terms, mode=None if tc.compile_mode == "default" else tc.compile_mode)
+    return torch.compile(fn or model.loss_terms, mode=None if tc.compile_mode == "default" else tc.compile_mode)
 
 
 def check_graph_options(tc: Any, flame_cfg: Any, device: torch.device) -> None:
@@ -93,12 +93,16 @@ class GraphStep:
         self.calls = 0  # full batches since construction: warm-up, then capture
         self.steps = 0  # full batches since reset(): the steps behind self.sums
         self.partial: dict[tuple, list] = {}  # statistics of the eager partial batches since reset()
+        # λ is a device scalar the captured step never reads: a FLAME skips its paths when λ0 = 0 (λ(e)
+        # may still reach 0 later, e.g. lambdaR = 0: then λ·L_wcl adds zero); an eager partial batch
+        # gets the float λ and decides from it, as ever. (A stacked FLAME decides from λ0 itself.)
+        self.graph_args = {"skip_paths": model.cfg.lambda0 == 0.0} if hasattr(model, "row_terms") else {}
 
     def _step(self) -> None:
         batch = {"seq": self.data.train_seq[self.index], "target": self.data.train_target[self.index],
                  "lam": self.lam}
         with autocast(self.device, self.bf16, cache=not self.capture):
-            terms = self.model.loss_terms(batch)
+            terms = self.model.loss_terms(batch, **self.graph_args)
         objective(terms).backward()
         self.optimizer.step()
         keys, values = stacked_terms(terms)

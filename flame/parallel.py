@@ -20,13 +20,15 @@ from __future__ import annotations
 import datetime
 import os
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from common.distributed import gather_rows, rank, world  # noqa: F401  (world, rank: for callers)
 from common.utils import get_device
+
+from .model import scaled
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waits at most this long for a peer, then fails
 
@@ -71,7 +73,7 @@ def barrier() -> None:
 
 def shard(index: torch.Tensor, gather: bool) -> tuple[torch.Tensor, dict]:
     """This rank's rows of a global batch, and the batch entries that scale its loss terms
-    ("share", "gather", "gathered_share"; see the module docstring). One process: (index, {})."""
+    ("share", "gather", "gathered_share"; see the module docstring and loss_terms). One process: (index, {})."""
     n, size = len(index), world()
     if size == 1:
         return index, {}
@@ -83,6 +85,27 @@ def shard(index: torch.Tensor, gather: bool) -> tuple[torch.Tensor, dict]:
     if gather:
         extra.update(gather=partial(gather_rows, sizes=sizes, dim=1), gathered_share=1.0 / size)
     return index[me::size], extra
+
+
+def loss_terms(model: Any, batch: dict, extra: dict, row_terms: Optional[Callable] = None) -> dict:
+    """FLAME's loss terms on this rank's rows (its share of each: their sum over ranks is the term), in the
+    model's two halves with the data-parallel steps between them: the per-row terms are scaled by
+    "share"; the path outputs are all-gathered ("gather") and L_wcl, α scaled by "gathered_share", or
+    kept local and scaled by "share". extra: from shard(); row_terms: model.row_terms, or its compiled
+    version. The paths are skipped when λ is the float 0, as model.loss_terms decides."""
+    lam = batch["lam"]
+    skip_paths = not torch.is_tensor(lam) and float(lam) == 0.0
+    terms, z = (row_terms or model.row_terms)(batch["seq"], batch["target"], skip_paths, batch.get("paths"))
+    share = extra.get("share", 1.0)
+    terms = {k: scaled(v, share) for k, v in terms.items()}
+    if z is not None:
+        scale, gather = share, extra.get("gather")
+        if gather is not None:  # every rank: the same L_wcl over the whole batch's rows
+            names = list(z)
+            z = dict(zip(names, gather(torch.stack([z[p] for p in names])).unbind(0)))
+            scale = extra["gathered_share"]
+        terms.update({k: scaled(v, scale) for k, v in model.pair_terms(z).items()})
+    return model.total(terms, lam)
 
 
 def sum_gradients(params: list[torch.Tensor]) -> None:

@@ -63,11 +63,16 @@ class EagerStep:
 
     def __init__(self, model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer,
                  device: torch.device, bf16: bool = False, loss_fn: Optional[Callable[[dict], dict]] = None,
-                 gather: bool = False):
+                 gather: bool = False, row_terms: Optional[Callable] = None):
+        """loss_fn: model.loss_terms or its compiled version; row_terms: model.row_terms or its compiled
+        version, the first half of a FLAME loss under data parallelism (parallel.loss_terms)."""
         self.model, self.data, self.optimizer, self.device, self.bf16 = model, data, optimizer, device, bf16
         self.loss_fn = loss_fn or model.loss_terms
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.distributed, self.gather = parallel.world() > 1, gather
+        # FLAME under data parallelism: the loss in two halves, scaled and gathered between them
+        self.split = self.distributed and hasattr(model, "row_terms")
+        self.row_terms = row_terms
         # sampled paths (flame.num_paths) must be the same on every rank: rank 0's are broadcast
         self.sampled = self.distributed and bool(getattr(getattr(model, "cfg", None), "num_paths", 0))
         self.sums: dict[tuple, list] = {}  # key tuple -> [stacked running sum, steps]
@@ -78,11 +83,14 @@ class EagerStep:
     def __call__(self, index: torch.Tensor, lam: float) -> None:
         index, extra = parallel.shard(index, self.gather)
         self.optimizer.zero_grad(set_to_none=True)
-        batch = {"seq": self.data.train_seq[index], "target": self.data.train_target[index], "lam": lam, **extra}
+        batch = {"seq": self.data.train_seq[index], "target": self.data.train_target[index], "lam": lam}
+        if not self.split:
+            batch.update(extra)  # a SASRec scales its L_rec by "share" itself
         if self.sampled:
             batch["paths"] = parallel.broadcast(self.model.sample_paths())
         with autocast(self.device, self.bf16):
-            terms = self.loss_fn(batch)
+            terms = parallel.loss_terms(self.model, batch, extra, self.row_terms) if self.split else \
+                self.loss_fn(batch)
         terms["loss"].backward()
         parallel.sum_gradients(self.params)
         self.optimizer.step()
@@ -103,7 +111,9 @@ def make_step(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimize
     gather: all-gather the path representations under data parallelism (flame.gather_negatives)."""
     if tc.cuda_graph:
         return GraphStep(model, data, optimizer, tc.batch_size, device, tc.bf16)
-    return EagerStep(model, data, optimizer, device, tc.bf16, compiled_loss(model, tc), gather)
+    split = parallel.world() > 1 and hasattr(model, "row_terms")
+    return EagerStep(model, data, optimizer, device, tc.bf16, compiled_loss(model, tc), gather,
+                     compiled_loss(model, tc, model.row_terms) if split else None)
 
 
 def _epoch_means(accumulated: list[tuple[tuple, torch.Tensor, int]]) -> dict[str, float]:
