@@ -148,3 +148,33 @@ def test_cuda_graph_run_end_to_end_and_resume_on_gpu(tmp_path):
     main(common + ["train.max_epochs=2", "--run-dir", str(tmp_path / "part")])
     resumed = main(["--resume", str(tmp_path / "part"), "train.max_epochs=3"])
     assert resumed["test"]["reference"]["NDCG@20"] > 0
+
+
+@pytest.mark.parametrize("lambda0, lam, wcl", [(1.0, 0.0, True), (0.0, 0.0, False), (0.0, 0.5, False)])
+def test_graph_step_skips_the_paths_by_lambda0_not_by_its_tensor_lambda(lambda0, lam, wcl):
+    """The captured step never reads its device λ: it passes skip_paths = (λ0 == 0) to loss_terms, so λ(e)
+    reaching 0 under λ0 > 0 (lambdaR = 0) still runs the paths, and λ0 = 0 skips them whatever λ is."""
+    data = small_data()
+    torch.manual_seed(0)
+    backbone = BackboneConfig(d=16, dropout=0.0)
+    model = FLAME(SASRec(backbone, data.num_items, 10), SASRec(backbone, data.num_items, 10),
+                  FlameConfig(lambda0=lambda0))
+    optimizer = make_optimizer(model, SimpleNamespace(lr=1e-2, cuda_graph=False))
+    step = GraphStep(model, data, optimizer, 32, torch.device("cpu"), capture=False)
+    step(torch.arange(32), torch.tensor(lam))
+    assert ("wcl" in step.keys) == wcl
+    step(torch.arange(5), lam)  # an eager partial batch decides from its float λ, as model.loss_terms does
+    assert any(("wcl" in keys) == (lam != 0.0) for keys in step.partial)
+
+
+def test_loss_terms_skips_the_paths_as_its_caller_says():
+    data = small_data()
+    model = small_flame(data.num_items, dropout=0.0)
+    batch = {"seq": data.train_seq[:32], "target": data.train_target[:32]}
+    assert "wcl" not in model.loss_terms({**batch, "lam": 0.0})  # a float 0: nothing to add
+    kept = model.loss_terms({**batch, "lam": torch.tensor(0.0)})  # a tensor λ is not read on the host
+    assert "wcl" in kept and torch.equal(kept["loss"], kept["rec"])  # λ·L_wcl with λ = 0 adds exactly 0
+    skipped = model.loss_terms({**batch, "lam": torch.tensor(0.5)}, skip_paths=True)
+    assert "wcl" not in skipped and torch.equal(skipped["loss"], kept["rec"])
+    forced = model.loss_terms({**batch, "lam": 0.0}, skip_paths=False)
+    assert "wcl" in forced and torch.equal(forced["wcl"], kept["wcl"])

@@ -104,3 +104,38 @@ def test_a_failing_rank_ends_the_launch_in_one_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "rank one cannot read its shard" in lines[0] and "rank 1 of 2" in lines[0], lines
     assert "Traceback" not in done.stderr
+
+
+def small_flame(mutual=False, ml_loss="wcl"):
+    from flame.config import BackboneConfig, FlameConfig
+    from flame.ensemble import FLAME
+    from flame.model import SASRec
+    torch.manual_seed(0)
+    backbone = BackboneConfig(d=16, dropout=0.0)
+    return FLAME(SASRec(backbone, 40, 10), SASRec(backbone, 40, 10), FlameConfig(), mutual=mutual,
+                 ml_loss=ml_loss)
+
+
+@pytest.mark.parametrize("mutual, ml_loss", [(False, "wcl"), (True, "wcl"), (True, "kl")])
+def test_the_parallel_split_is_the_loss_with_its_shares_and_gather_between_the_halves(mutual, ml_loss):
+    """parallel.loss_terms in one process (no extra) is model.loss_terms bit for bit; with shares, the
+    per-row terms are scaled by "share", L_wcl and α by "gathered_share", and "gather" sees the stacked
+    path outputs between the two halves."""
+    from flame import parallel
+    model = small_flame(mutual, ml_loss)
+    g = torch.Generator().manual_seed(3)
+    batch = {"seq": torch.randint(0, 41, (12, 10), generator=g), "target": torch.randint(1, 41, (12,), generator=g),
+             "lam": 0.7}
+    whole = model.loss_terms(batch)
+    alone = parallel.loss_terms(model, batch, {})
+    assert list(alone) == list(whole) and all(torch.equal(alone[k], whole[k]) for k in whole)
+    seen = []
+    extra = {"share": 0.5, "gather": lambda t: seen.append(tuple(t.shape)) or t, "gathered_share": 0.25}
+    split = parallel.loss_terms(model, batch, extra)
+    assert list(split) == list(whole)
+    for key in whole:
+        scale = 0.25 if key == "wcl" or key.startswith("alpha/") else 0.5
+        want = whole[key] * scale if key != "loss" else \
+            sum(whole[k] * 0.5 for k in ("rec", "rec_b", "kl") if k in whole) + 0.7 * 0.25 * whole.get("wcl", 0.0)
+        assert torch.allclose(split[key], want, rtol=1e-6, atol=0), key
+    assert seen == ([] if ml_loss == "kl" else [(4, 12, 16)])  # the 4 paths' (B, d) outputs, stacked
