@@ -9,7 +9,7 @@ import torch
 
 from flame.config import BackboneConfig, FlameConfig
 from flame.ensemble import FLAME
-from flame.model import AveragedLogits, SASRec, keep_mask
+from flame.model import AveragedLogits, SASRec, keep_mask, keep_noise
 
 L, ITEMS = 7, 15
 
@@ -107,6 +107,18 @@ def test_fast_mask_has_the_bernoulli_rate_and_independent_elements():
     assert torch.equal(c, keep_mask((1000,), 0.5))  # seeded by torch's generator: reproducible, resumable
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     assert torch.equal(keep_mask((64,), 0.3, g1), keep_mask((64,), 0.3, g2))  # a run's own generator
+
+
+def test_keep_noise_is_the_mask_divided_bit_for_bit():
+    """keep_noise (one numpy pass) = keep_mask(...).to(dtype).div_(1 - p) from the same generator state."""
+    for dtype in (torch.float32, torch.float64):
+        for p in (0.1, 0.2, 0.3, 0.5, 0.7, 0.95):
+            g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+            old = keep_mask((7, 333), p, g1).to(dtype).div_(1 - p)
+            new = keep_noise((7, 333), p, g2, dtype)
+            assert new.dtype == dtype and new.shape == (7, 333)
+            assert torch.equal(old, new) and torch.equal(old.view(-1).view(torch.uint8), new.view(-1).view(torch.uint8))
+            assert 0 < int((new == 0).sum()) < new.numel()
 
 
 def test_fast_dropout_scales_like_torch_and_only_in_training():
