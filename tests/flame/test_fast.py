@@ -157,3 +157,16 @@ def test_torch_kernels_keep_the_old_stream():
         x = ffn.layernorm(x + F.dropout(ffn.w2(F.gelu(ffn.w1(x))), 0.5, True))
     expected = F.cross_entropy(full.logits(x[:, -1]), b["target"] - 1)
     assert torch.equal(got, expected)
+
+
+def test_keep_freed_memory_is_accepted_by_glibc():
+    """keep_freed_memory's two mallopt calls are accepted (glibc returns 0 for a value out of its range,
+    e.g. an mmap threshold above 32 MiB), in a child process so this one's allocator is left as it is."""
+    import platform
+    import subprocess
+    import sys
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    code = "from flame.fast import keep_freed_memory\nprint(keep_freed_memory())\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
