@@ -26,7 +26,7 @@ from .config import Config
 from .data import build_data, load_raw
 from .ensemble import build_model
 from .evaluate import evaluate
-from .fast import check_graph_options
+from .fast import check_graph_options, keep_freed_memory
 from .train import make_optimizer, make_step, setup_device, synchronize, train_one_epoch
 
 PAPER_DIR = Path(__file__).resolve().parent
@@ -135,6 +135,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args, base = parse(argv)
+    keep_freed_memory()  # as a training run does (flame.main)
     rows, data = [], None
     for variant in args.variants:
         cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, **VARIANTS[variant]))

@@ -32,7 +32,7 @@ from .config import Config
 from .data import build_data, load_raw
 from .ensemble import build_model
 from .evaluate import convergence, evaluate_ensemble, final_metrics, print_table
-from .fast import check_graph_options
+from .fast import check_graph_options, keep_freed_memory
 from .model import sasrec_state
 from .train import fit, make_optimizer, setup_device
 
@@ -126,6 +126,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if resumed.resume is not None:  # before parse_cli reads its config.yaml: a missing, foreign or old
         check_resume_folder(resumed.resume)  # folder gets a one-line explanation
     cfg, options = parse_cli(argv, Config)
+    keep_freed_memory()  # freed tensors stay in the process: no page faults re-zeroing them every step
     return run(cfg, options.resume or options.run_dir, resume=options.resume is not None, overwrite=options.overwrite)
 
 

@@ -36,6 +36,17 @@ def attention_mask(seq: torch.Tensor, mask_value: float, tiles: int = 1) -> torc
 KEEP_BITS = 2**32  # a fast mask draws one uint32 per element: keep iff u >= round(p * 2^32)
 
 
+def _draws(n: int, generator: Optional[torch.Generator]) -> np.ndarray:
+    """n uint32 from numpy's Philox-4x32 keyed by one 63-bit key drawn from `generator` (keep_mask's stream)."""
+    key = int(torch.randint(0, 2**63 - 1, (), generator=generator))
+    raw = np.random.Generator(np.random.Philox(key)).bit_generator.random_raw((n + 1) // 2)
+    return raw.view(np.uint32)[:n]
+
+
+def _kept(drawn: np.ndarray, p: float) -> np.ndarray:
+    return drawn >= np.uint32(min(round(p * KEEP_BITS), KEEP_BITS - 1))
+
+
 @torch.compiler.disable  # host code (numpy): never traced into a graph
 def keep_mask(shape: tuple, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Dropout's keep mask (bool, CPU) from a counter-based stream (§10.1): one 63-bit key drawn from
@@ -43,16 +54,30 @@ def keep_mask(shape: tuple, p: float, generator: Optional[torch.Generator] = Non
     numpy's Philox-4x32 keyed by it gives one uint32 per element; kept with probability
     1 - round(p 2^32)/2^32 (= 1 - p to 2^-32), every element independent. Same Bernoulli law as torch's
     bernoulli_, another stream, ~50x cheaper on the CPU."""
-    n = math.prod(shape)
-    key = int(torch.randint(0, 2**63 - 1, (), generator=generator))
-    raw = np.random.Generator(np.random.Philox(key)).bit_generator.random_raw((n + 1) // 2)
-    drawn = raw.view(np.uint32)[:n]
-    return torch.from_numpy(drawn >= np.uint32(min(round(p * KEEP_BITS), KEEP_BITS - 1))).view(shape)
+    return torch.from_numpy(_kept(_draws(math.prod(shape), generator), p)).view(shape)
+
+
+def dropout_scale(p: float, dtype: torch.dtype = torch.float32) -> float:
+    """1 / (1 - p) rounded as torch's `keep.to(dtype).div_(1 - p)` rounds it (the kept elements' noise)."""
+    return torch.ones(8, dtype=dtype).div_(1 - p)[0].item()
+
+
+@torch.compiler.disable  # host code (numpy): never traced into a graph
+def keep_noise(shape: tuple, p: float, generator: Optional[torch.Generator] = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """keep_mask(shape, p, generator).to(dtype).div_(1 - p), bit for bit and from the same draws, in one numpy
+    pass (no bool -> float conversion and division over the whole tensor). dtype float32 or float64."""
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    kept = _kept(_draws(math.prod(shape), generator), p)
+    return torch.from_numpy(np.multiply(kept, np_dtype(dropout_scale(p, dtype)), dtype=np_dtype)).view(shape)
 
 
 def fast_dropout(x: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """x * keep / (1 - p) with keep_mask's stream (as torch's dropout: noise = keep / (1 - p), out = x * noise)."""
-    noise = keep_mask(tuple(x.shape), p, generator).to(x.device, x.dtype).div_(1 - p)
+    if x.dtype in (torch.float32, torch.float64):
+        noise = keep_noise(tuple(x.shape), p, generator, x.dtype).to(x.device)
+    else:  # bf16 / half: numpy has no such type
+        noise = keep_mask(tuple(x.shape), p, generator).to(x.device, x.dtype).div_(1 - p)
     return x * noise
 
 

@@ -9,7 +9,7 @@ import torch
 
 from flame.config import BackboneConfig, FlameConfig
 from flame.ensemble import FLAME
-from flame.model import AveragedLogits, SASRec, keep_mask
+from flame.model import AveragedLogits, SASRec, keep_mask, keep_noise
 
 L, ITEMS = 7, 15
 
@@ -109,6 +109,18 @@ def test_fast_mask_has_the_bernoulli_rate_and_independent_elements():
     assert torch.equal(keep_mask((64,), 0.3, g1), keep_mask((64,), 0.3, g2))  # a run's own generator
 
 
+def test_keep_noise_is_the_mask_divided_bit_for_bit():
+    """keep_noise (one numpy pass) = keep_mask(...).to(dtype).div_(1 - p) from the same generator state."""
+    for dtype in (torch.float32, torch.float64):
+        for p in (0.1, 0.2, 0.3, 0.5, 0.7, 0.95):
+            g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+            old = keep_mask((7, 333), p, g1).to(dtype).div_(1 - p)
+            new = keep_noise((7, 333), p, g2, dtype)
+            assert new.dtype == dtype and new.shape == (7, 333)
+            assert torch.equal(old, new) and torch.equal(old.view(-1).view(torch.uint8), new.view(-1).view(torch.uint8))
+            assert 0 < int((new == 0).sum()) < new.numel()
+
+
 def test_fast_dropout_scales_like_torch_and_only_in_training():
     model = pair(dropout=0.5)[0]
     drop = model.dropout
@@ -145,3 +157,16 @@ def test_torch_kernels_keep_the_old_stream():
         x = ffn.layernorm(x + F.dropout(ffn.w2(F.gelu(ffn.w1(x))), 0.5, True))
     expected = F.cross_entropy(full.logits(x[:, -1]), b["target"] - 1)
     assert torch.equal(got, expected)
+
+
+def test_keep_freed_memory_is_accepted_by_glibc():
+    """keep_freed_memory's two mallopt calls are accepted (glibc returns 0 for a value out of its range,
+    e.g. an mmap threshold above 32 MiB), in a child process so this one's allocator is left as it is."""
+    import platform
+    import subprocess
+    import sys
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    code = "from flame.fast import keep_freed_memory\nprint(keep_freed_memory())\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
