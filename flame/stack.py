@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import BackboneConfig, FlameConfig
 from .ensemble import FLAME, _nt_xent_batched, path_order
-from .model import SASRec, attention_mask, keep_mask
+from .model import SASRec, attention_mask, keep_mask, keep_noise
 
 Generators = Optional[Sequence[torch.Generator]]
 
@@ -85,8 +85,12 @@ class StackedSASRec(nn.Module):
             return x
         if not self.fast or x.device.type != "cpu" or generators is None:
             return F.dropout(x, p, True)
-        noise = torch.stack([keep_mask(tuple(x.shape[1:]), p, g) for g in generators])
-        return x * noise.to(x.device, x.dtype).div_(1 - p)
+        shape = tuple(x.shape[1:])
+        if x.dtype in (torch.float32, torch.float64):  # keep_noise: the same values as keep_mask's, one numpy pass
+            noise = torch.stack([keep_noise(shape, p, g, x.dtype) for g in generators]).to(x.device)
+        else:
+            noise = torch.stack([keep_mask(shape, p, g) for g in generators]).to(x.device, x.dtype).div_(1 - p)
+        return x * noise
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x (K, ..., din) @ W_k^T + b_k as one batched matmul."""

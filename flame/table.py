@@ -43,7 +43,7 @@ from .config import Config, check_config
 from .data import build_data, load_raw
 from .ensemble import build_model
 from .evaluate import REPORT, convergence, final_metrics, print_table, seen_adjust, leave_one_out_ranks
-from .fast import GraphStep, stacked_terms
+from .fast import GraphStep, keep_freed_memory, stacked_terms
 from .model import lambda_schedule, sasrec_state
 from .stack import StackedFLAME, StackedSASRec
 from .train import Progress, setup_device, synchronize
@@ -526,6 +526,7 @@ def collect(out: Path) -> dict[str, dict[str, list[dict]]]:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    keep_freed_memory()  # as flame.main: freed tensors stay in the process instead of coming back as fresh pages
     args, bases = parse(argv)
     out = args.out.expanduser().resolve()
     if args.report:
