@@ -237,11 +237,6 @@ def set_aside(run_dir: str | Path) -> Path | None:
     return aside
 
 
-def clear_records(run_dir: str | Path) -> Path | None:
-    """Kept for callers of the earlier API: an earlier run's records now move aside (set_aside), never deleted."""
-    return set_aside(run_dir)
-
-
 def refused_folder(run_dir: str | Path, overwrite: bool = False) -> None:
     """The check start_run makes on a fresh run's explicit folder, made early (before data and training):
     a folder another process holds, or one that holds files without `overwrite`, is a one-line error."""
