@@ -132,7 +132,7 @@ def check(command: str, cwd: Path = REPO) -> list[str]:
             done.append(check_python(argv[i + 1], argv[i + 2:], cwd))
         elif head == "make":
             done += check_make(argv[1:])
-        elif head in ("export", "mkdir", "pip", "cp"):
+        elif head in ("export", "mkdir", "pip", "cp", "source"):
             done.append("shell")
         else:
             raise AssertionError(f"no checker for {part!r}")
@@ -198,3 +198,32 @@ def test_a_broken_command_fails(command, monkeypatch):
     monkeypatch.setenv("REPRO_DATA", FAKE_DATA)
     with pytest.raises((AssertionError, SystemExit, ValueError, FileNotFoundError)):
         check(command)
+
+
+def test_overrides_after_a_list_option_are_overrides():
+    """`--seeds 0 1 2 key=value` / `--methods a b key=value`: the override is neither a seed nor a method."""
+    import argparse
+
+    from common.config import parse_with_overrides
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--methods", nargs="+", default=["ft"])
+    parser.add_argument("--out")
+    parser.add_argument("overrides", nargs="*")
+    args = parse_with_overrides(parser, ["--methods", "ft", "arm", "backbone.name=fedncf", "--seeds", "0", "1",
+                                         "crtr.stopgrad=none", "--out=a=b", "x.y=1"])
+    assert args.methods == ["ft", "arm"] and args.seeds == [0, 1] and args.out == "a=b"
+    assert args.overrides == ["backbone.name=fedncf", "crtr.stopgrad=none", "x.y=1"]
+
+
+def test_the_dry_run_plan_shows_the_overrides_after_methods(capsys, monkeypatch):
+    """F3CRec's FedNCF line: the overrides after `--methods` reach the config (the plan lists them)."""
+    monkeypatch.setenv("REPRO_DATA", FAKE_DATA)
+    from f3crec.compare import main
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", "f3crec/configs/ml-100k.yaml", "--methods", "ft", "f3crec", "backbone.name=fedncf",
+              "backbone.lr=0.05", "--seeds", "1", "2", "method.eps=0.001", "--dry-run"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0
+    assert "['ft', 'f3crec'] x seeds [1, 2]" in out
+    assert "backbone.name = 'fedncf'" in out and "backbone.lr = 0.05" in out and "method.eps = 0.001" in out
