@@ -1,8 +1,8 @@
 """Every shell command in the READMEs parses through the CLI it calls (item 1 of issue 22).
 
 Collected: each line of the fenced ```bash/```sh/```console blocks of README.md and the three papers' READMEs
-(backslash continuations joined, `#` comments dropped, `&&` chains split, `cd <paper>` followed), and F3CRec's
-inline `ARGS="... --methods ..."` examples of its results section (run through `make f3crec-compare`).
+(backslash continuations joined, `#` comments dropped, `&&` chains split, `cd <paper>` followed), the complete
+inline `make ...` / `python -m ...` spans of their prose, and F3CRec's inline `ARGS="... --methods ..."` examples of its results section (run through `make f3crec-compare`).
 Checked, without reading data or training:
 - `python -m <paper>.main|compare ...` and `cd <paper> && python main.py ...`: the module's own parser with
   `--dry-run` (config resolved, overrides applied, check_config run, exit 0); `torchrun`/`accelerate launch`/
@@ -60,7 +60,15 @@ def _f3crec_args() -> list[str]:
     return sorted({m for m in re.findall(r'`ARGS="([^"`]*--methods[^"`]*)"`', text)})
 
 
-ALL = [(readme, cmd) for readme in READMES for cmd in _commands(readme)]
+def _inline(readme: str) -> list[str]:
+    """Inline `make ...` / `python -m ...` spans that give variables, overrides or options and no placeholder
+    (`…`, `<run>`, `[optional]`, `DATA=NAME`): complete commands written in the prose."""
+    spans = re.findall(r"`((?:make|python -m) [^`]+)`", (REPO / readme).read_text())
+    return [" ".join(s.split()) for s in spans
+            if not any(x in s for x in ("…", "...", "<", "[", "=NAME")) and re.search(r"=|--", s)]
+
+
+ALL = [(readme, cmd) for readme in READMES for cmd in dict.fromkeys(_commands(readme) + _inline(readme))]
 
 
 def _tokens(command: str) -> list[str]:
@@ -93,9 +101,8 @@ def check_python(module: str, argv: list[str], cwd: Path = REPO) -> str:
         return "dry run"
     if module.endswith(".launch"):  # <paper>.launch --nproc N -- <paper>.main's arguments
         return check_python(module.replace("launch", "main"), argv[argv.index("--") + 1:], cwd)
-    if module == "flame.table":
-        from flame.table import parse
-        parse(argv)
+    if module in ("flame.table", "flame.bench"):  # their own parse(): options and config, no data read
+        importlib.import_module(module).parse(argv)
         return "parse()"
     importlib.import_module(module)
     return "module imported"
@@ -146,7 +153,7 @@ def check_make(argv: list[str]) -> list[str]:
                           env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, f"make -n {' '.join(argv)}: {proc.stderr.strip()}"
     done = [f"make -n {argv[0]}"]
-    for line in proc.stdout.splitlines():
+    for line in proc.stdout.replace("\\\n", " ").splitlines():
         if re.search(r"(^|\s)python -m ", line) and "pytest" not in line and "pip install" not in line:
             tokens = shlex.split(line)
             while tokens and "=" in tokens[0] and not tokens[0].startswith("-"):
