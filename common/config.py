@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -284,6 +285,46 @@ def describe(cls: type, defaults: Any = None, prefix: str = "") -> list[str]:
     return lines
 
 
+def is_override(token: str) -> bool:
+    """A bare `key=value` token (not an option, not an option's `--opt=value`)."""
+    return "=" in token and not token.startswith("-")
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parser.parse_args, with every bare `key=value` token taken as a config override wherever it stands:
+    `--seeds 0 1 2 crtr.stopgrad=none` and `--methods ft arm train.lr=0.1` no longer swallow the override.
+    The parser's positional `overrides` receives them (in their order), after any other positional token."""
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args([t for t in tokens if not is_override(t)])
+    args.overrides = [*getattr(args, "overrides", []), *[t for t in tokens if is_override(t)]]
+    return args
+
+
+def dry_run_plan(cls: type, cfg: Any, config_path: Path | None, what: str) -> None:
+    """`--dry-run`: check the resolved config (the schema module's check_config), print what the command
+    would do and the keys that differ from the defaults, and exit 0; no data is read, nothing is run."""
+    check = getattr(sys.modules.get(cls.__module__), "check_config", None)
+    if check is not None:
+        check(cfg)
+    default, resolved = _flatten(config_to_dict(cls())), _flatten(config_to_dict(cfg))
+    changed = {k: v for k, v in resolved.items() if default.get(k, object()) != v}
+    print(f"dry run: {what}; config {config_path or 'defaults'}; "
+          f"{len(changed)} key(s) differ from the defaults; nothing read or run")
+    for key, value in changed.items():
+        print(f"  {key} = {value!r}")
+    raise SystemExit(0)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def parse_cli(argv: Sequence[str] | None, cls: type[T],
               default_config: str | Path | None = None) -> tuple[T, argparse.Namespace]:
     """Parse `--config PATH [--resume RUN_DIR] [--run-dir DIR] [--overwrite] key=value ...` into (cfg, options).
@@ -303,8 +344,10 @@ def parse_cli(argv: Sequence[str] | None, cls: type[T],
     parser.add_argument("--run-dir", type=Path, default=None, help="write the run here instead of runs/...")
     parser.add_argument("--overwrite", action="store_true",
                         help="let a fresh run use a --run-dir that holds files: they move into previous-<time>/")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="resolve and check the config, print the plan and exit 0 (reads no data)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
-    options = parser.parse_args(list(argv) if argv is not None else None)
+    options = parse_with_overrides(parser, argv)
     config_path = options.config
     if options.resume is not None and options.run_dir is not None and options.run_dir != options.resume:
         raise ConfigError(f"--resume {options.resume} and --run-dir {options.run_dir}: a resume continues in "
@@ -327,4 +370,7 @@ def parse_cli(argv: Sequence[str] | None, cls: type[T],
     if options.resume is not None:  # one line now, before any data is read
         saved = load_config(cls, options.resume / "config.yaml")
         resume_changes(config_to_dict(saved), config_to_dict(cfg), getattr(cls, "RESUME_FREE", ()), options.resume)
+    if options.dry_run:
+        dry_run_plan(cls, cfg, options.config, f"one {cls.__module__.split('.')[0]} run"
+                     + (f", resuming {options.resume}" if options.resume is not None else ""))
     return cfg, options

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
-from common.config import load_config
+from common.config import dry_run_plan, load_config, parse_with_overrides
 from common.runs import default_run_root, run_or_reuse
 
 from .config import Config, MethodName
@@ -78,13 +78,16 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--out", type=Path, default=None, help="default <run root>/f3crec/compare/<config stem>")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides passed to every run")
-    args = parser.parse_args(argv)
+    parser.add_argument("--dry-run", action="store_true", help="check the config, print the plan and exit 0")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides passed to every run (anywhere)")
+    args = parse_with_overrides(parser, argv)
     unknown = sorted(set(args.methods) - set(get_args(MethodName)))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(get_args(MethodName))}")
     base = load_config(Config, args.config, args.overrides)
     out = args.out or Path(base.run_root or default_run_root()) / "f3crec" / "compare" / Path(args.config).stem
+    if args.dry_run:
+        dry_run_plan(Config, base, args.config, f"compare {args.methods} x seeds {args.seeds} into {out}")
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         for method in args.methods:

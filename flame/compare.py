@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common.config import load_config
+from common.config import dry_run_plan, load_config, parse_with_overrides
 from common.io import load_json, save_json
 from common.runs import default_run_root, read_metrics, run_or_reuse
 
@@ -167,9 +167,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--models", nargs="+", default=["sasrec", "flame"],
                         choices=["sasrec", "flame", "mutual", "ensemble"], help="values of method.name")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=3e-4")
-    args = parser.parse_intermixed_args(argv)
+    parser.add_argument("--dry-run", action="store_true", help="check the config, print the plan and exit 0")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides (anywhere), e.g. train.lr=3e-4")
+    args = parse_with_overrides(parser, argv)
     stamp = f"compare_{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.runs and args.dry_run:
+        print(f"dry run: tabulate {len(args.runs)} finished run folder(s); nothing read or run")
+        raise SystemExit(0)
     if args.runs:
         all_results = from_runs(args.runs)
         first = next(iter(all_results.values()))[0]
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     base = load_config(Config, args.config, args.overrides)
     out_dir = args.out or run_root(base.run_root) / "flame" / base.data.name / stamp
     methods = ["sasrec"] + [m for m in args.models if m != "sasrec"]
+    if args.dry_run:
+        dry_run_plan(Config, base, args.config, f"compare {methods} x seeds {args.seeds} into {out_dir}")
     all_results = run_seeds(base, args.seeds, methods, out_dir)
     write_summary(all_results, args.seeds, out_dir)
     return all_results

@@ -13,12 +13,12 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common.config import load_config
+from common.config import dry_run_plan, load_config, parse_with_overrides
 from common.io import git_sha, save_json
 from common.runs import default_run_root, read_metrics, run_or_reuse
 from common.cli import run_cli
 
-from .config import Config
+from .config import Config, check_config
 from .main import run
 
 VARIANTS = {
@@ -91,9 +91,15 @@ def compare(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for compare.json/.md (default: <run root>/vlm2rec/compare/<config>)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    parser.add_argument("--dry-run", action="store_true", help="check the config, print the plan and exit 0")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides passed to every run (anywhere)")
+    args = parse_with_overrides(parser, argv)
     out_dir = args.out or default_run_root() / "vlm2rec" / "compare" / Path(args.config).stem
+    if args.dry_run:
+        for variant in args.variants:  # every variant's config resolves and passes its checks
+            check_config(load_config(Config, args.config, [*VARIANTS[variant], *args.overrides]))
+        dry_run_plan(Config, load_config(Config, args.config, args.overrides), args.config,
+                     f"compare {args.variants} x seeds {args.seeds} into {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {}
     for variant in args.variants:
