@@ -13,8 +13,14 @@ PyYAML 1.1) becomes a float. Ranges are declared in the schema with `Annotated`:
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import sys
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -272,16 +278,58 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+@functools.lru_cache(maxsize=None)
+def field_comments(cls: type) -> dict[str, str]:
+    """{field: its meaning} for a config dataclass, read from the comment written after each field in the
+    class's own source (a trailing `# ...` and the comment-only lines that continue it), joined into one line.
+    The source is the single place the meaning is written; a field without a comment (or a class whose
+    source is unavailable) has none here."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, str] = {}  # line number -> comment text
+    code_lines: set[int] = set()
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                                  tokenize.ENDMARKER):
+                code_lines.update(range(tok.start[0], tok.end[0] + 1))
+        tree = ast.parse(source)
+    except (SyntaxError, tokenize.TokenError):
+        return {}
+    body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef)), [])
+    out = {}
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        line = node.end_lineno or node.lineno
+        parts = [comments[line]] if line in comments else []
+        line += 1
+        while parts and line in comments and line not in code_lines:  # a comment-only continuation line
+            parts.append(comments[line])
+            line += 1
+        text = " ".join(" ".join(parts).split())
+        if text:
+            out[node.target.id] = text
+    return out
+
+
 def describe(cls: type, defaults: Any = None, prefix: str = "") -> list[str]:
-    """One line per config key: `section.key  type  (default: value)`, sections in schema order."""
+    """One line per config key: `section.key  type  (default: value)  meaning`, sections in schema order;
+    the meaning is the comment next to the field in the schema's source (field_comments)."""
     defaults = cls() if defaults is None else defaults
+    meanings = field_comments(cls)
     lines = []
     for name, (_, annotation) in _fields(cls).items():
         key, value = f"{prefix}{name}", getattr(defaults, name)
         if _is_section(annotation) and dataclasses.is_dataclass(value):
             lines += describe(type(value), value, f"{key}.")
         else:
-            lines.append(f"  {key:<34} {_type_name(annotation):<28} (default: {value!r})")
+            meaning = f"  {meanings[name]}" if name in meanings else ""
+            lines.append(f"  {key:<34} {_type_name(annotation):<28} (default: {value!r}){meaning}")
     return lines
 
 

@@ -40,6 +40,47 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def a_matrix_figure(results: dict[str, list[dict]], metric: str = "ndcg", label: str = "NDCG@20"):
+    """The a_{t,i} heat-maps, one panel per method in a grid (at most 3 columns), all on ONE colour scale
+    (shared vmin/vmax, one colorbar) so the methods can be compared cell by cell; each cell is also written
+    out as a number. Returns the matplotlib figure (the caller saves and closes it)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    grids = {}
+    for method, runs in results.items():
+        size = len(runs[0]["summary"][metric]["a"])
+        grid = np.full((size, size), np.nan)
+        for t in range(size):
+            grid[t, : t + 1] = np.mean([r["summary"][metric]["a"][t] for r in runs], axis=0)
+        grids[method] = grid
+    values = np.concatenate([g[np.isfinite(g)] for g in grids.values()] or [np.zeros(1)])
+    norm = matplotlib.colors.Normalize(vmin=float(values.min()), vmax=float(values.max()))
+    cols = min(3, len(grids))
+    rows = -(-len(grids) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1.2, 3.2 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    image = None
+    for ax, (method, grid) in zip(axes.flat, grids.items()):
+        image = ax.imshow(grid, cmap="viridis", norm=norm)
+        size = grid.shape[0]
+        ax.set(title=method, xlabel="evaluated on block i", ylabel="after training block t",
+               xticks=range(size), yticks=range(size))
+        if size <= 6:
+            middle = (norm.vmin + norm.vmax) / 2
+            for t in range(size):
+                for i in range(t + 1):
+                    ax.text(i, t, f"{grid[t, i]:.3f}", ha="center", va="center", fontsize=7,
+                            color="black" if grid[t, i] > middle else "white")
+    for ax in list(axes.flat)[len(grids):]:
+        ax.set_visible(False)
+    seeds = max(len(runs) for runs in results.values())
+    fig.suptitle(f"a(t,i): test {label} on block i after block t, mean over {seeds} seed(s)")
+    fig.colorbar(image, ax=axes, shrink=0.8, label=f"test {label}")
+    return fig
+
+
 def plots(results: dict[str, list[dict]], out: Path) -> list[Path]:
     """a_{t,i} heat-map per method and LA/RA per block (NDCG@20), averaged over seeds. Needs matplotlib."""
     import matplotlib
@@ -47,28 +88,21 @@ def plots(results: dict[str, list[dict]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
     written = []
-    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3), squeeze=False)
-    for ax, (method, runs) in zip(axes[0], results.items()):
-        size = len(runs[0]["summary"]["ndcg"]["a"])
-        grid = np.full((size, size), np.nan)
-        for t in range(size):
-            grid[t, : t + 1] = np.mean([r["summary"]["ndcg"]["a"][t] for r in runs], axis=0)
-        image = ax.imshow(grid, cmap="viridis")
-        ax.set(title=method, xlabel="block evaluated i", ylabel="after block t")
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
+    fig = a_matrix_figure(results)
     written.append(out / "a_matrix_ndcg20.png")
     fig.savefig(written[-1], dpi=120)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True, layout="constrained")
     for method, runs in results.items():
         for ax, key in zip(axes, ("LA", "RA")):
             curve = np.mean([[b[key] for b in r["summary"]["ndcg"]["per_block"]] for r in runs], axis=0)
             ax.plot(range(len(curve)), curve, marker="o", label=method)
-            ax.set(title=f"{key} (NDCG@20)", xlabel="block t")
-    axes[0].legend()
-    fig.tight_layout()
+            ax.set(title=f"{key} (NDCG@20)", xlabel="after block t", xticks=range(len(curve)))
+    axes[0].set_ylabel("test NDCG@20 (mean over seeds)")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     written.append(out / "la_ra_per_block.png")
     fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
     return written
 
 

@@ -72,6 +72,55 @@ def branch_grad_norms(named: dict[str, torch.Tensor]) -> dict[str, float]:
 
 PLOT_KEYS = ("grad_ratio_u", "grad_ratio_e", "loss_text", "loss_image", "gamma", "valid_full_image_NDCG@10",
              "valid_erank_image", "valid_erank_text")
+# key -> (panel title, y-axis label); panels whose values are compared share a row and a y axis
+PLOT_LABELS = {
+    "grad_ratio_u": ("user branch: text / image gradient", "grad-norm ratio (log)"),
+    "grad_ratio_e": ("item branch: text / image gradient", "grad-norm ratio (log)"),
+    "loss_text": ("text InfoNCE", "loss"),
+    "loss_image": ("image InfoNCE", "loss"),
+    "gamma": ("WPCL weight γ", "γ"),
+    "valid_full_image_NDCG@10": ("validation NDCG@10 (image, full)", "NDCG@10"),
+    "valid_erank_image": ("effective rank: image", "effective rank"),
+    "valid_erank_text": ("effective rank: text", "effective rank"),
+}
+SHARED_Y = (("grad_ratio_u", "grad_ratio_e"), ("loss_text", "loss_image"), ("valid_erank_image", "valid_erank_text"))
+PLOT_COLUMNS = 4
+
+
+def diagnostics_figure(records: list[dict], title: str = ""):
+    """The diagnostics panels in a grid of PLOT_COLUMNS columns, each with a title and axis labels; the
+    pairs that are compared (the two gradient ratios, the two losses, the two effective ranks) share their
+    y axis. None when no record holds a key of PLOT_KEYS."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in PLOT_KEYS if any(k in r for r in records)]
+    if not keys:
+        return None
+    cols = min(PLOT_COLUMNS, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows + 0.5), squeeze=False,
+                             layout="constrained")
+    panel = {}
+    for axis, key in zip(axes.flat, keys):
+        points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
+        name, ylabel = PLOT_LABELS.get(key, (key, key))
+        axis.set(title=name, xlabel="training step", ylabel=ylabel)
+        axis.title.set_fontsize(9)
+        if key.startswith("grad_ratio") and points and min(p[1] for p in points) > 0:
+            axis.set_yscale("log")
+            axis.axhline(1.0, color="grey", lw=0.8, ls="--")  # balanced modalities
+        panel[key] = axis
+    for pair in SHARED_Y:
+        shown = [panel[k] for k in pair if k in panel]
+        if len(shown) == 2:
+            shown[1].sharey(shown[0])
+    for axis in list(axes.flat)[len(keys):]:
+        axis.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
@@ -82,17 +131,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    records = read_metrics(run_dir)
-    keys = [k for k in PLOT_KEYS if any(k in r for r in records)]
-    if not keys:
+    fig = diagnostics_figure(read_metrics(run_dir), f"VLM2Rec collapse diagnostics: {Path(run_dir).name}")
+    if fig is None:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-    for axis, key in zip(axes[0], keys):
-        points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
-        axis.set_title(key, fontsize=9)
-        axis.set_xlabel("step")
-    fig.tight_layout()
     path = Path(out) if out is not None else Path(run_dir) / "diagnostics.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
