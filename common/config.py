@@ -234,11 +234,12 @@ def config_to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a.b": leaf} of a nested config dict (an empty section stays as one leaf)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -250,7 +251,7 @@ def resume_changes(saved: dict, now: dict, free: Sequence[str] = (), run_dir: An
     ConfigError: a resume runs exactly the saved config. `run_root` is always free; a key the saved
     config lacks (an older version's run) counts as unchanged."""
     free = {"run_root", *free}  # where new run folders go: a resume runs in its own folder
-    old, new = _flat(saved), _flat(now)
+    old, new = flatten(saved), flatten(now)
     changed = {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
                if key in old and key in new and old[key] != new[key]}
     refused = [key for key in changed if key not in free]
@@ -354,23 +355,13 @@ def dry_run_plan(cls: type, cfg: Any, config_path: Path | None, what: str) -> No
     check = getattr(sys.modules.get(cls.__module__), "check_config", None)
     if check is not None:
         check(cfg)
-    default, resolved = _flatten(config_to_dict(cls())), _flatten(config_to_dict(cfg))
+    default, resolved = flatten(config_to_dict(cls())), flatten(config_to_dict(cfg))
     changed = {k: v for k, v in resolved.items() if default.get(k, object()) != v}
     print(f"dry run: {what}; config {config_path or 'defaults'}; "
           f"{len(changed)} key(s) differ from the defaults; nothing read or run")
     for key, value in changed.items():
         print(f"  {key} = {value!r}")
     raise SystemExit(0)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def parse_cli(argv: Sequence[str] | None, cls: type[T],

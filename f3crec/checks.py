@@ -13,7 +13,7 @@ from typing import Optional
 
 import yaml
 
-from common.config import ConfigError, config_to_dict
+from common.config import ConfigError, config_to_dict, flatten
 from common.io import check_writable
 from common.runs import (check_resume_folder as common_check_resume_folder, checkpoint_identity, default_run_root,
                          load_checkpoint, paper_of as logged_paper, refused_folder)
@@ -78,20 +78,10 @@ def check_resume_folder(run_dir: Path) -> dict:
     return ckpt
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_same_run(cfg: Config, run_dir: Path) -> None:
     """The resumed run's keys that decide its numbers equal this command's (RESUME_FREE aside); the
     simulator is one of them (a Flower run's last.pt keeps no client state: the nodes do, §14)."""
-    saved, now = _flat(_saved_config(run_dir)), _flat(config_to_dict(cfg))
+    saved, now = flatten(_saved_config(run_dir)), flatten(config_to_dict(cfg))
     changed = [key for key in sorted(set(saved) | set(now))
                if key not in RESUME_FREE and saved.get(key, now.get(key)) != now.get(key)]
     if changed:
