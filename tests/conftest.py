@@ -7,6 +7,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# F3CRec's Flower App and the short smoke run its deployment and simulation tests share.
+FLOWER_APP, FLOWER_PACKAGES = ROOT / "f3crec" / "flower" / "app", ["f3crec", "common"]
+F3CREC_SMOKE = ROOT / "f3crec" / "configs" / "smoke.yaml"
+FLOWER_SHORT = ["federation.rounds=2", "federation.patience=1", "train.stop_after_block=1"]   # 2 blocks, 2 rounds each
+
 
 def shared_data_root() -> Path | None:
     """REPRO_DATA if set, else ../shared/data beside the checkout; None when neither exists."""
@@ -93,3 +98,10 @@ def late_joiner_blocks(folder: Path, seed: int = 1) -> Path:
                                    stream["timestamp"])
     write_blocks(folder, build_blocks(stream, seed, core=3), {"dataset": "synthetic-late-joiners"})
     return folder
+
+
+def flower_records(run_dir: Path) -> list[dict]:
+    """The round records of a run's metrics.jsonl that two F3CRec federations must agree on."""
+    import json
+    keep = ("block", "round", "val_ndcg", "val_recall", "D_mean", "m_mean", "m_hist", "D_hist", "itm_w", "lost_users")
+    return [{k: r[k] for k in keep if k in r} for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]

@@ -30,17 +30,10 @@ from common.runs import load_checkpoint  # noqa: E402
 from f3crec.config import Config  # noqa: E402
 from f3crec.main import run  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-APP, PACKAGES = REPO / "f3crec" / "flower" / "app", ["f3crec", "common"]
-SMOKE = REPO / "f3crec" / "configs" / "smoke.yaml"
-SHORT = ["federation.rounds=2", "federation.patience=1", "train.stop_after_block=1"]   # 2 blocks, 2 rounds each
+from conftest import FLOWER_APP as APP, FLOWER_PACKAGES as PACKAGES, FLOWER_SHORT as SHORT  # noqa: E402
+from conftest import F3CREC_SMOKE as SMOKE, flower_records as _records  # noqa: E402
 deployment = pytest.mark.skipif(os.environ.get("REPRO_FLOWER_DEPLOY") != "1",
                                 reason="starts a SuperLink and SuperNodes (minutes): set REPRO_FLOWER_DEPLOY=1")
-
-
-def _records(run_dir: Path) -> list[dict]:
-    keep = ("block", "round", "val_ndcg", "val_recall", "D_mean", "m_mean", "m_hist", "D_hist", "itm_w", "lost_users")
-    return [{k: r[k] for k in keep if k in r} for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
 def _oracle(tmp_path: Path, simulator: str, nodes: int, extra=()) -> dict:

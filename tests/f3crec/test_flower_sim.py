@@ -6,7 +6,6 @@ Without Ray the launcher says which extra, in one line, before any process start
 """
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -19,15 +18,8 @@ from common.flower_ops import alive  # noqa: E402
 from f3crec.config import Config  # noqa: E402
 from f3crec.main import run  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-APP, PACKAGES = REPO / "f3crec" / "flower" / "app", ["f3crec", "common"]
-SMOKE = REPO / "f3crec" / "configs" / "smoke.yaml"
-SHORT = ["federation.rounds=2", "federation.patience=1", "train.stop_after_block=1"]   # 2 blocks, 2 rounds each
-
-
-def _records(run_dir: Path) -> list[dict]:
-    keep = ("block", "round", "val_ndcg", "val_recall", "D_mean", "m_mean", "m_hist", "D_hist", "itm_w", "lost_users")
-    return [{k: r[k] for k in keep if k in r} for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+from conftest import FLOWER_APP as APP, FLOWER_PACKAGES as PACKAGES, FLOWER_SHORT as SHORT  # noqa: E402
+from conftest import F3CREC_SMOKE as SMOKE, flower_records as _records  # noqa: E402
 
 
 @pytest.mark.slow
