@@ -97,6 +97,7 @@ class TrainConfig:
     #                 or "default" = common.io.cache_root()/f3crec/base; null/off/false are refused (share_base says whether)
     threads: PosInt = 1              # torch's intra-op threads: sums, so the numbers, depend on it; keyed and recorded
     device: Literal["auto", "cpu", "cuda"] = "cpu"   # where the vectorised simulator keeps its tensors
+    track: Optional[Literal["tensorboard", "wandb", "mlflow"]] = None  # experiment tracker fed every metrics.jsonl record (common/tracking.py); null = off
 
 
 @dataclass
@@ -116,7 +117,7 @@ class Config:
     RESUME_FREE: ClassVar[tuple[str, ...]] = ("run_root", "methods", "train.stop_after_block", "train.device",
                                               "train.share_base", "train.base_cache", "federation.nodes",
                                               "federation.min_reply_fraction", "federation.reply_timeout",
-                                              "federation.node_state_dir")
+                                              "federation.node_state_dir", "train.track")
 
 
 def check_config(cfg: Config) -> None:

@@ -90,6 +90,7 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode
     cuda_graph: bool = False  # capture the whole step as one CUDA graph (speed option, GPU only; changes dropout's stream)
     sasrec_run: Optional[str] = None  # SASRec run folder (same seed) for §12's convergence; None = stage-1 run
+    track: Optional[Literal["tensorboard", "wandb", "mlflow"]] = None  # experiment tracker fed every metrics.jsonl record (common/tracking.py); null = off
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Config:
     # epochs, where it stops, not the numbers of the epochs it shares (float-level device differences aside).
     # max_epochs only where λ's horizon does not follow it (checks.check_more_epochs, quirk 10). A resume
     # finds its frozen net through its last.pt, not the run root. Every other key is the saved run's.
-    RESUME_FREE: ClassVar[tuple[str, ...]] = ("train.device", "run_root", "train.max_epochs")
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("train.device", "run_root", "train.max_epochs", "train.track")
 
 
 def check_config(cfg: Config) -> None:

@@ -155,6 +155,7 @@ class TrainConfig:
     hard_negatives: NonNegInt = 0              # [R] per pair, mined each epoch from the fused item table (0 = off)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"   # accelerate's flag; real backbones load in bf16
+    track: Optional[Literal["tensorboard", "wandb", "mlflow"]] = None  # experiment tracker fed every metrics.jsonl record (common/tracking.py); null = off
 
 
 @dataclass
@@ -208,7 +209,7 @@ class Config:
     seqrec: SeqRecConfig = field(default_factory=SeqRecConfig)
     # What `--resume` may change (recorded in log.txt and results.json): where and on what the run goes, not
     # its numbers (float-level device differences aside); max_epochs is not among them (it sets the schedule).
-    RESUME_FREE: ClassVar[tuple[str, ...]] = ("train.device", "run_root", "tag")
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("train.device", "run_root", "tag", "train.track")
 
 
 def check_config(cfg: Config) -> None:
