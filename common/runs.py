@@ -9,7 +9,8 @@ A config with a `train.track` key (null | tensorboard | wandb | mlflow) also sen
 that experiment tracker (common/tracking.py): start_run opens it, log_metrics feeds it, write_results closes it.
 
 Runs go under `<run root>/<paper>/<dataset>/<stamp>_<tag>/`; the run root is a paper's `run_root` key,
-else $REPRO_RUNS, else `<repo>/runs` (the folder that holds common/), whatever the current directory.
+else $REPRO_RUNS, else `<repo>/runs` (the folder that holds common/), whatever the current directory; when
+common/ is an installed package (not a source tree), `./runs` under the current directory.
 
 A run folder has one owner and one identity:
 - a fresh run refuses a folder that holds anything (an earlier run's records, a user's files) unless
@@ -42,7 +43,7 @@ import torch
 import yaml
 
 from common.config import ConfigError, config_to_dict, resume_changes
-from common.io import REPO, atomic_write, git_sha, save_json, setting_for
+from common.io import atomic_write, git_sha, project_root, save_json, setting_for
 from common.tracking import check_tracker, open_tracker
 from common.utils import package_versions
 
@@ -168,8 +169,9 @@ def interrupt_hint_text() -> str:
 
 
 def default_run_root() -> Path:
-    """$REPRO_RUNS, else <repo>/runs: the same place from any current directory."""
-    return Path(os.environ.get("REPRO_RUNS") or REPO / "runs").expanduser()
+    """$REPRO_RUNS, else <project>/runs: the source tree's runs/ from any current directory in it, or ./runs
+    when common/ is an installed package (common.io.project_root; never inside site-packages)."""
+    return Path(os.environ.get("REPRO_RUNS") or project_root() / "runs").expanduser()
 
 
 @contextlib.contextmanager
