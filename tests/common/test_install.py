@@ -147,6 +147,7 @@ def test_an_installed_project_runs_and_writes_under_the_working_directory(tmp_pa
     assert {"flame", "vlm2rec", "f3crec", "track", "plot", "fl"} <= set(re.findall(r"^Provides-Extra: (\S+)$", text, re.M))
     core = [line for line in re.findall(r"^Requires-Dist: (.+)$", text, re.M) if "extra ==" not in line]
     assert not [line for line in core if line.startswith(("transformers", "accelerate", "scipy"))], core
+    assert (target / "f3crec" / "flower" / "app" / "pyproject.toml").is_file()   # the Flower App ships too
     before = sorted(str(p.relative_to(target)) for p in target.rglob("*") if "__pycache__" not in p.parts)
     work = tmp_path / "work"
     work.mkdir()
