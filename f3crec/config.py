@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar, Literal, Optional, Union
 from common.config import ConfigError, Fraction, NonNegFloat, PosFloat, PosInt, Range
 
 from common.io import cache_root
+from common.tracking import check_tracker
 
 from .model import BACKBONES
 
@@ -123,6 +124,7 @@ class Config:
 def check_config(cfg: Config) -> None:
     """The rules between keys (each key's own range is declared in the schema above): one ConfigError line
     naming the keys, before any data is read."""
+    check_tracker(cfg.train.track)  # train.track's package is there, else one line naming the pip line
     d = cfg.data
     if d.name == "synthetic" and not d.blocks and d.synthetic_interactions > d.synthetic_users * d.synthetic_items:
         raise ConfigError(f"data.synthetic_interactions={d.synthetic_interactions}: more than the "

@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar, Literal, Optional
 import yaml
 
 from common.config import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
+from common.tracking import check_tracker
 
 DatasetName = Literal["amazon-beauty", "amazon-games", "amazon-sports", "amazon-toys", "yelp", "ml-1m", "synthetic"]
 Seed = Annotated[int, Range(0, 2**32 - 1)]  # numpy seeds must fit in 32 bits
@@ -121,6 +122,7 @@ class Config:
 def check_config(cfg: Config) -> None:
     """The constraints between keys (each key's own range is checked at load time): one line naming them,
     raised before any data is read or any network is trained."""
+    check_tracker(cfg.train.track)  # train.track's package is there, else one line naming the pip line
     bc, fc = cfg.backbone, cfg.flame
     if bc.d % bc.heads:
         raise ConfigError(f"backbone.d={bc.d} must be a multiple of backbone.heads={bc.heads} (§4.3)")

@@ -17,6 +17,7 @@ import yaml
 
 from common.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
 from common.runs import checkpoint_identity
+from common.tracking import check_tracker
 
 DATASETS = ("synthetic", "ml100k-posters", "amazon")
 MODES = ("both", "text", "image")
@@ -214,6 +215,7 @@ class Config:
 
 def check_config(cfg: Config) -> None:
     """Cross-key checks that a type cannot express; ValueError names the key (before any loading)."""
+    check_tracker(cfg.train.track)  # train.track's package is there, else one line naming the pip line
     parts = cfg.eval.select_on.split("/")
     if len(parts) != 3:
         raise ValueError(f"eval.select_on must be protocol/mode/metric, got {cfg.eval.select_on!r}")

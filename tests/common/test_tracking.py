@@ -119,6 +119,16 @@ def test_a_missing_tracker_package_is_one_line_naming_the_pip_line(kind, tmp_pat
     assert not (tmp_path / "f3crec").exists()   # refused before the run folder was claimed
 
 
+@pytest.mark.parametrize("paper", PAPERS)
+def test_a_dry_run_already_names_the_missing_package(paper, capsys):
+    """Each paper's check_config checks train.track, so `--dry-run` (and a real run, before any data) says it."""
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    main = __import__(f"{paper}.main", fromlist=["main"]).main
+    with pytest.raises(ValueError, match="train.track=mlflow needs the mlflow package: pip install mlflow$"):
+        main(["--config", str(ROOT / paper / "configs" / "smoke.yaml"), "train.track=mlflow", "--dry-run"])
+
+
 def test_an_unknown_tracker_is_refused_by_the_config():
     from common.config import ConfigError, load_config
     from flame.config import Config
