@@ -28,27 +28,21 @@ from typing import Any, Optional
 
 from common.config import ConfigError, flatten
 
-# kind -> (the module it needs, the pip line that installs it)
-PACKAGES = {"tensorboard": ("tensorboard", "pip install tensorboard"),
-            "wandb": ("wandb", "pip install wandb"),
-            "mlflow": ("mlflow", "pip install mlflow")}
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # kind -> its package (pip name)
 STEP_KEYS = ("step", "epoch")  # the first one a record holds (as an int) is its x-axis value
 
 
 def check_tracker(kind: Optional[str]) -> None:
-    """A tracker that cannot start here is a one-line error (before anything is written)."""
+    """A tracker that cannot start here is a one-line error naming the pip line (before anything is written)."""
     if kind is None:
         return
     if kind not in PACKAGES:
         raise ConfigError(f"train.track={kind}: not a tracker; choose null, {', '.join(PACKAGES)}")
-    missing = [name for name in ("accelerate", PACKAGES[kind][0]) if importlib.util.find_spec(name) is None]
-    if missing == ["accelerate"]:
-        raise ConfigError(f"train.track={kind} needs the accelerate package: pip install accelerate")
+    missing = [name for name in ("accelerate", PACKAGES[kind]) if importlib.util.find_spec(name) is None]
     if missing:
-        line = PACKAGES[kind][1].replace("pip install ", "pip install accelerate ", 1) if len(missing) > 1 \
-            else PACKAGES[kind][1]
-        raise ConfigError(f"train.track={kind} needs the {' and '.join(missing)} package"
-                                  f"{'s' if len(missing) > 1 else ''}: {line}")
+        plural = "s" if len(missing) > 1 else ""
+        raise ConfigError(f"train.track={kind} needs the {' and '.join(missing)} package{plural}: "
+                          f"pip install {' '.join(missing)}")
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -88,7 +82,7 @@ class Tracker:
         else:
             impl = tracking.MLflowTracker(os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"repro-{self.paper}",
                                           run_name=name)
-        impl.main_process_only = False  # start_run runs on the writing rank only; no accelerate state needed
+        impl.main_process_only = False  # log on the rank that calls it: start_run runs on the writing rank only
         impl.start()
         if self.kind != "tensorboard":
             impl.store_init_configuration({key: value if isinstance(value, (int, float, str, bool)) else str(value)

@@ -129,6 +129,16 @@ def test_a_dry_run_already_names_the_missing_package(paper, capsys):
         main(["--config", str(ROOT / paper / "configs" / "smoke.yaml"), "train.track=mlflow", "--dry-run"])
 
 
+def test_every_missing_package_is_in_the_pip_line(monkeypatch):
+    """Without accelerate (a copied-out FLAME folder has only its core), tensorboard alone is not enough."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("accelerate", "tensorboard")
+                        else real(name, *a))
+    with pytest.raises(ValueError, match=r"needs the accelerate and tensorboard packages: "
+                                         r"pip install accelerate tensorboard$"):
+        check_tracker("tensorboard")
+
+
 def test_an_unknown_tracker_is_refused_by_the_config():
     from common.config import ConfigError, load_config
     from flame.config import Config
