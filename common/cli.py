@@ -5,9 +5,10 @@
 
 Exit status 2 for a bad config, file or value and for an operating-system error (a full disk, a read-only
 or missing folder, a name too long, a symlink loop, out of memory: one line naming the path and the
-setting that chose it), every paper and tool alike, and for a collective that failed because another rank of
-a launch (torchrun, accelerate launch) died (one line pointing to that rank's own error); 130 for Ctrl-C and 143 for SIGTERM (both stop as
-Ctrl-C does: temp files removed, the last checkpoint kept). Set REPRO_DEBUG=1 to see the traceback.
+setting that chose it), every paper and tool alike, and for a collective that failed because another rank
+of a launch (torchrun, accelerate launch) died (one line pointing to that rank's own error); 130 for Ctrl-C
+and 143 for SIGTERM (both stop as Ctrl-C does: temp files removed, the last checkpoint kept). Set
+REPRO_DEBUG=1 to see the traceback.
 Standard library only, so data tools can use it without torch.
 """
 from __future__ import annotations

@@ -35,6 +35,8 @@ def project_root() -> Path:
     """Where runs/ and data/ go by default: the source tree that holds common/ (the same from any current
     directory in it), or the current directory when common/ is an installed package (never site-packages)."""
     return Path.cwd() if installed() else REPO
+
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
