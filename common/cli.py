@@ -5,8 +5,10 @@
 
 Exit status 2 for a bad config, file or value and for an operating-system error (a full disk, a read-only
 or missing folder, a name too long, a symlink loop, out of memory: one line naming the path and the
-setting that chose it), every paper and tool alike; 130 for Ctrl-C and 143 for SIGTERM (both stop as
-Ctrl-C does: temp files removed, the last checkpoint kept). Set REPRO_DEBUG=1 to see the traceback.
+setting that chose it), every paper and tool alike, and for a collective that failed because another rank
+of a launch (torchrun, accelerate launch) died (one line pointing to that rank's own error); 130 for Ctrl-C
+and 143 for SIGTERM (both stop as Ctrl-C does: temp files removed, the last checkpoint kept). Set
+REPRO_DEBUG=1 to see the traceback.
 Standard library only, so data tools can use it without torch.
 """
 from __future__ import annotations
@@ -67,6 +69,16 @@ def _is_out_of_memory(err: BaseException) -> bool:
                                               or "failed to allocate" in text)
 
 
+PEER_GONE = ("closed by peer", "reset by peer", "remote process exited", "communicator was aborted")
+
+
+def _is_peer_failure(err: BaseException) -> bool:
+    """A collective that failed because another rank of the launch died (gloo / NCCL's wording)."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and (type(err).__name__ in ("DistBackendError", "DistNetworkError")
+                                              or any(phrase in text for phrase in PEER_GONE))
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
 
@@ -81,6 +93,10 @@ def run_cli(main: Callable[[], Any]) -> None:
     try:
         main()
     except (*USER_ERRORS, RuntimeError) as err:  # a RuntimeError only when it is torch's out of memory
+        if not os.environ.get("REPRO_DEBUG") and _is_peer_failure(err):  # under torchrun: the cause is elsewhere
+            print(f"error: another rank of this launch failed ({_one_line(err)[:160]}); its own error says why",
+                  file=sys.stderr)
+            sys.exit(2)
         if os.environ.get("REPRO_DEBUG") or (isinstance(err, RuntimeError) and not _is_out_of_memory(err)):
             raise
         print(f"error: {describe_error(err)}", file=sys.stderr)

@@ -22,20 +22,35 @@ from pathlib import Path
 from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parent.parent  # the folder that holds common/ (and the paper folders)
+
+
+def installed() -> bool:
+    """Whether common/ was installed as a package (pip install without -e: site-packages, a --target folder)
+    rather than being part of a source tree (a clone, an editable install, a copied-out paper + common/):
+    pip puts a *.dist-info folder beside the packages it installs, a source tree has none."""
+    return any(REPO.glob("*.dist-info")) or REPO.name in ("site-packages", "dist-packages")
+
+
+def project_root() -> Path:
+    """Where runs/ and data/ go by default: the source tree that holds common/ (the same from any current
+    directory in it), or the current directory when common/ is an installed package (never site-packages)."""
+    return Path.cwd() if installed() else REPO
+
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
 
 
 def data_root(override: str | os.PathLike | None = None) -> Path:
-    """Where raw files live: explicit override (a paper's `data.root`) > $REPRO_DATA > <repo>/data/raw."""
-    return Path(override or os.environ.get("REPRO_DATA") or REPO / "data" / "raw").expanduser()
+    """Where raw files live: explicit override (a paper's `data.root`) > $REPRO_DATA > <project>/data/raw."""
+    return Path(override or os.environ.get("REPRO_DATA") or project_root() / "data" / "raw").expanduser()
 
 
 def cache_root() -> Path:
-    """Where processed artefacts go: $REPRO_CACHE > <repo>/data/processed (never the data root).
+    """Where processed artefacts go: $REPRO_CACHE > <project>/data/processed (never the data root).
     A $REPRO_CACHE that names a file is a one-line error naming the variable."""
-    path = Path(os.environ.get("REPRO_CACHE") or REPO / "data" / "processed").expanduser()
+    path = Path(os.environ.get("REPRO_CACHE") or project_root() / "data" / "processed").expanduser()
     if path.exists() and not path.is_dir():
         setting = f"$REPRO_CACHE={os.environ['REPRO_CACHE']}" if os.environ.get("REPRO_CACHE") else "the cache"
         raise NotADirectoryError(f"{setting}: {path} is a file, not a folder (set $REPRO_CACHE to a folder)")
@@ -51,8 +66,9 @@ def setting_for(path: str | os.PathLike, run_dir: str | os.PathLike | None = Non
         return ""
     runs = "the run folder: --run-dir, run_root or $REPRO_RUNS"
     places = ([(Path(run_dir), runs)] if run_dir is not None else []) + [
-        (Path(os.environ.get("REPRO_RUNS") or REPO / "runs").expanduser(), runs),
-        (Path(os.environ.get("REPRO_CACHE") or REPO / "data" / "processed").expanduser(), "the cache: $REPRO_CACHE"),
+        (Path(os.environ.get("REPRO_RUNS") or project_root() / "runs").expanduser(), runs),
+        (Path(os.environ.get("REPRO_CACHE") or project_root() / "data" / "processed").expanduser(),
+         "the cache: $REPRO_CACHE"),
         (data_root(), "the data root: data.root or $REPRO_DATA")]
     for base, setting in places:
         base = Path(os.path.abspath(base))

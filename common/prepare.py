@@ -24,7 +24,7 @@ import numpy as np
 from common.data import COLUMNS, Interactions, apply_recipe, check_stats, compute_stats, to_sequences, write_sequences
 from common.cli import run_cli
 from common.download import fetch, file_md5, file_sha256, unpack
-from common.io import REPO, atomic_dir, cache_root, check_writable, data_root, exclusive
+from common.io import atomic_dir, cache_root, check_writable, data_root, exclusive, project_root
 from common.registry import DATASETS, dataset_entry, expected_stats, full_recipe
 
 FORMAT_VERSION = 1  # bump when the artefact layout or a transform's semantics change: invalidates caches
@@ -50,7 +50,7 @@ def find_raw(name: str, root: str | os.PathLike | None = None) -> Path:
     """<data root>/<dir>/<file>, else <repo>/data/raw/<dir>/<file>; missing -> FileNotFoundError with a fix."""
     entry = dataset_entry(name)
     candidates = list(dict.fromkeys(base / entry["dir"] / entry["file"]
-                                    for base in (data_root(root), REPO / "data" / "raw")))
+                                    for base in (data_root(root), project_root() / "data" / "raw")))
     for path in candidates:
         if path.is_file():
             return path
@@ -132,7 +132,7 @@ def download_raw(name: str, download_dir: str | os.PathLike | None = None, timeo
     A failure message also says where the file could be put by hand: under the data root `root`.
     """
     entry = dataset_entry(name)
-    base = Path(download_dir) if download_dir else REPO / "data" / "raw"
+    base = Path(download_dir) if download_dir else project_root() / "data" / "raw"
     dest = base / entry["dir"] / entry["file"]
     check_writable(dest.parent, "download folder", "the download folder: <repo>/data/raw unless given")
     with exclusive(dest, f"[prepare] {dest} is being downloaded by another process: waiting for it", remove=True):
@@ -176,7 +176,7 @@ def prepare(name: str, root: str | os.PathLike | None = None, force: bool = Fals
         find_raw(name, root)
     except FileNotFoundError:
         download_raw(name, download_dir, timeout, root)
-        root = download_dir or REPO / "data" / "raw"
+        root = download_dir or project_root() / "data" / "raw"
     out = build_dataset(name, root, force=force)
     meta = json.loads((out / "stats.json").read_text())
     meta["artefact"] = str(out)

@@ -5,8 +5,12 @@
     save_checkpoint(run_dir / "last.pt", {"model": model.state_dict(), "epoch": 1, "rng": rng_state()})
     write_results(run_dir, {"test": {...}, "seed": 42})
 
+A config with a `train.track` key (null | tensorboard | wandb | mlflow) also sends every metrics.jsonl record to
+that experiment tracker (common/tracking.py): start_run opens it, log_metrics feeds it, write_results closes it.
+
 Runs go under `<run root>/<paper>/<dataset>/<stamp>_<tag>/`; the run root is a paper's `run_root` key,
-else $REPRO_RUNS, else `<repo>/runs` (the folder that holds common/), whatever the current directory.
+else $REPRO_RUNS, else `<repo>/runs` (the folder that holds common/), whatever the current directory; when
+common/ is an installed package (not a source tree), `./runs` under the current directory.
 
 A run folder has one owner and one identity:
 - a fresh run refuses a folder that holds anything (an earlier run's records, a user's files) unless
@@ -39,7 +43,8 @@ import torch
 import yaml
 
 from common.config import ConfigError, config_to_dict, resume_changes
-from common.io import REPO, atomic_write, git_sha, save_json, setting_for
+from common.io import atomic_write, git_sha, project_root, save_json, setting_for
+from common.tracking import check_tracker, open_tracker
 from common.utils import package_versions
 
 
@@ -84,6 +89,7 @@ LOCK_NAME = ".run.lock"           # the run folder's owner lock (see the module 
 _HELD: dict[Path, Any] = {}       # run folder (resolved) -> the open lock file this process holds on it
 _RUNS: dict[Path, dict] = {}      # run folder (resolved) -> its identity, written into every last.pt
 _HINTS: list[str] = []            # what Ctrl-C should say instead of naming CURRENT_RUN (interrupt_hint)
+_TRACKERS: dict[Path, Any] = {}   # run folder (resolved) -> its open experiment tracker (train.track)
 
 
 def _named(err: OSError, path: Any) -> OSError:
@@ -163,8 +169,9 @@ def interrupt_hint_text() -> str:
 
 
 def default_run_root() -> Path:
-    """$REPRO_RUNS, else <repo>/runs: the same place from any current directory."""
-    return Path(os.environ.get("REPRO_RUNS") or REPO / "runs").expanduser()
+    """$REPRO_RUNS, else <project>/runs: the source tree's runs/ from any current directory in it, or ./runs
+    when common/ is an installed package (common.io.project_root; never inside site-packages)."""
+    return Path(os.environ.get("REPRO_RUNS") or project_root() / "runs").expanduser()
 
 
 @contextlib.contextmanager
@@ -363,7 +370,10 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
     an explicit `run_dir` that holds anything is refused (one line) unless `overwrite`: then what was there
     moves into `previous-<time>/`. `resume` keeps config.yaml and checks the command's config against it
     (changes outside the config class's RESUME_FREE refused) and last.pt against it (checkpoint_identity).
-    `inputs`: files the run builds on (FLAME's frozen net), recorded in last.pt so a resume uses the same."""
+    `inputs`: files the run builds on (FLAME's frozen net), recorded in last.pt so a resume uses the same.
+    The tracker named by `cfg.train.track` (if any) is checked first and opened for log_metrics."""
+    track = getattr(getattr(cfg, "train", None), "track", None)
+    check_tracker(track)  # a missing package: one line, before any folder exists
     if run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = Path(root).expanduser() if root is not None else default_run_root()
@@ -400,6 +410,10 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
     _RUNS[run_dir.resolve()] = {"config_sha256": digest, "paper": paper, "inputs": dict(inputs or {}),
                                 "resume_changes": changed}
     _tee_stdout(run_dir / "log.txt")
+    close_tracker(run_dir)
+    tracker = open_tracker(track, run_dir, paper, resolved)
+    if tracker is not None:
+        _TRACKERS[run_dir.resolve()] = tracker
     print(f"[{paper}] run dir {run_dir} | git {git_sha()}" + (" | resumed" if resume else ""))
     if aside is not None and resume:
         print(f"the finished run's results.json moved to {aside} (this resume writes a new one)")
@@ -445,13 +459,30 @@ def check_resume_folder(run_dir: str | Path, paper: str, label: str, writer: Any
 
 
 def log_metrics(run_dir: str | Path, record: dict) -> None:
-    """Append one JSON object (one evaluation, epoch or round) to metrics.jsonl."""
+    """Append one JSON object (one evaluation, epoch or round) to metrics.jsonl, and send its numbers to the
+    run's experiment tracker when it has one (train.track)."""
     path = Path(run_dir) / "metrics.jsonl"
     try:
         with open(path, "a") as handle:
             handle.write(json.dumps(record, default=float) + "\n")
     except OSError as err:  # a cut-short last line is what read_metrics leaves out
         raise _named(err, path) from None
+    if _TRACKERS:
+        tracker = _TRACKERS.get(Path(run_dir).resolve())
+        if tracker is not None:
+            tracker.log(record)
+
+
+def close_tracker(run_dir: str | Path | None = None) -> None:
+    """Finish the experiment tracker of `run_dir` (of every run when None): its files flushed and closed."""
+    keys = list(_TRACKERS) if run_dir is None else [Path(run_dir).resolve()]
+    for key in keys:
+        tracker = _TRACKERS.pop(key, None)
+        if tracker is not None:
+            tracker.close()
+
+
+atexit.register(close_tracker)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -490,6 +521,7 @@ def write_results(run_dir: str | Path, results: dict) -> dict:
     if run and run["resume_changes"]:
         full["resume_changes"] = {key: list(pair) for key, pair in run["resume_changes"].items()}
     save_json(Path(run_dir) / "results.json", full)
+    close_tracker(run_dir)
     release_run(run_dir)  # the run's last record: the folder is free again
     return full
 

@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar, Literal, Optional, Union
 from common.config import ConfigError, Fraction, NonNegFloat, PosFloat, PosInt, Range
 
 from common.io import cache_root
+from common.tracking import check_tracker
 
 from .model import BACKBONES
 
@@ -97,6 +98,7 @@ class TrainConfig:
     #                 or "default" = common.io.cache_root()/f3crec/base; null/off/false are refused (share_base says whether)
     threads: PosInt = 1              # torch's intra-op threads: sums, so the numbers, depend on it; keyed and recorded
     device: Literal["auto", "cpu", "cuda"] = "cpu"   # where the vectorised simulator keeps its tensors
+    track: Optional[Literal["tensorboard", "wandb", "mlflow"]] = None  # experiment tracker fed every metrics.jsonl record (common/tracking.py); null = off
 
 
 @dataclass
@@ -116,12 +118,13 @@ class Config:
     RESUME_FREE: ClassVar[tuple[str, ...]] = ("run_root", "methods", "train.stop_after_block", "train.device",
                                               "train.share_base", "train.base_cache", "federation.nodes",
                                               "federation.min_reply_fraction", "federation.reply_timeout",
-                                              "federation.node_state_dir")
+                                              "federation.node_state_dir", "train.track")
 
 
 def check_config(cfg: Config) -> None:
     """The rules between keys (each key's own range is declared in the schema above): one ConfigError line
     naming the keys, before any data is read."""
+    check_tracker(cfg.train.track)  # train.track's package is there, else one line naming the pip line
     d = cfg.data
     if d.name == "synthetic" and not d.blocks and d.synthetic_interactions > d.synthetic_users * d.synthetic_items:
         raise ConfigError(f"data.synthetic_interactions={d.synthetic_interactions}: more than the "

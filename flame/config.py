@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar, Literal, Optional
 import yaml
 
 from common.config import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
+from common.tracking import check_tracker
 
 DatasetName = Literal["amazon-beauty", "amazon-games", "amazon-sports", "amazon-toys", "yelp", "ml-1m", "synthetic"]
 Seed = Annotated[int, Range(0, 2**32 - 1)]  # numpy seeds must fit in 32 bits
@@ -90,6 +91,7 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode
     cuda_graph: bool = False  # capture the whole step as one CUDA graph (speed option, GPU only; changes dropout's stream)
     sasrec_run: Optional[str] = None  # SASRec run folder (same seed) for §12's convergence; None = stage-1 run
+    track: Optional[Literal["tensorboard", "wandb", "mlflow"]] = None  # experiment tracker fed every metrics.jsonl record (common/tracking.py); null = off
 
 
 @dataclass
@@ -114,12 +116,13 @@ class Config:
     # epochs, where it stops, not the numbers of the epochs it shares (float-level device differences aside).
     # max_epochs only where λ's horizon does not follow it (checks.check_more_epochs, quirk 10). A resume
     # finds its frozen net through its last.pt, not the run root. Every other key is the saved run's.
-    RESUME_FREE: ClassVar[tuple[str, ...]] = ("train.device", "run_root", "train.max_epochs")
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("train.device", "run_root", "train.max_epochs", "train.track")
 
 
 def check_config(cfg: Config) -> None:
     """The constraints between keys (each key's own range is checked at load time): one line naming them,
     raised before any data is read or any network is trained."""
+    check_tracker(cfg.train.track)  # train.track's package is there, else one line naming the pip line
     bc, fc = cfg.backbone, cfg.flame
     if bc.d % bc.heads:
         raise ConfigError(f"backbone.d={bc.d} must be a multiple of backbone.heads={bc.heads} (§4.3)")

@@ -7,7 +7,7 @@
     python -m flame.main --run-dir DIR [--overwrite]   # a fresh run in DIR (--overwrite: its files move aside)
     cd flame && python main.py --config configs/smoke.yaml
 method.name = flame (default) | sasrec (B1) | ensemble (B2) | mutual (B3), docs/method.md §11.
-Data parallel: `python -m flame.launch --nproc 2 -- <the same arguments>` (or torchrun / accelerate launch).
+Data parallel: `torchrun --nproc-per-node 2 -m flame.main <the same arguments>` (or `accelerate launch`).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Data parallelism (§10): N processes × B/N samples per rank optimise exactly the 1-process objective at batch B.
 
-    device, is_main = init("auto")                 # one process, or one rank of `python -m flame.launch`
+    device, is_main = init("auto")                 # one process, or one rank of `torchrun -m flame.main`
     local, batch_extra = shard(index, gather=True)  # this rank's rows and how its loss terms are scaled
     sum_gradients(params)                           # one all-reduce (sum) of every gradient per step
 
@@ -35,7 +35,7 @@ TIMEOUT = datetime.timedelta(minutes=10)  # a collective waits at most this long
 
 def init(device_name: str) -> tuple[torch.device, bool]:
     """The device and whether this process writes the run folder. Single process: get_device. Under a
-    launcher that sets WORLD_SIZE > 1 (flame.launch, torchrun, accelerate launch): join the process group
+    launcher that sets WORLD_SIZE > 1 (torchrun, accelerate launch): join the process group
     (gloo on CPU, nccl on GPUs), one GPU per local rank."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return get_device(device_name), True

@@ -30,11 +30,11 @@ from .config import Config, FlameConfig, MethodConfig
 
 def stage1_run(cfg: Config, seed: int) -> tuple[Config, Path]:
     """Config and cache folder of the plain SASRec with `seed`: keyed by data, backbone, train (without
-    the device) and eval, under <run root>/flame/<dataset>/stage1/seed<seed>_<hash>."""
+    the device and the tracker: neither changes its numbers) and eval, under <run root>/flame/<dataset>/stage1/seed<seed>_<hash>."""
     train = dataclasses.replace(cfg.train, seed=seed, sasrec_run=None)
     sub = dataclasses.replace(cfg, method=MethodConfig(name="sasrec"), train=train, flame=FlameConfig())
     keyed = {k: v for k, v in config_to_dict(sub).items() if k in ("data", "backbone", "train", "eval")}
-    keyed["train"] = {k: v for k, v in keyed["train"].items() if k != "device"}
+    keyed["train"] = {k: v for k, v in keyed["train"].items() if k not in ("device", "track")}
     keyed["raw_sha256"] = _raw_digest(cfg)
     key = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(cfg.run_root).expanduser() if cfg.run_root is not None else default_run_root()

@@ -36,7 +36,7 @@ class Step(Protocol):
 
 
 def setup_device(name: str) -> tuple[torch.device, bool]:
-    """Single process: get_device(train.device). Under `python -m flame.launch`, torchrun or
+    """Single process: get_device(train.device). Under torchrun or
     `accelerate launch` (WORLD_SIZE > 1): one rank per device (parallel.init). Returns (device, whether
     this is the process that writes the run folder)."""
     return parallel.init(name)

@@ -17,6 +17,7 @@ import yaml
 
 from common.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
 from common.runs import checkpoint_identity
+from common.tracking import check_tracker
 
 DATASETS = ("synthetic", "ml100k-posters", "amazon")
 MODES = ("both", "text", "image")
@@ -155,6 +156,7 @@ class TrainConfig:
     hard_negatives: NonNegInt = 0              # [R] per pair, mined each epoch from the fused item table (0 = off)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"   # accelerate's flag; real backbones load in bf16
+    track: Optional[Literal["tensorboard", "wandb", "mlflow"]] = None  # experiment tracker fed every metrics.jsonl record (common/tracking.py); null = off
 
 
 @dataclass
@@ -208,11 +210,12 @@ class Config:
     seqrec: SeqRecConfig = field(default_factory=SeqRecConfig)
     # What `--resume` may change (recorded in log.txt and results.json): where and on what the run goes, not
     # its numbers (float-level device differences aside); max_epochs is not among them (it sets the schedule).
-    RESUME_FREE: ClassVar[tuple[str, ...]] = ("train.device", "run_root", "tag")
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("train.device", "run_root", "tag", "train.track")
 
 
 def check_config(cfg: Config) -> None:
     """Cross-key checks that a type cannot express; ValueError names the key (before any loading)."""
+    check_tracker(cfg.train.track)  # train.track's package is there, else one line naming the pip line
     parts = cfg.eval.select_on.split("/")
     if len(parts) != 3:
         raise ValueError(f"eval.select_on must be protocol/mode/metric, got {cfg.eval.select_on!r}")

@@ -1,6 +1,6 @@
 """Data parallelism for VLM2Rec (§7): N processes x B/N pairs per rank optimise the 1-process objective at batch B.
 
-Under `accelerate launch`, torchrun or `python -m vlm2rec.launch` (one process group, gloo on CPUs,
+Under `torchrun -m vlm2rec.main` or `accelerate launch -m vlm2rec.main` (one process group, gloo on CPUs,
 nccl on GPUs) every rank embeds its own rows of the global batch; `gather` then concatenates every
 rank's branch embeddings u^m, e^m, the fused u, e, the targets (and mined negatives) in rank order, with
 gradients flowing back to each rank's own rows. Every rank thus computes the same global objective:

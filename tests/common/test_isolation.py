@@ -148,7 +148,7 @@ QUIRK_WORD = re.compile(r"\bquirks?\s+(\d+)((?:\s*(?:[-–,]|and)\s*\d+)*)", re.
 QUIRK_ID = re.compile(r"\bQ(\d+)\b")
 TAG = re.compile(r"(?<![\w\]\[`])\[([A-Z](?:/[A-Z])*)\](?!\()")
 OUTSIDE = re.compile(r"\.\./shared|shared/(?:specs|data|reviews)|CONVENTIONS\.md|\bspecs?/|\bspec §|"
-                     r"\bthe spec\b|\b[Ii]ssues? #?\d+|\btracker\b")
+                     r"\bthe spec\b|\b[Ii]ssues? #?\d+|\b(?:issue|bug)[- ]tracker\b")  # an experiment tracker is fine
 
 
 def method_anchors(paper: str) -> tuple[set[str], set[int], set[str]]:
@@ -212,4 +212,6 @@ def test_citation_checks_catch_what_they_name():
     assert cited_quirks("see quirks 7-8 and quirk 15; Q3") == {3, 7, 8, 15}
     assert TAG.findall("a [Q] flag, [S/R] detail, list[C] type, [link](x)") == ["Q", "S/R"]
     assert OUTSIDE.search("as ../shared/specs/flame.md says") and OUTSIDE.search("fixed in issue 3")
+    assert OUTSIDE.search("see the issue tracker")
     assert not OUTSIDE.search("the method notes (docs/method.md §7.5)")
+    assert not OUTSIDE.search("train.track=tensorboard: the experiment tracker gets every record")

@@ -5,8 +5,8 @@ Collected: each line of the fenced ```bash/```sh/```console blocks of README.md 
 inline `make ...` / `python -m ...` spans of their prose, and F3CRec's inline `ARGS="... --methods ..."` examples of its results section (run through `make f3crec-compare`).
 Checked, without reading data or training:
 - `python -m <paper>.main|compare ...` and `cd <paper> && python main.py ...`: the module's own parser with
-  `--dry-run` (config resolved, overrides applied, check_config run, exit 0); `torchrun`/`accelerate launch`/
-  `<paper>.launch -- ...` check the `<paper>.main` arguments they pass on;
+  `--dry-run` (config resolved, overrides applied, check_config run, exit 0); `torchrun`/`accelerate launch`
+  check the `<paper>.main` arguments they pass on;
 - `python -m flame.table ...`: its parse(); other modules: importable;
 - `make TARGET VAR=...`: `make -n` with the variables (the target exists), then each python line it would run,
   checked as above. A swallowed override, a wrong order or an unknown key fails.
@@ -99,8 +99,6 @@ def check_python(module: str, argv: list[str], cwd: Path = REPO) -> str:
     if module.split(".")[0] in PAPERS and module.split(".")[1] in ("main", "compare"):
         _call_main(module, argv, cwd)
         return "dry run"
-    if module.endswith(".launch"):  # <paper>.launch --nproc N -- <paper>.main's arguments
-        return check_python(module.replace("launch", "main"), argv[argv.index("--") + 1:], cwd)
     if module in ("flame.table", "flame.bench"):  # their own parse(): options and config, no data read
         importlib.import_module(module).parse(argv)
         return "parse()"
@@ -139,7 +137,7 @@ def check(command: str, cwd: Path = REPO) -> list[str]:
             done.append(check_python(argv[i + 1], argv[i + 2:], cwd))
         elif head == "make":
             done += check_make(argv[1:])
-        elif head in ("export", "mkdir", "pip", "cp", "source"):
+        elif head in ("export", "mkdir", "pip", "cp", "source", "tensorboard"):
             done.append("shell")
         else:
             raise AssertionError(f"no checker for {part!r}")
