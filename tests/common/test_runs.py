@@ -36,7 +36,7 @@ def test_run_directory_files(tmp_path):
     on_disk = json.loads((run / "results.json").read_text())
     assert on_disk == results and on_disk["seed"] == 3
     assert torch.__version__.startswith(on_disk["versions"]["torch"])
-    assert {"git_sha", "versions", "device"} <= on_disk.keys()
+    assert {"commit", "versions", "device", "started", "config_digest"} <= on_disk.keys()
     second = start_run(Cfg(), "paper", "toy", tag="t", root=tmp_path)
     assert second != run  # same second, never the same folder
 

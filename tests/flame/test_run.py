@@ -1,4 +1,5 @@
 """FLAME end to end: smoke runs (three ways), baselines, resume, checkpoints; slow tests on real weights."""
+import csv
 import json
 import os
 import shutil
@@ -149,8 +150,9 @@ def test_compare_writes_table_and_plot(tmp_path):
 
     out = compare(["--config", SMOKE, f"run_root={tmp_path}", *FAST, "--seeds", "1", "2"])
     assert [len(runs) for runs in out.values()] == [2, 2]
-    folder = next((tmp_path / "flame" / "synthetic").glob("compare_*"))
+    folder = tmp_path / "flame" / "compare" / "smoke"  # <run root>/<paper>/compare/<config stem>, as every paper
     text = (folder / "summary.md").read_text()
+    assert {row["method"] for row in csv.DictReader((folder / "summary.csv").open())} == {"sasrec", "flame"}
     assert "| sasrec |" in text and "| flame |" in text and "±" in text
     assert (folder / "curves.png").stat().st_size > 0
     # own frozen net: FLAME of seed s froze the SASRec run of seed s instead of a second stage 1

@@ -102,7 +102,7 @@ def test_default_config_fails_fast_with_one_message(monkeypatch, tmp_path):
     message = str(err.value)
     assert time.time() - start < 10
     assert "GPU" in message and "Qwen/Qwen2.5-VL-3B-Instruct" in message and "amazon" in message
-    assert "configs/ml100k_offline.yaml" in message and "\n" not in message
+    assert "configs/ml-100k.yaml" in message and "\n" not in message
 
 
 @pytest.mark.gpu
