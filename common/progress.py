@@ -44,6 +44,10 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def plural(unit: str, count: int) -> str:
+    return unit if count == 1 else f"{unit}es" if unit.endswith(("tch", "sh", "ss", "x")) else f"{unit}s"
+
+
 def mode(stream: Optional[TextIO] = None) -> str:
     """"bar", "lines" or "off": $REPRO_PROGRESS, else a bar when `stream` (stdout) is a terminal."""
     forced = os.environ.get("REPRO_PROGRESS", "").strip().lower()
@@ -62,15 +66,18 @@ class Progress:
     def __init__(self, total: Optional[int], desc: str, unit: str = "step", initial: int = 0,
                  clock: Callable[[], float] = time.monotonic, stream: Optional[TextIO] = None,
                  quiet_s: float = QUIET_S, every_s: float = EVERY_S, every_fraction: float = EVERY_FRACTION,
-                 enabled: bool = True, leave: bool = False, show: Optional[str] = None):
+                 enabled: bool = True, leave: bool = False, show: Optional[str] = None,
+                 also: Optional[Callable[[float], str]] = None, estimate: bool = True):
+        """also(seconds per unit) -> text added to the estimate line (e.g. what the whole run should take);
+        estimate=False: no estimate line (a phase repeated every epoch says it once, the first time)."""
         self.total, self.desc, self.unit, self.n, self.initial = total, desc, unit, initial, initial
         self.clock, self.quiet_s, self.every_s, self.every_fraction = clock, quiet_s, every_s, every_fraction
-        self.stream = stream
+        self.stream, self.also = stream, also
         self.mode = "off" if not enabled else (show or mode(stream))
         self.start = clock()
         self.last_line: Optional[float] = None   # when the last plain line was written
         self.last_fraction = initial / total if total else 0.0
-        self.estimated = False
+        self.estimated = not estimate
         self.bar = None
         if self.mode == "bar":
             from tqdm import tqdm
@@ -90,13 +97,17 @@ class Progress:
             return None
         return (now - self.start) / done * (self.total - self.n)
 
+    def _tenth(self, fraction: float) -> int:
+        """Which every_fraction slice `fraction` is in (0.3 / 0.1 is 2.999... in floating point)."""
+        return int(fraction / self.every_fraction + 1e-9)
+
     def line(self, now: Optional[float] = None) -> str:
         """The plain progress line of now."""
         now = self.clock() if now is None else now
         if self.total:
-            head = f"[{self.desc}] {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%)"
+            head = f"[{self.desc}] {self.n}/{self.total} {plural(self.unit, self.total)} ({100 * self.n / self.total:.0f}%)"
         else:
-            head = f"[{self.desc}] {self.n} {self.unit}"
+            head = f"[{self.desc}] {self.n} {plural(self.unit, self.n)}"
         left = self.left(now)
         tail = f" | ~{duration(left)} left (estimate)" if left is not None and self.n < (self.total or 0) else ""
         return f"{head} | {duration(now - self.start)} elapsed{tail}"
@@ -112,16 +123,21 @@ class Progress:
             self.estimated = True
             elapsed, done = now - self.start, self.n - self.initial
             whole = elapsed / done * (self.total - self.initial)
-            if whole >= self.quiet_s and self.n < self.total:
+            more = self.also(elapsed / done) if self.also is not None else ""
+            if (whole >= self.quiet_s or more) and self.n < self.total:
                 first = f"the first {self.unit}'s {duration(elapsed)}" if done == 1 else \
                     f"the first {done} {self.unit}s' {duration(elapsed)}"
-                self._write(f"[{self.desc}] estimate: ~{duration(whole)} for {self.total - self.initial} {self.unit} "
-                            f"on this device (from {first})")
+                count = self.total - self.initial
+                self._write(f"[{self.desc}] estimate: ~{duration(whole)} for {count} {plural(self.unit, count)} "
+                            f"on this device (from {first}){more}")
         if self.bar is not None or now - self.start < self.quiet_s:
             return
         fraction = self.n / self.total if self.total else 0.0
-        due = self.last_line is None or now - self.last_line >= self.every_s
-        step = bool(self.total) and int(fraction / self.every_fraction) > int(self.last_fraction / self.every_fraction)
+        since = now - self.last_line if self.last_line is not None else None
+        due = since is None or since >= self.every_s
+        # another tenth done: a line too, but not closer than a sixth of every_s to the last one
+        step = (bool(self.total) and since is not None and since >= self.every_s / 6
+                and self._tenth(fraction) > self._tenth(self.last_fraction))
         if due or step:
             self._write(self.line(now))
             self.last_line, self.last_fraction = now, fraction
@@ -133,8 +149,8 @@ class Progress:
             self.bar = None
         elif self.mode == "lines" and self.last_line is not None:
             now = self.clock()
-            self._write(f"[{self.desc}] {self.n}"
-                        + (f"/{self.total}" if self.total else "") + f" {self.unit} done in {duration(now - self.start)}")
+            self._write(f"[{self.desc}] {self.n}" + (f"/{self.total}" if self.total else "")
+                        + f" {plural(self.unit, self.total or self.n)} done in {duration(now - self.start)}")
         self.mode = "off"
 
     def __enter__(self) -> "Progress":

@@ -40,7 +40,7 @@ HEADLINE = {
 ASIDE = "previous-"  # common/runs.py: what --overwrite moved aside
 
 
-def row_of(results: dict, run_dir: Path, paper: Optional[str] = None) -> dict:
+def row_of(results: dict, run_dir: Path | str, paper: Optional[str] = None) -> dict:
     """One CSV row of a results.json: the identity columns, then its metrics by key."""
     row = {key: results.get(key) for key in IDENTITY}
     row["paper"] = results.get("paper") or paper
@@ -130,7 +130,7 @@ def write_summary(out_dir: Path, runs: list[dict], markdown: str) -> list[Path]:
     """A compare's outputs in `out_dir`: summary.csv (one row per run in `runs`, results dicts with their
     run_dir) and summary.md (`markdown`, the compare's own table). Returns both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [row_of(r, Path(r["run_dir"])) for r in runs]
+    rows = [row_of(r, r.get("run_dir", "")) for r in runs]
     _write(out_dir / "summary.csv", csv_text(rows))
     _write(out_dir / "summary.md", markdown if markdown.endswith("\n") else markdown + "\n")
     return [out_dir / "summary.csv", out_dir / "summary.md"]

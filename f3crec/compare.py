@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> str:
             run_dir = out / run_name(method, seed)
             cfg = replace(base, train=replace(base.train, seed=seed), method=replace(base.method, name=method))
             # finished earlier with this config: reused; stopped: resumed; another config's: refused
-            results[method].append(run_or_reuse(run, cfg, run_dir))
+            results[method].append({**run_or_reuse(run, cfg, run_dir), "run_dir": str(run_dir)})
     text = table(results)
     for path in write_summary(out, [r for runs in results.values() for r in runs], text):
         print(f"summary: {path}")

@@ -47,6 +47,9 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrit
     run_dir = start_run(cfg, "f3crec", cfg.data.name, tag=run_name(cfg.method.name, cfg.train.seed),
                         run_dir=run_dir, root=cfg.run_root, resume=resume, overwrite=overwrite)  # the unresolved config
     cfg, flags = resolve(cfg)
+    print(f"plan: {cfg.method.name} ({cfg.backbone.name}) on {cfg.data.name}: {len(blocks)} blocks (D0 the base) of up "
+          f"to {cfg.federation.rounds} rounds each, validation every round, a test after every block; "
+          f"{cfg.federation.simulator} simulator. Time: estimated after the first block, below")
     seed_global(cfg.train.seed)
     log = lambda record: (log_metrics(run_dir, record),  # noqa: E731  (jsonl: the whole record; console: one line)
                           None if record.get("reused") else print(round_line(record)))

@@ -101,6 +101,14 @@ def train_and_test(cfg: Config, data, frozen: Optional[Path], stage1_dir: Option
                          overwrite=overwrite, inputs=inputs) if is_main else run_dir)
     run_dir = Path(parallel.broadcast(str(run_dir)))  # every rank uses rank 0's run folder
     data.training_to(device)  # the whole training set on the device (no loader)
+    if is_main:
+        tc = cfg.train
+        print(f"plan: {'evaluate' if method == 'ensemble' else 'train'} {method} on {cfg.data.name} "
+              f"({data.num_users:,} users, {data.num_items:,} items, {len(data.train_target):,} training samples)"
+              + ("" if method == "ensemble" else
+                 f": up to {tc.max_epochs} epochs of {-(-len(data.train_target) // tc.batch_size):,} steps "
+                 f"(batch {tc.batch_size}), validation every epoch, stop after {tc.patience} without gain")
+              + "; then one test. Time: estimated from the first step, below")
     if method == "ensemble":
         summary = evaluate_ensemble(model, data, members, cfg, device)
     else:

@@ -32,7 +32,7 @@ from .diagnostics import plot_run
 from .evaluate import evaluate_test, split_negatives, split_sequences
 from .model import VLM2Rec
 from .seqrec import fit_seqrec
-from .train import fit, make_accelerator
+from .train import steps_per_epoch, fit, make_accelerator
 from .two_tower import LABEL
 
 OFFLINE_CONFIGS = "configs/ml-100k.yaml (real data, CPU) or configs/smoke.yaml (synthetic, seconds)"
@@ -83,6 +83,14 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: bool = False, ov
     keep_aspect = cfg.backbone.keep_aspect and cfg.backbone.name != "two-tower"
     catalog = Catalog(data["titles"], data["images"], cfg.data.image_size, keep_aspect=keep_aspect)
     model = VLM2Rec(cfg.backbone, catalog, accelerator.device, cfg.loss, cfg.wpcl, cfg.crtr)
+    if writes:
+        tc = cfg.train
+        steps = steps_per_epoch(len(split["train"]["target"]), tc.batch_size, accelerator.num_processes,
+                                tc.max_steps_per_epoch)
+        print(f"plan: {method_name(cfg)} ({cfg.backbone.name}) on {data['name']} ({len(data['sequences']):,} users, "
+              f"{num_items:,} items): item features first (cached for later runs), then {tc.max_epochs} epochs of "
+              f"{steps:,} steps, validation every epoch, one test" + (", SASRec on the item table" if cfg.seqrec.enabled
+                                                                      else "") + ". Time: estimated from the first steps, below")
     model.embedder.precompute([h for s in ("train", "valid", "test") for h in split[s]["history"]])
     # The run folder is claimed only now: a split, negatives or backbone that fails leaves no folder behind.
     out_dir = start_run(cfg, "vlm2rec", data["name"], run_name(method_name(cfg), cfg.train.seed, cfg.tag), run_dir, root=cfg.run_root,

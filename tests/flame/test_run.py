@@ -39,10 +39,14 @@ def frozen_file(tmp_path):
 
 
 @pytest.mark.heavy
-def test_smoke_end_to_end_with_stage1(tmp_path):
+def test_smoke_end_to_end_with_stage1(tmp_path, results_schema):
     results = main(["--config", SMOKE, f"run_root={tmp_path}"])
     run_dir = Path(results["run_dir"])
-    saved = json.loads((run_dir / "results.json").read_text())
+    saved = results_schema(run_dir / "results.json", "flame")   # the layout of all three papers
+    assert run_dir.name.endswith("_flame_seed42") and (saved["method"], saved["seed"]) == ("flame", 42)
+    assert saved["metrics"]["test/ndcg@20"] == pytest.approx(saved["test"]["reference"]["NDCG@20"] / 100)
+    assert saved["metrics"]["test/neg_inf/hr@10"] == pytest.approx(saved["test"]["neg_inf"]["HR@10"] / 100)
+    assert saved["metrics"]["valid/ndcg@20"] == pytest.approx(saved["valid"]["NDCG@20"] / 100)
     assert set(saved["test"]) == {"reference", "neg_inf"} and saved["best_epoch"] >= 1
     conv = saved["convergence"]
     assert conv["sasrec_seed"] == 42 and "test_ndcg20_gain_rel" in conv

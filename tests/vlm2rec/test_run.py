@@ -21,9 +21,16 @@ SMOKE = str(ROOT / "vlm2rec/configs/smoke.yaml")
 
 
 @pytest.mark.heavy
-def test_smoke_in_process_writes_every_artifact(tmp_path):
+def test_smoke_in_process_writes_every_artifact(tmp_path, results_schema):
     results = main(["--config", SMOKE, "--run-dir", str(tmp_path / "run")])
     run = tmp_path / "run"
+    saved = results_schema(run / "results.json", "vlm2rec")   # the layout of all three papers
+    test, metrics = saved["test"], saved["metrics"]
+    assert (saved["method"], saved["variant"], saved["seed"]) == ("vlm2rec", "tiny", 0) and "transformers" in saved["versions"]
+    assert metrics["test/ndcg@10"] == test["clean"]["sampled"]["both"]["NDCG@10"]        # P1, fused: the paper's
+    assert metrics["test/full/text/hr@20"] == test["clean"]["full"]["text"]["HR@20"]
+    assert metrics["test/missing_image/full/ndcg@10"] == test["missing_image"]["full"]["both"]["NDCG@10"]
+    assert metrics["valid/full/ndcg@10"] == saved["best_valid"]          # select_on full/both/NDCG@10
     for name in ("config.yaml", "metrics.jsonl", "results.json", "best.pt", "last.pt", "item_embeddings.pt"):
         assert (run / name).exists(), name
     for name in ("best.pt", "last.pt", "item_embeddings.pt"):    # plain dicts: weights_only loading works
