@@ -546,10 +546,12 @@ def write_results(run_dir: str | Path, results: dict) -> dict:
     for key in ("paper", "dataset", "method", "variant", "seed", "metrics", "threads"):
         if results.get(key) is not None:
             head[key] = results[key]
-    bad = {key: value for key, value in head["metrics"].items()
-           if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0}
-    if bad:  # percents (FLAME's tables) or counts never enter the cross-paper record
-        raise ValueError(f"results metrics must be fractions in [0, 1]: {sorted(bad)[:3]}")
+    bad = sorted(key for key, value in head["metrics"].items()
+                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0)
+    if bad:  # percents or counts never enter the cross-paper record; the run's own detail still has them
+        print(f"results.json: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} left out of `metrics` "
+              "(not a fraction in [0, 1])")
+        head["metrics"] = {key: value for key, value in head["metrics"].items() if key not in bad}
     full = {**head, **{key: value for key, value in results.items() if key not in head}}
     if run.get("resume_changes"):
         full["resume_changes"] = {key: list(pair) for key, pair in run["resume_changes"].items()}
