@@ -105,7 +105,8 @@ class Progress:
         """The plain progress line of now."""
         now = self.clock() if now is None else now
         if self.total:
-            head = f"[{self.desc}] {self.n}/{self.total} {plural(self.unit, self.total)} ({100 * self.n / self.total:.0f}%)"
+            percent = 100 * self.n / self.total
+            head = f"[{self.desc}] {self.n}/{self.total} {plural(self.unit, self.total)} ({percent:.0f}%)"
         else:
             head = f"[{self.desc}] {self.n} {plural(self.unit, self.n)}"
         left = self.left(now)

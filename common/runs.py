@@ -7,7 +7,8 @@
                             "metrics": {"test/ndcg@20": 0.071}, "test": {...}})   # results.json, RESULT_KEYS first
 
 Runs go under `<run root>/<paper>/<dataset>/<stamp>_<method>_seed<seed>[_<tag>]/` (run_name); the run
-root is a paper's `run_root` key, else $REPRO_RUNS, else `<repo>/runs` (the folder that holds common/), whatever the current directory.
+root is a paper's `run_root` key, else $REPRO_RUNS, else `<repo>/runs` (the folder that holds common/),
+whatever the current directory.
 
 A run folder has one owner and one identity:
 - a fresh run refuses a folder that holds anything (an earlier run's records, a user's files) unless

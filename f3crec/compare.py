@@ -5,8 +5,8 @@
     (make f3crec-compare DATA=ml-100k SEEDS="1 2 3")
 
 Every (seed, method) run writes its own run directory `<method>_seed<seed>/` under --out (default
-<run root>/f3crec/compare/<config stem>/, which also gets summary.md, summary.csv and the plots); the base block is trained once per seed
-and reused through the base cache (§8.6). Results are the values after the last block (t = 3) [D].
+<run root>/f3crec/compare/<config stem>/, which also gets summary.md, summary.csv and the plots); the base
+block is trained once per seed and reused through the base cache (§8.6). Results are the values after the last block (t = 3) [D].
 """
 from __future__ import annotations
 

@@ -266,9 +266,10 @@ def fit(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, cfg
             best_state = copy.deepcopy(model.state_dict())
         bar.update(1)
         if is_main:  # tqdm.write keeps the line above the bar (plain print when there is no bar)
+            left = bar.left(bar.clock()) if epoch < tc.max_epochs else None  # at most: early stopping may end sooner
             tqdm.write(f"epoch {epoch:3d} | loss {stats['loss']:.4f} | {stats['train_seconds']:.1f}s | "
                        f"valid NDCG@20 {valid['NDCG@20']:.2f} HR@20 {valid['HR@20']:.2f}" + (" *" if improved else "")
-                       + (f" | ≤ {duration(left)} left" if (left := bar.left(bar.clock())) and epoch < tc.max_epochs else ""))
+                       + (f" | ≤ {duration(left)} left" if left else ""))
             log_metrics(run_dir, {"epoch": epoch, "lambda": lam, **{f"train/{k}": v for k, v in stats.items()},
                                   "train/cumulative_seconds": progress.train_time,
                                   **{f"valid/{k}": v for k, v in valid.items()}})

@@ -25,6 +25,7 @@ def test_smoke_in_process_writes_every_artifact(tmp_path, results_schema):
     results = main(["--config", SMOKE, "--run-dir", str(tmp_path / "run")])
     run = tmp_path / "run"
     saved = results_schema(run / "results.json", "vlm2rec")   # the layout of all three papers
+    assert {k: results[k] for k in ("commit", "paper", "metrics")} == {k: saved[k] for k in ("commit", "paper", "metrics")}
     test, metrics = saved["test"], saved["metrics"]
     assert (saved["method"], saved["variant"], saved["seed"]) == ("vlm2rec", "tiny", 0) and "transformers" in saved["versions"]
     assert metrics["test/ndcg@10"] == test["clean"]["sampled"]["both"]["NDCG@10"]        # P1, fused: the paper's
