@@ -2,17 +2,20 @@
 # paper folders, so without it `make flame` would say "up to date".
 #   make flame DATA=ml-1m            make test  make test-fast     make data DATA=ml-100k
 #   make flame DATA=amazon-toys ARGS="train.lr=3e-4 train.max_epochs=5"
+#   make vlm2rec CONFIG=vlm2rec/configs/ml100k_tune.yaml   make results
+# DATA is a dataset name in every target: <paper>/configs/$(DATA).yaml; CONFIG=<file> runs another config file.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
+CONFIG ?=
 ARGS ?=
 SEEDS ?= 1 2 3
 EXTRAS ?= vlm,plot,dev,fl,track
 
-.PHONY: setup test test-fast test-all test-transformers-min test-deploy gpu-check smoke f3crec-fab f3crec-deploy f3crec-sim data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
+.PHONY: results setup test test-fast test-all test-transformers-min test-deploy gpu-check smoke f3crec-fab f3crec-deploy f3crec-sim data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
         flame-compare f3crec-compare vlm2rec-compare flame-table clean-venv
 
 setup: $(STAMP)
@@ -57,20 +60,27 @@ data: setup
 	@test -n "$(DATA)" || { echo "make data needs DATA=<dataset>, e.g. make data DATA=ml-100k (python -m common.prepare --help lists them)" >&2; exit 2; }
 	$(PY) -m common.prepare $(DATA)
 
-# DATA picks <paper>/configs/$(DATA).yaml; vlm2rec without DATA runs its defaults (the paper setting).
-# flame prepares its registry dataset first; f3crec's data step is building its blocks, which its main
-# does itself (cached; raw files fetched through common.prepare when missing).
+# DATA=<dataset> picks <paper>/configs/$(DATA).yaml in all three papers (CONFIG=<file> another config file);
+# vlm2rec without either runs its defaults (the paper setting). flame prepares its registry dataset first;
+# f3crec's data step is building its blocks, which its main does itself (cached; raw files fetched through
+# common.prepare when missing).
+CONFIG_OF = $(or $(CONFIG),$(if $(DATA),$(1)/configs/$(DATA).yaml))
 flame f3crec: setup
-	@test -n "$(DATA)" || { echo "make $@ needs DATA=<dataset>, e.g. make $@ DATA=$(if $(filter flame,$@),ml-1m,ml-100k)" >&2; exit 2; }
-	$(if $(filter flame,$@),$(if $(filter-out smoke,$(DATA)),$(PY) -m common.prepare $(DATA)))
-	$(PY) -m $@.main --config $@/configs/$(DATA).yaml $(ARGS)
+	@test -n "$(DATA)$(CONFIG)" || { echo "make $@ needs DATA=<dataset>, e.g. make $@ DATA=$(if $(filter flame,$@),ml-1m,ml-100k) (or CONFIG=<file>)" >&2; exit 2; }
+	$(if $(filter flame,$@),$(if $(filter-out smoke,$(DATA)),$(if $(DATA),$(PY) -m common.prepare $(DATA))))
+	$(PY) -m $@.main --config $(call CONFIG_OF,$@) $(ARGS)
 
 vlm2rec: setup
-	$(PY) -m vlm2rec.main $(if $(DATA),--config vlm2rec/configs/$(DATA).yaml) $(ARGS)
+	$(PY) -m vlm2rec.main $(if $(call CONFIG_OF,vlm2rec),--config $(call CONFIG_OF,vlm2rec)) $(ARGS)
 
 flame-compare f3crec-compare vlm2rec-compare: setup
-	@test -n "$(DATA)" || { echo "make $@ needs DATA=<dataset>" >&2; exit 2; }
-	$(PY) -m $(subst -compare,,$@).compare --config $(subst -compare,,$@)/configs/$(DATA).yaml $(ARGS) --seeds $(SEEDS)
+	@test -n "$(DATA)$(CONFIG)" || { echo "make $@ needs DATA=<dataset> (or CONFIG=<file>)" >&2; exit 2; }
+	$(PY) -m $(subst -compare,,$@).compare --config $(call CONFIG_OF,$(subst -compare,,$@)) $(ARGS) --seeds $(SEEDS)
+
+# Every run under the run root ($$REPRO_RUNS, else runs/) in results.csv and one table per paper (<paper>.md),
+# written into <run root>/results/ (OUT=<folder> elsewhere); run folders are only read.
+results: setup
+	$(PY) -m common.results $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # FLAME's results table as one batched program (flame/table.py): the five datasets x SEEDS x {SASRec, FLAME}, B2
 # from the SASRec pairs; tables and curves into OUT (table.md in flame/README.md's format). RESUME=1 finishes a

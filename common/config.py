@@ -349,14 +349,20 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | 
     return args
 
 
+def changed_from_defaults(cfg: Any, cls: type | None = None) -> dict:
+    """{"a.b": value} of the keys in which `cfg` differs from its class's defaults (the paper's main setting),
+    in the schema's order: what the console shows of a run's config (config.yaml keeps all of it)."""
+    default = flatten(config_to_dict((cls or type(cfg))()))
+    return {key: value for key, value in flatten(config_to_dict(cfg)).items() if default.get(key, object()) != value}
+
+
 def dry_run_plan(cls: type, cfg: Any, config_path: Path | None, what: str) -> None:
     """`--dry-run`: check the resolved config (the schema module's check_config), print what the command
     would do and the keys that differ from the defaults, and exit 0; no data is read, nothing is run."""
     check = getattr(sys.modules.get(cls.__module__), "check_config", None)
     if check is not None:
         check(cfg)
-    default, resolved = flatten(config_to_dict(cls())), flatten(config_to_dict(cfg))
-    changed = {k: v for k, v in resolved.items() if default.get(k, object()) != v}
+    changed = changed_from_defaults(cfg, cls)
     print(f"dry run: {what}; config {config_path or 'defaults'}; "
           f"{len(changed)} key(s) differ from the defaults; nothing read or run")
     for key, value in changed.items():

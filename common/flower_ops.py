@@ -37,6 +37,7 @@ import importlib.util
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -141,7 +142,36 @@ def _env(home: Path, bin_dir: Path = BIN) -> dict:
     return {**base, "FLWR_HOME": str(home / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            # the libraries' DeprecationWarnings (typer/click in every Flower CLI) are no news to a user's log
+            "PYTHONWARNINGS": "ignore::DeprecationWarning",
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")   # Flower's logger colours its level names whatever the stream
+
+
+def spawn_logged(argv: list[str], log: Path, env: dict, cwd: Path) -> subprocess.Popen:
+    """Start `argv` (own session, no stdin) with its output, colour codes removed, copied line by line into
+    `log` by a daemon thread: a log file gets plain text (Flower offers no switch for its colours)."""
+    import threading
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log, "w")   # exists (empty) from the start, as a redirected output file would
+    try:
+        popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=env, start_new_session=True, cwd=cwd)
+    except BaseException:
+        out.close()
+        raise
+
+    def copy(source, out) -> None:
+        with out:
+            for raw in iter(source.readline, b""):
+                out.write(ANSI.sub("", raw.decode(errors="replace")))
+                out.flush()
+        source.close()
+
+    threading.Thread(target=copy, args=(popen.stdout, out), daemon=True, name=f"log {log.name}").start()
+    return popen
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -219,10 +249,7 @@ class Deployment:
 
     def spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
         log = self.log(name)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as out:
-            popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env or self.env, start_new_session=True, cwd=self.folder)
+        popen = spawn_logged(argv, log, env or self.env, self.folder)
         self.procs.append((name, popen, log))
         return popen
 

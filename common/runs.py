@@ -1,16 +1,18 @@
 """Run directories: config.yaml, log.txt, metrics.jsonl, results.json and checkpoints, the same in every paper.
 
-    run_dir = start_run(cfg, "flame", "amazon-toys", tag="seed42")
+    run_dir = start_run(cfg, "flame", "amazon-toys", tag=run_name("flame", 42))
     log_metrics(run_dir, {"epoch": 1, "valid/NDCG@20": 3.1})
     save_checkpoint(run_dir / "last.pt", {"model": model.state_dict(), "epoch": 1, "rng": rng_state()})
-    write_results(run_dir, {"test": {...}, "seed": 42})
+    write_results(run_dir, {"dataset": "amazon-toys", "method": "flame", "seed": 42,
+                            "metrics": {"test/ndcg@20": 0.071}, "test": {...}})   # results.json, RESULT_KEYS first
 
 A config with a `train.track` key (null | tensorboard | wandb | mlflow) also sends every metrics.jsonl record to
 that experiment tracker (common/tracking.py): start_run opens it, log_metrics feeds it, write_results closes it.
 
-Runs go under `<run root>/<paper>/<dataset>/<stamp>_<tag>/`; the run root is a paper's `run_root` key,
-else $REPRO_RUNS, else `<repo>/runs` (the folder that holds common/), whatever the current directory; when
-common/ is an installed package (not a source tree), `./runs` under the current directory.
+Runs go under `<run root>/<paper>/<dataset>/<stamp>_<method>_seed<seed>[_<tag>]/` (run_name); the run
+root is a paper's `run_root` key, else $REPRO_RUNS, else `<repo>/runs` (the folder that holds common/),
+whatever the current directory; when common/ is an installed package (not a source tree), `./runs` under
+the current directory.
 
 A run folder has one owner and one identity:
 - a fresh run refuses a folder that holds anything (an earlier run's records, a user's files) unless
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 import yaml
 
-from common.config import ConfigError, config_to_dict, resume_changes
+from common.config import ConfigError, changed_from_defaults, config_to_dict, resume_changes
 from common.io import atomic_write, git_sha, project_root, save_json, setting_for
 from common.tracking import check_tracker, open_tracker
 from common.utils import package_versions
@@ -408,7 +410,8 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
     global CURRENT_RUN
     CURRENT_RUN = run_dir
     _RUNS[run_dir.resolve()] = {"config_sha256": digest, "paper": paper, "inputs": dict(inputs or {}),
-                                "resume_changes": changed}
+                                "resume_changes": changed, "dataset": dataset,
+                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _tee_stdout(run_dir / "log.txt")
     close_tracker(run_dir)
     tracker = open_tracker(track, run_dir, paper, resolved)
@@ -424,8 +427,19 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
     if changed:
         print("resumed with changed settings (allowed: they do not change the run's numbers): "
               + "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items()))
-    print(yaml.safe_dump(resolved, sort_keys=True).rstrip())
+    print(config_line(cfg, run_dir))
     return run_dir
+
+
+def config_line(cfg: Any, run_dir: Path) -> str:
+    """What the console shows of a run's config: the keys that differ from the paper's defaults, one per line
+    (the full resolved config is in `run_dir`/config.yaml)."""
+    changed = changed_from_defaults(cfg)
+    where = f"all keys in {Path(run_dir) / 'config.yaml'}"
+    if not changed:
+        return f"config: the paper's defaults ({where})"
+    return "\n".join([f"config: {len(changed)} key(s) differ from the paper's defaults ({where}):"]
+                     + [f"  {key} = {value!r}" for key, value in changed.items()])
 
 
 def paper_of(run_dir: str | Path) -> str | None:
@@ -512,13 +526,66 @@ def truncate_metrics(run_dir: str | Path, keep: Any) -> list[dict]:
     return kept
 
 
+# The keys every results.json starts with, the same in the three papers (common/results.py reads them):
+#   schema         RESULTS_SCHEMA, the version of this layout
+#   paper, dataset, method, variant (None, or what tells two runs of one method apart), seed
+#   metrics        {"<split>[/<qualifier>...]/<metric>@<k>": fraction in [0, 1]}, lower-case metric names, e.g.
+#                  "test/ndcg@20", "valid/recall@10", "test/neg_inf/ndcg@20"; the unqualified "test/..." keys
+#                  are the protocol the paper's own tables report (each paper's README says which)
+#   threads        torch's intra-op threads, device, versions ({"python", "torch", "numpy", and
+#                  "transformers", "accelerate", "peft", "flwr" when the run imported them})
+#   commit         git sha (+ "+dirty"), config_digest (sha256/16 of config.yaml), started, finished
+# What follows them is the paper's own detail (its tables, per-block rows, diagnostics), in its own units.
+RESULTS_SCHEMA = 1
+RESULT_KEYS = ("schema", "paper", "dataset", "method", "variant", "seed", "metrics", "threads", "device",
+               "versions", "commit", "config_digest", "started", "finished")
+
+
+def run_name(method: str, seed: int, tag: str = "") -> str:
+    """The tag part of every run folder's name, `<stamp>_<method>_seed<seed>[_<tag>]` (one scheme for the
+    three papers; a comparison's cells are `<method>_seed<seed>`)."""
+    return f"{method}_seed{seed}" + (f"_{tag}" if tag else "")
+
+
+def flat_metrics(tree: dict, prefix: str, scale: float = 1.0) -> dict[str, float]:
+    """{"<prefix>/<path>/<metric>@<k>": value * scale} of the ranking metrics in a nested dict (leaves whose
+    key holds "@", e.g. "NDCG@20"; metric names lower-cased; other leaves, like diagnostics, left out).
+    flat_metrics({"NDCG@20": 47.1}, "valid", 0.01) == {"valid/ndcg@20": 0.471}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_metrics(value, f"{prefix}/{key}", scale))
+        elif "@" in str(key) and isinstance(value, (int, float)):
+            out[f"{prefix}/{str(key).lower()}"] = float(value) * scale
+    return out
+
+
+def device_name() -> str:
+    """The accelerator's name, else the CPU's (platform.processor, or "cpu")."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+
+
 def write_results(run_dir: str | Path, results: dict) -> dict:
-    """Add provenance (git sha, package versions, device, time) and write results.json atomically."""
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    full = {**results, "git_sha": git_sha(), "versions": package_versions(), "device": device,
-            "python": platform.python_version(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    run = _RUNS.get(Path(run_dir).resolve())
-    if run and run["resume_changes"]:
+    """Write results.json atomically: the keys of RESULT_KEYS first (from `results` where it has them:
+    dataset, method, variant, seed, metrics, threads; the provenance filled in here), then the paper's own
+    detail (the rest of `results`)."""
+    run = _RUNS.get(Path(run_dir).resolve()) or {}
+    head = {"schema": RESULTS_SCHEMA, "paper": run.get("paper"), "dataset": run.get("dataset"), "method": None,
+            "variant": None, "seed": None, "metrics": {}, "threads": torch.get_num_threads(),
+            "device": device_name(), "versions": {"python": platform.python_version(), **package_versions()},
+            "commit": git_sha(), "config_digest": run.get("config_sha256"), "started": run.get("started"),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for key in ("paper", "dataset", "method", "variant", "seed", "metrics", "threads"):
+        if results.get(key) is not None:
+            head[key] = results[key]
+    bad = sorted(key for key, value in head["metrics"].items()
+                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0)
+    if bad:  # percents or counts never enter the cross-paper record; the run's own detail still has them
+        print(f"results.json: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} left out of `metrics` "
+              "(not a fraction in [0, 1])")
+        head["metrics"] = {key: value for key, value in head["metrics"].items() if key not in bad}
+    full = {**head, **{key: value for key, value in results.items() if key not in head}}
+    if run.get("resume_changes"):
         full["resume_changes"] = {key: list(pair) for key, pair in run["resume_changes"].items()}
     save_json(Path(run_dir) / "results.json", full)
     close_tracker(run_dir)

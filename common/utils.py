@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 import random
 
 import numpy as np
@@ -33,9 +34,12 @@ def get_device(name: str = "auto") -> torch.device:
 
 
 def package_versions() -> dict[str, str]:
-    """Versions of the packages that decide numerical results, for results.json."""
+    """Versions of the packages that decide numerical results, for results.json: torch and numpy always;
+    transformers, accelerate, peft and flwr when this process imported them (the run used them)."""
     versions = {}
-    for name in ("torch", "numpy", "scipy", "transformers", "accelerate", "peft"):
+    for name in ("torch", "numpy", "transformers", "accelerate", "peft", "flwr"):
+        if name not in ("torch", "numpy") and name not in sys.modules:
+            continue
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

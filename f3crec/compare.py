@@ -4,8 +4,9 @@
         --methods ft arm itm f3crec data.blocks=$REPRO_DATA/f3crec-ml-100k-blocks
     (make f3crec-compare DATA=ml-100k SEEDS="1 2 3")
 
-Every (seed, method) run writes its own run directory under --out; the base block is trained once per seed
-and reused through the base cache (§8.6). Results are the values after the last block (t = 3) [D].
+Every (seed, method) run writes its own run directory `<method>_seed<seed>/` under --out (default
+<run root>/f3crec/compare/<config stem>/, which also gets summary.md, summary.csv and the plots); the base
+block is trained once per seed and reused through the base cache (§8.6). Results are the values after the last block (t = 3) [D].
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import get_args
 
 from common.config import dry_run_plan, load_config, parse_with_overrides
-from common.runs import default_run_root, run_or_reuse
+from common.results import write_summary
+from common.runs import default_run_root, run_name, run_or_reuse
 
 from .config import Config, MethodName
 from .main import run
@@ -125,12 +127,13 @@ def main(argv: list[str] | None = None) -> str:
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         for method in args.methods:
-            run_dir = out / f"seed{seed}" / method
+            run_dir = out / run_name(method, seed)
             cfg = replace(base, train=replace(base.train, seed=seed), method=replace(base.method, name=method))
             # finished earlier with this config: reused; stopped: resumed; another config's: refused
-            results[method].append(run_or_reuse(run, cfg, run_dir))
+            results[method].append({**run_or_reuse(run, cfg, run_dir), "run_dir": str(run_dir)})
     text = table(results)
-    (out / "table.md").write_text(text + "\n")
+    for path in write_summary(out, [r for runs in results.values() for r in runs], text):
+        print(f"summary: {path}")
     print(text)
     try:
         for path in plots(results, out):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from common.config import ConfigError, parse_cli
-from common.runs import log_metrics, start_run, write_results
+from common.runs import log_metrics, run_name, start_run, write_results
 from common.cli import run_cli
 from common.utils import seed_everything
 
@@ -44,9 +44,12 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrit
     preflight(cfg, run_dir, resume, overwrite)                    # keys, folders, device, the resumed run
     blocks, blocks_id = get_blocks(cfg.data, cfg.train.seed)      # missing or bad data: a one-line error
     check_blocks(cfg, blocks)
-    run_dir = start_run(cfg, "f3crec", cfg.data.name, tag=f"{cfg.method.name}-s{cfg.train.seed}",
+    run_dir = start_run(cfg, "f3crec", cfg.data.name, tag=run_name(cfg.method.name, cfg.train.seed),
                         run_dir=run_dir, root=cfg.run_root, resume=resume, overwrite=overwrite)  # the unresolved config
     cfg, flags = resolve(cfg)
+    print(f"plan: {cfg.method.name} ({cfg.backbone.name}) on {cfg.data.name}: {len(blocks)} blocks (D0 the base) of up "
+          f"to {cfg.federation.rounds} rounds each, validation every round, a test after every block; "
+          f"{cfg.federation.simulator} simulator. Time: estimated after the first block, below")
     seed_global(cfg.train.seed)
     log = lambda record: (log_metrics(run_dir, record),  # noqa: E731  (jsonl: the whole record; console: one line)
                           None if record.get("reused") else print(round_line(record)))
@@ -56,13 +59,30 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrit
         out = fit(cfg, flags, blocks, blocks_id, run_dir, resume, log)
     finally:
         torch.set_num_threads(threads)
-    results = {"summary": summarise(out["rows"]), "blocks": out["blocks"], "flags": flags, "seed": cfg.train.seed,
-               "method": cfg.method.name, "backbone": cfg.backbone.name, "blocks_sha": blocks_id,
+    summary = summarise(out["rows"])
+    results = {"dataset": cfg.data.name, "method": cfg.method.name, "variant": cfg.backbone.name,
+               "metrics": results_metrics(summary, out["blocks"]),
+               "summary": summary, "blocks": out["blocks"], "flags": flags, "seed": cfg.train.seed,
+               "backbone": cfg.backbone.name, "blocks_sha": blocks_id,
                "simulator": cfg.federation.simulator, "fidelity": cfg.fidelity, "threads": cfg.train.threads}
     results = write_results(run_dir, results)
     print(results_table(results))
     print(f"run folder: {run_dir}")
     return results
+
+
+def results_metrics(summary: dict, blocks: list[dict]) -> dict[str, float]:
+    """The cross-paper metrics of results.json (common/runs.py RESULT_KEYS) after the last block (§10):
+    "test/ndcg@20" and "test/recall@20" are the H-mean (the README's headline), "test/la/..." and
+    "test/ra/..." the learning and retention averages; "valid/ndcg@20" the last block's best validation."""
+    out = {}
+    for metric in ("ndcg", "recall"):
+        last = summary[metric]["per_block"][-1]
+        out[f"test/{metric}@20"] = float(last["H"])
+        out.update({f"test/{part.lower()}/{metric}@20": float(last[part]) for part in ("LA", "RA")})
+    if blocks and blocks[-1].get("best_val") is not None:
+        out["valid/ndcg@20"] = float(blocks[-1]["best_val"])
+    return out
 
 
 def results_table(results: dict) -> str:

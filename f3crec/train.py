@@ -17,6 +17,7 @@ import torch
 
 from common.config import config_to_dict
 from common.io import exclusive
+from common.progress import Progress
 from common.runs import load_checkpoint, save_checkpoint, truncate_metrics
 from common.selection import Selection
 from common.utils import get_device
@@ -112,6 +113,7 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
     """Rounds of block t with validation, selection and early stopping (§8.2–8.3); ends on the best."""
     fed, ev = cfg.federation, cfg.eval
     select = Selection(patience=fed.patience, best=-1.0)  # every score in [0, 1] beats the start
+    report = Progress(fed.rounds, f"f3crec block {t}", "round")  # the time left, in a log too (lines)
     for r in range(fed.rounds):
         started = time.perf_counter()
         ctx = round_context(cfg, flags, blocks, t, r)
@@ -125,8 +127,10 @@ def run_block(sim, cfg, blocks: list[Block], t: int, flags: dict, log) -> dict:
         if select.update(value, r):  # strict improvement saves the full state (§8.3)
             sim.save_slot("best")
         log(record)
+        report.update()
         if select.should_stop:
             break
+    report.close()
     sim.save_slot("last")
     sim.load_slot("best")
     return {"best_round": select.best_at, "best_val": select.best, "rounds_run": r + 1}
@@ -222,6 +226,8 @@ def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, re
     if resume:
         truncate_metrics(run_dir, lambda record: record.get("block", len(blocks)) < start)
     cache = base_cache_path(cfg, flags, blocks_id) if start == 0 else None
+    last = len(blocks) if cfg.train.stop_after_block is None else min(len(blocks), cfg.train.stop_after_block + 1)
+    report = Progress(last, "f3crec", "block", initial=start)  # after block 0: the whole run's estimate
     for t in range(start, len(blocks)):
         with claimed(cache if t == 0 else None):   # two runs needing one base block train it once
             base = load_base(cache) if t == 0 else None
@@ -248,8 +254,10 @@ def fit(cfg, flags: dict, blocks: list[Block], blocks_id: str, run_dir: Path, re
         save_checkpoint(run_dir / "last.pt", {"sim": sim_state(sim), "rows": rows, "info": info, "block": t,
                                               "config": config_to_dict(cfg)})
         print(f"[f3crec] block {t}: " + format_row(summarise(rows)))
+        report.update()
         if cfg.train.stop_after_block is not None and t >= cfg.train.stop_after_block:
             break
+    report.close()
     return {"rows": rows, "blocks": info}
 
 

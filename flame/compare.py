@@ -9,8 +9,10 @@ machine): each FLAME/B3 run gets its convergence figures against the SASRec run 
 back into its results.json.
 For each seed, SASRec runs first; every other model gets it as train.sasrec_run (convergence target)
 and, when the frozen net is our own (flame.frozen_source=own), FLAME freezes exactly that SASRec
-instead of training a second copy of it. Writes summary.md (mean ± std), summary.json and
-curves.png (validation NDCG@20 vs epoch and vs training seconds) into <run root>/flame/<dataset>/compare_<stamp>/.
+instead of training a second copy of it. Writes summary.md (mean ± std), summary.csv (one row per run,
+common/results.py) and curves.png (validation NDCG@20 vs epoch and vs training seconds) into
+<run root>/flame/compare/<config stem>/ (--runs: <run root>/flame/compare/<dataset>/), the same place as the
+other papers' compare; a second compare of the same config reuses the finished runs there.
 key=value are config overrides; they go before a list option such as --seeds, or after `--`.
 """
 from __future__ import annotations
@@ -18,12 +20,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 from pathlib import Path
 
 from common.config import dry_run_plan, load_config, parse_with_overrides
 from common.io import load_json, save_json
-from common.runs import default_run_root, read_metrics, run_or_reuse
+from common.results import write_summary as summary_files
+from common.runs import default_run_root, read_metrics, run_name, run_or_reuse
 
 from .config import Config
 from .evaluate import convergence_against
@@ -129,10 +131,9 @@ def from_runs(run_dirs: list[Path]) -> dict[str, list[dict]]:
 
 
 def write_summary(all_results: dict[str, list[dict]], seeds: list[int], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     text = table(all_results, seeds)
-    (out_dir / "summary.md").write_text(text)
-    save_json(out_dir / "summary.json", {m: [r["run_dir"] for r in rs] for m, rs in all_results.items()})
+    for path in summary_files(out_dir, [r for rs in all_results.values() for r in rs], text):
+        print(f"summary: {path}")
     print("\n" + text)
     plot(all_results, out_dir / "curves.png")
 
@@ -152,7 +153,7 @@ def run_seeds(base: Config, seeds: list[int], methods: list[str], out_dir: Path)
                     flame = dataclasses.replace(flame, frozen=str(sasrec_dir / "frozen.pt"))  # = stage 1 of this seed
             cfg = dataclasses.replace(base, method=dataclasses.replace(base.method, name=method), train=train,
                                       flame=flame)
-            results = run_or_reuse(run, cfg, out_dir / f"{method}_seed{seed}")
+            results = run_or_reuse(run, cfg, out_dir / run_name(method, seed))
             all_results[method].append(results)
             if method == "sasrec":
                 sasrec_dir = Path(results["run_dir"])
@@ -163,27 +164,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="dataset YAML (train and compare)")
     parser.add_argument("--runs", type=Path, nargs="+", help="finished run folders of one dataset (no training)")
-    parser.add_argument("--out", type=Path, help="output folder (default: <run root>/flame/<dataset>/compare_<stamp>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <run root>/flame/compare/<config stem>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--models", nargs="+", default=["sasrec", "flame"],
                         choices=["sasrec", "flame", "mutual", "ensemble"], help="values of method.name")
     parser.add_argument("--dry-run", action="store_true", help="check the config, print the plan and exit 0")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides (anywhere), e.g. train.lr=3e-4")
     args = parse_with_overrides(parser, argv)
-    stamp = f"compare_{time.strftime('%Y%m%d-%H%M%S')}"
     if args.runs and args.dry_run:
         print(f"dry run: tabulate {len(args.runs)} finished run folder(s); nothing read or run")
         raise SystemExit(0)
     if args.runs:
         all_results = from_runs(args.runs)
         first = next(iter(all_results.values()))[0]
-        out_dir = args.out or run_root(first["config"]["run_root"]) / "flame" / first["dataset"] / stamp
+        out_dir = args.out or run_root(first["config"]["run_root"]) / "flame" / "compare" / first["dataset"]
         write_summary(all_results, sorted({r["seed"] for rs in all_results.values() for r in rs}), out_dir)
         return all_results
     if args.config is None:
         parser.error("give --config (train and compare) or --runs (tabulate finished runs)")
     base = load_config(Config, args.config, args.overrides)
-    out_dir = args.out or run_root(base.run_root) / "flame" / base.data.name / stamp
+    out_dir = args.out or run_root(base.run_root) / "flame" / "compare" / args.config.stem
     methods = ["sasrec"] + [m for m in args.models if m != "sasrec"]
     if args.dry_run:
         dry_run_plan(Config, base, args.config, f"compare {methods} x seeds {args.seeds} into {out_dir}")

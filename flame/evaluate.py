@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from common.io import load_json
+from common.runs import flat_metrics
 from common.metrics import rank_metrics
 from common.runs import read_metrics
 
@@ -95,6 +96,18 @@ def final_metrics(model: torch.nn.Module, data: Any, cfg: Any, device: torch.dev
         pair = AveragedLogits([model.learnable, model.frozen])
         out["test_mean_ab"] = evaluate(pair, data.test_seq, data.test_target, data.test_hist, ec.seen_mask,
                                        ec.rank, ec.batch_size, device)
+    return out
+
+
+def results_metrics(results: dict) -> dict[str, float]:
+    """The run's metrics in the cross-paper form of results.json (common/runs.py RESULT_KEYS): fractions,
+    "valid/ndcg@20" (configured seen mask), "test/ndcg@20" under the reference mask (the paper's tables),
+    "test/<mask>/..." under the others, "test/mean_ab/..." for B3's averaged logits (§9, §11)."""
+    out = flat_metrics(results.get("valid", {}), "valid", 0.01)
+    for mask, values in results.get("test", {}).items():
+        out.update(flat_metrics(values, "test" if mask == "reference" else f"test/{mask}", 0.01))
+    if "test_mean_ab" in results:
+        out.update(flat_metrics(results["test_mean_ab"], "test/mean_ab", 0.01))
     return out
 
 

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # script mode: `cd flame && python main.py`
 
 from common.cli import run_cli
 from common.config import config_to_dict, parse_cli
-from common.runs import checkpoint_identity, save_checkpoint, start_run, write_results
+from common.runs import checkpoint_identity, run_name, save_checkpoint, start_run, write_results
 from common.utils import seed_everything
 
 from . import parallel, stage1
@@ -31,7 +31,7 @@ from .checks import check_fits, check_resume_folder, preflight
 from .config import Config
 from .data import build_data, load_raw
 from .ensemble import build_model
-from .evaluate import convergence, evaluate_ensemble, final_metrics, print_table
+from .evaluate import convergence, evaluate_ensemble, final_metrics, print_table, results_metrics
 from .fast import check_graph_options, keep_freed_memory
 from .model import sasrec_state
 from .train import fit, make_optimizer, setup_device
@@ -94,13 +94,21 @@ def train_and_test(cfg: Config, data, frozen: Optional[Path], stage1_dir: Option
     model = build_model(cfg, data.num_items, frozen, [path for path, _ in members]).to(device)
     if resume and run_dir is not None and (Path(run_dir) / "last.pt").exists():
         check_fits(model, Path(run_dir) / "last.pt")
-    tag = f"{method}_seed{cfg.train.seed}"
+    tag = run_name(method, cfg.train.seed)
     inputs = {"frozen": os.path.abspath(frozen), "stage1": os.path.abspath(stage1_dir) if stage1_dir else None} \
         if frozen else None  # recorded in last.pt: a resume builds on this net, whatever its run root
     run_dir = (start_run(cfg, "flame", cfg.data.name, tag, run_dir, root=cfg.run_root, resume=resume,
                          overwrite=overwrite, inputs=inputs) if is_main else run_dir)
     run_dir = Path(parallel.broadcast(str(run_dir)))  # every rank uses rank 0's run folder
     data.training_to(device)  # the whole training set on the device (no loader)
+    if is_main:
+        tc = cfg.train
+        print(f"plan: {'evaluate' if method == 'ensemble' else 'train'} {method} on {cfg.data.name} "
+              f"({data.num_users:,} users, {data.num_items:,} items, {len(data.train_target):,} training samples)"
+              + ("" if method == "ensemble" else
+                 f": up to {tc.max_epochs} epochs of {-(-len(data.train_target) // tc.batch_size):,} steps "
+                 f"(batch {tc.batch_size}), validation every epoch, stop after {tc.patience} without gain")
+              + "; then one test. Time: estimated from the first step, below")
     if method == "ensemble":
         summary = evaluate_ensemble(model, data, members, cfg, device)
     else:
@@ -111,6 +119,7 @@ def train_and_test(cfg: Config, data, frozen: Optional[Path], stage1_dir: Option
                **summary, **final_metrics(model, data, cfg, device), "num_users": data.num_users,
                "num_items": data.num_items, "train_samples": int(len(data.train_target)),
                "frozen": str(frozen) if frozen else None, "config": config_to_dict(cfg)}
+    results["metrics"] = results_metrics(results)
     if is_main:
         if method in ("flame", "mutual"):  # measured against B1 (§12); B2 trains nothing here
             results["convergence"] = convergence(cfg, run_dir, results["test"]["reference"]["NDCG@20"], stage1_dir)

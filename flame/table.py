@@ -42,7 +42,8 @@ from .compare import plot
 from .config import Config, check_config
 from .data import build_data, load_raw
 from .ensemble import build_model
-from .evaluate import REPORT, convergence, final_metrics, print_table, seen_adjust, leave_one_out_ranks
+from .evaluate import (REPORT, convergence, final_metrics, print_table, results_metrics, seen_adjust,
+                       leave_one_out_ranks)
 from .fast import GraphStep, keep_freed_memory, stacked_terms
 from .model import lambda_schedule, sasrec_state
 from .stack import StackedFLAME, StackedSASRec
@@ -322,6 +323,7 @@ def finish(slot: Slot, data: Any, device: torch.device) -> dict:
                **summary, **final_metrics(model, data, cfg, device), "num_users": data.num_users,
                "num_items": data.num_items, "train_samples": int(len(data.train_target)),
                "frozen": str(slot.frozen) if slot.frozen else None, "config": config_to_dict(cfg)}
+    results["metrics"] = results_metrics(results)
     if slot.method == "flame":
         results["convergence"] = convergence(cfg, slot.run_dir, results["test"]["reference"]["NDCG@20"], slot.stage1)
     results = write_results(slot.run_dir, results)

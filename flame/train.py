@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from tqdm import tqdm
 
+from common.progress import Progress as Report, duration
 from common.runs import check_finite, log_metrics, rng_state, save_checkpoint, set_rng_state, truncate_metrics
 from common.selection import Selection
 
@@ -128,21 +129,28 @@ def _epoch_means(accumulated: list[tuple[tuple, torch.Tensor, int]]) -> dict[str
 
 
 def train_one_epoch(model: torch.nn.Module, data: Any, step: Step, batch_size: int, lam: float,
-                    device: torch.device, max_steps: Optional[int] = None) -> dict:
+                    device: torch.device, max_steps: Optional[int] = None, progress: Optional[dict] = None) -> dict:
     """One pass over the shuffled samples, last partial batch kept (§3.4). Returns mean loss terms.
-    The training tensors are on `device` already; only index slices are taken here."""
+    The training tensors are on `device` already; only index slices are taken here. `progress`: options of
+    common.progress.Progress (desc, also, ...) to report the steps (a bar, or lines in a log; none by default)."""
     model.train()  # the whole model, frozen net included (§7.5, quirk 4)
     perm = torch.randperm(len(data.train_target)).to(device)  # global RNG: restored on resume
     parallel.broadcast_tensor(perm)  # every rank shards the same permutation (rank 0's)
     step.reset()
     steps = 0
+    total = -(-len(perm) // batch_size) if max_steps is None else min(max_steps, -(-len(perm) // batch_size))
+    report = Report(total, unit="step", **progress) if progress is not None else None
     synchronize(device)
     start = time.perf_counter()
     for first in range(0, len(perm), batch_size):
         step(perm[first: first + batch_size], lam)
         steps += 1
+        if report is not None:  # the clock only, no device sync: the bar runs ahead of queued kernels
+            report.update()
         if max_steps is not None and steps >= max_steps:
             break
+    if report is not None:
+        report.close()
     synchronize(device)
     seconds = time.perf_counter() - start
     accumulated = step.accumulated()
@@ -234,16 +242,23 @@ def fit(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, cfg
         truncate_metrics(run_dir, lambda record: False)
     step = make_step(model, data, optimizer, tc, device, parallel.gather_default(fc.gather_negatives))
     horizon = fc.lambda_horizon or tc.max_epochs  # quirk 10
-    # One bar over the epochs on a terminal (stderr); none in a log, where each epoch is one line.
-    bar = tqdm(total=tc.max_epochs, initial=progress.epoch, unit="epoch", desc=cfg.method.name, leave=False,
-               dynamic_ncols=True, disable=None if is_main else True)
-    for epoch in range(progress.epoch + 1, tc.max_epochs + 1):
+    # Epochs and, within each, steps: a bar on a terminal; in a log, a line every 30 s or 10 % with the time
+    # left (common.progress), besides the line per epoch. The first steps give the whole run's estimate.
+    bar = Report(tc.max_epochs, cfg.method.name, "epoch", initial=progress.epoch, enabled=is_main)
+    steps = -(-len(data.train_target) // tc.batch_size)
+    whole = lambda per_step: (f"; up to {tc.max_epochs - progress.epoch} epochs of {steps} steps: "  # noqa: E731
+                              f"~{duration(per_step * steps * (tc.max_epochs - progress.epoch))} of training, "
+                              "plus validation each epoch (early stopping may end sooner)")
+    first = progress.epoch + 1
+    for epoch in range(first, tc.max_epochs + 1):
         if progress.select.should_stop:
             if is_main:
                 tqdm.write(f"early stop: no improvement of valid {tc.select} for {tc.patience} epochs")
             break
         lam = lambda_schedule(epoch, fc.lambda0, fc.lambdaR, horizon)
-        stats = train_one_epoch(model, data, step, tc.batch_size, lam, device)
+        report = {"desc": f"{cfg.method.name} epoch {epoch}", "enabled": is_main, "estimate": epoch == first,
+                  "also": whole if epoch == first else None}
+        stats = train_one_epoch(model, data, step, tc.batch_size, lam, device, progress=report)
         valid = evaluate(model, data.valid_seq, data.valid_target, data.valid_hist, ec.seen_mask, ec.rank,
                          ec.batch_size, device)
         improved = progress.record(epoch, valid[tc.select], stats["train_seconds"])
@@ -251,8 +266,10 @@ def fit(model: torch.nn.Module, data: Any, optimizer: torch.optim.Optimizer, cfg
             best_state = copy.deepcopy(model.state_dict())
         bar.update(1)
         if is_main:  # tqdm.write keeps the line above the bar (plain print when there is no bar)
+            left = bar.left(bar.clock()) if epoch < tc.max_epochs else None  # at most: early stopping may end sooner
             tqdm.write(f"epoch {epoch:3d} | loss {stats['loss']:.4f} | {stats['train_seconds']:.1f}s | "
-                       f"valid NDCG@20 {valid['NDCG@20']:.2f} HR@20 {valid['HR@20']:.2f}" + (" *" if improved else ""))
+                       f"valid NDCG@20 {valid['NDCG@20']:.2f} HR@20 {valid['HR@20']:.2f}" + (" *" if improved else "")
+                       + (f" | ≤ {duration(left)} left" if left else ""))
             log_metrics(run_dir, {"epoch": epoch, "lambda": lam, **{f"train/{k}": v for k, v in stats.items()},
                                   "train/cumulative_seconds": progress.train_time,
                                   **{f"valid/{k}": v for k, v in valid.items()}})

@@ -105,3 +105,32 @@ def flower_records(run_dir: Path) -> list[dict]:
     import json
     keep = ("block", "round", "val_ndcg", "val_recall", "D_mean", "m_mean", "m_hist", "D_hist", "itm_w", "lost_users")
     return [{k: r[k] for k in keep if k in r} for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.fixture
+def results_schema():
+    """check(results.json, paper): the layout every paper's results.json starts with (common/runs.py
+    RESULT_KEYS, the same keys in the same order for the three papers), its provenance filled in, and its
+    metrics as fractions under keys like test/ndcg@20. Returns the parsed file."""
+    import json
+    import re
+
+    from common.results import HEADLINE
+    from common.runs import RESULT_KEYS, RESULTS_SCHEMA, config_digest, saved_config
+
+    def check(path: Path, paper: str) -> dict:
+        saved = json.loads(Path(path).read_text())
+        assert tuple(saved)[: len(RESULT_KEYS)] == RESULT_KEYS
+        assert saved["schema"] == RESULTS_SCHEMA and saved["paper"] == paper
+        for key in ("dataset", "method", "seed", "device", "commit", "started", "finished"):
+            assert saved[key] not in (None, ""), key
+        assert isinstance(saved["threads"], int) and saved["threads"] >= 1
+        assert {"python", "torch", "numpy"} <= set(saved["versions"]) and saved["started"] <= saved["finished"]
+        assert saved["config_digest"] == config_digest(saved_config(Path(path).parent))
+        metrics = saved["metrics"]
+        assert HEADLINE[paper][0] in metrics
+        for key, value in metrics.items():
+            assert re.fullmatch(r"(test|valid)(/[a-z0-9_]+)*/[a-z]+@\d+", key), key
+            assert isinstance(value, float) and 0.0 <= value <= 1.0, (key, value)
+        return saved
+    return check

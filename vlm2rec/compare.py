@@ -1,11 +1,13 @@
 """Plain contrastive SFT vs +WPCL vs +CRTR vs VLM2Rec (both): four configs of one trainer, over seeds.
 
-    python -m vlm2rec.compare --config vlm2rec/configs/ml100k_offline.yaml --seeds 0 1 2 [key=value ...]
-    make vlm2rec-compare DATA=ml100k_offline SEEDS="0 1 2"
+    python -m vlm2rec.compare --config vlm2rec/configs/ml-100k.yaml --seeds 0 1 2 [key=value ...]
+    make vlm2rec-compare DATA=ml-100k SEEDS="0 1 2"
 
 Each (variant, seed) is one `run(cfg)`; the table gives mean ± std over seeds of the test metrics for
 both protocols and every modality mode, the text/image gradient-norm ratios (first vs last epoch), the
-effective ranks of the item embeddings and the SASRec-from-embeddings result. Writes compare.json/.md.
+effective ranks of the item embeddings and the SASRec-from-embeddings result. Writes summary.md (the
+tables), summary.csv (one row per run, common/results.py) and summary.json (every run's results) into
+--out, default <run root>/vlm2rec/compare/<config stem>/, beside the runs `<method>_seed<seed>/`.
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from pathlib import Path
 
 from common.config import dry_run_plan, load_config, parse_with_overrides
 from common.io import git_sha, save_json
-from common.runs import default_run_root, read_metrics, run_or_reuse
+from common.results import write_summary
+from common.runs import default_run_root, read_metrics, run_name, run_or_reuse
 from common.cli import run_cli
 
 from .config import Config, check_config
-from .main import run
+from .main import method_name, run
 
 VARIANTS = {
     "plain SFT": ["wpcl.enabled=false", "crtr.enabled=false"],
@@ -90,11 +93,12 @@ def compare(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=None,
-                        help="folder for compare.json/.md (default: <run root>/vlm2rec/compare/<config>)")
+                        help="folder for the runs and summary.md/.csv/.json (default: <run root>/vlm2rec/compare/<config stem>)")
     parser.add_argument("--dry-run", action="store_true", help="check the config, print the plan and exit 0")
     parser.add_argument("overrides", nargs="*", help="dotted overrides passed to every run (anywhere)")
     args = parse_with_overrides(parser, argv)
-    out_dir = args.out or default_run_root() / "vlm2rec" / "compare" / Path(args.config).stem
+    base = load_config(Config, args.config, args.overrides)
+    out_dir = args.out or Path(base.run_root or default_run_root()) / "vlm2rec" / "compare" / Path(args.config).stem
     if args.dry_run:
         for variant in args.variants:  # every variant's config resolves and passes its checks
             check_config(load_config(Config, args.config, [*VARIANTS[variant], *args.overrides]))
@@ -104,17 +108,17 @@ def compare(argv: list[str] | None = None) -> dict:
     runs: dict[str, list[dict]] = {}
     for variant in args.variants:
         for seed in args.seeds:
-            slug = variant.split()[0].strip("+()").lower()
-            run_dir = out_dir / f"{slug}_seed{seed}"
+            slug = variant.split()[0].strip("+()").lower()  # = main.method_name of the variant's config
             cfg = load_config(Config, args.config, [*VARIANTS[variant], f"train.seed={seed}", f"tag={slug}",
                                                     *args.overrides])
+            run_dir = out_dir / run_name(method_name(cfg), seed)
             results = run_or_reuse(run, cfg, run_dir)
             results["grad_ratios"] = grad_ratios(str(run_dir))
             runs.setdefault(variant, []).append(results)
     table = summarise(runs)
     header = f"seeds {args.seeds}, commit {git_sha()}, config {args.config} {' '.join(args.overrides)}"
-    (out_dir / "compare.md").write_text(header + "\n" + table + "\n")
-    save_json(out_dir / "compare.json", {"seeds": args.seeds, "git_sha": git_sha(), "config": args.config,
+    write_summary(out_dir, [r for results in runs.values() for r in results], header + "\n" + table + "\n")
+    save_json(out_dir / "summary.json", {"seeds": args.seeds, "git_sha": git_sha(), "config": args.config,
                                          "overrides": args.overrides, "runs": runs})
     print(header)
     print(table)

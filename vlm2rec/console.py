@@ -1,8 +1,8 @@
-"""What a VLM2Rec run prints: one progress bar per phase (epochs, encoding, feature caching), log lines that
+"""What a VLM2Rec run prints: progress per phase (epochs, steps, encoding, feature caching), log lines that
 never tear a bar, and one results table at the end.
 
-Bars go to stderr and only when stderr is a terminal: in a log file, a pipe or CI there are no bars to
-interleave with, so stdout (tee'd into the run's log.txt) holds log lines only.
+On a terminal, bars on stderr; in a log file, a pipe or CI (nohup, SLURM) plain progress lines with the time
+left on stdout, which the run's log.txt copies (common/progress.py).
 """
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ from typing import Iterable, TypeVar
 
 from tqdm import tqdm
 
+from common.progress import track
+
 T = TypeVar("T")
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
 
 
-def bar(iterable: Iterable[T], desc: str, total: int | None = None, leave: bool = False) -> Iterable[T]:
-    """A tqdm bar over `iterable` on a terminal; the iterable itself otherwise."""
-    return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True, file=sys.stderr,
-                disable=not sys.stderr.isatty())
+def bar(iterable: Iterable[T], desc: str, total: int | None = None, leave: bool = False, unit: str = "batch",
+        **options) -> Iterable[T]:
+    """Progress over `iterable` (common.progress): a tqdm bar on a terminal; in a log, a line every 30 s or
+    10 % with the time left, once the phase has run 10 s (feature caching, encoding, epochs, steps)."""
+    return track(iterable, f"vlm2rec {desc}", total=total, unit=unit, leave=leave, **options)
 
 
 def say(text: str) -> None:

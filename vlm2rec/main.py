@@ -3,7 +3,7 @@ test once (both protocols, all modality modes, robustness) -> SASRec downstream 
 
     python -m vlm2rec.main                                     # the paper's setting (GPU, weights, Amazon)
     python -m vlm2rec.main --config vlm2rec/configs/smoke.yaml # tiny VLM, synthetic data, CPU, seconds
-    cd vlm2rec && python main.py --config configs/ml100k_offline.yaml wpcl.enabled=false
+    cd vlm2rec && python main.py --config configs/ml-100k.yaml wpcl.enabled=false
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torch
 
 from common.config import parse_cli
 from common.io import cache_root, check_writable
-from common.runs import default_run_root, refused_folder, save_checkpoint, start_run, write_results
+from common.runs import (default_run_root, flat_metrics, refused_folder, run_name, save_checkpoint, start_run,
+                         write_results)
 from common.cli import run_cli
 from common.utils import get_device, seed_everything
 
@@ -31,10 +32,10 @@ from .diagnostics import plot_run
 from .evaluate import evaluate_test, split_negatives, split_sequences
 from .model import VLM2Rec
 from .seqrec import fit_seqrec
-from .train import fit, make_accelerator
+from .train import steps_per_epoch, fit, make_accelerator
 from .two_tower import LABEL
 
-OFFLINE_CONFIGS = "configs/ml100k_offline.yaml (real data, CPU) or configs/smoke.yaml (synthetic, seconds)"
+OFFLINE_CONFIGS = "configs/ml-100k.yaml (real data, CPU) or configs/smoke.yaml (synthetic, seconds)"
 
 
 def preflight(cfg: Config) -> dict:
@@ -82,9 +83,18 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: bool = False, ov
     keep_aspect = cfg.backbone.keep_aspect and cfg.backbone.name != "two-tower"
     catalog = Catalog(data["titles"], data["images"], cfg.data.image_size, keep_aspect=keep_aspect)
     model = VLM2Rec(cfg.backbone, catalog, accelerator.device, cfg.loss, cfg.wpcl, cfg.crtr)
+    if writes:
+        tc = cfg.train
+        steps = steps_per_epoch(len(split["train"]["target"]), tc.batch_size, accelerator.num_processes,
+                                tc.max_steps_per_epoch)
+        seqrec = ", SASRec on the item table" if cfg.seqrec.enabled else ""
+        print(f"plan: {method_name(cfg)} ({cfg.backbone.name}) on {data['name']} ({len(data['sequences']):,} users, "
+              f"{num_items:,} items): item features first (cached for later runs), then {tc.max_epochs} epochs of "
+              f"{steps:,} steps, validation every epoch, one test{seqrec}. Time: estimated from the first steps, below")
     model.embedder.precompute([h for s in ("train", "valid", "test") for h in split[s]["history"]])
     # The run folder is claimed only now: a split, negatives or backbone that fails leaves no folder behind.
-    out_dir = start_run(cfg, "vlm2rec", data["name"], cfg.tag, run_dir, root=cfg.run_root,
+    out_dir = start_run(cfg, "vlm2rec", data["name"], run_name(method_name(cfg), cfg.train.seed, cfg.tag), run_dir,
+                        root=cfg.run_root,
                         resume=resume, overwrite=overwrite) if writes else None
     print(f"backbone {model.embedder.identifier}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
           f"trainable parameters; {len(split['train']['target']):,} training pairs; "
@@ -102,14 +112,44 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: bool = False, ov
         save_checkpoint(out_dir / "item_embeddings.pt", {"ids": torch.arange(num_items + 1), "emb": table})
     if cfg.seqrec.enabled:
         results["seqrec"] = fit_seqrec(cfg.seqrec, split, table, negs, cfg.eval, cfg.train.seed, accelerator.device)
-    results.update({"select_on": cfg.eval.select_on, "seed": cfg.train.seed, "backbone": core.embedder.identifier,
-                    "dataset": data["name"], "data_stats": data.get("stats", {}), "ties": cfg.eval.ties,
+    results.update({"dataset": data["name"], "method": method_name(cfg), "variant": cfg.backbone.name,
+                    "metrics": results_metrics(results, cfg.eval.select_on),
+                    "select_on": cfg.eval.select_on, "seed": cfg.train.seed, "backbone": core.embedder.identifier, "data_stats": data.get("stats", {}), "ties": cfg.eval.ties,
                     "negatives_sha1": neg_sha, "run_dir": str(out_dir)})
     if writes:
         results["plot"] = str(plot_run(out_dir))
-        write_results(out_dir, results)
+        results = write_results(out_dir, results)   # with the provenance (commit, versions, ...) compare reads
         print_summary(results)
     return results
+
+
+def method_name(cfg: Config) -> str:
+    """The method a config runs, by its two terms (vlm2rec/compare.py's four variants): "vlm2rec" (WPCL and
+    CRTR), "wpcl", "crtr" or "plain" (contrastive SFT alone)."""
+    terms = [name for name, on in (("wpcl", cfg.wpcl.enabled), ("crtr", cfg.crtr.enabled)) if on]
+    return "vlm2rec" if len(terms) == 2 else terms[0] if terms else "plain"
+
+
+def results_metrics(results: dict, select_on: str) -> dict[str, float]:
+    """The cross-paper metrics of results.json (common/runs.py RESULT_KEYS): "test/<scenario>/<protocol>/
+    <mode>/<metric>@k", each part left out at the paper's headline (clean, sampled = P1, both), so
+    "test/ndcg@10" is the paper's number and "test/full/text/ndcg@10" P2 on the text mode; "test/seqrec/..."
+    the SASRec on the item table; "valid/<select_on>" the best validation score."""
+    out = {}
+    for scenario, protocols in results.get("test", {}).items():
+        for protocol, modes in protocols.items():
+            for mode, values in modes.items():
+                if not isinstance(values, dict) or protocol == "geometry":
+                    continue
+                parts = [p for p, default in ((scenario, "clean"), (protocol, "sampled"), (mode, "both")) if p != default]
+                out.update(flat_metrics(values, "/".join(["test", *parts])))
+    for protocol, values in results.get("seqrec", {}).get("test", {}).items():
+        out.update(flat_metrics(values, "test/seqrec" + ("" if protocol == "sampled" else f"/{protocol}")))
+    if results.get("best_valid") is not None:
+        protocol, mode, metric = select_on.split("/")
+        parts = [p for p, default in ((protocol, "sampled"), (mode, "both")) if p != default]
+        out["/".join(["valid", *parts, metric.lower()])] = float(results["best_valid"])
+    return out
 
 
 def print_summary(results: dict) -> None:

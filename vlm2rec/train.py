@@ -21,6 +21,7 @@ import torch
 
 from common.config import config_to_dict
 from common.io import atomic_write
+from common.progress import duration
 from common.runs import (check_finite, load_checkpoint, log_metrics, rng_state, save_checkpoint, set_rng_state,
                          truncate_metrics)
 from common.selection import Selection
@@ -46,6 +47,14 @@ def batches(train: dict, batch_size: int, seed: int, epoch: int, device: torch.d
         if "negatives" in train:
             batch["negatives"] = torch.as_tensor(train["negatives"][idx], device=device)
         yield batch
+
+
+def steps_per_epoch(num_pairs: int, batch_size: int, processes: int = 1, cap: int = 0) -> int:
+    """How many batches batch_indices gives (a last chunk under max(2, processes) pairs is dropped), at most
+    `cap` (train.max_steps_per_epoch) when it is set."""
+    chunk, least = batch_size * processes, max(2, processes)
+    steps = (num_pairs // chunk if chunk >= least else 0) + (1 if num_pairs % chunk >= least else 0)
+    return min(steps, cap) if cap else steps
 
 
 def batch_indices(num_pairs: int, batch_size: int, seed: int, epoch: int,
@@ -179,15 +188,19 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Callable[
 
 def train_one_epoch(model, optimizer, scheduler, accelerator, train: dict, cfg: TrainConfig, seed: int,
                     epoch: int, step: int, log: Callable[[dict], None],
-                    loader: PreparedLoader | None = None) -> tuple[int, dict[str, float]]:
+                    loader: PreparedLoader | None = None, also=None) -> tuple[int, dict[str, float]]:
     """One epoch; returns the global step and the epoch means of the logged statistics. With `loader`
-    the batches (the same ones) come with their inputs prepared by its workers."""
+    the batches (the same ones) come with their inputs prepared by its workers. Its steps report progress
+    (console.bar); `also(seconds per step)` adds to the first estimate line (the whole run's estimate)."""
     model.train()
     sums: dict[str, float] = {}
     count = 0
     shard = (accelerator.process_index, accelerator.num_processes)
     pairs = (batches(train, cfg.batch_size, seed, epoch, accelerator.device, shard) if loader is None
              else loader.epoch(train, seed, epoch, shard))
+    steps = steps_per_epoch(len(train["target"]), cfg.batch_size, shard[1], cfg.max_steps_per_epoch)
+    pairs = bar(pairs, f"epoch {epoch}", total=steps, unit="step", enabled=accelerator.is_main_process,
+                also=also, estimate=also is not None)
     for i, batch in enumerate(pairs):
         if cfg.max_steps_per_epoch and i >= cfg.max_steps_per_epoch:
             break
@@ -317,12 +330,19 @@ def fit(model, accelerator, split: dict, negs: dict, num_items: int, cfg: Config
     if ignored and run_dir is not None:
         say(ignored)
     try:                                      # the workers stop however the epochs end (an error, Ctrl-C)
-        for epoch in bar(range(progress.epoch, cfg.train.max_epochs), "epochs", leave=True):
+        epochs = cfg.train.max_epochs - progress.epoch
+        steps = steps_per_epoch(len(split["train"]["target"]), cfg.train.batch_size, accelerator.num_processes,
+                                cfg.train.max_steps_per_epoch)
+        whole = lambda per_step: (f"; {epochs} epochs of {steps} steps: ~{duration(per_step * steps * epochs)} "  # noqa: E731
+                                  "of training, plus validation each epoch and the test")
+        for epoch in bar(range(progress.epoch, cfg.train.max_epochs), "epochs", leave=True, unit="epoch",
+                         enabled=accelerator.is_main_process):
             if cfg.train.hard_negatives > 0:   # re-mined every epoch from the current fused item table
                 table = core.item_table(num_items, "both", cfg.eval.batch_size).cpu()
                 split["train"]["negatives"] = mine_hard_negatives(table, split["train"], cfg.train.hard_negatives)
             progress.step, means = train_one_epoch(model, optimizer, scheduler, accelerator, split["train"], cfg.train,
-                                                   cfg.train.seed, epoch, progress.step, log, loader)
+                                                   cfg.train.seed, epoch, progress.step, log, loader,
+                                                   also=whole if epoch == cfg.train.max_epochs - epochs else None)
             valid = evaluate(core, split["valid"], negs["valid"], num_items, cfg.eval, run_dir, "valid")
             score = selection_score(valid, cfg.eval.select_on)
             log({"step": progress.step, "epoch": epoch, "select": score, **{f"train_{k}": v for k, v in means.items()},

@@ -193,7 +193,7 @@ def test_every_readme_has_commands():
 
 
 @pytest.mark.parametrize("command", [
-    "python -m vlm2rec.compare --config vlm2rec/configs/ml100k_offline.yaml --seeds 0 x1 2",
+    "python -m vlm2rec.compare --config vlm2rec/configs/ml-100k.yaml --seeds 0 x1 2",
     "python -m flame.main --config flame/configs/smoke.yaml train.no_such_key=1",
     "python -m f3crec.compare --config f3crec/configs/ml-100k.yaml --methods ft nosuchmethod",
     "make flame DATA=no-such-config",

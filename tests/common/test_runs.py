@@ -36,7 +36,7 @@ def test_run_directory_files(tmp_path):
     on_disk = json.loads((run / "results.json").read_text())
     assert on_disk == results and on_disk["seed"] == 3
     assert torch.__version__.startswith(on_disk["versions"]["torch"])
-    assert {"git_sha", "versions", "device"} <= on_disk.keys()
+    assert {"commit", "versions", "device", "started", "config_digest"} <= on_disk.keys()
     second = start_run(Cfg(), "paper", "toy", tag="t", root=tmp_path)
     assert second != run  # same second, never the same folder
 
@@ -272,3 +272,15 @@ def test_a_comparison_reuses_resumes_or_reruns_a_cell_and_refuses_another_config
     assert run_or_reuse(run, Cfg(), stopped) == {"ran": True} and calls == [True]
     with pytest.raises(FileExistsError, match="holds a run of another config"):
         comparison_slot(done, Cfg(lr=0.3))                                      # never another config's numbers
+
+
+def test_results_json_starts_with_the_common_keys_and_keeps_only_fractions_in_metrics(tmp_path, capsys):
+    from common.runs import RESULT_KEYS
+    run = start_run(Cfg(), "paper", "toy", tag="t", root=tmp_path)
+    written = write_results(run, {"method": "m", "seed": 3, "test": {"NDCG@20": 7.1},
+                                  "metrics": {"test/ndcg@20": 0.071, "test/hr@20": 14.2}})
+    assert tuple(written)[: len(RESULT_KEYS)] == RESULT_KEYS and written["test"] == {"NDCG@20": 7.1}
+    assert (written["paper"], written["dataset"], written["method"], written["seed"]) == ("paper", "toy", "m", 3)
+    assert written["metrics"] == {"test/ndcg@20": 0.071}            # a percent stays in the paper's detail only
+    assert "test/hr@20 left out of `metrics`" in capsys.readouterr().out
+    assert json.loads((run / "results.json").read_text()) == written

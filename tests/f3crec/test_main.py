@@ -16,10 +16,14 @@ SMOKE = ROOT / "f3crec" / "configs" / "smoke.yaml"
 FAST = ["federation.rounds=2", "federation.patience=2"]
 
 
-def test_smoke_writes_results_and_loadable_checkpoints(tmp_path):
+def test_smoke_writes_results_and_loadable_checkpoints(tmp_path, results_schema):
     res = main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "run"), *FAST,
                 f"train.base_cache={tmp_path / 'base'}", "train.share_base=true"])
-    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    saved = results_schema(tmp_path / "run" / "results.json", "f3crec")   # the layout of all three papers
+    last = saved["summary"]["ndcg"]["per_block"][-1]
+    assert (saved["method"], saved["variant"], saved["seed"], saved["threads"]) == ("f3crec", "fedmf", 1, 1)
+    assert saved["metrics"]["test/ndcg@20"] == last["H"] and saved["metrics"]["test/ra/ndcg@20"] == last["RA"]
+    assert saved["metrics"]["valid/ndcg@20"] == saved["blocks"][-1]["best_val"]
     assert saved["summary"] == json.loads(json.dumps(res["summary"]))
     ndcg = saved["summary"]["ndcg"]
     assert len(ndcg["a"]) == 4 and [len(row) for row in ndcg["a"]] == [1, 2, 3, 4]

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "f3crec" / "configs" / "smoke.yaml")
 # More rounds than the smoke config widen the window in which the kill lands inside block 1.
 ROUNDS = ["federation.rounds=8", "federation.patience=8"]
-PROVENANCE = {"git_sha", "versions", "device", "python", "finished"}
+PROVENANCE = {"git_sha", "commit", "config_digest", "versions", "device", "python", "started", "finished"}
 
 
 def untimed(value):

@@ -189,7 +189,8 @@ def clean_env():
     return env
 
 
-VOLATILE = ("seconds", "time", "git_sha", "versions", "device", "python", "finished", "run_dir")
+VOLATILE = ("seconds", "time", "git_sha", "commit", "config_digest", "versions", "device", "python", "started", "finished",
+            "run_dir")
 
 
 def stable(value):

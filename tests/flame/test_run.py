@@ -1,4 +1,5 @@
 """FLAME end to end: smoke runs (three ways), baselines, resume, checkpoints; slow tests on real weights."""
+import csv
 import json
 import os
 import shutil
@@ -38,10 +39,14 @@ def frozen_file(tmp_path):
 
 
 @pytest.mark.heavy
-def test_smoke_end_to_end_with_stage1(tmp_path):
+def test_smoke_end_to_end_with_stage1(tmp_path, results_schema):
     results = main(["--config", SMOKE, f"run_root={tmp_path}"])
     run_dir = Path(results["run_dir"])
-    saved = json.loads((run_dir / "results.json").read_text())
+    saved = results_schema(run_dir / "results.json", "flame")   # the layout of all three papers
+    assert run_dir.name.endswith("_flame_seed42") and (saved["method"], saved["seed"]) == ("flame", 42)
+    assert saved["metrics"]["test/ndcg@20"] == pytest.approx(saved["test"]["reference"]["NDCG@20"] / 100)
+    assert saved["metrics"]["test/neg_inf/hr@10"] == pytest.approx(saved["test"]["neg_inf"]["HR@10"] / 100)
+    assert saved["metrics"]["valid/ndcg@20"] == pytest.approx(saved["valid"]["NDCG@20"] / 100)
     assert set(saved["test"]) == {"reference", "neg_inf"} and saved["best_epoch"] >= 1
     conv = saved["convergence"]
     assert conv["sasrec_seed"] == 42 and "test_ndcg20_gain_rel" in conv
@@ -149,8 +154,9 @@ def test_compare_writes_table_and_plot(tmp_path):
 
     out = compare(["--config", SMOKE, f"run_root={tmp_path}", *FAST, "--seeds", "1", "2"])
     assert [len(runs) for runs in out.values()] == [2, 2]
-    folder = next((tmp_path / "flame" / "synthetic").glob("compare_*"))
+    folder = tmp_path / "flame" / "compare" / "smoke"  # <run root>/<paper>/compare/<config stem>, as every paper
     text = (folder / "summary.md").read_text()
+    assert {row["method"] for row in csv.DictReader((folder / "summary.csv").open())} == {"sasrec", "flame"}
     assert "| sasrec |" in text and "| flame |" in text and "±" in text
     assert (folder / "curves.png").stat().st_size > 0
     # own frozen net: FLAME of seed s froze the SASRec run of seed s instead of a second stage 1

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "vlm2rec/configs/smoke.yaml")
 # Full epochs (about ten steps each) widen the window in which the kill lands inside epoch 1.
 QUICK = ["eval.scenarios=[]", "seqrec.enabled=false", "train.max_steps_per_epoch=0"]
-PROVENANCE = {"run_dir", "plot", "git_sha", "versions", "device", "python", "finished"}
+PROVENANCE = {"run_dir", "plot", "git_sha", "commit", "config_digest", "versions", "device", "python", "started", "finished"}
 
 
 def records(run: Path) -> list[dict]:

@@ -21,9 +21,17 @@ SMOKE = str(ROOT / "vlm2rec/configs/smoke.yaml")
 
 
 @pytest.mark.heavy
-def test_smoke_in_process_writes_every_artifact(tmp_path):
+def test_smoke_in_process_writes_every_artifact(tmp_path, results_schema):
     results = main(["--config", SMOKE, "--run-dir", str(tmp_path / "run")])
     run = tmp_path / "run"
+    saved = results_schema(run / "results.json", "vlm2rec")   # the layout of all three papers
+    assert {k: results[k] for k in ("commit", "paper", "metrics")} == {k: saved[k] for k in ("commit", "paper", "metrics")}
+    test, metrics = saved["test"], saved["metrics"]
+    assert (saved["method"], saved["variant"], saved["seed"]) == ("vlm2rec", "tiny", 0) and "transformers" in saved["versions"]
+    assert metrics["test/ndcg@10"] == test["clean"]["sampled"]["both"]["NDCG@10"]        # P1, fused: the paper's
+    assert metrics["test/full/text/hr@20"] == test["clean"]["full"]["text"]["HR@20"]
+    assert metrics["test/missing_image/full/ndcg@10"] == test["missing_image"]["full"]["both"]["NDCG@10"]
+    assert metrics["valid/full/ndcg@10"] == saved["best_valid"]          # select_on full/both/NDCG@10
     for name in ("config.yaml", "metrics.jsonl", "results.json", "best.pt", "last.pt", "item_embeddings.pt"):
         assert (run / name).exists(), name
     for name in ("best.pt", "last.pt", "item_embeddings.pt"):    # plain dicts: weights_only loading works
@@ -102,7 +110,7 @@ def test_default_config_fails_fast_with_one_message(monkeypatch, tmp_path):
     message = str(err.value)
     assert time.time() - start < 10
     assert "GPU" in message and "Qwen/Qwen2.5-VL-3B-Instruct" in message and "amazon" in message
-    assert "configs/ml100k_offline.yaml" in message and "\n" not in message
+    assert "configs/ml-100k.yaml" in message and "\n" not in message
 
 
 @pytest.mark.gpu
