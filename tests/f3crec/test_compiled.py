@@ -1,0 +1,181 @@
+"""The compiled simulator (f3crec/sim_compiled.py, kernels.py) against the vectorised one, float64.
+
+Equality is to rounding (max |diff| ≤ 1e-12 · (1 + max |value|)), not bit for bit: the vectorised simulator's
+first step goes through a BLAS product (another summation order than the kernel's serial dot products) and
+ATen's SGD update fuses a multiply-add where the kernel rounds twice. Everything integer is compared exactly:
+the plan's draws, D_u and m_u of every ARM step, and every validation / test metric (exact sums of the
+same per-user values). The compiled kernels are single-threaded with fixed-order sums: the thread count
+changes nothing, bit for bit.
+"""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import ConfigError, load_config
+from f3crec.config import Config, resolve
+from f3crec.data import get_blocks
+from f3crec.model import BACKBONES
+from f3crec.round import make_plan, plan_inputs
+from f3crec.train import end_block, grow, make_simulator, round_context
+
+from conftest import late_joiner_blocks
+
+pytest.importorskip("numba")
+from f3crec.sim_compiled import CompiledSimulator, draw, exact_sum  # noqa: E402
+
+SMOKE = Path(__file__).resolve().parents[2] / "f3crec" / "configs" / "smoke.yaml"
+TOL = 1e-12
+
+
+def _setup(overrides, tmp_path=None, late=False):
+    data = [f"data.blocks={late_joiner_blocks(tmp_path / 'late')}"] if late else []
+    cfg = load_config(Config, SMOKE, ["backbone.dtype=float64", "federation.batch_size=16", "method.kd_weight=1.0",
+                                      "method.eps=0.02", *data, *overrides])
+    cfg, flags = resolve(cfg)
+    blocks, _ = get_blocks(cfg.data, cfg.train.seed)
+    return cfg, flags, blocks
+
+
+def _sims(cfg, flags, blocks):
+    factory = {}
+    for name in ("vectorised", "compiled"):
+        run_cfg = replace(cfg, federation=replace(cfg.federation, simulator=name))
+        factory[name] = lambda items, private, c=run_cfg: make_simulator(c, flags, items, private, blocks)
+    return factory
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return float((a - b).abs().max()) <= TOL * (1 + float(a.abs().max()))
+
+
+def test_exact_sum_is_the_fraction_sum():
+    values = np.random.default_rng(0).random(500) ** 3
+    values[:5] = [0.0, 1.0, 0.5, 1e-300, 0.1]
+    from fractions import Fraction
+    assert exact_sum(values) == sum(map(Fraction, values.tolist()), Fraction(0))
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_compiled_plan_draw_equals_the_plan(late, tmp_path):
+    """The kernel's negatives and shuffles are the plan's values exactly (same per-user streams)."""
+    cfg, flags, blocks = _setup([], tmp_path, late)
+    for t in range(len(blocks)):
+        data = dict(blocks[t].train)
+        # block t ≥ 1: T^u-like extra exclusions, as naive_replay and neg_exclude=all_known add
+        exclude = {u: np.union1d(v, np.arange(u % 7)) for u, v in data.items()}
+        for r in range(3):
+            plan = make_plan(cfg.train.seed, t, r, data, exclude, blocks[t].n_items, 4, 16, 30, 1)
+            items, labels = draw(plan)
+            assert np.array_equal(items, plan.items) and np.array_equal(labels, plan.labels)
+
+
+@pytest.mark.parametrize("late", [False, True])
+@pytest.mark.parametrize("overrides", [
+    [],                                                  # F3CRec: ARM + ITM
+    ["method.name=ft"], ["method.name=arm"], ["method.name=itm"],
+    ["method.name=topn_kd"],                             # ARM with m_u = N
+    ["method.name=naive_replay"],                        # T^u as pseudo-positives
+    ["method.name=emb_reg"],                             # every old row local
+    ["quirks.target_scores=matched", "method.name=arm"],
+    ["fidelity=false"],                                  # all_known exclusions, cumulative test mask
+])
+def test_compiled_equals_vectorised_round_by_round(overrides, late, tmp_path):
+    cfg, flags, blocks = _setup(overrides, tmp_path, late)
+    factory = _sims(cfg, flags, blocks)
+    sims = {name: None for name in factory}
+    saw_partial_memory = multi_step = False
+    for t in range(len(blocks)):
+        for name in sims:
+            sims[name] = grow(sims[name], factory[name], cfg, blocks, t, cfg.train.seed)
+        vec, comp = sims["vectorised"], sims["compiled"]
+        assert isinstance(comp, CompiledSimulator) and not isinstance(vec, CompiledSimulator)
+        for r in range(3):
+            ctx = round_context(cfg, flags, blocks, t, r)
+            plan = vec.plan(ctx)
+            multi_step |= np.diff(plan.step_offsets).max() > 1
+            stats_vec, stats_comp = vec.train_round(plan, ctx), comp.train_round(comp.plan(ctx), ctx)
+            assert stats_vec["D"] == stats_comp["D"] and stats_vec["m"] == stats_comp["m"]   # step-major order
+            saw_partial_memory |= any(0 < m < 30 for m in stats_comp["m"])
+            assert _close(vec.server.items, comp.server.items)
+            for k, v in vec.private_matrix().items():
+                assert _close(v, comp.private_matrix()[k])
+            assert vec.validate(ctx, None) == comp.validate(ctx, None)
+            for sim in sims.values():
+                sim.save_slot("best")
+        assert vec.test_row(t, flags["old_block_mask"], None) == comp.test_row(t, flags["old_block_mask"], None)
+        for sim in sims.values():
+            sim.save_slot("last")
+            end_block(sim, cfg, blocks, t, flags)
+        a, b = vec.states(), comp.states()
+        assert torch.equal(a.topn, b.topn) and _close(a.yhat, b.yhat)
+    assert multi_step
+    if flags["arm"] == "adaptive":
+        assert saw_partial_memory
+
+
+def _run(tmp_path, name, *extra):
+    from f3crec.main import main
+    return main(["--config", str(SMOKE), "--run-dir", str(tmp_path / name), f"federation.simulator={name}",
+                 "backbone.dtype=float64", *extra])
+
+
+def _records(folder: Path) -> list[dict]:
+    keep = ("block", "round", "val_ndcg", "val_recall", "D_mean", "m_mean", "m_hist", "D_hist")
+    return [{k: r.get(k) for k in keep} for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.heavy
+def test_whole_smoke_run_equal(tmp_path):
+    out = {name: _run(tmp_path, name) for name in ("vectorised", "compiled")}
+    assert out["vectorised"]["summary"] == out["compiled"]["summary"]
+    assert _records(tmp_path / "vectorised") == _records(tmp_path / "compiled")
+    assert [b["best_round"] for b in out["vectorised"]["blocks"]] == [b["best_round"] for b in out["compiled"]["blocks"]]
+    assert out["compiled"]["simulator"] == "compiled"
+
+
+def test_thread_count_changes_nothing():
+    """A round and a validation with torch (and numba) at 1 and 2 threads: bit for bit the same."""
+    import numba
+    cfg, flags, blocks = _setup([])
+    results, before = [], (torch.get_num_threads(), numba.get_num_threads())
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            sim = grow(None, _sims(cfg, flags, blocks)["compiled"], cfg, blocks, 0, cfg.train.seed)
+            out = []
+            for r in range(3):
+                ctx = round_context(cfg, flags, blocks, 0, r)
+                sim.train_round(None, ctx)
+                out.append((sim.server.items.clone(), sim.state.private["p"].clone(), sim.validate(ctx, None)))
+            results.append(out)
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
+    for (q1, p1, v1), (q2, p2, v2) in zip(*results):
+        assert torch.equal(q1, q2) and torch.equal(p1, p2) and v1 == v2
+
+
+def test_auto_picks_compiled_for_fedmf_and_vectorised_elsewhere(tmp_path):
+    from f3crec.train import simulator_kind
+    for overrides, kind in ([[], "compiled"], [["method.name=ewc"], "vectorised"],
+                            [["backbone.name=pfedrec"], "vectorised"], [["federation.ldp_scale=0.01"], "vectorised"]):
+        cfg, flags = resolve(load_config(Config, SMOKE, ["federation.simulator=auto", *overrides]))
+        assert simulator_kind(cfg, flags) == kind
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["backbone.name=fedncf"], "backbone.name=fedncf"),
+    (["method.name=ewc"], "method.name=ewc"),
+    (["federation.ldp_scale=0.01"], "federation.ldp_scale"),
+])
+def test_compiled_refuses_what_it_does_not_cover_in_one_line(overrides, named, tmp_path):
+    from f3crec.main import main
+    with pytest.raises(ConfigError) as err:
+        main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "r"), "federation.simulator=compiled", *overrides])
+    assert named in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "r").exists()                     # refused before the run folder is claimed
