@@ -20,8 +20,25 @@ Recall@K as common.metrics.full_sort_metrics computes them (sequential DCG sum, 
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from numba import njit
+
+
+def _numba_without_scipy() -> None:
+    """Load numba's numpy support with scipy.linalg hidden: numba.np.arraymath probes for SciPy's BLAS at
+    import (0.4–0.6 s of `import scipy.linalg` when SciPy is installed), and these kernels call no BLAS."""
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None   # `import scipy.linalg...` raises ImportError: numba records "no BLAS"
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        del sys.modules["scipy.linalg"]
+
+
+_numba_without_scipy()
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -51,6 +68,37 @@ def memory_perm(key, counter0, n):
 
 
 @njit(cache=True)
+def _sort_uniform(keys):
+    """Sort distinct uint64 keys whose top bits are uniform (stream values) in place, in expected linear
+    time: a counting pass on the top ⌈log2 n⌉ bits, then an insertion sort of the few keys sharing a bucket."""
+    n = keys.size
+    if n < 2:
+        return
+    bits = 1
+    while (1 << bits) < n:
+        bits += 1
+    shift = np.uint64(64 - bits)
+    start = np.zeros((1 << bits) + 1, np.int64)
+    for j in range(n):
+        start[np.int64(keys[j] >> shift) + 1] += 1
+    for b in range(1 << bits):
+        start[b + 1] += start[b]
+    out = np.empty(n, np.uint64)
+    for j in range(n):
+        b = np.int64(keys[j] >> shift)
+        out[start[b]] = keys[j]
+        start[b] += 1
+    for j in range(1, n):                              # only keys of one bucket are out of order
+        key = out[j]
+        at = j
+        while at > 0 and out[at - 1] > key:
+            out[at] = out[at - 1]
+            at -= 1
+        out[at] = key
+    keys[:] = out
+
+
+@njit(cache=True)
 def draw_plan(neg_keys, shuffle_keys, offsets, counts, positives, exc_ptr, exc_items, n_items, items, labels):
     """Every participant's shuffled samples of one round (round.RoundPlan.items / .labels, drawn client by
     client): its positives, then its negatives — slot s, attempt k is value s + k·2³² of its NEGATIVES
@@ -75,13 +123,16 @@ def draw_plan(neg_keys, shuffle_keys, offsets, counts, positives, exc_ptr, exc_i
                     break
                 attempt += 1
             base[n + slot] = item
-        values = np.empty(size, np.uint64)
+        # a stable sort on the top 43 bits = a sort of (value >> 21) << 21 | position (size < 2²¹)
+        packed = np.empty(size, np.uint64)
         for j in range(size):
-            values[j] = _mix(shuffle_keys[a] + (np.uint64(j) + np.uint64(1)) * _GAMMA) >> np.uint64(21)
-        order = np.argsort(values, kind="mergesort")
+            value = _mix(shuffle_keys[a] + (np.uint64(j) + np.uint64(1)) * _GAMMA) >> np.uint64(21)
+            packed[j] = (value << np.uint64(21)) | np.uint64(j)
+        _sort_uniform(packed)
         for j in range(size):
-            items[lo + j] = base[order[j]]
-            labels[lo + j] = 1.0 if order[j] < n else 0.0
+            at = np.int64(packed[j] & np.uint64(0x1FFFFF))
+            items[lo + j] = base[at]
+            labels[lo + j] = 1.0 if at < n else 0.0
         for j in range(exc_ptr[a], exc_ptr[a + 1]):
             excluded[exc_items[j]] = False
 
@@ -126,10 +177,10 @@ def _target_ranks(scores, targets, ranks):
 
 
 @njit(cache=True)
-def fedmf_round(q, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
+def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
                 replay, returning, topn, yhat, mem_keys, arm_mode, kd_weight, m_of_d,
                 reg_mode, reg_d, anchor_items, anchor_p, n_prev_items, total, stats):
-    """One round of every participant (FedMF, one optimiser sub-step). Updates p_all[users] in place,
+    """One round of every participant (FedMF, one optimiser sub-step); q_t is q transposed (contiguous). Updates p_all[users] in place,
     adds every client's row deltas to `total` (I, d) and writes (D_u, m_u, step) of every adaptive ARM
     step into `stats`; returns the number of stats rows.
 
@@ -144,7 +195,7 @@ def fedmf_round(q, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
         if rows > max_rows:
             max_rows = rows
     local = np.empty((max_rows, dim), q.dtype)
-    grad = np.zeros((max_rows, dim), q.dtype)
+    grad = np.zeros((max_rows, dim), q.dtype)         # zero between steps (each update clears what it read)
     row_item = np.empty(max_rows, np.int64)
     p = np.empty(dim, q.dtype)
     gp = np.empty(dim, q.dtype)
@@ -176,16 +227,19 @@ def fedmf_round(q, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
                     slot[i] = n_rows
                     row_item[n_rows] = i
                     n_rows += 1
-        for r in range(n_rows):
-            local[r] = q[row_item[r]]
-        p[:] = p_all[user]
+        for r in range(n_rows):                        # element loops: a row view per row costs more
+            i = row_item[r]
+            for k in range(dim):
+                local[r, k] = q[i, k]
+        for k in range(dim):
+            p[k] = p_all[user, k]
         # ---- local epoch: mini-batches of the shuffled samples (§5)
         n_steps = (hi - lo + batch_size - 1) // batch_size
         for step in range(n_steps):
             b0 = lo + step * batch_size
             b1 = min(b0 + batch_size, hi)
-            grad[:n_rows] = 0.0
-            gp[:] = 0.0
+            for k in range(dim):                       # grad is zero here: the update below clears it
+                gp[k] = 0.0
             inv = 1.0 / (b1 - b0)
             for j in range(b0, b1):
                 r = slot[items[j]]
@@ -193,21 +247,22 @@ def fedmf_round(q, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
                 for k in range(dim):
                     s += local[r, k] * p[k]
                 g = (_sigmoid(s) - labels[j]) * inv
+                for k in range(dim):                   # two loops, no views (a view per sample costs more
+                    grad[r, k] += g * p[k]             # than its arithmetic)
                 for k in range(dim):
-                    grad[r, k] += g * p[k]
                     gp[k] += g * local[r, k]
             if kd:
                 # scores over the whole catalogue with the client's local rows (§6 step 2)
-                for i in range(n_items):
-                    r = slot[i]
+                scores[:] = 0.0                        # broadcast rows: column by column (SIMD over items)
+                for k in range(dim):
+                    pk = p[k]
+                    for i in range(n_items):
+                        scores[i] += q_t[k, i] * pk
+                for r in range(n_rows):                # the client's own rows
                     s = 0.0
-                    if r >= 0:
-                        for k in range(dim):
-                            s += local[r, k] * p[k]
-                    else:
-                        for k in range(dim):
-                            s += q[i, k] * p[k]
-                    scores[i] = s
+                    for k in range(dim):
+                        s += local[r, k] * p[k]
+                    scores[row_item[r]] = s
                 targets = topn[user]
                 if arm_mode == 2:
                     size = n_top
@@ -234,6 +289,7 @@ def fedmf_round(q, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
                         r = slot[i]
                         for kk in range(dim):
                             grad[r, kk] += g * p[kk]
+                        for kk in range(dim):
                             gp[kk] += g * local[r, kk]
             if emb:
                 two = 2.0 * reg_d
@@ -250,8 +306,10 @@ def fedmf_round(q, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
             for r in range(n_rows):
                 for k in range(dim):
                     local[r, k] -= lr_q * grad[r, k]
+                    grad[r, k] = 0.0
         # ---- upload: the row deltas, summed in user order
-        p_all[user] = p
+        for k in range(dim):
+            p_all[user, k] = p[k]
         for r in range(n_rows):
             i = row_item[r]
             for k in range(dim):
@@ -264,7 +322,8 @@ def fedmf_round(q, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
 def topk_metrics(scores, pos_ptr, pos_items, exc_ptr, exc_items, discounts, ndcg, recall):
     """NDCG@K and Recall@K (K = discounts.size) of every row of `scores` (users × items): excluded items at
     −∞ unless positive, a running top-K with ties to the lower item id (torch.topk's order), then the
-    metrics as common.metrics.full_sort_metrics computes them (sequential DCG sum, the same discounts)."""
+    metrics as common.metrics.full_sort_metrics computes them (sequential DCG sum, the same discounts).
+    Returns False (metrics unset) at the first non-finite score."""
     n_items = scores.shape[1]
     k_max = discounts.size
     mark = np.zeros(n_items, np.int8)                  # 1 positive, 2 excluded
@@ -283,7 +342,11 @@ def topk_metrics(scores, pos_ptr, pos_items, exc_ptr, exc_items, discounts, ndcg
                 mark[exc_items[j]] = 2
         filled = 0
         for i in range(n_items):
-            s = -np.inf if mark[i] == 2 else scores[u, i]
+            s = scores[u, i]
+            if not np.isfinite(s):
+                return False
+            if mark[i] == 2:
+                s = -np.inf
             if filled == k_max and not s > top_s[k_max - 1]:
                 continue
             at = filled if filled < k_max else k_max - 1
@@ -308,3 +371,4 @@ def topk_metrics(scores, pos_ptr, pos_items, exc_ptr, exc_items, discounts, ndcg
             mark[pos_items[j]] = 0
         for j in range(exc_ptr[u], exc_ptr[u + 1]):
             mark[exc_items[j]] = 0
+    return True

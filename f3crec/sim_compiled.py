@@ -110,10 +110,10 @@ class CompiledSimulator(VectorisedSimulator):
     def train_round(self, plan: RoundPlan | None, ctx: RoundContext) -> dict:
         """One round of every participant (§3, §5, §6) through kernels.fedmf_round, then the server's mean."""
         plan = self.plan(ctx) if plan is None else plan
-        st, q_t = self.state, self.server.broadcast()
-        if ctx.net.name != "fedmf" or ctx.ldp_scale > 0 or ctx.flags["reg"] == "ewc" or q_t.device.type != "cpu":
+        st, table = self.state, self.server.broadcast()
+        if ctx.net.name != "fedmf" or ctx.ldp_scale > 0 or ctx.flags["reg"] == "ewc" or table.device.type != "cpu":
             raise ConfigError("federation.simulator=compiled: this round is not covered (see sim_compiled.unsupported)")
-        q = q_t.numpy()
+        q = table.numpy()
         n_items, dim = q.shape
         users = plan.users
         returning = (users < ctx.n_prev_users) & (ctx.block > 0)
@@ -132,7 +132,8 @@ class CompiledSimulator(VectorisedSimulator):
         stats = np.zeros((int(steps[replay].sum()) if replay.any() else 0, 3), np.int64)
         p_all = st.private["p"].numpy()
         n_stats = kernels.fedmf_round(
-            q, p_all, users, plan.offsets.astype(np.int64), *draw(plan, dtype), plan.batch_size,
+            q, np.ascontiguousarray(q.T) if replay.any() else np.zeros((dim, 1), dtype), p_all, users,
+            plan.offsets.astype(np.int64), *draw(plan, dtype), plan.batch_size,
             ctx.lrs["p"], ctx.lrs["Q"], replay, returning, topn, yhat, keys, arm_mode,
             float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]), anchor_items,
             st.anchor["p"].numpy(), n_prev_items, total, stats)
@@ -162,12 +163,11 @@ class CompiledSimulator(VectorisedSimulator):
         for lo in range(0, len(users), EVAL_CHUNK):
             hi = min(lo + EVAL_CHUNK, len(users))
             scores = user_scores(BACKBONES["fedmf"], {k: v[index[lo:hi]] for k, v in private.items()}, items)
-            if not bool(torch.isfinite(scores).all()):
+            if not kernels.topk_metrics(scores.numpy(), pos_ptr[lo:hi + 1] - pos_ptr[lo], pos[pos_ptr[lo]:pos_ptr[hi]],
+                                        exc_ptr[lo:hi + 1] - exc_ptr[lo], exc[exc_ptr[lo]:exc_ptr[hi]], discounts,
+                                        ndcg[lo:hi], recall[lo:hi]):
                 raise ValueError("full_sort_metrics: non-finite value(s) (NaN or inf) in scores; metrics of such "
                                  "scores are meaningless (check the model for a NaN/inf output)")
-            kernels.topk_metrics(scores.numpy(), pos_ptr[lo:hi + 1] - pos_ptr[lo], pos[pos_ptr[lo]:pos_ptr[hi]],
-                                 exc_ptr[lo:hi + 1] - exc_ptr[lo], exc[exc_ptr[lo]:exc_ptr[hi]], discounts,
-                                 ndcg[lo:hi], recall[lo:hi])
         return {"ndcg": (exact_sum(ndcg), len(users)), "recall": (exact_sum(recall), len(users))}
 
     def validate(self, ctx: RoundContext, decimals: int | None) -> dict[str, float]:
