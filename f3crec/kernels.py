@@ -149,6 +149,9 @@ def _target_ranks(scores, targets, ranks):
     hist = np.zeros(n + 1, np.int64)                   # hist[b] = #items with exactly b target scores below
     for j in range(scores.size):
         s = scores[j]
+        if s < asc[0]:                                 # most items score below every target
+            hist[0] += 1
+            continue
         lo, hi = 0, n                                  # searchsorted left: #targets < s
         while lo < hi:
             mid = (lo + hi) >> 1
