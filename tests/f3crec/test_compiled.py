@@ -117,10 +117,10 @@ def test_compiled_equals_vectorised_round_by_round(overrides, late, tmp_path):
         assert saw_partial_memory
 
 
-def _run(tmp_path, name, *extra):
+def _run(tmp_path, name, *extra, folder=None):
     from f3crec.main import main
-    return main(["--config", str(SMOKE), "--run-dir", str(tmp_path / name), f"federation.simulator={name}",
-                 "backbone.dtype=float64", *extra])
+    return main(["--config", str(SMOKE), "--run-dir", str(tmp_path / (folder or name)),
+                 f"federation.simulator={name}", "backbone.dtype=float64", *extra])
 
 
 def _records(folder: Path) -> list[dict]:
@@ -179,3 +179,22 @@ def test_compiled_refuses_what_it_does_not_cover_in_one_line(overrides, named, t
         main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "r"), "federation.simulator=compiled", *overrides])
     assert named in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "r").exists()                     # refused before the run folder is claimed
+
+
+@pytest.mark.heavy
+def test_whole_smoke_run_same_with_one_and_two_threads(tmp_path):
+    """train.threads sets torch's threads for the run: the compiled run's numbers do not move with it."""
+    one, two = (_run(tmp_path, "compiled", f"train.threads={n}", folder=f"t{n}") for n in (1, 2))
+    assert one["summary"] == two["summary"] and _records(tmp_path / "t1") == _records(tmp_path / "t2")
+
+
+def test_bench_report_sides_puts_simulators_side_by_side():
+    from f3crec.bench import report_sides
+    side = {"base_round_s": 0.05, "incremental_round_s": 0.02, "base_block_s": 1.0, "incremental_blocks_s": 1.5,
+            "fixed_s": 2.0, "whole_s": 5.0, "whole_cpu_s": 4.0, "after_imports_cpu_s": 2.0, "summary": {"h": 1}}
+    table = report_sides({"vectorised": {**side, "whole_cpu_s": 8.0}, "compiled": side})
+    assert "| whole process, CPU | 8 | 4 |" in table and "×" not in table and "same metrics" in table
+    assert table.endswith("yes")
+    with_ref = report_sides({"compiled": side}, {"whole_cpu_s": 40.0})
+    assert "| whole process, CPU | 4 | 40 | 10.0× |" in with_ref
+    assert report_sides({"a": side, "b": {**side, "summary": {"h": 2}}}).endswith("NO")
