@@ -57,8 +57,8 @@ class MethodConfig:
 
 @dataclass
 class FederationConfig:
-    # §13, §14: same numbers, tested. compiled: FedMF rounds and evaluation as compiled loops (numba, no
-    # LDP/EWC; equal to vectorised to rounding in float64); auto: compiled where it covers the run, else vectorised
+    # §13, §14: same numbers, tested. compiled: FedMF rounds and evaluation as compiled loops (numba, CPU, no
+    # EWC; equal to vectorised to rounding in float64); auto: compiled where it covers the run, else vectorised
     simulator: Literal["vectorised", "compiled", "auto", "reference", "flower"] = "vectorised"
     nodes: PosInt = 2                # flower: in-process nodes; user u lives on node u mod nodes (§14)
     # flower: a round needs replies for this share of its users, in (0, 1]: zero replies have no mean (§14)

@@ -9,7 +9,8 @@ cache, end-of-block ŷ / T^u, slots and the server are shared code. Every sum is
 (single-threaded kernels): the numbers do not depend on the thread count.
 
 Covered: FedMF with ft, arm, itm, f3crec, topn_kd, naive_replay, emb_reg and full_retrain (ITM and the
-restarts are server / block-loop code), on the CPU, without LDP. `check(cfg, flags)` names what is not
+restarts are server / block-loop code) and LDP noise (each client's Laplace noise from its own stream,
+added to the summed upload), on the CPU. `check(cfg, flags)` names what is not
 covered in one line; `federation.simulator=auto` runs this simulator where it is covered and the
 vectorised one elsewhere. Equal to the vectorised simulator to ≤ 1e-12 in float64 round by round and
 in every metric (tests/f3crec/test_compiled.py): the sums run in another order than ATen's (BLAS dot
@@ -28,10 +29,11 @@ from common.metrics import _discounts
 from . import kernels, streams
 from .evaluate import EVAL_CHUNK, finish, test_exclude, user_scores
 from .model import BACKBONES
-from .round import RoundContext, RoundPlan
+from .round import RoundContext, RoundPlan, ldp_noise
 from .sim_vectorised import VectorisedSimulator
 
 K = 20  # NDCG@20 / Recall@20 (§10)
+LDP_CHUNK = 64  # clients whose (|I|, d) LDP noise is drawn at once
 
 
 def unsupported(cfg, flags: dict) -> str | None:
@@ -40,8 +42,6 @@ def unsupported(cfg, flags: dict) -> str | None:
         return f"backbone.name={cfg.backbone.name} (the compiled round covers fedmf)"
     if flags["reg"] == "ewc":
         return "method.name=ewc (the compiled round covers emb_reg, not EWC's Fisher penalty)"
-    if cfg.federation.ldp_scale > 0:
-        return "federation.ldp_scale > 0 (the compiled round has no LDP noise)"
     if cfg.train.device == "cuda":
         return "train.device=cuda (the compiled kernels run on the CPU)"
     return None
@@ -111,7 +111,7 @@ class CompiledSimulator(VectorisedSimulator):
         """One round of every participant (§3, §5, §6) through kernels.fedmf_round, then the server's mean."""
         plan = self.plan(ctx) if plan is None else plan
         st, table = self.state, self.server.broadcast()
-        if ctx.net.name != "fedmf" or ctx.ldp_scale > 0 or ctx.flags["reg"] == "ewc" or table.device.type != "cpu":
+        if ctx.net.name != "fedmf" or ctx.flags["reg"] == "ewc" or table.device.type != "cpu":
             raise ConfigError("federation.simulator=compiled: this round is not covered (see sim_compiled.unsupported)")
         q = table.numpy()
         n_items, dim = q.shape
@@ -137,6 +137,9 @@ class CompiledSimulator(VectorisedSimulator):
             ctx.lrs["p"], ctx.lrs["Q"], replay, returning, topn, yhat, keys, arm_mode,
             float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]), anchor_items,
             st.anchor["p"].numpy(), n_prev_items, total, stats)
+        if ctx.ldp_scale > 0:   # every client adds Laplace noise to every row of its upload (§3), from its stream
+            for lo in range(0, users.size, LDP_CHUNK):
+                total += ldp_noise(ctx, users[lo:lo + LDP_CHUNK], (n_items, dim), table.dtype).sum(0).numpy()
         order = np.argsort(stats[:n_stats, 2], kind="stable")     # step-major, as the vectorised stats
         out = {"D": stats[:n_stats, 0][order].tolist(), "m": stats[:n_stats, 1][order].tolist()}
         return {**out, **self.server.aggregate_deltas(torch.arange(n_items), torch.from_numpy(total), users.size)}

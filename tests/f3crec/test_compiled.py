@@ -82,6 +82,8 @@ def test_compiled_plan_draw_equals_the_plan(late, tmp_path):
     ["method.name=emb_reg"],                             # every old row local
     ["quirks.target_scores=matched", "method.name=arm"],
     ["fidelity=false"],                                  # all_known exclusions, cumulative test mask
+    ["method.name=topn_kd", "federation.ldp_scale=0.01"],  # LDP noise on every row of every upload
+    ["method.name=full_retrain"],                        # re-initialised each block, the union of train data
 ])
 def test_compiled_equals_vectorised_round_by_round(overrides, late, tmp_path):
     cfg, flags, blocks = _setup(overrides, tmp_path, late)
@@ -163,7 +165,7 @@ def test_thread_count_changes_nothing():
 def test_auto_picks_compiled_for_fedmf_and_vectorised_elsewhere(tmp_path):
     from f3crec.train import simulator_kind
     for overrides, kind in ([[], "compiled"], [["method.name=ewc"], "vectorised"],
-                            [["backbone.name=pfedrec"], "vectorised"], [["federation.ldp_scale=0.01"], "vectorised"]):
+                            [["backbone.name=pfedrec"], "vectorised"], [["federation.ldp_scale=0.01"], "compiled"]):
         cfg, flags = resolve(load_config(Config, SMOKE, ["federation.simulator=auto", *overrides]))
         assert simulator_kind(cfg, flags) == kind
 
@@ -171,7 +173,7 @@ def test_auto_picks_compiled_for_fedmf_and_vectorised_elsewhere(tmp_path):
 @pytest.mark.parametrize("overrides,named", [
     (["backbone.name=fedncf"], "backbone.name=fedncf"),
     (["method.name=ewc"], "method.name=ewc"),
-    (["federation.ldp_scale=0.01"], "federation.ldp_scale"),
+    (["train.device=cuda"], "train.device=cuda"),
 ])
 def test_compiled_refuses_what_it_does_not_cover_in_one_line(overrides, named, tmp_path):
     from f3crec.main import main
