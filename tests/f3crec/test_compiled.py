@@ -200,3 +200,14 @@ def test_bench_report_sides_puts_simulators_side_by_side():
     with_ref = report_sides({"compiled": side}, {"whole_cpu_s": 40.0})
     assert "| whole process, CPU | 4 | 40 | 10.0× |" in with_ref
     assert report_sides({"a": side, "b": {**side, "summary": {"h": 2}}}).endswith("NO")
+
+
+@pytest.mark.heavy
+def test_compiled_run_resumed_at_a_block_boundary_equals_an_uninterrupted_one(tmp_path):
+    """last.pt of a compiled run (the vectorised simulator's state form) resumes into the compiled simulator."""
+    from f3crec.main import main
+    whole = _run(tmp_path, "compiled", folder="whole")
+    _run(tmp_path, "compiled", "train.stop_after_block=1", folder="cut")
+    resumed = main(["--resume", str(tmp_path / "cut"), "train.stop_after_block=null"])
+    assert resumed["summary"] == whole["summary"] and resumed["simulator"] == "compiled"
+    assert _records(tmp_path / "cut") == _records(tmp_path / "whole")
