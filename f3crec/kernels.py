@@ -14,6 +14,10 @@ can change (`slot[item]` → local row); every other row equals the broadcast. T
 clients of their row deltas, added client by client in user order, so the result does not depend on any
 thread count: the kernels are single-threaded and every sum has a fixed order.
 
+`affine_round` is the same loop for the backbones with a head (FedNCF, PFedRec): s = a_u · q_i + c_u with
+(a_u, c_u) from the private tensors (model.py), the head's gradients in closed form, PFedRec's two
+optimiser sub-steps and the round-0 reset.
+
 `topk_metrics` scores users against the catalogue one user at a time, keeps a running top-K (ties to the
 lower item id, torch.topk's order), masks the exclusions sparsely and returns each user's NDCG@K and
 Recall@K as common.metrics.full_sort_metrics computes them (sequential DCG sum, same discounts).
@@ -183,9 +187,9 @@ def _target_ranks(scores, targets, ranks):
 def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
                 replay, returning, topn, yhat, mem_keys, arm_mode, kd_weight, m_of_d,
                 reg_mode, reg_d, anchor_items, anchor_p, n_prev_items, total, stats):
-    """One round of every participant (FedMF, one optimiser sub-step); q_t is q transposed (contiguous). Updates p_all[users] in place,
-    adds every client's row deltas to `total` (I, d) and writes (D_u, m_u, step) of every adaptive ARM
-    step into `stats`; returns the number of stats rows.
+    """One round of every participant (FedMF, one optimiser sub-step); q_t is q transposed (contiguous).
+    Updates p_all[users] in place, adds every client's row deltas to `total` (I, d) and writes (D_u, m_u,
+    step) of every adaptive ARM step into `stats`; returns the number of stats rows.
 
     arm_mode: 0 off, 1 adaptive (ARM), 2 full (top-N KD, m_u = N); reg_mode: 0 none, 1 emb_reg.
     """
@@ -375,3 +379,189 @@ def topk_metrics(scores, pos_ptr, pos_items, exc_ptr, exc_items, discounts, ndcg
         for j in range(exc_ptr[u], exc_ptr[u + 1]):
             mark[exc_items[j]] = 0
     return True
+
+
+@njit(cache=True)
+def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b, reset, users, offsets, items,
+                 labels, batch_size, n_sub, lr_p, lr_head, lr_q, replay, returning, topn, yhat, mem_keys, arm_mode,
+                 kd_weight, m_of_d, reg_mode, reg_d, anchor_items, anchor_p, n_prev_items, total, stats):
+    """fedmf_round for the backbones with a head (model.py §4): kind 1 FedNCF (a = w[d:], c = w[:d]·p + b,
+    one sub-step on p, w, b, Q), kind 2 PFedRec (a = w, c = b; sub-step 0 steps w, b, sub-step 1 steps Q
+    with the loss recomputed). With s = a·q_i + c and per-logit gradient g: ∂a += g q_i, ∂c += g,
+    ∂q_i += g a; then ∂w[d:] = ∂a, ∂w[:d] = ∂c p, ∂p = ∂c w[:d], ∂b = ∂c (FedNCF) or ∂w = ∂a, ∂b = ∂c
+    (PFedRec). `reset`: every participant starts from the shared start-up values (Q2). stats rows are
+    (D_u, m_u, step·n_sub + sub)."""
+    n_items, dim = q.shape
+    n_top = topn.shape[1]
+    w_dim = w_all.shape[1]
+    slot = np.full(n_items, -1, np.int64)
+    max_rows = 0
+    for a_ in range(users.size):
+        rows = offsets[a_ + 1] - offsets[a_] + n_top + n_prev_items
+        if rows > max_rows:
+            max_rows = rows
+    local = np.empty((max_rows, dim), q.dtype)
+    grad = np.zeros((max_rows, dim), q.dtype)
+    row_item = np.empty(max_rows, np.int64)
+    p = np.zeros(dim, q.dtype)
+    w = np.empty(w_dim, q.dtype)
+    b = np.empty(1, q.dtype)
+    av = np.empty(dim, q.dtype)
+    ga = np.empty(dim, q.dtype)
+    gp = np.empty(dim, q.dtype)
+    scores = np.empty(n_items, q.dtype)
+    ranks = np.empty(n_top, np.int64)
+    n_stats = 0
+    for a_ in range(users.size):
+        user = users[a_]
+        lo, hi = offsets[a_], offsets[a_ + 1]
+        kd = replay[a_] and arm_mode != 0
+        emb = reg_mode == 1 and returning[a_]
+        n_rows = 0
+        if emb:
+            for i in range(n_prev_items):
+                slot[i] = n_rows
+                row_item[n_rows] = i
+                n_rows += 1
+        for j in range(lo, hi):
+            i = items[j]
+            if slot[i] < 0:
+                slot[i] = n_rows
+                row_item[n_rows] = i
+                n_rows += 1
+        if kd:
+            for k in range(n_top):
+                i = topn[user, k]
+                if slot[i] < 0:
+                    slot[i] = n_rows
+                    row_item[n_rows] = i
+                    n_rows += 1
+        for r in range(n_rows):
+            i = row_item[r]
+            for k in range(dim):
+                local[r, k] = q[i, k]
+        for k in range(w_dim):
+            w[k] = shared_w[k] if reset else w_all[user, k]
+        b[0] = shared_b[0] if reset else b_all[user, 0]
+        if kind == 1:
+            for k in range(dim):
+                p[k] = shared_p[k] if reset else p_all[user, k]
+        n_steps = (hi - lo + batch_size - 1) // batch_size
+        for step in range(n_steps):
+            b0 = lo + step * batch_size
+            b1 = min(b0 + batch_size, hi)
+            inv = 1.0 / (b1 - b0)
+            for sub in range(n_sub):
+                # (a, c) of the current private values
+                if kind == 1:
+                    cv = 0.0
+                    for k in range(dim):
+                        av[k] = w[dim + k]
+                        cv += w[k] * p[k]
+                    cv += b[0]
+                else:
+                    for k in range(dim):
+                        av[k] = w[k]
+                    cv = b[0]
+                for k in range(dim):
+                    ga[k] = 0.0
+                    gp[k] = 0.0
+                gc = 0.0
+                for j in range(b0, b1):
+                    r = slot[items[j]]
+                    s = 0.0
+                    for k in range(dim):
+                        s += local[r, k] * av[k]
+                    g = (_sigmoid(s + cv) - labels[j]) * inv
+                    gc += g
+                    for k in range(dim):
+                        grad[r, k] += g * av[k]
+                    for k in range(dim):
+                        ga[k] += g * local[r, k]
+                if kd:
+                    for i in range(n_items):
+                        scores[i] = 0.0
+                    for k in range(dim):
+                        ak = av[k]
+                        for i in range(n_items):
+                            scores[i] += q_t[k, i] * ak
+                    for r in range(n_rows):
+                        s = 0.0
+                        for k in range(dim):
+                            s += local[r, k] * av[k]
+                        scores[row_item[r]] = s
+                    for i in range(n_items):
+                        scores[i] += cv
+                    targets = topn[user]
+                    if arm_mode == 2:
+                        size = n_top
+                        perm = np.arange(n_top)
+                    else:
+                        ranks[:] = 0
+                        _target_ranks(scores, targets, ranks)
+                        disc = 0
+                        for k in range(n_top):
+                            disc += abs(k + 1 - ranks[k])
+                        size = m_of_d[disc]
+                        stats[n_stats, 0] = disc
+                        stats[n_stats, 1] = size
+                        stats[n_stats, 2] = step * n_sub + sub
+                        n_stats += 1
+                        perm = memory_perm(mem_keys[a_], (step * n_sub + sub) * n_top, n_top) if size > 0 \
+                            else np.arange(n_top)
+                    if size > 0:
+                        scale = kd_weight / size
+                        for k in range(size):
+                            i = targets[perm[k]]
+                            sig = _sigmoid(scores[i])
+                            target = _sigmoid(yhat[user, i])
+                            g = scale * (sig - target) / max((1.0 - sig) * sig, 1e-12) * ((1.0 - sig) * sig)
+                            r = slot[i]
+                            gc += g
+                            for kk in range(dim):
+                                grad[r, kk] += g * av[kk]
+                            for kk in range(dim):
+                                ga[kk] += g * local[r, kk]
+                if emb:
+                    two = 2.0 * reg_d
+                    for r in range(n_rows):
+                        i = row_item[r]
+                        if i < n_prev_items:
+                            for k in range(dim):
+                                grad[r, k] += two * (local[r, k] - anchor_items[i, k])
+                    if kind == 1:
+                        for k in range(dim):
+                            gp[k] += two * (p[k] - anchor_p[user, k])
+                # ---- SGD on this sub-step's tensors, every gradient taken at the values before it
+                step_head = kind == 1 or sub == 0
+                step_items = kind == 1 or sub == 1
+                if kind == 1:
+                    for k in range(dim):
+                        gp[k] += gc * w[k]
+                    for k in range(dim):
+                        w_k = w[k]
+                        w[k] = w_k - lr_head * (gc * p[k])
+                        w[dim + k] -= lr_head * ga[k]
+                        p[k] -= lr_p * gp[k]
+                    b[0] -= lr_head * gc
+                elif step_head:
+                    for k in range(dim):
+                        w[k] -= lr_head * ga[k]
+                    b[0] -= lr_head * gc
+                for r in range(n_rows):
+                    for k in range(dim):
+                        if step_items:
+                            local[r, k] -= lr_q * grad[r, k]
+                        grad[r, k] = 0.0
+        for k in range(w_dim):
+            w_all[user, k] = w[k]
+        b_all[user, 0] = b[0]
+        if kind == 1:
+            for k in range(dim):
+                p_all[user, k] = p[k]
+        for r in range(n_rows):
+            i = row_item[r]
+            for k in range(dim):
+                total[i, k] += local[r, k] - q[i, k]
+            slot[i] = -1
+    return n_stats

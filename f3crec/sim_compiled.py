@@ -2,15 +2,16 @@
 training and the validation/test evaluation as compiled per-client loops (kernels.py, numba).
 
 A round is dispatch-bound in the tensor simulators (1,250–2,000 ATen calls for a few ms of arithmetic); here
-each participant's local epoch is one pass of a compiled loop with closed-form FedMF gradients, on the
+each participant's local epoch is one pass of a compiled loop with closed-form gradients, on the
 same plan (round.py: the same per-user streams, negatives, shuffles and memory draws) and the same client
 state (ClientStates, held stacked by the inherited VectorisedSimulator code), so checkpoints, the base
 cache, end-of-block ŷ / T^u, slots and the server are shared code. Every sum is serial in a fixed order
 (single-threaded kernels): the numbers do not depend on the thread count.
 
-Covered: FedMF with ft, arm, itm, f3crec, topn_kd, naive_replay, emb_reg and full_retrain (ITM and the
-restarts are server / block-loop code) and LDP noise (each client's Laplace noise from its own stream,
-added to the summed upload), on the CPU. `check(cfg, flags)` names what is not
+Covered: FedMF (kernels.fedmf_round), FedNCF and PFedRec (kernels.affine_round: their heads in closed
+form, PFedRec's two sub-steps, the round-0 reset) with ft, arm, itm, f3crec, topn_kd, naive_replay,
+emb_reg and full_retrain (ITM and the restarts are server / block-loop code) and LDP noise (each client's
+Laplace noise from its own stream, added to the summed upload), on the CPU; not EWC. `check(cfg, flags)` names what is not
 covered in one line; `federation.simulator=auto` runs this simulator where it is covered and the
 vectorised one elsewhere. Equal to the vectorised simulator to ≤ 1e-12 in float64 round by round and
 in every metric (tests/f3crec/test_compiled.py): the sums run in another order than ATen's (BLAS dot
@@ -38,8 +39,6 @@ LDP_CHUNK = 64  # clients whose (|I|, d) LDP noise is drawn at once
 
 def unsupported(cfg, flags: dict) -> str | None:
     """Why the compiled simulator cannot run this configuration (a one-line reason), or None."""
-    if cfg.backbone.name != "fedmf":
-        return f"backbone.name={cfg.backbone.name} (the compiled round covers fedmf)"
     if flags["reg"] == "ewc":
         return "method.name=ewc (the compiled round covers emb_reg, not EWC's Fisher penalty)"
     if cfg.train.device == "cuda":
@@ -90,7 +89,7 @@ def draw(plan: RoundPlan, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
 
 
 class CompiledSimulator(VectorisedSimulator):
-    """VectorisedSimulator with `train_round`, `validate` and `test_row` as compiled loops (FedMF)."""
+    """VectorisedSimulator with `train_round`, `validate` and `test_row` as compiled loops."""
 
     def __init__(self, server, state):
         super().__init__(server, state)
@@ -108,10 +107,11 @@ class CompiledSimulator(VectorisedSimulator):
         return self._m_table[1]
 
     def train_round(self, plan: RoundPlan | None, ctx: RoundContext) -> dict:
-        """One round of every participant (§3, §5, §6) through kernels.fedmf_round, then the server's mean."""
+        """One round of every participant (§3, §5, §6) through kernels.fedmf_round or affine_round, then the
+        server's mean."""
         plan = self.plan(ctx) if plan is None else plan
         st, table = self.state, self.server.broadcast()
-        if ctx.net.name != "fedmf" or ctx.flags["reg"] == "ewc" or table.device.type != "cpu":
+        if ctx.flags["reg"] == "ewc" or table.device.type != "cpu":
             raise ConfigError("federation.simulator=compiled: this round is not covered (see sim_compiled.unsupported)")
         q = table.numpy()
         n_items, dim = q.shape
@@ -130,13 +130,27 @@ class CompiledSimulator(VectorisedSimulator):
         total = np.zeros_like(q)
         steps = np.diff(plan.step_offsets)
         stats = np.zeros((int(steps[replay].sum()) if replay.any() else 0, 3), np.int64)
-        p_all = st.private["p"].numpy()
-        n_stats = kernels.fedmf_round(
-            q, np.ascontiguousarray(q.T) if replay.any() else np.zeros((dim, 1), dtype), p_all, users,
-            plan.offsets.astype(np.int64), *draw(plan, dtype), plan.batch_size,
-            ctx.lrs["p"], ctx.lrs["Q"], replay, returning, topn, yhat, keys, arm_mode,
-            float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]), anchor_items,
-            st.anchor["p"].numpy(), n_prev_items, total, stats)
+        q_t = np.ascontiguousarray(q.T) if replay.any() else np.zeros((dim, 1), dtype)
+        offsets, (items, labels) = plan.offsets.astype(np.int64), draw(plan, dtype)
+        anchor_p = st.anchor["p"].numpy() if "p" in st.anchor else np.zeros((1, dim), dtype)
+        if ctx.net.name == "fedmf":
+            n_stats = kernels.fedmf_round(
+                q, q_t, st.private["p"].numpy(), users, offsets, items, labels, plan.batch_size,
+                ctx.lrs["p"], ctx.lrs["Q"], replay, returning, topn, yhat, keys, arm_mode,
+                float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]), anchor_items,
+                anchor_p, n_prev_items, total, stats)
+        else:   # FedNCF (kind 1) or PFedRec (kind 2): a head, sub-steps, the round-0 reset (§4)
+            kind = {"fedncf": 1, "pfedrec": 2}[ctx.net.name]
+            shared = {k: v.numpy() for k, v in ctx.shared_private.items()}
+            n_sub = len(ctx.net.substeps)
+            stats = np.zeros((stats.shape[0] * n_sub, 3), np.int64)
+            n_stats = kernels.affine_round(
+                q, q_t, kind, st.private["p"].numpy() if kind == 1 else np.zeros((1, dim), dtype),
+                st.private["w"].numpy(), st.private["b"].numpy(), shared.get("p", np.zeros(dim, dtype)),
+                shared["w"], shared["b"], bool(ctx.reset_private), users, offsets, items, labels, plan.batch_size,
+                n_sub, ctx.lrs.get("p", 0.0), ctx.lrs["w"], ctx.lrs["Q"], replay, returning, topn, yhat, keys,
+                arm_mode, float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]),
+                anchor_items, anchor_p, n_prev_items, total, stats)
         if ctx.ldp_scale > 0:   # every client adds Laplace noise to every row of its upload (§3), from its stream
             for lo in range(0, users.size, LDP_CHUNK):
                 total += ldp_noise(ctx, users[lo:lo + LDP_CHUNK], (n_items, dim), table.dtype).sum(0).numpy()
@@ -159,13 +173,13 @@ class CompiledSimulator(VectorisedSimulator):
             return {"ndcg": (Fraction(0), 0), "recall": (Fraction(0), 0)}
         pos_ptr, pos, exc_ptr, exc = csr
         items = self.server.broadcast()[:n_items]
-        private = self.private_matrix()
+        private, net = self.private_matrix(), BACKBONES[self.cfg.backbone.name]
         ndcg, recall = np.empty(len(users)), np.empty(len(users))
         discounts = _discounts(min(K, n_items), torch.device("cpu")).numpy()
         index = torch.as_tensor(users)
         for lo in range(0, len(users), EVAL_CHUNK):
             hi = min(lo + EVAL_CHUNK, len(users))
-            scores = user_scores(BACKBONES["fedmf"], {k: v[index[lo:hi]] for k, v in private.items()}, items)
+            scores = user_scores(net, {k: v[index[lo:hi]] for k, v in private.items()}, items)
             if not kernels.topk_metrics(scores.numpy(), pos_ptr[lo:hi + 1] - pos_ptr[lo], pos[pos_ptr[lo]:pos_ptr[hi]],
                                         exc_ptr[lo:hi + 1] - exc_ptr[lo], exc[exc_ptr[lo]:exc_ptr[hi]], discounts,
                                         ndcg[lo:hi], recall[lo:hi]):

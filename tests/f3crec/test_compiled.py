@@ -76,16 +76,22 @@ def test_compiled_plan_draw_equals_the_plan(late, tmp_path):
 @pytest.mark.parametrize("late", [False, True])
 @pytest.mark.parametrize("overrides", [
     [],                                                  # F3CRec: ARM + ITM
-    ["method.name=ft"], ["method.name=arm"], ["method.name=itm"],
-    ["method.name=topn_kd"],                             # ARM with m_u = N
-    ["method.name=naive_replay"],                        # T^u as pseudo-positives
-    ["method.name=emb_reg"],                             # every old row local
-    ["quirks.target_scores=matched", "method.name=arm"],
-    ["fidelity=false"],                                  # all_known exclusions, cumulative test mask
-    ["method.name=topn_kd", "federation.ldp_scale=0.01"],  # LDP noise on every row of every upload
-    ["method.name=full_retrain"],                        # re-initialised each block, the union of train data
+    *[pytest.param(overrides, marks=pytest.mark.heavy) for overrides in (
+        ["method.name=ft"], ["method.name=arm"], ["method.name=itm"],
+        ["method.name=topn_kd"],                                # ARM with m_u = N
+        ["method.name=naive_replay"],                           # T^u as pseudo-positives
+        ["method.name=emb_reg"],                                # every old row local
+        ["quirks.target_scores=matched", "method.name=arm"],
+        ["fidelity=false"],                                     # all_known exclusions, cumulative test mask
+        ["method.name=topn_kd", "federation.ldp_scale=0.01"],   # LDP noise on every row of every upload
+        ["method.name=full_retrain"],                           # the union of train data so far
+        ["backbone.name=pfedrec", "backbone.lr=0.02"],          # two sub-steps, round-0 reset
+        ["backbone.name=fedncf", "backbone.lr=0.02"],           # Linear(2d→1) head, round-0 reset
+        ["backbone.name=fedncf", "backbone.lr=0.02", "method.name=emb_reg"],
+        ["backbone.name=pfedrec", "backbone.lr=0.02", "method.name=topn_kd"])],
 ])
 def test_compiled_equals_vectorised_round_by_round(overrides, late, tmp_path):
+    """F3CRec (FedMF) runs in the fast suite; the other variants are `heavy` (seconds each, numba compiles once)."""
     cfg, flags, blocks = _setup(overrides, tmp_path, late)
     factory = _sims(cfg, flags, blocks)
     sims = {name: None for name in factory}
@@ -131,8 +137,10 @@ def _records(folder: Path) -> list[dict]:
 
 
 @pytest.mark.heavy
-def test_whole_smoke_run_equal(tmp_path):
-    out = {name: _run(tmp_path, name) for name in ("vectorised", "compiled")}
+@pytest.mark.parametrize("backbone", [[], ["backbone.name=pfedrec", "backbone.lr=0.02"],
+                                      ["backbone.name=fedncf", "backbone.lr=0.02"]])
+def test_whole_smoke_run_equal(backbone, tmp_path):
+    out = {name: _run(tmp_path, name, *backbone) for name in ("vectorised", "compiled")}
     assert out["vectorised"]["summary"] == out["compiled"]["summary"]
     assert _records(tmp_path / "vectorised") == _records(tmp_path / "compiled")
     assert [b["best_round"] for b in out["vectorised"]["blocks"]] == [b["best_round"] for b in out["compiled"]["blocks"]]
@@ -162,16 +170,17 @@ def test_thread_count_changes_nothing():
         assert torch.equal(q1, q2) and torch.equal(p1, p2) and v1 == v2
 
 
-def test_auto_picks_compiled_for_fedmf_and_vectorised_elsewhere(tmp_path):
+def test_auto_picks_compiled_where_it_covers_the_run_and_vectorised_elsewhere(tmp_path):
     from f3crec.train import simulator_kind
     for overrides, kind in ([[], "compiled"], [["method.name=ewc"], "vectorised"],
-                            [["backbone.name=pfedrec"], "vectorised"], [["federation.ldp_scale=0.01"], "compiled"]):
+                            [["backbone.name=pfedrec"], "compiled"], [["federation.ldp_scale=0.01"], "compiled"],
+                            [["backbone.name=fedncf", "method.name=ewc"], "vectorised"]):
         cfg, flags = resolve(load_config(Config, SMOKE, ["federation.simulator=auto", *overrides]))
         assert simulator_kind(cfg, flags) == kind
 
 
 @pytest.mark.parametrize("overrides,named", [
-    (["backbone.name=fedncf"], "backbone.name=fedncf"),
+    (["backbone.name=fedncf", "method.name=ewc"], "method.name=ewc"),
     (["method.name=ewc"], "method.name=ewc"),
     (["train.device=cuda"], "train.device=cuda"),
 ])
