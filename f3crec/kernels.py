@@ -121,7 +121,8 @@ def draw_plan(neg_keys, shuffle_keys, offsets, counts, positives, exc_ptr, exc_i
         for slot in range(size - n):
             attempt = 0
             while True:
-                v = _mix(neg_keys[a] + (np.uint64(slot) + (np.uint64(attempt) << np.uint64(32)) + np.uint64(1)) * _GAMMA)
+                counter = np.uint64(slot) + (np.uint64(attempt) << np.uint64(32))
+                v = _mix(neg_keys[a] + (counter + np.uint64(1)) * _GAMMA)
                 item = np.int64(((v >> np.uint64(32)) * np.uint64(n_items)) >> np.uint64(32))
                 if not excluded[item]:
                     break
@@ -388,8 +389,8 @@ def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b
     """fedmf_round for the backbones with a head (model.py §4): kind 1 FedNCF (a = w[d:], c = w[:d]·p + b,
     one sub-step on p, w, b, Q), kind 2 PFedRec (a = w, c = b; sub-step 0 steps w, b, sub-step 1 steps Q
     with the loss recomputed). With s = a·q_i + c and per-logit gradient g: ∂a += g q_i, ∂c += g,
-    ∂q_i += g a; then ∂w[d:] = ∂a, ∂w[:d] = ∂c p, ∂p = ∂c w[:d], ∂b = ∂c (FedNCF) or ∂w = ∂a, ∂b = ∂c
-    (PFedRec). `reset`: every participant starts from the shared start-up values (Q2). stats rows are
+    ∂q_i += g a; then ∂w[d:] = ∂a, ∂w[:d] = ∂c p, ∂p = ∂c w[:d], ∂b = ∂c (FedNCF) or ∂w = ∂a,
+    ∂b = ∂c (PFedRec). `reset`: every participant starts from the shared start-up values (Q2). stats rows are
     (D_u, m_u, step·n_sub + sub)."""
     n_items, dim = q.shape
     n_top = topn.shape[1]

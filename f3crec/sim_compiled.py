@@ -11,9 +11,9 @@ cache, end-of-block ŷ / T^u, slots and the server are shared code. Every sum is
 Covered: FedMF (kernels.fedmf_round), FedNCF and PFedRec (kernels.affine_round: their heads in closed
 form, PFedRec's two sub-steps, the round-0 reset) with ft, arm, itm, f3crec, topn_kd, naive_replay,
 emb_reg and full_retrain (ITM and the restarts are server / block-loop code) and LDP noise (each client's
-Laplace noise from its own stream, added to the summed upload), on the CPU; not EWC. `check(cfg, flags)` names what is not
-covered in one line; `federation.simulator=auto` runs this simulator where it is covered and the
-vectorised one elsewhere. Equal to the vectorised simulator to ≤ 1e-12 in float64 round by round and
+Laplace noise from its own stream, added to the summed upload), on the CPU; not EWC. `check(cfg, flags)`
+names what is not covered in one line; `federation.simulator=auto` runs this simulator where it is
+covered and the vectorised one elsewhere. Equal to the vectorised simulator to ≤ 1e-12 in float64 round by round and
 in every metric (tests/f3crec/test_compiled.py): the sums run in another order than ATen's (BLAS dot
 products, FMA in its SGD update), so equality is to rounding, not bit for bit.
 """
