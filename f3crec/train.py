@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from common.config import config_to_dict
+from common.config import ConfigError, config_to_dict
 from common.io import exclusive
 from common.runs import load_checkpoint, save_checkpoint, truncate_metrics
 from common.selection import Selection
@@ -61,7 +61,13 @@ def simulator_kind(cfg, flags: dict) -> str:
     name = cfg.federation.simulator
     if name not in ("compiled", "auto"):
         return name
-    from .sim_compiled import check, unsupported
+    try:
+        from .sim_compiled import check, unsupported
+    except ImportError as err:   # numba is a dependency; an environment without it still runs the rest
+        if name == "compiled":
+            raise ConfigError(f"federation.simulator=compiled needs numba ({err}); pip install numba, or use "
+                              "federation.simulator=vectorised") from None
+        return "vectorised"
     if name == "compiled":
         check(cfg, flags)
         return "compiled"

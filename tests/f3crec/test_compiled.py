@@ -220,3 +220,19 @@ def test_compiled_run_resumed_at_a_block_boundary_equals_an_uninterrupted_one(tm
     resumed = main(["--resume", str(tmp_path / "cut"), "train.stop_after_block=null"])
     assert resumed["summary"] == whole["summary"] and resumed["simulator"] == "compiled"
     assert _records(tmp_path / "cut") == _records(tmp_path / "whole")
+
+
+def test_without_numba_auto_runs_vectorised_and_compiled_is_refused_in_one_line(monkeypatch):
+    import sys
+    from f3crec.train import simulator_kind
+    import f3crec
+    monkeypatch.setitem(sys.modules, "numba", None)                      # `import numba` raises ImportError
+    for name in ("kernels", "sim_compiled"):                              # imported afresh
+        monkeypatch.delitem(sys.modules, f"f3crec.{name}", raising=False)
+        monkeypatch.delattr(f3crec, name, raising=False)
+    cfg, flags = resolve(load_config(Config, SMOKE, ["federation.simulator=auto"]))
+    assert simulator_kind(cfg, flags) == "vectorised"
+    cfg, flags = resolve(load_config(Config, SMOKE, ["federation.simulator=compiled"]))
+    with pytest.raises(ConfigError) as err:
+        simulator_kind(cfg, flags)
+    assert "numba" in str(err.value) and "\n" not in str(err.value)
