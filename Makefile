@@ -13,7 +13,7 @@ DATA ?=
 CONFIG ?=
 ARGS ?=
 SEEDS ?= 1 2 3
-EXTRAS ?= vlm,plot,dev,fl,track
+EXTRAS ?= f3crec,vlm,plot,dev,fl,track
 
 .PHONY: results setup test test-fast test-all test-transformers-min test-deploy gpu-check smoke f3crec-fab f3crec-deploy f3crec-sim data flame f3crec vlm2rec bench bench-flame bench-f3crec bench-vlm2rec \
         flame-compare f3crec-compare vlm2rec-compare flame-table clean-venv

@@ -3,6 +3,8 @@
     python -m f3crec.bench                       # whole FedMF F3CRec run, released ML-100K blocks, 20 rounds/block
     python -m f3crec.bench --repeats 3 --reference /path/F3CRec-CIKM-25 --reference-python /path/python
                                                  # the same, alternating with the official code's whole process
+    python -m f3crec.bench --compare vectorised,compiled --repeats 3 data.blocks=DIR backbone.dtype=float64
+                                                 # whole runs of both simulators, alternating, same metrics?
     python -m f3crec.bench --per-round           # seconds per round of both simulators in D⁰ and D¹
     python -m f3crec.bench --per-round --simulators vectorised --clients 100000 --items 2000 --per-client 10
                                                  # synthetic scale test of the vectorised simulator
@@ -58,24 +60,37 @@ def _child_cpu() -> float:
 
 
 # ------------------------------------------------------------------------------------------ whole run
-def whole_run(overrides: list[str], rounds: int) -> dict:
-    """Time one `python -m f3crec.main` process (CPU and wall) and read its phases from the run folder."""
+# `python -m f3crec.main` as a -c program that also reports its CPU seconds after the imports (f3crec.main,
+# torch, and numba's kernels for the compiled simulator): an exit handler, which run_and_leave runs.
+_MAIN = ("import atexit, sys, time\nimport f3crec.main as m\n{extra}\nstarted = time.process_time()\n"
+         "atexit.register(lambda: print(f'after-imports-cpu {{time.process_time() - started:.4f}}', file=sys.stderr))\n"
+         "m.run_and_leave()\n")
+
+
+def whole_run(overrides: list[str], rounds: int, simulator: str | None = None) -> dict:
+    """Time one `python -m f3crec.main` process (CPU and wall, and CPU after its imports) and read its
+    phases from the run folder; `simulator` sets federation.simulator."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "f3crec.main", "--run-dir", str(Path(tmp) / "run"), *overrides,
+        extra = "import f3crec.kernels" if simulator in ("compiled", "auto") else ""
+        cmd = [sys.executable, "-c", _MAIN.format(extra=extra), "--run-dir", str(Path(tmp) / "run"), *overrides,
                f"federation.rounds={rounds}", f"federation.patience={rounds + 1}", "train.share_base=false",
-               "train.seed=42", "train.threads=1"]
+               "train.seed=42", "train.threads=1", *([f"federation.simulator={simulator}"] if simulator else [])]
         cpu, start = _child_cpu(), time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **ONE_THREAD})
         whole, cpu = time.perf_counter() - start, _child_cpu() - cpu
         if done.returncode != 0:
-            raise RuntimeError(f"bench run failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            said = [line for line in done.stderr.strip().splitlines() if not line.startswith("after-imports-cpu ")]
+            raise RuntimeError(f"bench run failed: {(said or ['?'])[-1]}")
+        after = [float(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("after-imports-cpu ")]
         results = json.loads((Path(tmp) / "run" / "results.json").read_text())
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     blocks = [b["seconds"] for b in results["blocks"]]
     per_round = lambda ts: float(np.median([r["seconds"] for r in records if r["block"] in ts]))  # noqa: E731
     return {"whole_s": whole, "whole_cpu_s": cpu, "base_block_s": blocks[0], "incremental_blocks_s": sum(blocks[1:]),
             "base_round_s": per_round({0}), "incremental_round_s": per_round({1, 2, 3}),
-            "fixed_s": whole - sum(blocks), "rounds": [b["rounds_run"] for b in results["blocks"]]}
+            "fixed_s": whole - sum(blocks), "after_imports_cpu_s": after[-1] if after else float("nan"),
+            "rounds": [b["rounds_run"] for b in results["blocks"]], "simulator": results["simulator"],
+            "summary": results["summary"]}
 
 
 def reference_run(checkout: Path, python: str, rounds: int) -> dict:
@@ -105,15 +120,41 @@ def report(ours: dict, reference: dict | None = None) -> str:
             "base_round_s"), ("three incremental blocks", "incremental_blocks_s"),
             ("per incremental round (incl. validation)", "incremental_round_s"),
             ("fixed cost (outside the blocks)", "fixed_s"), ("… of which a bare `import torch`", "torch_import_s"),
-            ("whole process, wall", "whole_s"), ("whole process, CPU", "whole_cpu_s")]
+            ("whole process, wall", "whole_s"), ("whole process, CPU", "whole_cpu_s"),
+            ("whole process after its imports, CPU", "after_imports_cpu_s")]
     reference = reference or {}
     lines = ["| phase | ours (s) | reference implementation, same sitting (s) | ratio | target |",
              "|---|---|---|---|---|"]
     for label, key in rows:
+        if key not in ours:
+            continue
         ref = reference.get(key)
         ratio = f"{ref / ours[key]:.1f}×" if ref else "—"
         target = f"≤ {TARGETS[key]}" if key in TARGETS else "—"
         lines.append(f"| {label} | {ours[key]:.4g} | {f'{ref:.4g}' if ref else '—'} | {ratio} | {target} |")
+    return "\n".join(lines)
+
+
+def report_sides(sides: dict[str, dict], reference: dict | None = None) -> str:
+    """`report` for several simulators timed in one sitting: one column each, the reference's beside them
+    with its ratio to each (only when it was timed in the same sitting)."""
+    keys = [("per base round (incl. validation)", "base_round_s"),
+            ("per incremental round (incl. validation)", "incremental_round_s"),
+            ("base block", "base_block_s"), ("three incremental blocks", "incremental_blocks_s"),
+            ("fixed cost (outside the blocks), wall", "fixed_s"), ("whole process, wall", "whole_s"),
+            ("whole process, CPU", "whole_cpu_s"), ("after imports, CPU", "after_imports_cpu_s")]
+    names = list(sides)
+    head = "| phase (s) | " + " | ".join(names) + (" | reference | " + " | ".join(f"ratio to {n}" for n in names)
+                                                    if reference else "") + " |"
+    lines = [head, "|" + "---|" * (1 + len(names) + (1 + len(names) if reference else 0))]
+    for label, key in keys:
+        cells = [f"{sides[n][key]:.4g}" for n in names]
+        if reference:
+            ref = reference.get(key)
+            cells += [f"{ref:.4g}" if ref else "—"] + [f"{ref / sides[n][key]:.1f}×" if ref else "—" for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    same = all(sides[n]["summary"] == sides[names[0]]["summary"] for n in names)
+    lines.append(f"\nsame metrics (results.json summary) across {', '.join(names)}: {'yes' if same else 'NO'}")
     return "\n".join(lines)
 
 
@@ -249,6 +290,26 @@ def scale(args) -> dict:
     return out
 
 
+def compare(args) -> dict:
+    """Whole runs of each simulator in `args.compare` (and the reference code with --reference), alternating
+    in one sitting; the fastest of `args.repeats` per side."""
+    runs, refs, loads = {name: [] for name in args.compare}, [], [os.getloadavg()[0]]
+    for _ in range(args.repeats):
+        for name in args.compare:
+            runs[name].append(whole_run(["--config", args.config, *args.overrides], args.block_rounds, name))
+        if args.reference:
+            refs.append(reference_run(Path(args.reference), args.reference_python, args.block_rounds))
+        loads.append(os.getloadavg()[0])
+    best = lambda rs: {k: min(r[k] for r in rs) if isinstance(rs[0][k], float) else rs[0][k]  # noqa: E731
+                       for k in rs[0]}
+    sides = {name: best(rs) for name, rs in runs.items()}
+    ref = best(refs) if refs else None
+    first = next(iter(sides.values()))
+    print(f"{first['rounds']} rounds per block, one thread, best of {args.repeats}, load average "
+          f"{min(loads):.1f}–{max(loads):.1f}, {time.strftime('%Y-%m-%d %H:%M %Z')}:\n" + report_sides(sides, ref))
+    return {"sides": sides, "reference": ref}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(CONFIG))
@@ -268,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reference", default=None, help="a prepared checkout of the official code: time it too, "
                         "alternating with ours (README, Speed)")
     parser.add_argument("--reference-python", default=sys.executable, help="the interpreter that has its pandas")
+    parser.add_argument("--compare", type=lambda text: text.split(","), default=None, metavar="SIM,SIM",
+                        help="whole runs of these simulators (e.g. vectorised,compiled) side by side, alternating")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--flower", action="store_true", help="the Flower paths instead (flower/bench.py; extra fl, fl-sim for the simulation runtime)")
     parser.add_argument("overrides", nargs="*")
@@ -287,6 +350,8 @@ def main(argv: list[str] | None = None) -> dict:
         return scale(args)
     if args.per_round:
         return per_round(args)
+    if args.compare:
+        return compare(args)
     runs, refs, loads = [], [], [os.getloadavg()[0]]
     for _ in range(args.repeats):   # alternating, so both sides meet the same load
         runs.append({**whole_run(["--config", args.config, *args.overrides], args.block_rounds),

@@ -19,7 +19,7 @@ from common.runs import (check_resume_folder as common_check_resume_folder, chec
                          load_checkpoint, paper_of as logged_paper, refused_folder)
 from common.utils import get_device
 
-from .config import Config, base_cache_dir, check_config
+from .config import Config, base_cache_dir, check_config, method_flags
 
 # The fields fit() writes into last.pt (train.py::fit); a file without them is not an F3CRec checkpoint.
 LAST_KEYS = ("sim", "rows", "info", "block", "config")
@@ -109,6 +109,9 @@ def preflight(cfg: Config, run_dir: Optional[Path], resume: bool, overwrite: boo
     if cfg.train.share_base and cfg.federation.simulator != "flower" and not resume:  # a resume is past block 0
         _writable_target(base_cache_dir(cfg.train), "base-block cache",
                          "set train.base_cache, or train.share_base=false")
+    if cfg.federation.simulator == "compiled":   # no EWC, the CPU, numba importable: anything else, one line now
+        from .train import simulator_kind
+        simulator_kind(cfg, method_flags(cfg.method))
     if cfg.federation.simulator == "vectorised":
         get_device(cfg.train.device)   # cuda asked for but absent: one line now, not after block 0's data
     if resume:

@@ -34,7 +34,7 @@ from .checks import check_blocks, check_resume_folder, preflight
 from .config import Config, check_config, resolve
 from .data import get_blocks
 from .evaluate import summarise
-from .train import fit, format_row, round_line
+from .train import fit, format_row, round_line, simulator_kind
 
 
 def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
@@ -53,6 +53,9 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrit
     seed_global(cfg.train.seed)
     log = lambda record: (log_metrics(run_dir, record),  # noqa: E731  (jsonl: the whole record; console: one line)
                           None if record.get("reused") else print(round_line(record)))
+    kind = simulator_kind(cfg, flags)
+    if kind != cfg.federation.simulator:
+        print(f"[f3crec] federation.simulator={cfg.federation.simulator}: the {kind} simulator runs")
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.train.threads)   # a sum's rounding depends on it: part of the run's identity
     try:
@@ -64,7 +67,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrit
                "metrics": results_metrics(summary, out["blocks"]),
                "summary": summary, "blocks": out["blocks"], "flags": flags, "seed": cfg.train.seed,
                "backbone": cfg.backbone.name, "blocks_sha": blocks_id,
-               "simulator": cfg.federation.simulator, "fidelity": cfg.fidelity, "threads": cfg.train.threads}
+               "simulator": kind, "fidelity": cfg.fidelity, "threads": cfg.train.threads}
     results = write_results(run_dir, results)
     print(results_table(results))
     print(f"run folder: {run_dir}")

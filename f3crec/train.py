@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from common.config import config_to_dict
+from common.config import ConfigError, config_to_dict
 from common.io import exclusive
 from common.progress import Progress
 from common.runs import load_checkpoint, save_checkpoint, truncate_metrics
@@ -43,13 +43,36 @@ def make_simulator(cfg, flags: dict, items: torch.Tensor, private: dict, blocks:
         from .flower.launch import make_flower_simulator
         return make_flower_simulator(cfg, flags, items, private)
     # The per-client reference simulator is the readable ground truth: it always runs on the CPU.
-    vectorised = cfg.federation.simulator == "vectorised"
-    device = get_device(cfg.train.device) if vectorised else torch.device("cpu")
+    kind = simulator_kind(cfg, flags)
+    device = get_device(cfg.train.device) if kind == "vectorised" else torch.device("cpu")
     items, private = items.to(device), {k: v.to(device) for k, v in private.items()}
     server = Server(items, cfg.method.beta, itm=flags["itm"])
     states = ClientStates(private, cfg.method.topn)
-    sim = (VectorisedSimulator if vectorised else ReferenceSimulator)(server, states)
+    if kind == "compiled":
+        from .sim_compiled import CompiledSimulator   # numba's import is paid only by the runs that use it
+        sim = CompiledSimulator(server, states)
+    else:
+        sim = (VectorisedSimulator if kind == "vectorised" else ReferenceSimulator)(server, states)
     return sim.attach(cfg, flags, blocks) if blocks is not None else sim
+
+
+def simulator_kind(cfg, flags: dict) -> str:
+    """The simulator that runs: federation.simulator, with `auto` resolved (compiled where it covers the
+    configuration, vectorised elsewhere) and `compiled` refused in one line where it does not cover it."""
+    name = cfg.federation.simulator
+    if name not in ("compiled", "auto"):
+        return name
+    try:
+        from .sim_compiled import check, unsupported
+    except ImportError as err:   # numba is a dependency; an environment without it still runs the rest
+        if name == "compiled":
+            raise ConfigError(f"federation.simulator=compiled needs numba ({err}); pip install numba, or use "
+                              "federation.simulator=vectorised") from None
+        return "vectorised"
+    if name == "compiled":
+        check(cfg, flags)
+        return "compiled"
+    return "vectorised" if unsupported(cfg, flags) else "compiled"
 
 
 def keep_freed_memory() -> None:
@@ -180,7 +203,8 @@ def base_key(cfg, flags: dict, blocks_id: str) -> str:
     # The code is part of the key: a cached base state from older code must never be reused silently.
     code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))))
     tree = config_to_dict(cfg)
-    relevant = {"blocks": blocks_id, "backbone": tree["backbone"], "fed": tree["federation"], "eval": tree["eval"],
+    fed = {**tree["federation"], "simulator": simulator_kind(cfg, flags)}   # auto keyed by what it runs
+    relevant = {"blocks": blocks_id, "backbone": tree["backbone"], "fed": fed, "eval": tree["eval"],
                 "seed": cfg.train.seed, "quirks": tree["quirks"], "fidelity": cfg.fidelity,
                 "device": cfg.train.device, "code": code.hexdigest(), "threads": cfg.train.threads,
                 "flags": {k: flags[k] for k in ("metric_decimals", "neg_exclude")}}

@@ -1,0 +1,568 @@
+"""Compiled kernels of the compiled simulator (sim_compiled.py, §13): one FedMF round of local training as a
+per-client loop, and a fused top-K evaluation. numpy + numba only (no torch).
+
+`fedmf_round` trains every participant of a round in turn, exactly as ReferenceSimulator's `Client` does
+(§5, §6, §11), with closed-form gradients instead of autograd: FedMF's score is s = q_i · p_u, so for a
+mini-batch of n samples with g_j = (σ(s_j) − y_j)/n,
+
+    ∂L/∂p_u = Σ_j g_j q_{i_j},   ∂L/∂q_i = Σ_{j: i_j = i} g_j p_u,
+
+plus ARM's KD on the memory items (rank T^u in the client's current full-catalogue scores, D_u, m_u from
+the table `m_of_d` that method.memory_size computed, the memory draw from the plan's MEMORY stream — the
+same SplitMix64 values as streams.py) and emb_reg's penalty. A client's local table is kept as the rows it
+can change (`slot[item]` → local row); every other row equals the broadcast. The upload is the sum over
+clients of their row deltas, added client by client in user order, so the result does not depend on any
+thread count: the kernels are single-threaded and every sum has a fixed order.
+
+`affine_round` is the same loop for the backbones with a head (FedNCF, PFedRec): s = a_u · q_i + c_u with
+(a_u, c_u) from the private tensors (model.py), the head's gradients in closed form, PFedRec's two
+optimiser sub-steps and the round-0 reset.
+
+`topk_metrics` scores users against the catalogue one user at a time, keeps a running top-K (ties to the
+lower item id, torch.topk's order), masks the exclusions sparsely and returns each user's NDCG@K and
+Recall@K as common.metrics.full_sort_metrics computes them (sequential DCG sum, same discounts).
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from numba import njit
+
+
+def _numba_without_scipy() -> None:
+    """Load numba's numpy support with scipy.linalg hidden: numba.np.arraymath probes for SciPy's BLAS at
+    import (0.4–0.6 s of `import scipy.linalg` when SciPy is installed), and these kernels call no BLAS."""
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None   # `import scipy.linalg...` raises ImportError: numba records "no BLAS"
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        del sys.modules["scipy.linalg"]
+
+
+_numba_without_scipy()
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+@njit(cache=True, inline="always")
+def _mix(x):
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True, inline="always")
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@njit(cache=True)
+def memory_perm(key, counter0, n):
+    """The permutation of 0..n−1 in the order of values counter0 .. counter0+n−1 of stream `key`
+    (round.RoundPlan.memory_perm: a stable argsort of streams.values)."""
+    vals = np.empty(n, np.uint64)
+    for k in range(n):
+        vals[k] = _mix(key + (np.uint64(counter0 + k) + np.uint64(1)) * _GAMMA)
+    return np.argsort(vals, kind="mergesort")
+
+
+@njit(cache=True)
+def _sort_uniform(keys):
+    """Sort distinct uint64 keys whose top bits are uniform (stream values) in place, in expected linear
+    time: a counting pass on the top ⌈log2 n⌉ bits, then an insertion sort of the few keys sharing a bucket."""
+    n = keys.size
+    if n < 2:
+        return
+    bits = 1
+    while (1 << bits) < n:
+        bits += 1
+    shift = np.uint64(64 - bits)
+    start = np.zeros((1 << bits) + 1, np.int64)
+    for j in range(n):
+        start[np.int64(keys[j] >> shift) + 1] += 1
+    for b in range(1 << bits):
+        start[b + 1] += start[b]
+    out = np.empty(n, np.uint64)
+    for j in range(n):
+        b = np.int64(keys[j] >> shift)
+        out[start[b]] = keys[j]
+        start[b] += 1
+    for j in range(1, n):                              # only keys of one bucket are out of order
+        key = out[j]
+        at = j
+        while at > 0 and out[at - 1] > key:
+            out[at] = out[at - 1]
+            at -= 1
+        out[at] = key
+    keys[:] = out
+
+
+@njit(cache=True)
+def draw_plan(neg_keys, shuffle_keys, offsets, counts, positives, exc_ptr, exc_items, n_items, items, labels):
+    """Every participant's shuffled samples of one round (round.RoundPlan.items / .labels, drawn client by
+    client): its positives, then its negatives — slot s, attempt k is value s + k·2³² of its NEGATIVES
+    stream, `below` |I|, redrawn while excluded — in the stable order of its SHUFFLE stream values >> 21."""
+    excluded = np.zeros(n_items, np.bool_)
+    pos_at = 0
+    for a in range(counts.size):
+        lo, n = offsets[a], counts[a]
+        size = offsets[a + 1] - lo
+        for j in range(exc_ptr[a], exc_ptr[a + 1]):
+            excluded[exc_items[j]] = True
+        base = np.empty(size, np.int64)
+        for j in range(n):
+            base[j] = positives[pos_at + j]
+        pos_at += n
+        for slot in range(size - n):
+            attempt = 0
+            while True:
+                counter = np.uint64(slot) + (np.uint64(attempt) << np.uint64(32))
+                v = _mix(neg_keys[a] + (counter + np.uint64(1)) * _GAMMA)
+                item = np.int64(((v >> np.uint64(32)) * np.uint64(n_items)) >> np.uint64(32))
+                if not excluded[item]:
+                    break
+                attempt += 1
+            base[n + slot] = item
+        # a stable sort on the top 43 bits = a sort of (value >> 21) << 21 | position (size < 2²¹)
+        packed = np.empty(size, np.uint64)
+        for j in range(size):
+            value = _mix(shuffle_keys[a] + (np.uint64(j) + np.uint64(1)) * _GAMMA) >> np.uint64(21)
+            packed[j] = (value << np.uint64(21)) | np.uint64(j)
+        _sort_uniform(packed)
+        for j in range(size):
+            at = np.int64(packed[j] & np.uint64(0x1FFFFF))
+            items[lo + j] = base[at]
+            labels[lo + j] = 1.0 if at < n else 0.0
+        for j in range(exc_ptr[a], exc_ptr[a + 1]):
+            excluded[exc_items[j]] = False
+
+
+@njit(cache=True)
+def _target_ranks(scores, targets, ranks):
+    """ranks[k] = 1 + #{j: s_j > s_t} + #{j < t: s_j = s_t} of target t = targets[k] (method.target_ranks)."""
+    n = targets.size
+    values = np.empty(n, scores.dtype)
+    for k in range(n):
+        values[k] = scores[targets[k]]
+    order = np.argsort(values, kind="mergesort")
+    asc = values[order]
+    hist = np.zeros(n + 1, np.int64)                   # hist[b] = #items with exactly b target scores below
+    for j in range(scores.size):
+        s = scores[j]
+        if s < asc[0]:                                 # most items score below every target
+            hist[0] += 1
+            continue
+        lo, hi = 0, n                                  # searchsorted left: #targets < s
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if asc[mid] < s:
+                lo = mid + 1
+            else:
+                hi = mid
+        hist[lo] += 1
+        if lo < n and asc[lo] == s:                    # ties with a target: lower item id ranks first
+            for k in range(n):
+                if values[k] == s and j < targets[k]:
+                    ranks[k] += 1
+    above = np.zeros(n + 2, np.int64)                  # above[h] = #items with ≥ h target scores below
+    for h in range(n, -1, -1):
+        above[h] = above[h + 1] + hist[h]
+    for k in range(n):
+        lo, hi = 0, n                                  # searchsorted right: #targets ≤ v_k
+        v = values[k]
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if asc[mid] <= v:
+                lo = mid + 1
+            else:
+                hi = mid
+        ranks[k] += above[lo] + 1                      # items above every target ≤ v_k: strictly greater
+
+
+@njit(cache=True)
+def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
+                replay, returning, topn, yhat, mem_keys, arm_mode, kd_weight, m_of_d,
+                reg_mode, reg_d, anchor_items, anchor_p, n_prev_items, total, stats):
+    """One round of every participant (FedMF, one optimiser sub-step); q_t is q transposed (contiguous).
+    Updates p_all[users] in place, adds every client's row deltas to `total` (I, d) and writes (D_u, m_u,
+    step) of every adaptive ARM step into `stats`; returns the number of stats rows.
+
+    arm_mode: 0 off, 1 adaptive (ARM), 2 full (top-N KD, m_u = N); reg_mode: 0 none, 1 emb_reg.
+    """
+    n_items, dim = q.shape
+    n_top = topn.shape[1]
+    slot = np.full(n_items, -1, np.int64)
+    max_rows = 0
+    for a in range(users.size):
+        rows = offsets[a + 1] - offsets[a] + n_top + n_prev_items
+        if rows > max_rows:
+            max_rows = rows
+    local = np.empty((max_rows, dim), q.dtype)
+    grad = np.zeros((max_rows, dim), q.dtype)         # zero between steps (each update clears what it read)
+    row_item = np.empty(max_rows, np.int64)
+    p = np.empty(dim, q.dtype)
+    gp = np.empty(dim, q.dtype)
+    scores = np.empty(n_items, q.dtype)
+    ranks = np.empty(n_top, np.int64)
+    n_stats = 0
+    for a in range(users.size):
+        user = users[a]
+        lo, hi = offsets[a], offsets[a + 1]
+        kd = replay[a] and arm_mode != 0
+        emb = reg_mode == 1 and returning[a]
+        # ---- the client's local rows: its sample items, T^u when it replays, every old row under emb_reg
+        n_rows = 0
+        if emb:
+            for i in range(n_prev_items):
+                slot[i] = n_rows
+                row_item[n_rows] = i
+                n_rows += 1
+        for j in range(lo, hi):
+            i = items[j]
+            if slot[i] < 0:
+                slot[i] = n_rows
+                row_item[n_rows] = i
+                n_rows += 1
+        if kd:
+            for k in range(n_top):
+                i = topn[user, k]
+                if slot[i] < 0:
+                    slot[i] = n_rows
+                    row_item[n_rows] = i
+                    n_rows += 1
+        for r in range(n_rows):                        # element loops: a row view per row costs more
+            i = row_item[r]
+            for k in range(dim):
+                local[r, k] = q[i, k]
+        for k in range(dim):
+            p[k] = p_all[user, k]
+        # ---- local epoch: mini-batches of the shuffled samples (§5)
+        n_steps = (hi - lo + batch_size - 1) // batch_size
+        for step in range(n_steps):
+            b0 = lo + step * batch_size
+            b1 = min(b0 + batch_size, hi)
+            for k in range(dim):                       # grad is zero here: the update below clears it
+                gp[k] = 0.0
+            inv = 1.0 / (b1 - b0)
+            for j in range(b0, b1):
+                r = slot[items[j]]
+                s = 0.0
+                for k in range(dim):
+                    s += local[r, k] * p[k]
+                g = (_sigmoid(s) - labels[j]) * inv
+                for k in range(dim):                   # two loops, no views (a view per sample costs more
+                    grad[r, k] += g * p[k]             # than its arithmetic)
+                for k in range(dim):
+                    gp[k] += g * local[r, k]
+            if kd:
+                # scores over the whole catalogue with the client's local rows (§6 step 2)
+                scores[:] = 0.0                        # broadcast rows: column by column (SIMD over items)
+                for k in range(dim):
+                    pk = p[k]
+                    for i in range(n_items):
+                        scores[i] += q_t[k, i] * pk
+                for r in range(n_rows):                # the client's own rows
+                    s = 0.0
+                    for k in range(dim):
+                        s += local[r, k] * p[k]
+                    scores[row_item[r]] = s
+                targets = topn[user]
+                if arm_mode == 2:
+                    size = n_top
+                    perm = np.arange(n_top)
+                else:
+                    ranks[:] = 0
+                    _target_ranks(scores, targets, ranks)
+                    disc = 0
+                    for k in range(n_top):
+                        disc += abs(k + 1 - ranks[k])
+                    size = m_of_d[disc]
+                    stats[n_stats, 0] = disc
+                    stats[n_stats, 1] = size
+                    stats[n_stats, 2] = step
+                    n_stats += 1
+                    perm = memory_perm(mem_keys[a], step * n_top, n_top) if size > 0 else np.arange(n_top)
+                if size > 0:
+                    scale = kd_weight / size
+                    for k in range(size):
+                        i = targets[perm[k]]
+                        sig = _sigmoid(scores[i])
+                        target = _sigmoid(yhat[user, i])
+                        g = scale * (sig - target) / max((1.0 - sig) * sig, 1e-12) * ((1.0 - sig) * sig)
+                        r = slot[i]
+                        for kk in range(dim):
+                            grad[r, kk] += g * p[kk]
+                        for kk in range(dim):
+                            gp[kk] += g * local[r, kk]
+            if emb:
+                two = 2.0 * reg_d
+                for r in range(n_rows):
+                    i = row_item[r]
+                    if i < n_prev_items:
+                        for k in range(dim):
+                            grad[r, k] += two * (local[r, k] - anchor_items[i, k])
+                for k in range(dim):
+                    gp[k] += two * (p[k] - anchor_p[user, k])
+            # ---- SGD on p_u and the local rows (§4)
+            for k in range(dim):
+                p[k] -= lr_p * gp[k]
+            for r in range(n_rows):
+                for k in range(dim):
+                    local[r, k] -= lr_q * grad[r, k]
+                    grad[r, k] = 0.0
+        # ---- upload: the row deltas, summed in user order
+        for k in range(dim):
+            p_all[user, k] = p[k]
+        for r in range(n_rows):
+            i = row_item[r]
+            for k in range(dim):
+                total[i, k] += local[r, k] - q[i, k]
+            slot[i] = -1
+    return n_stats
+
+
+@njit(cache=True)
+def topk_metrics(scores, pos_ptr, pos_items, exc_ptr, exc_items, discounts, ndcg, recall):
+    """NDCG@K and Recall@K (K = discounts.size) of every row of `scores` (users × items): excluded items at
+    −∞ unless positive, a running top-K with ties to the lower item id (torch.topk's order), then the
+    metrics as common.metrics.full_sort_metrics computes them (sequential DCG sum, the same discounts).
+    Returns False (metrics unset) at the first non-finite score."""
+    n_items = scores.shape[1]
+    k_max = discounts.size
+    mark = np.zeros(n_items, np.int8)                  # 1 positive, 2 excluded
+    top_s = np.empty(k_max, scores.dtype)
+    top_i = np.empty(k_max, np.int64)
+    ideal = np.empty(k_max, np.float64)
+    acc = 0.0
+    for k in range(k_max):
+        acc += discounts[k]
+        ideal[k] = acc
+    for u in range(scores.shape[0]):
+        for j in range(pos_ptr[u], pos_ptr[u + 1]):
+            mark[pos_items[j]] = 1
+        for j in range(exc_ptr[u], exc_ptr[u + 1]):
+            if mark[exc_items[j]] == 0:
+                mark[exc_items[j]] = 2
+        filled = 0
+        for i in range(n_items):
+            s = scores[u, i]
+            if not np.isfinite(s):
+                return False
+            if mark[i] == 2:
+                s = -np.inf
+            if filled == k_max and not s > top_s[k_max - 1]:
+                continue
+            at = filled if filled < k_max else k_max - 1
+            while at > 0 and s > top_s[at - 1]:        # strictly greater: an equal score stays below
+                top_s[at] = top_s[at - 1]
+                top_i[at] = top_i[at - 1]
+                at -= 1
+            top_s[at] = s
+            top_i[at] = i
+            if filled < k_max:
+                filled += 1
+        dcg = 0.0
+        hits = 0
+        for k in range(filled):
+            if mark[top_i[k]] == 1:
+                dcg += discounts[k]
+                hits += 1
+        n_pos = pos_ptr[u + 1] - pos_ptr[u]
+        ndcg[u] = dcg / ideal[min(n_pos, k_max) - 1]
+        recall[u] = hits / n_pos
+        for j in range(pos_ptr[u], pos_ptr[u + 1]):
+            mark[pos_items[j]] = 0
+        for j in range(exc_ptr[u], exc_ptr[u + 1]):
+            mark[exc_items[j]] = 0
+    return True
+
+
+@njit(cache=True)
+def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b, reset, users, offsets, items,
+                 labels, batch_size, n_sub, lr_p, lr_head, lr_q, replay, returning, topn, yhat, mem_keys, arm_mode,
+                 kd_weight, m_of_d, reg_mode, reg_d, anchor_items, anchor_p, n_prev_items, total, stats):
+    """fedmf_round for the backbones with a head (model.py §4): kind 1 FedNCF (a = w[d:], c = w[:d]·p + b,
+    one sub-step on p, w, b, Q), kind 2 PFedRec (a = w, c = b; sub-step 0 steps w, b, sub-step 1 steps Q
+    with the loss recomputed). With s = a·q_i + c and per-logit gradient g: ∂a += g q_i, ∂c += g,
+    ∂q_i += g a; then ∂w[d:] = ∂a, ∂w[:d] = ∂c p, ∂p = ∂c w[:d], ∂b = ∂c (FedNCF) or ∂w = ∂a,
+    ∂b = ∂c (PFedRec). `reset`: every participant starts from the shared start-up values (Q2). stats rows are
+    (D_u, m_u, step·n_sub + sub)."""
+    n_items, dim = q.shape
+    n_top = topn.shape[1]
+    w_dim = w_all.shape[1]
+    slot = np.full(n_items, -1, np.int64)
+    max_rows = 0
+    for a_ in range(users.size):
+        rows = offsets[a_ + 1] - offsets[a_] + n_top + n_prev_items
+        if rows > max_rows:
+            max_rows = rows
+    local = np.empty((max_rows, dim), q.dtype)
+    grad = np.zeros((max_rows, dim), q.dtype)
+    row_item = np.empty(max_rows, np.int64)
+    p = np.zeros(dim, q.dtype)
+    w = np.empty(w_dim, q.dtype)
+    b = np.empty(1, q.dtype)
+    av = np.empty(dim, q.dtype)
+    ga = np.empty(dim, q.dtype)
+    gp = np.empty(dim, q.dtype)
+    scores = np.empty(n_items, q.dtype)
+    ranks = np.empty(n_top, np.int64)
+    n_stats = 0
+    for a_ in range(users.size):
+        user = users[a_]
+        lo, hi = offsets[a_], offsets[a_ + 1]
+        kd = replay[a_] and arm_mode != 0
+        emb = reg_mode == 1 and returning[a_]
+        n_rows = 0
+        if emb:
+            for i in range(n_prev_items):
+                slot[i] = n_rows
+                row_item[n_rows] = i
+                n_rows += 1
+        for j in range(lo, hi):
+            i = items[j]
+            if slot[i] < 0:
+                slot[i] = n_rows
+                row_item[n_rows] = i
+                n_rows += 1
+        if kd:
+            for k in range(n_top):
+                i = topn[user, k]
+                if slot[i] < 0:
+                    slot[i] = n_rows
+                    row_item[n_rows] = i
+                    n_rows += 1
+        for r in range(n_rows):
+            i = row_item[r]
+            for k in range(dim):
+                local[r, k] = q[i, k]
+        for k in range(w_dim):
+            w[k] = shared_w[k] if reset else w_all[user, k]
+        b[0] = shared_b[0] if reset else b_all[user, 0]
+        if kind == 1:
+            for k in range(dim):
+                p[k] = shared_p[k] if reset else p_all[user, k]
+        n_steps = (hi - lo + batch_size - 1) // batch_size
+        for step in range(n_steps):
+            b0 = lo + step * batch_size
+            b1 = min(b0 + batch_size, hi)
+            inv = 1.0 / (b1 - b0)
+            for sub in range(n_sub):
+                # (a, c) of the current private values
+                if kind == 1:
+                    cv = 0.0
+                    for k in range(dim):
+                        av[k] = w[dim + k]
+                        cv += w[k] * p[k]
+                    cv += b[0]
+                else:
+                    for k in range(dim):
+                        av[k] = w[k]
+                    cv = b[0]
+                for k in range(dim):
+                    ga[k] = 0.0
+                    gp[k] = 0.0
+                gc = 0.0
+                for j in range(b0, b1):
+                    r = slot[items[j]]
+                    s = 0.0
+                    for k in range(dim):
+                        s += local[r, k] * av[k]
+                    g = (_sigmoid(s + cv) - labels[j]) * inv
+                    gc += g
+                    for k in range(dim):
+                        grad[r, k] += g * av[k]
+                    for k in range(dim):
+                        ga[k] += g * local[r, k]
+                if kd:
+                    for i in range(n_items):
+                        scores[i] = 0.0
+                    for k in range(dim):
+                        ak = av[k]
+                        for i in range(n_items):
+                            scores[i] += q_t[k, i] * ak
+                    for r in range(n_rows):
+                        s = 0.0
+                        for k in range(dim):
+                            s += local[r, k] * av[k]
+                        scores[row_item[r]] = s
+                    for i in range(n_items):
+                        scores[i] += cv
+                    targets = topn[user]
+                    if arm_mode == 2:
+                        size = n_top
+                        perm = np.arange(n_top)
+                    else:
+                        ranks[:] = 0
+                        _target_ranks(scores, targets, ranks)
+                        disc = 0
+                        for k in range(n_top):
+                            disc += abs(k + 1 - ranks[k])
+                        size = m_of_d[disc]
+                        stats[n_stats, 0] = disc
+                        stats[n_stats, 1] = size
+                        stats[n_stats, 2] = step * n_sub + sub
+                        n_stats += 1
+                        perm = memory_perm(mem_keys[a_], (step * n_sub + sub) * n_top, n_top) if size > 0 \
+                            else np.arange(n_top)
+                    if size > 0:
+                        scale = kd_weight / size
+                        for k in range(size):
+                            i = targets[perm[k]]
+                            sig = _sigmoid(scores[i])
+                            target = _sigmoid(yhat[user, i])
+                            g = scale * (sig - target) / max((1.0 - sig) * sig, 1e-12) * ((1.0 - sig) * sig)
+                            r = slot[i]
+                            gc += g
+                            for kk in range(dim):
+                                grad[r, kk] += g * av[kk]
+                            for kk in range(dim):
+                                ga[kk] += g * local[r, kk]
+                if emb:
+                    two = 2.0 * reg_d
+                    for r in range(n_rows):
+                        i = row_item[r]
+                        if i < n_prev_items:
+                            for k in range(dim):
+                                grad[r, k] += two * (local[r, k] - anchor_items[i, k])
+                    if kind == 1:
+                        for k in range(dim):
+                            gp[k] += two * (p[k] - anchor_p[user, k])
+                # ---- SGD on this sub-step's tensors, every gradient taken at the values before it
+                step_head = kind == 1 or sub == 0
+                step_items = kind == 1 or sub == 1
+                if kind == 1:
+                    for k in range(dim):
+                        gp[k] += gc * w[k]
+                    for k in range(dim):
+                        w_k = w[k]
+                        w[k] = w_k - lr_head * (gc * p[k])
+                        w[dim + k] -= lr_head * ga[k]
+                        p[k] -= lr_p * gp[k]
+                    b[0] -= lr_head * gc
+                elif step_head:
+                    for k in range(dim):
+                        w[k] -= lr_head * ga[k]
+                    b[0] -= lr_head * gc
+                for r in range(n_rows):
+                    for k in range(dim):
+                        if step_items:
+                            local[r, k] -= lr_q * grad[r, k]
+                        grad[r, k] = 0.0
+        for k in range(w_dim):
+            w_all[user, k] = w[k]
+        b_all[user, 0] = b[0]
+        if kind == 1:
+            for k in range(dim):
+                p_all[user, k] = p[k]
+        for r in range(n_rows):
+            i = row_item[r]
+            for k in range(dim):
+                total[i, k] += local[r, k] - q[i, k]
+            slot[i] = -1
+    return n_stats

@@ -1,0 +1,204 @@
+"""Compiled simulator (§13): the vectorised simulator's state and block-end code, with a round of local
+training and the validation/test evaluation as compiled per-client loops (kernels.py, numba).
+
+A round is dispatch-bound in the tensor simulators (1,250–2,000 ATen calls for a few ms of arithmetic); here
+each participant's local epoch is one pass of a compiled loop with closed-form gradients, on the
+same plan (round.py: the same per-user streams, negatives, shuffles and memory draws) and the same client
+state (ClientStates, held stacked by the inherited VectorisedSimulator code), so checkpoints, the base
+cache, end-of-block ŷ / T^u, slots and the server are shared code. Every sum is serial in a fixed order
+(single-threaded kernels): the numbers do not depend on the thread count.
+
+Covered: FedMF (kernels.fedmf_round), FedNCF and PFedRec (kernels.affine_round: their heads in closed
+form, PFedRec's two sub-steps, the round-0 reset) with ft, arm, itm, f3crec, topn_kd, naive_replay,
+emb_reg and full_retrain (ITM and the restarts are server / block-loop code) and LDP noise (each client's
+Laplace noise from its own stream, added to the summed upload), on the CPU; not EWC. `check(cfg, flags)`
+names what is not covered in one line; `federation.simulator=auto` runs this simulator where it is
+covered and the vectorised one elsewhere. Equal to the vectorised simulator to ≤ 1e-12 in float64 round by round and
+in every metric (tests/f3crec/test_compiled.py): the sums run in another order than ATen's (BLAS dot
+products, FMA in its SGD update), so equality is to rounding, not bit for bit.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from common.config import ConfigError
+from common.metrics import _discounts
+
+from . import kernels, streams
+from .evaluate import EVAL_CHUNK, finish, test_exclude, user_scores
+from .model import BACKBONES
+from .round import RoundContext, RoundPlan, ldp_noise
+from .sim_vectorised import VectorisedSimulator
+
+K = 20  # NDCG@20 / Recall@20 (§10)
+LDP_CHUNK = 64  # clients whose (|I|, d) LDP noise is drawn at once
+
+
+def unsupported(cfg, flags: dict) -> str | None:
+    """Why the compiled simulator cannot run this configuration (a one-line reason), or None."""
+    if flags["reg"] == "ewc":
+        return "method.name=ewc (the compiled round covers emb_reg, not EWC's Fisher penalty)"
+    if cfg.train.device == "cuda":
+        return "train.device=cuda (the compiled kernels run on the CPU)"
+    return None
+
+
+def check(cfg, flags: dict) -> None:
+    reason = unsupported(cfg, flags)
+    if reason is not None:
+        raise ConfigError(f"federation.simulator=compiled does not cover {reason}; use "
+                          "federation.simulator=vectorised or auto")
+
+
+def exact_sum(values: np.ndarray) -> Fraction:
+    """The exact rational sum of float64 values (= sum(map(Fraction, values)), in integer arithmetic)."""
+    if values.size == 0:
+        return Fraction(0)
+    mant, exp = np.frexp(values.astype(np.float64))
+    ints = (mant * 2.0 ** 53).astype(np.int64)          # exact: |mant| < 1 has 53 significant bits
+    shift = exp - 53
+    low = int(shift.min())
+    total = sum(int(m) << int(s - low) for m, s in zip(ints.tolist(), shift.tolist()))
+    return Fraction(total) * Fraction(2) ** low
+
+
+def _csr(users: list[int], parts: list[dict[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    chunks = [np.asarray(part[u], np.int64) for u in users for part in parts if u in part]
+    counts = [sum(len(part[u]) for part in parts if u in part) for u in users]
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return ptr, (np.concatenate(chunks) if chunks else np.zeros(0, np.int64))
+
+
+def draw(plan: RoundPlan, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """(plan.items, plan.labels) drawn by kernels.draw_plan: the same per-user streams, the same values
+    (tests/f3crec/test_compiled.py compares them exactly)."""
+    m = plan.maker
+    if getattr(m, "_compiled", None) is None:   # the block's constant inputs, laid out once per maker
+        users = [int(u) for u in m.users]
+        exc_ptr, exc = _csr(users, [m.exclude])
+        positives = np.concatenate([np.asarray(m.positives[u], np.int64) for u in users] + [np.zeros(0, np.int64)])
+        m._compiled = (m.offsets.astype(np.int64), m.counts.astype(np.int64), positives, exc_ptr, exc)
+    offsets, counts, positives, exc_ptr, exc = m._compiled
+    items, labels = np.empty(int(offsets[-1]), np.int64), np.empty(int(offsets[-1]), dtype)
+    kernels.draw_plan(plan._keys(streams.NEGATIVES), plan._keys(streams.SHUFFLE), offsets, counts, positives,
+                      exc_ptr, exc, m.n_items, items, labels)
+    return items, labels
+
+
+class CompiledSimulator(VectorisedSimulator):
+    """VectorisedSimulator with `train_round`, `validate` and `test_row` as compiled loops."""
+
+    def __init__(self, server, state):
+        super().__init__(server, state)
+        self._m_table: tuple[tuple, np.ndarray] | None = None
+        self._valid_csr: tuple[int, list[int], tuple] | None = None
+
+    # ------------------------------------------------------------------------------------------ round
+    def _m_of_d(self, ctx: RoundContext, n_items: int, n_top: int) -> np.ndarray:
+        """m_u for every possible D_u (0..N·(I−1)), computed by method.memory_size's own float32 formula."""
+        key = (ctx.eps, ctx.topn, n_items, n_top)
+        if self._m_table is None or self._m_table[0] != key:
+            disc = torch.arange(n_top * max(n_items - 1, 0) + 1)
+            size = torch.floor(ctx.topn * torch.exp(-ctx.eps * disc.to(torch.float32))).long()
+            self._m_table = (key, size.numpy())
+        return self._m_table[1]
+
+    def train_round(self, plan: RoundPlan | None, ctx: RoundContext) -> dict:
+        """One round of every participant (§3, §5, §6) through kernels.fedmf_round or affine_round, then the
+        server's mean."""
+        plan = self.plan(ctx) if plan is None else plan
+        st, table = self.state, self.server.broadcast()
+        if ctx.flags["reg"] == "ewc" or table.device.type != "cpu":
+            raise ConfigError("federation.simulator=compiled: this round is not covered (see sim_compiled.unsupported)")
+        q = table.numpy()
+        n_items, dim = q.shape
+        users = plan.users
+        returning = (users < ctx.n_prev_users) & (ctx.block > 0)
+        arm_mode = {"off": 0, "adaptive": 1, "full": 2}[ctx.flags["arm"]]
+        replay = returning & st.has_topn.numpy()[users] if arm_mode else np.zeros(users.size, bool)
+        topn = st.topn.numpy()
+        dtype = q.dtype
+        yhat = st.yhat.numpy() if st.yhat is not None else np.zeros((1, 1), dtype)
+        emb = ctx.flags["reg"] == "emb" and bool(returning.any())
+        anchor_items = st.anchor_items.numpy() if emb else np.zeros((1, dim), dtype)
+        n_prev_items = ctx.n_prev_items if emb else 0
+        m_of_d = self._m_of_d(ctx, n_items, topn.shape[1]) if arm_mode == 1 else np.zeros(1, np.int64)
+        keys = streams.keys(plan.seed, plan.block, plan.round, users, streams.MEMORY)
+        total = np.zeros_like(q)
+        steps = np.diff(plan.step_offsets)
+        stats = np.zeros((int(steps[replay].sum()) if replay.any() else 0, 3), np.int64)
+        q_t = np.ascontiguousarray(q.T) if replay.any() else np.zeros((dim, 1), dtype)
+        offsets, (items, labels) = plan.offsets.astype(np.int64), draw(plan, dtype)
+        anchor_p = st.anchor["p"].numpy() if "p" in st.anchor else np.zeros((1, dim), dtype)
+        if ctx.net.name == "fedmf":
+            n_stats = kernels.fedmf_round(
+                q, q_t, st.private["p"].numpy(), users, offsets, items, labels, plan.batch_size,
+                ctx.lrs["p"], ctx.lrs["Q"], replay, returning, topn, yhat, keys, arm_mode,
+                float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]), anchor_items,
+                anchor_p, n_prev_items, total, stats)
+        else:   # FedNCF (kind 1) or PFedRec (kind 2): a head, sub-steps, the round-0 reset (§4)
+            kind = {"fedncf": 1, "pfedrec": 2}[ctx.net.name]
+            shared = {k: v.numpy() for k, v in ctx.shared_private.items()}
+            n_sub = len(ctx.net.substeps)
+            stats = np.zeros((stats.shape[0] * n_sub, 3), np.int64)
+            n_stats = kernels.affine_round(
+                q, q_t, kind, st.private["p"].numpy() if kind == 1 else np.zeros((1, dim), dtype),
+                st.private["w"].numpy(), st.private["b"].numpy(), shared.get("p", np.zeros(dim, dtype)),
+                shared["w"], shared["b"], bool(ctx.reset_private), users, offsets, items, labels, plan.batch_size,
+                n_sub, ctx.lrs.get("p", 0.0), ctx.lrs["w"], ctx.lrs["Q"], replay, returning, topn, yhat, keys,
+                arm_mode, float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]),
+                anchor_items, anchor_p, n_prev_items, total, stats)
+        if ctx.ldp_scale > 0:   # every client adds Laplace noise to every row of its upload (§3), from its stream
+            for lo in range(0, users.size, LDP_CHUNK):
+                total += ldp_noise(ctx, users[lo:lo + LDP_CHUNK], (n_items, dim), table.dtype).sum(0).numpy()
+        order = np.argsort(stats[:n_stats, 2], kind="stable")     # step-major, as the vectorised stats
+        out = {"D": stats[:n_stats, 0][order].tolist(), "m": stats[:n_stats, 1][order].tolist()}
+        return {**out, **self.server.aggregate_deltas(torch.arange(n_items), torch.from_numpy(total), users.size)}
+
+    # ------------------------------------------------------------------------------------- evaluation
+    def _sums(self, users: list[int], positives: dict, exclude: list[dict], n_items: int) -> dict:
+        ptr, pos = _csr(users, [positives])
+        return self._sums_csr(users, (ptr, pos, *_csr(users, exclude)), n_items)
+
+    def _sums_csr(self, users: list[int], csr: tuple, n_items: int) -> dict:
+        """(exact sum, count) of NDCG@20 and Recall@20 over `users`, as evaluate.metric_sums gives them.
+
+        Scores come from evaluate.user_scores (the oracle's fixed-shape products, so each score is the
+        oracle's bit for bit), EVAL_CHUNK users at a time: memory O(chunk × items); the top-K and metric
+        sums run in kernels.topk_metrics."""
+        if not users:
+            return {"ndcg": (Fraction(0), 0), "recall": (Fraction(0), 0)}
+        pos_ptr, pos, exc_ptr, exc = csr
+        items = self.server.broadcast()[:n_items]
+        private, net = self.private_matrix(), BACKBONES[self.cfg.backbone.name]
+        ndcg, recall = np.empty(len(users)), np.empty(len(users))
+        discounts = _discounts(min(K, n_items), torch.device("cpu")).numpy()
+        index = torch.as_tensor(users)
+        for lo in range(0, len(users), EVAL_CHUNK):
+            hi = min(lo + EVAL_CHUNK, len(users))
+            scores = user_scores(net, {k: v[index[lo:hi]] for k, v in private.items()}, items)
+            if not kernels.topk_metrics(scores.numpy(), pos_ptr[lo:hi + 1] - pos_ptr[lo], pos[pos_ptr[lo]:pos_ptr[hi]],
+                                        exc_ptr[lo:hi + 1] - exc_ptr[lo], exc[exc_ptr[lo]:exc_ptr[hi]], discounts,
+                                        ndcg[lo:hi], recall[lo:hi]):
+                raise ValueError("full_sort_metrics: non-finite value(s) (NaN or inf) in scores; metrics of such "
+                                 "scores are meaningless (check the model for a NaN/inf output)")
+        return {"ndcg": (exact_sum(ndcg), len(users)), "recall": (exact_sum(recall), len(users))}
+
+    def validate(self, ctx: RoundContext, decimals: int | None) -> dict[str, float]:
+        """Validation of block ctx.block (only its train masked, §8.2), one fused kernel call."""
+        if self._valid_csr is None or self._valid_csr[0] != ctx.block:
+            block = self.blocks[ctx.block]
+            users = sorted(block.valid)
+            self._valid_csr = (ctx.block, users, (*_csr(users, [block.valid]), *_csr(users, [block.train])))
+        _, users, csr = self._valid_csr
+        return finish(self._sums_csr(users, csr, self.blocks[ctx.block].n_items), decimals)
+
+    def test_row(self, t: int, old_block_mask: str, decimals: int | None) -> list[dict[str, float]]:
+        """a_{t,i} for i = 0..t (§10), as evaluate.oracle_test_row defines it."""
+        n_items = self.blocks[t].n_items
+        return [finish(self._sums(sorted(self.blocks[i].test), self.blocks[i].test,
+                                  test_exclude(self.blocks, t, i, old_block_mask), n_items), decimals)
+                for i in range(t + 1)]

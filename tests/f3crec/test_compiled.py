@@ -1,0 +1,238 @@
+"""The compiled simulator (f3crec/sim_compiled.py, kernels.py) against the vectorised one, float64.
+
+Equality is to rounding (max |diff| ≤ 1e-12 · (1 + max |value|)), not bit for bit: the vectorised simulator's
+first step goes through a BLAS product (another summation order than the kernel's serial dot products) and
+ATen's SGD update fuses a multiply-add where the kernel rounds twice. Everything integer is compared exactly:
+the plan's draws, D_u and m_u of every ARM step, and every validation / test metric (exact sums of the
+same per-user values). The compiled kernels are single-threaded with fixed-order sums: the thread count
+changes nothing, bit for bit.
+"""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import ConfigError, load_config
+from f3crec.config import Config, resolve
+from f3crec.data import get_blocks
+from f3crec.round import make_plan
+from f3crec.train import end_block, grow, make_simulator, round_context
+
+from conftest import late_joiner_blocks
+
+pytest.importorskip("numba")
+from f3crec.sim_compiled import CompiledSimulator, draw, exact_sum  # noqa: E402
+
+SMOKE = Path(__file__).resolve().parents[2] / "f3crec" / "configs" / "smoke.yaml"
+TOL = 1e-12
+
+
+def _setup(overrides, tmp_path=None, late=False):
+    data = [f"data.blocks={late_joiner_blocks(tmp_path / 'late')}"] if late else []
+    cfg = load_config(Config, SMOKE, ["backbone.dtype=float64", "federation.batch_size=16", "method.kd_weight=1.0",
+                                      "method.eps=0.02", *data, *overrides])
+    cfg, flags = resolve(cfg)
+    blocks, _ = get_blocks(cfg.data, cfg.train.seed)
+    return cfg, flags, blocks
+
+
+def _sims(cfg, flags, blocks):
+    factory = {}
+    for name in ("vectorised", "compiled"):
+        run_cfg = replace(cfg, federation=replace(cfg.federation, simulator=name))
+        factory[name] = lambda items, private, c=run_cfg: make_simulator(c, flags, items, private, blocks)
+    return factory
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return float((a - b).abs().max()) <= TOL * (1 + float(a.abs().max()))
+
+
+def test_exact_sum_is_the_fraction_sum():
+    values = np.random.default_rng(0).random(500) ** 3
+    values[:5] = [0.0, 1.0, 0.5, 1e-300, 0.1]
+    from fractions import Fraction
+    assert exact_sum(values) == sum(map(Fraction, values.tolist()), Fraction(0))
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_compiled_plan_draw_equals_the_plan(late, tmp_path):
+    """The kernel's negatives and shuffles are the plan's values exactly (same per-user streams)."""
+    cfg, flags, blocks = _setup([], tmp_path, late)
+    for t in range(len(blocks)):
+        data = dict(blocks[t].train)
+        # block t ≥ 1: T^u-like extra exclusions, as naive_replay and neg_exclude=all_known add
+        exclude = {u: np.union1d(v, np.arange(u % 7)) for u, v in data.items()}
+        for r in range(3):
+            plan = make_plan(cfg.train.seed, t, r, data, exclude, blocks[t].n_items, 4, 16, 30, 1)
+            items, labels = draw(plan)
+            assert np.array_equal(items, plan.items) and np.array_equal(labels, plan.labels)
+
+
+@pytest.mark.parametrize("late", [False, True])
+@pytest.mark.parametrize("overrides", [
+    [],                                                  # F3CRec: ARM + ITM
+    *[pytest.param(overrides, marks=pytest.mark.heavy) for overrides in (
+        ["method.name=ft"], ["method.name=arm"], ["method.name=itm"],
+        ["method.name=topn_kd"],                                # ARM with m_u = N
+        ["method.name=naive_replay"],                           # T^u as pseudo-positives
+        ["method.name=emb_reg"],                                # every old row local
+        ["quirks.target_scores=matched", "method.name=arm"],
+        ["fidelity=false"],                                     # all_known exclusions, cumulative test mask
+        ["method.name=topn_kd", "federation.ldp_scale=0.01"],   # LDP noise on every row of every upload
+        ["method.name=full_retrain"],                           # the union of train data so far
+        ["backbone.name=pfedrec", "backbone.lr=0.02"],          # two sub-steps, round-0 reset
+        ["backbone.name=fedncf", "backbone.lr=0.02"],           # Linear(2d→1) head, round-0 reset
+        ["backbone.name=fedncf", "backbone.lr=0.02", "method.name=emb_reg"],
+        ["backbone.name=pfedrec", "backbone.lr=0.02", "method.name=topn_kd"])],
+])
+def test_compiled_equals_vectorised_round_by_round(overrides, late, tmp_path):
+    """F3CRec (FedMF) runs in the fast suite; the other variants are `heavy` (seconds each, numba compiles once)."""
+    cfg, flags, blocks = _setup(overrides, tmp_path, late)
+    factory = _sims(cfg, flags, blocks)
+    sims = {name: None for name in factory}
+    saw_partial_memory = multi_step = False
+    for t in range(len(blocks)):
+        for name in sims:
+            sims[name] = grow(sims[name], factory[name], cfg, blocks, t, cfg.train.seed)
+        vec, comp = sims["vectorised"], sims["compiled"]
+        assert isinstance(comp, CompiledSimulator) and not isinstance(vec, CompiledSimulator)
+        for r in range(3):
+            ctx = round_context(cfg, flags, blocks, t, r)
+            plan = vec.plan(ctx)
+            multi_step |= np.diff(plan.step_offsets).max() > 1
+            stats_vec, stats_comp = vec.train_round(plan, ctx), comp.train_round(comp.plan(ctx), ctx)
+            assert stats_vec["D"] == stats_comp["D"] and stats_vec["m"] == stats_comp["m"]   # step-major order
+            saw_partial_memory |= any(0 < m < 30 for m in stats_comp["m"])
+            assert _close(vec.server.items, comp.server.items)
+            for k, v in vec.private_matrix().items():
+                assert _close(v, comp.private_matrix()[k])
+            assert vec.validate(ctx, None) == comp.validate(ctx, None)
+            for sim in sims.values():
+                sim.save_slot("best")
+        assert vec.test_row(t, flags["old_block_mask"], None) == comp.test_row(t, flags["old_block_mask"], None)
+        for sim in sims.values():
+            sim.save_slot("last")
+            end_block(sim, cfg, blocks, t, flags)
+        a, b = vec.states(), comp.states()
+        assert torch.equal(a.topn, b.topn) and _close(a.yhat, b.yhat)
+    assert multi_step
+    if flags["arm"] == "adaptive":
+        assert saw_partial_memory
+
+
+def _run(tmp_path, name, *extra, folder=None):
+    from f3crec.main import main
+    return main(["--config", str(SMOKE), "--run-dir", str(tmp_path / (folder or name)),
+                 f"federation.simulator={name}", "backbone.dtype=float64", *extra])
+
+
+def _records(folder: Path) -> list[dict]:
+    keep = ("block", "round", "val_ndcg", "val_recall", "D_mean", "m_mean", "m_hist", "D_hist")
+    return [{k: r.get(k) for k in keep} for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("backbone", [[], ["backbone.name=pfedrec", "backbone.lr=0.02"],
+                                      ["backbone.name=fedncf", "backbone.lr=0.02"]])
+def test_whole_smoke_run_equal(backbone, tmp_path):
+    out = {name: _run(tmp_path, name, *backbone) for name in ("vectorised", "compiled")}
+    assert out["vectorised"]["summary"] == out["compiled"]["summary"]
+    assert _records(tmp_path / "vectorised") == _records(tmp_path / "compiled")
+    best = {name: [b["best_round"] for b in res["blocks"]] for name, res in out.items()}
+    assert best["vectorised"] == best["compiled"]
+    assert out["compiled"]["simulator"] == "compiled"
+
+
+def test_thread_count_changes_nothing():
+    """A round and a validation with torch (and numba) at 1 and 2 threads: bit for bit the same."""
+    import numba
+    cfg, flags, blocks = _setup([])
+    results, before = [], (torch.get_num_threads(), numba.get_num_threads())
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            sim = grow(None, _sims(cfg, flags, blocks)["compiled"], cfg, blocks, 0, cfg.train.seed)
+            out = []
+            for r in range(3):
+                ctx = round_context(cfg, flags, blocks, 0, r)
+                sim.train_round(None, ctx)
+                out.append((sim.server.items.clone(), sim.state.private["p"].clone(), sim.validate(ctx, None)))
+            results.append(out)
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
+    for (q1, p1, v1), (q2, p2, v2) in zip(*results):
+        assert torch.equal(q1, q2) and torch.equal(p1, p2) and v1 == v2
+
+
+def test_auto_picks_compiled_where_it_covers_the_run_and_vectorised_elsewhere(tmp_path):
+    from f3crec.train import simulator_kind
+    for overrides, kind in ([[], "compiled"], [["method.name=ewc"], "vectorised"],
+                            [["backbone.name=pfedrec"], "compiled"], [["federation.ldp_scale=0.01"], "compiled"],
+                            [["backbone.name=fedncf", "method.name=ewc"], "vectorised"]):
+        cfg, flags = resolve(load_config(Config, SMOKE, ["federation.simulator=auto", *overrides]))
+        assert simulator_kind(cfg, flags) == kind
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["backbone.name=fedncf", "method.name=ewc"], "method.name=ewc"),
+    (["method.name=ewc"], "method.name=ewc"),
+    (["train.device=cuda"], "train.device=cuda"),
+])
+def test_compiled_refuses_what_it_does_not_cover_in_one_line(overrides, named, tmp_path):
+    from f3crec.main import main
+    with pytest.raises(ConfigError) as err:
+        main(["--config", str(SMOKE), "--run-dir", str(tmp_path / "r"), "federation.simulator=compiled", *overrides])
+    assert named in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "r").exists()                     # refused before the run folder is claimed
+
+
+@pytest.mark.heavy
+def test_whole_smoke_run_same_with_one_and_two_threads(tmp_path):
+    """train.threads sets torch's threads for the run: the compiled run's numbers do not move with it."""
+    one, two = (_run(tmp_path, "compiled", f"train.threads={n}", folder=f"t{n}") for n in (1, 2))
+    assert one["summary"] == two["summary"] and _records(tmp_path / "t1") == _records(tmp_path / "t2")
+
+
+def test_bench_report_sides_puts_simulators_side_by_side():
+    from f3crec.bench import report_sides
+    side = {"base_round_s": 0.05, "incremental_round_s": 0.02, "base_block_s": 1.0, "incremental_blocks_s": 1.5,
+            "fixed_s": 2.0, "whole_s": 5.0, "whole_cpu_s": 4.0, "after_imports_cpu_s": 2.0, "summary": {"h": 1}}
+    table = report_sides({"vectorised": {**side, "whole_cpu_s": 8.0}, "compiled": side})
+    assert "| whole process, CPU | 8 | 4 |" in table and "×" not in table and "same metrics" in table
+    assert table.endswith("yes")
+    with_ref = report_sides({"compiled": side}, {"whole_cpu_s": 40.0})
+    assert "| whole process, CPU | 4 | 40 | 10.0× |" in with_ref
+    assert report_sides({"a": side, "b": {**side, "summary": {"h": 2}}}).endswith("NO")
+
+
+@pytest.mark.heavy
+def test_compiled_run_resumed_at_a_block_boundary_equals_an_uninterrupted_one(tmp_path):
+    """last.pt of a compiled run (the vectorised simulator's state form) resumes into the compiled simulator."""
+    from f3crec.main import main
+    whole = _run(tmp_path, "compiled", folder="whole")
+    _run(tmp_path, "compiled", "train.stop_after_block=1", folder="cut")
+    resumed = main(["--resume", str(tmp_path / "cut"), "train.stop_after_block=null"])
+    assert resumed["summary"] == whole["summary"] and resumed["simulator"] == "compiled"
+    assert _records(tmp_path / "cut") == _records(tmp_path / "whole")
+
+
+def test_without_numba_auto_runs_vectorised_and_compiled_is_refused_in_one_line(monkeypatch):
+    import sys
+    from f3crec.train import simulator_kind
+    import f3crec
+    monkeypatch.setitem(sys.modules, "numba", None)                      # `import numba` raises ImportError
+    for name in ("kernels", "sim_compiled"):                              # imported afresh
+        monkeypatch.delitem(sys.modules, f"f3crec.{name}", raising=False)
+        monkeypatch.delattr(f3crec, name, raising=False)
+    cfg, flags = resolve(load_config(Config, SMOKE, ["federation.simulator=auto"]))
+    assert simulator_kind(cfg, flags) == "vectorised"
+    cfg, flags = resolve(load_config(Config, SMOKE, ["federation.simulator=compiled"]))
+    with pytest.raises(ConfigError) as err:
+        simulator_kind(cfg, flags)
+    assert "numba" in str(err.value) and "\n" not in str(err.value)
