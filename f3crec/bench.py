@@ -151,11 +151,11 @@ def ml100k_shaped_blocks(clients: int, seed: int = 0) -> list[Block]:
         rank = np.arange(owner.size) - starts
         split = np.where(rank < np.ceil(0.8 * counts), 0, np.where(rank < np.ceil(0.9 * counts), 1, 2))
         parts = []
-        for which in range(3):
+        for which in range(3):   # each user's items: views into one array per split (O(interactions))
             keep = split == which
-            bounds = np.flatnonzero(np.diff(owner[keep], prepend=-1, append=-1))
-            us = owner[keep][bounds[:-1]]
-            parts.append({int(u): items[keep][lo:hi] for u, lo, hi in zip(us, bounds[:-1], bounds[1:])})
+            mine, theirs = owner[keep], items[keep]
+            bounds = np.flatnonzero(np.diff(mine, prepend=-1, append=-1))
+            parts.append(dict(zip(mine[bounds[:-1]].tolist(), np.split(theirs, bounds[1:-1]))))
         first = max(first, int(users.max()) + 1)
         blocks.append(Block(train=parts[0], valid=parts[1], test=parts[2], n_users=first, n_items=n_items,
                             item_list=np.zeros(0, np.int64)))
