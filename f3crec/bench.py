@@ -191,6 +191,7 @@ def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
                             "cpu_s_per_round": round(float(np.median(cpu)), 4),
                             "validation_cpu_s": round(float(np.median(val)), 4),
                             "clients_per_sec": round(len(positives) / per_round, 1)}
+    out["interactions"] = [int(b.stats()[0]) for b in blocks[:2]]
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if device.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -231,21 +232,25 @@ def scale(args) -> dict:
     """ms per round (training, validation) and peak RSS at each of `args.sizes` ML-100K-shaped client counts,
     each size in its own process (its own peak RSS), the vectorised simulator, one thread."""
     out = {}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     print(f"ML-100K-shaped synthetic blocks, vectorised simulator, one thread, median of {args.rounds} rounds, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit or '?'}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("| clients | items | base round, CPU ms | its validation, CPU ms | incremental round, CPU ms | peak RSS GB |")
-    print("|---|---|---|---|---|---|")
+    print("| clients | items | base-block interactions | base round, CPU ms | its validation, CPU ms | "
+          "incremental round, CPU ms | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|")
     for clients in args.sizes:
         args.clients, args.scale, args.simulators = clients, True, ["vectorised"]
         try:
             res = per_round(args)["vectorised"]
         except RuntimeError as err:
-            print(f"| {clients} | — | failed: {err} | | | |")
+            print(f"| {clients} | — | — | failed: {err} | | | |")
             break
         out[clients] = res
         b0, b1 = res["block0"], res["block1"]
-        print(f"| {clients} | {max(int(1.22 * clients), 60)} | {1000 * b0['cpu_s_per_round']:.0f} | "
+        print(f"| {clients} | {max(int(1.22 * clients), 60)} | {res['interactions'][0]} | {1000 * b0['cpu_s_per_round']:.0f} | "
               f"{1000 * b0['validation_cpu_s']:.0f} | {1000 * b1['cpu_s_per_round']:.0f} | {res['peak_rss_mb'] / 1024:.2f} |")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     return out
 
 

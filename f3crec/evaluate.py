@@ -133,7 +133,8 @@ def sparse_metric_sums(scores: torch.Tensor, pos: torch.Tensor, exc: torch.Tenso
     The same arithmetic as common.metrics.full_sort_metrics (an exclusion never hides a positive; ties as
     torch.topk orders them; the same discounts, cumulative sums and divisions), so equal bit for bit."""
     rows, n_items = scores.shape
-    _check_finite("full_sort_metrics", scores=scores)
+    if not bool(torch.isfinite(scores.sum())):   # one pass, no mask: a NaN/inf entry makes the sum non-finite
+        _check_finite("full_sort_metrics", scores=scores)    # (an overflowing sum of finite ones passes here)
     positive = torch.unique(pos[0] * n_items + pos[1])                           # sorted (row, item) keys
     num_pos = torch.bincount(positive // n_items, minlength=rows)
     if bool((num_pos == 0).any()):

@@ -12,6 +12,10 @@ ARM ranks T^u of all replaying clients at once, a chunk of clients at a time (me
 it does not sort the catalogue). The upload is every multi-step client's row deltas plus the one-step
 clients' summed delta, which the server adds and averages (server.py). The client-side state of all users is held stacked
 (one row per user) in `self.state`; the server object never receives it.
+
+Memory at scale: a round of more than `group_samples` samples is trained a group of clients at a time
+(their deltas summed in client order, so the aggregate is unchanged); ARM ranks ⌊rank_budget / |I|⌋
+clients at a time; nothing users × items is allocated (ŷ^{t−1} is kept at T^u only, client_state.py).
 """
 from __future__ import annotations
 

@@ -250,3 +250,18 @@ def test_server_mean_of_changed_rows_equals_the_mean_of_whole_tables(dtype):
         assert torch.equal(server.items, aggregate(tables, budget=budget))
         assert torch.allclose(server.items, torch.stack(tables).mean(0), rtol=1e-6 if dtype == torch.float32 else 1e-14)
     assert torch.equal(aggregate(tables), torch.stack(tables).mean(0))          # small: one block, as ever
+
+
+def test_fused_evaluation_refuses_non_finite_scores_and_rows_without_positives():
+    pos, exc = torch.tensor([[0, 1], [2, 0]]), torch.tensor([[0], [1]])
+    scores = torch.tensor([[0.5, 0.1, 0.3], [0.2, 0.9, 0.4]])
+    sums = ev.sparse_metric_sums(scores.clone(), pos, exc)
+    # user 0: item 1 excluded, positive 2 ranks 2nd of {0, 2}; user 1: positive 0 ranks 3rd
+    assert sums["recall"] == (2, 2) and sums["ndcg"][0] == ev.Fraction(1 / np.log2(3)) + ev.Fraction(1 / np.log2(4))
+    for bad in (float("nan"), float("inf")):
+        broken = scores.clone()
+        broken[1, 2] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            ev.sparse_metric_sums(broken, pos, exc)
+    with pytest.raises(ValueError, match="no positive"):
+        ev.sparse_metric_sums(scores.clone(), pos[:, :1], exc)
