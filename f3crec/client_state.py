@@ -69,5 +69,9 @@ class ClientStates:
                 "fisher": self.fisher, "fisher_valid": self.fisher_valid, "fisher_rows": self.fisher_rows}
 
     def load_state_dict(self, state: dict) -> None:
+        yhat, topn = state.get("yhat"), state.get("topn")
+        if yhat is None or topn is None or yhat.shape != topn.shape:
+            raise ValueError("this checkpoint keeps ŷ over every item (code before 2026-12-06): not resumable by "
+                             "this version; start the run again (ŷ is now kept at Tᵘ's items only)")
         for key, value in state.items():
             setattr(self, key, value)

@@ -265,3 +265,12 @@ def test_fused_evaluation_refuses_non_finite_scores_and_rows_without_positives()
             ev.sparse_metric_sums(broken, pos, exc)
     with pytest.raises(ValueError, match="no positive"):
         ev.sparse_metric_sums(scores.clone(), pos[:, :1], exc)
+
+
+def test_a_checkpoint_with_yhat_over_every_item_is_refused():
+    from f3crec.client_state import ClientStates
+    states = ClientStates({"p": torch.zeros(4, 8)}, topn=3)
+    state = states.state_dict()
+    ClientStates({"p": torch.zeros(4, 8)}, topn=3).load_state_dict(state)           # today's form loads
+    with pytest.raises(ValueError, match="not resumable"):
+        ClientStates({"p": torch.zeros(4, 8)}, topn=3).load_state_dict({**state, "yhat": torch.zeros(4, 50)})
