@@ -192,11 +192,11 @@ def ml100k_shaped_blocks(clients: int, seed: int = 0) -> list[Block]:
         rank = np.arange(owner.size) - starts
         split = np.where(rank < np.ceil(0.8 * counts), 0, np.where(rank < np.ceil(0.9 * counts), 1, 2))
         parts = []
-        for which in range(3):
+        for which in range(3):   # each user's items: views into one array per split (O(interactions))
             keep = split == which
-            bounds = np.flatnonzero(np.diff(owner[keep], prepend=-1, append=-1))
-            us = owner[keep][bounds[:-1]]
-            parts.append({int(u): items[keep][lo:hi] for u, lo, hi in zip(us, bounds[:-1], bounds[1:])})
+            mine, theirs = owner[keep], items[keep]
+            bounds = np.flatnonzero(np.diff(mine, prepend=-1, append=-1))
+            parts.append(dict(zip(mine[bounds[:-1]].tolist(), np.split(theirs, bounds[1:-1]))))
         first = max(first, int(users.max()) + 1)
         blocks.append(Block(train=parts[0], valid=parts[1], test=parts[2], n_users=first, n_items=n_items,
                             item_list=np.zeros(0, np.int64)))
@@ -232,6 +232,7 @@ def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
                             "cpu_s_per_round": round(float(np.median(cpu)), 4),
                             "validation_cpu_s": round(float(np.median(val)), 4),
                             "clients_per_sec": round(len(positives) / per_round, 1)}
+    out["interactions"] = [int(b.stats()[0]) for b in blocks[:2]]
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if device.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -272,21 +273,25 @@ def scale(args) -> dict:
     """ms per round (training, validation) and peak RSS at each of `args.sizes` ML-100K-shaped client counts,
     each size in its own process (its own peak RSS), the vectorised simulator, one thread."""
     out = {}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     print(f"ML-100K-shaped synthetic blocks, vectorised simulator, one thread, median of {args.rounds} rounds, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit or '?'}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("| clients | items | base round, CPU ms | its validation, CPU ms | incremental round, CPU ms | peak RSS GB |")
-    print("|---|---|---|---|---|---|")
+    print("| clients | items | base-block interactions | base round, CPU ms | its validation, CPU ms | "
+          "incremental round, CPU ms | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|")
     for clients in args.sizes:
         args.clients, args.scale, args.simulators = clients, True, ["vectorised"]
         try:
             res = per_round(args)["vectorised"]
         except RuntimeError as err:
-            print(f"| {clients} | — | failed: {err} | | | |")
+            print(f"| {clients} | — | — | failed: {err} | | | |")
             break
         out[clients] = res
         b0, b1 = res["block0"], res["block1"]
-        print(f"| {clients} | {max(int(1.22 * clients), 60)} | {1000 * b0['cpu_s_per_round']:.0f} | "
+        print(f"| {clients} | {max(int(1.22 * clients), 60)} | {res['interactions'][0]} | {1000 * b0['cpu_s_per_round']:.0f} | "
               f"{1000 * b0['validation_cpu_s']:.0f} | {1000 * b1['cpu_s_per_round']:.0f} | {res['peak_rss_mb'] / 1024:.2f} |")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     return out
 
 

@@ -1,9 +1,10 @@
 """Client-side state of every user, stacked one row per user (§3 "What persists across blocks").
 
-This is what lives on the devices: Φ_u and its saved slots, ŷ^{t−1} and T^u (ARM), the anchors θ* and the
+This is what lives on the devices: Φ_u and its saved slots, T^u and ŷ^{t−1} at T^u's items (ARM), the anchors θ* and the
 Fisher (emb_reg/EWC), and each client's received copy of Q^{t−1}. The vectorised simulator trains on it
 in place; the reference simulator keeps the same values inside its `Client` objects and converts to this
-form for checkpoints. The server never holds a reference to it.
+form for checkpoints. The server never holds a reference to it. Nothing here is users × items: KD reads
+ŷ^{t−1} only at T^u, so ŷ is kept as (U, N) aligned with T^u, and a checkpoint is sized by the state.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ class ClientStates:
     def __init__(self, private: dict[str, torch.Tensor], topn: int):
         self.private = private                                           # Φ: name -> (U, ...)
         self.slots: dict[str, dict[str, torch.Tensor]] = {}              # 'best' / 'last' copies of Φ
-        self.yhat: torch.Tensor | None = None                            # (U, I^{t−1}) previous logits
         device = next(iter(private.values())).device
         self.topn = torch.zeros(self.num_users(), topn, dtype=torch.long, device=device)  # T^u where has_topn
+        dtype = next(iter(private.values())).dtype
+        self.yhat = torch.zeros(self.num_users(), topn, dtype=dtype, device=device)  # ŷ^{t−1} at T^u's items
         self.has_topn = torch.zeros(self.num_users(), dtype=torch.bool, device=device)
         self.anchor = {k: v.clone() for k, v in private.items()}        # θ*: best Φ of the last trained block
         self.anchor_items: torch.Tensor | None = None                   # received Q^{t−1}
@@ -41,6 +43,7 @@ class ClientStates:
             for slot in self.slots.values():
                 slot[k] = torch.cat([slot[k], v])
         self.topn = torch.cat([self.topn, torch.zeros(count, self.topn.shape[1], dtype=torch.long, device=device)])
+        self.yhat = torch.cat([self.yhat, self.yhat.new_zeros(count, self.yhat.shape[1])])
         self.has_topn = torch.cat([self.has_topn, torch.zeros(count, dtype=torch.bool, device=device)])
         self.fisher_valid = torch.cat([self.fisher_valid, torch.zeros(count, dtype=torch.bool, device=device)])
 
@@ -66,5 +69,9 @@ class ClientStates:
                 "fisher": self.fisher, "fisher_valid": self.fisher_valid, "fisher_rows": self.fisher_rows}
 
     def load_state_dict(self, state: dict) -> None:
+        yhat, topn = state.get("yhat"), state.get("topn")
+        if yhat is None or topn is None or yhat.shape != topn.shape:
+            raise ValueError("this checkpoint keeps ŷ over every item (code before 2026-12-06): not resumable by "
+                             "this version; start the run again (ŷ is now kept at Tᵘ's items only)")
         for key, value in state.items():
             setattr(self, key, value)

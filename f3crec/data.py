@@ -2,7 +2,7 @@
 
     blocks = load_blocks("$REPRO_DATA/f3crec-ml-100k-blocks")   # released reference blocks (§2)
     blocks = load_blocks(prepare_blocks("ml-100k", seed=1))      # our pipeline, cached, stats asserted
-    blocks, sha = get_blocks(cfg.data, seed)                     # whichever the config names
+    blocks, sha = get_blocks(cfg.data, seed)                     # whichever the config names (binary cache)
 
 Ids are 0-based (as in the reference blocks): users and items are numbered by first appearance in the
 time-sorted stream, so block t's newcomers hold [n_{t−1}, n_t). Generated blocks are written in the released
@@ -11,8 +11,10 @@ JSON layout (+ a `meta` object) and read back through the same validating loader
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,6 +197,68 @@ def fingerprint(directory: str | Path, count: int = 4) -> str:
     return digest.hexdigest()[:16]
 
 
+# ------------------------------------------------------------------------------------- binary cache
+BINARY_FORMAT = 1   # bump when the layout below changes
+
+
+def binary_path(fp: str, count: int = 4) -> Path:
+    """Where the binary copy of the blocks with fingerprint `fp` lives: keyed by the block files' content
+    (and the loader's code, so blocks validated by older rules are never read back)."""
+    loader = hashlib.sha256(inspect.getsource(load_blocks).encode() + inspect.getsource(_as_id).encode())
+    return cache_root() / "f3crec" / "blocks" / f"{fp}-{count}-v{BINARY_FORMAT}-{loader.hexdigest()[:8]}.npz"
+
+
+def write_binary(path: Path, blocks: list[Block]) -> None:
+    """The blocks as flat int64 arrays in one .npz (no pickle): per block and split the users in their
+    file order, offsets and the concatenated items; written beside `path` and renamed (atomic)."""
+    arrays = {}
+    for t, block in enumerate(blocks):
+        for name in SPLITS:
+            part = block.split(name)
+            arrays[f"b{t}_{name}_users"] = np.array(list(part), dtype=np.int64)
+            arrays[f"b{t}_{name}_offsets"] = np.cumsum([0] + [len(v) for v in part.values()], dtype=np.int64)
+            arrays[f"b{t}_{name}_items"] = np.concatenate([np.asarray(v, np.int64) for v in part.values()]
+                                                           + [np.zeros(0, np.int64)])
+        arrays[f"b{t}_sizes"] = np.array([block.n_users, block.n_items], dtype=np.int64)
+        arrays[f"b{t}_item_list"] = np.asarray(block.item_list, dtype=np.int64)
+    with atomic_write(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def read_binary(path: Path, count: int = 4) -> list[Block]:
+    """The blocks `write_binary` wrote (ValueError / KeyError / OSError when the file is damaged)."""
+    with np.load(path, allow_pickle=False) as data:
+        blocks = []
+        for t in range(count):
+            parts = {}
+            for name in SPLITS:
+                users, offsets, items = (data[f"b{t}_{name}_{k}"] for k in ("users", "offsets", "items"))
+                if offsets.size != users.size + 1 or offsets[-1] != items.size:
+                    raise ValueError(f"{path}: block {t} {name} arrays disagree")
+                parts[name] = dict(zip(users.tolist(), np.split(items, offsets[1:-1])))
+            n_users, n_items = data[f"b{t}_sizes"].tolist()
+            blocks.append(Block(**parts, n_users=n_users, n_items=n_items, item_list=data[f"b{t}_item_list"]))
+    return blocks
+
+
+def cached_blocks(directory: str | Path, count: int = 4) -> tuple[list[Block], str]:
+    """(blocks, fingerprint) of a block folder: read from the binary cache when the files' content was seen
+    before, else parsed and validated from the JSON (load_blocks) and cached. A damaged cache file is not
+    trusted: the JSON is parsed again and the file rewritten."""
+    if not all((Path(directory) / f"block_{t}.json").is_file() for t in range(count)):
+        load_blocks(directory, count)          # the one-line error naming the missing file
+    fp = fingerprint(directory, count)
+    path = binary_path(fp, count)
+    if path.is_file():
+        try:
+            return read_binary(path, count), fp
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            print(f"[f3crec] block cache {path} not used ({type(err).__name__}: {err}); parsing the block files")
+    blocks = load_blocks(directory, count)
+    write_binary(path, blocks)
+    return blocks, fp
+
+
 # ----------------------------------------------------------------------------------------- entry points
 def synthetic_stream(num_users: int, num_items: int, num_interactions: int, seed: int, dim: int = 4,
                      chunk: int = 4096) -> dict:
@@ -247,8 +311,7 @@ def prepare_blocks(name: str, seed: int, root: str | None = None, core: int = 10
         check_expected(name, blocks)
         write_blocks(out, blocks, {"dataset": name, "seed": seed, "core": core, "raw_sha256": raw_sha,
                                    "pipeline": "implicit, dedup, k-core fixed point, stable time sort"})
-    blocks = load_blocks(out)
-    check_expected(name, blocks)
+    check_expected(name, cached_blocks(out)[0])
     return out
 
 
@@ -268,4 +331,4 @@ def get_blocks(cfg, seed: int) -> tuple[list[Block], str]:
             write_blocks(path, build_blocks(stream, seed, core=cfg.core), {"dataset": "synthetic"})
     else:
         path = prepare_blocks(cfg.name, seed, cfg.root, cfg.core)
-    return load_blocks(path), fingerprint(path)
+    return cached_blocks(path)

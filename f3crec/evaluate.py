@@ -15,14 +15,24 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from common.metrics import full_sort_metrics
+from common.metrics import _check_finite, _discounts, full_sort_metrics
 
 from .data import SPLITS, Block
 from .model import Backbone, score_matrix
 
 
 SCORE_ROWS = 64  # users per score product: every product has this many rows (the last one zero-padded)
-EVAL_CHUNK = 16 * SCORE_ROWS  # users scored, masked and ranked at once: memory O(EVAL_CHUNK × items)
+EVAL_CHUNK = 16 * SCORE_ROWS  # at most this many users scored, masked and ranked at once
+EVAL_BUDGET = 1 << 22  # ... and at most about this many score entries (users × items) at once
+K = 20
+
+
+def eval_chunk(n_items: int | None, budget: int | None = None) -> int:
+    """Users per evaluation chunk: EVAL_CHUNK, fewer on a large catalogue so that chunk × items stays near
+    `budget` (a multiple of SCORE_ROWS, at least one product): memory O(budget), not O(users × items)."""
+    if not n_items:
+        return EVAL_CHUNK
+    return min(EVAL_CHUNK, max(SCORE_ROWS, (budget or EVAL_BUDGET) // n_items // SCORE_ROWS * SCORE_ROWS))
 
 
 def oracle_scores(sim, users: torch.Tensor, net: Backbone) -> torch.Tensor:
@@ -82,9 +92,11 @@ def metric_sums(scores: torch.Tensor, users: list[int], positives: dict[int, np.
 
 
 def sparse_masks(users: list[int], positives: dict[int, np.ndarray], exclude: list[dict[int, np.ndarray]],
-                 chunk: int = EVAL_CHUNK) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+                 chunk: int | None = None, n_items: int | None = None) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """Per chunk of `users`: (lo, hi, positive (row, item) pairs, excluded (row, item) pairs), rows local to the
-    chunk. Built once per block; O(interactions) memory, where dense masks were O(users × items)."""
+    chunk. Built once per block; O(interactions) memory, where dense masks were O(users × items). The chunk is
+    `chunk` users, else `eval_chunk(n_items)`."""
+    chunk = chunk or eval_chunk(n_items)
     out = []
     for lo in range(0, len(users), chunk):
         pairs = []
@@ -101,24 +113,46 @@ def sparse_masks(users: list[int], positives: dict[int, np.ndarray], exclude: li
     return out
 
 
-def _dense(pairs: torch.Tensor, rows: int, n_items: int) -> torch.Tensor:
-    mask = torch.zeros(rows, n_items, dtype=torch.bool)
-    mask[pairs[0], pairs[1]] = True
-    return mask
-
-
 def oracle_sums(sim, net: Backbone, users: list[int], masks: list, n_items: int) -> dict[str, tuple[Fraction, int]]:
-    """metric_sums of `users` (simulation-only oracle, §3), scored, masked and ranked EVAL_CHUNK users at a
-    time against the first `n_items` items: memory O(EVAL_CHUNK × items). Each user's row and metric do not
-    depend on the chunk it is in (fixed-shape products, per-row top-K) and the sums are exact, so the result
-    equals one dense evaluation bit for bit (tested)."""
+    """metric_sums of `users` (simulation-only oracle, §3), fused per chunk of `masks`: score the chunk's users
+    against the first `n_items` items, set the excluded pairs to −∞ in place, take the top K and look the
+    top items up among the positive pairs. Memory O(chunk × items), no dense mask. Each user's row and
+    metric do not depend on the chunk it is in (fixed-shape products, per-row top-K) and the sums are
+    exact, so the result equals one dense evaluation (`metric_sums`) bit for bit (tested)."""
     parts = []
     for lo, hi, pos, exc in masks:
         index = torch.tensor(users[lo:hi], dtype=torch.long)
-        scores = oracle_scores(sim, index, net)[:, :n_items]
-        rows = hi - lo
-        parts.append(metric_sums(scores, users[lo:hi], {}, [], (_dense(pos, rows, n_items), _dense(exc, rows, n_items))))
+        parts.append(sparse_metric_sums(oracle_scores(sim, index, net)[:, :n_items], pos, exc))
     return merge_sums(parts) if parts else metric_sums(torch.zeros(0, 0), [], {}, [])
+
+
+def sparse_metric_sums(scores: torch.Tensor, pos: torch.Tensor, exc: torch.Tensor, k: int = K
+                       ) -> dict[str, tuple[Fraction, int]]:
+    """metric_sums from sparse (row, item) pairs; `scores` (rows, items) is overwritten (excluded → −∞).
+
+    The same arithmetic as common.metrics.full_sort_metrics (an exclusion never hides a positive; ties as
+    torch.topk orders them; the same discounts, cumulative sums and divisions), so equal bit for bit."""
+    rows, n_items = scores.shape
+    if not bool(torch.isfinite(scores.sum())):   # one pass, no mask: a NaN/inf entry makes the sum non-finite
+        _check_finite("full_sort_metrics", scores=scores)    # (an overflowing sum of finite ones passes here)
+    positive = torch.unique(pos[0] * n_items + pos[1])                           # sorted (row, item) keys
+    num_pos = torch.bincount(positive // n_items, minlength=rows)
+    if bool((num_pos == 0).any()):
+        raise ValueError(f"{int((num_pos == 0).sum())} row(s) have no positive item: drop them before scoring")
+    kept = scores[positive // n_items, positive % n_items]
+    scores[exc[0], exc[1]] = float("-inf")
+    scores[positive // n_items, positive % n_items] = kept                       # never hide a positive
+    k_max = min(k, n_items)
+    top = torch.topk(scores, k_max, dim=1).indices                              # (rows, k)
+    keys = torch.arange(rows, device=top.device)[:, None] * n_items + top
+    where = torch.searchsorted(positive, keys).clamp(max=positive.numel() - 1)
+    hits = (positive[where] == keys).double()
+    discounts = _discounts(k_max, scores.device)
+    dcg, hit_count, ideal = torch.cumsum(hits * discounts, dim=1), torch.cumsum(hits, dim=1), torch.cumsum(discounts, 0)
+    ndcg = dcg[:, k_max - 1] / ideal[torch.clamp(num_pos, max=k_max) - 1]
+    recall = hit_count[:, k_max - 1] / num_pos.double()
+    return {name: (sum(map(Fraction, values.tolist()), Fraction(0)), rows)
+            for name, values in (("ndcg", ndcg), ("recall", recall))}
 
 
 def merge_sums(parts: list[dict[str, tuple[Fraction, int]]]) -> dict[str, tuple[Fraction, int]]:
@@ -152,7 +186,7 @@ def oracle_test_row(sim, blocks: list[Block], t: int, net: Backbone, old_block_m
     row = []
     for i in range(t + 1):
         users = sorted(blocks[i].test)
-        masks = sparse_masks(users, blocks[i].test, test_exclude(blocks, t, i, old_block_mask))
+        masks = sparse_masks(users, blocks[i].test, test_exclude(blocks, t, i, old_block_mask), n_items=blocks[t].n_items)
         row.append(finish(oracle_sums(sim, net, users, masks, blocks[t].n_items), decimals))
     return row
 

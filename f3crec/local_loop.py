@@ -53,7 +53,7 @@ class LocalLoop:
         if self._valid is None or self._valid[0] != ctx.block:
             block = self.blocks[ctx.block]
             users = sorted(block.valid)
-            self._valid = (ctx.block, users, sparse_masks(users, block.valid, [block.train]))
+            self._valid = (ctx.block, users, sparse_masks(users, block.valid, [block.train], n_items=block.n_items))
         _, users, masks = self._valid
         net = BACKBONES[self.cfg.backbone.name]
         return finish(oracle_sums(self, net, users, masks, self.blocks[ctx.block].n_items), decimals)

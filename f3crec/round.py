@@ -228,12 +228,37 @@ def ldp_noise(ctx: RoundContext, users: np.ndarray, shape: tuple[int, ...], dtyp
     return torch.from_numpy(streams.laplace(raw, ctx.ldp_scale).reshape(len(key), *shape)).to(dtype)
 
 
-def previous_scores(net: Backbone, private: dict[str, torch.Tensor], items: torch.Tensor, topn: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """End-of-block ŷ (U, I) and T (U, N) (top-N, descending, nothing masked, ties to lower id) (§6)."""
-    scores = score_matrix(net, private, items)
-    chunk = 4096  # bounds the candidate lists for 10⁵ users
-    return scores, torch.cat([top_n(scores[lo:lo + chunk], topn) for lo in range(0, scores.shape[0], chunk)])
+SCORE_BUDGET = 1 << 22  # score entries held at once by the end-of-block scoring (rows × items, float)
+
+
+def previous_scores(net: Backbone, private: dict[str, torch.Tensor], items: torch.Tensor, topn: int,
+                    refresh: torch.Tensor | None = None, old_topn: torch.Tensor | None = None,
+                    old_yhat: torch.Tensor | None = None, latest: bool = True,
+                    budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """End-of-block T (U, N) (top-N, descending, nothing masked, ties to lower id) and ŷ at T (U, N) (§6).
+
+    KD reads ŷ^{t−1} only at the items of T^u, so ŷ is kept aligned with T^u instead of over all of
+    I^{t−1}. Users outside `refresh` keep `old_topn`; with `latest` their ŷ is re-read at it, else they keep
+    `old_yhat` (Q7 `matched`). Users are scored a chunk of ⌊budget / |I|⌋ rows (SCORE_BUDGET) at a time: memory
+    O(budget), never U × I (when U·|I| ≤ budget it is one product, as before)."""
+    count, n_items = next(iter(private.values())).shape[0], items.shape[0]
+    rows = max(1, (budget or SCORE_BUDGET) // max(n_items, 1))
+    tops, yhats = [], []
+    for lo in range(0, count, rows):
+        scores = score_matrix(net, {k: v[lo:lo + rows] for k, v in private.items()}, items)
+        top = top_n(scores, topn)
+        if refresh is not None:
+            keep = ~refresh[lo:lo + rows, None]
+            top = torch.where(keep, old_topn[lo:lo + rows], top)
+        yhat = scores.gather(1, top)
+        if refresh is not None and not latest:
+            yhat = torch.where(keep, old_yhat[lo:lo + rows], yhat)
+        tops.append(top)
+        yhats.append(yhat)
+    if not tops:
+        return (torch.zeros(0, topn, dtype=torch.long, device=items.device),
+                torch.zeros(0, topn, dtype=items.dtype, device=items.device))
+    return torch.cat(tops), torch.cat(yhats)
 
 
 def top_n(scores: torch.Tensor, n: int) -> torch.Tensor:

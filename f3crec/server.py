@@ -13,9 +13,27 @@ from common.runs import check_finite
 from .method import item_temporal_mean
 
 
-def aggregate(tables: list[torch.Tensor]) -> torch.Tensor:
+MEAN_BUDGET = 1 << 28   # entries (clients × item rows × d) averaged at once
+
+
+def aggregate(tables: list[torch.Tensor], budget: int = MEAN_BUDGET) -> torch.Tensor:
     """FedAvg of uploaded tables: F3CRec takes the UNWEIGHTED mean over participants (§3)."""
-    return torch.stack(tables).mean(0)                             # (A, I, d) -> (I, d)
+    return block_mean(lambda lo, hi: torch.stack([t[lo:hi] for t in tables]), tables[0], len(tables), budget)
+
+
+def block_mean(block, like: torch.Tensor, count: int, budget: int = MEAN_BUDGET) -> torch.Tensor:
+    """The mean over `count` clients of (I, d) tables, `block(lo, hi)` giving their rows lo:hi stacked
+    (count, hi − lo, d): one block (torch.stack(tables).mean(0)) when count·I·d ≤ budget, else blocks of
+    ⌊budget / (count·d)⌋ rows. A reduction's rounding can follow its shape, so both `aggregate` (whole
+    tables) and `Server.aggregate_rows` (changed rows) go through here: the same blocks, the same bits."""
+    n_items, dim = like.shape
+    step = max(1, budget // max(count * dim, 1))
+    if step >= n_items:
+        return block(0, n_items).mean(0)                            # (A, I, d) -> (I, d)
+    out = torch.empty_like(like)
+    for lo in range(0, n_items, step):
+        out[lo:lo + step] = block(lo, min(lo + step, n_items)).mean(0)
+    return out
 
 
 class Server:
@@ -37,8 +55,27 @@ class Server:
         self.items = torch.cat([self.items, new_rows.to(self.items)])
 
     def aggregate(self, tables: list[torch.Tensor]) -> dict:
-        """Q′ = mean of the uploaded tables, then ITM in incremental blocks."""
+        """Q′ = mean of the uploaded tables, then ITM in incremental blocks (the reference simulator)."""
         return self._finish(aggregate(tables))
+
+    def aggregate_rows(self, uploads: list[tuple[torch.Tensor, torch.Tensor]], budget: int = MEAN_BUDGET) -> dict:
+        """`aggregate` of whole uploaded tables, from each client's (rows, values) only (the Flower path): a
+        client's other rows equal the broadcast, so the server never holds the clients' tables, only a block
+        of rows of them at a time (`block_mean`, the blocks `aggregate` uses: equal bit for bit)."""
+        q = self.items
+        dim = q.shape[1]
+        client = torch.cat([torch.full((rows.numel(),), a, dtype=torch.long) for a, (rows, _) in enumerate(uploads)])
+        rows = torch.cat([rows.long() for rows, _ in uploads])
+        values = torch.cat([values.to(q.dtype).reshape(-1, dim) for _, values in uploads])
+        order = torch.argsort(rows, stable=True)
+        client, rows, values = client[order], rows[order], values[order]
+
+        def block(lo: int, hi: int) -> torch.Tensor:
+            a, b = torch.searchsorted(rows, torch.tensor([lo, hi])).tolist()
+            out = q[lo:hi].expand(len(uploads), hi - lo, dim).clone()
+            out[client[a:b], rows[a:b] - lo] = values[a:b]
+            return out
+        return self._finish(block_mean(block, q, len(uploads), budget))
 
     def aggregate_deltas(self, rows: torch.Tensor, deltas: torch.Tensor, num_clients: int,
                          summed: torch.Tensor | None = None) -> dict:

@@ -26,8 +26,8 @@ class Client:
         self.private = private
         self.slots: dict[str, dict[str, torch.Tensor]] = {}
         self.data: np.ndarray = np.zeros(0, np.int64)     # this block's train positives
-        self.yhat: torch.Tensor | None = None             # ŷ^{t−1} over I^{t−1}
         self.topn: torch.Tensor | None = None             # T^u
+        self.yhat: torch.Tensor | None = None             # ŷ^{t−1} at T^u's items (KD reads nothing else)
         self.anchor: dict[str, torch.Tensor] = {}         # emb_reg/EWC θ*: best Φ_u of its last block
         self.fisher: dict[str, torch.Tensor] = {}         # EWC: F of Φ_u, F rows, row ids
         self.anchor_items: torch.Tensor | None = None     # received copy of Q^{t−1} (θ* of the item rows)
@@ -63,15 +63,15 @@ class Client:
         if ctx.flags["arm"] != "off":
             scores = model.score_all()                                         # (I,) with gradient
             if ctx.flags["arm"] == "full":                                     # top-N KD: m_u = N
-                memory = self.topn
+                slots = torch.arange(len(self.topn))
             else:
                 ranks = target_ranks(scores.detach()[None], self.topn[None])
                 discrepancy, _, size = memory_size(ranks, ctx.eps, ctx.topn)
                 stats["D"].append(int(discrepancy[0]))
                 stats["m"].append(int(size[0]))
-                memory = self.topn[torch.from_numpy(perm[: int(size[0])])]
-            if len(memory):
-                loss = loss + ctx.flags["kd_weight"] * kd_terms(scores[memory], self.yhat[memory]).mean()
+                slots = torch.from_numpy(perm[: int(size[0])])
+            if len(slots):   # the memory: T^u's items at `slots`, with ŷ^{t−1} at the same slots
+                loss = loss + ctx.flags["kd_weight"] * kd_terms(scores[self.topn[slots]], self.yhat[slots]).mean()
         if ctx.flags["reg"] == "emb":
             penalty = ((model.items[: ctx.n_prev_items] - self.anchor_items) ** 2).sum()
             if "p" in self.anchor:
@@ -114,13 +114,11 @@ class ReferenceSimulator(LocalLoop):
         """Each client computes ŷ and (if it trained in this block) T^u from the broadcast best Q (§8 step 5)."""
         best, trained_set = self.server.broadcast(), set(trained.tolist())
         for user, client in self.clients.items():
-            yhat, topn = previous_scores(ctx.net, {k: v[None] for k, v in client.private.items()},
-                                         best, ctx.topn)
             refresh = user in trained_set or client.topn is None
-            if refresh or ctx.flags["target_scores"] == "latest":
-                client.yhat = yhat[0]
-            if refresh:
-                client.topn = topn[0]
+            keep = None if refresh else (torch.zeros(1, dtype=torch.bool), client.topn[None], client.yhat[None])
+            topn, yhat = previous_scores(ctx.net, {k: v[None] for k, v in client.private.items()}, best, ctx.topn,
+                                         *(keep or ()), latest=ctx.flags["target_scores"] == "latest")
+            client.topn, client.yhat = topn[0], yhat[0]
             client.anchor_items = best.clone()
             if user in trained_set:
                 client.anchor = {k: v.clone() for k, v in client.private.items()}
@@ -144,13 +142,12 @@ class ReferenceSimulator(LocalLoop):
         for u in users:
             client = self.clients[u]
             if client.topn is not None:
-                out.topn[u], out.has_topn[u] = client.topn, True
+                out.topn[u], out.yhat[u], out.has_topn[u] = client.topn, client.yhat, True
             for k in first.private:
                 out.anchor[k][u] = client.anchor.get(k, client.private[k])
                 if client.fisher:
                     out.fisher[k][u] = client.fisher[k]
             out.fisher_valid[u] = bool(client.fisher)
-        out.yhat = self._stacked_yhat(users)
         out.anchor_items = first.anchor_items
         with_rows = [u for u in users if self.clients[u].fisher]
         if with_rows:
@@ -158,22 +155,6 @@ class ReferenceSimulator(LocalLoop):
                                 torch.cat([self.clients[u].fisher["rows"] for u in with_rows]),
                                 torch.cat([self.clients[u].fisher["F_rows"] for u in with_rows]))
         return out
-
-    def _stacked_yhat(self, users: list[int]) -> torch.Tensor | None:
-        """ŷ of the users that existed at the last block end, one row per user, as ClientStates holds it.
-
-        Users who joined since have no ŷ yet; they come after every older user (ids by first appearance,
-        §1.1 step 5), so the rows with ŷ are a prefix. A ŷ kept from an older block (Q7 `matched`) is
-        narrower than the latest: it is padded with zeros on the right, whose items it never reads.
-        """
-        rows = [self.clients[u].yhat for u in users]
-        count = sum(row is not None for row in rows)
-        if count == 0:
-            return None
-        if any(row is None for row in rows[:count]):
-            raise RuntimeError("clients with a previous-block ŷ are not the lowest user ids")
-        width = max(row.shape[0] for row in rows[:count])
-        return torch.stack([torch.nn.functional.pad(row, (0, width - row.shape[0])) for row in rows[:count]])
 
     def load_states(self, states: ClientStates) -> None:
         """Hand every client its own row of a stacked state (resume, or grow)."""
@@ -183,8 +164,8 @@ class ReferenceSimulator(LocalLoop):
             client = self.clients.setdefault(u, Client(u, {}))
             client.private = {k: v[u].clone() for k, v in states.private.items()}
             client.slots = {s: {k: v[u].clone() for k, v in slot.items()} for s, slot in states.slots.items()}
-            client.yhat = states.yhat[u].clone() if states.yhat is not None and u < len(states.yhat) else None
             client.topn = states.topn[u].clone() if bool(states.has_topn[u]) else None
+            client.yhat = states.yhat[u].clone() if bool(states.has_topn[u]) else None
             client.anchor = {k: v[u].clone() for k, v in states.anchor.items()}
             client.anchor_items = states.anchor_items
             client.fisher = {}

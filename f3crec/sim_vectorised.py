@@ -12,6 +12,10 @@ ARM ranks T^u of all replaying clients at once, a chunk of clients at a time (me
 it does not sort the catalogue). The upload is every multi-step client's row deltas plus the one-step
 clients' summed delta, which the server adds and averages (server.py). The client-side state of all users is held stacked
 (one row per user) in `self.state`; the server object never receives it.
+
+Memory at scale: a round of more than `group_samples` samples is trained a group of clients at a time
+(their deltas summed in client order, so the aggregate is unchanged); ARM ranks ⌊rank_budget / |I|⌋
+clients at a time; nothing users × items is allocated (ŷ^{t−1} is kept at T^u only, client_state.py).
 """
 from __future__ import annotations
 
@@ -49,6 +53,22 @@ class _LocalRows:
     ewc_rows: tuple | None       # (keys, F rows, client) of stored Fisher rows (EWC only)
 
 
+class _PlanSlice:
+    """Clients lo:hi of a RoundPlan, as the plan of a group of them (their samples, their memory draws)."""
+
+    def __init__(self, plan: RoundPlan, lo: int, hi: int):
+        self.plan, self.lo = plan, lo
+        self.users = plan.users[lo:hi]
+        first, last = int(plan.offsets[lo]), int(plan.offsets[hi])
+        self.offsets = plan.offsets[lo:hi + 1] - first
+        self.step_offsets = plan.step_offsets[lo:hi + 1] - plan.step_offsets[lo]
+        self.items, self.labels = plan.items[first:last], plan.labels[first:last]
+        self.batch_size = plan.batch_size
+
+    def memory_perm(self, index: np.ndarray, step, sub: int) -> np.ndarray:
+        return self.plan.memory_perm(np.asarray(index) + self.lo, step, sub)
+
+
 def unique_keys(keys: torch.Tensor, span: int, bitmap_limit: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted unique keys, inverse) of keys in [0, span): a bitmap and a running count when the span is
     small enough, else a sort (torch.unique)."""
@@ -65,17 +85,57 @@ def unique_keys(keys: torch.Tensor, span: int, bitmap_limit: int = 1 << 25) -> t
 class VectorisedSimulator(LocalLoop):
     """Same interface as ReferenceSimulator; client state kept stacked in `state` (see ClientStates)."""
 
-    def __init__(self, server, state, rank_chunk: int = 4096, dense_limit: int = 1 << 25):
+    def __init__(self, server, state, rank_chunk: int = 4096, dense_limit: int = 1 << 25,
+                 rank_budget: int = 1 << 22, group_samples: int = 1 << 22):
         self.server = server
         self.state = state           # ClientStates: stacked client-side tensors, one row per user
         self.rank_chunk = rank_chunk  # clients ranked per call (bounds the (R, |I|) scores for 1e5 clients)
+        self.rank_budget = rank_budget  # ... and at most ⌊rank_budget / |I|⌋ of them (memory, large catalogues)
+        self.group_samples = group_samples  # clients trained together: about this many samples (see train_round)
         self.dense_limit = dense_limit  # largest A·|I| for which step 1 uses the dense score matrix
 
     # ------------------------------------------------------------------------------------------ round
     def train_round(self, plan: RoundPlan, ctx: RoundContext) -> dict:
-        """One round of every participant at once (§3, §5, §6): local steps, then the summed upload."""
+        """One round of every participant at once (§3, §5, §6): local steps, then the summed upload.
+
+        Clients are independent within a round, so on a large round they are trained a group of about
+        `group_samples` samples at a time (memory O(group), not O(round)): each group's row deltas are added
+        to one running sum in client order, which is the order one flat upload adds them in, so the
+        aggregate equals the ungrouped sparse round bit for bit (tests/f3crec/test_scale.py). A grouped round
+        takes every client through the sparse path (the dense first step is for small rounds)."""
         plan = self.plan(ctx) if plan is None else plan
-        r = self._local_rows(plan, ctx)
+        bounds = self._groups(plan, ctx)
+        if len(bounds) == 2:
+            stats, r, summed = self._train_group(plan, ctx, dense=True)
+            return {**stats, **self.server.aggregate_deltas(*self._upload(plan, ctx, r), r.n_clients, summed)}
+        q = self.server.broadcast()
+        total, stats = torch.zeros_like(q), {"D": [], "m": []}
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            part = _PlanSlice(plan, int(lo), int(hi))
+            group_stats, r, _ = self._train_group(part, ctx, dense=False)
+            total.index_add_(0, *self._upload(part, ctx, r))
+            for key in stats:
+                stats[key] += group_stats[key]
+            del r
+        empty = torch.zeros(0, dtype=torch.long, device=q.device)
+        return {**stats, **self.server.aggregate_deltas(empty, q.new_zeros(0, q.shape[1]), len(plan.users), total)}
+
+    def _groups(self, plan: RoundPlan, ctx: RoundContext) -> np.ndarray:
+        """Client boundaries [0, …, A] of groups of about `group_samples` samples plus local rows each."""
+        n_clients = len(plan.users)
+        dense_rows = ctx.n_items if ctx.ldp_scale > 0 else (ctx.n_prev_items if ctx.flags["reg"] == "emb" else 0)
+        weight = np.asarray(plan.offsets) * 2 + np.arange(n_clients + 1) * dense_rows   # samples + their rows
+        if n_clients == 0 or weight[-1] <= self.group_samples * 2:
+            return np.array([0, n_clients])
+        bounds = [0]
+        while bounds[-1] < n_clients:
+            nxt = int(np.searchsorted(weight, weight[bounds[-1]] + self.group_samples * 2, side="right")) - 1
+            bounds.append(min(max(nxt, bounds[-1] + 1), n_clients))
+        return np.array(bounds)
+
+    def _train_group(self, plan, ctx: RoundContext, dense: bool) -> tuple[dict, "_LocalRows", torch.Tensor | None]:
+        """Local steps of the plan's clients; returns (stats, their local rows, the one-step clients' summed delta)."""
+        r = self._local_rows(plan, ctx, dense)
         start = ({k: v.expand(r.n_clients, *v.shape).clone() for k, v in ctx.shared_private.items()}
                  if ctx.reset_private else {k: v[r.users].clone() for k, v in self.state.private.items()})
         stats, summed = {"D": [], "m": []}, None
@@ -91,9 +151,9 @@ class VectorisedSimulator(LocalLoop):
             start = self._sparse_step(plan, ctx, r, start, step, idx, active, count, stats)
         for k, v in start.items():
             self.state.private[k][r.users] = v
-        return {**stats, **self._upload(plan, ctx, r, summed)}
+        return stats, r, summed
 
-    def _local_rows(self, plan: RoundPlan, ctx: RoundContext) -> "_LocalRows":
+    def _local_rows(self, plan: RoundPlan, ctx: RoundContext, dense: bool = True) -> "_LocalRows":
         """Each client's local row set, flat: the rows it can change, as (client, item) keys.
 
         A client can change its sample items, T^u when it replays, every old row under emb_reg, its stored
@@ -110,7 +170,7 @@ class VectorisedSimulator(LocalLoop):
         returning = (users < ctx.n_prev_users) & (ctx.block > 0)
         replay = returning & st.has_topn[users] if ctx.flags["arm"] != "off" else torch.zeros_like(returning)
         steps_np = np.diff(plan.step_offsets)
-        dense_first = ctx.flags["reg"] is None and ctx.ldp_scale == 0 and n_clients * n_items <= self.dense_limit
+        dense_first = dense and ctx.flags["reg"] is None and ctx.ldp_scale == 0 and n_clients * n_items <= self.dense_limit
         one_shot = steps_np == 1 if dense_first else np.zeros(n_clients, dtype=bool)
         kept = ~one_shot[owner_np]
         key_parts = [owner_np[kept] * n_items + plan.items[kept]]
@@ -177,15 +237,15 @@ class VectorisedSimulator(LocalLoop):
             r.table.index_copy_(0, rows_k, part)
         return start
 
-    def _upload(self, plan: RoundPlan, ctx: RoundContext, r: "_LocalRows", summed: torch.Tensor | None) -> dict:
-        """Every client's row deltas (plus its LDP noise) in one flat upload; the server averages them."""
+    def _upload(self, plan: RoundPlan, ctx: RoundContext, r: "_LocalRows") -> tuple[torch.Tensor, torch.Tensor]:
+        """Every client's (row, delta) pairs (plus its LDP noise) as one flat upload; the server averages them."""
         q = self.server.broadcast()
         n_items, dim = q.shape
         row_item, delta = r.row_item, r.table - q.index_select(0, r.row_item)
         if ctx.ldp_scale > 0:  # every row is local under LDP: client a's rows are one contiguous (I, d) block
             noise = ldp_noise(ctx, plan.users, (n_items, dim), q.dtype).reshape(-1, dim).to(q.device)
             delta = delta + noise
-        return self.server.aggregate_deltas(row_item, delta, r.n_clients, summed)
+        return row_item, delta
 
     def _dense_first_step(self, plan, ctx, users, start, table, keys, row_owner, owner, items, labels, count,
                           live, one_shot, stats) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -248,7 +308,8 @@ class VectorisedSimulator(LocalLoop):
         items = topn.gather(1, perm)[chosen]
         logits = dense.view(-1)[owner * n_items + items]
         weight = size.to(dense.dtype).clamp(min=1)[torch.searchsorted(rep, owner)]
-        return ctx.flags["kd_weight"] * (kd_terms(logits, st.yhat[users[owner], items]) / weight).sum()
+        previous = st.yhat[users[rep]].gather(1, perm)[chosen]                       # ŷ is aligned with T^u
+        return ctx.flags["kd_weight"] * (kd_terms(logits, previous) / weight).sum()
 
     def _memory(self, plan, ctx, rep, topn, scores_of, step, sub, stats) -> tuple[torch.Tensor, torch.Tensor]:
         """(m_u, the permutation whose first m_u entries are the memory) of replaying clients `rep`;
@@ -256,9 +317,10 @@ class VectorisedSimulator(LocalLoop):
         if ctx.flags["arm"] == "full":                                               # top-N KD: m_u = N
             size = torch.full((rep.numel(),), topn.shape[1], dtype=torch.long, device=topn.device)
             return size, torch.arange(topn.shape[1], device=topn.device).expand_as(topn)
-        with torch.no_grad():
-            ranks = torch.cat([target_ranks(scores_of(rep[lo:lo + self.rank_chunk]), topn[lo:lo + self.rank_chunk])
-                               for lo in range(0, rep.numel(), self.rank_chunk)])
+        chunk = max(1, min(self.rank_chunk, self.rank_budget // max(self.server.broadcast().shape[0], 1)))
+        with torch.no_grad():   # (chunk, |I|) scores and a few same-sized temporaries at a time
+            ranks = torch.cat([target_ranks(scores_of(rep[lo:lo + chunk]), topn[lo:lo + chunk])
+                               for lo in range(0, rep.numel(), chunk)])
         discrepancy, _, size = memory_size(ranks, ctx.eps, ctx.topn)
         stats["D"] += discrepancy.tolist()
         stats["m"] += size.tolist()
@@ -278,7 +340,8 @@ class VectorisedSimulator(LocalLoop):
 
         def local_scores(chunk: torch.Tensor) -> torch.Tensor:
             scores = a[chunk] @ q.T + c[chunk, None]                                 # (R, I) broadcast rows
-            rows = torch.nonzero((keys >= chunk.min() * n_items) & (keys < (chunk.max() + 1) * n_items)).squeeze(1)
+            lo, hi = torch.searchsorted(keys, torch.stack([chunk.min() * n_items, (chunk.max() + 1) * n_items])).tolist()
+            rows = torch.arange(lo, hi, device=keys.device)                          # keys are sorted by client
             rows = rows[torch.isin(keys[rows] // n_items, chunk)]
             client = keys[rows] // n_items
             scores[torch.searchsorted(chunk, client), keys[rows] % n_items] = \
@@ -294,7 +357,8 @@ class VectorisedSimulator(LocalLoop):
         rows = local(torch.searchsorted(keys, owner * n_items + items))
         logits = (table[rows] * a[owner]).sum(-1) + c[owner]
         weight = size.to(table.dtype).clamp(min=1)[torch.searchsorted(rep, owner)]
-        return ctx.flags["kd_weight"] * (kd_terms(logits, st.yhat[users[owner], items]) / weight).sum()
+        previous = st.yhat[users[rep]].gather(1, perm)[chosen]                       # ŷ is aligned with T^u
+        return ctx.flags["kd_weight"] * (kd_terms(logits, previous) / weight).sum()
 
     def _penalty(self, ctx, users, private, table, local, row_owner, row_item, keys, live, ewc_rows):
         """emb_reg or EWC penalty (§11) of every stepping returning client, summed over clients."""
@@ -332,18 +396,12 @@ class VectorisedSimulator(LocalLoop):
     def end_block(self, ctx: RoundContext, trained: np.ndarray, fisher_plan: RoundPlan | None) -> None:
         """ŷ for every user, T^u for those who trained, anchors and Fisher, from the restored best (§8.5)."""
         st, best = self.state, self.server.broadcast()
-        yhat, topn = previous_scores(ctx.net, st.private, best, ctx.topn)
         trained_t = torch.as_tensor(trained, device=best.device)
         refresh = torch.zeros(st.num_users(), dtype=torch.bool, device=best.device)
         refresh[trained_t] = True
         refresh |= ~st.has_topn
-        if ctx.flags["target_scores"] == "latest" or st.yhat is None:
-            st.yhat = yhat
-        else:
-            old = torch.zeros_like(yhat)
-            old[: st.yhat.shape[0], : st.yhat.shape[1]] = st.yhat
-            st.yhat = torch.where(refresh[:, None], yhat, old)
-        st.topn[refresh] = topn[refresh]
+        st.topn, st.yhat = previous_scores(ctx.net, st.private, best, ctx.topn, refresh, st.topn, st.yhat,
+                                           ctx.flags["target_scores"] == "latest")
         st.has_topn |= refresh
         st.anchor_items = best.clone()
         mask = torch.zeros(st.num_users(), dtype=torch.bool, device=best.device)

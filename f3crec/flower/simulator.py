@@ -109,18 +109,16 @@ class FlowerSimulator:
         self._check(ctx.block, f"block {ctx.block} round {ctx.round}")
         uploads, stats = {}, {}
         for tensors, config in replies.values():
-            for user in config["users"]:
-                table = broadcast.clone()          # the rows a client left unchanged equal the broadcast
-                rows = tensors[f"{user}.rows"]
-                table[rows] = tensors[f"{user}.values"].to(table.dtype)
-                uploads[user], stats[user] = table, config["stats"][str(user)]
+            for user in config["users"]:          # its changed rows; the others equal the broadcast
+                uploads[user] = (tensors[f"{user}.rows"], tensors[f"{user}.values"])
+                stats[user] = config["stats"][str(user)]
         if not uploads:
             raise ConnectionError(f"block {ctx.block} round {ctx.round}: no client uploaded")
         users = sorted(uploads)
         out = {"D": [d for u in users for d in stats[u]["D"]], "m": [m for u in users for m in stats[u]["m"]]}
         if self.lost:
             out["lost_users"] = self.lost_users(ctx.block)
-        return {**out, **self.server.aggregate([uploads[u] for u in users])}
+        return {**out, **self.server.aggregate_rows([uploads[u] for u in users])}
 
     def validate(self, ctx, decimals: int | None) -> dict[str, float]:
         """Validation NDCG@20 / Recall@20 of block ctx.block from the nodes' exact sums (§8.2)."""

@@ -209,7 +209,7 @@ def test_kd_gradient_reaches_only_p_and_memory_rows(eps):
     torch.manual_seed(0)
     items = torch.randn(8, 32, dtype=torch.float64)               # item 7 is new in this block
     client = Client(0, init_private(cfg, "reference", 0, 0))
-    client.topn, client.yhat = torch.tensor([5, 1, 6]), torch.randn(7, dtype=torch.float64)
+    client.topn, client.yhat = torch.tensor([5, 1, 6]), torch.randn(3, dtype=torch.float64)   # ŷ at T^u's items
     ctx = RoundContext(block=1, round=0, n_items=8, n_prev_users=1, n_prev_items=7, lrs={},
                        flags={"arm": "adaptive", "kd_weight": 1.0, "reg": None}, net=BACKBONES["fedmf"], seed=0,
                        eps=eps, topn=3)
