@@ -292,7 +292,7 @@ def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, 
                     for k in range(size):
                         i = targets[perm[k]]
                         sig = _sigmoid(scores[i])
-                        target = _sigmoid(yhat[user, i])
+                        target = _sigmoid(yhat[user, perm[k]])  # ŷ is aligned with T^u
                         g = scale * (sig - target) / max((1.0 - sig) * sig, 1e-12) * ((1.0 - sig) * sig)
                         r = slot[i]
                         for kk in range(dim):
@@ -515,7 +515,7 @@ def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b
                         for k in range(size):
                             i = targets[perm[k]]
                             sig = _sigmoid(scores[i])
-                            target = _sigmoid(yhat[user, i])
+                            target = _sigmoid(yhat[user, perm[k]])  # ŷ is aligned with T^u
                             g = scale * (sig - target) / max((1.0 - sig) * sig, 1e-12) * ((1.0 - sig) * sig)
                             r = slot[i]
                             gc += g
