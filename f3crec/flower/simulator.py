@@ -18,6 +18,7 @@ a client's interaction, private parameter, ŷ, Tᵘ or score; this module import
 """
 from __future__ import annotations
 
+import time
 from uuid import uuid4
 
 import torch
@@ -27,6 +28,7 @@ from ..evaluate import finish, merge_sums
 from . import wire
 
 TRAIN, VALID, TEST = "train", "evaluate.valid", "evaluate.test"
+POLL = 0.02   # seconds between pulls of the replies
 
 
 class FlowerSimulator:
@@ -69,7 +71,7 @@ class FlowerSimulator:
             make = getattr(self.grid, "make_message", None)   # the in-process grid: no Flower runtime around it
             messages.append(make(content, kind, node, group) if make else Message(content, node, kind, group_id=group))
         replies = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.reply_timeout):
+        for reply in self._exchange(messages):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self.lost[node] = f"{kind}: {(reply.error.reason or '').splitlines()[0][:200]}"
@@ -80,6 +82,21 @@ class FlowerSimulator:
             node = message.metadata.dst_node_id
             if node not in replies and node not in self.lost:
                 self.lost[node] = f"{kind}: no reply within {self.reply_timeout} s"
+        return replies
+
+    def _exchange(self, messages: list[Message]) -> list[Message]:
+        """Push, then pull every POLL seconds until every reply is in or `reply_timeout` has passed (Flower's
+        own Grid.send_and_receive waits 3 s between pulls: most of a smoke round). Public Grid API only."""
+        pending = {mid for mid in self.grid.push_messages(messages) if mid}   # "": not accepted, no reply comes
+        end = None if self.reply_timeout is None else time.monotonic() + self.reply_timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {reply.metadata.reply_to_message_id for reply in got}
+            if not pending or (end is not None and time.monotonic() > end):
+                return replies
+            time.sleep(POLL)
         return replies
 
     def lost_users(self, t: int) -> int:

@@ -178,8 +178,8 @@ def test_server_side_reaches_no_client_data(tmp_path):
     cfg, flags, blocks = _setup([], tmp_path)
     sim = grow(None, _factory(cfg, flags, "flower"), cfg, blocks, 0, cfg.train.seed)
     received = []
-    send = sim.grid.send_and_receive
-    sim.grid.send_and_receive = lambda messages, timeout=None: received.extend(send(messages, timeout=timeout)) or received[-len(messages):]
+    pull = sim.grid.pull_messages
+    sim.grid.pull_messages = lambda ids: received.extend(pull(ids)) or received[-len(ids):]
     ctx = round_context(cfg, flags, blocks, 0, 0)
     sim.train_round(None, ctx)
     sim.validate(ctx, None)
@@ -198,6 +198,7 @@ def test_server_side_reaches_no_client_data(tmp_path):
         frontier.extend(gc.get_referents(obj))
     assert not any(isinstance(o, torch.Tensor) and o.dim() == 2 and o.shape[1] == cfg.backbone.dim and o.shape[0] != blocks[0].n_items
                    for o in (x for x in gc.get_referents(sim.__dict__)))   # no stacked per-user matrix is kept
+    assert len(received) >= 4 * len(sim.nodes)                             # every message's reply was seen
     for reply in received:
         tensors, config = wire.unpack(reply.content)
         assert all(k.endswith((".rows", ".values")) for k in tensors), sorted(tensors)
