@@ -6,10 +6,10 @@ config as JSON, or `config` + `overrides` (wire.config_from_run_config; app/pypr
 answered from this node's own users only (node.py).
 
 `Context.state` holds the node's whole client state (`f3crec.state`: Node.state() as bytes) and a version
-(`f3crec.meta`); within one process the live `Node` is kept and reused while its version matches the
-state's, so the in-process grid does not rebuild it for every message, while a SuperNode that starts a
-fresh ClientApp process per message rebuilds it from `Context.state` alone. torch and the node's code are
-imported at the first message, not at import (a process that only loads the app stays cheap).
+(`f3crec.meta`); within one process the live `Node` is kept and reused while its version matches the state's
+(the in-process grid, Flower's simulation runtime), while a SuperNode that starts a fresh ClientApp process
+per message rebuilds it from `Context.state` alone. Cheap to start: importing this module loads flwr and numpy
+only; torch and the node's code (node.py) come with the first message that needs the node.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from uuid import uuid4  # noqa: E402
 
 from flwr.app import ConfigRecord, Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+
+from . import wire  # noqa: E402  (flwr, numpy: no torch)
 
 app = ClientApp()
 _IMPORTED = time.perf_counter()
@@ -40,11 +42,10 @@ def _process_age() -> float:
 
 @app.lifespan()
 def _trace(context: Context):
-    """With F3CREC_FLOWER_TIMING=<file>: one JSON line per message — process age at entry, import time, the
-    node's build time and the handler's time (where a message's seconds go, README)."""
+    """With F3CREC_FLOWER_TIMING=<file>: one JSON line per message — process age at entry, this module's
+    import time, the node's build time and the handler's time (where a message's seconds go, README)."""
     path = os.environ.get("F3CREC_FLOWER_TIMING")
-    entered, age = time.perf_counter(), _process_age()
-    _BUILD[0] = 0.0
+    entered, age, _BUILD[0] = time.perf_counter(), _process_age(), 0.0
     yield
     if path:
         import json
@@ -56,16 +57,14 @@ def _trace(context: Context):
 
 def _node(context: Context):
     """The node's live state: the cached Node while its version matches Context.state's, else rebuilt."""
-    from . import wire
-    from .node import Node
     meta = context.state.get("f3crec.meta")
     if meta is None:   # first message of this run: a fresh node, tagged so a cache of another run never matches
         meta = context.state["f3crec.meta"] = ConfigRecord({"incarnation": uuid4().hex, "version": 0})
     tag, key = (str(meta["incarnation"]), int(meta["version"])), (context.run_id, context.node_id)
-    live = _LIVE.get(key)
-    if live is not None and live[0] == tag:
-        return live[1]
+    if key in _LIVE and _LIVE[key][0] == tag:
+        return _LIVE[key][1]
     started = time.perf_counter()
+    from .node import Node   # torch and the F3CRec core: at the first message, not at import
     node = Node(wire.config_from_run_config(context.run_config), int(context.node_config["partition-id"]),
                 int(context.node_config["num-partitions"]))
     if "f3crec.state" in context.state:
@@ -77,7 +76,6 @@ def _node(context: Context):
 
 def _store(context: Context, node) -> None:
     """Write the node's state into Context.state (a new version) after every change."""
-    from . import wire
     meta = context.state["f3crec.meta"]
     tag = (str(meta["incarnation"]), int(meta["version"]) + 1)
     context.state["f3crec.state"] = ConfigRecord({"torch": wire.dump(node.state())})
@@ -92,11 +90,40 @@ def _checkpoint(context: Context, node, run_key: str) -> Path:
     return root / run_key / f"node-{node.partition}-of-{node.num_partitions}.pt"
 
 
+def _train(node, tensors, config, context):
+    """One round: the node's participants train on the broadcast; the reply is their uploads only."""
+    out, stats = {}, {}
+    for user, (rows, values, user_stats) in node.train(int(config["block"]), int(config["round"]), tensors["items"]).items():
+        out[f"{user}.rows"], out[f"{user}.values"], stats[str(user)] = rows, values, user_stats
+    return out, {"users": sorted(int(u) for u in stats), "stats": stats}
+
+
+def _users(tensors) -> list[int]:
+    return [int(u) for u in tensors.pop("users")]
+
+
+# message type -> (operation(node, tensors, config, context) -> (tensors, config) of the reply, whether it changes
+# the node's state). The state-changing calls return None, so `(call, reply)` is the reply with no tensors.
+OPERATIONS = {
+    "query.describe": (lambda node, x, c, ctx: (None, node.describe()), False),
+    "query.grow": (lambda node, x, c, ctx: (node.grow(_users(x), x), {"users": len(node.clients)}), True),
+    "query.set_rows": (lambda node, x, c, ctx: (node.set_rows(_users(x), x), {}), True),
+    "query.end_block": (lambda node, x, c, ctx: (node.finish_block(int(c["block"]), x["items"]), {}), True),
+    "query.slot": (lambda node, x, c, ctx: (getattr(node, f"{c['op']}_slot")(c["name"]), {}), True),
+    # block-boundary checkpoint of this node's users, kept on the node (the server never receives it)
+    "query.save": (lambda node, x, c, ctx: (node.save(_checkpoint(ctx, node, c["run_key"]), int(c["block"])), {}), False),
+    "query.restore": (lambda node, x, c, ctx: (node.restore(_checkpoint(ctx, node, c["run_key"]), int(c["block"])),
+                                               {"users": len(node.clients)}), True),
+    "train": (_train, True),
+    "evaluate.valid": (lambda node, x, c, ctx: (None, {"sums": wire.sums_to_json(node.validate_sums(int(c["block"]), x["items"]))}),
+                       False),
+    "evaluate.test": (lambda node, x, c, ctx: (None, {"row": [wire.sums_to_json(s) for s in node.test_sums(
+        int(c["block"]), x["items"], c["old_block_mask"])]}), False),
+}
+
+
 def _serve(operation, changes_state: bool):
-    """A handler: unpack the message, run `operation(node, tensors, config, context)` -> (tensors, config) of
-    the reply, store the node's state when the operation changes it."""
     def handler(message: Message, context: Context) -> Message:
-        from . import wire
         tensors, config = wire.unpack(message.content)
         node = _node(context)
         out, reply = operation(node, tensors, config, context)
@@ -106,67 +133,6 @@ def _serve(operation, changes_state: bool):
     return handler
 
 
-def _train(node, tensors, config, context):
-    """One round: the node's participants train on the broadcast; the reply is their uploads only."""
-    results = node.train(int(config["block"]), int(config["round"]), tensors["items"])
-    out, stats = {}, {}
-    for user, (rows, values, user_stats) in results.items():
-        out[f"{user}.rows"], out[f"{user}.values"] = rows, values
-        stats[str(user)] = user_stats
-    return out, {"users": sorted(results), "stats": stats}
-
-
-def _sums(sums):
-    from .wire import sums_to_json
-    return sums_to_json(sums)
-
-
-def _grow(node, tensors, config, context):
-    """New users of this node with their initial Φ (public-seed values, §8.1)."""
-    node.grow([int(u) for u in tensors.pop("users")], tensors)
-    return None, {"users": len(node.clients.clients)}
-
-
-def _set_rows(node, tensors, config, context):
-    node.set_rows([int(u) for u in tensors.pop("users")], tensors)
-    return None, {}
-
-
-def _end_block(node, tensors, config, context):
-    node.end_block(int(config["block"]), tensors["items"])
-    return None, {}
-
-
-def _slot(node, tensors, config, context):
-    (node.save_slot if config["op"] == "save" else node.load_slot)(config["name"])
-    return None, {}
-
-
-def _save(node, tensors, config, context):
-    """Block-boundary checkpoint of this node's users, kept on the node (the server never receives it)."""
-    node.save(_checkpoint(context, node, config["run_key"]), int(config["block"]))
-    return None, {}
-
-
-def _restore(node, tensors, config, context):
-    node.restore(_checkpoint(context, node, config["run_key"]), int(config["block"]))
-    return None, {"users": len(node.clients.clients)}
-
-
-def _valid(node, tensors, config, context):
-    return None, {"sums": _sums(node.validate(int(config["block"]), tensors["items"]))}
-
-
-def _test(node, tensors, config, context):
-    row = node.test(int(config["block"]), tensors["items"], config["old_block_mask"])
-    return None, {"row": [_sums(sums) for sums in row]}
-
-
-for _name, _operation, _changes in [("describe", lambda node, *_: (None, node.describe()), False),
-                                    ("grow", _grow, True), ("set_rows", _set_rows, True),
-                                    ("end_block", _end_block, True), ("slot", _slot, True),
-                                    ("save", _save, False), ("restore", _restore, True)]:
-    app.query(_name)(_serve(_operation, _changes))
-app.train()(_serve(_train, True))
-app.evaluate("valid")(_serve(_valid, False))
-app.evaluate("test")(_serve(_test, False))
+for _kind, (_operation, _changes) in OPERATIONS.items():
+    _family, _, _action = _kind.partition(".")
+    getattr(app, _family)(*[_action] if _action else [])(_serve(_operation, _changes))

@@ -22,7 +22,7 @@ from f3crec.evaluate import (eval_masks, evaluate, finish, merge_sums, metric_su
 from f3crec.flower import client_app, wire  # noqa: E402
 from f3crec.flower.grid import local_grid  # noqa: E402
 from f3crec.flower.launch import using_grid  # noqa: E402
-from f3crec.flower.node import Node, NodeClients  # noqa: E402
+from f3crec.flower.node import Node  # noqa: E402
 from f3crec.flower.simulator import FlowerSimulator  # noqa: E402
 from f3crec.model import BACKBONES  # noqa: E402
 from f3crec.round import PlanMaker, plan_inputs  # noqa: E402
@@ -194,7 +194,7 @@ def test_server_side_reaches_no_client_data(tmp_path):
             continue
         seen.add(id(obj))
         assert id(obj) not in client_tensors
-        assert not isinstance(obj, (Client, Node, NodeClients, flwr.app.Context, np.ndarray)), type(obj).__name__
+        assert not isinstance(obj, (Client, Node, flwr.app.Context, np.ndarray)), type(obj).__name__
         frontier.extend(gc.get_referents(obj))
     assert not any(isinstance(o, torch.Tensor) and o.dim() == 2 and o.shape[1] == cfg.backbone.dim and o.shape[0] != blocks[0].n_items
                    for o in (x for x in gc.get_referents(sim.__dict__)))   # no stacked per-user matrix is kept
