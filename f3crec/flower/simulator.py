@@ -40,9 +40,9 @@ class FlowerSimulator:
         self.min_reply_fraction, self.reply_timeout = min_reply_fraction, reply_timeout
         self.run_key = run_key or uuid4().hex          # names the nodes' own checkpoints of this run
         self.lost: dict[int, str] = {}                   # node id -> why it was lost
-        self.n_users, self.block, self.messages = 0, -1, 0
+        self.n_users, self.block = 0, -1
         self.nodes: dict[int, dict] = {}                 # node id -> its public description (counts only)
-        for node, (_, info) in self._ask("query.describe", {n: {} for n in self._live()}, "describe").items():
+        for node, (_, info) in self._ask("query.describe", "describe", {}).items():
             self.nodes[node] = info
         if not self.nodes:
             raise ConnectionError("no Flower node answered: start the SuperNodes (or give the grid nodes)")
@@ -59,10 +59,12 @@ class FlowerSimulator:
         known = self.nodes or self.grid.get_node_ids()
         return [n for n in sorted(known) if n not in self.lost]
 
-    def _ask(self, kind: str, bodies: dict[int, dict], group: str) -> dict[int, tuple[dict, dict]]:
-        """Send each live node its body ({'tensors': ..., **config}); (tensors, config) of every good reply.
-        Nodes that answer with an error or not at all are lost (§14 fault rule)."""
-        messages = []
+    def _ask(self, kind: str, group: str, body: dict | None = None, *, bodies: dict[int, dict] | None = None,
+             check: tuple[int, str] | None = None) -> dict[int, tuple[dict, dict]]:
+        """Send every live node `body` (or each node its entry of `bodies`), {'tensors': ..., **config}; (tensors,
+        config) of every good reply. Nodes that answer with an error or not at all are lost (§14 fault rule);
+        with `check` = (block, where) the run stops if too few users' nodes answered."""
+        bodies, messages = bodies if bodies is not None else {n: body for n in self._live()}, []
         for node, body in bodies.items():
             if node in self.lost:
                 continue
@@ -77,11 +79,12 @@ class FlowerSimulator:
                 self.lost[node] = f"{kind}: {(reply.error.reason or '').splitlines()[0][:200]}"
             else:
                 replies[node] = wire.unpack(reply.content)
-        self.messages += len(messages)
         for message in messages:
             node = message.metadata.dst_node_id
             if node not in replies and node not in self.lost:
                 self.lost[node] = f"{kind}: no reply within {self.reply_timeout} s"
+        if check is not None:
+            self._check(*check)
         return replies
 
     def _exchange(self, messages: list[Message]) -> list[Message]:
@@ -112,9 +115,6 @@ class FlowerSimulator:
                                   f"federation.min_reply_fraction={self.min_reply_fraction} ({why}); the last "
                                   "block-boundary checkpoint is kept: restart the nodes and resume with --resume")
 
-    def _all(self, body: dict) -> dict[int, dict]:
-        return {n: body for n in self._live()}
-
     # ------------------------------------------------------------------------------------------ round
     def train_round(self, plan, ctx) -> dict:
         """One round: broadcast Q, every node trains its participants, mean of the uploads by user id."""
@@ -122,8 +122,7 @@ class FlowerSimulator:
             raise ValueError("FlowerSimulator: clients draw their own plans (train_round(None, ctx))")
         broadcast = self.server.broadcast()
         body = {"tensors": {"items": broadcast}, "block": ctx.block, "round": ctx.round}
-        replies = self._ask(TRAIN, self._all(body), f"{ctx.block}.{ctx.round}")
-        self._check(ctx.block, f"block {ctx.block} round {ctx.round}")
+        replies = self._ask(TRAIN, f"{ctx.block}.{ctx.round}", body, check=(ctx.block, f"block {ctx.block} round {ctx.round}"))
         uploads, stats = {}, {}
         for tensors, config in replies.values():
             for user in config["users"]:
@@ -142,15 +141,14 @@ class FlowerSimulator:
     def validate(self, ctx, decimals: int | None) -> dict[str, float]:
         """Validation NDCG@20 / Recall@20 of block ctx.block from the nodes' exact sums (§8.2)."""
         body = {"tensors": {"items": self.server.broadcast()}, "block": ctx.block}
-        replies = self._ask(VALID, self._all(body), f"{ctx.block}.{ctx.round}.valid")
-        self._check(ctx.block, f"block {ctx.block} round {ctx.round} validation")
+        replies = self._ask(VALID, f"{ctx.block}.{ctx.round}.valid", body,
+                            check=(ctx.block, f"block {ctx.block} round {ctx.round} validation"))
         return finish(merge_sums([wire.sums_from_json(config["sums"]) for _, config in replies.values()]), decimals)
 
     def test_row(self, t: int, old_block_mask: str, decimals: int | None) -> list[dict[str, float]]:
         """a_{t,i}, i = 0..t, from the nodes' exact sums (§10)."""
         body = {"tensors": {"items": self.server.broadcast()}, "block": t, "old_block_mask": old_block_mask}
-        replies = self._ask(TEST, self._all(body), f"{t}.test")
-        self._check(t, f"block {t} test")
+        replies = self._ask(TEST, f"{t}.test", body, check=(t, f"block {t} test"))
         rows = [[wire.sums_from_json(sums) for sums in config["row"]] for _, config in replies.values()]
         return [finish(merge_sums([row[i] for row in rows]), decimals) for i in range(t + 1)]
 
@@ -162,19 +160,18 @@ class FlowerSimulator:
         """Each node builds ŷ, Tᵘ, anchors (and the Fisher) of its users from the best table (§8.5);
         `trained` and `fisher_plan` are the in-process simulators' inputs: nodes know their own."""
         body = {"tensors": {"items": self.server.broadcast()}, "block": ctx.block}
-        self._ask("query.end_block", self._all(body), f"{ctx.block}.end")
-        self._check(ctx.block, f"block {ctx.block} end")
+        self._ask("query.end_block", f"{ctx.block}.end", body, check=(ctx.block, f"block {ctx.block} end"))
         self.server.end_block()
         self.block = ctx.block
 
     # ------------------------------------------------------------------------------------------ state
     def save_slot(self, name: str) -> None:
         self.server.save_slot(name)
-        self._ask("query.slot", self._all({"op": "save", "name": name}), f"slot.{name}")
+        self._ask("query.slot", f"slot.{name}", {"op": "save", "name": name})
 
     def load_slot(self, name: str) -> None:
         self.server.load_slot(name)
-        self._ask("query.slot", self._all({"op": "load", "name": name}), f"slot.{name}")
+        self._ask("query.slot", f"slot.{name}", {"op": "load", "name": name})
 
     def _rows_by_node(self, first: int, private: dict[str, torch.Tensor]) -> dict[int, dict]:
         """Initial Φ rows of users first.. for their nodes (public-seed values: no trained state)."""
@@ -182,7 +179,7 @@ class FlowerSimulator:
         users = torch.arange(first, first + count)
         bodies = {}
         for partition, node in self.node_of.items():
-            mine = torch.nonzero(users % self.num_partitions == partition).squeeze(1)
+            mine = torch.nonzero(wire.owner(users, self.num_partitions) == partition).squeeze(1)
             bodies[node] = {"tensors": {"users": users[mine], **{k: v[mine] for k, v in private.items()}}}
         return bodies
 
@@ -190,20 +187,20 @@ class FlowerSimulator:
         """Users n..n+k−1 join: each node creates its own with their initial Φ (§8.1)."""
         if new_private is None:
             return
-        self._ask("query.grow", self._rows_by_node(self.n_users, new_private), "grow")
+        self._ask("query.grow", "grow", bodies=self._rows_by_node(self.n_users, new_private))
         self.n_users += next(iter(new_private.values())).shape[0]
 
     def set_private(self, private: dict[str, torch.Tensor]) -> None:
         """full_retrain's restart: every user's Φ re-drawn from the public seed."""
-        self._ask("query.set_rows", self._rows_by_node(0, private), "restart")
+        self._ask("query.set_rows", "restart", bodies=self._rows_by_node(0, private))
 
     def topn_lists(self):
         raise RuntimeError("the Flower server holds no Tᵘ: nodes build their own plans")
 
     def state_dict(self) -> dict:
         """The server's part of a block-boundary checkpoint; each node saves its users' state itself."""
-        self._ask("query.save", self._all({"run_key": self.run_key, "block": self.block}), "save")
-        self._check(max(self.block, 0), f"block {self.block} checkpoint")
+        self._ask("query.save", "save", {"run_key": self.run_key, "block": self.block},
+                  check=(max(self.block, 0), f"block {self.block} checkpoint"))
         return {"federated": True, "server": self.server.state_dict(), "run_key": self.run_key,
                 "n_users": self.n_users, "block": self.block, "num_partitions": self.num_partitions}
 
@@ -213,7 +210,7 @@ class FlowerSimulator:
                              f"{self.num_partitions} are running: start the same number to resume")
         self.server.load_state_dict(state["server"])
         self.n_users, self.block = state["n_users"], state["block"]
-        replies = self._ask("query.restore", self._all({"run_key": self.run_key, "block": self.block}), "restore")
+        replies = self._ask("query.restore", "restore", {"run_key": self.run_key, "block": self.block})
         if self.lost:
             raise ConnectionError("resume: " + "; ".join(f"node {n}: {r}" for n, r in sorted(self.lost.items())))
         restored = sum(config["users"] for _, config in replies.values())

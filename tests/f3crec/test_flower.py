@@ -20,8 +20,7 @@ import f3crec.evaluate as ev  # noqa: E402
 from f3crec.evaluate import (eval_masks, evaluate, finish, merge_sums, metric_sums, oracle_scores,  # noqa: E402
                              user_scores)
 from f3crec.flower import client_app, wire  # noqa: E402
-from f3crec.flower.grid import local_grid  # noqa: E402
-from f3crec.flower.launch import using_grid  # noqa: E402
+from f3crec.flower.launch import local_grid, using_grid  # noqa: E402
 from f3crec.flower.node import Node  # noqa: E402
 from f3crec.flower.simulator import FlowerSimulator  # noqa: E402
 from f3crec.model import BACKBONES  # noqa: E402
