@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import time
 
-_IMPORT_STARTED = time.perf_counter()
+_IMPORT_STARTED = time.perf_counter(), time.process_time()
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from uuid import uuid4  # noqa: E402
 
@@ -26,9 +27,16 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from . import wire  # noqa: E402  (flwr, numpy: no torch)
 
 app = ClientApp()
-_IMPORTED = time.perf_counter()
+_PHASES: dict = {"app_import": (time.perf_counter() - _IMPORT_STARTED[0], time.process_time() - _IMPORT_STARTED[1])}
 _LIVE: dict = {}       # (run, node) -> ((incarnation, version), Node)
-_BUILD = [0.0]
+
+
+@contextmanager
+def _phase(name: str):
+    """Wall and CPU seconds of one phase of this message, for the timing trace."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    _PHASES[name] = (time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def _process_age() -> float:
@@ -42,17 +50,19 @@ def _process_age() -> float:
 
 @app.lifespan()
 def _trace(context: Context):
-    """With F3CREC_FLOWER_TIMING=<file>: one JSON line per message — process age at entry, this module's
-    import time, the node's build time and the handler's time (where a message's seconds go, README)."""
-    path = os.environ.get("F3CREC_FLOWER_TIMING")
-    entered, age, _BUILD[0] = time.perf_counter(), _process_age(), 0.0
-    yield
+    """With F3CREC_FLOWER_TIMING=<file>: one JSON line per message, (wall, CPU) seconds — the process's age and
+    CPU when the app is entered (its start, Flower's runtime, pulling the message, this module's import), this
+    module's import, the core's import (torch), the node's build and the whole handler (bench.py, README)."""
+    path, times = os.environ.get("F3CREC_FLOWER_TIMING"), os.times()
+    entry = (_process_age(), times.user + times.system)
+    with _phase("handler"):
+        yield
     if path:
         import json
         with open(path, "a") as handle:
-            handle.write(json.dumps({"node": context.node_id, "pid": os.getpid(), "age_at_entry": round(age, 3),
-                                     "imports": round(_IMPORTED - _IMPORT_STARTED, 3), "node_build": round(_BUILD[0], 3),
-                                     "handler": round(time.perf_counter() - entered, 3)}) + "\n")
+            handle.write(json.dumps({"node": context.node_id, "pid": os.getpid(), "at_entry": entry, **_PHASES}) + "\n")
+    for name in ("core_import", "node_build"):
+        _PHASES.pop(name, None)
 
 
 def _node(context: Context):
@@ -63,14 +73,13 @@ def _node(context: Context):
     tag, key = (str(meta["incarnation"]), int(meta["version"])), (context.run_id, context.node_id)
     if key in _LIVE and _LIVE[key][0] == tag:
         return _LIVE[key][1]
-    started = time.perf_counter()
-    from .node import Node   # torch and the F3CRec core: at the first message, not at import
-    node = Node(wire.config_from_run_config(context.run_config), int(context.node_config["partition-id"]),
-                int(context.node_config["num-partitions"]))
-    if "f3crec.state" in context.state:
-        node.load_state(wire.load(context.state["f3crec.state"]["torch"]))
+    from .node import Node
+    with _phase("node_build"):
+        node = Node(wire.config_from_run_config(context.run_config), int(context.node_config["partition-id"]),
+                    int(context.node_config["num-partitions"]))
+        if "f3crec.state" in context.state:
+            node.load_state(wire.load(context.state["f3crec.state"]["torch"]))
     _LIVE[key] = (tag, node)
-    _BUILD[0] += time.perf_counter() - started
     return node
 
 
@@ -124,6 +133,8 @@ OPERATIONS = {
 
 def _serve(operation, changes_state: bool):
     def handler(message: Message, context: Context) -> Message:
+        with _phase("core_import"):
+            from . import node  # noqa: F401  torch and the F3CRec core: at the first message, not at import
         tensors, config = wire.unpack(message.content)
         node = _node(context)
         out, reply = operation(node, tensors, config, context)
