@@ -1,15 +1,11 @@
-"""The ClientApp (§14): one node of users per SuperNode, its state in `Context.state`.
+"""The ClientApp (§14): one node of users per SuperNode (node.py), its state in `Context.state`.
 
-Node config: `partition-id`, `num-partitions` (user u lives on partition u mod num-partitions) and optional
-`state-dir` (where this node keeps its block-boundary checkpoints). Run config: `f3crec-config`, the run's
-config as JSON, or `config` + `overrides` (wire.config_from_run_config; app/pyproject.toml). Every message is
-answered from this node's own users only (node.py).
-
-`Context.state` holds the node's whole client state (`f3crec.state`: Node.state() as bytes) and a version
-(`f3crec.meta`); within one process the live `Node` is kept and reused while its version matches the state's
-(the in-process grid, Flower's simulation runtime), while a SuperNode that starts a fresh ClientApp process
-per message rebuilds it from `Context.state` alone. Cheap to start: importing this module loads flwr and numpy
-only; torch and the node's code (node.py) come with the first message that needs the node.
+Node config: `partition-id`, `num-partitions` (user u lives on partition u mod num-partitions), optional
+`state-dir` (its block-boundary checkpoints). Run config: wire.config_from_run_config (app/pyproject.toml).
+`Context.state` holds the node's client state (`f3crec.state`, Node.state() as bytes) and its version
+(`f3crec.meta`), per run (run ids are unique): a process keeps its live `Node` while the versions match (the in-process grid, Flower's
+simulation runtime); a SuperNode's fresh ClientApp process per message rebuilds it from `Context.state`.
+Importing this module loads flwr and numpy only; torch and the core come with the first message.
 """
 from __future__ import annotations
 
@@ -19,7 +15,6 @@ import time
 _IMPORT_STARTED = time.perf_counter(), time.process_time()
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
-from uuid import uuid4  # noqa: E402
 
 from flwr.app import ConfigRecord, Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
@@ -28,7 +23,7 @@ from . import wire  # noqa: E402  (flwr, numpy: no torch)
 
 app = ClientApp()
 _PHASES: dict = {"app_import": (time.perf_counter() - _IMPORT_STARTED[0], time.process_time() - _IMPORT_STARTED[1])}
-_LIVE: dict = {}       # (run, node) -> ((incarnation, version), Node)
+_LIVE: dict = {}       # (run, node) -> (version, Node)
 
 
 @contextmanager
@@ -65,13 +60,23 @@ def _trace(context: Context):
         _PHASES.pop(name, None)
 
 
+def _journal(context: Context) -> Path | None:
+    """The node-local copy of this run's state (with `state-dir`): Flower 1.40-1.42 push a ClientApp's context
+    back only at its process's exit, after its reply (and, with runtime dependency installation, after removing
+    the runtime environment), so the next message's process may be handed the previous context (README)."""
+    folder = context.node_config.get("state-dir")
+    return Path(str(folder)) / "live" / f"run-{context.run_id}-node-{context.node_id}.pt" if folder else None
+
+
 def _node(context: Context):
-    """The node's live state: the cached Node while its version matches Context.state's, else rebuilt."""
-    meta = context.state.get("f3crec.meta")
-    if meta is None:   # first message of this run: a fresh node, tagged so a cache of another run never matches
-        meta = context.state["f3crec.meta"] = ConfigRecord({"incarnation": uuid4().hex, "version": 0})
-    tag, key = (str(meta["incarnation"]), int(meta["version"])), (context.run_id, context.node_id)
-    if key in _LIVE and _LIVE[key][0] == tag:
+    """The node's live state: the cached Node while its version matches Context.state's, else rebuilt (from the
+    node-local journal where Context.state is behind it)."""
+    version, key, journal = int(context.state.get("f3crec.meta", {}).get("version", 0)), (context.run_id, context.node_id), _journal(context)
+    if journal is not None and journal.exists() and (saved := wire.load(journal.read_bytes()))["version"] > version:
+        version = saved["version"]
+        context.state["f3crec.state"] = ConfigRecord({"torch": saved["state"]})
+        context.state["f3crec.meta"] = ConfigRecord({"version": version})
+    if key in _LIVE and _LIVE[key][0] == version:
         return _LIVE[key][1]
     from .node import Node
     with _phase("node_build"):
@@ -79,17 +84,21 @@ def _node(context: Context):
                     int(context.node_config["num-partitions"]))
         if "f3crec.state" in context.state:
             node.load_state(wire.load(context.state["f3crec.state"]["torch"]))
-    _LIVE[key] = (tag, node)
+    _LIVE[key] = (version, node)
     return node
 
 
 def _store(context: Context, node) -> None:
-    """Write the node's state into Context.state (a new version) after every change."""
-    meta = context.state["f3crec.meta"]
-    tag = (str(meta["incarnation"]), int(meta["version"]) + 1)
-    context.state["f3crec.state"] = ConfigRecord({"torch": wire.dump(node.state())})
-    context.state["f3crec.meta"] = ConfigRecord({"incarnation": tag[0], "version": tag[1]})
-    _LIVE[(context.run_id, context.node_id)] = (tag, node)
+    """Write the node's state into Context.state (a new version), and the node-local journal, after every change."""
+    from common.io import atomic_write
+    version, state = int(context.state.get("f3crec.meta", {}).get("version", 0)) + 1, wire.dump(node.state())
+    context.state["f3crec.state"] = ConfigRecord({"torch": state})
+    context.state["f3crec.meta"] = ConfigRecord({"version": version})
+    _LIVE[(context.run_id, context.node_id)] = (version, node)
+    if (journal := _journal(context)) is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(journal, "wb") as handle:
+            handle.write(wire.dump({"version": version, "state": state}))
 
 
 def _checkpoint(context: Context, node, run_key: str) -> Path:

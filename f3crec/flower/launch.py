@@ -35,6 +35,7 @@ class LocalGrid(Grid):
 
     def __init__(self, apps: dict[int, ClientAppLike], contexts: dict[int, Context], timeout: float | None = None):
         self.apps, self.contexts, self.timeout = apps, contexts, timeout
+        self.run_id = next(iter(contexts.values())).run_id if contexts else 0
         self._run, self._replies = None, {}
 
     def set_run(self, run) -> None:
@@ -47,7 +48,7 @@ class LocalGrid(Grid):
     def make_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                      ttl: float | None = None) -> Message:
         return Message(content, metadata=Metadata(
-            run_id=1, message_id=uuid4().hex, src_node_id=0, dst_node_id=dst_node_id, reply_to_message_id="",
+            run_id=self.run_id, message_id=uuid4().hex, src_node_id=0, dst_node_id=dst_node_id, reply_to_message_id="",
             group_id=group_id, created_at=time.time(), ttl=ttl or DEFAULT_TTL, message_type=message_type))
 
     create_message = make_message
@@ -84,12 +85,12 @@ def local_grid(app: ClientAppLike, config_json: str, nodes: int, node_state_dir:
                apps: dict[int, ClientAppLike] | None = None) -> LocalGrid:
     """`nodes` nodes running `app` (or `apps[partition]` where given, e.g. a faulty node in a test), with the
     config's federation.reply_timeout as the grid's deadline."""
-    contexts, by_node = {}, {}
+    contexts, by_node, run_id = {}, {}, uuid4().int >> 65   # a run id of its own, as Flower gives every run
     for partition in range(nodes):
         node_config = {"partition-id": partition, "num-partitions": nodes}
         if node_state_dir:
             node_config["state-dir"] = node_state_dir
-        contexts[1000 + partition] = Context(run_id=1, node_id=1000 + partition, node_config=node_config,
+        contexts[1000 + partition] = Context(run_id=run_id, node_id=1000 + partition, node_config=node_config,
                                              state=RecordDict(), run_config={"f3crec-config": config_json})
         by_node[1000 + partition] = (apps or {}).get(partition, app)
     return LocalGrid(by_node, contexts, json.loads(config_json).get("federation", {}).get("reply_timeout"))

@@ -1,15 +1,11 @@
 """The client side of one Flower node (§14): a shard of users, their own data and their private state.
 
-A node hosts the users u with u mod num_partitions = partition (one node = one device or one silo). It
-loads the block files itself and keeps only its own users' interactions. `Node` is the reference simulator
-(`ReferenceSimulator` with the core's round interface, local_loop.py) over this node's users and blocks: the
-round plan, the local step, the end of a block (train.end_block: ŷ, Tᵘ, anchors, EWC's Fisher) and the
-evaluation sums (evaluate.oracle_sums) are the core's code, §13. Its logic uses no flwr: `client_app.py`
-turns messages into these calls and the state into `Context.state` records.
-
-Invariant: every value a node sends is an upload (the rows of its users' local tables that differ from the
-broadcast), an exact metric sum with its count, a per-user D_u/m_u statistic or a count. Interactions,
-Φ_u, ŷ, Tᵘ and scores stay here.
+A node hosts the users u with u mod num_partitions = partition (one device or one silo) and loads the block
+files itself, keeping only its users' interactions. `Node` is the reference simulator over those users and
+blocks: the round plan (local_loop.py), the local step and block end (sim_reference.py) and the exact metric
+sums (evaluate.oracle_sums) are the core's code (§13). No flwr here: client_app.py turns messages into these
+calls. Invariant: a node sends only uploads (the rows of its users' local tables that differ from the
+broadcast), exact metric sums with counts, per-user D_u/m_u and counts; Φ_u, ŷ, Tᵘ and scores stay here.
 """
 from __future__ import annotations
 

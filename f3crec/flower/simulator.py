@@ -1,20 +1,12 @@
-"""The server side of F3CRec on Flower (§14): `FlowerSimulator` has the interface train.py drives (train_round,
-save_slot/load_slot, end_block, grow, checkpoints) and reaches clients only through a Flower `Grid`.
-
-It holds the public item table and its slots (a `Server`, server.py), the public block sizes, and per node
-only counts. Aggregation is server.py's unweighted mean over the uploads sorted by user id (Flower's FedAvg
-weights by example count and sums in reply order, so its aggregate is not used). Evaluation is federated:
-nodes report exact per-metric sums and counts (evaluate.metric_sums), merged and rounded once here.
-
-Fault rule: a node whose reply is an error or does not arrive within `federation.reply_timeout` is lost
-for the rest of the run (its clients' state may be behind); its users are logged as `lost_users` in every
-round record from then on, and aggregation, validation and test rows use the users that replied. When the
-users of live nodes fall below `federation.min_reply_fraction` of the block's participants, the run stops
-with one line (ConnectionError); the last block-boundary checkpoint stays valid and `--resume` restores
-every node from its own checkpoint.
-
-Invariant (tests/f3crec/test_flower.py): nothing reachable from a FlowerSimulator but through its grid is
-a client's interaction, private parameter, ŷ, Tᵘ or score; this module imports no client-side module.
+"""The server side of F3CRec on Flower (§14): `FlowerSimulator` answers the block loop's calls on a simulator
+(train_round, validate, test_row, slots, end_block, grow, checkpoints) by asking its nodes through a Flower
+`Grid`. It holds the public item table and its slots (server.py's `Server`: the unweighted mean of the uploads
+sorted by user id, not Flower's example-weighted FedAvg), the public block sizes and per node only counts;
+nodes report exact metric sums, merged and rounded once here. Fault rule (README, "Faults"): a node whose reply
+is an error or misses `federation.reply_timeout` is lost for the run, its users counted in `lost_users`; below
+`federation.min_reply_fraction` of the block's users the run stops in one line, resumable from the last
+block-boundary checkpoint. Invariant (tests/f3crec/test_flower.py): nothing reachable from a FlowerSimulator
+but through its grid is a client's interaction, private parameter, ŷ, Tᵘ or score; no client-side import.
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def content(tensor_values: dict | None = None, **config) -> RecordDict:
     return RecordDict({"arrays": arrays(tensor_values or {}), "config": ConfigRecord({"json": json.dumps(config)})})
 
 
-def unpack(body: RecordDict) -> tuple[dict[str, torch.Tensor], dict]:
+def unpack(body: RecordDict) -> tuple[dict, dict]:
     return tensors(body["arrays"]), json.loads(body["config"]["json"])
 
 

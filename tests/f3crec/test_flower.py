@@ -287,3 +287,34 @@ def test_a_resume_runs_the_saved_config_on_server_and_nodes(tmp_path):
     assert (cfg.federation.rounds, cfg.train.seed, cfg.federation.simulator) == (2, 7, "flower")
     with pytest.raises(ConfigError, match="no overrides"):
         wire.config_from_run_config({"resume": True, "run-dir": str(tmp_path), "overrides": "train.seed=8"})
+
+
+def test_a_stale_context_is_caught_up_from_the_node_local_journal(tmp_path):
+    """Flower 1.40-1.42 push a ClientApp's context back at its process's exit, after its reply, so the next
+    message may be handed the context from before the previous one. Here every message gets a fresh process (no
+    live node) and exactly that stale context; the node catches up from its journal in `state-dir` and the run
+    equals the in-process grid's, record for record."""
+    from f3crec.main import run
+    overrides = ["federation.simulator=flower", "federation.nodes=2", "federation.rounds=2", "train.stop_after_block=1"]
+    cfg = load_config(Config, SMOKE, [*overrides, f"federation.node_state_dir={tmp_path / 'nodes-0'}"])
+    previous, stale = {}, []
+
+    def behind(message, context):
+        client_app._LIVE.clear()
+        now = dict(context.state.items())
+        if context.node_id in previous:
+            stale.append(dict(context.state.items()) != previous[context.node_id])
+            for key in list(context.state.keys()):
+                del context.state[key]
+            for key, value in previous[context.node_id].items():
+                context.state[key] = value
+        previous[context.node_id] = now
+        return client_app.app(message, context)
+
+    with using_grid(local_grid(behind, wire.config_to_json(cfg), 2, str(tmp_path / "nodes-1"))):
+        lagged = run(cfg, tmp_path / "lagged")
+    assert any(stale)                                                   # contexts really were handed over stale
+    assert lagged["summary"] == run(cfg, tmp_path / "grid")["summary"]
+    records = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("lagged", "grid")]
+    assert records[0] == records[1]
