@@ -20,7 +20,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.cli import USER_ERRORS
+from common.cli import USER_ERRORS, describe_error
 from common.io import atomic_write
 
 from . import wire
@@ -61,9 +61,7 @@ def main(grid: Grid, context: Context) -> None:
             results = run(cfg, Path(run_dir) if run_dir else None, resume=bool(rc.get("resume", False)))
         _write_report(report, {"ok": True, "run_dir": str(runs.CURRENT_RUN), "summary": results["summary"]})
     except Exception as err:   # one line in the log and the report; Flower marks the run failed
-        line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if not isinstance(err, USER_ERRORS):
-            line = f"{type(err).__name__}: {line}"
+        line = describe_error(err) if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {(str(err) + chr(10)).splitlines()[0]}"
         _write_report(report, {"ok": False, "error": type(err).__name__, "message": line,
                                "run_dir": str(runs.CURRENT_RUN) if runs.CURRENT_RUN else None})
         log.error("f3crec: %s", line)
