@@ -289,6 +289,7 @@ def test_a_resume_runs_the_saved_config_on_server_and_nodes(tmp_path):
         wire.config_from_run_config({"resume": True, "run-dir": str(tmp_path), "overrides": "train.seed=8"})
 
 
+@pytest.mark.heavy
 def test_a_stale_context_is_caught_up_from_the_node_local_journal(tmp_path):
     """Flower 1.40-1.42 push a ClientApp's context back at its process's exit, after its reply, so the next
     message may be handed the context from before the previous one. Here every message gets a fresh process (no
