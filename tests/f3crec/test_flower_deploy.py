@@ -359,13 +359,17 @@ def _wheelhouse(folder: Path, requirements: list[str]) -> Path:
 @pytest.mark.slow
 @pytest.mark.heavy
 @deployment
+@pytest.mark.xfail(raises=DeployError, strict=False,
+                   reason="flwr 1.40-1.42: a ClientApp process deletes the run's runtime environment at exit, while the "
+                          "next message's process (same run, same folder) may already import from it (README)")
 def test_the_bundle_runs_with_runtime_dependency_installation(tmp_path, monkeypatch):
     """Runtime dependency installation on (`flower-supernode --allow-runtime-dependency-installation`, the
     SuperLink's left on): Flower runs `uv sync` on the FAB's pyproject into a runtime environment per run and
     puts it first on the app's sys.path. uv is kept offline, reading only a wheel folder made here from this
     venv's versions of the FAB's dependencies (REPRO_FLOWER_WHEELS=<dir> reuses one); making that folder is the
     one step that may use the network. The installation ran on every node and the server (their logs say so)
-    and the run gives the in-process grid's records."""
+    and the run gives the in-process grid's records. A lost node (DeployError) is Flower's race, xfail; wrong
+    records still fail."""
     import tomllib
     import zipfile
     wheels = Path(os.environ.get("REPRO_FLOWER_WHEELS") or tmp_path / "wheels")
