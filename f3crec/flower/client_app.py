@@ -72,12 +72,12 @@ def _node(context: Context):
     """The node's live state: the cached Node while its version matches Context.state's, else rebuilt (from the
     node-local journal where Context.state is behind it)."""
     version, key, journal = int(context.state.get("f3crec.meta", {}).get("version", 0)), (context.run_id, context.node_id), _journal(context)
+    if key in _LIVE and _LIVE[key][0] == version:   # this process wrote that state: the context is current
+        return _LIVE[key][1]
     if journal is not None and journal.exists() and (saved := wire.load(journal.read_bytes()))["version"] > version:
         version = saved["version"]
         context.state["f3crec.state"] = ConfigRecord({"torch": saved["state"]})
         context.state["f3crec.meta"] = ConfigRecord({"version": version})
-    if key in _LIVE and _LIVE[key][0] == version:
-        return _LIVE[key][1]
     from .node import Node
     with _phase("node_build"):
         node = Node(wire.config_from_run_config(context.run_config), int(context.node_config["partition-id"]),
