@@ -107,13 +107,16 @@ f3crec-deploy: setup
 	  --node-config 'partition-id={i} num-partitions={n}' \
 	  --run-config '$(if $(RESUME),resume=true run-dir="$(abspath $(RESUME))",config="f3crec/configs/$(DATA).yaml" overrides="federation.nodes=$(or $(NODES),4) $(ARGS)")'
 
-# The same app on Flower's simulation runtime (NODES virtual nodes on Ray): needs the fl-sim extra, pip install -e '.[fl-sim]'.
+# The same app on Flower's simulation runtime (NODES virtual nodes on Ray): the fl-sim extra (Ray) is installed here
+# the first time, not by `make setup`.
 f3crec-sim: setup
+	@$(PY) -c 'import ray' 2>/dev/null || $(PY) -m pip install -q -e '.[$(EXTRAS),fl-sim]'
 	@test -n "$(DATA)" || { echo "make f3crec-sim needs DATA=<dataset>, e.g. make f3crec-sim DATA=smoke NODES=4" >&2; exit 2; }
 	$(FLOWER_ENV) $(PY) -m common.flower_ops deploy --simulation $(FLOWER_APP) --nodes $(or $(NODES),4) --report-key report \
 	  --run-config 'config="f3crec/configs/$(DATA).yaml" overrides="federation.nodes=$(or $(NODES),4) $(ARGS)"'
 
 test-deploy: setup
+	@$(PY) -c 'import ray' 2>/dev/null || $(PY) -m pip install -q -e '.[$(EXTRAS),fl-sim]'
 	REPRO_FLOWER_DEPLOY=1 $(PY) -m pytest -q tests/f3crec/test_flower_deploy.py tests/f3crec/test_flower_sim.py
 
 bench: bench-flame bench-f3crec bench-vlm2rec

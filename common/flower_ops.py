@@ -339,7 +339,10 @@ class Deployment:
                 *self.node_prefix, str(self.bin / "flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.keys["ca"]),
                 "--auth-supernode-private-key", str(self.keys[f"node-{i}"]), *tls, "--host", "127.0.0.1",
                 "--port", str(port), *(["--node-config", config] if config else []),
-                *(["--allow-runtime-dependency-installation"] if self.runtime_install else [])]))
+                *(["--allow-runtime-dependency-installation"] if self.runtime_install else [])],
+                # a FLWR_HOME per node, as on its own host: Flower names a run's runtime environment by the run id
+                # under FLWR_HOME and each ClientApp process removes it at exit, so nodes sharing one would race
+                env={**self.env, "FLWR_HOME": str(self.folder / f"node-{i}" / "flwr-home")}))
         for i, (node, port) in enumerate(zip(self.nodes, node_ports)):
             self.wait_listening(f"supernode-{i}", node, port)
         self.watch()

@@ -2,12 +2,13 @@
 
     python -m f3crec.flower.bench [--nodes 2] [--no-deploy] [key=value ...]      (python -m f3crec.bench --flower)
 
-Rows: the reference simulator, the in-process grid (same client code, messages but no processes), and stock
-Flower processes on 127.0.0.1 (common/flower_ops.py: SuperLink + SuperNodes, TLS, node auth, Flower's default
-process-per-message isolation). For the deployment the ClientApp's trace (F3CREC_FLOWER_TIMING) splits each
-message: the ClientApp process's age when its handler starts (process start + Flower's runtime + imports +
-pulling the message), the import of the app module (flwr.app, torch, f3crec) within it, the node's build from
-Context.state, and the handler; the rest of a round is Flower's transport and polling.
+Rows: the reference simulator and the in-process grid (same client code, messages but no processes), then stock
+Flower processes on 127.0.0.1 (common/flower_ops.py: SuperLink + SuperNodes, TLS, node auth, Flower's
+process-per-message isolation). For the deployment the ClientApp's trace (F3CREC_FLOWER_TIMING) gives, per
+message, median wall and CPU seconds of: the ClientApp process up to the app's entry (its start, Flower's
+runtime, pulling the message and the FAB, this app's module import), the app module's import alone, the core's
+import (torch), the node's build from Context.state, the handler; `flower_wait_s` is what a round's two
+sequential exchanges (train, then validation) spend outside the ClientApp processes: Flower's polls and sleeps.
 """
 from __future__ import annotations
 
@@ -55,16 +56,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             from common import flower_ops
             trace = root / "trace.jsonl"
             os.environ["F3CREC_FLOWER_TIMING"] = str(trace)
-            started = time.perf_counter()
+            started, children = time.perf_counter(), os.times()
             flower_ops.deploy(Path(__file__).resolve().parent / "app", ["f3crec", "common"], args.nodes,
                               f'partition-id={{i}} num-partitions={{n}} state-dir="{root / "nodes-deployed"}"',
                               f'overrides="{" ".join(overrides)}" run-dir="{root / "deployed"}"', "report",
                               root / "deployment", timeout=3600)
+            done = os.times()
             messages = [json.loads(line) for line in trace.read_text().splitlines()]
-            median = lambda key: statistics.median(m[key] for m in messages)  # noqa: E731
-            rows.append({"path": "stock Flower deployment", "round_s": _round_seconds(root / "deployed"),
-                         "wall_s": time.perf_counter() - started, "messages": len(messages),
-                         **{f"{k}_s": median(k) for k in ("age_at_entry", "imports", "node_build", "handler")}})
+            median = lambda key, i: statistics.median(m[key][i] for m in messages if key in m)  # noqa: E731
+            phases = {f"{k}_{unit}": median(k, i) for k in ("at_entry", "app_import", "core_import", "node_build", "handler")
+                      for i, unit in enumerate(("s", "cpu"))}
+            round_s = _round_seconds(root / "deployed")
+            rows.append({"path": "stock Flower deployment", "round_s": round_s, "wall_s": time.perf_counter() - started,
+                         "processes_cpu_s": done.children_user + done.children_system - children.children_user
+                         - children.children_system, "messages": len(messages), **phases,
+                         "flower_wait_s": round_s / 2 - phases["at_entry_s"] - phases["handler_s"]})
     print(f"# f3crec Flower bench: smoke block 0, {args.nodes} nodes, one thread; load {os.getloadavg()[0]:.2f}")
     for row in rows:
         print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

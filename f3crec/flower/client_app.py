@@ -1,32 +1,37 @@
-"""The ClientApp (§14): one node of users per SuperNode, its state in `Context.state`.
+"""The ClientApp (§14): one node of users per SuperNode (node.py), its state in `Context.state`.
 
-Node config: `partition-id`, `num-partitions` (user u lives on partition u mod num-partitions) and optional
-`state-dir` (where this node keeps its block-boundary checkpoints). Run config: `f3crec-config`, the run's
-config as JSON, or `config` + `overrides` (wire.config_from_run_config; app/pyproject.toml). Every message is
-answered from this node's own users only (node.py).
-
-`Context.state` holds the node's whole client state (`f3crec.state`: Node.state() as bytes) and a version
-(`f3crec.meta`); within one process the live `Node` is kept and reused while its version matches the
-state's, so the in-process grid does not rebuild it for every message, while a SuperNode that starts a
-fresh ClientApp process per message rebuilds it from `Context.state` alone. torch and the node's code are
-imported at the first message, not at import (a process that only loads the app stays cheap).
+Node config: `partition-id`, `num-partitions` (user u lives on partition u mod num-partitions), optional
+`state-dir` (its block-boundary checkpoints). Run config: wire.config_from_run_config (app/pyproject.toml).
+`Context.state` holds the node's client state (`f3crec.state`, Node.state() as bytes) and its version
+(`f3crec.meta`), per run (run ids are unique): a process keeps its live `Node` while the versions match (the in-process grid, Flower's
+simulation runtime); a SuperNode's fresh ClientApp process per message rebuilds it from `Context.state`.
+Importing this module loads flwr and numpy only; torch and the core come with the first message.
 """
 from __future__ import annotations
 
 import os
 import time
 
-_IMPORT_STARTED = time.perf_counter()
+_IMPORT_STARTED = time.perf_counter(), time.process_time()
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
-from uuid import uuid4  # noqa: E402
 
 from flwr.app import ConfigRecord, Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
+from . import wire  # noqa: E402  (flwr, numpy: no torch)
+
 app = ClientApp()
-_IMPORTED = time.perf_counter()
-_LIVE: dict = {}       # (run, node) -> ((incarnation, version), Node)
-_BUILD = [0.0]
+_PHASES: dict = {"app_import": (time.perf_counter() - _IMPORT_STARTED[0], time.process_time() - _IMPORT_STARTED[1])}
+_LIVE: dict = {}       # (run, node) -> (version, Node)
+
+
+@contextmanager
+def _phase(name: str):
+    """Wall and CPU seconds of one phase of this message, for the timing trace."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    _PHASES[name] = (time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def _process_age() -> float:
@@ -40,49 +45,60 @@ def _process_age() -> float:
 
 @app.lifespan()
 def _trace(context: Context):
-    """With F3CREC_FLOWER_TIMING=<file>: one JSON line per message — process age at entry, import time, the
-    node's build time and the handler's time (where a message's seconds go, README)."""
-    path = os.environ.get("F3CREC_FLOWER_TIMING")
-    entered, age = time.perf_counter(), _process_age()
-    _BUILD[0] = 0.0
-    yield
+    """With F3CREC_FLOWER_TIMING=<file>: one JSON line per message, (wall, CPU) seconds — the process's age and
+    CPU when the app is entered (its start, Flower's runtime, pulling the message, this module's import), this
+    module's import, the core's import (torch), the node's build and the whole handler (bench.py, README)."""
+    path, times = os.environ.get("F3CREC_FLOWER_TIMING"), os.times()
+    entry = (_process_age(), times.user + times.system)
+    with _phase("handler"):
+        yield
     if path:
         import json
         with open(path, "a") as handle:
-            handle.write(json.dumps({"node": context.node_id, "pid": os.getpid(), "age_at_entry": round(age, 3),
-                                     "imports": round(_IMPORTED - _IMPORT_STARTED, 3), "node_build": round(_BUILD[0], 3),
-                                     "handler": round(time.perf_counter() - entered, 3)}) + "\n")
+            handle.write(json.dumps({"node": context.node_id, "pid": os.getpid(), "at_entry": entry, **_PHASES}) + "\n")
+    for name in ("core_import", "node_build"):
+        _PHASES.pop(name, None)
+
+
+def _journal(context: Context) -> Path | None:
+    """The node-local copy of this run's state (with `state-dir`): Flower 1.40-1.42 push a ClientApp's context
+    back only at its process's exit, after its reply (and, with runtime dependency installation, after removing
+    the runtime environment), so the next message's process may be handed the previous context (README)."""
+    folder = context.node_config.get("state-dir")
+    return Path(str(folder)) / "live" / f"run-{context.run_id}-node-{context.node_id}.pt" if folder else None
 
 
 def _node(context: Context):
-    """The node's live state: the cached Node while its version matches Context.state's, else rebuilt."""
-    from . import wire
+    """The node's live state: the cached Node while its version matches Context.state's, else rebuilt (from the
+    node-local journal where Context.state is behind it)."""
+    version, key, journal = int(context.state.get("f3crec.meta", {}).get("version", 0)), (context.run_id, context.node_id), _journal(context)
+    if key in _LIVE and _LIVE[key][0] == version:   # this process wrote that state: the context is current
+        return _LIVE[key][1]
+    if journal is not None and journal.exists() and (saved := wire.load(journal.read_bytes()))["version"] > version:
+        version = saved["version"]
+        context.state["f3crec.state"] = ConfigRecord({"torch": saved["state"]})
+        context.state["f3crec.meta"] = ConfigRecord({"version": version})
     from .node import Node
-    meta = context.state.get("f3crec.meta")
-    if meta is None:   # first message of this run: a fresh node, tagged so a cache of another run never matches
-        meta = context.state["f3crec.meta"] = ConfigRecord({"incarnation": uuid4().hex, "version": 0})
-    tag, key = (str(meta["incarnation"]), int(meta["version"])), (context.run_id, context.node_id)
-    live = _LIVE.get(key)
-    if live is not None and live[0] == tag:
-        return live[1]
-    started = time.perf_counter()
-    node = Node(wire.config_from_run_config(context.run_config), int(context.node_config["partition-id"]),
-                int(context.node_config["num-partitions"]))
-    if "f3crec.state" in context.state:
-        node.load_state(wire.load(context.state["f3crec.state"]["torch"]))
-    _LIVE[key] = (tag, node)
-    _BUILD[0] += time.perf_counter() - started
+    with _phase("node_build"):
+        node = Node(wire.config_from_run_config(context.run_config), int(context.node_config["partition-id"]),
+                    int(context.node_config["num-partitions"]))
+        if "f3crec.state" in context.state:
+            node.load_state(wire.load(context.state["f3crec.state"]["torch"]))
+    _LIVE[key] = (version, node)
     return node
 
 
 def _store(context: Context, node) -> None:
-    """Write the node's state into Context.state (a new version) after every change."""
-    from . import wire
-    meta = context.state["f3crec.meta"]
-    tag = (str(meta["incarnation"]), int(meta["version"]) + 1)
-    context.state["f3crec.state"] = ConfigRecord({"torch": wire.dump(node.state())})
-    context.state["f3crec.meta"] = ConfigRecord({"incarnation": tag[0], "version": tag[1]})
-    _LIVE[(context.run_id, context.node_id)] = (tag, node)
+    """Write the node's state into Context.state (a new version), and the node-local journal, after every change."""
+    from common.io import atomic_write
+    version, state = int(context.state.get("f3crec.meta", {}).get("version", 0)) + 1, wire.dump(node.state())
+    context.state["f3crec.state"] = ConfigRecord({"torch": state})
+    context.state["f3crec.meta"] = ConfigRecord({"version": version})
+    _LIVE[(context.run_id, context.node_id)] = (version, node)
+    if (journal := _journal(context)) is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(journal, "wb") as handle:
+            handle.write(wire.dump({"version": version, "state": state}))
 
 
 def _checkpoint(context: Context, node, run_key: str) -> Path:
@@ -92,11 +108,42 @@ def _checkpoint(context: Context, node, run_key: str) -> Path:
     return root / run_key / f"node-{node.partition}-of-{node.num_partitions}.pt"
 
 
+def _train(node, tensors, config, context):
+    """One round: the node's participants train on the broadcast; the reply is their uploads only."""
+    out, stats = {}, {}
+    for user, (rows, values, user_stats) in node.train(int(config["block"]), int(config["round"]), tensors["items"]).items():
+        out[f"{user}.rows"], out[f"{user}.values"], stats[str(user)] = rows, values, user_stats
+    return out, {"users": sorted(int(u) for u in stats), "stats": stats}
+
+
+def _users(tensors) -> list[int]:
+    return [int(u) for u in tensors.pop("users")]
+
+
+# message type -> (operation(node, tensors, config, context) -> (tensors, config) of the reply, whether it changes
+# the node's state). The state-changing calls return None, so `(call, reply)` is the reply with no tensors.
+OPERATIONS = {
+    "query.describe": (lambda node, x, c, ctx: (None, node.describe()), False),
+    "query.grow": (lambda node, x, c, ctx: (node.grow(_users(x), x), {"users": len(node.clients)}), True),
+    "query.set_rows": (lambda node, x, c, ctx: (node.set_rows(_users(x), x), {}), True),
+    "query.end_block": (lambda node, x, c, ctx: (node.finish_block(int(c["block"]), x["items"]), {}), True),
+    "query.slot": (lambda node, x, c, ctx: (getattr(node, f"{c['op']}_slot")(c["name"]), {}), True),
+    # block-boundary checkpoint of this node's users, kept on the node (the server never receives it)
+    "query.save": (lambda node, x, c, ctx: (node.save(_checkpoint(ctx, node, c["run_key"]), int(c["block"])), {}), False),
+    "query.restore": (lambda node, x, c, ctx: (node.restore(_checkpoint(ctx, node, c["run_key"]), int(c["block"])),
+                                               {"users": len(node.clients)}), True),
+    "train": (_train, True),
+    "evaluate.valid": (lambda node, x, c, ctx: (None, {"sums": wire.sums_to_json(node.validate_sums(int(c["block"]), x["items"]))}),
+                       False),
+    "evaluate.test": (lambda node, x, c, ctx: (None, {"row": [wire.sums_to_json(s) for s in node.test_sums(
+        int(c["block"]), x["items"], c["old_block_mask"])]}), False),
+}
+
+
 def _serve(operation, changes_state: bool):
-    """A handler: unpack the message, run `operation(node, tensors, config, context)` -> (tensors, config) of
-    the reply, store the node's state when the operation changes it."""
     def handler(message: Message, context: Context) -> Message:
-        from . import wire
+        with _phase("core_import"):
+            from . import node  # noqa: F401  torch and the F3CRec core: at the first message, not at import
         tensors, config = wire.unpack(message.content)
         node = _node(context)
         out, reply = operation(node, tensors, config, context)
@@ -106,67 +153,6 @@ def _serve(operation, changes_state: bool):
     return handler
 
 
-def _train(node, tensors, config, context):
-    """One round: the node's participants train on the broadcast; the reply is their uploads only."""
-    results = node.train(int(config["block"]), int(config["round"]), tensors["items"])
-    out, stats = {}, {}
-    for user, (rows, values, user_stats) in results.items():
-        out[f"{user}.rows"], out[f"{user}.values"] = rows, values
-        stats[str(user)] = user_stats
-    return out, {"users": sorted(results), "stats": stats}
-
-
-def _sums(sums):
-    from .wire import sums_to_json
-    return sums_to_json(sums)
-
-
-def _grow(node, tensors, config, context):
-    """New users of this node with their initial Φ (public-seed values, §8.1)."""
-    node.grow([int(u) for u in tensors.pop("users")], tensors)
-    return None, {"users": len(node.clients.clients)}
-
-
-def _set_rows(node, tensors, config, context):
-    node.set_rows([int(u) for u in tensors.pop("users")], tensors)
-    return None, {}
-
-
-def _end_block(node, tensors, config, context):
-    node.end_block(int(config["block"]), tensors["items"])
-    return None, {}
-
-
-def _slot(node, tensors, config, context):
-    (node.save_slot if config["op"] == "save" else node.load_slot)(config["name"])
-    return None, {}
-
-
-def _save(node, tensors, config, context):
-    """Block-boundary checkpoint of this node's users, kept on the node (the server never receives it)."""
-    node.save(_checkpoint(context, node, config["run_key"]), int(config["block"]))
-    return None, {}
-
-
-def _restore(node, tensors, config, context):
-    node.restore(_checkpoint(context, node, config["run_key"]), int(config["block"]))
-    return None, {"users": len(node.clients.clients)}
-
-
-def _valid(node, tensors, config, context):
-    return None, {"sums": _sums(node.validate(int(config["block"]), tensors["items"]))}
-
-
-def _test(node, tensors, config, context):
-    row = node.test(int(config["block"]), tensors["items"], config["old_block_mask"])
-    return None, {"row": [_sums(sums) for sums in row]}
-
-
-for _name, _operation, _changes in [("describe", lambda node, *_: (None, node.describe()), False),
-                                    ("grow", _grow, True), ("set_rows", _set_rows, True),
-                                    ("end_block", _end_block, True), ("slot", _slot, True),
-                                    ("save", _save, False), ("restore", _restore, True)]:
-    app.query(_name)(_serve(_operation, _changes))
-app.train()(_serve(_train, True))
-app.evaluate("valid")(_serve(_valid, False))
-app.evaluate("test")(_serve(_test, False))
+for _kind, (_operation, _changes) in OPERATIONS.items():
+    _family, _, _action = _kind.partition(".")
+    getattr(app, _family)(*[_action] if _action else [])(_serve(_operation, _changes))

@@ -1,23 +1,16 @@
-"""The server side of F3CRec on Flower (§14): `FlowerSimulator` has the interface train.py drives (train_round,
-save_slot/load_slot, end_block, grow, checkpoints) and reaches clients only through a Flower `Grid`.
-
-It holds the public item table and its slots (a `Server`, server.py), the public block sizes, and per node
-only counts. Aggregation is server.py's unweighted mean over the uploads sorted by user id (Flower's FedAvg
-weights by example count and sums in reply order, so its aggregate is not used). Evaluation is federated:
-nodes report exact per-metric sums and counts (evaluate.metric_sums), merged and rounded once here.
-
-Fault rule: a node whose reply is an error or does not arrive within `federation.reply_timeout` is lost
-for the rest of the run (its clients' state may be behind); its users are logged as `lost_users` in every
-round record from then on, and aggregation, validation and test rows use the users that replied. When the
-users of live nodes fall below `federation.min_reply_fraction` of the block's participants, the run stops
-with one line (ConnectionError); the last block-boundary checkpoint stays valid and `--resume` restores
-every node from its own checkpoint.
-
-Invariant (tests/f3crec/test_flower.py): nothing reachable from a FlowerSimulator but through its grid is
-a client's interaction, private parameter, ŷ, Tᵘ or score; this module imports no client-side module.
+"""The server side of F3CRec on Flower (§14): `FlowerSimulator` answers the block loop's calls on a simulator
+(train_round, validate, test_row, slots, end_block, grow, checkpoints) by asking its nodes through a Flower
+`Grid`. It holds the public item table and its slots (server.py's `Server`: the unweighted mean of the uploads
+sorted by user id, not Flower's example-weighted FedAvg), the public block sizes and per node only counts;
+nodes report exact metric sums, merged and rounded once here. Fault rule (README, "Faults"): a node whose reply
+is an error or misses `federation.reply_timeout` is lost for the run, its users counted in `lost_users`; below
+`federation.min_reply_fraction` of the block's users the run stops in one line, resumable from the last
+block-boundary checkpoint. Invariant (tests/f3crec/test_flower.py): nothing reachable from a FlowerSimulator
+but through its grid is a client's interaction, private parameter, ŷ, Tᵘ or score; no client-side import.
 """
 from __future__ import annotations
 
+import time
 from uuid import uuid4
 
 import torch
@@ -27,6 +20,7 @@ from ..evaluate import finish, merge_sums
 from . import wire
 
 TRAIN, VALID, TEST = "train", "evaluate.valid", "evaluate.test"
+POLL = 0.02   # seconds between pulls of the replies
 
 
 class FlowerSimulator:
@@ -38,9 +32,9 @@ class FlowerSimulator:
         self.min_reply_fraction, self.reply_timeout = min_reply_fraction, reply_timeout
         self.run_key = run_key or uuid4().hex          # names the nodes' own checkpoints of this run
         self.lost: dict[int, str] = {}                   # node id -> why it was lost
-        self.n_users, self.block, self.messages = 0, -1, 0
+        self.n_users, self.block = 0, -1
         self.nodes: dict[int, dict] = {}                 # node id -> its public description (counts only)
-        for node, (_, info) in self._ask("query.describe", {n: {} for n in self._live()}, "describe").items():
+        for node, (_, info) in self._ask("query.describe", "describe", {}).items():
             self.nodes[node] = info
         if not self.nodes:
             raise ConnectionError("no Flower node answered: start the SuperNodes (or give the grid nodes)")
@@ -57,10 +51,12 @@ class FlowerSimulator:
         known = self.nodes or self.grid.get_node_ids()
         return [n for n in sorted(known) if n not in self.lost]
 
-    def _ask(self, kind: str, bodies: dict[int, dict], group: str) -> dict[int, tuple[dict, dict]]:
-        """Send each live node its body ({'tensors': ..., **config}); (tensors, config) of every good reply.
-        Nodes that answer with an error or not at all are lost (§14 fault rule)."""
-        messages = []
+    def _ask(self, kind: str, group: str, body: dict | None = None, *, bodies: dict[int, dict] | None = None,
+             check: tuple[int, str] | None = None) -> dict[int, tuple[dict, dict]]:
+        """Send every live node `body` (or each node its entry of `bodies`), {'tensors': ..., **config}; (tensors,
+        config) of every good reply. Nodes that answer with an error or not at all are lost (§14 fault rule);
+        with `check` = (block, where) the run stops if too few users' nodes answered."""
+        bodies, messages = bodies if bodies is not None else {n: body for n in self._live()}, []
         for node, body in bodies.items():
             if node in self.lost:
                 continue
@@ -69,17 +65,33 @@ class FlowerSimulator:
             make = getattr(self.grid, "make_message", None)   # the in-process grid: no Flower runtime around it
             messages.append(make(content, kind, node, group) if make else Message(content, node, kind, group_id=group))
         replies = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.reply_timeout):
+        for reply in self._exchange(messages):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self.lost[node] = f"{kind}: {(reply.error.reason or '').splitlines()[0][:200]}"
             else:
                 replies[node] = wire.unpack(reply.content)
-        self.messages += len(messages)
         for message in messages:
             node = message.metadata.dst_node_id
             if node not in replies and node not in self.lost:
                 self.lost[node] = f"{kind}: no reply within {self.reply_timeout} s"
+        if check is not None:
+            self._check(*check)
+        return replies
+
+    def _exchange(self, messages: list[Message]) -> list[Message]:
+        """Push, then pull every POLL seconds until every reply is in or `reply_timeout` has passed (Flower's
+        own Grid.send_and_receive waits 3 s between pulls: most of a smoke round). Public Grid API only."""
+        pending = {mid for mid in self.grid.push_messages(messages) if mid}   # "": not accepted, no reply comes
+        end = None if self.reply_timeout is None else time.monotonic() + self.reply_timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {reply.metadata.reply_to_message_id for reply in got}
+            if not pending or (end is not None and time.monotonic() > end):
+                return replies
+            time.sleep(POLL)
         return replies
 
     def lost_users(self, t: int) -> int:
@@ -95,9 +107,6 @@ class FlowerSimulator:
                                   f"federation.min_reply_fraction={self.min_reply_fraction} ({why}); the last "
                                   "block-boundary checkpoint is kept: restart the nodes and resume with --resume")
 
-    def _all(self, body: dict) -> dict[int, dict]:
-        return {n: body for n in self._live()}
-
     # ------------------------------------------------------------------------------------------ round
     def train_round(self, plan, ctx) -> dict:
         """One round: broadcast Q, every node trains its participants, mean of the uploads by user id."""
@@ -105,8 +114,7 @@ class FlowerSimulator:
             raise ValueError("FlowerSimulator: clients draw their own plans (train_round(None, ctx))")
         broadcast = self.server.broadcast()
         body = {"tensors": {"items": broadcast}, "block": ctx.block, "round": ctx.round}
-        replies = self._ask(TRAIN, self._all(body), f"{ctx.block}.{ctx.round}")
-        self._check(ctx.block, f"block {ctx.block} round {ctx.round}")
+        replies = self._ask(TRAIN, f"{ctx.block}.{ctx.round}", body, check=(ctx.block, f"block {ctx.block} round {ctx.round}"))
         uploads, stats = {}, {}
         for tensors, config in replies.values():
             for user in config["users"]:          # its changed rows; the others equal the broadcast
@@ -123,15 +131,14 @@ class FlowerSimulator:
     def validate(self, ctx, decimals: int | None) -> dict[str, float]:
         """Validation NDCG@20 / Recall@20 of block ctx.block from the nodes' exact sums (§8.2)."""
         body = {"tensors": {"items": self.server.broadcast()}, "block": ctx.block}
-        replies = self._ask(VALID, self._all(body), f"{ctx.block}.{ctx.round}.valid")
-        self._check(ctx.block, f"block {ctx.block} round {ctx.round} validation")
+        replies = self._ask(VALID, f"{ctx.block}.{ctx.round}.valid", body,
+                            check=(ctx.block, f"block {ctx.block} round {ctx.round} validation"))
         return finish(merge_sums([wire.sums_from_json(config["sums"]) for _, config in replies.values()]), decimals)
 
     def test_row(self, t: int, old_block_mask: str, decimals: int | None) -> list[dict[str, float]]:
         """a_{t,i}, i = 0..t, from the nodes' exact sums (§10)."""
         body = {"tensors": {"items": self.server.broadcast()}, "block": t, "old_block_mask": old_block_mask}
-        replies = self._ask(TEST, self._all(body), f"{t}.test")
-        self._check(t, f"block {t} test")
+        replies = self._ask(TEST, f"{t}.test", body, check=(t, f"block {t} test"))
         rows = [[wire.sums_from_json(sums) for sums in config["row"]] for _, config in replies.values()]
         return [finish(merge_sums([row[i] for row in rows]), decimals) for i in range(t + 1)]
 
@@ -143,19 +150,18 @@ class FlowerSimulator:
         """Each node builds ŷ, Tᵘ, anchors (and the Fisher) of its users from the best table (§8.5);
         `trained` and `fisher_plan` are the in-process simulators' inputs: nodes know their own."""
         body = {"tensors": {"items": self.server.broadcast()}, "block": ctx.block}
-        self._ask("query.end_block", self._all(body), f"{ctx.block}.end")
-        self._check(ctx.block, f"block {ctx.block} end")
+        self._ask("query.end_block", f"{ctx.block}.end", body, check=(ctx.block, f"block {ctx.block} end"))
         self.server.end_block()
         self.block = ctx.block
 
     # ------------------------------------------------------------------------------------------ state
     def save_slot(self, name: str) -> None:
         self.server.save_slot(name)
-        self._ask("query.slot", self._all({"op": "save", "name": name}), f"slot.{name}")
+        self._ask("query.slot", f"slot.{name}", {"op": "save", "name": name})
 
     def load_slot(self, name: str) -> None:
         self.server.load_slot(name)
-        self._ask("query.slot", self._all({"op": "load", "name": name}), f"slot.{name}")
+        self._ask("query.slot", f"slot.{name}", {"op": "load", "name": name})
 
     def _rows_by_node(self, first: int, private: dict[str, torch.Tensor]) -> dict[int, dict]:
         """Initial Φ rows of users first.. for their nodes (public-seed values: no trained state)."""
@@ -163,7 +169,7 @@ class FlowerSimulator:
         users = torch.arange(first, first + count)
         bodies = {}
         for partition, node in self.node_of.items():
-            mine = torch.nonzero(users % self.num_partitions == partition).squeeze(1)
+            mine = torch.nonzero(wire.owner(users, self.num_partitions) == partition).squeeze(1)
             bodies[node] = {"tensors": {"users": users[mine], **{k: v[mine] for k, v in private.items()}}}
         return bodies
 
@@ -171,20 +177,20 @@ class FlowerSimulator:
         """Users n..n+k−1 join: each node creates its own with their initial Φ (§8.1)."""
         if new_private is None:
             return
-        self._ask("query.grow", self._rows_by_node(self.n_users, new_private), "grow")
+        self._ask("query.grow", "grow", bodies=self._rows_by_node(self.n_users, new_private))
         self.n_users += next(iter(new_private.values())).shape[0]
 
     def set_private(self, private: dict[str, torch.Tensor]) -> None:
         """full_retrain's restart: every user's Φ re-drawn from the public seed."""
-        self._ask("query.set_rows", self._rows_by_node(0, private), "restart")
+        self._ask("query.set_rows", "restart", bodies=self._rows_by_node(0, private))
 
     def topn_lists(self):
         raise RuntimeError("the Flower server holds no Tᵘ: nodes build their own plans")
 
     def state_dict(self) -> dict:
         """The server's part of a block-boundary checkpoint; each node saves its users' state itself."""
-        self._ask("query.save", self._all({"run_key": self.run_key, "block": self.block}), "save")
-        self._check(max(self.block, 0), f"block {self.block} checkpoint")
+        self._ask("query.save", "save", {"run_key": self.run_key, "block": self.block},
+                  check=(max(self.block, 0), f"block {self.block} checkpoint"))
         return {"federated": True, "server": self.server.state_dict(), "run_key": self.run_key,
                 "n_users": self.n_users, "block": self.block, "num_partitions": self.num_partitions}
 
@@ -194,7 +200,7 @@ class FlowerSimulator:
                              f"{self.num_partitions} are running: start the same number to resume")
         self.server.load_state_dict(state["server"])
         self.n_users, self.block = state["n_users"], state["block"]
-        replies = self._ask("query.restore", self._all({"run_key": self.run_key, "block": self.block}), "restore")
+        replies = self._ask("query.restore", "restore", {"run_key": self.run_key, "block": self.block})
         if self.lost:
             raise ConnectionError("resume: " + "; ".join(f"node {n}: {r}" for n, r in sorted(self.lost.items())))
         restored = sum(config["users"] for _, config in replies.values())

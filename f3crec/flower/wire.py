@@ -5,18 +5,14 @@ from __future__ import annotations
 import io
 import json
 import shlex
-from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from common.config import ConfigError, config_to_dict, load_config
+from common.config import ConfigError, config_to_dict, flatten, load_config
 from common.io import REPO
-
-from ..config import Config
 
 
 def owner(user: int, num_partitions: int) -> int:
@@ -24,15 +20,17 @@ def owner(user: int, num_partitions: int) -> int:
     return user % num_partitions
 
 
-def arrays(values: dict[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
+def arrays(values: dict) -> ArrayRecord:
+    """Torch tensors or numpy arrays (this module imports no torch: a node may run without it)."""
     out = {}
     for name, value in values.items():
-        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
         out[name] = Array(np.ascontiguousarray(value))
     return ArrayRecord(array_dict=out)
 
 
-def tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+def tensors(record: ArrayRecord) -> dict:
+    import torch
     return {name: torch.from_numpy(np.array(array.numpy(), copy=True)) for name, array in record.items()}
 
 
@@ -41,18 +39,20 @@ def content(tensor_values: dict | None = None, **config) -> RecordDict:
     return RecordDict({"arrays": arrays(tensor_values or {}), "config": ConfigRecord({"json": json.dumps(config)})})
 
 
-def unpack(body: RecordDict) -> tuple[dict[str, torch.Tensor], dict]:
+def unpack(body: RecordDict) -> tuple[dict, dict]:
     return tensors(body["arrays"]), json.loads(body["config"]["json"])
 
 
 def dump(value) -> bytes:
     """A node's state as bytes (torch.save: tensors bit-exact, shared storage kept once)."""
+    import torch
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return buffer.getvalue()
 
 
 def load(data: bytes):
+    import torch
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
@@ -64,31 +64,24 @@ def sums_from_json(values: dict) -> dict[str, tuple[Fraction, int]]:
     return {name: (Fraction(total), int(count)) for name, (total, count) in values.items()}
 
 
-def config_to_json(cfg: Config) -> str:
+def config_to_json(cfg) -> str:
     """The run's config for the nodes' run config (a Flower UserConfig value is a scalar)."""
     return json.dumps(config_to_dict(cfg))
 
 
-def config_from_json(text: str) -> Config:
+def config_from_json(text: str):
     """Rebuild a Config from config_to_json through the schema (types and ranges checked as at load)."""
-    flat: list[str] = []
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}{key}.", item)
-        else:
-            flat.append(f"{prefix[:-1]}={json.dumps(value)}")
-
-    walk("", json.loads(text))
-    return replace(load_config(Config, None, flat))
+    from ..config import Config   # f3crec.config imports torch: not at this module's import
+    pairs = flatten(json.loads(text))
+    return load_config(Config, None, [f"{key}={json.dumps(value)}" for key, value in pairs.items() if value != {}])
 
 
-def config_from_run_config(run_config) -> Config:
+def config_from_run_config(run_config):
     """The run's config from a Flower run config (the same on the ServerApp and every node): `f3crec-config`
     (a whole config as JSON: the in-process grid), else on `resume` the run folder's own config.yaml (a resume
     runs exactly the saved config: `overrides` are refused), else `config` (a YAML path, relative to the
     bundle's root, or absolute) with `overrides` (space-separated key=value); the simulator is Flower's."""
+    from ..config import Config
     text = str(run_config.get("f3crec-config", "") or "")
     if text:
         return config_from_json(text)

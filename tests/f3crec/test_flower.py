@@ -20,9 +20,8 @@ import f3crec.evaluate as ev  # noqa: E402
 from f3crec.evaluate import (eval_masks, evaluate, finish, merge_sums, metric_sums, oracle_scores,  # noqa: E402
                              user_scores)
 from f3crec.flower import client_app, wire  # noqa: E402
-from f3crec.flower.grid import local_grid  # noqa: E402
-from f3crec.flower.launch import using_grid  # noqa: E402
-from f3crec.flower.node import Node, NodeClients  # noqa: E402
+from f3crec.flower.launch import local_grid, using_grid  # noqa: E402
+from f3crec.flower.node import Node  # noqa: E402
 from f3crec.flower.simulator import FlowerSimulator  # noqa: E402
 from f3crec.model import BACKBONES  # noqa: E402
 from f3crec.round import PlanMaker, plan_inputs  # noqa: E402
@@ -178,8 +177,8 @@ def test_server_side_reaches_no_client_data(tmp_path):
     cfg, flags, blocks = _setup([], tmp_path)
     sim = grow(None, _factory(cfg, flags, "flower"), cfg, blocks, 0, cfg.train.seed)
     received = []
-    send = sim.grid.send_and_receive
-    sim.grid.send_and_receive = lambda messages, timeout=None: received.extend(send(messages, timeout=timeout)) or received[-len(messages):]
+    pull = sim.grid.pull_messages
+    sim.grid.pull_messages = lambda ids: received.extend(pull(ids)) or received[-len(ids):]
     ctx = round_context(cfg, flags, blocks, 0, 0)
     sim.train_round(None, ctx)
     sim.validate(ctx, None)
@@ -194,10 +193,11 @@ def test_server_side_reaches_no_client_data(tmp_path):
             continue
         seen.add(id(obj))
         assert id(obj) not in client_tensors
-        assert not isinstance(obj, (Client, Node, NodeClients, flwr.app.Context, np.ndarray)), type(obj).__name__
+        assert not isinstance(obj, (Client, Node, flwr.app.Context, np.ndarray)), type(obj).__name__
         frontier.extend(gc.get_referents(obj))
     assert not any(isinstance(o, torch.Tensor) and o.dim() == 2 and o.shape[1] == cfg.backbone.dim and o.shape[0] != blocks[0].n_items
                    for o in (x for x in gc.get_referents(sim.__dict__)))   # no stacked per-user matrix is kept
+    assert len(received) >= 4 * len(sim.nodes)                             # every message's reply was seen
     for reply in received:
         tensors, config = wire.unpack(reply.content)
         assert all(k.endswith((".rows", ".values")) for k in tensors), sorted(tensors)
@@ -287,3 +287,35 @@ def test_a_resume_runs_the_saved_config_on_server_and_nodes(tmp_path):
     assert (cfg.federation.rounds, cfg.train.seed, cfg.federation.simulator) == (2, 7, "flower")
     with pytest.raises(ConfigError, match="no overrides"):
         wire.config_from_run_config({"resume": True, "run-dir": str(tmp_path), "overrides": "train.seed=8"})
+
+
+@pytest.mark.heavy
+def test_a_stale_context_is_caught_up_from_the_node_local_journal(tmp_path):
+    """Flower 1.40-1.42 push a ClientApp's context back at its process's exit, after its reply, so the next
+    message may be handed the context from before the previous one. Here every message gets a fresh process (no
+    live node) and exactly that stale context; the node catches up from its journal in `state-dir` and the run
+    equals the in-process grid's, record for record."""
+    from f3crec.main import run
+    overrides = ["federation.simulator=flower", "federation.nodes=2", "federation.rounds=2", "train.stop_after_block=1"]
+    cfg = load_config(Config, SMOKE, [*overrides, f"federation.node_state_dir={tmp_path / 'nodes-0'}"])
+    previous, stale = {}, []
+
+    def behind(message, context):
+        client_app._LIVE.clear()
+        now = dict(context.state.items())
+        if context.node_id in previous:
+            stale.append(dict(context.state.items()) != previous[context.node_id])
+            for key in list(context.state.keys()):
+                del context.state[key]
+            for key, value in previous[context.node_id].items():
+                context.state[key] = value
+        previous[context.node_id] = now
+        return client_app.app(message, context)
+
+    with using_grid(local_grid(behind, wire.config_to_json(cfg), 2, str(tmp_path / "nodes-1"))):
+        lagged = run(cfg, tmp_path / "lagged")
+    assert any(stale)                                                   # contexts really were handed over stale
+    assert lagged["summary"] == run(cfg, tmp_path / "grid")["summary"]
+    records = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("lagged", "grid")]
+    assert records[0] == records[1]

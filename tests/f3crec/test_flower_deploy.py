@@ -323,3 +323,67 @@ def test_a_private_network_deployment_admits_only_its_own(tmp_path, monkeypatch)
         d.stop()
     assert outcome["ok"] and alive(d.pids()) == [] and not mark.exists()
     _assert_equals_in_process_grid(outcome, out, short, tmp_path)
+
+
+def _wheelhouse(folder: Path, requirements: list[str]) -> Path:
+    """Wheels of the requirements' whole dependency tree, each at the version this venv has (any version where it
+    has none, e.g. a dependency of another platform), fetched by `pip download --no-deps` from pip's configured
+    sources (this machine: its local index and wheel folder, PyPI for the rest; pip's cache after the first run)."""
+    import importlib.metadata as metadata
+    from packaging.requirements import Requirement
+    seen, todo = {}, [Requirement(r) for r in requirements]
+    while todo:   # every platform's and Python's branch (uv locks for all), an extra's only where it is asked for
+        req = todo.pop()
+        package = req.name.lower().replace("_", "-")
+        if package in seen and req.extras <= seen[package]:
+            continue
+        asked = seen[package] = seen.get(package, set()) | req.extras
+        try:
+            for dep in map(Requirement, metadata.requires(package) or []):
+                extra = str(dep.marker or "")
+                if "extra ==" not in extra or any(f'extra == "{e}"' in extra for e in asked):
+                    todo.append(dep)
+        except metadata.PackageNotFoundError:
+            pass
+    pins = []
+    for package in sorted(seen):
+        try:
+            pins.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pins.append(package)
+    subprocess.run([str(BIN / "pip"), "download", "--no-deps", "-q", "-d", str(folder), *pins], check=True, timeout=1800,
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+@deployment
+@pytest.mark.xfail(raises=DeployError, strict=False,
+                   reason="flwr 1.40-1.42: a ClientApp process deletes the run's runtime environment at exit, while the "
+                          "next message's process (same run, same folder) may already import from it (README)")
+def test_the_bundle_runs_with_runtime_dependency_installation(tmp_path, monkeypatch):
+    """Runtime dependency installation on (`flower-supernode --allow-runtime-dependency-installation`, the
+    SuperLink's left on): Flower runs `uv sync` on the FAB's pyproject into a runtime environment per run and
+    puts it first on the app's sys.path. uv is kept offline, reading only a wheel folder made here from this
+    venv's versions of the FAB's dependencies (REPRO_FLOWER_WHEELS=<dir> reuses one); making that folder is the
+    one step that may use the network. The installation ran on every node and the server (their logs say so)
+    and the run gives the in-process grid's records. A lost node (DeployError) is Flower's race, xfail; wrong
+    records still fail."""
+    import tomllib
+    import zipfile
+    wheels = Path(os.environ.get("REPRO_FLOWER_WHEELS") or tmp_path / "wheels")
+    with zipfile.ZipFile(flower_ops.build(APP, PACKAGES, tmp_path / "fab")) as bundle:
+        deps = tomllib.loads(bundle.read("pyproject.toml").decode())["project"]["dependencies"]
+    if not any(wheels.glob("flwr-*.whl")):
+        _wheelhouse(wheels, deps)
+    for key, value in {"UV_NO_INDEX": "1", "UV_FIND_LINKS": str(wheels), "UV_OFFLINE": "1", "UV_NO_PROGRESS": "1",
+                       "REPRO_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    out, short = tmp_path / "installed", ["federation.rounds=2", "federation.patience=1", "train.stop_after_block=0"]
+    outcome = flower_ops.deploy(APP, PACKAGES, 2, _node_config(tmp_path), _run_config([*short, "federation.nodes=2"], out),
+                                "report", tmp_path / "d", timeout=1800, runtime_install=True)
+    assert outcome["ok"] and alive(outcome["pids"]) == []
+    logs = [(tmp_path / "d" / "logs" / f"{name}.log").read_text() for name in ("supernode-0", "supernode-1", "flwr-run-3")]
+    assert all("installed successfully via uv sync" in log for log in logs), [log[-2000:] for log in logs]
+    _assert_equals_in_process_grid(outcome, out, short, tmp_path)

@@ -1,11 +1,13 @@
 """F3CRec's Flower App on Flower's simulation runtime (method.md §14): `flwr run` against a SuperLink started with
 `--simulation` (common/flower_ops.py deploy --simulation, `make f3crec-sim`) with 2 virtual nodes on Ray gives
 the in-process grid's summary and every round record on the smoke stream, and afterwards no process it started
-is left (the SuperLink, the simulation process, Ray's). Skipped without Ray (extra fl-sim); bounded by a timeout.
-Without Ray the launcher says which extra, in one line, before any process starts.
+is left (the SuperLink, the simulation process, Ray's). Opt-in like the deployments (REPRO_FLOWER_DEPLOY=1,
+`make test-deploy`: it starts Ray), skipped without Ray (extra fl-sim); bounded by a timeout. Without Ray the
+launcher says which extra, in one line, before any process starts.
 """
 import importlib.util
 import json
+import os
 
 import pytest
 
@@ -23,6 +25,8 @@ from conftest import F3CREC_SMOKE as SMOKE, flower_records as _records  # noqa: 
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.skipif(os.environ.get("REPRO_FLOWER_DEPLOY") != "1", reason="starts Ray and a SuperLink: set REPRO_FLOWER_DEPLOY=1")
 def test_simulation_runtime_gives_the_in_process_grid_metrics_and_leaves_no_process(tmp_path, monkeypatch):
     pytest.importorskip("ray", reason="Flower's simulation runtime needs Ray (extra fl-sim)")
     monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
