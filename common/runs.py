@@ -365,7 +365,7 @@ def run_or_reuse(run: Any, cfg: Any, run_dir: str | Path) -> dict:
 
 def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | Path | None = None,
               root: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-              inputs: dict | None = None) -> Path:
+              inputs: dict | None = None, preface: tuple[str, ...] = ()) -> Path:
     """Claim and lock the run directory, write the resolved config.yaml, print the git sha and the config.
 
     `root` None = default_run_root(); a relative root is relative to the current directory. A fresh run in
@@ -373,7 +373,8 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
     moves into `previous-<time>/`. `resume` keeps config.yaml and checks the command's config against it
     (changes outside the config class's RESUME_FREE refused) and last.pt against it (checkpoint_identity).
     `inputs`: files the run builds on (FLAME's frozen net), recorded in last.pt so a resume uses the same.
-    The tracker named by `cfg.train.track` (if any) is checked first and opened for log_metrics."""
+    The tracker named by `cfg.train.track` (if any) is checked first and opened for log_metrics.
+    `preface`: lines the run printed before its folder could be claimed (its plan), written to log.txt first."""
     track = getattr(getattr(cfg, "train", None), "track", None)
     check_tracker(track)  # a missing package: one line, before any folder exists
     if run_dir is None:
@@ -412,6 +413,9 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
     _RUNS[run_dir.resolve()] = {"config_sha256": digest, "paper": paper, "inputs": dict(inputs or {}),
                                 "resume_changes": changed, "dataset": dataset,
                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if preface:
+        with open(run_dir / "log.txt", "a") as handle:
+            handle.writelines(line + "\n" for line in preface)
     _tee_stdout(run_dir / "log.txt")
     close_tracker(run_dir)
     tracker = open_tracker(track, run_dir, paper, resolved)

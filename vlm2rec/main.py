@@ -83,19 +83,21 @@ def run(cfg: Config, run_dir: str | Path | None = None, resume: bool = False, ov
     keep_aspect = cfg.backbone.keep_aspect and cfg.backbone.name != "two-tower"
     catalog = Catalog(data["titles"], data["images"], cfg.data.image_size, keep_aspect=keep_aspect)
     model = VLM2Rec(cfg.backbone, catalog, accelerator.device, cfg.loss, cfg.wpcl, cfg.crtr)
+    plan = ()
     if writes:
         tc = cfg.train
         steps = steps_per_epoch(len(split["train"]["target"]), tc.batch_size, accelerator.num_processes,
                                 tc.max_steps_per_epoch)
         seqrec = ", SASRec on the item table" if cfg.seqrec.enabled else ""
-        print(f"plan: {method_name(cfg)} ({cfg.backbone.name}) on {data['name']} ({len(data['sequences']):,} users, "
-              f"{num_items:,} items): item features first (cached for later runs), then {tc.max_epochs} epochs of "
-              f"{steps:,} steps, validation every epoch, one test{seqrec}. Time: estimated from the first steps, below")
+        plan = (f"plan: {method_name(cfg)} ({cfg.backbone.name}) on {data['name']} ({len(data['sequences']):,} users, "
+                f"{num_items:,} items): item features first (cached for later runs), then {tc.max_epochs} epochs of "
+                f"{steps:,} steps, validation every epoch, one test{seqrec}. Time: estimated from the first steps, below",)
+        print(plan[0])
     model.embedder.precompute([h for s in ("train", "valid", "test") for h in split[s]["history"]])
     # The run folder is claimed only now: a split, negatives or backbone that fails leaves no folder behind.
     out_dir = start_run(cfg, "vlm2rec", data["name"], run_name(method_name(cfg), cfg.train.seed, cfg.tag), run_dir,
                         root=cfg.run_root,
-                        resume=resume, overwrite=overwrite) if writes else None
+                        resume=resume, overwrite=overwrite, preface=plan) if writes else None
     print(f"backbone {model.embedder.identifier}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
           f"trainable parameters; {len(split['train']['target']):,} training pairs; "
           f"{len(data['sequences']):,} users; {num_items:,} items")

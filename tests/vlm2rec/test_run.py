@@ -34,6 +34,8 @@ def test_smoke_in_process_writes_every_artifact(tmp_path, results_schema):
     assert metrics["valid/full/ndcg@10"] == saved["best_valid"]          # select_on full/both/NDCG@10
     for name in ("config.yaml", "metrics.jsonl", "results.json", "best.pt", "last.pt", "item_embeddings.pt"):
         assert (run / name).exists(), name
+    # the plan line, printed before the feature cache and the run folder existed, is the log's first line
+    assert (run / "log.txt").read_text().startswith("plan: vlm2rec (tiny) on ")
     for name in ("best.pt", "last.pt", "item_embeddings.pt"):    # plain dicts: weights_only loading works
         assert isinstance(torch.load(run / name, map_location="cpu", weights_only=True), dict)
     clean = results["test"]["clean"]
