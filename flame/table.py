@@ -32,6 +32,7 @@ import torch
 from common.config import config_to_dict, load_config
 from common.io import atomic_write, load_json
 from common.metrics import rank_metrics
+from common.progress import Progress as Report
 from common.runs import (check_finite, comparison_slot, log_metrics, rng_state, run_or_reuse, save_checkpoint,
                          start_run, truncate_metrics, write_results)
 from common.utils import seed_everything
@@ -300,10 +301,17 @@ def train_stacks(slots: list[Slot], models: list[torch.nn.Module], data: Any, de
             continue
         groups.setdefault((slot.method, _adam_step_count(slot.optimizer_state)), []).append(i)
     stacks = [Stack([slots[i] for i in idx], [models[i] for i in idx], data, device) for idx in groups.values()]
-    while any(stack.slots for stack in stacks):
-        for stack in stacks:
-            if stack.slots:
-                stack.epoch()
+    live = [slot for stack in stacks for slot in stack.slots]
+    if not live:
+        return
+    # One unit = one pass of the epoch loop over every stack; early stopping may end it before the total.
+    total, done = max(s.cfg.train.max_epochs for s in live), min(s.progress.epoch for s in live)
+    with Report(total, f"flame table: {len(live)} runs", unit="epoch", initial=done) as report:
+        while any(stack.slots for stack in stacks):
+            for stack in stacks:
+                if stack.slots:
+                    stack.epoch()
+            report.update()
 
 
 # ------------------------------------------------------------------------------------ finishing a run
