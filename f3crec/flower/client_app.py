@@ -48,7 +48,8 @@ def _process_age() -> float:
 def _trace(context: Context):
     """With F3CREC_FLOWER_TIMING=<file>: one JSON line per message, (wall, CPU) seconds — the process's age and
     CPU when the app is entered (its start, Flower's runtime, pulling the message, this module's import), this
-    module's import, the core's import (torch), the node's build and the whole handler (bench.py, README)."""
+    module's import, the core's import (torch), the node's build and the whole handler (README;
+    `python -m f3crec.bench --flower` reads it)."""
     path, times = os.environ.get("F3CREC_FLOWER_TIMING"), os.times()
     entry = (_process_age(), times.user + times.system)
     with _phase("handler"):
