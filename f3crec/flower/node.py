@@ -10,8 +10,6 @@ broadcast), exact metric sums with counts, per-user D_u/m_u and counts; Φ_u, ŷ
 """
 from __future__ import annotations
 
-from fractions import Fraction
-
 import numpy as np
 import torch
 
@@ -24,8 +22,6 @@ from ..evaluate import oracle_test_sums
 from ..model import BACKBONES
 from ..sim_reference import Client, ReferenceSimulator
 from .wire import owner
-
-Sums = dict[str, tuple[Fraction, int]]
 
 
 class _Received:
@@ -108,8 +104,8 @@ class Node(ReferenceSimulator):
         self.end_block(round_context(self.cfg, self.flags, self.blocks, t, 0),
                        np.array(sorted(self.blocks[t].train), dtype=np.int64), self.fisher_plan(self.cfg, self.flags, self.blocks, t))
 
-    def test_sums(self, t: int, old_block_mask: str) -> list[Sums]:
-        """Exact sums of a_{t,i}, i = 0..t, over this node's test users (§10)."""
+    def test_sums(self, t: int, old_block_mask: str) -> list[dict]:
+        """Exact (sum, count) of a_{t,i}, i = 0..t, over this node's test users (§10)."""
         return oracle_test_sums(self, self.blocks, t, BACKBONES[self.cfg.backbone.name], old_block_mask)
 
     # ------------------------------------------------------------------------------------ checkpoints
