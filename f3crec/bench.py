@@ -9,6 +9,7 @@
     python -m f3crec.bench --per-round --simulators vectorised --clients 100000 --items 2000 --per-client 10
                                                  # synthetic scale test of the vectorised simulator
     python -m f3crec.bench --scale --sizes 1000 10000 100000   # ML-100K-shaped: CPU ms per round, peak RSS
+    python -m f3crec.bench --flower [--nodes 2] [--no-deploy] [key=value ...]   # where a Flower message's seconds go
 
 The whole run is `python -m f3crec.main` in a subprocess (OMP_NUM_THREADS=1, so imports and start-up are
 counted), seed 42, 20 rounds in every block and no early stopping; with `--reference` the official
@@ -24,10 +25,12 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +318,59 @@ def compare(args) -> dict:
     return {"sides": sides, "reference": ref}
 
 
+def _median_round_seconds(run_dir: Path) -> float:
+    return statistics.median(json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+
+
+def flower(args) -> list[dict]:
+    """Where a Flower message's seconds go (§14; extra fl), one smoke block on `--nodes` nodes, one thread.
+
+    Rows: the reference simulator and the in-process grid (same client code, messages but no processes), then
+    stock Flower processes on 127.0.0.1 (common/flower_ops.py: SuperLink + SuperNodes, TLS, node auth, Flower's
+    process-per-message isolation; skipped with --no-deploy). For the deployment the ClientApp's trace
+    (F3CREC_FLOWER_TIMING, flower/client_app.py) gives, per message, median wall and CPU seconds of: the
+    ClientApp process up to the app's entry (its start, Flower's runtime, pulling the message and the FAB, this
+    app's module import), the app module's import alone, the core's import (torch), the node's build from
+    Context.state, the handler; `flower_wait_s` is what a round's two sequential exchanges (train, then
+    validation) spend outside the ClientApp processes: Flower's polls and sleeps."""
+    torch.set_num_threads(1)
+    from .main import run
+    overrides = ["train.stop_after_block=0", f"federation.nodes={args.nodes}", *args.overrides]
+    rows, smoke = [], Path(__file__).resolve().parent / "configs" / "smoke.yaml"
+    with tempfile.TemporaryDirectory(prefix="f3crec-flower-bench-") as tmp:
+        root = Path(tmp)
+        for name in ("reference", "flower"):
+            cfg = load_config(Config, smoke, [*overrides, f"federation.simulator={name}"])
+            cfg = replace(cfg, federation=replace(cfg.federation, node_state_dir=str(root / "nodes")))
+            started, cpu = time.perf_counter(), time.process_time()
+            run(cfg, root / name)
+            rows.append({"path": name if name == "reference" else "in-process grid", "round_s": _median_round_seconds(root / name),
+                         "wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu})
+        if not args.no_deploy:
+            from common import flower_ops
+            trace = root / "trace.jsonl"
+            os.environ["F3CREC_FLOWER_TIMING"] = str(trace)
+            started, children = time.perf_counter(), os.times()
+            flower_ops.deploy(Path(__file__).resolve().parent / "flower" / "app", ["f3crec", "common"], args.nodes,
+                              f'partition-id={{i}} num-partitions={{n}} state-dir="{root / "nodes-deployed"}"',
+                              f'overrides="{" ".join(overrides)}" run-dir="{root / "deployed"}"', "report",
+                              root / "deployment", timeout=3600)
+            done = os.times()
+            messages = [json.loads(line) for line in trace.read_text().splitlines()]
+            median = lambda key, i: statistics.median(m[key][i] for m in messages if key in m)  # noqa: E731
+            phases = {f"{k}_{unit}": median(k, i) for k in ("at_entry", "app_import", "core_import", "node_build", "handler")
+                      for i, unit in enumerate(("s", "cpu"))}
+            round_s = _median_round_seconds(root / "deployed")
+            rows.append({"path": "stock Flower deployment", "round_s": round_s, "wall_s": time.perf_counter() - started,
+                         "processes_cpu_s": done.children_user + done.children_system - children.children_user
+                         - children.children_system, "messages": len(messages), **phases,
+                         "flower_wait_s": round_s / 2 - phases["at_entry_s"] - phases["handler_s"]})
+    print(f"# f3crec Flower bench: smoke block 0, {args.nodes} nodes, one thread; load {os.getloadavg()[0]:.2f}")
+    for row in rows:
+        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(CONFIG))
@@ -337,12 +393,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compare", type=lambda text: text.split(","), default=None, metavar="SIM,SIM",
                         help="whole runs of these simulators (e.g. vectorised,compiled) side by side, alternating")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--flower", action="store_true", help="the Flower paths instead (flower/bench.py; extra fl, fl-sim for the simulation runtime)")
+    parser.add_argument("--flower", action="store_true", help="where a Flower message's seconds go instead (extra fl)")
+    parser.add_argument("--nodes", type=int, default=2, help="--flower: Flower nodes")
+    parser.add_argument("--no-deploy", action="store_true", help="--flower: skip the stock Flower deployment")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    if args.flower:   # in-process grid, simulation runtime, 127.0.0.1 deployments beside the vectorised / reference (§14)
-        from .flower.bench import main as flower_bench
-        return {"flower": flower_bench(args.overrides)}
+    if args.flower:   # in-process grid and a 127.0.0.1 deployment beside the reference (§14)
+        return {"flower": flower(args)}
     if args.data:
         args.config = str(Path(__file__).resolve().parent / "configs" / f"{args.data}.yaml")
     if not args.overrides and not args.clients and not args.data and not args.scale:

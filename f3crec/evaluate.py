@@ -183,12 +183,18 @@ def test_row(sim, blocks: list[Block], t: int, net: Backbone, old_block_mask: st
 def oracle_test_row(sim, blocks: list[Block], t: int, net: Backbone, old_block_mask: str,
                     decimals: int | None) -> list[dict[str, float]]:
     """test_row from the simulation-only oracle (§3): every user scored from the clients' state."""
-    row = []
+    return [finish(sums, decimals) for sums in oracle_test_sums(sim, blocks, t, net, old_block_mask)]
+
+
+def oracle_test_sums(sim, blocks: list[Block], t: int, net: Backbone, old_block_mask: str
+                     ) -> list[dict[str, tuple[Fraction, int]]]:
+    """The exact sums of a_{t,i}, i = 0..t, over the test users `sim` holds (a Flower node: its own, §14)."""
+    out = []
     for i in range(t + 1):
         users = sorted(blocks[i].test)
         masks = sparse_masks(users, blocks[i].test, test_exclude(blocks, t, i, old_block_mask), n_items=blocks[t].n_items)
-        row.append(finish(oracle_sums(sim, net, users, masks, blocks[t].n_items), decimals))
-    return row
+        out.append(oracle_sums(sim, net, users, masks, blocks[t].n_items))
+    return out
 
 
 def test_exclude(blocks: list[Block], t: int, i: int, old_block_mask: str) -> list[dict[int, np.ndarray]]:

@@ -49,14 +49,18 @@ class LocalLoop:
         return self._maker[1].draw(self.cfg.train.seed, ctx.block, ctx.round)
 
     def validate(self, ctx: RoundContext, decimals: int | None) -> dict[str, float]:
-        """Validation of block ctx.block, only its train masked (§8.2); sparse masks built once a block."""
-        if self._valid is None or self._valid[0] != ctx.block:
-            block = self.blocks[ctx.block]
+        """Validation of block ctx.block, only its train masked (§8.2)."""
+        return finish(self.validation_sums(ctx.block), decimals)
+
+    def validation_sums(self, t: int) -> dict:
+        """Exact NDCG@20/Recall@20 sums over block t's validation users that this simulator holds (a Flower
+        node: its own, §14); sparse masks built once a block."""
+        if self._valid is None or self._valid[0] != t:
+            block = self.blocks[t]
             users = sorted(block.valid)
-            self._valid = (ctx.block, users, sparse_masks(users, block.valid, [block.train], n_items=block.n_items))
+            self._valid = (t, users, sparse_masks(users, block.valid, [block.train], n_items=block.n_items))
         _, users, masks = self._valid
-        net = BACKBONES[self.cfg.backbone.name]
-        return finish(oracle_sums(self, net, users, masks, self.blocks[ctx.block].n_items), decimals)
+        return oracle_sums(self, BACKBONES[self.cfg.backbone.name], users, masks, self.blocks[t].n_items)
 
     def test_row(self, t: int, old_block_mask: str, decimals: int | None) -> list[dict[str, float]]:
         """a_{t,i} for i = 0..t (§10): test of D^i, masked with D^t's train+valid [Q4] or cumulatively [D]."""

@@ -175,9 +175,12 @@ class ReferenceSimulator(LocalLoop):
                                  "rows": rows["item"][mine], "F_rows": rows["F"][mine]}
 
     def private_matrix(self) -> dict[str, torch.Tensor]:
-        """Every client's Φ stacked by user id (for the evaluation oracle only)."""
+        """Every client's Φ in the row of its user id (for the evaluation oracle only). A Flower node holds
+        some users only (§14): the other rows are zero and never read."""
         users = sorted(self.clients)
-        return {k: torch.stack([self.clients[u].private[k] for u in users]) for k in self.clients[users[0]].private}
+        index = torch.tensor(users)
+        return {k: v.new_zeros(users[-1] + 1, *v.shape).index_copy_(0, index, torch.stack([self.clients[u].private[k] for u in users]))
+                for k, v in self.clients[users[0]].private.items()}
 
     def grow(self, new_private: dict[str, torch.Tensor]) -> None:
         start = len(self.clients)

@@ -40,8 +40,8 @@ def make_simulator(cfg, flags: dict, items: torch.Tensor, private: dict, blocks:
     `blocks`, a local simulator also answers the block loop's calls (local_loop.py: plans, evaluation)."""
     keep_freed_memory()
     if cfg.federation.simulator == "flower":  # optional extra: flwr is imported only when asked for (§14)
-        from .flower.launch import make_flower_simulator
-        return make_flower_simulator(cfg, flags, items, private)
+        from .flower.launch import flower_simulator
+        return flower_simulator(cfg, flags, items, private)
     # The per-client reference simulator is the readable ground truth: it always runs on the CPU.
     kind = simulator_kind(cfg, flags)
     device = get_device(cfg.train.device) if kind == "vectorised" else torch.device("cpu")
@@ -95,8 +95,8 @@ def sim_state(sim) -> dict:
 
 def load_sim(cfg, flags: dict, state: dict, blocks: list[Block]):
     if state.get("federated"):
-        from .flower.launch import load_flower_simulator
-        return load_flower_simulator(cfg, flags, state)
+        from .flower.launch import flower_simulator
+        return flower_simulator(cfg, flags, state=state)
     sim = make_simulator(cfg, flags, state["server"]["items"], dict(state["clients"]["private"]), blocks)
     device = sim.server.items.device
     sim.server.load_state_dict(_to(state["server"], device))

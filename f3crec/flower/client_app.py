@@ -2,9 +2,10 @@
 
 Node config: `partition-id`, `num-partitions` (user u lives on partition u mod num-partitions), optional
 `state-dir` (its block-boundary checkpoints). Run config: wire.config_from_run_config (app/pyproject.toml).
-`Context.state` holds the node's client state (`f3crec.state`, Node.state() as bytes) and its version
-(`f3crec.meta`), per run (run ids are unique): a process keeps its live `Node` while the versions match (the in-process grid, Flower's
-simulation runtime); a SuperNode's fresh ClientApp process per message rebuilds it from `Context.state`.
+`Context.state["f3crec.state"]` holds the node's client state (`torch`: Node.state() as bytes) and its
+`version`, per run (run ids are unique): a process keeps its live `Node` while the versions match (the
+in-process grid, Flower's simulation runtime); a SuperNode's fresh ClientApp process per message rebuilds it
+from `Context.state`.
 Importing this module loads flwr and numpy only; torch and the core come with the first message.
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _process_age() -> float:
 def _trace(context: Context):
     """With F3CREC_FLOWER_TIMING=<file>: one JSON line per message, (wall, CPU) seconds — the process's age and
     CPU when the app is entered (its start, Flower's runtime, pulling the message, this module's import), this
-    module's import, the core's import (torch), the node's build and the whole handler (bench.py, README)."""
+    module's import, the core's import (torch), the node's build and the whole handler (README;
+    `python -m f3crec.bench --flower` reads it)."""
     path, times = os.environ.get("F3CREC_FLOWER_TIMING"), os.times()
     entry = (_process_age(), times.user + times.system)
     with _phase("handler"):
@@ -68,16 +70,19 @@ def _journal(context: Context) -> Path | None:
     return Path(str(folder)) / "live" / f"run-{context.run_id}-node-{context.node_id}.pt" if folder else None
 
 
+def _version(context: Context) -> int:
+    return int(context.state["f3crec.state"]["version"]) if "f3crec.state" in context.state else 0
+
+
 def _node(context: Context):
     """The node's live state: the cached Node while its version matches Context.state's, else rebuilt (from the
     node-local journal where Context.state is behind it)."""
-    version, key, journal = int(context.state.get("f3crec.meta", {}).get("version", 0)), (context.run_id, context.node_id), _journal(context)
+    version, key, journal = _version(context), (context.run_id, context.node_id), _journal(context)
     if key in _LIVE and _LIVE[key][0] == version:   # this process wrote that state: the context is current
         return _LIVE[key][1]
     if journal is not None and journal.exists() and (saved := wire.load(journal.read_bytes()))["version"] > version:
         version = saved["version"]
-        context.state["f3crec.state"] = ConfigRecord({"torch": saved["state"]})
-        context.state["f3crec.meta"] = ConfigRecord({"version": version})
+        context.state["f3crec.state"] = ConfigRecord({"torch": saved["state"], "version": version})
     from .node import Node
     with _phase("node_build"):
         node = Node(wire.config_from_run_config(context.run_config), int(context.node_config["partition-id"]),
@@ -91,9 +96,8 @@ def _node(context: Context):
 def _store(context: Context, node) -> None:
     """Write the node's state into Context.state (a new version), and the node-local journal, after every change."""
     from common.io import atomic_write
-    version, state = int(context.state.get("f3crec.meta", {}).get("version", 0)) + 1, wire.dump(node.state())
-    context.state["f3crec.state"] = ConfigRecord({"torch": state})
-    context.state["f3crec.meta"] = ConfigRecord({"version": version})
+    version, state = _version(context) + 1, wire.dump(node.state())
+    context.state["f3crec.state"] = ConfigRecord({"torch": state, "version": version})
     _LIVE[(context.run_id, context.node_id)] = (version, node)
     if (journal := _journal(context)) is not None:
         journal.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +115,7 @@ def _checkpoint(context: Context, node, run_key: str) -> Path:
 def _train(node, tensors, config, context):
     """One round: the node's participants train on the broadcast; the reply is their uploads only."""
     out, stats = {}, {}
-    for user, (rows, values, user_stats) in node.train(int(config["block"]), int(config["round"]), tensors["items"]).items():
+    for user, (rows, values, user_stats) in node.train(int(config["block"]), int(config["round"])).items():
         out[f"{user}.rows"], out[f"{user}.values"], stats[str(user)] = rows, values, user_stats
     return out, {"users": sorted(int(u) for u in stats), "stats": stats}
 
@@ -126,17 +130,16 @@ OPERATIONS = {
     "query.describe": (lambda node, x, c, ctx: (None, node.describe()), False),
     "query.grow": (lambda node, x, c, ctx: (node.grow(_users(x), x), {"users": len(node.clients)}), True),
     "query.set_rows": (lambda node, x, c, ctx: (node.set_rows(_users(x), x), {}), True),
-    "query.end_block": (lambda node, x, c, ctx: (node.finish_block(int(c["block"]), x["items"]), {}), True),
+    "query.end_block": (lambda node, x, c, ctx: (node.finish_block(int(c["block"])), {}), True),
     "query.slot": (lambda node, x, c, ctx: (getattr(node, f"{c['op']}_slot")(c["name"]), {}), True),
     # block-boundary checkpoint of this node's users, kept on the node (the server never receives it)
     "query.save": (lambda node, x, c, ctx: (node.save(_checkpoint(ctx, node, c["run_key"]), int(c["block"])), {}), False),
     "query.restore": (lambda node, x, c, ctx: (node.restore(_checkpoint(ctx, node, c["run_key"]), int(c["block"])),
                                                {"users": len(node.clients)}), True),
     "train": (_train, True),
-    "evaluate.valid": (lambda node, x, c, ctx: (None, {"sums": wire.sums_to_json(node.validate_sums(int(c["block"]), x["items"]))}),
-                       False),
+    "evaluate.valid": (lambda node, x, c, ctx: (None, {"sums": wire.sums_to_json(node.validation_sums(int(c["block"])))}), False),
     "evaluate.test": (lambda node, x, c, ctx: (None, {"row": [wire.sums_to_json(s) for s in node.test_sums(
-        int(c["block"]), x["items"], c["old_block_mask"])]}), False),
+        int(c["block"]), c["old_block_mask"])]}), False),
 }
 
 
@@ -146,6 +149,8 @@ def _serve(operation, changes_state: bool):
             from . import node  # noqa: F401  torch and the F3CRec core: at the first message, not at import
         tensors, config = wire.unpack(message.content)
         node = _node(context)
+        if "items" in tensors:   # the server's table (broadcast, best or evaluated): all a node holds of the server
+            node.server.items = tensors.pop("items")
         out, reply = operation(node, tensors, config, context)
         if changes_state:
             _store(context, node)

@@ -41,9 +41,7 @@ class LocalGrid(Grid):
     def set_run(self, run) -> None:
         self._run = run
 
-    @property
-    def run(self):
-        return self._run
+    run = property(lambda self: self._run)
 
     def make_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                      ttl: float | None = None) -> Message:
@@ -106,24 +104,17 @@ def using_grid(grid):
         _GRID.reset(token)
 
 
-def _simulator(cfg, flags: dict, items, run_key: str | None = None) -> FlowerSimulator:
+def flower_simulator(cfg, flags: dict, items=None, private=None, state: dict | None = None) -> FlowerSimulator:
+    """Block 0: the server with table `items`, each node creating its users with their rows of `private`;
+    --resume (`state`): the server's table from `state`, every node's users from the node's own checkpoint."""
     fed, grid = cfg.federation, _GRID.get()
     if grid is None:
         from . import client_app, wire
         grid = local_grid(client_app.app, wire.config_to_json(cfg), fed.nodes, fed.node_state_dir)
-    return FlowerSimulator(Server(items, cfg.method.beta, itm=flags["itm"]), grid, fed.min_reply_fraction,
-                           fed.reply_timeout, run_key)
-
-
-def make_flower_simulator(cfg, flags: dict, items, private) -> FlowerSimulator:
-    """Block 0: the server with table `items`; each node creates its users with their rows of `private`."""
-    sim = _simulator(cfg, flags, items)
-    sim.grow(private)
-    return sim
-
-
-def load_flower_simulator(cfg, flags: dict, state: dict) -> FlowerSimulator:
-    """--resume: the server's table from `state`, every node's users from the node's own checkpoint."""
-    sim = _simulator(cfg, flags, state["server"]["items"], state["run_key"])
-    sim.load_state_dict(state)
+    server = Server(state["server"]["items"] if state else items, cfg.method.beta, itm=flags["itm"])
+    sim = FlowerSimulator(server, grid, fed.min_reply_fraction, fed.reply_timeout, state["run_key"] if state else None)
+    if state:
+        sim.load_state_dict(state)
+    else:
+        sim.grow(private)
     return sim

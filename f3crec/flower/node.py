@@ -2,14 +2,13 @@
 
 A node hosts the users u with u mod num_partitions = partition (one device or one silo) and loads the block
 files itself, keeping only its users' interactions. `Node` is the reference simulator over those users and
-blocks: the round plan (local_loop.py), the local step and block end (sim_reference.py) and the exact metric
-sums (evaluate.oracle_sums) are the core's code (§13). No flwr here: client_app.py turns messages into these
-calls. Invariant: a node sends only uploads (the rows of its users' local tables that differ from the
+blocks: the round plan and validation sums (local_loop.py), the local step, block end, slots and restart
+(sim_reference.py) and the test sums (evaluate.oracle_test_sums) are the core's code (§13). No flwr here:
+client_app.py turns messages into these calls; every message that carries the server's table sets
+`server.items` first. Invariant: a node sends only uploads (the rows of its users' local tables that differ from the
 broadcast), exact metric sums with counts, per-user D_u/m_u and counts; Φ_u, ŷ, Tᵘ and scores stay here.
 """
 from __future__ import annotations
-
-from fractions import Fraction
 
 import numpy as np
 import torch
@@ -19,12 +18,10 @@ from common.runs import load_checkpoint, save_checkpoint
 from ..block_inputs import round_context
 from ..config import resolve
 from ..data import Block, get_blocks
-from ..evaluate import oracle_sums, sparse_masks, test_exclude
+from ..evaluate import oracle_test_sums
 from ..model import BACKBONES
 from ..sim_reference import Client, ReferenceSimulator
 from .wire import owner
-
-Sums = dict[str, tuple[Fraction, int]]
 
 
 class _Received:
@@ -35,13 +32,10 @@ class _Received:
     def broadcast(self) -> torch.Tensor:
         return self.items
 
-    def save_slot(self, name: str) -> None:
+    def save_slot(self, *name: str) -> None:
         pass
 
-    load_slot = save_slot
-
-    def end_block(self) -> None:
-        pass
+    load_slot = end_block = save_slot
 
 
 class Node(ReferenceSimulator):
@@ -55,7 +49,6 @@ class Node(ReferenceSimulator):
         self.partition, self.num_partitions = partition, num_partitions
         blocks, self.blocks_id = get_blocks(cfg.data, cfg.train.seed)
         self.attach(cfg, flags, [self._own(b) for b in blocks])
-        self.net, self.topn = BACKBONES[cfg.backbone.name], cfg.method.topn
         self.server, self.clients, self.slot_names = _Received(), {}, []
 
     def _own(self, block: Block) -> Block:
@@ -83,57 +76,37 @@ class Node(ReferenceSimulator):
             client.slots = {s: {k: v.clone() for k, v in client.private.items()} for s in self.slot_names}
 
     def set_rows(self, users: list[int], private: dict[str, torch.Tensor]) -> None:
-        """Re-initialise these users' Φ (full_retrain's per-block restart)."""
-        for j, user in enumerate(users):
-            self.clients[user].private = {k: v[j].clone() for k, v in private.items()}
+        """Re-initialise these users' Φ, the rows of `private` in the order of `users` (full_retrain's restart)."""
+        self.set_private({k: dict(zip(users, v)) for k, v in private.items()})
 
     def save_slot(self, name: str) -> None:
         if name not in self.slot_names:
             self.slot_names.append(name)
         super().save_slot(name)
 
-    def private_matrix(self) -> dict[str, torch.Tensor]:
-        """Φ of this node's users in the rows of their user ids (the oracle's indexing; other rows are zero
-        and never read), so evaluate.oracle_sums scores them as the reference scores every user."""
-        users = sorted(self.clients)
-        index = torch.tensor(users)
-        return {k: v.new_zeros(users[-1] + 1, *v.shape).index_copy_(0, index, torch.stack([self.clients[u].private[k] for u in users]))
-                for k, v in self.clients[users[0]].private.items()}
-
     # ------------------------------------------------------------------------------------------- round
-    def train(self, t: int, r: int, broadcast: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, dict]]:
-        """Round r of block t for this node's participants: user -> (changed rows, their values, stats). The
-        plan is LocalLoop.plan over this node's blocks: each client's draws come from its own streams, so
-        they equal the reference's (§13)."""
-        ctx = round_context(self.cfg, self.flags, self.blocks, t, r)
+    def train(self, t: int, r: int) -> dict[int, tuple[torch.Tensor, torch.Tensor, dict]]:
+        """Round r of block t for this node's participants on the broadcast: user -> (changed rows, their
+        values, stats). The plan is LocalLoop.plan over this node's blocks: each client's draws come from its
+        own streams, so they equal the reference's (§13)."""
+        ctx, broadcast, out = round_context(self.cfg, self.flags, self.blocks, t, r), self.server.items, {}
         if broadcast.shape[0] != ctx.n_items:
             raise ValueError(f"node {self.partition}: broadcast has {broadcast.shape[0]} rows, block {t} {ctx.n_items}")
-        self.server.items, out = broadcast, {}
         for user, upload, stats in self.local_round(self.plan(ctx), ctx):
             # Lossless transport: the rows equal to the broadcast are left out and refilled by the server.
             rows = torch.nonzero((upload != broadcast).any(1)).squeeze(1)
             out[user] = (rows, upload[rows], stats)
         return out
 
-    def finish_block(self, t: int, best: torch.Tensor) -> None:
+    def finish_block(self, t: int) -> None:
         """ŷ, Tᵘ, anchors (and EWC's Fisher, LocalLoop.fisher_plan) from the broadcast best table (§8.5), as
         train.end_block asks of every simulator; the server sends the hand-off's slot load itself."""
-        self.server.items = best
         self.end_block(round_context(self.cfg, self.flags, self.blocks, t, 0),
                        np.array(sorted(self.blocks[t].train), dtype=np.int64), self.fisher_plan(self.cfg, self.flags, self.blocks, t))
 
-    # -------------------------------------------------------------------------------------- evaluation
-    def validate_sums(self, t: int, items: torch.Tensor) -> Sums:
-        """Exact NDCG@20/Recall@20 sums over this node's validation users of block t (§8.2)."""
-        self.server.items, block = items, self.blocks[t]
-        users = sorted(block.valid)
-        return oracle_sums(self, self.net, users, sparse_masks(users, block.valid, [block.train]), block.n_items)
-
-    def test_sums(self, t: int, items: torch.Tensor, old_block_mask: str) -> list[Sums]:
-        """Exact sums of a_{t,i}, i = 0..t, over this node's test users (§10)."""
-        self.server.items, blocks = items, self.blocks
-        return [oracle_sums(self, self.net, users, sparse_masks(users, blocks[i].test, test_exclude(blocks, t, i, old_block_mask)),
-                            blocks[t].n_items) for i in range(t + 1) for users in [sorted(blocks[i].test)]]
+    def test_sums(self, t: int, old_block_mask: str) -> list[dict]:
+        """Exact (sum, count) of a_{t,i}, i = 0..t, over this node's test users (§10)."""
+        return oracle_test_sums(self, self.blocks, t, BACKBONES[self.cfg.backbone.name], old_block_mask)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state(self) -> dict:

@@ -12,7 +12,6 @@ line and exit status 2, no traceback; any other error is raised, so Flower shows
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.cli import USER_ERRORS, describe_error
-from common.io import atomic_write
+from common.io import save_json
 
 from . import wire
 from .launch import using_grid
@@ -42,8 +41,7 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
 
 def _write_report(path: str, report: dict) -> None:
     if path:
-        with atomic_write(Path(path), "w") as handle:
-            json.dump(report, handle)
+        save_json(path, report)
 
 
 @app.main()

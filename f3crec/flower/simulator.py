@@ -143,8 +143,7 @@ class FlowerSimulator:
         return [finish(merge_sums([row[i] for row in rows]), decimals) for i in range(t + 1)]
 
     def fisher_plan(self, cfg, flags, blocks, t: int) -> None:
-        """The block loop's call (local_loop.py): every node draws its own users' EWC plan (node.py)."""
-        return None
+        """The block loop's call (local_loop.py): None, every node draws its own users' EWC plan (node.py)."""
 
     def end_block(self, ctx, trained=None, fisher_plan=None) -> None:
         """Each node builds ŷ, Tᵘ, anchors (and the Fisher) of its users from the best table (§8.5);
@@ -183,9 +182,6 @@ class FlowerSimulator:
     def set_private(self, private: dict[str, torch.Tensor]) -> None:
         """full_retrain's restart: every user's Φ re-drawn from the public seed."""
         self._ask("query.set_rows", "restart", bodies=self._rows_by_node(0, private))
-
-    def topn_lists(self):
-        raise RuntimeError("the Flower server holds no Tᵘ: nodes build their own plans")
 
     def state_dict(self) -> dict:
         """The server's part of a block-boundary checkpoint; each node saves its users' state itself."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from common.config import ConfigError, config_to_dict, flatten, load_config
+from common.config import ConfigError, config_to_dict, load_config
 from common.io import REPO
 
 
@@ -69,22 +69,15 @@ def config_to_json(cfg) -> str:
     return json.dumps(config_to_dict(cfg))
 
 
-def config_from_json(text: str):
-    """Rebuild a Config from config_to_json through the schema (types and ranges checked as at load)."""
-    from ..config import Config   # f3crec.config imports torch: not at this module's import
-    pairs = flatten(json.loads(text))
-    return load_config(Config, None, [f"{key}={json.dumps(value)}" for key, value in pairs.items() if value != {}])
-
-
 def config_from_run_config(run_config):
     """The run's config from a Flower run config (the same on the ServerApp and every node): `f3crec-config`
     (a whole config as JSON: the in-process grid), else on `resume` the run folder's own config.yaml (a resume
     runs exactly the saved config: `overrides` are refused), else `config` (a YAML path, relative to the
     bundle's root, or absolute) with `overrides` (space-separated key=value); the simulator is Flower's."""
-    from ..config import Config
+    from ..config import Config   # f3crec.config imports torch: not at this module's import
     text = str(run_config.get("f3crec-config", "") or "")
-    if text:
-        return config_from_json(text)
+    if text:   # config_to_json's sections as overrides: rebuilt through the schema (types, ranges checked)
+        return load_config(Config, None, [f"{key}={json.dumps(value)}" for key, value in json.loads(text).items()])
     overrides = shlex.split(str(run_config.get("overrides", "") or ""))
     if run_config.get("resume", False):
         run_dir = Path(str(run_config.get("run-dir", "") or ""))
