@@ -230,6 +230,7 @@ def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
                             "cpu_s_per_round": round(float(np.median(cpu)), 4),
                             "validation_cpu_s": round(float(np.median(val)), 4),
                             "clients_per_sec": round(len(positives) / per_round, 1)}
+    out["simulator"] = type(sim).__name__   # what ran (the scale table names it)
     out["interactions"] = [int(b.stats()[0]) for b in blocks[:2]]
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if device.type == "cuda":
