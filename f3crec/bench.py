@@ -9,6 +9,7 @@
     python -m f3crec.bench --per-round --simulators vectorised --clients 100000 --items 2000 --per-client 10
                                                  # synthetic scale test of the vectorised simulator
     python -m f3crec.bench --scale --sizes 1000 10000 100000   # ML-100K-shaped: CPU ms per round, peak RSS
+    python -m f3crec.bench --scale --simulator compiled        # the same, the compiled simulator
     python -m f3crec.bench --flower [--nodes 2] [--no-deploy] [key=value ...]   # where a Flower message's seconds go
 
 The whole run is `python -m f3crec.main` in a subprocess (OMP_NUM_THREADS=1, so imports and start-up are
@@ -41,8 +42,6 @@ from common.io import data_root
 
 from .config import Config, resolve
 from .data import Block, get_blocks
-from .model import BACKBONES
-from .evaluate import oracle_sums, sparse_masks
 from .train import end_block, grow, make_simulator, round_context
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "ml-100k.yaml"
@@ -219,22 +218,22 @@ def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
             end_block(sim, cfg, blocks, 0, flags)
             sim = grow(sim, None, cfg, blocks, 1, cfg.train.seed)
         positives = blocks[t].train
-        valid_users = sorted(blocks[t].valid)
-        masks = sparse_masks(valid_users, blocks[t].valid, [blocks[t].train])
         times, cpu, val = [], [], []
         for r in range(rounds):
+            ctx = round_context(cfg, flags, blocks, t, r + 1)
             start, cpu0 = time.perf_counter(), time.process_time()
-            sim.train_round(None, round_context(cfg, flags, blocks, t, r + 1))   # the simulator draws the plan
+            sim.train_round(None, ctx)   # the simulator draws the plan
             times.append(time.perf_counter() - start)
             cpu.append(time.process_time() - cpu0)
-            if valid_users:
-                oracle_sums(sim, BACKBONES[cfg.backbone.name], valid_users, masks, blocks[t].n_items)
+            if blocks[t].valid:   # the simulator's own validation, as the block loop calls it
+                sim.validate(ctx, None)
             val.append(time.process_time() - cpu0 - cpu[-1])
         per_round = float(np.median(times))
         out[f"block{t}"] = {"clients": len(positives), "sec_per_round": round(per_round, 4),
                             "cpu_s_per_round": round(float(np.median(cpu)), 4),
                             "validation_cpu_s": round(float(np.median(val)), 4),
                             "clients_per_sec": round(len(positives) / per_round, 1)}
+    out["simulator"] = type(sim).__name__   # what ran (the scale table names it)
     out["interactions"] = [int(b.stats()[0]) for b in blocks[:2]]
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if device.type == "cuda":
@@ -274,19 +273,19 @@ def per_round(args) -> dict:
 
 def scale(args) -> dict:
     """ms per round (training, validation) and peak RSS at each of `args.sizes` ML-100K-shaped client counts,
-    each size in its own process (its own peak RSS), the vectorised simulator, one thread."""
-    out = {}
+    each size in its own process (its own peak RSS), `args.simulator` (vectorised or compiled), one thread."""
+    out, name = {}, args.simulator
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    print(f"ML-100K-shaped synthetic blocks, vectorised simulator, one thread, median of {args.rounds} rounds, "
+    print(f"ML-100K-shaped synthetic blocks, {name} simulator, one thread, median of {args.rounds} rounds, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit or '?'}, "
           f"load average {os.getloadavg()[0]:.1f}")
     print("| clients | items | base-block interactions | base round, CPU ms | its validation, CPU ms | "
           "incremental round, CPU ms | peak RSS GB |")
     print("|---|---|---|---|---|---|---|")
     for clients in args.sizes:
-        args.clients, args.scale, args.simulators = clients, True, ["vectorised"]
+        args.clients, args.scale, args.simulators = clients, True, [name]
         try:
-            res = per_round(args)["vectorised"]
+            res = per_round(args)[name]
         except RuntimeError as err:
             print(f"| {clients} | — | — | failed: {err} | | | |")
             break
@@ -387,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale", action="store_true", help="ms per round and peak RSS at --sizes ML-100K-shaped "
                         "client counts (synthetic, linear-time generator)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--simulator", choices=["vectorised", "compiled"], default="vectorised",
+                        help="--scale: the simulator timed")
     parser.add_argument("--reference", default=None, help="a prepared checkout of the official code: time it too, "
                         "alternating with ours (README, Speed)")
     parser.add_argument("--reference-python", default=sys.executable, help="the interpreter that has its pandas")

@@ -12,7 +12,8 @@ the table `m_of_d` that method.memory_size computed, the memory draw from the pl
 same SplitMix64 values as streams.py) and emb_reg's penalty. A client's local table is kept as the rows it
 can change (`slot[item]` → local row); every other row equals the broadcast. The upload is the sum over
 clients of their row deltas, added client by client in user order, so the result does not depend on any
-thread count: the kernels are single-threaded and every sum has a fixed order.
+thread count: the kernels are single-threaded and every sum has a fixed order (the per-sample score
+q_i · p_u is summed in SIMD lanes, `_row_dot`: an order fixed by the compiled code, not by threads).
 
 `affine_round` is the same loop for the backbones with a head (FedNCF, PFedRec): s = a_u · q_i + c_u with
 (a_u, c_u) from the private tensors (model.py), the head's gradients in closed form, PFedRec's two
@@ -59,6 +60,15 @@ def _mix(x):
 @njit(cache=True, inline="always")
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _row_dot(rows, r, p):
+    """rows[r] · p, its terms summed in any order (reassociation lets LLVM use SIMD lanes for the sum)."""
+    s = 0.0
+    for k in range(p.size):
+        s += rows[r, k] * p[k]
+    return s
 
 
 @njit(cache=True)
@@ -251,10 +261,7 @@ def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, 
             inv = 1.0 / (b1 - b0)
             for j in range(b0, b1):
                 r = slot[items[j]]
-                s = 0.0
-                for k in range(dim):
-                    s += local[r, k] * p[k]
-                g = (_sigmoid(s) - labels[j]) * inv
+                g = (_sigmoid(_row_dot(local, r, p)) - labels[j]) * inv
                 for k in range(dim):                   # two loops, no views (a view per sample costs more
                     grad[r, k] += g * p[k]             # than its arithmetic)
                 for k in range(dim):

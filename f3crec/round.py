@@ -243,7 +243,15 @@ def previous_scores(net: Backbone, private: dict[str, torch.Tensor], items: torc
     O(budget), never U × I (when U·|I| ≤ budget it is one product, as before)."""
     count, n_items = next(iter(private.values())).shape[0], items.shape[0]
     rows = max(1, (budget or SCORE_BUDGET) // max(n_items, 1))
-    tops, yhats = [], []
+    if count == 0:
+        return (torch.zeros(0, topn, dtype=torch.long, device=items.device),
+                torch.zeros(0, topn, dtype=items.dtype, device=items.device))
+    # The outputs are allocated once and filled chunk by chunk: a list of small per-chunk results, each
+    # allocated between two chunks' large temporaries, pins the heap and grew the RSS of a 100,000-client
+    # end of block from 3.4 to over 13 GB (glibc cannot reuse or return the memory between them).
+    n = min(topn, n_items)
+    tops = torch.empty(count, n, dtype=torch.long, device=items.device)
+    yhats = torch.empty(count, n, dtype=items.dtype, device=items.device)
     for lo in range(0, count, rows):
         scores = score_matrix(net, {k: v[lo:lo + rows] for k, v in private.items()}, items)
         top = top_n(scores, topn)
@@ -253,12 +261,9 @@ def previous_scores(net: Backbone, private: dict[str, torch.Tensor], items: torc
         yhat = scores.gather(1, top)
         if refresh is not None and not latest:
             yhat = torch.where(keep, old_yhat[lo:lo + rows], yhat)
-        tops.append(top)
-        yhats.append(yhat)
-    if not tops:
-        return (torch.zeros(0, topn, dtype=torch.long, device=items.device),
-                torch.zeros(0, topn, dtype=items.dtype, device=items.device))
-    return torch.cat(tops), torch.cat(yhats)
+        tops[lo:lo + rows] = top
+        yhats[lo:lo + rows] = yhat
+    return tops, yhats
 
 
 def top_n(scores: torch.Tensor, n: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ A round is dispatch-bound in the tensor simulators (1,250–2,000 ATen calls for
 each participant's local epoch is one pass of a compiled loop with closed-form gradients, on the
 same plan (round.py: the same per-user streams, negatives, shuffles and memory draws) and the same client
 state (ClientStates, held stacked by the inherited VectorisedSimulator code), so checkpoints, the base
-cache, end-of-block ŷ / T^u, slots and the server are shared code. Every sum is serial in a fixed order
+cache, end-of-block ŷ / T^u, slots and the server are shared code. Every sum has a fixed order
 (single-threaded kernels): the numbers do not depend on the thread count.
 
 Covered: FedMF (kernels.fedmf_round), FedNCF and PFedRec (kernels.affine_round: their heads in closed
@@ -28,7 +28,7 @@ from common.config import ConfigError
 from common.metrics import _discounts
 
 from . import kernels, streams
-from .evaluate import EVAL_CHUNK, finish, test_exclude, user_scores
+from .evaluate import SCORE_ROWS, finish, test_exclude, user_scores
 from .model import BACKBONES
 from .round import RoundContext, RoundPlan, ldp_noise
 from .sim_vectorised import VectorisedSimulator
@@ -167,8 +167,9 @@ class CompiledSimulator(VectorisedSimulator):
         """(exact sum, count) of NDCG@20 and Recall@20 over `users`, as evaluate.metric_sums gives them.
 
         Scores come from evaluate.user_scores (the oracle's fixed-shape products, so each score is the
-        oracle's bit for bit), EVAL_CHUNK users at a time: memory O(chunk × items); the top-K and metric
-        sums run in kernels.topk_metrics."""
+        oracle's bit for bit), one product of SCORE_ROWS users at a time, ranked by kernels.topk_metrics
+        while it is still in cache: memory O(SCORE_ROWS × items), no concatenation of the chunk's rows and no
+        fresh pages for a large score buffer each chunk."""
         if not users:
             return {"ndcg": (Fraction(0), 0), "recall": (Fraction(0), 0)}
         pos_ptr, pos, exc_ptr, exc = csr
@@ -177,8 +178,8 @@ class CompiledSimulator(VectorisedSimulator):
         ndcg, recall = np.empty(len(users)), np.empty(len(users))
         discounts = _discounts(min(K, n_items), torch.device("cpu")).numpy()
         index = torch.as_tensor(users)
-        for lo in range(0, len(users), EVAL_CHUNK):
-            hi = min(lo + EVAL_CHUNK, len(users))
+        for lo in range(0, len(users), SCORE_ROWS):
+            hi = min(lo + SCORE_ROWS, len(users))
             scores = user_scores(net, {k: v[index[lo:hi]] for k, v in private.items()}, items)
             if not kernels.topk_metrics(scores.numpy(), pos_ptr[lo:hi + 1] - pos_ptr[lo], pos[pos_ptr[lo]:pos_ptr[hi]],
                                         exc_ptr[lo:hi + 1] - exc_ptr[lo], exc[exc_ptr[lo]:exc_ptr[hi]], discounts,

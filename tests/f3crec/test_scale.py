@@ -70,6 +70,16 @@ def test_bench_scale_reports_a_row_per_size(capsys):
         assert res["block0"]["cpu_s_per_round"] > 0 and res["block1"]["clients"] > 0 and res["peak_rss_mb"] > 50
 
 
+def test_bench_scale_times_the_compiled_simulator_when_asked(capsys):
+    pytest.importorskip("numba")
+    from f3crec.bench import main
+    out = main(["--scale", "--simulator", "compiled", "--sizes", "60", "--rounds", "1"])
+    printed = capsys.readouterr().out
+    assert "compiled simulator" in printed and any(line.startswith("| 60 ") for line in printed.splitlines())
+    assert out[60]["simulator"] == "CompiledSimulator" and out[60]["block0"]["validation_cpu_s"] > 0
+    assert main(["--scale", "--sizes", "60", "--rounds", "1"])[60]["simulator"] == "VectorisedSimulator"
+
+
 def _sims(overrides, **kwargs):
     """Two vectorised simulators on the smoke stream (float64, several local steps), built with `kwargs`[i]."""
     from f3crec.sim_vectorised import VectorisedSimulator
