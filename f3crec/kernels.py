@@ -194,6 +194,49 @@ def _target_ranks(scores, targets, ranks):
         ranks[k] += above[lo] + 1                      # items above every target ≤ v_k: strictly greater
 
 
+@njit(cache=True, inline="always")
+def _row_buffers(q, offsets, extra):
+    """(local, grad, row_item) sized for the round's largest client: its samples plus `extra` rows (T^u, and
+    every old row under emb_reg); grad starts at zero and each update clears what it read."""
+    max_rows = 0
+    for a in range(offsets.size - 1):
+        rows = offsets[a + 1] - offsets[a] + extra
+        if rows > max_rows:
+            max_rows = rows
+    return (np.empty((max_rows, q.shape[1]), q.dtype), np.zeros((max_rows, q.shape[1]), q.dtype),
+            np.empty(max_rows, np.int64))
+
+
+@njit(cache=True, inline="always")
+def _local_rows(q, items, lo, hi, targets, kd, n_old, slot, row_item, local):
+    """Lay out one client's local rows (every old row first when n_old > 0 — emb_reg —, then its sample items
+    items[lo:hi], then its T^u `targets` when it replays) with slot[item] = row, row_item[row] = item and the
+    rows' broadcast values copied into `local`; returns the row count."""
+    n_rows = 0
+    for i in range(n_old):
+        slot[i] = n_rows
+        row_item[n_rows] = i
+        n_rows += 1
+    for j in range(lo, hi):
+        i = items[j]
+        if slot[i] < 0:
+            slot[i] = n_rows
+            row_item[n_rows] = i
+            n_rows += 1
+    if kd:
+        for k in range(targets.size):
+            i = targets[k]
+            if slot[i] < 0:
+                slot[i] = n_rows
+                row_item[n_rows] = i
+                n_rows += 1
+    for r in range(n_rows):                            # element loops: a row view per row costs more
+        i = row_item[r]
+        for k in range(q.shape[1]):
+            local[r, k] = q[i, k]
+    return n_rows
+
+
 @njit(cache=True)
 def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
                 replay, returning, topn, yhat, mem_keys, arm_mode, kd_weight, m_of_d,
@@ -207,14 +250,7 @@ def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, 
     n_items, dim = q.shape
     n_top = topn.shape[1]
     slot = np.full(n_items, -1, np.int64)
-    max_rows = 0
-    for a in range(users.size):
-        rows = offsets[a + 1] - offsets[a] + n_top + n_prev_items
-        if rows > max_rows:
-            max_rows = rows
-    local = np.empty((max_rows, dim), q.dtype)
-    grad = np.zeros((max_rows, dim), q.dtype)         # zero between steps (each update clears what it read)
-    row_item = np.empty(max_rows, np.int64)
+    local, grad, row_item = _row_buffers(q, offsets, n_top + n_prev_items)
     p = np.empty(dim, q.dtype)
     gp = np.empty(dim, q.dtype)
     scores = np.empty(n_items, q.dtype)
@@ -226,29 +262,7 @@ def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, 
         kd = replay[a] and arm_mode != 0
         emb = reg_mode == 1 and returning[a]
         # ---- the client's local rows: its sample items, T^u when it replays, every old row under emb_reg
-        n_rows = 0
-        if emb:
-            for i in range(n_prev_items):
-                slot[i] = n_rows
-                row_item[n_rows] = i
-                n_rows += 1
-        for j in range(lo, hi):
-            i = items[j]
-            if slot[i] < 0:
-                slot[i] = n_rows
-                row_item[n_rows] = i
-                n_rows += 1
-        if kd:
-            for k in range(n_top):
-                i = topn[user, k]
-                if slot[i] < 0:
-                    slot[i] = n_rows
-                    row_item[n_rows] = i
-                    n_rows += 1
-        for r in range(n_rows):                        # element loops: a row view per row costs more
-            i = row_item[r]
-            for k in range(dim):
-                local[r, k] = q[i, k]
+        n_rows = _local_rows(q, items, lo, hi, topn[user], kd, n_prev_items if emb else 0, slot, row_item, local)
         for k in range(dim):
             p[k] = p_all[user, k]
         # ---- local epoch: mini-batches of the shuffled samples (§5)
@@ -403,14 +417,7 @@ def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b
     n_top = topn.shape[1]
     w_dim = w_all.shape[1]
     slot = np.full(n_items, -1, np.int64)
-    max_rows = 0
-    for a_ in range(users.size):
-        rows = offsets[a_ + 1] - offsets[a_] + n_top + n_prev_items
-        if rows > max_rows:
-            max_rows = rows
-    local = np.empty((max_rows, dim), q.dtype)
-    grad = np.zeros((max_rows, dim), q.dtype)
-    row_item = np.empty(max_rows, np.int64)
+    local, grad, row_item = _row_buffers(q, offsets, n_top + n_prev_items)
     p = np.zeros(dim, q.dtype)
     w = np.empty(w_dim, q.dtype)
     b = np.empty(1, q.dtype)
@@ -425,29 +432,7 @@ def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b
         lo, hi = offsets[a_], offsets[a_ + 1]
         kd = replay[a_] and arm_mode != 0
         emb = reg_mode == 1 and returning[a_]
-        n_rows = 0
-        if emb:
-            for i in range(n_prev_items):
-                slot[i] = n_rows
-                row_item[n_rows] = i
-                n_rows += 1
-        for j in range(lo, hi):
-            i = items[j]
-            if slot[i] < 0:
-                slot[i] = n_rows
-                row_item[n_rows] = i
-                n_rows += 1
-        if kd:
-            for k in range(n_top):
-                i = topn[user, k]
-                if slot[i] < 0:
-                    slot[i] = n_rows
-                    row_item[n_rows] = i
-                    n_rows += 1
-        for r in range(n_rows):
-            i = row_item[r]
-            for k in range(dim):
-                local[r, k] = q[i, k]
+        n_rows = _local_rows(q, items, lo, hi, topn[user], kd, n_prev_items if emb else 0, slot, row_item, local)
         for k in range(w_dim):
             w[k] = shared_w[k] if reset else w_all[user, k]
         b[0] = shared_b[0] if reset else b_all[user, 0]
