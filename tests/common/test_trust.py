@@ -668,8 +668,11 @@ def test_flame_more_epochs_on_resume_only_where_they_do_not_move_the_lambda_hori
 def test_ctrl_c_in_a_real_stage_1_names_the_users_run_not_the_stage_1_folder(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "REPRO_RUNS": str(tmp_path / "runs")}
     user = tmp_path / "mine"
+    # A suite started in the background by a non-interactive shell (`make test &`, nohup) inherits SIGINT
+    # ignored, and so would the child: give it the default disposition, as a terminal's Ctrl-C finds it.
     proc = subprocess.Popen([sys.executable, "-m", "flame.main", *FLAME, "train.max_epochs=200", "train.patience=200",
-                             "--run-dir", str(user)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--run-dir", str(user)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not list((tmp_path / "runs").rglob("stage1/*/last.pt")):
         time.sleep(0.02)
