@@ -237,6 +237,68 @@ def _local_rows(q, items, lo, hi, targets, kd, n_old, slot, row_item, local):
     return n_rows
 
 
+@njit(cache=True, inline="always")
+def _client_scores(q_t, local, row_item, n_rows, v, c, scores):
+    """scores[i] = q_i·v + c over the whole catalogue, the client's local rows in place of the broadcast ones
+    (§6 step 2): the broadcast rows column by column (SIMD over items), then the client's own rows."""
+    scores[:] = 0.0
+    for k in range(v.size):
+        vk = v[k]
+        for i in range(scores.size):
+            scores[i] += q_t[k, i] * vk
+    for r in range(n_rows):
+        s = 0.0
+        for k in range(v.size):
+            s += local[r, k] * v[k]
+        scores[row_item[r]] = s
+    if c != 0.0:                                       # x + 0.0 == x: FedMF (c = 0) skips the pass
+        for i in range(scores.size):
+            scores[i] += c
+
+
+@njit(cache=True, inline="always")
+def _memory(scores, targets, ranks, arm_mode, m_of_d, stats, n_stats, step, key):
+    """ARM's memory for this (sub-)step: (size m_u, permutation of T^u whose first m_u slots are replayed,
+    stats rows written). Top-N KD (arm_mode 2) replays all of T^u in order; ARM ranks T^u against the
+    catalogue, D_u = Σ|k − rank_k|, m_u = m_of_d[D_u], and draws the m_u slots from the client's memory stream."""
+    n_top = targets.size
+    if arm_mode == 2:
+        return n_top, np.arange(n_top), n_stats
+    ranks[:] = 0
+    _target_ranks(scores, targets, ranks)
+    disc = 0
+    for k in range(n_top):
+        disc += abs(k + 1 - ranks[k])
+    size = m_of_d[disc]
+    stats[n_stats, 0] = disc
+    stats[n_stats, 1] = size
+    stats[n_stats, 2] = step
+    perm = memory_perm(key, step * n_top, n_top) if size > 0 else np.arange(n_top)
+    return size, perm, n_stats + 1
+
+
+@njit(cache=True, inline="always")
+def _kd_grads(scores, targets, yhat_u, perm, size, kd_weight, slot, v, local, grad, gv, total):
+    """KD's gradients for the replayed slots perm[:size] of T^u (ŷ aligned with T^u): into the local rows'
+    `grad` (times v) and the private vector's `gv` (times the row); returns `total` + each g in turn (the affine
+    heads' bias gradient, summed in the same order as before)."""
+    if size == 0:
+        return total
+    scale = kd_weight / size
+    for k in range(size):
+        i = targets[perm[k]]
+        sig = _sigmoid(scores[i])
+        target = _sigmoid(yhat_u[perm[k]])
+        g = scale * (sig - target) / max((1.0 - sig) * sig, 1e-12) * ((1.0 - sig) * sig)
+        r = slot[i]
+        total += g
+        for kk in range(v.size):
+            grad[r, kk] += g * v[kk]
+        for kk in range(v.size):
+            gv[kk] += g * local[r, kk]
+    return total
+
+
 @njit(cache=True)
 def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
                 replay, returning, topn, yhat, mem_keys, arm_mode, kd_weight, m_of_d,
@@ -280,46 +342,11 @@ def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, 
                     grad[r, k] += g * p[k]             # than its arithmetic)
                 for k in range(dim):
                     gp[k] += g * local[r, k]
-            if kd:
-                # scores over the whole catalogue with the client's local rows (§6 step 2)
-                scores[:] = 0.0                        # broadcast rows: column by column (SIMD over items)
-                for k in range(dim):
-                    pk = p[k]
-                    for i in range(n_items):
-                        scores[i] += q_t[k, i] * pk
-                for r in range(n_rows):                # the client's own rows
-                    s = 0.0
-                    for k in range(dim):
-                        s += local[r, k] * p[k]
-                    scores[row_item[r]] = s
-                targets = topn[user]
-                if arm_mode == 2:
-                    size = n_top
-                    perm = np.arange(n_top)
-                else:
-                    ranks[:] = 0
-                    _target_ranks(scores, targets, ranks)
-                    disc = 0
-                    for k in range(n_top):
-                        disc += abs(k + 1 - ranks[k])
-                    size = m_of_d[disc]
-                    stats[n_stats, 0] = disc
-                    stats[n_stats, 1] = size
-                    stats[n_stats, 2] = step
-                    n_stats += 1
-                    perm = memory_perm(mem_keys[a], step * n_top, n_top) if size > 0 else np.arange(n_top)
-                if size > 0:
-                    scale = kd_weight / size
-                    for k in range(size):
-                        i = targets[perm[k]]
-                        sig = _sigmoid(scores[i])
-                        target = _sigmoid(yhat[user, perm[k]])  # ŷ is aligned with T^u
-                        g = scale * (sig - target) / max((1.0 - sig) * sig, 1e-12) * ((1.0 - sig) * sig)
-                        r = slot[i]
-                        for kk in range(dim):
-                            grad[r, kk] += g * p[kk]
-                        for kk in range(dim):
-                            gp[kk] += g * local[r, kk]
+            if kd:                                     # ARM and KD over T^u (§6)
+                _client_scores(q_t, local, row_item, n_rows, p, 0.0, scores)
+                size, perm, n_stats = _memory(scores, topn[user], ranks, arm_mode, m_of_d, stats, n_stats, step,
+                                              mem_keys[a])
+                _kd_grads(scores, topn[user], yhat[user], perm, size, kd_weight, slot, p, local, grad, gp, 0.0)
             if emb:
                 two = 2.0 * reg_d
                 for r in range(n_rows):
@@ -471,50 +498,12 @@ def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b
                         grad[r, k] += g * av[k]
                     for k in range(dim):
                         ga[k] += g * local[r, k]
-                if kd:
-                    for i in range(n_items):
-                        scores[i] = 0.0
-                    for k in range(dim):
-                        ak = av[k]
-                        for i in range(n_items):
-                            scores[i] += q_t[k, i] * ak
-                    for r in range(n_rows):
-                        s = 0.0
-                        for k in range(dim):
-                            s += local[r, k] * av[k]
-                        scores[row_item[r]] = s
-                    for i in range(n_items):
-                        scores[i] += cv
-                    targets = topn[user]
-                    if arm_mode == 2:
-                        size = n_top
-                        perm = np.arange(n_top)
-                    else:
-                        ranks[:] = 0
-                        _target_ranks(scores, targets, ranks)
-                        disc = 0
-                        for k in range(n_top):
-                            disc += abs(k + 1 - ranks[k])
-                        size = m_of_d[disc]
-                        stats[n_stats, 0] = disc
-                        stats[n_stats, 1] = size
-                        stats[n_stats, 2] = step * n_sub + sub
-                        n_stats += 1
-                        perm = memory_perm(mem_keys[a_], (step * n_sub + sub) * n_top, n_top) if size > 0 \
-                            else np.arange(n_top)
-                    if size > 0:
-                        scale = kd_weight / size
-                        for k in range(size):
-                            i = targets[perm[k]]
-                            sig = _sigmoid(scores[i])
-                            target = _sigmoid(yhat[user, perm[k]])  # ŷ is aligned with T^u
-                            g = scale * (sig - target) / max((1.0 - sig) * sig, 1e-12) * ((1.0 - sig) * sig)
-                            r = slot[i]
-                            gc += g
-                            for kk in range(dim):
-                                grad[r, kk] += g * av[kk]
-                            for kk in range(dim):
-                                ga[kk] += g * local[r, kk]
+                if kd:                                 # ARM and KD over T^u (§6), s = a·q + c
+                    _client_scores(q_t, local, row_item, n_rows, av, cv, scores)
+                    size, perm, n_stats = _memory(scores, topn[user], ranks, arm_mode, m_of_d, stats, n_stats,
+                                                  step * n_sub + sub, mem_keys[a_])
+                    gc = _kd_grads(scores, topn[user], yhat[user], perm, size, kd_weight, slot, av, local, grad, ga,
+                                   gc)
                 if emb:
                     two = 2.0 * reg_d
                     for r in range(n_rows):
