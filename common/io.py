@@ -47,6 +47,12 @@ def data_root(override: str | os.PathLike | None = None) -> Path:
     return Path(override or os.environ.get("REPRO_DATA") or project_root() / "data" / "raw").expanduser()
 
 
+def default_run_root() -> Path:
+    """$REPRO_RUNS, else <project>/runs: the source tree's runs/ from any current directory in it, or ./runs
+    when common/ is an installed package (project_root; never inside site-packages)."""
+    return Path(os.environ.get("REPRO_RUNS") or project_root() / "runs").expanduser()
+
+
 def cache_root() -> Path:
     """Where processed artefacts go: $REPRO_CACHE > <project>/data/processed (never the data root).
     A $REPRO_CACHE that names a file is a one-line error naming the variable."""

@@ -3,7 +3,7 @@
     python -m common.results                      # (make results) reads <run root> = $REPRO_RUNS or ./runs
     python -m common.results --root runs --out runs/results
 
-A run is a folder with a results.json (common/runs.py RESULT_KEYS: paper, dataset, method, variant, seed,
+A run is a folder with a results.json (RESULT_KEYS below, written by common/runs.py write_results: paper, dataset, method, variant, seed,
 metrics as fractions, commit, ...). Writes into --out (default `<run root>/results/`):
   results.csv                one row per run, every paper, every metric key as a column
   <paper>.csv, <paper>.md    that paper's runs; the .md has mean ± std over seeds per (dataset, method,
@@ -26,10 +26,10 @@ import statistics
 from pathlib import Path
 from typing import Iterable, Optional
 
-from common.io import atomic_write
+from common.io import atomic_write, default_run_root
 
 # Identity columns of every CSV row (then "metric keys", sorted), and each paper's headline metrics for its
-# markdown table (the metric keys its README's tables report; common/runs.py explains the key grammar).
+# markdown table (the metric keys its README's tables report; RESULT_KEYS below explains the key grammar).
 IDENTITY = ("paper", "dataset", "method", "variant", "seed", "threads", "device", "commit", "config_digest",
             "started", "finished", "run_dir")
 HEADLINE = {
@@ -37,8 +37,35 @@ HEADLINE = {
     "vlm2rec": ("test/ndcg@10", "test/hr@10", "test/full/ndcg@10", "test/full/hr@10", "test/seqrec/full/ndcg@10"),
     "f3crec": ("test/ndcg@20", "test/la/ndcg@20", "test/ra/ndcg@20", "test/recall@20", "valid/ndcg@20"),
 }
-ASIDE = "previous-"  # common/runs.py: what --overwrite moved aside
+ASIDE = "previous-"  # prefix of the folders that --overwrite moves an earlier run's records into (common/runs.py)
 
+
+# The keys every results.json starts with, the same in the three papers (common/runs.py write_results):
+#   schema         RESULTS_SCHEMA, the version of this layout
+#   paper, dataset, method, variant (None, or what tells two runs of one method apart), seed
+#   metrics        {"<split>[/<qualifier>...]/<metric>@<k>": fraction in [0, 1]}, lower-case metric names, e.g.
+#                  "test/ndcg@20", "valid/recall@10", "test/neg_inf/ndcg@20"; the unqualified "test/..." keys
+#                  are the protocol the paper's own tables report (each paper's README says which)
+#   threads        torch's intra-op threads, device, versions ({"python", "torch", "numpy", and
+#                  "transformers", "accelerate", "peft", "flwr" when the run imported them})
+#   commit         git sha (+ "+dirty"), config_digest (sha256/16 of config.yaml), started, finished
+# What follows them is the paper's own detail (its tables, per-block rows, diagnostics), in its own units.
+RESULTS_SCHEMA = 1
+RESULT_KEYS = ("schema", "paper", "dataset", "method", "variant", "seed", "metrics", "threads", "device",
+               "versions", "commit", "config_digest", "started", "finished")
+
+
+def flat_metrics(tree: dict, prefix: str, scale: float = 1.0) -> dict[str, float]:
+    """{"<prefix>/<path>/<metric>@<k>": value * scale} of the ranking metrics in a nested dict (leaves whose
+    key holds "@", e.g. "NDCG@20"; metric names lower-cased; other leaves, like diagnostics, left out).
+    flat_metrics({"NDCG@20": 47.1}, "valid", 0.01) == {"valid/ndcg@20": 0.471}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_metrics(value, f"{prefix}/{key}", scale))
+        elif "@" in str(key) and isinstance(value, (int, float)):
+            out[f"{prefix}/{str(key).lower()}"] = float(value) * scale
+    return out
 
 def row_of(results: dict, run_dir: Path | str, paper: Optional[str] = None) -> dict:
     """One CSV row of a results.json: the identity columns, then its metrics by key."""
@@ -105,7 +132,7 @@ def paper_markdown(paper: str, rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((str(row["dataset"]), str(row["method"]), str(row["variant"] or "")), []).append(row)
-    lines = [f"## {paper}", "", f"Test and validation metrics as fractions; mean ± std (runs) over seeds.", "",
+    lines = [f"## {paper}", "", "Test and validation metrics as fractions; mean ± std (runs) over seeds.", "",
              "| dataset | method | variant | seeds | " + " | ".join(columns) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]
     for (dataset, method, variant), members in sorted(groups.items()):
@@ -157,7 +184,6 @@ def write_tables(root: Path, out: Path) -> list[Path]:
 
 
 def main(argv: Optional[list[str]] = None) -> list[Path]:
-    from common.runs import default_run_root
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None, help="run root (default: $REPRO_RUNS, else ./runs)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <run root>/results)")

@@ -4,7 +4,7 @@
     log_metrics(run_dir, {"epoch": 1, "valid/NDCG@20": 3.1})
     save_checkpoint(run_dir / "last.pt", {"model": model.state_dict(), "epoch": 1, "rng": rng_state()})
     write_results(run_dir, {"dataset": "amazon-toys", "method": "flame", "seed": 42,
-                            "metrics": {"test/ndcg@20": 0.071}, "test": {...}})   # results.json, RESULT_KEYS first
+                            "metrics": {"test/ndcg@20": 0.071}, "test": {...}})   # results.json, common.results.RESULT_KEYS first
 
 A config with a `train.track` key (null | tensorboard | wandb | mlflow) also sends every metrics.jsonl record to
 that experiment tracker (common/tracking.py): start_run opens it, log_metrics feeds it, write_results closes it.
@@ -45,7 +45,8 @@ import torch
 import yaml
 
 from common.config import ConfigError, changed_from_defaults, config_to_dict, resume_changes
-from common.io import atomic_write, git_sha, project_root, save_json, setting_for
+from common.io import atomic_write, default_run_root, git_sha, save_json, setting_for
+from common.results import ASIDE, RESULTS_SCHEMA
 from common.tracking import check_tracker, open_tracker
 from common.utils import package_versions
 
@@ -170,12 +171,6 @@ def interrupt_hint_text() -> str:
             f"({run} keeps its log; to reuse that folder add --run-dir {run} --overwrite)")
 
 
-def default_run_root() -> Path:
-    """$REPRO_RUNS, else <project>/runs: the source tree's runs/ from any current directory in it, or ./runs
-    when common/ is an installed package (common.io.project_root; never inside site-packages)."""
-    return Path(os.environ.get("REPRO_RUNS") or project_root() / "runs").expanduser()
-
-
 @contextlib.contextmanager
 def _usable(folder: Path):
     """Turn OS errors while creating a run folder into one-line user errors naming the folder."""
@@ -204,7 +199,6 @@ def claim_run_dir(parent: Path, name: str) -> Path:
 
 # What a run leaves that a later run must never mix with its own (appended metrics, an old results.json).
 RUN_RECORDS = ("metrics.jsonl", "results.json", "last.pt", "best.pt")
-ASIDE = "previous-"  # prefix of the folders that --overwrite moves an earlier run's records into
 
 
 def _ours(name: str) -> bool:
@@ -530,38 +524,10 @@ def truncate_metrics(run_dir: str | Path, keep: Any) -> list[dict]:
     return kept
 
 
-# The keys every results.json starts with, the same in the three papers (common/results.py reads them):
-#   schema         RESULTS_SCHEMA, the version of this layout
-#   paper, dataset, method, variant (None, or what tells two runs of one method apart), seed
-#   metrics        {"<split>[/<qualifier>...]/<metric>@<k>": fraction in [0, 1]}, lower-case metric names, e.g.
-#                  "test/ndcg@20", "valid/recall@10", "test/neg_inf/ndcg@20"; the unqualified "test/..." keys
-#                  are the protocol the paper's own tables report (each paper's README says which)
-#   threads        torch's intra-op threads, device, versions ({"python", "torch", "numpy", and
-#                  "transformers", "accelerate", "peft", "flwr" when the run imported them})
-#   commit         git sha (+ "+dirty"), config_digest (sha256/16 of config.yaml), started, finished
-# What follows them is the paper's own detail (its tables, per-block rows, diagnostics), in its own units.
-RESULTS_SCHEMA = 1
-RESULT_KEYS = ("schema", "paper", "dataset", "method", "variant", "seed", "metrics", "threads", "device",
-               "versions", "commit", "config_digest", "started", "finished")
-
-
 def run_name(method: str, seed: int, tag: str = "") -> str:
     """The tag part of every run folder's name, `<stamp>_<method>_seed<seed>[_<tag>]` (one scheme for the
     three papers; a comparison's cells are `<method>_seed<seed>`)."""
     return f"{method}_seed{seed}" + (f"_{tag}" if tag else "")
-
-
-def flat_metrics(tree: dict, prefix: str, scale: float = 1.0) -> dict[str, float]:
-    """{"<prefix>/<path>/<metric>@<k>": value * scale} of the ranking metrics in a nested dict (leaves whose
-    key holds "@", e.g. "NDCG@20"; metric names lower-cased; other leaves, like diagnostics, left out).
-    flat_metrics({"NDCG@20": 47.1}, "valid", 0.01) == {"valid/ndcg@20": 0.471}."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat_metrics(value, f"{prefix}/{key}", scale))
-        elif "@" in str(key) and isinstance(value, (int, float)):
-            out[f"{prefix}/{str(key).lower()}"] = float(value) * scale
-    return out
 
 
 def device_name() -> str:
@@ -570,7 +536,7 @@ def device_name() -> str:
 
 
 def write_results(run_dir: str | Path, results: dict) -> dict:
-    """Write results.json atomically: the keys of RESULT_KEYS first (from `results` where it has them:
+    """Write results.json atomically: the keys of common.results.RESULT_KEYS first (from `results` where it has them:
     dataset, method, variant, seed, metrics, threads; the provenance filled in here), then the paper's own
     detail (the rest of `results`)."""
     run = _RUNS.get(Path(run_dir).resolve()) or {}

@@ -109,7 +109,7 @@ class Config:
     """F3CRec: federated continual recommendation (CIKM 2025)."""
     fidelity: bool = True            # every [Q] key left at None takes its reference value (§0)
     methods: list[MethodName] = field(default_factory=list)   # several methods in one command (shared base)
-    run_root: Optional[str] = None   # run folders go here; None = common.runs.default_run_root()
+    run_root: Optional[str] = None   # run folders go here; None = common.io.default_run_root()
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     method: MethodConfig = field(default_factory=MethodConfig)

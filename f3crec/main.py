@@ -75,7 +75,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrit
 
 
 def results_metrics(summary: dict, blocks: list[dict]) -> dict[str, float]:
-    """The cross-paper metrics of results.json (common/runs.py RESULT_KEYS) after the last block (§10):
+    """The cross-paper metrics of results.json (common/results.py RESULT_KEYS) after the last block (§10):
     "test/ndcg@20" and "test/recall@20" are the H-mean (the README's headline), "test/la/..." and
     "test/ra/..." the learning and retention averages; "valid/ndcg@20" the last block's best validation."""
     out = {}

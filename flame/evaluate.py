@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from common.io import load_json
-from common.runs import flat_metrics
+from common.results import flat_metrics
 from common.metrics import rank_metrics
 from common.runs import read_metrics
 
@@ -100,7 +100,7 @@ def final_metrics(model: torch.nn.Module, data: Any, cfg: Any, device: torch.dev
 
 
 def results_metrics(results: dict) -> dict[str, float]:
-    """The run's metrics in the cross-paper form of results.json (common/runs.py RESULT_KEYS): fractions,
+    """The run's metrics in the cross-paper form of results.json (common/results.py RESULT_KEYS): fractions,
     "valid/ndcg@20" (configured seen mask), "test/ndcg@20" under the reference mask (the paper's tables),
     "test/<mask>/..." under the others, "test/mean_ab/..." for B3's averaged logits (§9, §11)."""
     out = flat_metrics(results.get("valid", {}), "valid", 0.01)

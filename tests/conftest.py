@@ -116,7 +116,8 @@ def results_schema():
     import re
 
     from common.results import HEADLINE
-    from common.runs import RESULT_KEYS, RESULTS_SCHEMA, config_digest, saved_config
+    from common.results import RESULT_KEYS, RESULTS_SCHEMA
+    from common.runs import config_digest, saved_config
 
     def check(path: Path, paper: str) -> dict:
         saved = json.loads(Path(path).read_text())

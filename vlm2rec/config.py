@@ -198,7 +198,7 @@ class SeqRecConfig:
 class Config:
     """VLM2Rec: VLM embedder + contrastive SFT with WPCL and CRTR (arXiv 2603.17450)."""
     tag: str = ""                        # suffix of the run folder name
-    run_root: Optional[str] = None       # None = common.runs.default_run_root() ($REPRO_RUNS or <repo>/runs)
+    run_root: Optional[str] = None       # None = common.io.default_run_root() ($REPRO_RUNS or <repo>/runs)
     zero_shot: bool = True               # also score the untrained embedder on validation (§10)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -18,8 +18,8 @@ import torch
 
 from common.config import parse_cli
 from common.io import cache_root, check_writable
-from common.runs import (default_run_root, flat_metrics, refused_folder, run_name, save_checkpoint, start_run,
-                         write_results)
+from common.results import flat_metrics
+from common.runs import (default_run_root, refused_folder, run_name, save_checkpoint, start_run, write_results)
 from common.cli import run_cli
 from common.utils import get_device, seed_everything
 
@@ -133,7 +133,7 @@ def method_name(cfg: Config) -> str:
 
 
 def results_metrics(results: dict, select_on: str) -> dict[str, float]:
-    """The cross-paper metrics of results.json (common/runs.py RESULT_KEYS): "test/<scenario>/<protocol>/
+    """The cross-paper metrics of results.json (common/results.py RESULT_KEYS): "test/<scenario>/<protocol>/
     <mode>/<metric>@k", each part left out at the paper's headline (clean, sampled = P1, both), so
     "test/ndcg@10" is the paper's number and "test/full/text/ndcg@10" P2 on the text mode; "test/seqrec/..."
     the SASRec on the item table; "valid/<select_on>" the best validation score."""

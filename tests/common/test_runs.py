@@ -275,7 +275,7 @@ def test_a_comparison_reuses_resumes_or_reruns_a_cell_and_refuses_another_config
 
 
 def test_results_json_starts_with_the_common_keys_and_keeps_only_fractions_in_metrics(tmp_path, capsys):
-    from common.runs import RESULT_KEYS
+    from common.results import RESULT_KEYS
     run = start_run(Cfg(), "paper", "toy", tag="t", root=tmp_path)
     written = write_results(run, {"method": "m", "seed": 3, "test": {"NDCG@20": 7.1},
                                   "metrics": {"test/ndcg@20": 0.071, "test/hr@20": 14.2}})
