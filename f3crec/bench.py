@@ -207,9 +207,7 @@ def ml100k_shaped_blocks(clients: int, seed: int = 0) -> list[Block]:
 
 def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
     """Seconds per round (plan + training + aggregation) in D⁰ and D¹ (after a real end-of-D⁰ state)."""
-    sim = grow(None, lambda i, p: make_simulator(cfg, flags, i.to(device), {k: v.to(device) for k, v in p.items()},
-                                                 blocks),
-               cfg, blocks, 0, cfg.train.seed)
+    sim = grow(None, lambda i, p: make_simulator(cfg, flags, i, p, blocks), cfg, blocks, 0, cfg.train.seed)
     out = {}
     for t in (0, 1):
         if t == 1:
