@@ -57,16 +57,22 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrit
                           None if record.get("reused") else print(round_line(record)))
     if kind != cfg.federation.simulator:
         print(f"[f3crec] federation.simulator={cfg.federation.simulator}: the {kind} simulator runs")
-    # torch's intra-op threads: a sum's rounding depends on them, part of the run's identity (the compiled
-    # simulator's kernels are single-threaded, its numbers the same for any train.threads)
-    threads = torch.get_num_threads() if torch else None
+    # torch's intra-op threads: a sum's rounding depends on them, part of the run's identity. The compiled
+    # simulator's kernels are single-threaded; its numpy score products get train.threads BLAS threads (numbers
+    # the same for any count: a product's rows are split between threads, not its sums)
     if torch:
+        threads = torch.get_num_threads()
         torch.set_num_threads(cfg.train.threads)
+    else:
+        from .sim_compiled import blas_threads
+        limits = blas_threads(cfg.train.threads)
     try:
         out = fit(cfg, flags, blocks, blocks_id, run_dir, resume, log)
     finally:
         if torch:
             torch.set_num_threads(threads)
+        else:
+            limits.restore_original_limits()
     summary = summarise(out["rows"])
     results = {"dataset": cfg.data.name, "method": cfg.method.name, "variant": cfg.backbone.name,
                "metrics": results_metrics(summary, out["blocks"]),

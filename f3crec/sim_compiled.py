@@ -24,6 +24,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from common.config import ConfigError
 
@@ -44,6 +45,13 @@ def unsupported(cfg, flags: dict) -> str | None:
     if cfg.train.device == "cuda":
         return "train.device=cuda (the compiled kernels run on the CPU)"
     return None
+
+
+def blas_threads(threads: int):
+    """numpy's BLAS threads (the evaluation's score products) set to `threads` for the run; returns the limiter
+    whose restore_original_limits() undoes it. OpenBLAS's default (every core) spins its threads on these
+    small products: 10× the CPU time of one thread on a busy machine."""
+    return threadpool_limits(threads, user_api="blas")
 
 
 def check(cfg, flags: dict) -> None:

@@ -74,8 +74,8 @@ def simulator_kind(cfg, flags: dict) -> str:
         from .sim_compiled import check, unsupported
     except ImportError as err:   # numba is a dependency; an environment without it still runs the rest
         if name == "compiled":
-            raise ConfigError(f"federation.simulator=compiled needs numba ({err}); pip install numba, or use "
-                              "federation.simulator=vectorised") from None
+            raise ConfigError(f"federation.simulator=compiled needs numba and threadpoolctl ({err}); pip install "
+                              "numba threadpoolctl, or use federation.simulator=vectorised") from None
         return "vectorised"
     if name == "compiled":
         check(cfg, flags)
