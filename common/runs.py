@@ -654,7 +654,7 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
                 torch.save(state, handle)
     except (RuntimeError, OSError) as err:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
         text = " ".join(str(err).split())
-        if (isinstance(err, RuntimeError) and "writ" not in text.lower()) or (isinstance(err, OSError) and not numpy_only):
+        if isinstance(err, OSError) and not numpy_only or isinstance(err, RuntimeError) and "writ" not in text.lower():
             raise
         where = setting_for(path, CURRENT_RUN)
         raise OSError(getattr(err, "errno", None) or errnos.EIO, f"cannot write checkpoint {path} ({text[:160]}); "

@@ -58,14 +58,13 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrit
     if kind != cfg.federation.simulator:
         print(f"[f3crec] federation.simulator={cfg.federation.simulator}: the {kind} simulator runs")
     # torch's intra-op threads: a sum's rounding depends on them, part of the run's identity. The compiled
-    # simulator's kernels are single-threaded; its numpy score products get train.threads BLAS threads (numbers
-    # the same for any count: a product's rows are split between threads, not its sums)
+    # simulator's kernels and numpy products are single-threaded whatever train.threads says: same numbers
     if torch:
         threads = torch.get_num_threads()
         torch.set_num_threads(cfg.train.threads)
     else:
-        from .sim_compiled import blas_threads
-        limits = blas_threads(cfg.train.threads)
+        from .sim_compiled import single_blas
+        limits = single_blas()
     try:
         out = fit(cfg, flags, blocks, blocks_id, run_dir, resume, log)
     finally:

@@ -47,11 +47,12 @@ def unsupported(cfg, flags: dict) -> str | None:
     return None
 
 
-def blas_threads(threads: int):
-    """numpy's BLAS threads (the evaluation's score products) set to `threads` for the run; returns the limiter
-    whose restore_original_limits() undoes it. OpenBLAS's default (every core) spins its threads on these
-    small products: 10× the CPU time of one thread on a busy machine."""
-    return threadpool_limits(threads, user_api="blas")
+def single_blas():
+    """numpy's BLAS (the evaluation's score products) on one thread for the run; returns the limiter whose
+    restore_original_limits() undoes it. A product's float64 bits depend on OpenBLAS's thread count (measured:
+    1 vs 2 threads differ), so the compiled run's numbers would follow train.threads; and OpenBLAS's default
+    (every core) spins its threads on these small products: 3.5× the run's CPU time on a busy machine."""
+    return threadpool_limits(1, user_api="blas")
 
 
 def check(cfg, flags: dict) -> None:

@@ -124,7 +124,8 @@ def grow(sim, make_sim: Callable | None, cfg, blocks: list[Block], t: int, seed:
     n_prev_users = blocks[t - 1].n_users if t else 0
     n_prev_items = blocks[t - 1].n_items if t else 0
     block, emb_init = blocks[t], cfg.quirks.emb_init   # drawn as numpy arrays; each simulator makes them its kind
-    new_private = [init_private(cfg.backbone, emb_init, seed, u, tensor=False) for u in range(n_prev_users, block.n_users)]
+    new_private = [init_private(cfg.backbone, emb_init, seed, u, tensor=False)
+                   for u in range(n_prev_users, block.n_users)]
     stacked = {k: stack([p[k] for p in new_private]) for k in new_private[0]} if new_private else None
     if sim is None:
         return make_sim(init_items(cfg.backbone, emb_init, seed, 0, block.n_items, tensor=False), stacked)
