@@ -70,13 +70,18 @@ def _records(folder: Path) -> list[dict]:
 @pytest.mark.heavy
 def test_compiled_smoke_run_and_its_resume_never_import_torch_and_give_the_torch_backed_numbers(tmp_path):
     base = ["--config", str(SMOKE), "federation.simulator=compiled"]
+    shared = [*base, "train.share_base=true", f"train.base_cache={tmp_path / 'base'}"]
     out = _fresh_process([[*base, "--run-dir", str(tmp_path / "whole")],
                           [*base, "--run-dir", str(tmp_path / "cut"), "train.stop_after_block=1"],
-                          ["--resume", str(tmp_path / "cut"), "train.stop_after_block=null"]], tmp_path)
+                          ["--resume", str(tmp_path / "cut"), "train.stop_after_block=null"],
+                          [*shared, "--run-dir", str(tmp_path / "writes_base")],
+                          [*shared, "--run-dir", str(tmp_path / "reads_base")]], tmp_path)
     assert out["torch"] == []                                          # not one torch module loaded
-    whole, _, resumed = out["runs"]
+    whole, _, resumed, writes, reads = out["runs"]
     assert whole["simulator"] == "compiled" and whole["a"] == SMOKE_A and [tuple(b) for b in whole["best"]] == SMOKE_BEST
     assert resumed == whole                                            # --resume reproduces the uninterrupted run
+    assert writes == reads == whole                                    # the base cache, written and read back
+    assert any(r.get("reused") for r in _records(tmp_path / "reads_base"))
     records = _records(tmp_path / "whole")
     assert [[r["val_ndcg"], r["val_recall"], r.get("D_mean"), r.get("m_mean")] for r in records] == SMOKE_RECORDS
     assert records == _records(tmp_path / "cut")                       # the resumed folder's records, every key
