@@ -62,8 +62,8 @@ def _child_cpu() -> float:
 
 
 # ------------------------------------------------------------------------------------------ whole run
-# `python -m f3crec.main` as a -c program that also reports its CPU seconds after the imports (f3crec.main,
-# torch, and numba's kernels for the compiled simulator): an exit handler, which run_and_leave runs.
+# `python -m f3crec.main` as a -c program that also reports its CPU seconds after the imports (f3crec.main, and
+# torch, or numba's kernels for the compiled simulator): an exit handler, which run_and_leave runs.
 _MAIN = ("import atexit, sys, time\nimport f3crec.main as m\n{extra}\nstarted = time.process_time()\n"
          "atexit.register(lambda: print(f'after-imports-cpu {{time.process_time() - started:.4f}}', file=sys.stderr))\n"
          "m.run_and_leave()\n")
@@ -73,7 +73,9 @@ def whole_run(overrides: list[str], rounds: int, simulator: str | None = None) -
     """Time one `python -m f3crec.main` process (CPU and wall, and CPU after its imports) and read its
     phases from the run folder; `simulator` sets federation.simulator."""
     with tempfile.TemporaryDirectory() as tmp:
-        extra = "import f3crec.kernels" if simulator in ("compiled", "auto") else ""
+        # the compiled simulator never imports torch (f3crec.main does not): its side imports numba's kernels,
+        # the others torch, before the after-imports clock starts
+        extra = "import f3crec.kernels" if simulator in ("compiled", "auto") else "import torch"
         cmd = [sys.executable, "-c", _MAIN.format(extra=extra), "--run-dir", str(Path(tmp) / "run"), *overrides,
                f"federation.rounds={rounds}", f"federation.patience={rounds + 1}", "train.share_base=false",
                "train.seed=42", "train.threads=1", *([f"federation.simulator={simulator}"] if simulator else [])]
