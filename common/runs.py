@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 import yaml
 
 from common.config import ConfigError, changed_from_defaults, config_to_dict, resume_changes
@@ -531,8 +530,12 @@ def run_name(method: str, seed: int, tag: str = "") -> str:
 
 
 def device_name() -> str:
-    """The accelerator's name, else the CPU's (platform.processor, or "cpu")."""
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    """The accelerator's name, else the CPU's (platform.processor, or "cpu"); a process that never imported
+    torch ran on the CPU."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return platform.processor() or "cpu"
 
 
 def write_results(run_dir: str | Path, results: dict) -> dict:
@@ -541,7 +544,8 @@ def write_results(run_dir: str | Path, results: dict) -> dict:
     detail (the rest of `results`)."""
     run = _RUNS.get(Path(run_dir).resolve()) or {}
     head = {"schema": RESULTS_SCHEMA, "paper": run.get("paper"), "dataset": run.get("dataset"), "method": None,
-            "variant": None, "seed": None, "metrics": {}, "threads": torch.get_num_threads(),
+            "variant": None, "seed": None, "metrics": {},
+            "threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None,
             "device": device_name(), "versions": {"python": platform.python_version(), **package_versions()},
             "commit": git_sha(), "config_digest": run.get("config_sha256"), "started": run.get("started"),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -563,34 +567,112 @@ def write_results(run_dir: str | Path, results: dict) -> dict:
     return full
 
 
+ARRAY_STATE = "__state__"   # the member of a numpy checkpoint holding its JSON (written first: the file's first name)
+
+
+def _is_tensor(value) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _array_kinds(value) -> set[str]:
+    """Which kinds of array a nested dict / list holds: {"numpy", "torch"} or part of it."""
+    if isinstance(value, dict):
+        return set().union(*map(_array_kinds, value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*map(_array_kinds, value)) if value else set()
+    return {"numpy"} if isinstance(value, np.ndarray) else {"torch"} if _is_tensor(value) else set()
+
+
+def _to_json(value, arrays: list):
+    """`value` with every numpy array replaced by {"__array__": its index in `arrays`} (appended there)."""
+    if isinstance(value, np.ndarray):
+        arrays.append(value)
+        return {"__array__": len(arrays) - 1}
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise TypeError(f"a numpy checkpoint's dict keys are strings, not {sorted(map(repr, value))[:3]}")
+        return {key: _to_json(item, arrays) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(item, arrays) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"a numpy checkpoint holds arrays, numbers, strings, lists and dicts, not a {type(value).__name__}")
+
+
+def _from_json(value, arrays):
+    if isinstance(value, dict):
+        if set(value) == {"__array__"}:
+            return arrays[f"a{value['__array__']}"]
+        return {key: _from_json(item, arrays) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_from_json(item, arrays) for item in value]
+    return value
+
+
+def _write_arrays(handle, state: dict) -> None:
+    """A numpy checkpoint: an uncompressed .npz (a zip of .npy files) whose first member is the state's
+    structure as JSON and the others its arrays; no pickle anywhere, so loading it runs no code."""
+    arrays: list[np.ndarray] = []
+    text = json.dumps(_to_json(state, arrays), allow_nan=True).encode()
+    np.savez(handle, **{ARRAY_STATE: np.frombuffer(text, dtype=np.uint8)},
+             **{f"a{i}": array for i, array in enumerate(arrays)})
+
+
+def _is_array_checkpoint(path: Path) -> bool:
+    with open(path, "rb") as handle:   # a zip's first local header: 30 bytes, then the first member's name
+        head = handle.read(30 + len(ARRAY_STATE) + 4)
+    return head[:4] == b"PK\x03\x04" and head[30:].startswith(ARRAY_STATE.encode())
+
+
+def _read_arrays(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    return _from_json(json.loads(arrays.pop(ARRAY_STATE).tobytes()), arrays)
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """torch.save a plain dict of tensors and primitives, atomically (temp file + rename): a write that
     fails (a full disk) leaves the previous file and no temp file. A last.pt in the folder of a run started
-    by start_run carries that run's identity (`run_identity`: its config digest and inputs)."""
+    by start_run carries that run's identity (`run_identity`: its config digest and inputs). A state whose
+    arrays are all numpy arrays (no tensor) is written without torch, as a numpy checkpoint (`_write_arrays`);
+    load_checkpoint reads both kinds."""
     path = Path(path)
     run = _RUNS.get(path.parent.resolve()) if path.name == "last.pt" else None
     if run is not None:
         state = {**state, "run_identity": {"config_sha256": run["config_sha256"], "paper": run["paper"],
                                            "inputs": run["inputs"]}}
+    numpy_only = _array_kinds(state) == {"numpy"}
     try:
         with atomic_write(path, "wb") as handle:
-            torch.save(state, handle)
-    except RuntimeError as err:  # torch's zip writer reports a failed write (a full disk) this way
+            if numpy_only:
+                _write_arrays(handle, state)
+            else:
+                import torch
+                torch.save(state, handle)
+    except (RuntimeError, OSError) as err:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
         text = " ".join(str(err).split())
-        if "writ" not in text.lower():
+        if isinstance(err, OSError) and not numpy_only or isinstance(err, RuntimeError) and "writ" not in text.lower():
             raise
         where = setting_for(path, CURRENT_RUN)
-        raise OSError(errnos.EIO, f"cannot write checkpoint {path} ({text[:160]}); the previous one is kept"
-                      + (f" ({where})" if where else ""), str(path)) from None
+        raise OSError(getattr(err, "errno", None) or errnos.EIO, f"cannot write checkpoint {path} ({text[:160]}); "
+                      "the previous one is kept" + (f" ({where})" if where else ""), str(path)) from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint written by save_checkpoint; refuses pickled objects (weights_only=True)."""
+    """Load a checkpoint written by save_checkpoint; refuses pickled objects (torch's weights_only=True; a
+    numpy checkpoint holds none and is read without torch)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if _is_array_checkpoint(path):
+            state = _read_arrays(path)
+        else:
+            import torch
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, or a pickle that weights_only refuses
         reason = " ".join(str(err).split())[:120]
         raise ValueError(f"{path}: not a readable checkpoint (truncated or foreign file: {reason})") from None
@@ -601,6 +683,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def rng_state() -> dict:
     """Every global RNG's state as weights_only-safe values (for last.pt and --resume)."""
+    import torch
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state()
     state = {"python": [version, list(internal), gauss],
@@ -614,6 +697,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore what rng_state() captured."""
+    import torch
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy"]
@@ -624,8 +708,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_finite(value: float | torch.Tensor, where: str, what: str = "loss") -> None:
-    """Stop on a NaN/inf `what` (a loss, an aggregated table) with one clear line instead of going on."""
-    number = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+def check_finite(value, where: str, what: str = "loss") -> None:
+    """Stop on a NaN/inf `what` (a loss, an aggregated table: a number, numpy scalar or one-element tensor)
+    with one clear line instead of going on."""
+    number = float(value.detach()) if hasattr(value, "detach") else float(value)
     if not math.isfinite(number):
         raise FloatingPointError(f"non-finite {what} ({number}) at {where}: lower the learning rate or check the data")

@@ -1,4 +1,5 @@
-"""torch-side helpers: seeding, device choice, package versions."""
+"""torch-side helpers: seeding, device choice, package versions (torch is imported by the helpers that use it,
+so a run that never touches torch never pays for its import)."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -7,7 +8,6 @@ import sys
 import random
 
 import numpy as np
-import torch
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -15,6 +15,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         # Must be set before the first cuBLAS call for deterministic GEMMs on CUDA.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import torch
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -23,8 +24,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
-def get_device(name: str = "auto") -> torch.device:
+def get_device(name: str = "auto") -> "torch.device":
     """'auto' picks CUDA when available, else CPU; any other name is passed to torch.device."""
+    import torch
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -35,9 +37,9 @@ def get_device(name: str = "auto") -> torch.device:
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages that decide numerical results, for results.json: torch and numpy always;
-    transformers, accelerate, peft and flwr when this process imported them (the run used them)."""
+    transformers, accelerate, peft, flwr and numba when this process imported them (the run used them)."""
     versions = {}
-    for name in ("torch", "numpy", "transformers", "accelerate", "peft", "flwr"):
+    for name in ("torch", "numpy", "transformers", "accelerate", "peft", "flwr", "numba"):
         if name not in ("torch", "numpy") and name not in sys.modules:
             continue
         try:

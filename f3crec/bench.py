@@ -62,8 +62,8 @@ def _child_cpu() -> float:
 
 
 # ------------------------------------------------------------------------------------------ whole run
-# `python -m f3crec.main` as a -c program that also reports its CPU seconds after the imports (f3crec.main,
-# torch, and numba's kernels for the compiled simulator): an exit handler, which run_and_leave runs.
+# `python -m f3crec.main` as a -c program that also reports its CPU seconds after the imports (f3crec.main, and
+# torch, or numba's kernels for the compiled simulator): an exit handler, which run_and_leave runs.
 _MAIN = ("import atexit, sys, time\nimport f3crec.main as m\n{extra}\nstarted = time.process_time()\n"
          "atexit.register(lambda: print(f'after-imports-cpu {{time.process_time() - started:.4f}}', file=sys.stderr))\n"
          "m.run_and_leave()\n")
@@ -73,7 +73,9 @@ def whole_run(overrides: list[str], rounds: int, simulator: str | None = None) -
     """Time one `python -m f3crec.main` process (CPU and wall, and CPU after its imports) and read its
     phases from the run folder; `simulator` sets federation.simulator."""
     with tempfile.TemporaryDirectory() as tmp:
-        extra = "import f3crec.kernels" if simulator in ("compiled", "auto") else ""
+        # the compiled simulator never imports torch (f3crec.main does not): its side imports numba's kernels,
+        # the others torch, before the after-imports clock starts
+        extra = "import f3crec.kernels" if simulator in ("compiled", "auto") else "import torch"
         cmd = [sys.executable, "-c", _MAIN.format(extra=extra), "--run-dir", str(Path(tmp) / "run"), *overrides,
                f"federation.rounds={rounds}", f"federation.patience={rounds + 1}", "train.share_base=false",
                "train.seed=42", "train.threads=1", *([f"federation.simulator={simulator}"] if simulator else [])]
@@ -207,9 +209,7 @@ def ml100k_shaped_blocks(clients: int, seed: int = 0) -> list[Block]:
 
 def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
     """Seconds per round (plan + training + aggregation) in D⁰ and D¹ (after a real end-of-D⁰ state)."""
-    sim = grow(None, lambda i, p: make_simulator(cfg, flags, i.to(device), {k: v.to(device) for k, v in p.items()},
-                                                 blocks),
-               cfg, blocks, 0, cfg.train.seed)
+    sim = grow(None, lambda i, p: make_simulator(cfg, flags, i, p, blocks), cfg, blocks, 0, cfg.train.seed)
     out = {}
     for t in (0, 1):
         if t == 1:

@@ -18,7 +18,7 @@ def round_context(cfg, flags: dict, blocks: list[Block], t: int, r: int) -> Roun
                         n_prev_items=prev.n_items if prev else 0,
                         lrs=learning_rates(cfg.backbone, blocks[t].n_items), flags=flags,
                         net=BACKBONES[cfg.backbone.name], seed=seed, ldp_scale=cfg.federation.ldp_scale,
-                        shared_private=init_private(cfg.backbone, cfg.quirks.emb_init, seed, -1),
+                        shared_private=init_private(cfg.backbone, cfg.quirks.emb_init, seed, -1, tensor=False),
                         private_init_round0=cfg.quirks.private_init_round0, ewc_gamma=cfg.method.ewc_gamma,
                         eps=cfg.method.eps, topn=cfg.method.topn)
 

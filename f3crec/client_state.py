@@ -5,50 +5,51 @@ Fisher (emb_reg/EWC), and each client's received copy of Q^{t−1}. The vectoris
 in place; the reference simulator keeps the same values inside its `Client` objects and converts to this
 form for checkpoints. The server never holds a reference to it. Nothing here is users × items: KD reads
 ŷ^{t−1} only at T^u, so ŷ is kept as (U, N) aligned with T^u, and a checkpoint is sized by the state.
+The arrays are torch tensors, or numpy arrays for the compiled simulator (arrays.py: one code for both;
+EWC's Fisher rows, which only the torch simulators keep, are torch).
 """
 from __future__ import annotations
 
-import torch
+from .arrays import cat, clone, like, zeros
 
 
 class ClientStates:
     """Stacked per-user client state; `state_dict()` is a plain dict (loads with weights_only=True)."""
 
-    def __init__(self, private: dict[str, torch.Tensor], topn: int):
+    def __init__(self, private: dict, topn: int):
         self.private = private                                           # Φ: name -> (U, ...)
-        self.slots: dict[str, dict[str, torch.Tensor]] = {}              # 'best' / 'last' copies of Φ
-        device = next(iter(private.values())).device
-        self.topn = torch.zeros(self.num_users(), topn, dtype=torch.long, device=device)  # T^u where has_topn
-        dtype = next(iter(private.values())).dtype
-        self.yhat = torch.zeros(self.num_users(), topn, dtype=dtype, device=device)  # ŷ^{t−1} at T^u's items
-        self.has_topn = torch.zeros(self.num_users(), dtype=torch.bool, device=device)
-        self.anchor = {k: v.clone() for k, v in private.items()}        # θ*: best Φ of the last trained block
-        self.anchor_items: torch.Tensor | None = None                   # received Q^{t−1}
-        self.fisher = {k: torch.zeros_like(v) for k, v in private.items()}
-        self.fisher_valid = torch.zeros(self.num_users(), dtype=torch.bool, device=device)
-        self.fisher_rows: dict[str, torch.Tensor] | None = None          # flat: user, item, F (L, d)
+        self.slots: dict[str, dict] = {}                                 # 'best' / 'last' copies of Φ
+        first = next(iter(private.values()))
+        self.topn = zeros(first, (self.num_users(), topn), "int64")      # T^u where has_topn
+        self.yhat = zeros(first, (self.num_users(), topn))               # ŷ^{t−1} at T^u's items
+        self.has_topn = zeros(first, (self.num_users(),), "bool")
+        self.anchor = {k: clone(v) for k, v in private.items()}         # θ*: best Φ of the last trained block
+        self.anchor_items = None                                         # received Q^{t−1}
+        self.fisher = {k: zeros(v, tuple(v.shape)) for k, v in private.items()}
+        self.fisher_valid = zeros(first, (self.num_users(),), "bool")
+        self.fisher_rows: dict | None = None                             # flat: user, item, F (L, d) (EWC)
 
     def num_users(self) -> int:
         return next(iter(self.private.values())).shape[0]
 
-    def grow(self, new_private: dict[str, torch.Tensor]) -> None:
-        """Append the clients of the users first seen in this block."""
+    def grow(self, new_private: dict) -> None:
+        """Append the clients of the users first seen in this block (arrays of any kind: made this state's)."""
         count = next(iter(new_private.values())).shape[0]
-        device = self.topn.device
-        new_private = {k: v.to(device) for k, v in new_private.items()}
+        new_private = {k: like(v, self.private[k]) for k, v in new_private.items()}
         for k, v in new_private.items():
-            self.private[k] = torch.cat([self.private[k], v])
-            self.anchor[k] = torch.cat([self.anchor[k], v])
-            self.fisher[k] = torch.cat([self.fisher[k], torch.zeros_like(v)])
+            self.private[k] = cat([self.private[k], v])
+            self.anchor[k] = cat([self.anchor[k], v])
+            self.fisher[k] = cat([self.fisher[k], zeros(v, tuple(v.shape))])
             for slot in self.slots.values():
-                slot[k] = torch.cat([slot[k], v])
-        self.topn = torch.cat([self.topn, torch.zeros(count, self.topn.shape[1], dtype=torch.long, device=device)])
-        self.yhat = torch.cat([self.yhat, self.yhat.new_zeros(count, self.yhat.shape[1])])
-        self.has_topn = torch.cat([self.has_topn, torch.zeros(count, dtype=torch.bool, device=device)])
-        self.fisher_valid = torch.cat([self.fisher_valid, torch.zeros(count, dtype=torch.bool, device=device)])
+                slot[k] = cat([slot[k], v])
+        self.topn = cat([self.topn, zeros(self.topn, (count, self.topn.shape[1]))])
+        self.yhat = cat([self.yhat, zeros(self.yhat, (count, self.yhat.shape[1]))])
+        self.has_topn = cat([self.has_topn, zeros(self.has_topn, (count,))])
+        self.fisher_valid = cat([self.fisher_valid, zeros(self.fisher_valid, (count,))])
 
-    def set_fisher_rows(self, users: torch.Tensor, items: torch.Tensor, values: torch.Tensor) -> None:
-        """Replace the Fisher rows of the clients in `users` (absent users keep theirs, §11 EWC)."""
+    def set_fisher_rows(self, users, items, values) -> None:
+        """Replace the Fisher rows of the clients in `users` (absent users keep theirs, §11 EWC; tensors)."""
+        import torch
         if self.fisher_rows is not None:
             keep = ~torch.isin(self.fisher_rows["user"], users.unique())
             users = torch.cat([self.fisher_rows["user"][keep], users])
@@ -58,10 +59,10 @@ class ClientStates:
         self.fisher_rows = {"user": users[order], "item": items[order], "F": values[order]}
 
     def save_slot(self, name: str) -> None:
-        self.slots[name] = {k: v.clone() for k, v in self.private.items()}
+        self.slots[name] = {k: clone(v) for k, v in self.private.items()}
 
     def load_slot(self, name: str) -> None:
-        self.private = {k: v.clone() for k, v in self.slots[name].items()}
+        self.private = {k: clone(v) for k, v in self.slots[name].items()}
 
     def state_dict(self) -> dict:
         return {"private": self.private, "slots": self.slots, "yhat": self.yhat, "topn": self.topn,

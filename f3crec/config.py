@@ -99,7 +99,7 @@ class TrainConfig:
     share_base: bool = True          # reuse the cached end-of-D⁰ state across methods (§8.6); false = train it here
     base_cache: Union[str, bool, None] = "default"  # WHERE the shared base states live (not whether): a folder,
     #                 or "default" = common.io.cache_root()/f3crec/base; null/off/false are refused (share_base says whether)
-    threads: PosInt = 1              # torch's intra-op threads: sums, so the numbers, depend on it; keyed and recorded
+    threads: PosInt = 1              # torch's intra-op threads (sums, so the numbers, depend on it; keyed, recorded); compiled: one
     device: Literal["auto", "cpu", "cuda"] = "cpu"   # where the vectorised simulator keeps its tensors
     track: Optional[Literal["tensorboard", "wandb", "mlflow"]] = None  # experiment tracker fed every metrics.jsonl record (common/tracking.py); null = off
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
-import torch
 
-from common.metrics import _check_finite, _discounts, full_sort_metrics
-
+from .arrays import cat, zeros
 from .data import SPLITS, Block
 from .model import Backbone, score_matrix
 
@@ -35,29 +33,31 @@ def eval_chunk(n_items: int | None, budget: int | None = None) -> int:
     return min(EVAL_CHUNK, max(SCORE_ROWS, (budget or EVAL_BUDGET) // n_items // SCORE_ROWS * SCORE_ROWS))
 
 
-def oracle_scores(sim, users: torch.Tensor, net: Backbone) -> torch.Tensor:
+def oracle_scores(sim, users, net: Backbone):
     """Scores (len(users), |I|) of the given users (simulation-only, §3)."""
     items = sim.server.broadcast()
     private = {k: v[users.to(items.device)] for k, v in sim.private_matrix().items()}
     return user_scores(net, private, items).cpu()
 
 
-def user_scores(net: Backbone, private: dict[str, torch.Tensor], items: torch.Tensor) -> torch.Tensor:
+def user_scores(net: Backbone, private: dict, items):
     """score_matrix in products of exactly SCORE_ROWS users: a matrix product's rows depend on its shape
     (BLAS picks kernels by size), so one fixed shape makes a user's row the same whoever else is scored
-    with it — a client scoring its own users gets the oracle's row bit for bit (tests/f3crec/test_flower.py)."""
+    with it — a client scoring its own users gets the oracle's row bit for bit (tests/f3crec/test_flower.py).
+    Tensors, or numpy arrays (the compiled simulator)."""
     count = next(iter(private.values())).shape[0]
     rows = []
     for lo in range(0, count, SCORE_ROWS):
         chunk = {k: v[lo:lo + SCORE_ROWS] for k, v in private.items()}
         short = SCORE_ROWS - next(iter(chunk.values())).shape[0]
         if short:
-            chunk = {k: torch.cat([v, v.new_zeros(short, *v.shape[1:])]) for k, v in chunk.items()}
+            chunk = {k: cat([v, zeros(v, (short, *v.shape[1:]))]) for k, v in chunk.items()}
         rows.append(score_matrix(net, chunk, items)[: SCORE_ROWS - short])
-    return torch.cat(rows) if rows else items.new_zeros(0, items.shape[0])
+    return cat(rows) if rows else zeros(items, (0, items.shape[0]))
 
 
-def _mask(users: list[int], parts: list[dict[int, np.ndarray]], n_items: int) -> torch.Tensor:
+def _mask(users: list[int], parts: list[dict[int, np.ndarray]], n_items: int):
+    import torch
     mask = torch.zeros(len(users), n_items, dtype=torch.bool)
     for row, user in enumerate(users):
         for part in parts:
@@ -66,9 +66,9 @@ def _mask(users: list[int], parts: list[dict[int, np.ndarray]], n_items: int) ->
     return mask
 
 
-def evaluate(scores: torch.Tensor, users: list[int], positives: dict[int, np.ndarray],
+def evaluate(scores, users: list[int], positives: dict[int, np.ndarray],
              exclude: list[dict[int, np.ndarray]], decimals: int | None,
-             masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+             masks: tuple | None = None) -> dict[str, float]:
     """NDCG@20 and Recall@20 (Recall = hits / |test|) over `users`, excluded items at −∞ (§10).
 
     `masks` = (positives, excluded) as built by `eval_masks`, to reuse them across rounds.
@@ -76,13 +76,13 @@ def evaluate(scores: torch.Tensor, users: list[int], positives: dict[int, np.nda
     return finish(metric_sums(scores, users, positives, exclude, masks), decimals)
 
 
-def metric_sums(scores: torch.Tensor, users: list[int], positives: dict[int, np.ndarray],
-                exclude: list[dict[int, np.ndarray]], masks: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> dict[str, tuple[Fraction, int]]:
+def metric_sums(scores, users: list[int], positives: dict[int, np.ndarray],
+                exclude: list[dict[int, np.ndarray]], masks: tuple | None = None) -> dict[str, tuple[Fraction, int]]:
     """(exact sum, count) of each user's NDCG@20 and Recall@20: what a client reports for its users.
 
     A float64 is a dyadic rational, so the Fraction sum is exact and merging sums in any order or grouping
     gives the same total (the mean is rounded once, in `finish`)."""
+    from common.metrics import full_sort_metrics
     if not users:
         return {"ndcg": (Fraction(0), 0), "recall": (Fraction(0), 0)}
     pos_mask, exclude_mask = masks or eval_masks(users, positives, exclude, scores.shape[1])
@@ -92,10 +92,11 @@ def metric_sums(scores: torch.Tensor, users: list[int], positives: dict[int, np.
 
 
 def sparse_masks(users: list[int], positives: dict[int, np.ndarray], exclude: list[dict[int, np.ndarray]],
-                 chunk: int | None = None, n_items: int | None = None) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+                 chunk: int | None = None, n_items: int | None = None) -> list[tuple]:
     """Per chunk of `users`: (lo, hi, positive (row, item) pairs, excluded (row, item) pairs), rows local to the
     chunk. Built once per block; O(interactions) memory, where dense masks were O(users × items). The chunk is
     `chunk` users, else `eval_chunk(n_items)`."""
+    import torch
     chunk = chunk or eval_chunk(n_items)
     out = []
     for lo in range(0, len(users), chunk):
@@ -119,6 +120,7 @@ def oracle_sums(sim, net: Backbone, users: list[int], masks: list, n_items: int)
     top items up among the positive pairs. Memory O(chunk × items), no dense mask. Each user's row and
     metric do not depend on the chunk it is in (fixed-shape products, per-row top-K) and the sums are
     exact, so the result equals one dense evaluation (`metric_sums`) bit for bit (tested)."""
+    import torch
     parts = []
     for lo, hi, pos, exc in masks:
         index = torch.tensor(users[lo:hi], dtype=torch.long)
@@ -126,12 +128,14 @@ def oracle_sums(sim, net: Backbone, users: list[int], masks: list, n_items: int)
     return merge_sums(parts) if parts else metric_sums(torch.zeros(0, 0), [], {}, [])
 
 
-def sparse_metric_sums(scores: torch.Tensor, pos: torch.Tensor, exc: torch.Tensor, k: int = K
-                       ) -> dict[str, tuple[Fraction, int]]:
+def sparse_metric_sums(scores, pos, exc, k: int = K) -> dict[str, tuple[Fraction, int]]:
     """metric_sums from sparse (row, item) pairs; `scores` (rows, items) is overwritten (excluded → −∞).
 
     The same arithmetic as common.metrics.full_sort_metrics (an exclusion never hides a positive; ties as
     torch.topk orders them; the same discounts, cumulative sums and divisions), so equal bit for bit."""
+    import torch
+
+    from common.metrics import _check_finite, _discounts
     rows, n_items = scores.shape
     if not bool(torch.isfinite(scores.sum())):   # one pass, no mask: a NaN/inf entry makes the sum non-finite
         _check_finite("full_sort_metrics", scores=scores)    # (an overflowing sum of finite ones passes here)
@@ -168,7 +172,7 @@ def finish(sums: dict[str, tuple[Fraction, int]], decimals: int | None) -> dict[
 
 
 def eval_masks(users: list[int], positives: dict[int, np.ndarray], exclude: list[dict[int, np.ndarray]],
-               n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+               n_items: int) -> tuple:
     return _mask(users, [positives], n_items), _mask(users, exclude, n_items)
 
 

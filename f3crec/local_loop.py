@@ -11,15 +11,19 @@ nodes, which draw their own plans and evaluate their own users (§14).
 
 The round plan is built here and only here: positives and exclusions (T^u included) are fixed for a
 block, so the `PlanMaker` is made at the block's first round and draws every round from it.
+
+`StackedSimulator` is the block end and state plumbing of the simulators that hold every client's state
+stacked (client_state.ClientStates): the vectorised one (torch tensors) and the compiled one (numpy arrays).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .arrays import clone, like, numpy, zeros
 from .block_inputs import block_data
 from .evaluate import finish, oracle_sums, oracle_test_row, sparse_masks
 from .model import BACKBONES
-from .round import PlanMaker, RoundContext, RoundPlan, make_plan, plan_inputs
+from .round import PlanMaker, RoundContext, RoundPlan, fisher, make_plan, plan_inputs, previous_scores
 
 
 class LocalLoop:
@@ -78,3 +82,64 @@ class LocalLoop:
         data, exclude = block_data(blocks, t, flags, flags["neg_exclude"])
         return make_plan(cfg.train.seed, t, -1, data, exclude, blocks[t].n_items, cfg.federation.num_neg,
                          cfg.federation.batch_size, cfg.method.topn, 1)
+
+
+class StackedSimulator(LocalLoop):
+    """A local simulator whose client state is `self.state` (ClientStates, one row per user) beside
+    `self.server`: the end of a block and the state plumbing, the same code for tensors and numpy arrays."""
+
+    server = state = None
+
+    def private_matrix(self) -> dict:
+        return self.state.private
+
+    def end_block(self, ctx: RoundContext, trained: np.ndarray, fisher_plan: RoundPlan | None) -> None:
+        """ŷ for every user, T^u for those who trained, anchors and Fisher, from the restored best (§8.5)."""
+        st, best = self.state, self.server.broadcast()
+        trained = like(trained, st.topn)
+        refresh = zeros(st.has_topn, (st.num_users(),))
+        refresh[trained] = True
+        refresh |= ~st.has_topn
+        st.topn, st.yhat = previous_scores(ctx.net, st.private, best, ctx.topn, refresh, st.topn, st.yhat,
+                                           ctx.flags["target_scores"] == "latest")
+        st.has_topn |= refresh
+        st.anchor_items = clone(best)
+        mask = zeros(st.has_topn, (st.num_users(),))
+        mask[trained] = True
+        for k, v in st.private.items():
+            st.anchor[k][mask] = v[mask]
+        if fisher_plan is not None:   # EWC: the torch simulators only
+            users = like(fisher_plan.users, st.topn)
+            f_private, owner, items, f_rows = fisher(ctx.net, {k: v[users] for k, v in st.private.items()},
+                                                     best, fisher_plan)
+            for k, v in f_private.items():
+                st.fisher[k][users] = v
+            st.fisher_valid[users] = True
+            st.set_fisher_rows(users[owner], items, f_rows)
+        self.server.end_block()
+
+    # -------------------------------------------------------------------------------- state plumbing
+    def states(self):
+        return self.state
+
+    def load_states(self, states) -> None:
+        self.state = states
+
+    def grow(self, new_private: dict) -> None:
+        self.state.grow(new_private)
+
+    def save_slot(self, name: str) -> None:
+        self.server.save_slot(name)
+        self.state.save_slot(name)
+
+    def load_slot(self, name: str) -> None:
+        self.server.load_slot(name)
+        self.state.load_slot(name)
+
+    def set_private(self, private: dict) -> None:
+        """Every client's Φ replaced (full_retrain's restart): arrays of any kind, made the state's."""
+        self.state.private = {k: clone(like(v, self.state.private[k])) for k, v in private.items()}
+
+    def topn_lists(self) -> dict[int, np.ndarray]:
+        topn = numpy(self.state.topn)
+        return {int(u): topn[u] for u in np.flatnonzero(numpy(self.state.has_topn))}

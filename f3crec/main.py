@@ -23,12 +23,10 @@ if __package__ in (None, ""):  # run as a script: `cd f3crec && python main.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "f3crec"  # noqa: E702
 
 import numpy as np
-import torch
 
 from common.config import ConfigError, parse_cli
 from common.runs import log_metrics, run_name, start_run, write_results
 from common.cli import run_cli
-from common.utils import seed_everything
 
 from .checks import check_blocks, check_resume_folder, preflight
 from .config import Config, check_config, resolve
@@ -50,18 +48,30 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrit
     print(f"plan: {cfg.method.name} ({cfg.backbone.name}) on {cfg.data.name}: {len(blocks)} blocks (D0 the base) of up "
           f"to {cfg.federation.rounds} rounds each, validation every round, a test after every block; "
           f"{cfg.federation.simulator} simulator. Time: estimated after the first block, below")
-    seed_global(cfg.train.seed)
+    kind = simulator_kind(cfg, flags)
+    torch = None
+    if kind != "compiled":   # the compiled simulator never imports torch
+        import torch
+    seed_global(cfg.train.seed, torch)
     log = lambda record: (log_metrics(run_dir, record),  # noqa: E731  (jsonl: the whole record; console: one line)
                           None if record.get("reused") else print(round_line(record)))
-    kind = simulator_kind(cfg, flags)
     if kind != cfg.federation.simulator:
         print(f"[f3crec] federation.simulator={cfg.federation.simulator}: the {kind} simulator runs")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.train.threads)   # a sum's rounding depends on it: part of the run's identity
+    # torch's intra-op threads: a sum's rounding depends on them, part of the run's identity. The compiled
+    # simulator's kernels and numpy products are single-threaded whatever train.threads says: same numbers
+    if torch:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.train.threads)
+    else:
+        from .sim_compiled import single_blas
+        limits = single_blas()
     try:
         out = fit(cfg, flags, blocks, blocks_id, run_dir, resume, log)
     finally:
-        torch.set_num_threads(threads)
+        if torch:
+            torch.set_num_threads(threads)
+        else:
+            limits.restore_original_limits()
     summary = summarise(out["rows"])
     results = {"dataset": cfg.data.name, "method": cfg.method.name, "variant": cfg.backbone.name,
                "metrics": results_metrics(summary, out["blocks"]),
@@ -99,13 +109,15 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def seed_global(seed: int) -> None:
-    """Seed the global generators as a safety net: every random number of a run comes from the explicit
-    streams of model.py (inits) and streams.py (per-user draws, §13), never from these. Deterministic-kernel
-    switches are not needed on the CPU paths (and importing them costs seconds)."""
+def seed_global(seed: int, torch=None) -> None:
+    """Seed the global generators (torch's too when the run uses it) as a safety net: every random number
+    of a run comes from the explicit streams of model.py (inits) and streams.py (per-user draws, §13), never
+    from these. Deterministic-kernel switches are not needed on the CPU paths (and importing them costs
+    seconds)."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    if torch is not None:
+        torch.manual_seed(seed)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,6 +1,7 @@
 """Continual-learning terms (§6, §7, §11): Adaptive Replay Memory, Item-wise Temporal Mean, baselines.
 
-Pure tensor functions with a leading client dimension, used unchanged by both simulators:
+Pure tensor functions with a leading client dimension, used unchanged by the simulators (torch is imported by
+the functions that use it; ITM also takes numpy arrays, the compiled simulator's server):
   target_ranks / memory_size / kd_terms      ARM on the client (§6)
   item_temporal_mean                         ITM on the server (§7)
   per_sample_grads                           EWC's empirical Fisher (§11, ours)
@@ -10,9 +11,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-
+from .arrays import cat
 from .model import Backbone
 
 
@@ -26,6 +25,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     row's sorted target scores) is histogrammed, and the few items equal to a target score are compared
     with the targets directly.
     """
+    import torch
     values = scores.gather(1, targets)                                           # (A, N)
     ascending = torch.sort(values, dim=1).values
     below = torch.searchsorted(ascending, scores)                                # (A, I) #targets < s_j
@@ -46,6 +46,7 @@ def memory_size(ranks: torch.Tensor, eps: float, topn: int) -> tuple[torch.Tenso
     ranks (A, N) are r_cur of T^u's items in T^u's order, so r_prev = 1..N. p is computed in float32 as in
     the reference. Returns (D (A,) long, p (A,) float32, m (A,) long).
     """
+    import torch
     previous = torch.arange(1, ranks.shape[1] + 1, device=ranks.device)
     discrepancy = (previous - ranks).abs().sum(1)
     consistency = torch.exp(-eps * discrepancy.to(torch.float32))
@@ -54,12 +55,13 @@ def memory_size(ranks: torch.Tensor, eps: float, topn: int) -> tuple[torch.Tenso
 
 def kd_terms(logits: torch.Tensor, previous_logits: torch.Tensor) -> torch.Tensor:
     """Per-item soft-label BCE(σ(s_i), σ(ŷ_i)) in probability form (log clamped at −100), §6 step 7."""
+    import torch
+    import torch.nn.functional as F
     return F.binary_cross_entropy(torch.sigmoid(logits), torch.sigmoid(previous_logits), reduction="none")
 
 
 # ---------------------------------------------------------------------------------- ITM (server, §7)
-def item_temporal_mean(mean_table: torch.Tensor, previous: torch.Tensor, beta: float
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def item_temporal_mean(mean_table, previous, beta: float) -> tuple:
     """Mix every old row back toward Q^{t−1}: q ← (1−w) q′ + w q^{t−1}, w = β / (1 + ‖Δ‖² / √d).
 
     New rows (index ≥ len(previous)) are left as the plain mean. Returns (table, w (I_prev,)).
@@ -69,7 +71,7 @@ def item_temporal_mean(mean_table: torch.Tensor, previous: torch.Tensor, beta: f
     delta = 1.0 / (1.0 + ((previous - old) ** 2).sum(1) / math.sqrt(dim))     # (I_prev,) in (0, 1]
     weight = beta * delta
     mixed = (1.0 - weight)[:, None] * old + weight[:, None] * previous
-    return torch.cat([mixed, mean_table[n_old:]]), weight
+    return cat([mixed, mean_table[n_old:]]), weight
 
 
 # ------------------------------------------------------------------------------------ EWC (§11, ours)
@@ -80,6 +82,8 @@ def per_sample_grads(net: Backbone, private: dict[str, torch.Tensor], rows: torc
     private: tensors (S, ...) (each sample's client state), rows (S, d), labels (S,). Since every sample's
     loss depends only on its own copies, the gradient of the sum is the per-sample gradient.
     """
+    import torch
+    import torch.nn.functional as F
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in private.items()}
     row_leaf = rows.detach().clone().requires_grad_(True)
     a, c = net.affine(leaves)

@@ -6,8 +6,9 @@ a = w[d:], c = w[:d]·p_u + b; PFedRec: a = w, c = b). `BACKBONES` holds one `Ba
 private shapes, head, learning-rate rule, optimiser sub-steps, `affine` (private tensors with any leading
 batch shape, so per-client and batched code share one formula), init and quirks.
 
-`LocalModel` is one client's on-device model (its copy of the public item table + its private Φ_u),
-with `loss(batch)` and `score_all()`; the per-client reference simulator trains it directly.
+The private states and tables are torch tensors, or numpy arrays for the compiled simulator (which never
+imports torch: this module imports it only where a tensor is made). One client's torch model, `LocalModel`,
+is the reference simulator's (sim_reference.py).
 """
 from __future__ import annotations
 
@@ -16,25 +17,24 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-Private = dict[str, torch.Tensor]
+from .arrays import zeros
+
+Private = dict   # name -> torch.Tensor or numpy array
 
 
-def _affine_fedmf(private: Private) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine_fedmf(private: Private) -> tuple:
     p = private["p"]
-    return p, torch.zeros(p.shape[:-1], dtype=p.dtype, device=p.device)
+    return p, zeros(p, tuple(p.shape[:-1]))
 
 
-def _affine_fedncf(private: Private) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine_fedncf(private: Private) -> tuple:
     w, b = private["w"], private["b"][..., 0]
     dim = w.shape[-1] // 2
     return w[..., dim:], (w[..., :dim] * private["p"]).sum(-1) + b
 
 
-def _affine_pfedrec(private: Private) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine_pfedrec(private: Private) -> tuple:
     return private["w"], private["b"][..., 0]
 
 
@@ -47,7 +47,7 @@ class Backbone:
     user_lr_eta: bool                          # p_u's lr is lr·η (else lr)
     item_lr_eta: bool                          # Q's lr is lr·|I^t|·η (else lr·|I^t|)
     substeps: tuple[tuple[str, ...], ...]      # tensors each optimiser sub-step updates, with L recomputed
-    affine: Callable[[Private], tuple[torch.Tensor, torch.Tensor]]   # Φ (any leading shape) -> (a, c)
+    affine: Callable[[Private], tuple]          # Φ (any leading shape) -> (a, c), tensors or numpy arrays
     reference_std: float                       # std of item rows and p_u under `emb_init: reference` (Q3)
     head_fan_in: int                           # fan-in of the head as a multiple of d (U(±1/√fan_in) init)
     round0_reset: bool                         # the round-0 private reset applies (Q2)
@@ -91,21 +91,28 @@ def item_std(net: Backbone, emb_init: str) -> float:
     return 0.01 if emb_init == "small" else net.reference_std
 
 
-def torch_dtype(cfg) -> torch.dtype:
-    return torch.float64 if cfg.dtype == "float64" else torch.float32
+def _as_dtype(values: np.ndarray, cfg, tensor: bool):
+    """float64 draws in the configured dtype (numpy's and torch's float64 -> float32 round alike)."""
+    values = values.astype(np.float64 if cfg.dtype == "float64" else np.float32)
+    if not tensor:
+        return values
+    import torch
+    return torch.from_numpy(values)
 
 
-def init_items(cfg, emb_init: str, seed: int, block: int, count: int) -> torch.Tensor:
-    """Rows appended for the items first seen in `block` (§8.1), drawn from a (seed, block) stream."""
+def init_items(cfg, emb_init: str, seed: int, block: int, count: int, tensor: bool = True):
+    """Rows appended for the items first seen in `block` (§8.1), drawn from a (seed, block) stream; a torch
+    tensor, or a numpy array with tensor=False."""
     rng = np.random.default_rng([seed, 101, block])
     rows = rng.normal(0.0, item_std(BACKBONES[cfg.name], emb_init), size=(count, cfg.dim))
-    return torch.from_numpy(rows).to(torch_dtype(cfg))
+    return _as_dtype(rows, cfg, tensor)
 
 
-def init_private(cfg, emb_init: str, seed: int, user: int) -> Private:
+def init_private(cfg, emb_init: str, seed: int, user: int, tensor: bool = True) -> Private:
     """Φ_u of a new client; user = -1 gives the shared start-up values used by the round-0 reset (Q2).
 
-    The head follows PyTorch's Linear default U(±1/√fan_in) for weight and bias (§4).
+    The head follows PyTorch's Linear default U(±1/√fan_in) for weight and bias (§4). Tensors, or numpy
+    arrays with tensor=False.
     """
     net = BACKBONES[cfg.name]
     rng = np.random.default_rng([seed, 102, user + 1])
@@ -116,46 +123,20 @@ def init_private(cfg, emb_init: str, seed: int, user: int) -> Private:
         else:
             bound = 1.0 / math.sqrt(net.head_fan_in * cfg.dim)
             values = rng.uniform(-bound, bound, size=shape)
-        out[name] = torch.from_numpy(values).to(torch_dtype(cfg))
+        out[name] = _as_dtype(values, cfg, tensor)
     return out
 
 
-def sgd_step(params: dict[str, torch.Tensor], names: tuple[str, ...], grads, lrs: dict[str, float]) -> None:
+def sgd_step(params: dict, names: tuple[str, ...], grads, lrs: dict[str, float]) -> None:
     """Plain SGD (§4): params[name] -= lr[name]·grad, in place, for the tensors of one sub-step."""
+    import torch
     with torch.no_grad():
         for name, grad in zip(names, grads):
             if grad is not None:
                 params[name].add_(grad, alpha=-lrs[name])
 
 
-def score_matrix(net: Backbone, private: Private, items: torch.Tensor) -> torch.Tensor:
+def score_matrix(net: Backbone, private: Private, items):
     """Scores (U, I) of stacked private states (U, ...) against an item table (I, d)."""
     a, c = net.affine(private)
     return a @ items.T + c[:, None]
-
-
-class LocalModel(nn.Module):
-    """One client's model: a local copy of the public item table Q plus its private Φ_u."""
-
-    def __init__(self, net: Backbone, items: torch.Tensor, private: Private):
-        super().__init__()
-        self.net = net
-        self.items = nn.Parameter(items.detach().clone())                      # (I, d) local copy of Q
-        self.private = nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in private.items()})
-
-    def params(self) -> dict[str, nn.Parameter]:
-        """Tensors by the names `learning_rates` uses."""
-        return {"Q": self.items, **dict(self.private)}
-
-    def score_items(self, items: torch.Tensor) -> torch.Tensor:
-        a, c = self.net.affine(dict(self.private))
-        return (self.items[items] * a).sum(-1) + c                               # (B,)
-
-    def score_all(self) -> torch.Tensor:
-        a, c = self.net.affine(dict(self.private))
-        return self.items @ a + c                                                # (I,)
-
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """L_rec (§5): mean BCE-with-logits over the mini-batch; repeated items accumulate gradient."""
-        logits = self.score_items(batch["items"])
-        return F.binary_cross_entropy_with_logits(logits, batch["labels"], reduction="mean")

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from . import streams
+from .arrays import is_tensor, take_along, where, zeros
 from .method import per_sample_grads
 from .model import Backbone, score_matrix
 
@@ -108,6 +108,7 @@ def shuffle_order(key: np.ndarray, position: np.ndarray, owner: np.ndarray) -> n
     value = streams.values(key, position) >> np.uint64(21)
     if owner.size and owner[-1] >= 1 << 20:
         return np.lexsort((value, owner))
+    import torch
     packed = torch.from_numpy(((owner.astype(np.uint64) << np.uint64(43)) | value).view(np.int64))
     return torch.sort(packed, stable=True).indices.numpy()
 
@@ -194,7 +195,7 @@ class RoundContext:
     net: Backbone                # the network (§4)
     seed: int
     ldp_scale: float = 0.0
-    shared_private: dict[str, torch.Tensor] = field(default_factory=dict)  # round-0 start-up values (§4)
+    shared_private: dict = field(default_factory=dict)  # round-0 start-up values (§4), numpy arrays
     private_init_round0: str = "shared"   # Q2, resolved
     ewc_gamma: float = 0.0
     eps: float = 0.006
@@ -220,56 +221,63 @@ def plan_inputs(data: dict[int, np.ndarray], topn: dict[int, np.ndarray], ctx: R
     return positives, exclude
 
 
-def ldp_noise(ctx: RoundContext, users: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def ldp_noise(ctx: RoundContext, users: np.ndarray, shape: tuple[int, ...], dtype):
     """Laplace(0, b) noise (len(users), *shape) each client adds to every entry of its upload (§3), from its
-    own stream."""
+    own stream: a tensor of torch dtype `dtype`, or a numpy array when `dtype` is a numpy dtype."""
     key = streams.keys(ctx.seed, ctx.block, ctx.round, np.asarray(users), streams.LDP)
     raw = streams.values(key[:, None], np.arange(int(np.prod(shape))))
-    return torch.from_numpy(streams.laplace(raw, ctx.ldp_scale).reshape(len(key), *shape)).to(dtype)
+    noise = streams.laplace(raw, ctx.ldp_scale).reshape(len(key), *shape)
+    if isinstance(dtype, np.dtype):
+        return noise.astype(dtype)
+    import torch
+    return torch.from_numpy(noise).to(dtype)
 
 
 SCORE_BUDGET = 1 << 22  # score entries held at once by the end-of-block scoring (rows × items, float)
 
 
-def previous_scores(net: Backbone, private: dict[str, torch.Tensor], items: torch.Tensor, topn: int,
-                    refresh: torch.Tensor | None = None, old_topn: torch.Tensor | None = None,
-                    old_yhat: torch.Tensor | None = None, latest: bool = True,
-                    budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def previous_scores(net: Backbone, private: dict, items, topn: int, refresh=None, old_topn=None, old_yhat=None,
+                    latest: bool = True, budget: int | None = None) -> tuple:
     """End-of-block T (U, N) (top-N, descending, nothing masked, ties to lower id) and ŷ at T (U, N) (§6).
 
     KD reads ŷ^{t−1} only at the items of T^u, so ŷ is kept aligned with T^u instead of over all of
     I^{t−1}. Users outside `refresh` keep `old_topn`; with `latest` their ŷ is re-read at it, else they keep
     `old_yhat` (Q7 `matched`). Users are scored a chunk of ⌊budget / |I|⌋ rows (SCORE_BUDGET) at a time: memory
-    O(budget), never U × I (when U·|I| ≤ budget it is one product, as before)."""
+    O(budget), never U × I (when U·|I| ≤ budget it is one product, as before). Tensors or numpy arrays."""
     count, n_items = next(iter(private.values())).shape[0], items.shape[0]
     rows = max(1, (budget or SCORE_BUDGET) // max(n_items, 1))
     if count == 0:
-        return (torch.zeros(0, topn, dtype=torch.long, device=items.device),
-                torch.zeros(0, topn, dtype=items.dtype, device=items.device))
+        return zeros(items, (0, topn), "int64"), zeros(items, (0, topn))
     # The outputs are allocated once and filled chunk by chunk: a list of small per-chunk results, each
     # allocated between two chunks' large temporaries, pins the heap and grew the RSS of a 100,000-client
     # end of block from 3.4 to over 13 GB (glibc cannot reuse or return the memory between them).
     n = min(topn, n_items)
-    tops = torch.empty(count, n, dtype=torch.long, device=items.device)
-    yhats = torch.empty(count, n, dtype=items.dtype, device=items.device)
+    tops, yhats = zeros(items, (count, n), "int64"), zeros(items, (count, n))
     for lo in range(0, count, rows):
         scores = score_matrix(net, {k: v[lo:lo + rows] for k, v in private.items()}, items)
         top = top_n(scores, topn)
         if refresh is not None:
             keep = ~refresh[lo:lo + rows, None]
-            top = torch.where(keep, old_topn[lo:lo + rows], top)
-        yhat = scores.gather(1, top)
+            top = where(keep, old_topn[lo:lo + rows], top)
+        yhat = take_along(scores, top)
         if refresh is not None and not latest:
-            yhat = torch.where(keep, old_yhat[lo:lo + rows], yhat)
+            yhat = where(keep, old_yhat[lo:lo + rows], yhat)
         tops[lo:lo + rows] = top
         yhats[lo:lo + rows] = yhat
     return tops, yhats
 
 
-def top_n(scores: torch.Tensor, n: int) -> torch.Tensor:
+def top_n(scores, n: int):
     """The first n items of each row in a stable descending sort (ties to the lower id), without sorting
     the row: the candidates are the items scoring at least the row's n-th largest value."""
     n = min(n, scores.shape[1])
+    if not is_tensor(scores):   # numpy (the compiled simulator): the same candidates, ordered by one lexsort
+        threshold = np.partition(scores, scores.shape[1] - n, axis=1)[:, scores.shape[1] - n, None]
+        row, item = np.nonzero(scores >= threshold)                              # row-major, item ascending
+        order = np.lexsort((item, -scores[row, item], row))                      # (row, −score, item)
+        start = np.cumsum(np.bincount(row, minlength=scores.shape[0])) - np.bincount(row, minlength=scores.shape[0])
+        return item[order][start[:, None] + np.arange(n)]
+    import torch
     threshold = torch.topk(scores, n, dim=1).values[:, -1:]
     row, item = torch.nonzero(scores >= threshold, as_tuple=True)               # row-major, item ascending
     by_value = torch.sort(scores[row, item], descending=True, stable=True).indices
@@ -278,13 +286,13 @@ def top_n(scores: torch.Tensor, n: int) -> torch.Tensor:
     return item[order][start[:, None] + torch.arange(n, device=scores.device)]
 
 
-def fisher(net: Backbone, private: dict[str, torch.Tensor], items: torch.Tensor, plan: RoundPlan
-           ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+def fisher(net: Backbone, private: dict, items, plan: RoundPlan) -> tuple:
     """EWC's diagonal empirical Fisher for the plan's clients [D] (§11).
 
     private: stacked (A, ...) states (θ*), items: Q^{t} (θ*). Returns (F_private (A, ...), row_owner (L,),
     row_item (L,), F_rows (L, d)) with the mean over each client's samples of squared per-sample gradients.
     """
+    import torch
     put = lambda x: torch.as_tensor(x, device=items.device)  # noqa: E731
     owner = put(np.repeat(np.arange(plan.users.size), np.diff(plan.offsets)))
     sample_items = put(plan.items)

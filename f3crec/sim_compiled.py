@@ -1,11 +1,12 @@
-"""Compiled simulator (§13): the vectorised simulator's state and block-end code, with a round of local
-training and the validation/test evaluation as compiled per-client loops (kernels.py, numba).
+"""Compiled simulator (§13): the stacked client state and block-end code of the vectorised simulator
+(local_loop.StackedSimulator, client_state, server), held as numpy arrays, with a round of local training
+and the validation/test evaluation as compiled per-client loops (kernels.py, numba). It never imports torch.
 
 A round is dispatch-bound in the tensor simulators (1,250–2,000 ATen calls for a few ms of arithmetic); here
 each participant's local epoch is one pass of a compiled loop with closed-form gradients, on the
 same plan (round.py: the same per-user streams, negatives, shuffles and memory draws) and the same client
-state (ClientStates, held stacked by the inherited VectorisedSimulator code), so checkpoints, the base
-cache, end-of-block ŷ / T^u, slots and the server are shared code. Every sum has a fixed order
+state (ClientStates, held stacked by the shared StackedSimulator code), so checkpoints, the base cache,
+end-of-block ŷ / T^u, slots and the server are shared code, run on numpy arrays. Every sum has a fixed order
 (single-threaded kernels): the numbers do not depend on the thread count.
 
 Covered: FedMF (kernels.fedmf_round), FedNCF and PFedRec (kernels.affine_round: their heads in closed
@@ -15,23 +16,23 @@ Laplace noise from its own stream, added to the summed upload), on the CPU; not 
 names what is not covered in one line; `federation.simulator=auto` runs this simulator where it is
 covered and the vectorised one elsewhere. Equal to the vectorised simulator to ≤ 1e-12 in float64 round by round and
 in every metric (tests/f3crec/test_compiled.py): the sums run in another order than ATen's (BLAS dot
-products, FMA in its SGD update), so equality is to rounding, not bit for bit.
+products, FMA in its SGD update, numpy's row sums in ITM and its float32 exp in the m_u table), so equality
+is to rounding, not bit for bit.
 """
 from __future__ import annotations
 
 from fractions import Fraction
 
 import numpy as np
-import torch
+from threadpoolctl import threadpool_limits
 
 from common.config import ConfigError
-from common.metrics import _discounts
 
 from . import kernels, streams
 from .evaluate import SCORE_ROWS, finish, test_exclude, user_scores
+from .local_loop import StackedSimulator
 from .model import BACKBONES
 from .round import RoundContext, RoundPlan, ldp_noise
-from .sim_vectorised import VectorisedSimulator
 
 K = 20  # NDCG@20 / Recall@20 (§10)
 LDP_CHUNK = 64  # clients whose (|I|, d) LDP noise is drawn at once
@@ -44,6 +45,14 @@ def unsupported(cfg, flags: dict) -> str | None:
     if cfg.train.device == "cuda":
         return "train.device=cuda (the compiled kernels run on the CPU)"
     return None
+
+
+def single_blas():
+    """numpy's BLAS (the evaluation's score products) on one thread for the run; returns the limiter whose
+    restore_original_limits() undoes it. A product's float64 bits depend on OpenBLAS's thread count (measured:
+    1 vs 2 threads differ), so the compiled run's numbers would follow train.threads; and OpenBLAS's default
+    (every core) spins its threads on these small products: 3.5× the run's CPU time on a busy machine."""
+    return threadpool_limits(1, user_api="blas")
 
 
 def check(cfg, flags: dict) -> None:
@@ -88,42 +97,47 @@ def draw(plan: RoundPlan, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
     return items, labels
 
 
-class CompiledSimulator(VectorisedSimulator):
-    """VectorisedSimulator with `train_round`, `validate` and `test_row` as compiled loops."""
+def discounts(k: int) -> np.ndarray:
+    """1 / log2(rank + 1) for ranks 1..k: common.metrics._discounts in numpy (the same float64 values, tested)."""
+    return 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
+
+
+class CompiledSimulator(StackedSimulator):
+    """A stacked-state simulator (numpy) with `train_round`, `validate` and `test_row` as compiled loops."""
 
     def __init__(self, server, state):
-        super().__init__(server, state)
+        self.server, self.state = server, state   # Server and ClientStates of numpy arrays
         self._m_table: tuple[tuple, np.ndarray] | None = None
         self._valid_csr: tuple[int, list[int], tuple] | None = None
 
     # ------------------------------------------------------------------------------------------ round
     def _m_of_d(self, ctx: RoundContext, n_items: int, n_top: int) -> np.ndarray:
-        """m_u for every possible D_u (0..N·(I−1)), computed by method.memory_size's own float32 formula."""
+        """m_u for every possible D_u (0..N·(I−1)), by method.memory_size's float32 formula in numpy (numpy's
+        float32 exp can differ from ATen's in the last bit; the floors agree, tests/f3crec/test_compiled.py)."""
         key = (ctx.eps, ctx.topn, n_items, n_top)
         if self._m_table is None or self._m_table[0] != key:
-            disc = torch.arange(n_top * max(n_items - 1, 0) + 1)
-            size = torch.floor(ctx.topn * torch.exp(-ctx.eps * disc.to(torch.float32))).long()
-            self._m_table = (key, size.numpy())
+            disc = np.arange(n_top * max(n_items - 1, 0) + 1)
+            size = np.floor(ctx.topn * np.exp(np.float32(-ctx.eps) * disc.astype(np.float32)))
+            self._m_table = (key, size.astype(np.int64))
         return self._m_table[1]
 
     def train_round(self, plan: RoundPlan | None, ctx: RoundContext) -> dict:
         """One round of every participant (§3, §5, §6) through kernels.fedmf_round or affine_round, then the
         server's mean."""
         plan = self.plan(ctx) if plan is None else plan
-        st, table = self.state, self.server.broadcast()
-        if ctx.flags["reg"] == "ewc" or table.device.type != "cpu":
+        st, q = self.state, self.server.broadcast()
+        if ctx.flags["reg"] == "ewc" or not isinstance(q, np.ndarray):
             raise ConfigError("federation.simulator=compiled: this round is not covered (see sim_compiled.unsupported)")
-        q = table.numpy()
         n_items, dim = q.shape
         users = plan.users
         returning = (users < ctx.n_prev_users) & (ctx.block > 0)
         arm_mode = {"off": 0, "adaptive": 1, "full": 2}[ctx.flags["arm"]]
-        replay = returning & st.has_topn.numpy()[users] if arm_mode else np.zeros(users.size, bool)
-        topn = st.topn.numpy()
+        replay = returning & st.has_topn[users] if arm_mode else np.zeros(users.size, bool)
+        topn = st.topn
         dtype = q.dtype
-        yhat = st.yhat.numpy() if st.yhat is not None else np.zeros((1, 1), dtype)
+        yhat = st.yhat if st.yhat is not None else np.zeros((1, 1), dtype)
         emb = ctx.flags["reg"] == "emb" and bool(returning.any())
-        anchor_items = st.anchor_items.numpy() if emb else np.zeros((1, dim), dtype)
+        anchor_items = st.anchor_items if emb else np.zeros((1, dim), dtype)
         n_prev_items = ctx.n_prev_items if emb else 0
         m_of_d = self._m_of_d(ctx, n_items, topn.shape[1]) if arm_mode == 1 else np.zeros(1, np.int64)
         keys = streams.keys(plan.seed, plan.block, plan.round, users, streams.MEMORY)
@@ -132,31 +146,31 @@ class CompiledSimulator(VectorisedSimulator):
         stats = np.zeros((int(steps[replay].sum()) if replay.any() else 0, 3), np.int64)
         q_t = np.ascontiguousarray(q.T) if replay.any() else np.zeros((dim, 1), dtype)
         offsets, (items, labels) = plan.offsets.astype(np.int64), draw(plan, dtype)
-        anchor_p = st.anchor["p"].numpy() if "p" in st.anchor else np.zeros((1, dim), dtype)
+        anchor_p = st.anchor["p"] if "p" in st.anchor else np.zeros((1, dim), dtype)
         if ctx.net.name == "fedmf":
             n_stats = kernels.fedmf_round(
-                q, q_t, st.private["p"].numpy(), users, offsets, items, labels, plan.batch_size,
+                q, q_t, st.private["p"], users, offsets, items, labels, plan.batch_size,
                 ctx.lrs["p"], ctx.lrs["Q"], replay, returning, topn, yhat, keys, arm_mode,
                 float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]), anchor_items,
                 anchor_p, n_prev_items, total, stats)
         else:   # FedNCF (kind 1) or PFedRec (kind 2): a head, sub-steps, the round-0 reset (§4)
             kind = {"fedncf": 1, "pfedrec": 2}[ctx.net.name]
-            shared = {k: v.numpy() for k, v in ctx.shared_private.items()}
+            shared = {k: np.asarray(v, dtype) for k, v in ctx.shared_private.items()}
             n_sub = len(ctx.net.substeps)
             stats = np.zeros((stats.shape[0] * n_sub, 3), np.int64)
             n_stats = kernels.affine_round(
-                q, q_t, kind, st.private["p"].numpy() if kind == 1 else np.zeros((1, dim), dtype),
-                st.private["w"].numpy(), st.private["b"].numpy(), shared.get("p", np.zeros(dim, dtype)),
+                q, q_t, kind, st.private["p"] if kind == 1 else np.zeros((1, dim), dtype),
+                st.private["w"], st.private["b"], shared.get("p", np.zeros(dim, dtype)),
                 shared["w"], shared["b"], bool(ctx.reset_private), users, offsets, items, labels, plan.batch_size,
                 n_sub, ctx.lrs.get("p", 0.0), ctx.lrs["w"], ctx.lrs["Q"], replay, returning, topn, yhat, keys,
                 arm_mode, float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]),
                 anchor_items, anchor_p, n_prev_items, total, stats)
         if ctx.ldp_scale > 0:   # every client adds Laplace noise to every row of its upload (§3), from its stream
             for lo in range(0, users.size, LDP_CHUNK):
-                total += ldp_noise(ctx, users[lo:lo + LDP_CHUNK], (n_items, dim), table.dtype).sum(0).numpy()
+                total += ldp_noise(ctx, users[lo:lo + LDP_CHUNK], (n_items, dim), dtype).sum(0)
         order = np.argsort(stats[:n_stats, 2], kind="stable")     # step-major, as the vectorised stats
         out = {"D": stats[:n_stats, 0][order].tolist(), "m": stats[:n_stats, 1][order].tolist()}
-        return {**out, **self.server.aggregate_deltas(torch.arange(n_items), torch.from_numpy(total), users.size)}
+        return {**out, **self.server.aggregate_sum(total, users.size)}
 
     # ------------------------------------------------------------------------------------- evaluation
     def _sums(self, users: list[int], positives: dict, exclude: list[dict], n_items: int) -> dict:
@@ -176,13 +190,13 @@ class CompiledSimulator(VectorisedSimulator):
         items = self.server.broadcast()[:n_items]
         private, net = self.private_matrix(), BACKBONES[self.cfg.backbone.name]
         ndcg, recall = np.empty(len(users)), np.empty(len(users))
-        discounts = _discounts(min(K, n_items), torch.device("cpu")).numpy()
-        index = torch.as_tensor(users)
+        weights = discounts(min(K, n_items))
+        index = np.asarray(users, dtype=np.int64)
         for lo in range(0, len(users), SCORE_ROWS):
             hi = min(lo + SCORE_ROWS, len(users))
             scores = user_scores(net, {k: v[index[lo:hi]] for k, v in private.items()}, items)
-            if not kernels.topk_metrics(scores.numpy(), pos_ptr[lo:hi + 1] - pos_ptr[lo], pos[pos_ptr[lo]:pos_ptr[hi]],
-                                        exc_ptr[lo:hi + 1] - exc_ptr[lo], exc[exc_ptr[lo]:exc_ptr[hi]], discounts,
+            if not kernels.topk_metrics(np.ascontiguousarray(scores), pos_ptr[lo:hi + 1] - pos_ptr[lo], pos[pos_ptr[lo]:pos_ptr[hi]],
+                                        exc_ptr[lo:hi + 1] - exc_ptr[lo], exc[exc_ptr[lo]:exc_ptr[hi]], weights,
                                         ndcg[lo:hi], recall[lo:hi]):
                 raise ValueError("full_sort_metrics: non-finite value(s) (NaN or inf) in scores; metrics of such "
                                  "scores are meaningless (check the model for a NaN/inf output)")

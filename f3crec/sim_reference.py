@@ -10,12 +10,41 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from .client_state import ClientStates
 from .local_loop import LocalLoop
 from .method import kd_terms, memory_size, target_ranks
-from .model import LocalModel, sgd_step
+from .model import Backbone, Private, sgd_step
 from .round import RoundContext, RoundPlan, fisher, ldp_noise, previous_scores
+
+
+class LocalModel(nn.Module):
+    """One client's model: a local copy of the public item table Q plus its private Φ_u."""
+
+    def __init__(self, net: Backbone, items: torch.Tensor, private: Private):
+        super().__init__()
+        self.net = net
+        self.items = nn.Parameter(items.detach().clone())                      # (I, d) local copy of Q
+        self.private = nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in private.items()})
+
+    def params(self) -> dict[str, nn.Parameter]:
+        """Tensors by the names `learning_rates` uses."""
+        return {"Q": self.items, **dict(self.private)}
+
+    def score_items(self, items: torch.Tensor) -> torch.Tensor:
+        a, c = self.net.affine(dict(self.private))
+        return (self.items[items] * a).sum(-1) + c                               # (B,)
+
+    def score_all(self) -> torch.Tensor:
+        a, c = self.net.affine(dict(self.private))
+        return self.items @ a + c                                                # (I,)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L_rec (§5): mean BCE-with-logits over the mini-batch; repeated items accumulate gradient."""
+        logits = self.score_items(batch["items"])
+        return F.binary_cross_entropy_with_logits(logits, batch["labels"], reduction="mean")
 
 
 class Client:
@@ -38,7 +67,7 @@ class Client:
     def local_train(self, broadcast: torch.Tensor, plan: dict[str, np.ndarray], ctx: RoundContext
                     ) -> tuple[torch.Tensor, dict]:
         """One local epoch (§5) with the continual terms of §6/§11; returns (upload, stats)."""
-        start = ctx.shared_private if ctx.reset_private else self.private
+        start = {k: torch.as_tensor(v) for k, v in ctx.shared_private.items()} if ctx.reset_private else self.private
         model = LocalModel(ctx.net, broadcast, start)
         params = model.params()
         items, labels = torch.from_numpy(plan["items"]), torch.from_numpy(plan["labels"]).to(broadcast.dtype)

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .local_loop import LocalLoop
+from .local_loop import StackedSimulator
 from .method import kd_terms, memory_size, target_ranks
 from .model import sgd_step
-from .round import RoundContext, RoundPlan, fisher, ldp_noise, previous_scores
+from .round import RoundContext, RoundPlan, ldp_noise
 
 
 @dataclass
@@ -82,7 +82,7 @@ def unique_keys(keys: torch.Tensor, span: int, bitmap_limit: int = 1 << 25) -> t
     return unique, index[keys]
 
 
-class VectorisedSimulator(LocalLoop):
+class VectorisedSimulator(StackedSimulator):
     """Same interface as ReferenceSimulator; client state kept stacked in `state` (see ClientStates)."""
 
     def __init__(self, server, state, rank_chunk: int = 4096, dense_limit: int = 1 << 25,
@@ -136,7 +136,8 @@ class VectorisedSimulator(LocalLoop):
     def _train_group(self, plan, ctx: RoundContext, dense: bool) -> tuple[dict, "_LocalRows", torch.Tensor | None]:
         """Local steps of the plan's clients; returns (stats, their local rows, the one-step clients' summed delta)."""
         r = self._local_rows(plan, ctx, dense)
-        start = ({k: v.expand(r.n_clients, *v.shape).clone() for k, v in ctx.shared_private.items()}
+        start = ({k: torch.as_tensor(v, device=r.table.device).expand(r.n_clients, *v.shape).clone()
+                  for k, v in ctx.shared_private.items()}
                  if ctx.reset_private else {k: v[r.users].clone() for k, v in self.state.private.items()})
         stats, summed = {"D": [], "m": []}, None
         for step in range(len(r.step_bounds) - 1):
@@ -388,58 +389,3 @@ class VectorisedSimulator(LocalLoop):
         keep = client >= 0
         keep[keep.clone()] = returning[client[keep]]
         return client[keep] * n_items + st.fisher_rows["item"][keep], st.fisher_rows["F"][keep], client[keep]
-
-    # ------------------------------------------------------------------------------------ block end
-    def private_matrix(self) -> dict[str, torch.Tensor]:
-        return self.state.private
-
-    def end_block(self, ctx: RoundContext, trained: np.ndarray, fisher_plan: RoundPlan | None) -> None:
-        """ŷ for every user, T^u for those who trained, anchors and Fisher, from the restored best (§8.5)."""
-        st, best = self.state, self.server.broadcast()
-        trained_t = torch.as_tensor(trained, device=best.device)
-        refresh = torch.zeros(st.num_users(), dtype=torch.bool, device=best.device)
-        refresh[trained_t] = True
-        refresh |= ~st.has_topn
-        st.topn, st.yhat = previous_scores(ctx.net, st.private, best, ctx.topn, refresh, st.topn, st.yhat,
-                                           ctx.flags["target_scores"] == "latest")
-        st.has_topn |= refresh
-        st.anchor_items = best.clone()
-        mask = torch.zeros(st.num_users(), dtype=torch.bool, device=best.device)
-        mask[trained_t] = True
-        for k, v in st.private.items():
-            st.anchor[k][mask] = v[mask]
-        if fisher_plan is not None:
-            users = torch.as_tensor(fisher_plan.users, device=best.device)
-            f_private, owner, items, f_rows = fisher(ctx.net, {k: v[users] for k, v in st.private.items()},
-                                                     best, fisher_plan)
-            for k, v in f_private.items():
-                st.fisher[k][users] = v
-            st.fisher_valid[users] = True
-            st.set_fisher_rows(users[owner], items, f_rows)
-        self.server.end_block()
-
-    # -------------------------------------------------------------------------------- state plumbing
-    def states(self):
-        return self.state
-
-    def load_states(self, states) -> None:
-        self.state = states
-
-    def grow(self, new_private: dict[str, torch.Tensor]) -> None:
-        self.state.grow(new_private)
-
-    def save_slot(self, name: str) -> None:
-        self.server.save_slot(name)
-        self.state.save_slot(name)
-
-    def load_slot(self, name: str) -> None:
-        self.server.load_slot(name)
-        self.state.load_slot(name)
-
-    def set_private(self, private: dict[str, torch.Tensor]) -> None:
-        self.state.private = {k: v.clone() for k, v in private.items()}
-
-    def topn_lists(self) -> dict[int, np.ndarray]:
-        users = torch.nonzero(self.state.has_topn).squeeze(1).tolist()
-        topn = self.state.topn.cpu()
-        return {u: topn[u].numpy() for u in users}

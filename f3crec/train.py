@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import torch
 
 from common.config import ConfigError, config_to_dict
 from common.io import exclusive
@@ -22,6 +21,7 @@ from common.runs import load_checkpoint, save_checkpoint, truncate_metrics
 from common.selection import Selection
 from common.utils import get_device
 
+from .arrays import convert, is_tensor, like, stack
 from .client_state import ClientStates
 from .config import base_cache_dir
 from .data import Block
@@ -29,31 +29,39 @@ from .evaluate import summarise
 from .model import BACKBONES, init_items, init_private
 from .round import RoundContext
 from .server import Server
-from .sim_reference import ReferenceSimulator
-from .sim_vectorised import VectorisedSimulator
 from .block_inputs import block_data, round_context  # noqa: F401  (shared with the Flower nodes, §14)
 
 
 # ------------------------------------------------------------------------------------------ simulators
-def make_simulator(cfg, flags: dict, items: torch.Tensor, private: dict, blocks: list[Block] | None = None):
-    """A server with table `items` and one client per row of `private`, in the configured simulator; with
-    `blocks`, a local simulator also answers the block loop's calls (local_loop.py: plans, evaluation)."""
+def make_simulator(cfg, flags: dict, items, private: dict, blocks: list[Block] | None = None):
+    """A server with table `items` and one client per row of `private` (numpy arrays or tensors), in the
+    configured simulator; with `blocks`, a local simulator also answers the block loop's calls (local_loop.py:
+    plans, evaluation). The compiled simulator holds numpy arrays and never imports torch; the others hold
+    tensors."""
     keep_freed_memory()
-    if cfg.federation.simulator == "flower":  # optional extra: flwr is imported only when asked for (§14)
-        from .flower.launch import flower_simulator
-        return flower_simulator(cfg, flags, items, private)
-    # The per-client reference simulator is the readable ground truth: it always runs on the CPU.
     kind = simulator_kind(cfg, flags)
-    device = get_device(cfg.train.device) if kind == "vectorised" else torch.device("cpu")
-    items, private = items.to(device), {k: v.to(device) for k, v in private.items()}
-    server = Server(items, cfg.method.beta, itm=flags["itm"])
-    states = ClientStates(private, cfg.method.topn)
+    if kind == "flower":  # optional extra: flwr is imported only when asked for (§14)
+        from .flower.launch import flower_simulator
+        items, private = convert(items, True), convert(private, True)
+        return flower_simulator(cfg, flags, items, private)
     if kind == "compiled":
         from .sim_compiled import CompiledSimulator   # numba's import is paid only by the runs that use it
-        sim = CompiledSimulator(server, states)
+        items, private = convert(items, False), convert(private, False)
+        sim_class = CompiledSimulator
     else:
-        sim = (VectorisedSimulator if kind == "vectorised" else ReferenceSimulator)(server, states)
+        from .sim_reference import ReferenceSimulator
+        from .sim_vectorised import VectorisedSimulator
+        # The per-client reference simulator is the readable ground truth: it always runs on the CPU.
+        device = get_device(cfg.train.device) if kind == "vectorised" else "cpu"
+        items, private = convert(items, True, device), convert(private, True, device)
+        sim_class = VectorisedSimulator if kind == "vectorised" else ReferenceSimulator
+    sim = sim_class(Server(items, cfg.method.beta, itm=flags["itm"]), ClientStates(private, cfg.method.topn))
     return sim.attach(cfg, flags, blocks) if blocks is not None else sim
+
+
+def holds_tensors(cfg, flags: dict) -> bool:
+    """Whether the run's simulator keeps torch tensors (every one but the compiled simulator's numpy arrays)."""
+    return simulator_kind(cfg, flags) != "compiled"
 
 
 def simulator_kind(cfg, flags: dict) -> str:
@@ -66,8 +74,8 @@ def simulator_kind(cfg, flags: dict) -> str:
         from .sim_compiled import check, unsupported
     except ImportError as err:   # numba is a dependency; an environment without it still runs the rest
         if name == "compiled":
-            raise ConfigError(f"federation.simulator=compiled needs numba ({err}); pip install numba, or use "
-                              "federation.simulator=vectorised") from None
+            raise ConfigError(f"federation.simulator=compiled needs numba and threadpoolctl ({err}); pip install "
+                              "numba threadpoolctl, or use federation.simulator=vectorised") from None
         return "vectorised"
     if name == "compiled":
         check(cfg, flags)
@@ -98,21 +106,15 @@ def load_sim(cfg, flags: dict, state: dict, blocks: list[Block]):
         from .flower.launch import flower_simulator
         return flower_simulator(cfg, flags, state=state)
     sim = make_simulator(cfg, flags, state["server"]["items"], dict(state["clients"]["private"]), blocks)
-    device = sim.server.items.device
-    sim.server.load_state_dict(_to(state["server"], device))
+    # A checkpoint's arrays (torch's last.pt holds tensors, the compiled simulator's numpy arrays) made the
+    # kind this simulator holds, on its device.
+    tensor = holds_tensors(cfg, flags)
+    device = sim.server.items.device if tensor else None
+    sim.server.load_state_dict(convert(state["server"], tensor, device))
     states = ClientStates(dict(sim.states().private), cfg.method.topn)
-    states.load_state_dict(_to(state["clients"], device))
+    states.load_state_dict(convert(state["clients"], tensor, device))
     sim.load_states(states)
     return sim
-
-
-def _to(value, device: torch.device):
-    """A checkpoint's nested dict with every tensor moved to `device`."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
 
 
 # ----------------------------------------------------------------------------------------- block loop
@@ -121,14 +123,15 @@ def grow(sim, make_sim: Callable | None, cfg, blocks: list[Block], t: int, seed:
     simulator in block 0."""
     n_prev_users = blocks[t - 1].n_users if t else 0
     n_prev_items = blocks[t - 1].n_items if t else 0
-    block, emb_init = blocks[t], cfg.quirks.emb_init
-    new_private = [init_private(cfg.backbone, emb_init, seed, u) for u in range(n_prev_users, block.n_users)]
-    stacked = {k: torch.stack([p[k] for p in new_private]) for k in new_private[0]} if new_private else None
+    block, emb_init = blocks[t], cfg.quirks.emb_init   # drawn as numpy arrays; each simulator makes them its kind
+    new_private = [init_private(cfg.backbone, emb_init, seed, u, tensor=False)
+                   for u in range(n_prev_users, block.n_users)]
+    stacked = {k: stack([p[k] for p in new_private]) for k in new_private[0]} if new_private else None
     if sim is None:
-        return make_sim(init_items(cfg.backbone, emb_init, seed, 0, block.n_items), stacked)
-    sim.server.grow(init_items(cfg.backbone, emb_init, seed, t, block.n_items - n_prev_items))
+        return make_sim(init_items(cfg.backbone, emb_init, seed, 0, block.n_items, tensor=False), stacked)
+    sim.server.grow(init_items(cfg.backbone, emb_init, seed, t, block.n_items - n_prev_items, tensor=False))
     if stacked is not None:
-        sim.grow(stacked)
+        sim.grow(convert(stacked, is_tensor(sim.server.items)))
     return sim
 
 
@@ -184,10 +187,9 @@ def restart(sim, cfg, blocks: list[Block], t: int) -> None:
     """full_retrain (not warm): re-draw every parameter at the start of block t [D]."""
     seed = cfg.train.seed + 7919 * t
     block, emb_init = blocks[t], cfg.quirks.emb_init
-    device = sim.server.items.device
-    sim.server.items = init_items(cfg.backbone, emb_init, seed, 0, block.n_items).to(device)
-    private = [init_private(cfg.backbone, emb_init, seed, u) for u in range(block.n_users)]
-    sim.set_private({k: torch.stack([p[k] for p in private]).to(device) for k in private[0]})
+    sim.server.items = like(init_items(cfg.backbone, emb_init, seed, 0, block.n_items, tensor=False), sim.server.items)
+    private = [init_private(cfg.backbone, emb_init, seed, u, tensor=False) for u in range(block.n_users)]
+    sim.set_private(convert({k: stack([p[k] for p in private]) for k in private[0]}, is_tensor(sim.server.items)))
 
 
 # ------------------------------------------------------------------------------------------------ fit

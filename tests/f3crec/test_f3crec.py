@@ -202,9 +202,9 @@ def test_raw_ml100k_pipeline_statistics(shared_data):
 
 @pytest.mark.parametrize("eps", [0.0, 0.05, 0.2])  # m = N, 0 < m < N, m = 0
 def test_kd_gradient_reaches_only_p_and_memory_rows(eps):
-    from f3crec.model import LocalModel, init_private
+    from f3crec.model import init_private
     from f3crec.round import RoundContext
-    from f3crec.sim_reference import Client
+    from f3crec.sim_reference import Client, LocalModel
     cfg = BackboneConfig(dtype="float64")
     torch.manual_seed(0)
     items = torch.randn(8, 32, dtype=torch.float64)               # item 7 is new in this block
