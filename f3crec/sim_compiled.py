@@ -66,22 +66,31 @@ def exact_sum(values: np.ndarray) -> Fraction:
 
 
 def _csr(users: list[int], parts: list[dict[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    chunks = [np.asarray(part[u], np.int64) for u in users for part in parts if u in part]
-    counts = [sum(len(part[u]) for part in parts if u in part) for u in users]
-    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return ptr, (np.concatenate(chunks) if chunks else np.zeros(0, np.int64))
+    """(ptr, flat): each user's items of every part in turn (part order inside a user), CSR in `users` order;
+    numpy work in O(items) (one concatenation per part, one scatter), no per-user array operation."""
+    empty = np.zeros(0, np.int64)
+    counts, flats = [], []
+    for part in parts:
+        arrays = [part.get(u, empty) for u in users]
+        counts.append(np.fromiter(map(len, arrays), np.int64, len(users)))
+        flats.append(np.concatenate(arrays).astype(np.int64, copy=False) if arrays else empty)
+    per_user = np.sum(counts, axis=0) if counts else np.zeros(len(users), np.int64)
+    ptr = np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64)
+    if len(parts) == 1:
+        return ptr, flats[0]
+    flat, before = np.empty(int(ptr[-1]), np.int64), ptr[:-1].copy()
+    for count, values in zip(counts, flats):   # part p of user u goes after u's earlier parts
+        starts = np.cumsum(count) - count
+        flat[np.repeat(before - starts, count) + np.arange(values.size)] = values
+        before += count
+    return ptr, flat
 
 
 def draw(plan: RoundPlan, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
     """(plan.items, plan.labels) drawn by kernels.draw_plan: the same per-user streams, the same values
     (tests/f3crec/test_compiled.py compares them exactly)."""
     m = plan.maker
-    if getattr(m, "_compiled", None) is None:   # the block's constant inputs, laid out once per maker
-        users = [int(u) for u in m.users]
-        exc_ptr, exc = _csr(users, [m.exclude])
-        positives = np.concatenate([np.asarray(m.positives[u], np.int64) for u in users] + [np.zeros(0, np.int64)])
-        m._compiled = (m.offsets.astype(np.int64), m.counts.astype(np.int64), positives, exc_ptr, exc)
-    offsets, counts, positives, exc_ptr, exc = m._compiled
+    offsets, counts, positives, exc_ptr, exc = m.offsets, m.counts, m.pos_flat, m.exc_ptr, m.exc_flat
     items, labels = np.empty(int(offsets[-1]), np.int64), np.empty(int(offsets[-1]), dtype)
     kernels.draw_plan(plan._keys(streams.NEGATIVES), plan._keys(streams.SHUFFLE), offsets, counts, positives,
                       exc_ptr, exc, m.n_items, items, labels)

@@ -72,6 +72,32 @@ def test_compiled_plan_draw_equals_the_plan(late, tmp_path):
             assert np.array_equal(items, plan.items) and np.array_equal(labels, plan.labels)
 
 
+def test_plan_layout_is_lazy_and_the_flat_inputs_are_each_users_items_in_order():
+    """The compiled draw reads the maker's flat positives/exclusions and never builds the vectorised draw's
+    per-sample layout; the flat arrays and _csr's multi-part CSR are each user's items in user order."""
+    from f3crec.round import PlanMaker
+    from f3crec.sim_compiled import _csr
+    rng = np.random.default_rng(3)
+    positives = {u: rng.choice(40, rng.integers(1, 6), replace=False) for u in (7, 2, 11, 5)}
+    exclude = {u: np.concatenate([v, rng.integers(0, 40, rng.integers(0, 4))]) for u, v in positives.items()}
+    maker = PlanMaker(positives, exclude, 40, 4, 8, 30, 1)
+    items, labels = draw(maker.draw(1, 0, 0))
+    assert not {"owner", "position", "labels", "base_items", "neg_at", "excluded"} & set(vars(maker))
+    order = [2, 5, 7, 11]
+    assert np.array_equal(maker.pos_flat, np.concatenate([positives[u] for u in order]))
+    assert np.array_equal(maker.exc_flat, np.concatenate([exclude[u] for u in order]))
+    assert np.array_equal(np.diff(maker.exc_ptr), [len(exclude[u]) for u in order])
+    plan = maker.draw(1, 0, 0)
+    assert np.array_equal(items, plan.items) and np.array_equal(labels, plan.labels)   # now built, same values
+    parts = [positives, {2: np.array([9, 8]), 11: np.array([1])}, exclude]
+    ptr, flat = _csr(order, parts)
+    for a, u in enumerate(order):
+        mine = np.concatenate([part[u] for part in parts if u in part])
+        assert np.array_equal(flat[ptr[a]:ptr[a + 1]], mine)
+    with pytest.raises(ValueError, match="user 3 excludes all 5 items"):
+        PlanMaker({3: np.array([0])}, {3: np.array([4, 3, 2, 1, 0, 0])}, 5)
+
+
 @pytest.mark.parametrize("late", [False, True])
 @pytest.mark.parametrize("overrides", [
     [],                                                  # F3CRec: ARM + ITM
