@@ -75,6 +75,14 @@ def _prefetch_intrinsic(write: int):
 _prefetch_read, _prefetch_write = _prefetch_intrinsic(0), _prefetch_intrinsic(1)
 
 
+@intrinsic
+def _as_dtype_of(typingctx, x, arr):
+    """x rounded to arr's dtype, as storing it into arr would round it (a scalar, no memory round trip)."""
+    def codegen(context, builder, signature, args):
+        return context.cast(builder, args[0], signature.args[0], signature.return_type)
+    return arr.dtype(x, arr), codegen
+
+
 @njit(cache=True, inline="always")
 def _prefetch_rows(q, total, i):
     """Prefetch row i of the broadcast table (to read) and of the summed delta (to update), line by line."""
@@ -332,6 +340,65 @@ def _kd_grads(scores, targets, yhat_u, perm, size, kd_weight, slot, v, local, gr
     return total
 
 
+@njit(cache=True, inline="always")
+def _one_step(q, p, items, labels, lo, hi, ahead, lr_p, lr_q, slot, row_item, row_count, sample_row, g_buf, grad,
+              row, gp, total):
+    """fedmf_round's local epoch for a client whose samples fit one mini-batch, without KD or emb_reg (most
+    clients of a base block): its rows equal the broadcast ones until the single SGD update, so they are read
+    from q itself, not copied. A row used by one sample (most rows) is updated and uploaded as that sample's
+    gradient is formed, while the row is in cache; a row used by several samples sums its gradient first. The
+    arithmetic is the general path's, operation for operation (grad = 0 + g·p rounded to the table's dtype,
+    q − lr·grad rounded, then the delta), so the values are the same bit for bit."""
+    dim = q.shape[1]
+    n_rows = 0
+    for j in range(lo, hi):                            # rows: one per distinct item, in first-use order
+        i = items[j]
+        r = slot[i]
+        if r < 0:
+            r = n_rows
+            slot[i] = r
+            row_item[r] = i
+            row_count[r] = 0
+            n_rows += 1
+        row_count[r] += 1
+        sample_row[j - lo] = r
+    for k in range(dim):
+        gp[k] = 0.0
+    inv = 1.0 / (hi - lo)
+    for j in range(lo, hi):                            # the scores, prefetching one client ahead
+        if j + ahead < items.size:
+            _prefetch_rows(q, total, items[j + ahead])
+        g_buf[j - lo] = _row_dot(q, items[j], p)
+    for j in range(lo, hi):
+        g_buf[j - lo] = (_sigmoid(g_buf[j - lo]) - labels[j]) * inv
+    for j in range(lo, hi):
+        i = items[j]
+        r = sample_row[j - lo]
+        g = g_buf[j - lo]
+        if row_count[r] == 1:                          # its only sample: update and upload now, one pass
+            for k in range(dim):
+                qk = q[i, k]
+                gp[k] += g * qk
+                gk = _as_dtype_of(0.0 + g * p[k], q)   # grad[r, k] = 0 + g·p_k, stored
+                total[i, k] += _as_dtype_of(qk - lr_q * gk, q) - qk
+        else:
+            for k in range(dim):
+                gp[k] += g * q[i, k]
+            for k in range(dim):
+                grad[r, k] += g * p[k]
+    for k in range(dim):
+        p[k] -= lr_p * gp[k]
+    for r in range(n_rows):
+        i = row_item[r]
+        if row_count[r] > 1:                           # rows of several samples: their summed gradient
+            for k in range(dim):
+                row[1, k] = q[i, k] - lr_q * grad[r, k]
+                grad[r, k] = 0.0
+            for k in range(dim):
+                total[i, k] += row[1, k] - q[i, k]
+        slot[i] = -1
+
+
 @njit(cache=True)
 def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
                 replay, returning, topn, yhat, mem_keys, arm_mode, kd_weight, m_of_d,
@@ -351,19 +418,28 @@ def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, 
     scores = np.empty(n_items, q.dtype)
     ranks = np.empty(n_top, np.int64)
     g_buf = np.empty(batch_size, np.float64)
+    row_count = np.empty(batch_size, np.int64)
+    sample_row = np.empty(batch_size, np.int64)
+    row = np.empty((2, dim), q.dtype)
     n_stats = 0
     for a in range(users.size):
         user = users[a]
         lo, hi = offsets[a], offsets[a + 1]
         kd = replay[a] and arm_mode != 0
         emb = reg_mode == 1 and returning[a]
-        # ---- the client's local rows: its sample items, T^u when it replays, every old row under emb_reg
-        n_rows = _local_rows(q, items, lo, hi, topn[user], kd, n_prev_items if emb else 0, slot, row_item, local)
         ahead = hi - lo                                # prefetch distance: about one client's samples
         for k in range(dim):
             p[k] = p_all[user, k]
-        # ---- local epoch: mini-batches of the shuffled samples (§5)
         n_steps = (hi - lo + batch_size - 1) // batch_size
+        if n_steps == 1 and not kd and not emb:        # one mini-batch, rows read from the broadcast table
+            _one_step(q, p, items, labels, lo, hi, ahead, lr_p, lr_q, slot, row_item, row_count, sample_row,
+                      g_buf, grad, row, gp, total)
+            for k in range(dim):
+                p_all[user, k] = p[k]
+            continue
+        # ---- the client's local rows: its sample items, T^u when it replays, every old row under emb_reg
+        n_rows = _local_rows(q, items, lo, hi, topn[user], kd, n_prev_items if emb else 0, slot, row_item, local)
+        # ---- local epoch: mini-batches of the shuffled samples (§5)
         for step in range(n_steps):
             b0 = lo + step * batch_size
             b1 = min(b0 + batch_size, hi)
