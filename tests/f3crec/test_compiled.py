@@ -236,6 +236,20 @@ def test_fedmf_round_single_and_multi_batch_clients_follow_the_rules(dtype):
     assert np.abs(total).max() > 0.01
 
 
+def test_round_buffers_are_zeroed_reused_by_shape_and_replaced_when_it_changes():
+    from f3crec.sim_compiled import HUGE_PAGE, _buffer, huge_page_array
+    big = huge_page_array((HUGE_PAGE // 8 + 3, 2), np.float32)      # over the threshold: mmap-backed
+    assert big.shape == (HUGE_PAGE // 8 + 3, 2) and big.dtype == np.float32 and not big.any()
+    big[-1] = 7.0
+    assert big.flags.writeable and big.flags.c_contiguous and big[-1, 1] == 7.0
+    assert not huge_page_array((3, 2), np.int64).any()
+    buffers = {}
+    first = _buffer(buffers, "x", (5, 2), np.float64)
+    assert _buffer(buffers, "x", (5, 2), np.float64) is first
+    assert _buffer(buffers, "x", (6, 2), np.float64) is not first and buffers["x"].shape == (6, 2)
+    assert _buffer(buffers, "x", (6, 2), np.float32).dtype == np.float32
+
+
 def test_thread_count_changes_nothing():
     """A round and a validation with torch (and numba) at 1 and 2 threads: bit for bit the same."""
     import numba
