@@ -122,23 +122,25 @@ def memory_perm(key, counter0, n):
     return np.argsort(vals, kind="mergesort")
 
 
-@njit(cache=True)
-def _sort_uniform(keys):
-    """Sort distinct uint64 keys whose top bits are uniform (stream values) in place, in expected linear
-    time: a counting pass on the top ⌈log2 n⌉ bits, then an insertion sort of the few keys sharing a bucket."""
-    n = keys.size
+@njit(cache=True, inline="always")
+def _sort_uniform(keys, n, start, out):
+    """out[:n] = the distinct uint64 keys[:n], whose top bits are uniform (stream values), sorted in expected
+    linear time: a counting pass on the top ⌈log2 n⌉ bits, then an insertion sort of the few keys sharing a
+    bucket. `start` (≥ 2^⌈log2 n⌉ + 1 entries) is scratch."""
     if n < 2:
+        for j in range(n):
+            out[j] = keys[j]
         return
     bits = 1
     while (1 << bits) < n:
         bits += 1
     shift = np.uint64(64 - bits)
-    start = np.zeros((1 << bits) + 1, np.int64)
+    for b in range((1 << bits) + 1):
+        start[b] = 0
     for j in range(n):
         start[np.int64(keys[j] >> shift) + 1] += 1
     for b in range(1 << bits):
         start[b + 1] += start[b]
-    out = np.empty(n, np.uint64)
     for j in range(n):
         b = np.int64(keys[j] >> shift)
         out[start[b]] = keys[j]
@@ -150,22 +152,31 @@ def _sort_uniform(keys):
             out[at] = out[at - 1]
             at -= 1
         out[at] = key
-    keys[:] = out
 
 
 @njit(cache=True)
 def draw_plan(neg_keys, shuffle_keys, offsets, counts, positives, exc_ptr, exc_items, n_items, items, labels):
     """Every participant's shuffled samples of one round (round.RoundPlan.items / .labels, drawn client by
     client): its positives, then its negatives — slot s, attempt k is value s + k·2³² of its NEGATIVES
-    stream, `below` |I|, redrawn while excluded — in the stable order of its SHUFFLE stream values >> 21."""
+    stream, `below` |I|, redrawn while excluded — in the stable order of its SHUFFLE stream values >> 21.
+    The per-client arrays are scratch of the largest client's size, allocated once."""
     excluded = np.zeros(n_items, np.bool_)
+    largest = 1
+    for a in range(counts.size):
+        largest = max(largest, offsets[a + 1] - offsets[a])
+    bits = 1
+    while (1 << bits) < largest:
+        bits += 1
+    base = np.empty(largest, np.int64)
+    packed = np.empty(largest, np.uint64)
+    out = np.empty(largest, np.uint64)
+    start = np.empty((1 << bits) + 1, np.int64)
     pos_at = 0
     for a in range(counts.size):
         lo, n = offsets[a], counts[a]
         size = offsets[a + 1] - lo
         for j in range(exc_ptr[a], exc_ptr[a + 1]):
             excluded[exc_items[j]] = True
-        base = np.empty(size, np.int64)
         for j in range(n):
             base[j] = positives[pos_at + j]
         pos_at += n
@@ -180,13 +191,12 @@ def draw_plan(neg_keys, shuffle_keys, offsets, counts, positives, exc_ptr, exc_i
                 attempt += 1
             base[n + slot] = item
         # a stable sort on the top 43 bits = a sort of (value >> 21) << 21 | position (size < 2²¹)
-        packed = np.empty(size, np.uint64)
         for j in range(size):
             value = _mix(shuffle_keys[a] + (np.uint64(j) + np.uint64(1)) * _GAMMA) >> np.uint64(21)
             packed[j] = (value << np.uint64(21)) | np.uint64(j)
-        _sort_uniform(packed)
+        _sort_uniform(packed, size, start, out)
         for j in range(size):
-            at = np.int64(packed[j] & np.uint64(0x1FFFFF))
+            at = np.int64(out[j] & np.uint64(0x1FFFFF))
             items[lo + j] = base[at]
             labels[lo + j] = 1.0 if at < n else 0.0
         for j in range(exc_ptr[a], exc_ptr[a + 1]):
