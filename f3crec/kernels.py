@@ -64,7 +64,7 @@ def _prefetch_intrinsic(write: int):
             ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], args[2]], wraparound=False)
             byte_ptr = ir.IntType(8).as_pointer()
             fnty = ir.FunctionType(ir.VoidType(), [byte_ptr] + [ir.IntType(32)] * 3)
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")  # remangled by opaque-pointer LLVMs
             flag = lambda v: ir.Constant(ir.IntType(32), v)  # noqa: E731
             builder.call(fn, [builder.bitcast(ptr, byte_ptr), flag(write), flag(1), flag(1)])  # locality 1: L2
             return context.get_dummy_value()
