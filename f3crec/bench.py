@@ -208,7 +208,9 @@ def ml100k_shaped_blocks(clients: int, seed: int = 0) -> list[Block]:
 
 
 def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
-    """Seconds per round (plan + training + aggregation) in D⁰ and D¹ (after a real end-of-D⁰ state)."""
+    """Seconds per round (plan + training + aggregation) in D⁰ and D¹ (after a real end-of-D⁰ state): a block's
+    first round apart (it also lays out the block's plan), then the median of `rounds` steady rounds; the
+    simulator's own validation once per block, after its last round (CPU, its first call of the block)."""
     sim = grow(None, lambda i, p: make_simulator(cfg, flags, i, p, blocks), cfg, blocks, 0, cfg.train.seed)
     out = {}
     for t in (0, 1):
@@ -218,20 +220,24 @@ def time_rounds(cfg, flags, blocks, rounds: int, device: torch.device) -> dict:
             end_block(sim, cfg, blocks, 0, flags)
             sim = grow(sim, None, cfg, blocks, 1, cfg.train.seed)
         positives = blocks[t].train
-        times, cpu, val = [], [], []
-        for r in range(rounds):
+        times, cpu = [], []
+        for r in range(1 + rounds):
             ctx = round_context(cfg, flags, blocks, t, r + 1)
             start, cpu0 = time.perf_counter(), time.process_time()
             sim.train_round(None, ctx)   # the simulator draws the plan
             times.append(time.perf_counter() - start)
             cpu.append(time.process_time() - cpu0)
-            if blocks[t].valid:   # the simulator's own validation, as the block loop calls it
-                sim.validate(ctx, None)
-            val.append(time.process_time() - cpu0 - cpu[-1])
-        per_round = float(np.median(times))
-        out[f"block{t}"] = {"clients": len(positives), "sec_per_round": round(per_round, 4),
-                            "cpu_s_per_round": round(float(np.median(cpu)), 4),
-                            "validation_cpu_s": round(float(np.median(val)), 4),
+        cpu0 = time.process_time()
+        if blocks[t].valid:   # the simulator's own validation, as the block loop calls it
+            sim.validate(ctx, None)
+        val = time.process_time() - cpu0
+        steady, steady_cpu = times[1:] or times, cpu[1:] or cpu   # rounds=0: the first round alone
+        per_round = float(np.median(steady))
+        out[f"block{t}"] = {"clients": len(positives), "first_sec": round(times[0], 4),
+                            "first_cpu_s": round(cpu[0], 4), "sec_per_round": round(per_round, 4),
+                            "cpu_s_per_round": round(float(np.median(steady_cpu)), 4),
+                            "steady_cpu_s": [round(c, 4) for c in cpu[1:]],
+                            "validation_cpu_s": round(val, 4),
                             "clients_per_sec": round(len(positives) / per_round, 1)}
     out["simulator"] = type(sim).__name__   # what ran (the scale table names it)
     out["interactions"] = [int(b.stats()[0]) for b in blocks[:2]]
@@ -247,6 +253,8 @@ def worker(args) -> dict:
     cfg, flags = resolve(load_config(Config, args.config, overrides))
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     if args.scale:
+        if args.only == "compiled":   # load the compiled kernels first: a block's first round then times its layout
+            time_rounds(cfg, flags, ml100k_shaped_blocks(60), 0, device)
         blocks = ml100k_shaped_blocks(args.clients)
     elif args.clients:
         blocks = scale_blocks(args.clients, args.items, args.per_client)
@@ -276,23 +284,26 @@ def scale(args) -> dict:
     each size in its own process (its own peak RSS), `args.simulator` (vectorised or compiled), one thread."""
     out, name = {}, args.simulator
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    print(f"ML-100K-shaped synthetic blocks, {name} simulator, one thread, median of {args.rounds} rounds, "
+    print(f"ML-100K-shaped synthetic blocks, {name} simulator, one thread, CPU ms: each block's first round "
+          f"(with its plan layout), then the median of {args.rounds} steady rounds; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit or '?'}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("| clients | items | base-block interactions | base round, CPU ms | its validation, CPU ms | "
-          "incremental round, CPU ms | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| clients | items | base-block interactions | base first round | base round (steady) | its validation | "
+          "incremental first round | incremental round (steady) | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for clients in args.sizes:
         args.clients, args.scale, args.simulators = clients, True, [name]
         try:
             res = per_round(args)[name]
         except RuntimeError as err:
-            print(f"| {clients} | — | — | failed: {err} | | | |")
+            print(f"| {clients} | — | — | failed: {err} | | | | | |")
             break
         out[clients] = res
         b0, b1 = res["block0"], res["block1"]
-        print(f"| {clients} | {max(int(1.22 * clients), 60)} | {res['interactions'][0]} | {1000 * b0['cpu_s_per_round']:.0f} | "
-              f"{1000 * b0['validation_cpu_s']:.0f} | {1000 * b1['cpu_s_per_round']:.0f} | {res['peak_rss_mb'] / 1024:.2f} |")
+        ms = lambda s: f"{1000 * s:.0f}"  # noqa: E731
+        print(f"| {clients} | {max(int(1.22 * clients), 60)} | {res['interactions'][0]} | {ms(b0['first_cpu_s'])} | "
+              f"{ms(b0['cpu_s_per_round'])} | {ms(b0['validation_cpu_s'])} | {ms(b1['first_cpu_s'])} | "
+              f"{ms(b1['cpu_s_per_round'])} | {res['peak_rss_mb'] / 1024:.2f} |", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     return out
 
@@ -377,7 +388,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--block-rounds", type=int, default=20, help="rounds per block of the whole run")
     parser.add_argument("--repeats", type=int, default=1, help="whole runs; the fastest is reported")
     parser.add_argument("--per-round", action="store_true", help="time rounds of each simulator instead")
-    parser.add_argument("--rounds", type=int, default=3, help="--per-round: timed rounds per block")
+    parser.add_argument("--rounds", type=int, default=3, help="--per-round/--scale: steady rounds per block "
+                        "(timed after the block's first round, which is reported apart)")
     parser.add_argument("--simulators", nargs="+", default=["vectorised", "reference"])
     parser.add_argument("--clients", type=int, default=0, help="--per-round: synthetic scale test, this many clients")
     parser.add_argument("--items", type=int, default=2000)

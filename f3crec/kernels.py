@@ -28,7 +28,10 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 
 def _numba_without_scipy() -> None:
@@ -48,6 +51,44 @@ _numba_without_scipy()
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _prefetch_intrinsic(write: int):
+    """An intrinsic prefetch(arr, row, col): ask for the cache line of arr[row, col] (C-contiguous 2-D) to be
+    brought into L2 (`write`: with intent to write). A hint: it changes no value, only when a miss is paid."""
+    @intrinsic
+    def prefetch(typingctx, arr, row, col):
+        def codegen(context, builder, signature, args):
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], args[2]], wraparound=False)
+            byte_ptr = ir.IntType(8).as_pointer()
+            fnty = ir.FunctionType(ir.VoidType(), [byte_ptr] + [ir.IntType(32)] * 3)
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")  # remangled by opaque-pointer LLVMs
+            flag = lambda v: ir.Constant(ir.IntType(32), v)  # noqa: E731
+            builder.call(fn, [builder.bitcast(ptr, byte_ptr), flag(write), flag(1), flag(1)])  # locality 1: L2
+            return context.get_dummy_value()
+        return types.void(arr, row, col), codegen
+    return prefetch
+
+
+_prefetch_read, _prefetch_write = _prefetch_intrinsic(0), _prefetch_intrinsic(1)
+
+
+@intrinsic
+def _as_dtype_of(typingctx, x, arr):
+    """x rounded to arr's dtype, as storing it into arr would round it (a scalar, no memory round trip)."""
+    def codegen(context, builder, signature, args):
+        return context.cast(builder, args[0], signature.args[0], signature.return_type)
+    return arr.dtype(x, arr), codegen
+
+
+@njit(cache=True, inline="always")
+def _prefetch_rows(q, total, i):
+    """Prefetch row i of the broadcast table (to read) and of the summed delta (to update), line by line."""
+    for k in range(0, q.shape[1], max(1, 64 // q.itemsize)):
+        _prefetch_read(q, i, k)
+        _prefetch_write(total, i, k)
 
 
 @njit(cache=True, inline="always")
@@ -81,23 +122,25 @@ def memory_perm(key, counter0, n):
     return np.argsort(vals, kind="mergesort")
 
 
-@njit(cache=True)
-def _sort_uniform(keys):
-    """Sort distinct uint64 keys whose top bits are uniform (stream values) in place, in expected linear
-    time: a counting pass on the top ⌈log2 n⌉ bits, then an insertion sort of the few keys sharing a bucket."""
-    n = keys.size
+@njit(cache=True, inline="always")
+def _sort_uniform(keys, n, start, out):
+    """out[:n] = the distinct uint64 keys[:n], whose top bits are uniform (stream values), sorted in expected
+    linear time: a counting pass on the top ⌈log2 n⌉ bits, then an insertion sort of the few keys sharing a
+    bucket. `start` (≥ 2^⌈log2 n⌉ + 1 entries) is scratch."""
     if n < 2:
+        for j in range(n):
+            out[j] = keys[j]
         return
     bits = 1
     while (1 << bits) < n:
         bits += 1
     shift = np.uint64(64 - bits)
-    start = np.zeros((1 << bits) + 1, np.int64)
+    for b in range((1 << bits) + 1):
+        start[b] = 0
     for j in range(n):
         start[np.int64(keys[j] >> shift) + 1] += 1
     for b in range(1 << bits):
         start[b + 1] += start[b]
-    out = np.empty(n, np.uint64)
     for j in range(n):
         b = np.int64(keys[j] >> shift)
         out[start[b]] = keys[j]
@@ -109,22 +152,31 @@ def _sort_uniform(keys):
             out[at] = out[at - 1]
             at -= 1
         out[at] = key
-    keys[:] = out
 
 
 @njit(cache=True)
 def draw_plan(neg_keys, shuffle_keys, offsets, counts, positives, exc_ptr, exc_items, n_items, items, labels):
     """Every participant's shuffled samples of one round (round.RoundPlan.items / .labels, drawn client by
     client): its positives, then its negatives — slot s, attempt k is value s + k·2³² of its NEGATIVES
-    stream, `below` |I|, redrawn while excluded — in the stable order of its SHUFFLE stream values >> 21."""
+    stream, `below` |I|, redrawn while excluded — in the stable order of its SHUFFLE stream values >> 21.
+    The per-client arrays are scratch of the largest client's size, allocated once."""
     excluded = np.zeros(n_items, np.bool_)
+    largest = 1
+    for a in range(counts.size):
+        largest = max(largest, offsets[a + 1] - offsets[a])
+    bits = 1
+    while (1 << bits) < largest:
+        bits += 1
+    base = np.empty(largest, np.int64)
+    packed = np.empty(largest, np.uint64)
+    out = np.empty(largest, np.uint64)
+    start = np.empty((1 << bits) + 1, np.int64)
     pos_at = 0
     for a in range(counts.size):
         lo, n = offsets[a], counts[a]
         size = offsets[a + 1] - lo
         for j in range(exc_ptr[a], exc_ptr[a + 1]):
             excluded[exc_items[j]] = True
-        base = np.empty(size, np.int64)
         for j in range(n):
             base[j] = positives[pos_at + j]
         pos_at += n
@@ -139,13 +191,12 @@ def draw_plan(neg_keys, shuffle_keys, offsets, counts, positives, exc_ptr, exc_i
                 attempt += 1
             base[n + slot] = item
         # a stable sort on the top 43 bits = a sort of (value >> 21) << 21 | position (size < 2²¹)
-        packed = np.empty(size, np.uint64)
         for j in range(size):
             value = _mix(shuffle_keys[a] + (np.uint64(j) + np.uint64(1)) * _GAMMA) >> np.uint64(21)
             packed[j] = (value << np.uint64(21)) | np.uint64(j)
-        _sort_uniform(packed)
+        _sort_uniform(packed, size, start, out)
         for j in range(size):
-            at = np.int64(packed[j] & np.uint64(0x1FFFFF))
+            at = np.int64(out[j] & np.uint64(0x1FFFFF))
             items[lo + j] = base[at]
             labels[lo + j] = 1.0 if at < n else 0.0
         for j in range(exc_ptr[a], exc_ptr[a + 1]):
@@ -299,6 +350,65 @@ def _kd_grads(scores, targets, yhat_u, perm, size, kd_weight, slot, v, local, gr
     return total
 
 
+@njit(cache=True, inline="always")
+def _one_step(q, p, items, labels, lo, hi, ahead, lr_p, lr_q, slot, row_item, row_count, sample_row, g_buf, grad,
+              row, gp, total):
+    """fedmf_round's local epoch for a client whose samples fit one mini-batch, without KD or emb_reg (most
+    clients of a base block): its rows equal the broadcast ones until the single SGD update, so they are read
+    from q itself, not copied. A row used by one sample (most rows) is updated and uploaded as that sample's
+    gradient is formed, while the row is in cache; a row used by several samples sums its gradient first. The
+    arithmetic is the general path's, operation for operation (grad = 0 + g·p rounded to the table's dtype,
+    q − lr·grad rounded, then the delta), so the values are the same bit for bit."""
+    dim = q.shape[1]
+    n_rows = 0
+    for j in range(lo, hi):                            # rows: one per distinct item, in first-use order
+        i = items[j]
+        r = slot[i]
+        if r < 0:
+            r = n_rows
+            slot[i] = r
+            row_item[r] = i
+            row_count[r] = 0
+            n_rows += 1
+        row_count[r] += 1
+        sample_row[j - lo] = r
+    for k in range(dim):
+        gp[k] = 0.0
+    inv = 1.0 / (hi - lo)
+    for j in range(lo, hi):                            # the scores, prefetching one client ahead
+        if j + ahead < items.size:
+            _prefetch_rows(q, total, items[j + ahead])
+        g_buf[j - lo] = _row_dot(q, items[j], p)
+    for j in range(lo, hi):
+        g_buf[j - lo] = (_sigmoid(g_buf[j - lo]) - labels[j]) * inv
+    for j in range(lo, hi):
+        i = items[j]
+        r = sample_row[j - lo]
+        g = g_buf[j - lo]
+        if row_count[r] == 1:                          # its only sample: update and upload now, one pass
+            for k in range(dim):
+                qk = q[i, k]
+                gp[k] += g * qk
+                gk = _as_dtype_of(0.0 + g * p[k], q)   # grad[r, k] = 0 + g·p_k, stored
+                total[i, k] += _as_dtype_of(qk - lr_q * gk, q) - qk
+        else:
+            for k in range(dim):
+                gp[k] += g * q[i, k]
+            for k in range(dim):
+                grad[r, k] += g * p[k]
+    for k in range(dim):
+        p[k] -= lr_p * gp[k]
+    for r in range(n_rows):
+        i = row_item[r]
+        if row_count[r] > 1:                           # rows of several samples: their summed gradient
+            for k in range(dim):
+                row[1, k] = q[i, k] - lr_q * grad[r, k]
+                grad[r, k] = 0.0
+            for k in range(dim):
+                total[i, k] += row[1, k] - q[i, k]
+        slot[i] = -1
+
+
 @njit(cache=True)
 def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
                 replay, returning, topn, yhat, mem_keys, arm_mode, kd_weight, m_of_d,
@@ -317,27 +427,47 @@ def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, 
     gp = np.empty(dim, q.dtype)
     scores = np.empty(n_items, q.dtype)
     ranks = np.empty(n_top, np.int64)
+    g_buf = np.empty(batch_size, np.float64)
+    row_count = np.empty(batch_size, np.int64)
+    sample_row = np.empty(batch_size, np.int64)
+    row = np.empty((2, dim), q.dtype)
     n_stats = 0
     for a in range(users.size):
         user = users[a]
         lo, hi = offsets[a], offsets[a + 1]
         kd = replay[a] and arm_mode != 0
         emb = reg_mode == 1 and returning[a]
-        # ---- the client's local rows: its sample items, T^u when it replays, every old row under emb_reg
-        n_rows = _local_rows(q, items, lo, hi, topn[user], kd, n_prev_items if emb else 0, slot, row_item, local)
+        ahead = hi - lo                                # prefetch distance: about one client's samples
         for k in range(dim):
             p[k] = p_all[user, k]
-        # ---- local epoch: mini-batches of the shuffled samples (§5)
         n_steps = (hi - lo + batch_size - 1) // batch_size
+        if n_steps == 1 and not kd and not emb:        # one mini-batch, rows read from the broadcast table
+            _one_step(q, p, items, labels, lo, hi, ahead, lr_p, lr_q, slot, row_item, row_count, sample_row,
+                      g_buf, grad, row, gp, total)
+            for k in range(dim):
+                p_all[user, k] = p[k]
+            continue
+        # ---- the client's local rows: its sample items, T^u when it replays, every old row under emb_reg
+        n_rows = _local_rows(q, items, lo, hi, topn[user], kd, n_prev_items if emb else 0, slot, row_item, local)
+        # ---- local epoch: mini-batches of the shuffled samples (§5)
         for step in range(n_steps):
             b0 = lo + step * batch_size
             b1 = min(b0 + batch_size, hi)
             for k in range(dim):                       # grad is zero here: the update below clears it
                 gp[k] = 0.0
             inv = 1.0 / (b1 - b0)
+            # the scores, then their sigmoids (no vector state live across the exp calls), then the gradients;
+            # meanwhile the rows of the samples one client ahead are prefetched (random rows of two tables
+            # that outgrow the cache at 100k clients)
+            for j in range(b0, b1):
+                if j + ahead < items.size:
+                    _prefetch_rows(q, total, items[j + ahead])
+                g_buf[j - b0] = _row_dot(local, slot[items[j]], p)
+            for j in range(b0, b1):
+                g_buf[j - b0] = (_sigmoid(g_buf[j - b0]) - labels[j]) * inv
             for j in range(b0, b1):
                 r = slot[items[j]]
-                g = (_sigmoid(_row_dot(local, r, p)) - labels[j]) * inv
+                g = g_buf[j - b0]
                 for k in range(dim):                   # two loops, no views (a view per sample costs more
                     grad[r, k] += g * p[k]             # than its arithmetic)
                 for k in range(dim):
@@ -356,21 +486,28 @@ def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, 
                             grad[r, k] += two * (local[r, k] - anchor_items[i, k])
                 for k in range(dim):
                     gp[k] += two * (p[k] - anchor_p[user, k])
-            # ---- SGD on p_u and the local rows (§4)
+            # ---- SGD on p_u and the local rows (§4); after the last step each row is uploaded in the same pass
             for k in range(dim):
                 p[k] -= lr_p * gp[k]
-            for r in range(n_rows):
-                for k in range(dim):
-                    local[r, k] -= lr_q * grad[r, k]
-                    grad[r, k] = 0.0
-        # ---- upload: the row deltas, summed in user order
+            if step < n_steps - 1:
+                for r in range(n_rows):
+                    for k in range(dim):
+                        local[r, k] -= lr_q * grad[r, k]
+                        grad[r, k] = 0.0
+            else:
+                for r in range(n_rows):
+                    i = row_item[r]
+                    for k in range(dim):
+                        local[r, k] -= lr_q * grad[r, k]
+                        grad[r, k] = 0.0
+                    for k in range(dim):               # ---- upload: the row deltas, summed in user order
+                        total[i, k] += local[r, k] - q[i, k]
+                    slot[i] = -1
         for k in range(dim):
             p_all[user, k] = p[k]
-        for r in range(n_rows):
-            i = row_item[r]
-            for k in range(dim):
-                total[i, k] += local[r, k] - q[i, k]
-            slot[i] = -1
+        if n_steps == 0:                               # no samples: the rows are unchanged, nothing to add
+            for r in range(n_rows):
+                slot[row_item[r]] = -1
     return n_stats
 
 

@@ -74,6 +74,32 @@ def test_compiled_plan_draw_equals_the_plan(late, tmp_path):
             assert np.array_equal(items, plan.items) and np.array_equal(labels, plan.labels)
 
 
+def test_plan_layout_is_lazy_and_the_flat_inputs_are_each_users_items_in_order():
+    """The compiled draw reads the maker's flat positives/exclusions and never builds the vectorised draw's
+    per-sample layout; the flat arrays and _csr's multi-part CSR are each user's items in user order."""
+    from f3crec.round import PlanMaker
+    from f3crec.sim_compiled import _csr
+    rng = np.random.default_rng(3)
+    positives = {u: rng.choice(40, rng.integers(1, 6), replace=False) for u in (7, 2, 11, 5)}
+    exclude = {u: np.concatenate([v, rng.integers(0, 40, rng.integers(0, 4))]) for u, v in positives.items()}
+    maker = PlanMaker(positives, exclude, 40, 4, 8, 30, 1)
+    items, labels = draw(maker.draw(1, 0, 0))
+    assert not {"owner", "position", "labels", "base_items", "neg_at", "excluded"} & set(vars(maker))
+    order = [2, 5, 7, 11]
+    assert np.array_equal(maker.pos_flat, np.concatenate([positives[u] for u in order]))
+    assert np.array_equal(maker.exc_flat, np.concatenate([exclude[u] for u in order]))
+    assert np.array_equal(np.diff(maker.exc_ptr), [len(exclude[u]) for u in order])
+    plan = maker.draw(1, 0, 0)
+    assert np.array_equal(items, plan.items) and np.array_equal(labels, plan.labels)   # now built, same values
+    parts = [positives, {2: np.array([9, 8]), 11: np.array([1])}, exclude]
+    ptr, flat = _csr(order, parts)
+    for a, u in enumerate(order):
+        mine = np.concatenate([part[u] for part in parts if u in part])
+        assert np.array_equal(flat[ptr[a]:ptr[a + 1]], mine)
+    with pytest.raises(ValueError, match="user 3 excludes all 5 items"):
+        PlanMaker({3: np.array([0])}, {3: np.array([4, 3, 2, 1, 0, 0])}, 5)
+
+
 @pytest.mark.parametrize("late", [False, True])
 @pytest.mark.parametrize("overrides", [
     [],                                                  # F3CRec: ARM + ITM
@@ -147,6 +173,83 @@ def test_whole_smoke_run_equal(backbone, tmp_path):
     best = {name: [b["best_round"] for b in res["blocks"]] for name, res in out.items()}
     assert best["vectorised"] == best["compiled"]
     assert out["compiled"]["simulator"] == "compiled"
+
+
+def _fedmf_round_by_the_rules(q, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q):
+    """FedMF's round (no KD, no emb_reg) in plain numpy scalars, each operation rounded to the table's dtype
+    where the kernel stores it: per mini-batch, grad rows summed sample by sample, then the SGD update of the
+    local rows, the row deltas added to the summed delta client by client."""
+    dt = q.dtype.type
+    total, p_all = np.zeros_like(q), p_all.copy()
+    for a, user in enumerate(users):
+        lo, hi = offsets[a], offsets[a + 1]
+        local, p = {}, p_all[user].copy()
+        for b0 in range(lo, hi, batch_size):
+            b1 = min(b0 + batch_size, hi)
+            grad, gp = {}, np.zeros_like(p)
+            for j in range(b0, b1):
+                i = int(items[j])
+                row = local.setdefault(i, q[i].copy())
+                s = float(np.sum(row.astype(np.float64) * p.astype(np.float64)))
+                g = (1.0 / (1.0 + np.exp(-s)) - float(labels[j])) * (1.0 / (b1 - b0))
+                acc = grad.setdefault(i, np.zeros_like(p))
+                for k in range(p.size):
+                    acc[k] = dt(float(acc[k]) + g * float(p[k]))
+                    gp[k] = dt(float(gp[k]) + g * float(row[k]))
+            for k in range(p.size):
+                p[k] = dt(float(p[k]) - lr_p * float(gp[k]))
+            for i, acc in grad.items():
+                for k in range(p.size):
+                    local[i][k] = dt(float(local[i][k]) - lr_q * float(acc[k]))
+        p_all[user] = p
+        for i, row in local.items():
+            total[i] += row - q[i]
+    return total, p_all
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fedmf_round_single_and_multi_batch_clients_follow_the_rules(dtype):
+    """kernels.fedmf_round's one-mini-batch path (rows read from the table, a row of one sample updated as its
+    gradient is formed, rows of several samples summed first) and its general path against the round written
+    out in scalars: the summed delta within rounding of the row sums' order (the kernel's dot product sums in
+    SIMD lanes), every client's vector likewise; the two paths are exercised by clients of 1–3 mini-batches
+    over 9 items (many repeated negatives)."""
+    from f3crec import kernels
+    rng = np.random.default_rng(5)
+    n_items, dim, batch = 9, 8, 12
+    q = (rng.standard_normal((n_items, dim)) * 0.5).astype(dtype)
+    p_all = (rng.standard_normal((6, dim)) * 0.5).astype(dtype)
+    users = np.array([0, 2, 3, 5], np.int64)
+    sizes = np.array([5, 12, 30, 19], np.int64)                   # 1, 1, 3 and 2 mini-batches
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    items = rng.integers(0, n_items, offsets[-1]).astype(np.int64)
+    labels = (rng.random(offsets[-1]) < 0.2).astype(dtype)
+    want_total, want_p = _fedmf_round_by_the_rules(q, p_all, users, offsets, items, labels, batch, 0.3, 2.0)
+    total, got_p = np.zeros_like(q), p_all.copy()
+    none = np.zeros(users.size, bool)
+    kernels.fedmf_round(q, np.zeros((dim, 1), dtype), got_p, users, offsets, items, labels, batch, 0.3, 2.0, none,
+                        none, np.zeros((6, 1), np.int64), np.zeros((1, 1), dtype), np.zeros(users.size, np.uint64), 0,
+                        0.0, np.zeros(1, np.int64), 0, 0.0, np.zeros((1, dim), dtype), np.zeros((1, dim), dtype), 0,
+                        total, np.zeros((0, 3), np.int64))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert np.abs(total - want_total).max() <= tol * (1 + np.abs(want_total).max())
+    assert np.abs(got_p - want_p).max() <= tol * (1 + np.abs(want_p).max())
+    assert np.array_equal(got_p[[1, 4]], p_all[[1, 4]])             # non-participants untouched
+    assert np.abs(total).max() > 0.01
+
+
+def test_round_buffers_are_zeroed_reused_by_shape_and_replaced_when_it_changes():
+    from f3crec.sim_compiled import HUGE_PAGE, _buffer, huge_page_array
+    big = huge_page_array((HUGE_PAGE // 8 + 3, 2), np.float32)      # over the threshold: mmap-backed
+    assert big.shape == (HUGE_PAGE // 8 + 3, 2) and big.dtype == np.float32 and not big.any()
+    big[-1] = 7.0
+    assert big.flags.writeable and big.flags.c_contiguous and big[-1, 1] == 7.0
+    assert not huge_page_array((3, 2), np.int64).any()
+    buffers = {}
+    first = _buffer(buffers, "x", (5, 2), np.float64)
+    assert _buffer(buffers, "x", (5, 2), np.float64) is first
+    assert _buffer(buffers, "x", (6, 2), np.float64) is not first and buffers["x"].shape == (6, 2)
+    assert _buffer(buffers, "x", (6, 2), np.float32).dtype == np.float32
 
 
 def test_thread_count_changes_nothing():

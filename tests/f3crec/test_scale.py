@@ -77,6 +77,10 @@ def test_bench_scale_times_the_compiled_simulator_when_asked(capsys):
     printed = capsys.readouterr().out
     assert "compiled simulator" in printed and any(line.startswith("| 60 ") for line in printed.splitlines())
     assert out[60]["simulator"] == "CompiledSimulator" and out[60]["block0"]["validation_cpu_s"] > 0
+    for block in ("block0", "block1"):   # the first round (with the layout) apart from the steady rounds
+        res = out[60][block]
+        assert res["first_cpu_s"] > 0 and len(res["steady_cpu_s"]) == 1
+        assert res["cpu_s_per_round"] == res["steady_cpu_s"][0]
     assert main(["--scale", "--sizes", "60", "--rounds", "1"])[60]["simulator"] == "VectorisedSimulator"
 
 
