@@ -351,6 +351,22 @@ def _kd_grads(scores, targets, yhat_u, perm, size, kd_weight, slot, v, local, gr
 
 
 @njit(cache=True, inline="always")
+def _emb_reg_grads(reg_d, local, row_item, n_rows, n_prev_items, anchor_items, grad, with_p, p, anchor_p, user, gp):
+    """emb_reg's penalty gradient: 2·reg_d·(q_i − q̃_i) into `grad` for the local rows of the items known before
+    this block (anchor_items), and where `with_p` 2·reg_d·(p_u − p̃_u) into the private vector's `gp`."""
+    dim = local.shape[1]
+    two = 2.0 * reg_d
+    for r in range(n_rows):
+        i = row_item[r]
+        if i < n_prev_items:
+            for k in range(dim):
+                grad[r, k] += two * (local[r, k] - anchor_items[i, k])
+    if with_p:
+        for k in range(dim):
+            gp[k] += two * (p[k] - anchor_p[user, k])
+
+
+@njit(cache=True, inline="always")
 def _one_step(q, p, items, labels, lo, hi, ahead, lr_p, lr_q, slot, row_item, row_count, sample_row, g_buf, grad,
               row, gp, total):
     """fedmf_round's local epoch for a client whose samples fit one mini-batch, without KD or emb_reg (most
@@ -478,14 +494,8 @@ def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, 
                                               mem_keys[a])
                 _kd_grads(scores, topn[user], yhat[user], perm, size, kd_weight, slot, p, local, grad, gp, 0.0)
             if emb:
-                two = 2.0 * reg_d
-                for r in range(n_rows):
-                    i = row_item[r]
-                    if i < n_prev_items:
-                        for k in range(dim):
-                            grad[r, k] += two * (local[r, k] - anchor_items[i, k])
-                for k in range(dim):
-                    gp[k] += two * (p[k] - anchor_p[user, k])
+                _emb_reg_grads(reg_d, local, row_item, n_rows, n_prev_items, anchor_items, grad, True, p, anchor_p,
+                               user, gp)
             # ---- SGD on p_u and the local rows (§4); after the last step each row is uploaded in the same pass
             for k in range(dim):
                 p[k] -= lr_p * gp[k]
@@ -642,15 +652,8 @@ def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b
                     gc = _kd_grads(scores, topn[user], yhat[user], perm, size, kd_weight, slot, av, local, grad, ga,
                                    gc)
                 if emb:
-                    two = 2.0 * reg_d
-                    for r in range(n_rows):
-                        i = row_item[r]
-                        if i < n_prev_items:
-                            for k in range(dim):
-                                grad[r, k] += two * (local[r, k] - anchor_items[i, k])
-                    if kind == 1:
-                        for k in range(dim):
-                            gp[k] += two * (p[k] - anchor_p[user, k])
+                    _emb_reg_grads(reg_d, local, row_item, n_rows, n_prev_items, anchor_items, grad, kind == 1, p,
+                                   anchor_p, user, gp)
                 # ---- SGD on this sub-step's tensors, every gradient taken at the values before it
                 step_head = kind == 1 or sub == 0
                 step_items = kind == 1 or sub == 1

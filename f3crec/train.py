@@ -14,10 +14,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from common.checkpoints import load_checkpoint, save_checkpoint
 from common.config import ConfigError, config_to_dict
 from common.io import exclusive
 from common.progress import Progress
-from common.runs import load_checkpoint, save_checkpoint, truncate_metrics
+from common.runs import truncate_metrics
 from common.selection import Selection
 from common.utils import get_device
 

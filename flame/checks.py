@@ -3,7 +3,7 @@ builds on, the folder it resumes. Every failure is one line naming the file (a u
 
     check_resume_folder(path)            # before the CLI reads that folder's config.yaml
     preflight(cfg, run_dir, resume)      # before data, stage 1 and training
-    ckpt = read_checkpoint(path, KEYS)   # common.runs.load_checkpoint + the keys a FLAME file must hold
+    ckpt = read_checkpoint(path, KEYS)   # common.checkpoints.load_checkpoint + the keys a FLAME file must hold
 """
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from typing import Iterable, Optional
 import torch
 import yaml
 
+from common.checkpoints import load_checkpoint
 from common.io import check_writable
 from common.config import ConfigError
 from common.runs import (check_resume_folder as common_check_resume_folder, checkpoint_identity, default_run_root,
-                         load_checkpoint, paper_of as logged_paper, refused_folder, saved_config)
+                         paper_of as logged_paper, refused_folder, saved_config)
 
 from .config import Config, check_config, check_saved_config
 
@@ -28,7 +29,7 @@ FOREIGN_SECTIONS = {"federation": "f3crec", "quirks": "f3crec", "wpcl": "vlm2rec
 
 
 def read_checkpoint(path: Path, keys: Iterable[str] = (), what: str = "checkpoint") -> dict:
-    """common.runs.load_checkpoint (weights_only; a truncated, pickled or foreign file is one ValueError line
+    """common.checkpoints.load_checkpoint (weights_only; a truncated, pickled or foreign file is one ValueError line
     naming it) of a checkpoint dict that must hold `keys`; a missing file is one line naming `what`."""
     path = Path(path)
     if not path.is_file():

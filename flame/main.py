@@ -21,9 +21,10 @@ if __package__ in (None, ""):  # script mode: `cd flame && python main.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "flame"
 
+from common.checkpoints import save_checkpoint
 from common.cli import run_cli
 from common.config import config_to_dict, parse_cli
-from common.runs import checkpoint_identity, run_name, save_checkpoint, start_run, write_results
+from common.runs import checkpoint_identity, run_name, start_run, write_results
 from common.utils import seed_everything
 
 from . import parallel, stage1

@@ -29,12 +29,13 @@ from typing import Any, Optional
 
 import torch
 
+from common.checkpoints import rng_state, save_checkpoint
 from common.config import config_to_dict, load_config
 from common.io import atomic_write, load_json
 from common.metrics import rank_metrics
 from common.progress import Progress as Report
-from common.runs import (check_finite, comparison_slot, log_metrics, rng_state, run_or_reuse, save_checkpoint,
-                         start_run, truncate_metrics, write_results)
+from common.runs import (check_finite, comparison_slot, log_metrics, run_or_reuse, start_run, truncate_metrics,
+                         write_results)
 from common.utils import seed_everything
 
 from . import stage1

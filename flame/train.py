@@ -15,8 +15,9 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from tqdm import tqdm
 
+from common.checkpoints import rng_state, save_checkpoint, set_rng_state
 from common.progress import Progress as Report, duration
-from common.runs import check_finite, log_metrics, rng_state, save_checkpoint, set_rng_state, truncate_metrics
+from common.runs import check_finite, log_metrics, truncate_metrics
 from common.selection import Selection
 
 from . import parallel

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.checkpoints import load_checkpoint, save_checkpoint
 from common.io import atomic_write, cache_root
 from common.metrics import average, full_sort_metrics, sampled_metrics
-from common.runs import load_checkpoint, save_checkpoint
 
 from .catalog import Catalog
 from .config import SCENARIOS, EvalConfig

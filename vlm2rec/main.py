@@ -16,10 +16,11 @@ if __package__ in (None, ""):  # run as a script: `cd vlm2rec && python main.py`
 
 import torch
 
+from common.checkpoints import save_checkpoint
 from common.config import parse_cli
 from common.io import cache_root, check_writable
 from common.results import flat_metrics
-from common.runs import (default_run_root, refused_folder, run_name, save_checkpoint, start_run, write_results)
+from common.runs import default_run_root, refused_folder, run_name, start_run, write_results
 from common.cli import run_cli
 from common.utils import get_device, seed_everything
 

@@ -19,11 +19,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from common.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from common.config import config_to_dict
 from common.io import atomic_write
 from common.progress import duration
-from common.runs import (check_finite, load_checkpoint, log_metrics, rng_state, save_checkpoint, set_rng_state,
-                         truncate_metrics)
+from common.runs import check_finite, log_metrics, truncate_metrics
 from common.selection import Selection
 
 from .config import Config, TrainConfig

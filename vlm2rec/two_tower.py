@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.checkpoints import load_checkpoint, save_checkpoint
 from common.io import cache_root
-from common.runs import load_checkpoint, save_checkpoint
 
 from .catalog import Catalog, history_items
 from .config import LoraSettings, TwoTowerConfig

@@ -7,8 +7,8 @@ import warnings
 import torch
 import torch.nn as nn
 
+from common.checkpoints import load_checkpoint, save_checkpoint
 from common.io import cache_root
-from common.runs import load_checkpoint, save_checkpoint
 
 from .console import bar
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.runs import load_checkpoint, save_checkpoint
+from common.checkpoints import load_checkpoint, save_checkpoint
 
 from ..block_inputs import round_context
 from ..config import resolve

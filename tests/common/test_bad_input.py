@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from common import io
+from common.checkpoints import load_checkpoint, save_checkpoint
 from common.config import PosFloat, PosInt, Range, parse_cli
 from common.prepare import main as prepare_main
 from common.registry import DATASETS
-from common.runs import load_checkpoint, save_checkpoint, start_run
+from common.runs import start_run
 
 
 @dataclass

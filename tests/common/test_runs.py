@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
+from common.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from common.io import REPO, atomic_dir, atomic_write, git_sha, load_json, save_json
-from common.runs import (check_finite, default_run_root, load_checkpoint, log_metrics, read_metrics, rng_state,
-                         save_checkpoint, set_rng_state, start_run, write_results)
+from common.runs import check_finite, default_run_root, log_metrics, read_metrics, start_run, write_results
 from common.utils import get_device, seed_everything
 
 

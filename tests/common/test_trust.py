@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from common import runs
+from common import checkpoints, runs
 from common.cli import run_cli
 from common.io import safe_filename
 
@@ -339,7 +339,7 @@ def test_ctrl_c_before_any_checkpoint_names_no_folder_to_resume(tmp_path, capsys
 def test_ctrl_c_in_flames_stage_1_says_rerun_the_command_not_resume_the_stage_1_folder(tmp_path, capsys):
     stage1 = tmp_path / "stage1" / "seed1_abc"
     runs.start_run(_Cfg(), "flame", "toy", run_dir=stage1)
-    runs.save_checkpoint(stage1 / "last.pt", {"epoch": 1})
+    checkpoints.save_checkpoint(stage1 / "last.pt", {"epoch": 1})
 
     def stop():
         with runs.interrupt_hint(f"stage 1 ({stage1}) was stopped: the same command continues it from its last "
@@ -478,14 +478,14 @@ def test_a_full_disk_while_writing_is_one_line_and_keeps_the_earlier_run(paper, 
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint_and_no_temp(tmp_path, monkeypatch):
-    runs.save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    checkpoints.save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
     before = (tmp_path / "last.pt").read_bytes()
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(OSError) as info:
-        runs.save_checkpoint(tmp_path / "last.pt", {"epoch": 2})
+        checkpoints.save_checkpoint(tmp_path / "last.pt", {"epoch": 2})
     assert info.value.filename == str(tmp_path / "last.pt")
     assert (tmp_path / "last.pt").read_bytes() == before and list(tmp_path.iterdir()) == [tmp_path / "last.pt"]
 

@@ -115,6 +115,7 @@ def test_plan_layout_is_lazy_and_the_flat_inputs_are_each_users_items_in_order()
         ["backbone.name=pfedrec", "backbone.lr=0.02"],          # two sub-steps, round-0 reset
         ["backbone.name=fedncf", "backbone.lr=0.02"],           # Linear(2d→1) head, round-0 reset
         ["backbone.name=fedncf", "backbone.lr=0.02", "method.name=emb_reg"],
+        ["backbone.name=pfedrec", "backbone.lr=0.02", "method.name=emb_reg"],   # penalty on the rows, not p
         ["backbone.name=pfedrec", "backbone.lr=0.02", "method.name=topn_kd"])],
 ])
 def test_compiled_equals_vectorised_round_by_round(overrides, late, tmp_path):

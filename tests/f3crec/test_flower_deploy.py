@@ -26,7 +26,7 @@ pytest.importorskip("psutil")
 from common import flower_ops  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.flower_ops import BIN, DeployError, Deployment, alive, free_ports, stage  # noqa: E402
-from common.runs import load_checkpoint  # noqa: E402
+from common.checkpoints import load_checkpoint  # noqa: E402
 from f3crec.config import Config  # noqa: E402
 from f3crec.main import run  # noqa: E402
 

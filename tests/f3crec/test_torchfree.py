@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.checkpoints import load_checkpoint, save_checkpoint
 from common.config import ConfigError
-from common.runs import load_checkpoint, save_checkpoint
 
 pytest.importorskip("numba")
 from f3crec.sim_compiled import CompiledSimulator, discounts  # noqa: E402

@@ -160,7 +160,7 @@ def _perturb_trainable(model, scale=0.1):
 
 
 def test_shapes_score_all_and_checkpoint_round_trip(tmp_path):
-    from common.runs import load_checkpoint, save_checkpoint
+    from common.checkpoints import load_checkpoint, save_checkpoint
     torch.manual_seed(0)
     model, batch, data = _tiny_model()
     _perturb_trainable(model)
