@@ -198,17 +198,21 @@ class CompiledSimulator(StackedSimulator):
         steps = np.diff(plan.step_offsets)
         stats = np.zeros((int(steps[replay].sum()) if replay.any() else 0, 3), np.int64)
         q_t = np.ascontiguousarray(q.T) if replay.any() else np.zeros((dim, 1), dtype)
-        size = int(plan.offsets[-1])
-        samples = _buffer(self._buffers, "items", (size,), np.int64), _buffer(self._buffers, "labels", (size,), dtype)
-        offsets, (items, labels) = plan.offsets, draw(plan, dtype, samples)
+        offsets = plan.offsets
         anchor_p = st.anchor["p"] if "p" in st.anchor else np.zeros((1, dim), dtype)
-        if ctx.net.name == "fedmf":
-            n_stats = kernels.fedmf_round(
-                q, q_t, st.private["p"], users, offsets, items, labels, plan.batch_size,
+        if ctx.net.name == "fedmf":   # each client's samples drawn inside the loop, just before it trains
+            m = plan.maker
+            n_stats = kernels.fedmf_round_drawn(
+                q, q_t, st.private["p"], users, offsets, m.counts, m.pos_flat, m.exc_ptr, m.exc_flat, m.n_items,
+                plan._keys(streams.NEGATIVES), plan._keys(streams.SHUFFLE), plan.batch_size,
                 ctx.lrs["p"], ctx.lrs["Q"], replay, returning, topn, yhat, keys, arm_mode,
                 float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]), anchor_items,
                 anchor_p, n_prev_items, total, stats)
         else:   # FedNCF (kind 1) or PFedRec (kind 2): a head, sub-steps, the round-0 reset (§4)
+            size = int(offsets[-1])
+            samples = (_buffer(self._buffers, "items", (size,), np.int64),
+                       _buffer(self._buffers, "labels", (size,), dtype))
+            items, labels = draw(plan, dtype, samples)
             kind = {"fedncf": 1, "pfedrec": 2}[ctx.net.name]
             shared = {k: np.asarray(v, dtype) for k, v in ctx.shared_private.items()}
             n_sub = len(ctx.net.substeps)
