@@ -15,6 +15,9 @@ clients of their row deltas, added client by client in user order, so the result
 thread count: the kernels are single-threaded and every sum has a fixed order (the per-sample score
 q_i · p_u is summed in SIMD lanes, `_row_dot`: an order fixed by the compiled code, not by threads).
 
+`fedmf_round_drawn` is fedmf_round with each client's samples drawn inside the loop, one client ahead
+(`_draw_client`, the per-client draw of `draw_plan`: the same values), what the simulator runs for FedMF.
+
 `affine_round` is the same loop for the backbones with a head (FedNCF, PFedRec): s = a_u · q_i + c_u with
 (a_u, c_u) from the private tensors (model.py), the head's gradients in closed form, PFedRec's two
 optimiser sub-steps and the round-0 reset.

@@ -9,7 +9,7 @@ state (ClientStates, held stacked by the shared StackedSimulator code), so check
 end-of-block ŷ / T^u, slots and the server are shared code, run on numpy arrays. Every sum has a fixed order
 (single-threaded kernels): the numbers do not depend on the thread count.
 
-Covered: FedMF (kernels.fedmf_round), FedNCF and PFedRec (kernels.affine_round: their heads in closed
+Covered: FedMF (kernels.fedmf_round_drawn), FedNCF and PFedRec (kernels.affine_round: their heads in closed
 form, PFedRec's two sub-steps, the round-0 reset) with ft, arm, itm, f3crec, topn_kd, naive_replay,
 emb_reg and full_retrain (ITM and the restarts are server / block-loop code) and LDP noise (each client's
 Laplace noise from its own stream, added to the summed upload), on the CPU; not EWC. `check(cfg, flags)`
