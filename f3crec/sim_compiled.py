@@ -9,7 +9,7 @@ state (ClientStates, held stacked by the shared StackedSimulator code), so check
 end-of-block ŷ / T^u, slots and the server are shared code, run on numpy arrays. Every sum has a fixed order
 (single-threaded kernels): the numbers do not depend on the thread count.
 
-Covered: FedMF (kernels.fedmf_round), FedNCF and PFedRec (kernels.affine_round: their heads in closed
+Covered: FedMF (kernels.fedmf_round_drawn), FedNCF and PFedRec (kernels.affine_round: their heads in closed
 form, PFedRec's two sub-steps, the round-0 reset) with ft, arm, itm, f3crec, topn_kd, naive_replay,
 emb_reg and full_retrain (ITM and the restarts are server / block-loop code) and LDP noise (each client's
 Laplace noise from its own stream, added to the summed upload), on the CPU; not EWC. `check(cfg, flags)`
@@ -198,17 +198,21 @@ class CompiledSimulator(StackedSimulator):
         steps = np.diff(plan.step_offsets)
         stats = np.zeros((int(steps[replay].sum()) if replay.any() else 0, 3), np.int64)
         q_t = np.ascontiguousarray(q.T) if replay.any() else np.zeros((dim, 1), dtype)
-        size = int(plan.offsets[-1])
-        samples = _buffer(self._buffers, "items", (size,), np.int64), _buffer(self._buffers, "labels", (size,), dtype)
-        offsets, (items, labels) = plan.offsets, draw(plan, dtype, samples)
+        offsets = plan.offsets
         anchor_p = st.anchor["p"] if "p" in st.anchor else np.zeros((1, dim), dtype)
-        if ctx.net.name == "fedmf":
-            n_stats = kernels.fedmf_round(
-                q, q_t, st.private["p"], users, offsets, items, labels, plan.batch_size,
+        if ctx.net.name == "fedmf":   # each client's samples drawn inside the loop, just before it trains
+            m = plan.maker
+            n_stats = kernels.fedmf_round_drawn(
+                q, q_t, st.private["p"], users, offsets, m.counts, m.pos_flat, m.exc_ptr, m.exc_flat, m.n_items,
+                plan._keys(streams.NEGATIVES), plan._keys(streams.SHUFFLE), plan.batch_size,
                 ctx.lrs["p"], ctx.lrs["Q"], replay, returning, topn, yhat, keys, arm_mode,
                 float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]), anchor_items,
                 anchor_p, n_prev_items, total, stats)
         else:   # FedNCF (kind 1) or PFedRec (kind 2): a head, sub-steps, the round-0 reset (§4)
+            size = int(offsets[-1])
+            samples = (_buffer(self._buffers, "items", (size,), np.int64),
+                       _buffer(self._buffers, "labels", (size,), dtype))
+            items, labels = draw(plan, dtype, samples)
             kind = {"fedncf": 1, "pfedrec": 2}[ctx.net.name]
             shared = {k: np.asarray(v, dtype) for k, v in ctx.shared_private.items()}
             n_sub = len(ctx.net.substeps)

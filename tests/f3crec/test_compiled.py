@@ -239,6 +239,46 @@ def test_fedmf_round_single_and_multi_batch_clients_follow_the_rules(dtype):
     assert np.abs(total).max() > 0.01
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("arm_mode", [0, 2])
+def test_fedmf_round_drawn_equals_the_drawn_plan_then_fedmf_round(dtype, arm_mode):
+    """kernels.fedmf_round_drawn (each client's samples drawn inside the loop) gives draw_plan + fedmf_round's
+    values bit for bit: the same per-user draws, the same training, clients of 0–3 mini-batches (one-batch,
+    general and KD paths; emb_reg on the returning ones), every output compared exactly."""
+    from f3crec import kernels, streams
+    from f3crec.round import PlanMaker
+    rng = np.random.default_rng(11)
+    n_items, dim, batch, n_top = 23, 8, 10, 4
+    sizes = {0: 1, 2: 2, 3: 7, 5: 4, 6: 3, 8: 5}                 # 5, 10, 35, 20, 15, 25 samples
+    positives = {u: rng.choice(n_items, n, replace=False) for u, n in sizes.items()}
+    exclude = {u: np.concatenate([v, rng.integers(0, n_items, 2)]) for u, v in positives.items()}
+    maker = PlanMaker(positives, exclude, n_items, 4, batch, n_top, 1)
+    plan = maker.draw(3, 1, 2)
+    users = plan.users
+    q = (rng.standard_normal((n_items, dim)) * 0.5).astype(dtype)
+    q_t = np.ascontiguousarray(q.T)
+    p_all = (rng.standard_normal((9, dim)) * 0.5).astype(dtype)
+    returning = users < 5
+    replay = returning if arm_mode else np.zeros(users.size, bool)
+    topn = np.stack([rng.choice(n_items, n_top, replace=False) for _ in range(9)]).astype(np.int64)
+    yhat = rng.standard_normal((9, n_top)).astype(dtype)
+    keys = streams.keys(3, 1, 2, users, streams.MEMORY)
+    anchor_items, anchor_p = (rng.standard_normal((n_items, dim)) * 0.5).astype(dtype), p_all * 0.9
+    common = (replay, returning, topn, yhat, keys, arm_mode, 0.7, np.zeros(1, np.int64), 1, 0.05, anchor_items,
+              anchor_p, 13)
+    items, labels = draw(plan, dtype)
+    want_total, want_p, want_stats = np.zeros_like(q), p_all.copy(), np.zeros((20, 3), np.int64)
+    n_want = kernels.fedmf_round(q, q_t, want_p, users, plan.offsets, items, labels, batch, 0.3, 2.0, *common,
+                                 want_total, want_stats)
+    total, got_p, stats = np.zeros_like(q), p_all.copy(), np.zeros((20, 3), np.int64)
+    n_got = kernels.fedmf_round_drawn(q, q_t, got_p, users, plan.offsets, maker.counts, maker.pos_flat,
+                                      maker.exc_ptr, maker.exc_flat, n_items, plan._keys(streams.NEGATIVES),
+                                      plan._keys(streams.SHUFFLE), batch, 0.3, 2.0, *common, total, stats)
+    assert np.array_equal(total, want_total) and np.array_equal(got_p, want_p)
+    assert n_got == n_want and np.array_equal(stats, want_stats)
+    assert np.abs(total).max() > 0.01 and not np.array_equal(got_p, p_all)
+
+
 def test_round_buffers_are_zeroed_reused_by_shape_and_replaced_when_it_changes():
     from f3crec.sim_compiled import HUGE_PAGE, _buffer, huge_page_array
     big = huge_page_array((HUGE_PAGE // 8 + 3, 2), np.float32)      # over the threshold: mmap-backed
