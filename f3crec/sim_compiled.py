@@ -172,7 +172,7 @@ class CompiledSimulator(StackedSimulator):
         return self._m_table[1]
 
     def train_round(self, plan: RoundPlan | None, ctx: RoundContext) -> dict:
-        """One round of every participant (§3, §5, §6) through kernels.fedmf_round or affine_round, then the
+        """One round of every participant (§3, §5, §6) through kernels.fedmf_round_drawn (FedMF, its samples drawn inside the loop) or affine_round, then the
         server's mean."""
         plan = self.plan(ctx) if plan is None else plan
         st, q = self.state, self.server.broadcast()
