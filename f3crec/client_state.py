@@ -5,12 +5,13 @@ Fisher (emb_reg/EWC), and each client's received copy of Q^{t−1}. The vectoris
 in place; the reference simulator keeps the same values inside its `Client` objects and converts to this
 form for checkpoints. The server never holds a reference to it. Nothing here is users × items: KD reads
 ŷ^{t−1} only at T^u, so ŷ is kept as (U, N) aligned with T^u, and a checkpoint is sized by the state.
-The arrays are torch tensors, or numpy arrays for the compiled simulator (arrays.py: one code for both;
-EWC's Fisher rows, which only the torch simulators keep, are torch).
+The arrays are torch tensors, or numpy arrays for the compiled simulator (arrays.py: one code for both).
 """
 from __future__ import annotations
 
-from .arrays import cat, clone, like, zeros
+import numpy as np
+
+from .arrays import cat, clone, is_tensor, like, zeros
 
 
 class ClientStates:
@@ -48,7 +49,17 @@ class ClientStates:
         self.fisher_valid = cat([self.fisher_valid, zeros(self.fisher_valid, (count,))])
 
     def set_fisher_rows(self, users, items, values) -> None:
-        """Replace the Fisher rows of the clients in `users` (absent users keep theirs, §11 EWC; tensors)."""
+        """Replace the Fisher rows of the clients in `users` (absent users keep theirs, §11 EWC): tensors, or numpy
+        arrays (the compiled simulator), sorted by (user, item)."""
+        if not is_tensor(values):
+            if self.fisher_rows is not None:
+                keep = ~np.isin(self.fisher_rows["user"], np.unique(users))
+                users = np.concatenate([self.fisher_rows["user"][keep], users])
+                items = np.concatenate([self.fisher_rows["item"][keep], items])
+                values = np.concatenate([self.fisher_rows["F"][keep], values])
+            order = np.argsort(users * (int(items.max()) + 1 if items.size else 1) + items, kind="stable")
+            self.fisher_rows = {"user": users[order], "item": items[order], "F": values[order]}
+            return
         import torch
         if self.fisher_rows is not None:
             keep = ~torch.isin(self.fisher_rows["user"], users.unique())
