@@ -884,8 +884,8 @@ def fisher_rows(kind, q, p_all, w_all, b_all, users, offsets, items, labels, f_p
     samples of the squared gradients (summed in sample order, then divided, as round.fisher does).
 
     Participant a's F of Φ_u goes to f_p[a], f_w[a], f_b[a] (the tensors it has); its rows, one per distinct
-    sample item in first-use order, to row_client / row_item / row_f (at most one row per sample). Returns
-    the number of rows."""
+    sample item in item order, to row_client / row_item / row_f (fisher_row_count of them): sorted by
+    (client, item), as round.fisher's. Returns the number of rows."""
     n_items, dim = q.shape
     w_dim = w_all.shape[1]
     slot = np.full(n_items, -1, np.int64)
@@ -914,17 +914,21 @@ def fisher_rows(kind, q, p_all, w_all, b_all, users, offsets, items, labels, f_p
         for k in range(w_dim):
             f_w[a, k] = 0.0
         f_b[a, 0] = 0.0
+        for j in range(lo, hi):                        # the client's distinct items, then in item order
+            i = items[j]
+            if slot[i] < 0:
+                slot[i] = n_rows
+                row_item[n_rows] = i
+                n_rows += 1
+        row_item[first:n_rows] = np.sort(row_item[first:n_rows])
+        for r in range(first, n_rows):
+            slot[row_item[r]] = r
+            row_client[r] = a
+            for k in range(dim):
+                row_f[r, k] = 0.0
         for j in range(lo, hi):
             i = items[j]
             r = slot[i]
-            if r < 0:
-                r = n_rows
-                slot[i] = r
-                row_client[r] = a
-                row_item[r] = i
-                for k in range(dim):
-                    row_f[r, k] = 0.0
-                n_rows += 1
             s = 0.0
             for k in range(dim):
                 s += q[i, k] * av[k]
@@ -963,3 +967,17 @@ def fisher_rows(kind, q, p_all, w_all, b_all, users, offsets, items, labels, f_p
                 row_f[r, k] /= count
             slot[row_item[r]] = -1
     return n_rows
+
+
+@njit(cache=True)
+def fisher_row_count(offsets, items, n_items):
+    """The number of distinct (client, item) pairs of the samples (client a's: items[offsets[a]:offsets[a+1]]):
+    fisher_rows' row count."""
+    seen = np.full(n_items, -1, np.int64)
+    count = 0
+    for a in range(offsets.size - 1):
+        for j in range(offsets[a], offsets[a + 1]):
+            if seen[items[j]] != a:
+                seen[items[j]] = a
+                count += 1
+    return count

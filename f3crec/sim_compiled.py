@@ -253,7 +253,8 @@ class CompiledSimulator(StackedSimulator):
 
     def fisher_of(self, net, private: dict, items: np.ndarray, plan: RoundPlan) -> tuple:
         """round.fisher in closed form (kernels.fisher_rows) on the plan's samples as the compiled draw gives
-        them: (F of Φ_u (A, ...), row owner (L,), row item (L,), F rows (L, d)), rows sorted by (owner, item)."""
+        them: (F of Φ_u (A, ...), row owner (L,), row item (L,), F rows (L, d)), rows sorted by (owner, item)
+        as the kernel writes them (no gather of the rows afterwards)."""
         n_clients, (n_items, dim) = plan.users.size, items.shape
         dtype = items.dtype
         samples, labels = draw(plan, dtype)
@@ -261,15 +262,14 @@ class CompiledSimulator(StackedSimulator):
         p, w, b = (private.get(k, empty) for k in ("p", "w", "b"))
         f_p, f_w = np.zeros((n_clients, p.shape[1] if "p" in private else 0), dtype), np.zeros_like(w)
         f_b = np.zeros((n_clients, 1), dtype)
-        owner, row_item = np.empty(samples.size, np.int64), np.empty(samples.size, np.int64)
-        f_rows = np.empty((samples.size, dim), dtype)
+        size = kernels.fisher_row_count(plan.offsets, samples, n_items)
+        owner, row_item, f_rows = np.empty(size, np.int64), np.empty(size, np.int64), np.empty((size, dim), dtype)
         n_rows = kernels.fisher_rows({"fedmf": 0, "fedncf": 1, "pfedrec": 2}[net.name], np.ascontiguousarray(items),
                                      np.ascontiguousarray(p), np.ascontiguousarray(w), np.ascontiguousarray(b),
                                      np.arange(n_clients, dtype=np.int64), plan.offsets, samples, labels, f_p, f_w,
                                      f_b, owner, row_item, f_rows)
-        order = np.argsort(owner[:n_rows] * n_items + row_item[:n_rows], kind="stable")
-        f_private = {k: {"p": f_p, "w": f_w, "b": f_b}[k] for k in private}
-        return f_private, owner[:n_rows][order], row_item[:n_rows][order], f_rows[:n_rows][order]
+        assert n_rows == size
+        return {k: {"p": f_p, "w": f_w, "b": f_b}[k] for k in private}, owner, row_item, f_rows
 
     # ------------------------------------------------------------------------------------- evaluation
     def _sums(self, users: list[int], positives: dict, exclude: list[dict], n_items: int) -> dict:

@@ -435,3 +435,30 @@ def test_whole_ewc_smoke_run_equal_and_a_compiled_resume_equals_it(backbone, tmp
     resumed = main(["--resume", str(tmp_path / "cut"), "train.stop_after_block=null"])
     assert resumed["summary"] == out["compiled"]["summary"] and resumed["simulator"] == "compiled"
     assert _records(tmp_path / "cut") == _records(tmp_path / "compiled")
+
+
+def test_fisher_rows_of_numpy_state_are_set_as_the_tensor_state_sets_them():
+    """ClientStates.set_fisher_rows on numpy arrays (the compiled simulator's merge) = on tensors (a sort):
+    the new clients' rows replace theirs, absent clients keep theirs, all sorted by (user, item); new rows
+    given sorted or not."""
+    from f3crec.client_state import ClientStates
+    rng = np.random.default_rng(4)
+    states = {kind: ClientStates({"p": np.zeros((9, 3)) if kind == "numpy" else torch.zeros(9, 3)}, 2)
+              for kind in ("numpy", "torch")}
+    for users_now, shuffle in (([1, 4, 6], False), ([0, 4, 7], True), ([6, 8], False), ([2], True)):
+        users, items = [], []
+        for u in users_now:
+            chosen = np.sort(rng.choice(12, rng.integers(1, 5), replace=False))
+            users += [u] * chosen.size
+            items += chosen.tolist()
+        users, items = np.array(users, np.int64), np.array(items, np.int64)
+        values = rng.random((users.size, 3))
+        if shuffle:
+            order = rng.permutation(users.size)
+            users, items, values = users[order], items[order], values[order]
+        states["numpy"].set_fisher_rows(users, items, values)
+        states["torch"].set_fisher_rows(*map(torch.from_numpy, (users, items, values)))
+        got, want = states["numpy"].fisher_rows, states["torch"].fisher_rows
+        for k in ("user", "item", "F"):
+            assert isinstance(got[k], np.ndarray) and np.array_equal(got[k], want[k].numpy())
+    assert set(got["user"].tolist()) == {0, 1, 2, 4, 6, 7, 8}
