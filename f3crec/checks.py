@@ -110,7 +110,7 @@ def preflight(cfg: Config, run_dir: Optional[Path], resume: bool, overwrite: boo
     if cfg.train.share_base and cfg.federation.simulator != "flower" and not resume:  # a resume is past block 0
         _writable_target(base_cache_dir(cfg.train), "base-block cache",
                          "set train.base_cache, or train.share_base=false")
-    if cfg.federation.simulator == "compiled":   # no EWC, the CPU, numba importable: anything else, one line now
+    if cfg.federation.simulator == "compiled":   # the CPU, numba importable: anything else, one line now
         from .train import simulator_kind
         simulator_kind(cfg, method_flags(cfg.method))
     if cfg.federation.simulator == "vectorised":

@@ -5,12 +5,13 @@ Fisher (emb_reg/EWC), and each client's received copy of Q^{t−1}. The vectoris
 in place; the reference simulator keeps the same values inside its `Client` objects and converts to this
 form for checkpoints. The server never holds a reference to it. Nothing here is users × items: KD reads
 ŷ^{t−1} only at T^u, so ŷ is kept as (U, N) aligned with T^u, and a checkpoint is sized by the state.
-The arrays are torch tensors, or numpy arrays for the compiled simulator (arrays.py: one code for both;
-EWC's Fisher rows, which only the torch simulators keep, are torch).
+The arrays are torch tensors, or numpy arrays for the compiled simulator (arrays.py: one code for both).
 """
 from __future__ import annotations
 
-from .arrays import cat, clone, like, zeros
+import numpy as np
+
+from .arrays import cat, clone, is_tensor, like, zeros
 
 
 class ClientStates:
@@ -48,7 +49,11 @@ class ClientStates:
         self.fisher_valid = cat([self.fisher_valid, zeros(self.fisher_valid, (count,))])
 
     def set_fisher_rows(self, users, items, values) -> None:
-        """Replace the Fisher rows of the clients in `users` (absent users keep theirs, §11 EWC; tensors)."""
+        """Replace the Fisher rows of the clients in `users` (absent users keep theirs, §11 EWC): tensors, or numpy
+        arrays (the compiled simulator), sorted by (user, item)."""
+        if not is_tensor(values):
+            self.fisher_rows = _merge_rows(self.fisher_rows, users, items, values)
+            return
         import torch
         if self.fisher_rows is not None:
             keep = ~torch.isin(self.fisher_rows["user"], users.unique())
@@ -76,3 +81,27 @@ class ClientStates:
                              "this version; start the run again (ŷ is now kept at Tᵘ's items only)")
         for key, value in state.items():
             setattr(self, key, value)
+
+
+def _merge_rows(rows: dict | None, users: np.ndarray, items: np.ndarray, values: np.ndarray) -> dict:
+    """set_fisher_rows for numpy arrays: the kept old rows and the new ones, each sorted by (user, item), merged
+    by scattering both into one fresh array (the new ones are sorted first if they are not): one copy of the
+    F rows (60 MB on ML-100K) instead of a concatenation and a gather."""
+    old = {"user": np.zeros(0, np.int64), "item": np.zeros(0, np.int64), "F": values[:0]} if rows is None else rows
+    keep = ~np.isin(old["user"], np.unique(users))
+    ascending = (users[1:] > users[:-1]) | ((users[1:] == users[:-1]) & (items[1:] > items[:-1]))
+    if not keep.any() and bool(ascending.all()):
+        return {"user": users, "item": items, "F": values}      # nothing kept, already sorted: no copy
+    span = max(int(items.max()) if items.size else 0, int(old["item"].max()) if old["item"].size else 0) + 1
+    key_old, key_new = old["user"][keep] * span + old["item"][keep], users * span + items
+    if key_new.size > 1 and not bool((key_new[1:] > key_new[:-1]).all()):
+        order = np.argsort(key_new, kind="stable")
+        users, items, values, key_new = users[order], items[order], values[order], key_new[order]
+    at_old = np.searchsorted(key_new, key_old) + np.arange(key_old.size)     # final positions, both sorted
+    at_new = np.searchsorted(key_old, key_new) + np.arange(key_new.size)
+    out = {"user": np.empty(key_old.size + key_new.size, np.int64), "item": np.empty(key_old.size + key_new.size, np.int64),
+           "F": np.empty((key_old.size + key_new.size, *values.shape[1:]), values.dtype)}
+    for name, new in (("user", users), ("item", items), ("F", values)):
+        out[name][at_old] = old[name][keep]
+        out[name][at_new] = new
+    return out

@@ -59,8 +59,8 @@ class MethodConfig:
 @dataclass
 class FederationConfig:
     simulator: Literal["vectorised", "compiled", "auto", "reference", "flower"] = "vectorised"  # §13, §14: same
-    #                               numbers, tested; compiled: rounds and evaluation as numba loops (CPU, no
-    #                               EWC; equal to vectorised to rounding in float64); auto: compiled where it
+    #                               numbers, tested; compiled: rounds and evaluation as numba loops (CPU;
+    #                               equal to vectorised to rounding in float64); auto: compiled where it
     #                               covers the run, else vectorised
     nodes: PosInt = 2                # flower: in-process nodes; user u lives on node u mod nodes (§14)
     # flower: a round needs replies for this share of its users, in (0, 1]: zero replies have no mean (§14)

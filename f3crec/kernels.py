@@ -25,6 +25,10 @@ optimiser sub-steps and the round-0 reset.
 `topk_metrics` scores users against the catalogue one user at a time, keeps a running top-K (ties to the
 lower item id, torch.topk's order), masks the exclusions sparsely and returns each user's NDCG@K and
 Recall@K as common.metrics.full_sort_metrics computes them (sequential DCG sum, same discounts).
+
+EWC (§11): `fisher_rows` is round.fisher's diagonal empirical Fisher in closed form (∂q_i = g a, ∂Φ_u from
+s = a·q_i + c); the round kernels take an optional `ewc` group (None: the EWC code is not compiled in) and
+add (γ/2)·Σ F (θ − θ*)²'s gradient for the client's stored Fisher rows and its Φ_u (`_ewc_grads`).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 
 def _numba_without_scipy() -> None:
@@ -386,6 +390,104 @@ def _emb_reg_grads(reg_d, local, row_item, n_rows, n_prev_items, anchor_items, g
             gp[k] += two * (p[k] - anchor_p[user, k])
 
 
+# ---- EWC (§11): the round's group `ewc` = (γ, has (A,), f_lo (A,), f_hi (A,), f_items (L,), f_rows (L, d),
+# F_p, F_w, F_b, θ*_w, θ*_b (U, ·)), or None (no EWC: every helper below compiles to nothing). Participant a's
+# stored Fisher rows are f_items[f_lo[a]:f_hi[a]] (empty unless it returns), `has[a]`: a Fisher of its Φ_u.
+# Not inline="always": compiled apart, a helper's `is None` test is on its own argument, which numba prunes
+# when it is None (inlined, it would not be); _ewc_client is an overload, so the None case never becomes an
+# Optional tuple.
+def _ewc_client(ewc, a):
+    """Participant a's part of the round's EWC group: (γ, has, lo, hi, f_items, f_rows, F_p, F_w, F_b, θ*_w,
+    θ*_b), or None. Compiled only (the overload below): typed by what `ewc` is, never an Optional."""
+    raise NotImplementedError("a numba overload: call it from compiled code")
+
+
+@overload(_ewc_client, jit_options={"cache": True})
+def _ewc_client_typed(ewc, a):
+    if isinstance(ewc, (types.NoneType, types.Omitted)):
+        return lambda ewc, a: None
+
+    def client(ewc, a):
+        gamma, has, f_lo, f_hi, f_items, f_rows, f_p, f_w, f_b, anchor_w, anchor_b = ewc
+        return gamma, has[a], f_lo[a], f_hi[a], f_items, f_rows, f_p, f_w, f_b, anchor_w, anchor_b
+    return client
+
+
+@njit(cache=True)
+def _ewc_max_rows(ewc):
+    """The most stored Fisher rows of one participant (the local row buffers' extra room); 0 without EWC."""
+    if ewc is None:
+        return 0
+    most = 0
+    for a in range(ewc[2].size):
+        most = max(most, ewc[3][a] - ewc[2][a])
+    return most
+
+
+@njit(cache=True)
+def _ewc_off(e):
+    """Whether the client's EWC penalty is absent (no Fisher of Φ_u, no stored rows)."""
+    if e is None:
+        return True
+    return not e[1] and e[3] == e[2]
+
+
+@njit(cache=True)
+def _ewc_rows(e, q, slot, row_item, local, n_rows):
+    """The client's stored Fisher rows made local rows too (after those of _local_rows); returns the count."""
+    if e is None:
+        return n_rows
+    f_items = e[4]
+    for j in range(e[2], e[3]):
+        i = f_items[j]
+        if slot[i] < 0:
+            slot[i] = n_rows
+            row_item[n_rows] = i
+            for k in range(q.shape[1]):
+                local[n_rows, k] = q[i, k]
+            n_rows += 1
+    return n_rows
+
+
+@njit(cache=True)
+def _ewc_grads(e, local, slot, anchor_items, grad, with_p, p, anchor_p, user, gp):
+    """EWC's penalty gradient, ∂/∂θ of (γ/2)·Σ F (θ − θ*)² = (γ/2·F)·2(θ − θ*) (autograd's order): into `grad`
+    for the client's stored Fisher rows (θ* = Q^{t−1}, anchor_items) and, where it has a Fisher of Φ_u and
+    `with_p`, into the private vector's `gp`."""
+    if e is None:
+        return
+    half = 0.5 * e[0]
+    f_items, f_rows, f_p = e[4], e[5], e[6]
+    for j in range(e[2], e[3]):
+        i = f_items[j]
+        r = slot[i]
+        for k in range(local.shape[1]):
+            grad[r, k] += (half * f_rows[j, k]) * (2.0 * (local[r, k] - anchor_items[i, k]))
+    if e[1] and with_p:
+        for k in range(p.size):
+            gp[k] += (half * f_p[user, k]) * (2.0 * (p[k] - anchor_p[user, k]))
+
+
+@njit(cache=True)
+def _ewc_head_grads(e, user, w, b, ew, eb):
+    """EWC's penalty gradient of the head (w, b) into ew, eb (zero without a Fisher of Φ_u)."""
+    if e is None:
+        return
+    half = 0.5 * e[0]
+    f_w, f_b, anchor_w, anchor_b = e[7], e[8], e[9], e[10]
+    for k in range(w.size):
+        ew[k] = (half * f_w[user, k]) * (2.0 * (w[k] - anchor_w[user, k])) if e[1] else 0.0
+    eb[0] = (half * f_b[user, 0]) * (2.0 * (b[0] - anchor_b[user, 0])) if e[1] else 0.0
+
+
+@njit(cache=True)
+def _plus_ewc(g, e, extra):
+    """g plus EWC's term `extra` (g itself, untouched, without EWC)."""
+    if e is None:
+        return g
+    return g + extra
+
+
 @njit(cache=True, inline="always")
 def _one_step(q, p, items, labels, lo, hi, nxt, lr_p, lr_q, slot, row_item, row_count, sample_row, g_buf, grad,
               row, gp, total):
@@ -459,15 +561,16 @@ def _fedmf_scratch(q, offsets, batch_size, n_top, n_prev_items):
 @njit(cache=True, inline="always")
 def _fedmf_client(q, q_t, p_all, user, items, labels, lo, hi, nxt, batch_size, lr_p, lr_q, kd, emb, topn, yhat,
                   mem_key, arm_mode, kd_weight, m_of_d, reg_d, anchor_items, anchor_p, n_prev_items, total, stats,
-                  n_stats, scratch):
+                  n_stats, scratch, ewc=None):
     """One participant's local epoch on its samples items[lo:hi], labels[lo:hi] (§5, §6), its row deltas added
-    to `total`; `nxt`: the sample items to prefetch meanwhile (the next client's). Returns the stats rows."""
+    to `total`; `nxt`: the sample items to prefetch meanwhile (the next client's); `ewc`: its EWC group
+    (_ewc_client) or None. Returns the stats rows."""
     slot, local, grad, row_item, p, gp, scores, ranks, g_buf, row_count, sample_row, row = scratch
     dim = q.shape[1]
     for k in range(dim):
         p[k] = p_all[user, k]
     n_steps = (hi - lo + batch_size - 1) // batch_size
-    if n_steps == 1 and not kd and not emb:            # one mini-batch, rows read from the broadcast table
+    if n_steps == 1 and not kd and not emb and _ewc_off(ewc):   # one mini-batch, rows read from the broadcast table
         _one_step(q, p, items, labels, lo, hi, nxt, lr_p, lr_q, slot, row_item, row_count, sample_row,
                   g_buf, grad, row, gp, total)
         for k in range(dim):
@@ -475,6 +578,7 @@ def _fedmf_client(q, q_t, p_all, user, items, labels, lo, hi, nxt, batch_size, l
         return n_stats
     # ---- the client's local rows: its sample items, T^u when it replays, every old row under emb_reg
     n_rows = _local_rows(q, items, lo, hi, topn[user], kd, n_prev_items if emb else 0, slot, row_item, local)
+    n_rows = _ewc_rows(ewc, q, slot, row_item, local, n_rows)
     # ---- local epoch: mini-batches of the shuffled samples (§5)
     for step in range(n_steps):
         b0 = lo + step * batch_size
@@ -506,6 +610,7 @@ def _fedmf_client(q, q_t, p_all, user, items, labels, lo, hi, nxt, batch_size, l
         if emb:
             _emb_reg_grads(reg_d, local, row_item, n_rows, n_prev_items, anchor_items, grad, True, p, anchor_p,
                            user, gp)
+        _ewc_grads(ewc, local, slot, anchor_items, grad, True, p, anchor_p, user, gp)
         # ---- SGD on p_u and the local rows (§4); after the last step each row is uploaded in the same pass
         for k in range(dim):
             p[k] -= lr_p * gp[k]
@@ -534,37 +639,38 @@ def _fedmf_client(q, q_t, p_all, user, items, labels, lo, hi, nxt, batch_size, l
 @njit(cache=True)
 def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, lr_q,
                 replay, returning, topn, yhat, mem_keys, arm_mode, kd_weight, m_of_d,
-                reg_mode, reg_d, anchor_items, anchor_p, n_prev_items, total, stats):
+                reg_mode, reg_d, anchor_items, anchor_p, n_prev_items, total, stats, ewc=None):
     """One round of every participant (FedMF, one optimiser sub-step) on drawn samples (items, labels: client
     a's are offsets[a]:offsets[a + 1]); q_t is q transposed (contiguous). Updates p_all[users] in place, adds
     every client's row deltas to `total` (I, d) and writes (D_u, m_u, step) of every adaptive ARM step into
     `stats`; returns the number of stats rows. While a client trains, the rows of the samples one client ahead
     (as many as it has) are prefetched.
 
-    arm_mode: 0 off, 1 adaptive (ARM), 2 full (top-N KD, m_u = N); reg_mode: 0 none, 1 emb_reg.
+    arm_mode: 0 off, 1 adaptive (ARM), 2 full (top-N KD, m_u = N); reg_mode: 0 none, 1 emb_reg; `ewc`: the
+    round's EWC group (see _ewc_client; anchor_items then holds Q^{t−1}) or None.
     """
-    scratch = _fedmf_scratch(q, offsets, batch_size, topn.shape[1], n_prev_items)
+    scratch = _fedmf_scratch(q, offsets, batch_size, topn.shape[1], n_prev_items + _ewc_max_rows(ewc))
     n_stats = 0
     for a in range(users.size):
         lo, hi = offsets[a], offsets[a + 1]
         n_stats = _fedmf_client(q, q_t, p_all, users[a], items, labels, lo, hi, items[hi:min(2 * hi - lo, items.size)],
                                 batch_size, lr_p, lr_q, replay[a] and arm_mode != 0, reg_mode == 1 and returning[a],
                                 topn, yhat, mem_keys[a], arm_mode, kd_weight, m_of_d, reg_d, anchor_items, anchor_p,
-                                n_prev_items, total, stats, n_stats, scratch)
+                                n_prev_items, total, stats, n_stats, scratch, _ewc_client(ewc, a))
     return n_stats
 
 
 @njit(cache=True)
 def fedmf_round_drawn(q, q_t, p_all, users, offsets, counts, positives, exc_ptr, exc_items, n_items, neg_keys,
                       shuffle_keys, batch_size, lr_p, lr_q, replay, returning, topn, yhat, mem_keys, arm_mode, kd_weight, m_of_d,
-                      reg_mode, reg_d, anchor_items, anchor_p, n_prev_items, total, stats):
+                      reg_mode, reg_d, anchor_items, anchor_p, n_prev_items, total, stats, ewc=None):
     """fedmf_round with each client's samples drawn (_draw_client, the values draw_plan gives) into a scratch
     of the largest client's size inside the loop, one client ahead, instead of the whole round's samples
     drawn into two arrays first and read back: at 100,000 clients 46 M samples, 0.7 GB written and read.
     The client trains on samples still in cache; the next client's are drawn and its rows prefetched
     meanwhile. Same values as draw_plan then fedmf_round, bit for bit (tests/f3crec/test_compiled.py);
     n_items: the catalogue the negatives are drawn from (|I^t|, as draw_plan's)."""
-    scratch = _fedmf_scratch(q, offsets, batch_size, topn.shape[1], n_prev_items)
+    scratch = _fedmf_scratch(q, offsets, batch_size, topn.shape[1], n_prev_items + _ewc_max_rows(ewc))
     excluded, base, packed, out, start = _draw_scratch(offsets, n_items)
     largest = base.size
     cur_items, nxt_items = np.empty(largest, np.int64), np.empty(largest, np.int64)
@@ -590,7 +696,7 @@ def fedmf_round_drawn(q, q_t, p_all, users, offsets, counts, positives, exc_ptr,
                                 nxt_items[:min(n_next, size)], batch_size, lr_p, lr_q,
                                 replay[a] and arm_mode != 0, reg_mode == 1 and returning[a], topn, yhat, mem_keys[a],
                                 arm_mode, kd_weight, m_of_d, reg_d, anchor_items, anchor_p, n_prev_items, total,
-                                stats, n_stats, scratch)
+                                stats, n_stats, scratch, _ewc_client(ewc, a))
     return n_stats
 
 
@@ -653,19 +759,21 @@ def topk_metrics(scores, pos_ptr, pos_items, exc_ptr, exc_items, discounts, ndcg
 @njit(cache=True)
 def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b, reset, users, offsets, items,
                  labels, batch_size, n_sub, lr_p, lr_head, lr_q, replay, returning, topn, yhat, mem_keys, arm_mode,
-                 kd_weight, m_of_d, reg_mode, reg_d, anchor_items, anchor_p, n_prev_items, total, stats):
+                 kd_weight, m_of_d, reg_mode, reg_d, anchor_items, anchor_p, n_prev_items, total, stats, ewc=None):
     """fedmf_round for the backbones with a head (model.py §4): kind 1 FedNCF (a = w[d:], c = w[:d]·p + b,
     one sub-step on p, w, b, Q), kind 2 PFedRec (a = w, c = b; sub-step 0 steps w, b, sub-step 1 steps Q
     with the loss recomputed). With s = a·q_i + c and per-logit gradient g: ∂a += g q_i, ∂c += g,
     ∂q_i += g a; then ∂w[d:] = ∂a, ∂w[:d] = ∂c p, ∂p = ∂c w[:d], ∂b = ∂c (FedNCF) or ∂w = ∂a,
     ∂b = ∂c (PFedRec). `reset`: every participant starts from the shared start-up values (Q2). stats rows are
-    (D_u, m_u, step·n_sub + sub)."""
+    (D_u, m_u, step·n_sub + sub). `ewc`: as fedmf_round's; the head's penalty gradient goes to its update."""
     n_items, dim = q.shape
     n_top = topn.shape[1]
     w_dim = w_all.shape[1]
     slot = np.full(n_items, -1, np.int64)
-    local, grad, row_item = _row_buffers(q, offsets, n_top + n_prev_items)
+    local, grad, row_item = _row_buffers(q, offsets, n_top + n_prev_items + _ewc_max_rows(ewc))
     p = np.zeros(dim, q.dtype)
+    ew = np.zeros(w_dim, q.dtype)                      # EWC's penalty gradient of w and b
+    eb = np.zeros(1, q.dtype)
     w = np.empty(w_dim, q.dtype)
     b = np.empty(1, q.dtype)
     av = np.empty(dim, q.dtype)
@@ -680,6 +788,8 @@ def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b
         kd = replay[a_] and arm_mode != 0
         emb = reg_mode == 1 and returning[a_]
         n_rows = _local_rows(q, items, lo, hi, topn[user], kd, n_prev_items if emb else 0, slot, row_item, local)
+        ewc_a = _ewc_client(ewc, a_)
+        n_rows = _ewc_rows(ewc_a, q, slot, row_item, local, n_rows)
         for k in range(w_dim):
             w[k] = shared_w[k] if reset else w_all[user, k]
         b[0] = shared_b[0] if reset else b_all[user, 0]
@@ -727,6 +837,8 @@ def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b
                 if emb:
                     _emb_reg_grads(reg_d, local, row_item, n_rows, n_prev_items, anchor_items, grad, kind == 1, p,
                                    anchor_p, user, gp)
+                _ewc_grads(ewc_a, local, slot, anchor_items, grad, kind == 1, p, anchor_p, user, gp)
+                _ewc_head_grads(ewc_a, user, w, b, ew, eb)
                 # ---- SGD on this sub-step's tensors, every gradient taken at the values before it
                 step_head = kind == 1 or sub == 0
                 step_items = kind == 1 or sub == 1
@@ -735,14 +847,14 @@ def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b
                         gp[k] += gc * w[k]
                     for k in range(dim):
                         w_k = w[k]
-                        w[k] = w_k - lr_head * (gc * p[k])
-                        w[dim + k] -= lr_head * ga[k]
+                        w[k] = w_k - lr_head * _plus_ewc(gc * p[k], ewc_a, ew[k])
+                        w[dim + k] -= lr_head * _plus_ewc(ga[k], ewc_a, ew[dim + k])
                         p[k] -= lr_p * gp[k]
-                    b[0] -= lr_head * gc
+                    b[0] -= lr_head * _plus_ewc(gc, ewc_a, eb[0])
                 elif step_head:
                     for k in range(dim):
-                        w[k] -= lr_head * ga[k]
-                    b[0] -= lr_head * gc
+                        w[k] -= lr_head * _plus_ewc(ga[k], ewc_a, ew[k])
+                    b[0] -= lr_head * _plus_ewc(gc, ewc_a, eb[0])
                 for r in range(n_rows):
                     for k in range(dim):
                         if step_items:
@@ -760,3 +872,112 @@ def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b
                 total[i, k] += local[r, k] - q[i, k]
             slot[i] = -1
     return n_stats
+
+
+@njit(cache=True)
+def fisher_rows(kind, q, p_all, w_all, b_all, users, offsets, items, labels, f_p, f_w, f_b, row_client, row_item,
+                row_f):
+    """EWC's diagonal empirical Fisher (round.fisher, §11) of every client of the block-end plan, in closed form:
+    with s = a·q_i + c (kind 0 FedMF a = p, c = 0; 1 FedNCF a = w[d:], c = w[:d]·p + b; 2 PFedRec a = w,
+    c = b) each sample's BCE gradient is g = σ(s) − y times ∂s/∂θ: ∂q_i = g a; FedMF ∂p = g q_i; FedNCF
+    ∂p = g w[:d], ∂w = g [p; q_i], ∂b = g; PFedRec ∂w = g q_i, ∂b = g. F = the mean over the client's
+    samples of the squared gradients (summed in sample order, then divided, as round.fisher does).
+
+    Participant a's F of Φ_u goes to f_p[a], f_w[a], f_b[a] (the tensors it has); its rows, one per distinct
+    sample item in item order, to row_client / row_item / row_f (fisher_row_count of them): sorted by
+    (client, item), as round.fisher's. Returns the number of rows."""
+    n_items, dim = q.shape
+    w_dim = w_all.shape[1]
+    slot = np.full(n_items, -1, np.int64)
+    av = np.empty(dim, q.dtype)
+    n_rows = 0
+    for a in range(users.size):
+        user = users[a]
+        lo, hi = offsets[a], offsets[a + 1]
+        first = n_rows
+        cv = 0.0
+        if kind == 0:
+            for k in range(dim):
+                av[k] = p_all[user, k]
+        elif kind == 1:
+            for k in range(dim):
+                av[k] = w_all[user, dim + k]
+            for k in range(dim):
+                cv += w_all[user, k] * p_all[user, k]
+            cv += b_all[user, 0]
+        else:
+            for k in range(dim):
+                av[k] = w_all[user, k]
+            cv = b_all[user, 0]
+        for k in range(f_p.shape[1]):
+            f_p[a, k] = 0.0
+        for k in range(w_dim):
+            f_w[a, k] = 0.0
+        f_b[a, 0] = 0.0
+        for j in range(lo, hi):                        # the client's distinct items, then in item order
+            i = items[j]
+            if slot[i] < 0:
+                slot[i] = n_rows
+                row_item[n_rows] = i
+                n_rows += 1
+        row_item[first:n_rows] = np.sort(row_item[first:n_rows])
+        for r in range(first, n_rows):
+            slot[row_item[r]] = r
+            row_client[r] = a
+            for k in range(dim):
+                row_f[r, k] = 0.0
+        for j in range(lo, hi):
+            i = items[j]
+            r = slot[i]
+            s = 0.0
+            for k in range(dim):
+                s += q[i, k] * av[k]
+            g = _sigmoid(s + cv) - labels[j]
+            for k in range(dim):
+                x = g * av[k]
+                row_f[r, k] += x * x
+            if kind == 0:
+                for k in range(dim):
+                    x = g * q[i, k]
+                    f_p[a, k] += x * x
+            elif kind == 1:
+                for k in range(dim):
+                    x = g * w_all[user, k]
+                    f_p[a, k] += x * x
+                for k in range(dim):
+                    x = g * p_all[user, k]
+                    f_w[a, k] += x * x
+                    x = g * q[i, k]
+                    f_w[a, dim + k] += x * x
+            else:
+                for k in range(dim):
+                    x = g * q[i, k]
+                    f_w[a, k] += x * x
+            if kind != 0:
+                f_b[a, 0] += g * g
+        count = hi - lo
+        if count > 0:
+            for k in range(f_p.shape[1]):
+                f_p[a, k] /= count
+            for k in range(w_dim):
+                f_w[a, k] /= count
+            f_b[a, 0] /= count
+        for r in range(first, n_rows):
+            for k in range(dim):
+                row_f[r, k] /= count
+            slot[row_item[r]] = -1
+    return n_rows
+
+
+@njit(cache=True)
+def fisher_row_count(offsets, items, n_items):
+    """The number of distinct (client, item) pairs of the samples (client a's: items[offsets[a]:offsets[a+1]]):
+    fisher_rows' row count."""
+    seen = np.full(n_items, -1, np.int64)
+    count = 0
+    for a in range(offsets.size - 1):
+        for j in range(offsets[a], offsets[a + 1]):
+            if seen[items[j]] != a:
+                seen[items[j]] = a
+                count += 1
+    return count

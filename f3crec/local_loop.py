@@ -108,15 +108,19 @@ class StackedSimulator(LocalLoop):
         mask[trained] = True
         for k, v in st.private.items():
             st.anchor[k][mask] = v[mask]
-        if fisher_plan is not None:   # EWC: the torch simulators only
+        if fisher_plan is not None:   # EWC
             users = like(fisher_plan.users, st.topn)
-            f_private, owner, items, f_rows = fisher(ctx.net, {k: v[users] for k, v in st.private.items()},
-                                                     best, fisher_plan)
+            f_private, owner, items, f_rows = self.fisher_of(ctx.net, {k: v[users] for k, v in st.private.items()},
+                                                             best, fisher_plan)
             for k, v in f_private.items():
                 st.fisher[k][users] = v
             st.fisher_valid[users] = True
             st.set_fisher_rows(users[owner], items, f_rows)
         self.server.end_block()
+
+    def fisher_of(self, net, private: dict, items, plan: RoundPlan) -> tuple:
+        """EWC's Fisher of the plan's clients (round.fisher's contract; the compiled simulator's in closed form)."""
+        return fisher(net, private, items, plan)
 
     # -------------------------------------------------------------------------------- state plumbing
     def states(self):

@@ -11,8 +11,10 @@ end-of-block ŷ / T^u, slots and the server are shared code, run on numpy arrays
 
 Covered: FedMF (kernels.fedmf_round_drawn), FedNCF and PFedRec (kernels.affine_round: their heads in closed
 form, PFedRec's two sub-steps, the round-0 reset) with ft, arm, itm, f3crec, topn_kd, naive_replay,
-emb_reg and full_retrain (ITM and the restarts are server / block-loop code) and LDP noise (each client's
-Laplace noise from its own stream, added to the summed upload), on the CPU; not EWC. `check(cfg, flags)`
+emb_reg, ewc and full_retrain (ITM and the restarts are server / block-loop code) and LDP noise (each client's
+Laplace noise from its own stream, added to the summed upload), on the CPU. EWC's block-end Fisher is
+closed-form too (kernels.fisher_rows, equal to round.fisher) and its penalty gradient is inside the round
+(kernels._ewc_grads), so an EWC run imports no torch either. `check(cfg, flags)`
 names what is not covered in one line; `federation.simulator=auto` runs this simulator where it is
 covered and the vectorised one elsewhere. Equal to the vectorised simulator to ≤ 1e-12 in float64 round by round and
 in every metric (tests/f3crec/test_compiled.py): the sums run in another order than ATen's (BLAS dot
@@ -41,8 +43,6 @@ LDP_CHUNK = 64  # clients whose (|I|, d) LDP noise is drawn at once
 
 def unsupported(cfg, flags: dict) -> str | None:
     """Why the compiled simulator cannot run this configuration (a one-line reason), or None."""
-    if flags["reg"] == "ewc":
-        return "method.name=ewc (the compiled round covers emb_reg, not EWC's Fisher penalty)"
     if cfg.train.device == "cuda":
         return "train.device=cuda (the compiled kernels run on the CPU)"
     return None
@@ -176,7 +176,7 @@ class CompiledSimulator(StackedSimulator):
         server's mean."""
         plan = self.plan(ctx) if plan is None else plan
         st, q = self.state, self.server.broadcast()
-        if ctx.flags["reg"] == "ewc" or not isinstance(q, np.ndarray):
+        if not isinstance(q, np.ndarray):
             raise ConfigError("federation.simulator=compiled: this round is not covered (see sim_compiled.unsupported)")
         table, q = q, _buffer(self._buffers, "q", q.shape, q.dtype)   # the broadcast, copied onto huge pages
         np.copyto(q, table)
@@ -189,7 +189,9 @@ class CompiledSimulator(StackedSimulator):
         dtype = q.dtype
         yhat = st.yhat if st.yhat is not None else np.zeros((1, 1), dtype)
         emb = ctx.flags["reg"] == "emb" and bool(returning.any())
-        anchor_items = st.anchor_items if emb else np.zeros((1, dim), dtype)
+        ewc = self._ewc_group(ctx, users, returning, dim, dtype) if ctx.flags["reg"] == "ewc" and returning.any() \
+            else None
+        anchor_items = st.anchor_items if emb or ewc is not None else np.zeros((1, dim), dtype)
         n_prev_items = ctx.n_prev_items if emb else 0
         m_of_d = self._m_of_d(ctx, n_items, topn.shape[1]) if arm_mode == 1 else np.zeros(1, np.int64)
         keys = streams.keys(plan.seed, plan.block, plan.round, users, streams.MEMORY)
@@ -207,7 +209,7 @@ class CompiledSimulator(StackedSimulator):
                 plan._keys(streams.NEGATIVES), plan._keys(streams.SHUFFLE), plan.batch_size,
                 ctx.lrs["p"], ctx.lrs["Q"], replay, returning, topn, yhat, keys, arm_mode,
                 float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]), anchor_items,
-                anchor_p, n_prev_items, total, stats)
+                anchor_p, n_prev_items, total, stats, ewc)
         else:   # FedNCF (kind 1) or PFedRec (kind 2): a head, sub-steps, the round-0 reset (§4)
             size = int(offsets[-1])
             samples = (_buffer(self._buffers, "items", (size,), np.int64),
@@ -223,13 +225,51 @@ class CompiledSimulator(StackedSimulator):
                 shared["w"], shared["b"], bool(ctx.reset_private), users, offsets, items, labels, plan.batch_size,
                 n_sub, ctx.lrs.get("p", 0.0), ctx.lrs["w"], ctx.lrs["Q"], replay, returning, topn, yhat, keys,
                 arm_mode, float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]),
-                anchor_items, anchor_p, n_prev_items, total, stats)
+                anchor_items, anchor_p, n_prev_items, total, stats, ewc)
         if ctx.ldp_scale > 0:   # every client adds Laplace noise to every row of its upload (§3), from its stream
             for lo in range(0, users.size, LDP_CHUNK):
                 total += ldp_noise(ctx, users[lo:lo + LDP_CHUNK], (n_items, dim), dtype).sum(0)
         order = np.argsort(stats[:n_stats, 2], kind="stable")     # step-major, as the vectorised stats
         out = {"D": stats[:n_stats, 0][order].tolist(), "m": stats[:n_stats, 1][order].tolist()}
         return {**out, **self.server.aggregate_sum(total, users.size)}
+
+    def _ewc_group(self, ctx: RoundContext, users: np.ndarray, returning: np.ndarray, dim: int, dtype) -> tuple:
+        """The kernels' EWC group (kernels._ewc_client): γ, which participants have a Fisher of Φ_u, each
+        returning participant's stored Fisher rows (a range of the (user, item)-sorted fisher_rows), the
+        Fisher of Φ_u and the head's anchors (absent tensors: unused placeholders)."""
+        st = self.state
+        rows = st.fisher_rows
+        if rows is None:
+            lo = hi = np.zeros(users.size, np.int64)
+            f_items, f_rows = np.zeros(0, np.int64), np.zeros((0, dim), dtype)
+        else:
+            lo = np.searchsorted(rows["user"], users, "left").astype(np.int64)
+            hi = np.where(returning, np.searchsorted(rows["user"], users, "right"), lo).astype(np.int64)
+            f_items, f_rows = np.ascontiguousarray(rows["item"], np.int64), np.ascontiguousarray(rows["F"], dtype)
+        unused = np.zeros((1, 1), dtype)
+        return (float(ctx.ewc_gamma), returning & st.fisher_valid[users], lo, hi, f_items, f_rows,
+                st.fisher.get("p", np.zeros((1, dim), dtype)), st.fisher.get("w", unused), st.fisher.get("b", unused),
+                st.anchor.get("w", unused), st.anchor.get("b", unused))
+
+    def fisher_of(self, net, private: dict, items: np.ndarray, plan: RoundPlan) -> tuple:
+        """round.fisher in closed form (kernels.fisher_rows) on the plan's samples as the compiled draw gives
+        them: (F of Φ_u (A, ...), row owner (L,), row item (L,), F rows (L, d)), rows sorted by (owner, item)
+        as the kernel writes them (no gather of the rows afterwards)."""
+        n_clients, (n_items, dim) = plan.users.size, items.shape
+        dtype = items.dtype
+        samples, labels = draw(plan, dtype)
+        empty = np.zeros((n_clients, 1), dtype)
+        p, w, b = (private.get(k, empty) for k in ("p", "w", "b"))
+        f_p, f_w = np.zeros((n_clients, p.shape[1] if "p" in private else 0), dtype), np.zeros_like(w)
+        f_b = np.zeros((n_clients, 1), dtype)
+        size = kernels.fisher_row_count(plan.offsets, samples, n_items)
+        owner, row_item, f_rows = np.empty(size, np.int64), np.empty(size, np.int64), np.empty((size, dim), dtype)
+        n_rows = kernels.fisher_rows({"fedmf": 0, "fedncf": 1, "pfedrec": 2}[net.name], np.ascontiguousarray(items),
+                                     np.ascontiguousarray(p), np.ascontiguousarray(w), np.ascontiguousarray(b),
+                                     np.arange(n_clients, dtype=np.int64), plan.offsets, samples, labels, f_p, f_w,
+                                     f_b, owner, row_item, f_rows)
+        assert n_rows == size
+        return {k: {"p": f_p, "w": f_w, "b": f_b}[k] for k in private}, owner, row_item, f_rows
 
     # ------------------------------------------------------------------------------------- evaluation
     def _sums(self, users: list[int], positives: dict, exclude: list[dict], n_items: int) -> dict:

@@ -103,7 +103,12 @@ def test_plan_layout_is_lazy_and_the_flat_inputs_are_each_users_items_in_order()
 @pytest.mark.parametrize("late", [False, True])
 @pytest.mark.parametrize("overrides", [
     [],                                                  # F3CRec: ARM + ITM
+    ["method.name=ewc", "method.ewc_gamma=100"],         # EWC: block-end Fisher, penalty on Φ_u and stored rows
     *[pytest.param(overrides, marks=pytest.mark.heavy) for overrides in (
+        ["method.name=ewc"],                                    # EWC at its default γ
+        ["method.name=ewc", "method.ewc_gamma=100", "method.arm=true"],   # EWC beside ARM's KD
+        ["backbone.name=fedncf", "backbone.lr=0.02", "method.name=ewc", "method.ewc_gamma=1"],   # F of p, w, b
+        ["backbone.name=pfedrec", "backbone.lr=0.02", "method.name=ewc", "method.ewc_gamma=1"],
         ["method.name=ft"], ["method.name=arm"], ["method.name=itm"],
         ["method.name=topn_kd"],                                # ARM with m_u = N
         ["method.name=naive_replay"],                           # T^u as pseudo-positives
@@ -148,6 +153,13 @@ def test_compiled_equals_vectorised_round_by_round(overrides, late, tmp_path):
             end_block(sim, cfg, blocks, t, flags)
         a, b = vec.states(), comp.states()
         assert torch.equal(a.topn, torch.as_tensor(b.topn)) and _close(a.yhat, b.yhat)
+        if flags["reg"] == "ewc":   # the block-end Fisher: compiled closed form vs autograd, absent users' kept
+            assert torch.equal(a.fisher_valid, torch.as_tensor(b.fisher_valid)) and bool(a.fisher_valid.any())
+            for k, v in a.fisher.items():
+                assert _close(v, b.fisher[k]) and bool(v.any())
+            for k in ("user", "item"):
+                assert torch.equal(a.fisher_rows[k], torch.as_tensor(b.fisher_rows[k]))
+            assert _close(a.fisher_rows["F"], b.fisher_rows["F"]) and isinstance(b.fisher_rows["F"], np.ndarray)
     assert multi_step
     if flags["arm"] == "adaptive":
         assert saw_partial_memory
@@ -318,16 +330,15 @@ def test_thread_count_changes_nothing():
 
 def test_auto_picks_compiled_where_it_covers_the_run_and_vectorised_elsewhere(tmp_path):
     from f3crec.train import simulator_kind
-    for overrides, kind in ([[], "compiled"], [["method.name=ewc"], "vectorised"],
+    for overrides, kind in ([[], "compiled"], [["method.name=ewc"], "compiled"],
                             [["backbone.name=pfedrec"], "compiled"], [["federation.ldp_scale=0.01"], "compiled"],
-                            [["backbone.name=fedncf", "method.name=ewc"], "vectorised"]):
+                            [["backbone.name=fedncf", "method.name=ewc"], "compiled"],
+                            [["train.device=cuda"], "vectorised"]):
         cfg, flags = resolve(load_config(Config, SMOKE, ["federation.simulator=auto", *overrides]))
         assert simulator_kind(cfg, flags) == kind
 
 
 @pytest.mark.parametrize("overrides,named", [
-    (["backbone.name=fedncf", "method.name=ewc"], "method.name=ewc"),
-    (["method.name=ewc"], "method.name=ewc"),
     (["train.device=cuda"], "train.device=cuda"),
 ])
 def test_compiled_refuses_what_it_does_not_cover_in_one_line(overrides, named, tmp_path):
@@ -382,3 +393,72 @@ def test_without_numba_auto_runs_vectorised_and_compiled_is_refused_in_one_line(
     with pytest.raises(ConfigError) as err:
         simulator_kind(cfg, flags)
     assert "numba" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("backbone", ["fedmf", "fedncf", "pfedrec"])
+def test_compiled_fisher_equals_round_fisher(backbone):
+    """EWC's block-end Fisher in closed form (CompiledSimulator.fisher_of, kernels.fisher_rows) against
+    round.fisher's autograd per-sample gradients, float64: F of every private tensor and of every (client, item)
+    row, rows in the same (client, item) order; clients of 1–7 positives over 23 items (repeated negatives)."""
+    from f3crec.model import BACKBONES
+    from f3crec.round import PlanMaker, fisher
+    rng = np.random.default_rng(7)
+    n_items, dim = 23, 8
+    net = BACKBONES[backbone]
+    sizes = {0: 1, 2: 2, 3: 7, 5: 4, 6: 3}
+    positives = {u: rng.choice(n_items, n, replace=False) for u, n in sizes.items()}
+    plan = PlanMaker(positives, positives, n_items, 4, 10, 4, 1).draw(3, 1, -1)
+    shapes = net.private_shapes(dim)
+    private = {k: rng.standard_normal((len(sizes), *shape)) for k, shape in shapes.items()}
+    items = rng.standard_normal((n_items, dim))
+    want = fisher(net, {k: torch.from_numpy(v) for k, v in private.items()}, torch.from_numpy(items), plan)
+    got = CompiledSimulator(None, None).fisher_of(net, private, items, plan)
+    assert list(got[0]) == list(want[0]) == list(shapes)
+    for k, v in want[0].items():
+        assert got[0][k].shape == tuple(v.shape) and _close(v, got[0][k]) and bool(v.any())
+    assert np.array_equal(got[1], want[1].numpy()) and np.array_equal(got[2], want[2].numpy())
+    assert got[3].shape == tuple(want[3].shape) and _close(want[3], got[3]) and float(want[3].abs().max()) > 1e-3
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("backbone", [[], ["backbone.name=pfedrec", "backbone.lr=0.02", "method.ewc_gamma=1"]])
+def test_whole_ewc_smoke_run_equal_and_a_compiled_resume_equals_it(backbone, tmp_path):
+    """EWC's whole smoke run: compiled = vectorised (summary, every round's record, best rounds); a compiled run
+    stopped after block 1 (its Fisher rows in a numpy last.pt) and resumed gives the uninterrupted numbers."""
+    from f3crec.main import main
+    ewc = ["method.name=ewc", "method.ewc_gamma=100", *backbone]
+    out = {name: _run(tmp_path, name, *ewc) for name in ("vectorised", "compiled")}
+    assert out["vectorised"]["summary"] == out["compiled"]["summary"] and out["compiled"]["simulator"] == "compiled"
+    assert _records(tmp_path / "vectorised") == _records(tmp_path / "compiled")
+    assert [b["best_round"] for b in out["vectorised"]["blocks"]] == [b["best_round"] for b in out["compiled"]["blocks"]]
+    _run(tmp_path, "compiled", *ewc, "train.stop_after_block=1", folder="cut")
+    resumed = main(["--resume", str(tmp_path / "cut"), "train.stop_after_block=null"])
+    assert resumed["summary"] == out["compiled"]["summary"] and resumed["simulator"] == "compiled"
+    assert _records(tmp_path / "cut") == _records(tmp_path / "compiled")
+
+
+def test_fisher_rows_of_numpy_state_are_set_as_the_tensor_state_sets_them():
+    """ClientStates.set_fisher_rows on numpy arrays (the compiled simulator's merge) = on tensors (a sort):
+    the new clients' rows replace theirs, absent clients keep theirs, all sorted by (user, item); new rows
+    given sorted or not."""
+    from f3crec.client_state import ClientStates
+    rng = np.random.default_rng(4)
+    states = {kind: ClientStates({"p": np.zeros((9, 3)) if kind == "numpy" else torch.zeros(9, 3)}, 2)
+              for kind in ("numpy", "torch")}
+    for users_now, shuffle in (([1, 4, 6], False), ([0, 4, 7], True), ([6, 8], False), ([2], True)):
+        users, items = [], []
+        for u in users_now:
+            chosen = np.sort(rng.choice(12, rng.integers(1, 5), replace=False))
+            users += [u] * chosen.size
+            items += chosen.tolist()
+        users, items = np.array(users, np.int64), np.array(items, np.int64)
+        values = rng.random((users.size, 3))
+        if shuffle:
+            order = rng.permutation(users.size)
+            users, items, values = users[order], items[order], values[order]
+        states["numpy"].set_fisher_rows(users, items, values)
+        states["torch"].set_fisher_rows(*map(torch.from_numpy, (users, items, values)))
+        got, want = states["numpy"].fisher_rows, states["torch"].fisher_rows
+        for k in ("user", "item", "F"):
+            assert isinstance(got[k], np.ndarray) and np.array_equal(got[k], want[k].numpy())
+    assert set(got["user"].tolist()) == {0, 1, 2, 4, 6, 7, 8}

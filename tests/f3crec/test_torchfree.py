@@ -93,6 +93,27 @@ def test_compiled_smoke_run_and_its_resume_never_import_torch_and_give_the_torch
     assert head.startswith(b"PK") and b"__state__" in head             # a numpy checkpoint, not torch's pickle
 
 
+@pytest.mark.heavy
+def test_compiled_ewc_smoke_run_and_its_resume_never_import_torch_and_give_the_vectorised_numbers(tmp_path):
+    """EWC on the compiled simulator (its Fisher in closed form, its penalty inside the round): no torch module
+    loaded by a whole run, a run stopped after block 1 and its resume; the numbers are the vectorised run's."""
+    from f3crec.main import main
+    ewc = ["--config", str(SMOKE), "backbone.dtype=float64", "method.name=ewc", "method.ewc_gamma=100"]
+    base = [*ewc, "federation.simulator=compiled"]
+    out = _fresh_process([[*base, "--run-dir", str(tmp_path / "whole")],
+                          [*base, "--run-dir", str(tmp_path / "cut"), "train.stop_after_block=1"],
+                          ["--resume", str(tmp_path / "cut"), "train.stop_after_block=null"]], tmp_path)
+    assert out["torch"] == []
+    whole, _, resumed = out["runs"]
+    assert whole["simulator"] == "compiled" and resumed == whole
+    vec = main([*ewc, "federation.simulator=vectorised", "--run-dir", str(tmp_path / "vectorised")])
+    assert whole["a"] == {m: vec["summary"][m]["a"] for m in ("ndcg", "recall")}
+    assert [tuple(b) for b in whole["best"]] == [(b["best_round"], b["rounds_run"]) for b in vec["blocks"]]
+    assert _records(tmp_path / "cut") == _records(tmp_path / "whole")
+    state = load_checkpoint(tmp_path / "whole" / "last.pt")["sim"]["clients"]
+    assert isinstance(state["fisher_rows"]["F"], np.ndarray) and state["fisher_rows"]["F"].shape[0] > 0
+
+
 @pytest.mark.slow
 def test_compiled_float64_ml100k_run_never_imports_torch_and_gives_the_torch_backed_numbers(shared_data, tmp_path):
     blocks = shared_data / "f3crec-ml-100k-blocks"
