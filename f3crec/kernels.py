@@ -34,6 +34,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.core.dispatcher import Dispatcher
 from numba.extending import intrinsic
 
 
@@ -49,7 +50,28 @@ def _numba_without_scipy() -> None:
         del sys.modules["scipy.linalg"]
 
 
-_numba_without_scipy()
+def _load_without_typing(dispatcher) -> None:
+    """Let `dispatcher` load its cached machine code without numba's typing set-up. numba's
+    FunctionCache.load_overload first refreshes the target context: it imports and installs every typing
+    and lowering registry (≈ 0.1 s CPU, and numba.np.arraymath's SciPy probe), which only compiling needs;
+    loading needs the runtime (NRT) the code calls. A miss (no cached code for the signature, or stale)
+    takes numba's own path, which refreshes and compiles, with SciPy's BLAS probe hidden."""
+    from numba.core.runtime import rtsys
+    cache = dispatcher._cache
+    if not hasattr(cache, "_load_overload"):      # caching off (a NullCache)
+        return
+    numba_load = cache.load_overload
+
+    def load_overload(sig, target_context):
+        rtsys.initialize(target_context)
+        with cache._guard_against_spurious_io_errors():
+            loaded = cache._load_overload(sig, target_context)
+            if loaded is not None:
+                return loaded
+        _numba_without_scipy()
+        return numba_load(sig, target_context)
+
+    cache.load_overload = load_overload
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -760,3 +782,7 @@ def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b
                 total[i, k] += local[r, k] - q[i, k]
             slot[i] = -1
     return n_stats
+
+
+for _kernel in [v for v in list(globals().values()) if isinstance(v, Dispatcher)]:
+    _load_without_typing(_kernel)

@@ -1,0 +1,66 @@
+"""How the compiled simulator's kernels are loaded (issue 24, start-up): a kernel whose machine code is in
+numba's cache is loaded without numba's typing set-up (no registry refresh, no numba.np.arraymath, no SciPy
+BLAS probe) and gives the same values; a kernel with no cached code still compiles (numba's own path) with
+the SciPy probe hidden, and saves its code for the next process."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numba")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MODULE = '''
+import numpy as np
+from numba import njit
+from f3crec.kernels import _load_without_typing
+
+@njit(cache=True)
+def shifted(a, x):
+    out = np.empty_like(a)          # an allocation: the loaded code calls numba's runtime (NRT)
+    for i in range(a.size):
+        out[i] = a[i] * 2.0 + x
+    return out
+
+_load_without_typing(shifted)
+'''
+
+PROGRAM = '''
+import json, sys
+import numpy as np
+import toy
+values = toy.shifted(np.arange(4.0), 0.5).tolist() + toy.shifted(np.arange(3, dtype=np.float32), 1.0).tolist()
+stats = toy.shifted.stats
+print(json.dumps({"values": values, "hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values()),
+                  "arraymath": "numba.np.arraymath" in sys.modules, "scipy_linalg": "scipy.linalg" in sys.modules}))
+'''
+
+
+def _run(folder: Path) -> dict:
+    env_path = f"{folder}:{ROOT}"
+    done = subprocess.run([sys.executable, "-c", PROGRAM], cwd=folder, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": env_path, "NUMBA_CACHE_DIR": str(folder / "cache")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_cached_kernel_loads_without_numbas_typing_and_a_new_one_compiles(tmp_path):
+    (tmp_path / "toy.py").write_text(MODULE)
+    first = _run(tmp_path)            # nothing cached: numba compiles both signatures and saves them
+    assert first["misses"] == 2 and first["hits"] == 0
+    assert first["arraymath"] and not first["scipy_linalg"]     # compiled with SciPy's BLAS probe hidden
+    second = _run(tmp_path)           # both loaded from the cache, without the typing registries
+    assert second["hits"] == 2 and second["misses"] == 0
+    assert not second["arraymath"] and not second["scipy_linalg"]
+    assert second["values"] == first["values"] == [0.5, 2.5, 4.5, 6.5, 1.0, 3.0, 5.0]
+
+
+def test_every_kernel_of_the_module_loads_this_way():
+    from numba.core.dispatcher import Dispatcher
+    from f3crec import kernels
+    dispatchers = [v for v in vars(kernels).values() if isinstance(v, Dispatcher)]
+    assert {"fedmf_round_drawn", "topk_metrics", "affine_round", "draw_plan"} <= {d.__name__ for d in dispatchers}
+    assert all("load_overload" in vars(d._cache) for d in dispatchers)
