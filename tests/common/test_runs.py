@@ -284,3 +284,26 @@ def test_results_json_starts_with_the_common_keys_and_keeps_only_fractions_in_me
     assert written["metrics"] == {"test/ndcg@20": 0.071}            # a percent stays in the paper's detail only
     assert "test/hr@20 left out of `metrics`" in capsys.readouterr().out
     assert json.loads((run / "results.json").read_text()) == written
+
+
+def test_package_versions_read_the_metadata_headers_as_importlib_does(monkeypatch):
+    """results.json's versions: the header scan gives importlib.metadata.version's value (torch and numpy
+    always, the others when imported), without the email parser."""
+    import importlib.metadata
+    from common import utils
+    versions = utils.package_versions()
+    assert {"torch", "numpy"} <= set(versions)
+    assert versions == {name: importlib.metadata.version(name) for name in versions}
+
+    class Dist:   # no METADATA file: PKG-INFO; a header without Version: the distribution's own answer
+        version = "9.9"
+
+        def __init__(self, files):
+            self.files = files
+
+        def read_text(self, name):
+            return self.files.get(name)
+    cases = {"a": ({"PKG-INFO": "Name: a\nVersion: 1.2.post3\n\nVersion: 0\n"}, "1.2.post3"),
+             "b": ({"METADATA": "Name: b\n\nVersion: 0\n"}, "9.9")}
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist(cases[name][0]))
+    assert {name: utils._version(name) for name in cases} == {name: want for name, (_, want) in cases.items()}
