@@ -50,20 +50,38 @@ def _numba_without_scipy() -> None:
         del sys.modules["scipy.linalg"]
 
 
+def _runtime_symbols(target_context) -> None:
+    """Make numba's runtime (NRT) callable from loaded machine code: its C helpers registered with LLVM,
+    the part of rtsys.initialize that loading needs. rtsys.initialize also compiles NRT's LLVM functions
+    (≈ 0.03 s CPU each process), which every compiled kernel links into its own code: that is left to the
+    first compile, where numba initialises the runtime itself."""
+    from numba.core import config
+    from numba.core.runtime import rtsys
+    if rtsys._init or getattr(_runtime_symbols, "done", False):
+        return
+    if config.NRT_STATS:                           # statistics are switched on by numba's own initialize
+        rtsys.initialize(target_context)
+        return
+    import llvmlite.binding as ll
+    from numba.core.runtime import _nrt_python
+    for name, address in _nrt_python.c_helpers.items():
+        ll.add_symbol(name if name.startswith("_") else "NRT_" + name, address)
+    _runtime_symbols.done = True
+
+
 def _load_without_typing(dispatcher) -> None:
     """Let `dispatcher` load its cached machine code without numba's typing set-up. numba's
     FunctionCache.load_overload first refreshes the target context: it imports and installs every typing
     and lowering registry (≈ 0.1 s CPU, and numba.np.arraymath's SciPy probe), which only compiling needs;
-    loading needs the runtime (NRT) the code calls. A miss (no cached code for the signature, or stale)
-    takes numba's own path, which refreshes and compiles, with SciPy's BLAS probe hidden."""
-    from numba.core.runtime import rtsys
+    loading needs the runtime's symbols (_runtime_symbols). A miss (no cached code for the signature, or
+    stale) takes numba's own path, which refreshes and compiles, with SciPy's BLAS probe hidden."""
     cache = dispatcher._cache
     if not hasattr(cache, "_load_overload"):      # caching off (a NullCache)
         return
     numba_load = cache.load_overload
 
     def load_overload(sig, target_context):
-        rtsys.initialize(target_context)
+        _runtime_symbols(target_context)
         with cache._guard_against_spurious_io_errors():
             loaded = cache._load_overload(sig, target_context)
             if loaded is not None:

@@ -34,14 +34,18 @@ import numpy as np
 import toy
 values = toy.shifted(np.arange(4.0), 0.5).tolist() + toy.shifted(np.arange(3, dtype=np.float32), 1.0).tolist()
 stats = toy.shifted.stats
-print(json.dumps({"values": values, "hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values()),
-                  "arraymath": "numba.np.arraymath" in sys.modules, "scipy_linalg": "scipy.linalg" in sys.modules}))
+out = {"values": values, "hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values()),
+       "arraymath": "numba.np.arraymath" in sys.modules, "scipy_linalg": "scipy.linalg" in sys.modules}
+if sys.argv[1:] == ["new"]:   # a signature never compiled, after loading: numba's own path, in the same process
+    out["new"] = toy.shifted(np.arange(3, dtype=np.int64), 1).tolist() + toy.shifted(np.arange(2.0), 0.0).tolist()
+    out["misses_after"] = sum(stats.cache_misses.values())
+print(json.dumps(out))
 '''
 
 
-def _run(folder: Path) -> dict:
+def _run(folder: Path, *args: str) -> dict:
     env_path = f"{folder}:{ROOT}"
-    done = subprocess.run([sys.executable, "-c", PROGRAM], cwd=folder, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", PROGRAM, *args], cwd=folder, capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": env_path, "NUMBA_CACHE_DIR": str(folder / "cache")})
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -52,10 +56,11 @@ def test_a_cached_kernel_loads_without_numbas_typing_and_a_new_one_compiles(tmp_
     first = _run(tmp_path)            # nothing cached: numba compiles both signatures and saves them
     assert first["misses"] == 2 and first["hits"] == 0
     assert first["arraymath"] and not first["scipy_linalg"]     # compiled with SciPy's BLAS probe hidden
-    second = _run(tmp_path)           # both loaded from the cache, without the typing registries
+    second = _run(tmp_path, "new")    # both loaded from the cache, without the typing registries ...
     assert second["hits"] == 2 and second["misses"] == 0
     assert not second["arraymath"] and not second["scipy_linalg"]
     assert second["values"] == first["values"] == [0.5, 2.5, 4.5, 6.5, 1.0, 3.0, 5.0]
+    assert second["misses_after"] == 1 and second["new"] == [1, 3, 5, 0.0, 2.0]   # ... then one compiled
 
 
 def test_every_kernel_of_the_module_loads_this_way():
