@@ -1,7 +1,8 @@
 """How the compiled simulator's kernels are loaded (issue 24, start-up): a kernel whose machine code is in
 numba's cache is loaded without numba's typing set-up (no registry refresh, no numba.np.arraymath, no SciPy
-BLAS probe) and gives the same values; a kernel with no cached code still compiles (numba's own path) with
-the SciPy probe hidden, and saves its code for the next process."""
+BLAS probe, no import of the modules its environments name) and gives the same values and errors; a
+kernel with no cached code still compiles (numba's own path) with the SciPy probe hidden, and saves its code
+for the next process."""
 import json
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from f3crec.kernels import _load_without_typing
 
 @njit(cache=True)
 def shifted(a, x):
+    if x < 0:
+        raise ValueError("a negative shift")
     out = np.empty_like(a)          # an allocation: the loaded code calls numba's runtime (NRT)
     for i in range(a.size):
         out[i] = a[i] * 2.0 + x
@@ -35,7 +38,12 @@ import toy
 values = toy.shifted(np.arange(4.0), 0.5).tolist() + toy.shifted(np.arange(3, dtype=np.float32), 1.0).tolist()
 stats = toy.shifted.stats
 out = {"values": values, "hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values()),
-       "arraymath": "numba.np.arraymath" in sys.modules, "scipy_linalg": "scipy.linalg" in sys.modules}
+       "arraymath": "numba.np.arraymath" in sys.modules, "scipy_linalg": "scipy.linalg" in sys.modules,
+       "arrayobj": "numba.np.arrayobj" in sys.modules}
+try:
+    toy.shifted(np.arange(2.0), -1.0)
+except ValueError as err:
+    out["raised"] = str(err)
 if sys.argv[1:] == ["new"]:   # a signature never compiled, after loading: numba's own path, in the same process
     out["new"] = toy.shifted(np.arange(3, dtype=np.int64), 1).tolist() + toy.shifted(np.arange(2.0), 0.0).tolist()
     out["misses_after"] = sum(stats.cache_misses.values())
@@ -59,6 +67,8 @@ def test_a_cached_kernel_loads_without_numbas_typing_and_a_new_one_compiles(tmp_
     second = _run(tmp_path, "new")    # both loaded from the cache, without the typing registries ...
     assert second["hits"] == 2 and second["misses"] == 0
     assert not second["arraymath"] and not second["scipy_linalg"]
+    assert first["arrayobj"] and not second["arrayobj"]     # np.empty_like's environment, rebuilt without import
+    assert second["raised"] == first["raised"] == "a negative shift"
     assert second["values"] == first["values"] == [0.5, 2.5, 4.5, 6.5, 1.0, 3.0, 5.0]
     assert second["misses_after"] == 1 and second["new"] == [1, 3, 5, 0.0, 2.0]   # ... then one compiled
 
