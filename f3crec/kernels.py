@@ -32,23 +32,36 @@ import contextlib
 import sys
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.core.dispatcher import Dispatcher
-from numba.extending import intrinsic
+
+
+@contextlib.contextmanager
+def _hidden(module: str):
+    """`import module` (and its submodules) raises ImportError inside the block, unless it is loaded already."""
+    if module in sys.modules:
+        yield
+        return
+    sys.modules[module] = None
+    try:
+        yield
+    finally:
+        del sys.modules[module]
+
+
+with _hidden("scipy"):   # numba's import only checks SciPy's version (≈ 8 ms CPU of `import scipy`)
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.core import cgutils
+    from numba.core.dispatcher import Dispatcher
+    from numba.extending import intrinsic
 
 
 def _numba_without_scipy() -> None:
     """Load numba's numpy support with scipy.linalg hidden: numba.np.arraymath probes for SciPy's BLAS at
     import (0.4–0.6 s of `import scipy.linalg` when SciPy is installed), and these kernels call no BLAS."""
-    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+    if "numba.np.arraymath" in sys.modules:
         return
-    sys.modules["scipy.linalg"] = None   # `import scipy.linalg...` raises ImportError: numba records "no BLAS"
-    try:
+    with _hidden("scipy.linalg"):   # `import scipy.linalg...` raises ImportError: numba records "no BLAS"
         import numba.np.arraymath  # noqa: F401
-    finally:
-        del sys.modules["scipy.linalg"]
 
 
 def _runtime_symbols(target_context) -> None:

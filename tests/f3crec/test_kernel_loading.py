@@ -79,3 +79,13 @@ def test_every_kernel_of_the_module_loads_this_way():
     dispatchers = [v for v in vars(kernels).values() if isinstance(v, Dispatcher)]
     assert {"fedmf_round_drawn", "topk_metrics", "affine_round", "draw_plan"} <= {d.__name__ for d in dispatchers}
     assert all("load_overload" in vars(d._cache) for d in dispatchers)
+
+
+def test_importing_the_kernels_imports_no_scipy():
+    """numba only checks SciPy's version at import, and these kernels call no BLAS: SciPy stays unloaded
+    (and importable afterwards)."""
+    done = subprocess.run([sys.executable, "-c", "import sys, f3crec.kernels; print('scipy' in sys.modules); "
+                           "import scipy.linalg; print(scipy.linalg.__name__)"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "scipy.linalg"]
