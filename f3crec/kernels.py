@@ -114,10 +114,15 @@ def _load_without_typing(dispatcher) -> None:
     FunctionCache.load_overload first refreshes the target context: it imports and installs every typing
     and lowering registry (≈ 0.1 s CPU, and numba.np.arraymath's SciPy probe), which only compiling needs;
     loading needs the runtime's symbols (_runtime_symbols). A miss (no cached code for the signature, or
-    stale) takes numba's own path, which refreshes and compiles, with SciPy's BLAS probe hidden."""
+    stale) takes numba's own path, which refreshes and compiles, with SciPy's BLAS probe hidden. A numba
+    whose internals differ from these (checked here) keeps its own loading."""
+    from numba.core import environment
+    from numba.core.runtime import _nrt_python
     cache = dispatcher._cache
-    if not hasattr(cache, "_load_overload"):      # caching off (a NullCache)
-        return
+    if not all(hasattr(cache, name) for name in ("_load_overload", "_guard_against_spurious_io_errors")) \
+            or not all(hasattr(environment, name) for name in ("_rebuild_env", "lookup_environment")) \
+            or not hasattr(environment.Environment, "_memo") or not hasattr(_nrt_python, "c_helpers"):
+        return                                     # caching off (a NullCache), or another numba
     numba_load = cache.load_overload
 
     def load_overload(sig, target_context):
