@@ -33,6 +33,8 @@ import sys
 
 import numpy as np
 
+from common.cli import paused_gc
+
 
 @contextlib.contextmanager
 def _hidden(module: str):
@@ -47,7 +49,7 @@ def _hidden(module: str):
         del sys.modules[module]
 
 
-with _hidden("scipy"):   # numba's import only checks SciPy's version (≈ 8 ms CPU of `import scipy`)
+with _hidden("scipy"), paused_gc():   # numba's import only checks SciPy's version (≈ 8 ms CPU of `import scipy`)
     from llvmlite import ir
     from numba import njit, types
     from numba.core import cgutils
