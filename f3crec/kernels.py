@@ -89,7 +89,7 @@ def _runtime_symbols(target_context) -> None:
 def _environments_without_imports():
     """While cached code is unpickled: rebuild each function environment it references (numba's
     environment._rebuild_env) without importing the module named as its globals when that module is not
-    loaded yet (numba.np.arrayobj, numba.cpython.unicode, numpy.ma, …: ≈ 0.02 s CPU). The globals of an
+    loaded yet (numba.np.arrayobj, numba.cpython.unicode, …: ≈ 0.02 s CPU). The globals of an
     environment are read by object-mode code only; these kernels are nopython code, which reads the
     environment's constants (kept as they are)."""
     from numba.core import environment
