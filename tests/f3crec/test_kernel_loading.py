@@ -84,6 +84,7 @@ def test_every_kernel_of_the_module_loads_this_way():
 def test_importing_the_kernels_imports_no_scipy():
     """numba only checks SciPy's version at import, and these kernels call no BLAS: SciPy stays unloaded
     (and importable afterwards)."""
+    pytest.importorskip("scipy")
     done = subprocess.run([sys.executable, "-c", "import sys, f3crec.kernels; print('scipy' in sys.modules); "
                            "import scipy.linalg; print(scipy.linalg.__name__)"],
                           cwd=ROOT, capture_output=True, text=True)
