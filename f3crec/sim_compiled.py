@@ -73,15 +73,17 @@ def exact_sum(values: np.ndarray) -> Fraction:
         return Fraction(0)
     mant, exp = np.frexp(values)
     ints = (mant * 2.0 ** 53).astype(np.int64)          # exact: |mant| < 1 has 53 significant bits
-    shifts, group = np.unique(exp.astype(np.int64) - 53, return_inverse=True)
-    low = int(shifts[0])
+    exp = exp.astype(np.int64)
+    low = int(exp.min())
+    group = exp - low                                    # value = ints · 2^(low − 53 + group)
     if values.size >= 1 << 26:                           # beyond the exact float64 range of the halves' sums
-        total = sum(int(m) << int(e - low) for m, e in zip(ints.tolist(), (shifts[group]).tolist()))
-        return Fraction(total) * Fraction(2) ** low
-    high = np.bincount(group, weights=ints >> 27, minlength=shifts.size)       # |half| < 2^26 each
-    rest = np.bincount(group, weights=ints & ((1 << 27) - 1), minlength=shifts.size)
-    total = sum(((int(h) << 27) + int(r)) << (int(e) - low) for h, r, e in zip(high, rest, shifts))
-    return Fraction(total) * Fraction(2) ** low
+        total = sum(int(m) << int(g) for m, g in zip(ints.tolist(), group.tolist()))
+    else:
+        high = np.bincount(group, weights=ints >> 27)   # |half| < 2^26 each
+        rest = np.bincount(group, weights=ints & ((1 << 27) - 1))
+        used = np.flatnonzero((high != 0) | (rest != 0))
+        total = sum(((int(high[g]) << 27) + int(rest[g])) << int(g) for g in used.tolist())
+    return Fraction(total) * Fraction(2) ** (low - 53)
 
 
 def _csr(users: list[int], parts: list[dict[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
