@@ -13,15 +13,34 @@ Standard library only, so data tools can use it without torch.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import signal
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # ConfigError is a ValueError; OSError covers FileNotFoundError, PermissionError, ConnectionError, a full disk...
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, ConnectionError, PermissionError,
                NotADirectoryError, IsADirectoryError, FileExistsError, OSError, MemoryError)
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No garbage collection inside the block; after it, every object made so far frozen (gc.freeze: left
+    out of later collections, still freed by reference counting) and the previous setting back. For
+    start-up imports: numpy, numba and the project make ~10^5 long-lived objects; the collections that ran
+    while they were made, or that a paused collector runs after, traverse them all and find nothing to free
+    (≈ 0.035 s CPU per process)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 class Terminated(KeyboardInterrupt):

@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import http.client
 import os
 import shutil
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
-
-from tqdm import tqdm
 
 from common.io import atomic_write
 
@@ -71,6 +66,8 @@ class TooLarge(ValueError):
 def _stream(url: str, handle, timeout: float, desc: str, max_bytes: int = MAX_DOWNLOAD,
             folder: Path | None = None) -> tuple[int, int, dict]:
     """Copy the response body into `handle`; return (bytes read, Content-Length or -1, digests)."""
+    import urllib.request
+    from tqdm import tqdm
     request = urllib.request.Request(url, headers={"User-Agent": "repro-recsys-prepare"})
     digests = {"sha256": hashlib.sha256(), "md5": hashlib.md5()}
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -105,6 +102,8 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str | None = None, timeout:
     one line ending with `hint` (prepare says there which file to put where), and nothing is left behind.
     `size`: the length the source publishes (checked like a checksum); `max_bytes`: a bound on any length.
     """
+    import http.client   # the network modules (≈ 20 ms of imports) only where something is downloaded
+    import urllib.error
     dest = Path(dest)
     hint = f"; {hint}" if hint else ""
     if size is not None:

@@ -10,6 +10,7 @@ JSON layout (+ a `meta` object) and read back through the same validating loader
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -204,8 +205,13 @@ BINARY_FORMAT = 1   # bump when the layout below changes
 def binary_path(fp: str, count: int = 4) -> Path:
     """Where the binary copy of the blocks with fingerprint `fp` lives: keyed by the block files' content
     (and the loader's code, so blocks validated by older rules are never read back)."""
-    loader = hashlib.sha256(inspect.getsource(load_blocks).encode() + inspect.getsource(_as_id).encode())
-    return cache_root() / "f3crec" / "blocks" / f"{fp}-{count}-v{BINARY_FORMAT}-{loader.hexdigest()[:8]}.npz"
+    return cache_root() / "f3crec" / "blocks" / f"{fp}-{count}-v{BINARY_FORMAT}-{_loader_digest()}.npz"
+
+
+@functools.cache
+def _loader_digest() -> str:
+    """sha256 of the JSON loader's source (load_blocks, _as_id), once per process (inspect tokenizes it)."""
+    return hashlib.sha256(inspect.getsource(load_blocks).encode() + inspect.getsource(_as_id).encode()).hexdigest()[:8]
 
 
 def write_binary(path: Path, blocks: list[Block]) -> None:
@@ -235,7 +241,8 @@ def read_binary(path: Path, count: int = 4) -> list[Block]:
                 users, offsets, items = (data[f"b{t}_{name}_{k}"] for k in ("users", "offsets", "items"))
                 if offsets.size != users.size + 1 or offsets[-1] != items.size:
                     raise ValueError(f"{path}: block {t} {name} arrays disagree")
-                parts[name] = dict(zip(users.tolist(), np.split(items, offsets[1:-1])))
+                bounds = offsets.tolist()       # each user's items: a view of `items` (np.split's pieces)
+                parts[name] = {u: items[lo:hi] for u, lo, hi in zip(users.tolist(), bounds[:-1], bounds[1:])}
             n_users, n_items = data[f"b{t}_sizes"].tolist()
             blocks.append(Block(**parts, n_users=n_users, n_items=n_items, item_list=data[f"b{t}_item_list"]))
     return blocks
@@ -291,6 +298,11 @@ def prepare_blocks(name: str, seed: int, root: str | None = None, core: int = 10
     The raw file is found, downloaded and checksummed by common.prepare, and its k-core (in file order,
     raw ids) comes from common.datasets.load_interactions, which asserts the registry's k-core counts.
     """
+    return _prepared(name, seed, root, core)[0]
+
+
+def _prepared(name: str, seed: int, root: str | None, core: int) -> tuple[Path, tuple[list[Block], str]]:
+    """prepare_blocks' folder and the blocks read from it with their fingerprint (cached_blocks), read once."""
     if name not in REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(REGISTRY)} or set data.blocks=PATH")
     try:
@@ -311,8 +323,9 @@ def prepare_blocks(name: str, seed: int, root: str | None = None, core: int = 10
         check_expected(name, blocks)
         write_blocks(out, blocks, {"dataset": name, "seed": seed, "core": core, "raw_sha256": raw_sha,
                                    "pipeline": "implicit, dedup, k-core fixed point, stable time sort"})
-    check_expected(name, cached_blocks(out)[0])
-    return out
+    loaded = cached_blocks(out)
+    check_expected(name, loaded[0])
+    return out, loaded
 
 
 def get_blocks(cfg, seed: int) -> tuple[list[Block], str]:
@@ -330,5 +343,5 @@ def get_blocks(cfg, seed: int) -> tuple[list[Block], str]:
             stream = synthetic_stream(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_interactions, seed)
             write_blocks(path, build_blocks(stream, seed, core=cfg.core), {"dataset": "synthetic"})
     else:
-        path = prepare_blocks(cfg.name, seed, cfg.root, cfg.core)
+        return _prepared(cfg.name, seed, cfg.root, cfg.core)[1]
     return cached_blocks(path)

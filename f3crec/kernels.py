@@ -32,28 +32,115 @@ add (γ/2)·Σ F (θ − θ*)²'s gradient for the client's stored Fisher rows a
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+
+from common.cli import paused_gc
+
+
+@contextlib.contextmanager
+def _hidden(module: str):
+    """`import module` (and its submodules) raises ImportError inside the block, unless it is loaded already."""
+    if module in sys.modules:
+        yield
+        return
+    sys.modules[module] = None
+    try:
+        yield
+    finally:
+        del sys.modules[module]
+
+
+with _hidden("scipy"), paused_gc():   # numba's import only checks SciPy's version (≈ 8 ms CPU of `import scipy`)
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.core import cgutils
+    from numba.core.dispatcher import Dispatcher
+    from numba.extending import intrinsic, overload
 
 
 def _numba_without_scipy() -> None:
     """Load numba's numpy support with scipy.linalg hidden: numba.np.arraymath probes for SciPy's BLAS at
     import (0.4–0.6 s of `import scipy.linalg` when SciPy is installed), and these kernels call no BLAS."""
-    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+    if "numba.np.arraymath" in sys.modules:
         return
-    sys.modules["scipy.linalg"] = None   # `import scipy.linalg...` raises ImportError: numba records "no BLAS"
-    try:
+    with _hidden("scipy.linalg"):   # `import scipy.linalg...` raises ImportError: numba records "no BLAS"
         import numba.np.arraymath  # noqa: F401
+
+
+def _runtime_symbols(target_context) -> None:
+    """Make numba's runtime (NRT) callable from loaded machine code: its C helpers registered with LLVM,
+    the part of rtsys.initialize that loading needs. rtsys.initialize also compiles NRT's LLVM functions
+    (≈ 0.03 s CPU each process), which every compiled kernel links into its own code: that is left to the
+    first compile, where numba initialises the runtime itself."""
+    from numba.core import config
+    from numba.core.runtime import rtsys
+    if rtsys._init or getattr(_runtime_symbols, "done", False):
+        return
+    if config.NRT_STATS:                           # statistics are switched on by numba's own initialize
+        rtsys.initialize(target_context)
+        return
+    import llvmlite.binding as ll
+    from numba.core.runtime import _nrt_python
+    for name, address in _nrt_python.c_helpers.items():
+        ll.add_symbol(name if name.startswith("_") else "NRT_" + name, address)
+    _runtime_symbols.done = True
+
+
+@contextlib.contextmanager
+def _environments_without_imports():
+    """While cached code is unpickled: rebuild each function environment it references (numba's
+    environment._rebuild_env) without importing the module named as its globals when that module is not
+    loaded yet (numba.np.arrayobj, numba.cpython.unicode, …: ≈ 0.02 s CPU). The globals of an
+    environment are read by object-mode code only; these kernels are nopython code, which reads the
+    environment's constants (kept as they are)."""
+    from numba.core import environment
+    numba_rebuild = environment._rebuild_env
+
+    def rebuild(modname, consts, env_name):
+        if environment.lookup_environment(env_name) is not None or modname in sys.modules:
+            return numba_rebuild(modname, consts, env_name)
+        env = environment.Environment({"__name__": modname})
+        env.consts[:] = consts
+        env.env_name = env_name
+        environment.Environment._memo[env_name] = env
+        return env
+
+    environment._rebuild_env = rebuild
+    try:
+        yield
     finally:
-        del sys.modules["scipy.linalg"]
+        environment._rebuild_env = numba_rebuild
 
 
-_numba_without_scipy()
+def _load_without_typing(dispatcher) -> None:
+    """Let `dispatcher` load its cached machine code without numba's typing set-up. numba's
+    FunctionCache.load_overload first refreshes the target context: it imports and installs every typing
+    and lowering registry (≈ 0.1 s CPU, and numba.np.arraymath's SciPy probe), which only compiling needs;
+    loading needs the runtime's symbols (_runtime_symbols). A miss (no cached code for the signature, or
+    stale) takes numba's own path, which refreshes and compiles, with SciPy's BLAS probe hidden. A numba
+    whose internals differ from these (checked here) keeps its own loading."""
+    from numba.core import environment
+    from numba.core.runtime import _nrt_python
+    cache = dispatcher._cache
+    if not all(hasattr(cache, name) for name in ("_load_overload", "_guard_against_spurious_io_errors")) \
+            or not all(hasattr(environment, name) for name in ("_rebuild_env", "lookup_environment")) \
+            or not hasattr(environment.Environment, "_memo") or not hasattr(_nrt_python, "c_helpers"):
+        return                                     # caching off (a NullCache), or another numba
+    numba_load = cache.load_overload
+
+    def load_overload(sig, target_context):
+        _runtime_symbols(target_context)
+        with cache._guard_against_spurious_io_errors(), _environments_without_imports():
+            loaded = cache._load_overload(sig, target_context)
+            if loaded is not None:
+                return loaded
+        _numba_without_scipy()
+        return numba_load(sig, target_context)
+
+    cache.load_overload = load_overload
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -700,12 +787,57 @@ def fedmf_round_drawn(q, q_t, p_all, users, offsets, counts, positives, exc_ptr,
     return n_stats
 
 
+@njit(cache=True, fastmath={"reassoc"})
+def _row_finite(scores, u):
+    """Whether every score of row u is finite: Σ s·0 is NaN exactly when some s is ±inf or NaN (summed in
+    SIMD lanes: the order does not matter, every term is ±0 or NaN)."""
+    acc = scores[u, 0] * 0
+    for i in range(scores.shape[1]):
+        acc += scores[u, i] * 0
+    return acc == 0
+
+
+@njit(cache=True, inline="always")
+def _insert(top_s, top_i, at, s, i):
+    """Put (s, i) into the descending top list at or above position `at`, below every score ≥ s (an equal
+    score stays above: ties to the lower item id, torch.topk's order)."""
+    while at > 0 and s > top_s[at - 1]:
+        top_s[at] = top_s[at - 1]
+        top_i[at] = top_i[at - 1]
+        at -= 1
+    top_s[at] = s
+    top_i[at] = i
+
+
+@njit(cache=True, inline="always")
+def _row_top(scores, u, mark, top_s, top_i):
+    """The first top_s.size items of row u in a stable descending sort (ties to the lower id), the items
+    with mark 2 at −∞; returns how many were filled (fewer when the row is shorter). The scan past the first
+    K items compares each score with the K-th best so far and looks at its mark only when it would enter."""
+    k_max, n_items = top_s.size, scores.shape[1]
+    filled, i = 0, 0
+    while filled < k_max and i < n_items:
+        s = -np.inf if mark[i] == 2 else scores[u, i]
+        _insert(top_s, top_i, filled, s, i)
+        filled += 1
+        i += 1
+    if filled < k_max:
+        return filled
+    threshold = top_s[k_max - 1]
+    for i in range(i, n_items):
+        s = scores[u, i]
+        if s > threshold and mark[i] != 2:      # an excluded item (−∞) never enters a full list
+            _insert(top_s, top_i, k_max - 1, s, i)
+            threshold = top_s[k_max - 1]
+    return filled
+
+
 @njit(cache=True)
 def topk_metrics(scores, pos_ptr, pos_items, exc_ptr, exc_items, discounts, ndcg, recall):
     """NDCG@K and Recall@K (K = discounts.size) of every row of `scores` (users × items): excluded items at
     −∞ unless positive, a running top-K with ties to the lower item id (torch.topk's order), then the
     metrics as common.metrics.full_sort_metrics computes them (sequential DCG sum, the same discounts).
-    Returns False (metrics unset) at the first non-finite score."""
+    Returns False (metrics unset from that row on) at the first row with a non-finite score."""
     n_items = scores.shape[1]
     k_max = discounts.size
     mark = np.zeros(n_items, np.int8)                  # 1 positive, 2 excluded
@@ -717,29 +849,14 @@ def topk_metrics(scores, pos_ptr, pos_items, exc_ptr, exc_items, discounts, ndcg
         acc += discounts[k]
         ideal[k] = acc
     for u in range(scores.shape[0]):
+        if n_items and not _row_finite(scores, u):
+            return False
         for j in range(pos_ptr[u], pos_ptr[u + 1]):
             mark[pos_items[j]] = 1
         for j in range(exc_ptr[u], exc_ptr[u + 1]):
             if mark[exc_items[j]] == 0:
                 mark[exc_items[j]] = 2
-        filled = 0
-        for i in range(n_items):
-            s = scores[u, i]
-            if not np.isfinite(s):
-                return False
-            if mark[i] == 2:
-                s = -np.inf
-            if filled == k_max and not s > top_s[k_max - 1]:
-                continue
-            at = filled if filled < k_max else k_max - 1
-            while at > 0 and s > top_s[at - 1]:        # strictly greater: an equal score stays below
-                top_s[at] = top_s[at - 1]
-                top_i[at] = top_i[at - 1]
-                at -= 1
-            top_s[at] = s
-            top_i[at] = i
-            if filled < k_max:
-                filled += 1
+        filled = _row_top(scores, u, mark, top_s, top_i)
         dcg = 0.0
         hits = 0
         for k in range(filled):
@@ -753,6 +870,24 @@ def topk_metrics(scores, pos_ptr, pos_items, exc_ptr, exc_items, discounts, ndcg
             mark[pos_items[j]] = 0
         for j in range(exc_ptr[u], exc_ptr[u + 1]):
             mark[exc_items[j]] = 0
+    return True
+
+
+@njit(cache=True)
+def top_n_rows(scores, out):
+    """out[u] = the first out.shape[1] items of row u of `scores` in a stable descending sort (ties to the
+    lower id; round.top_n's order), out.shape[1] ≤ items. Returns False (out unset from that row on) at the
+    first row with a non-finite score."""
+    n = out.shape[1]
+    mark = np.zeros(scores.shape[1], np.int8)          # nothing excluded
+    top_s = np.empty(n, scores.dtype)
+    top_i = np.empty(n, np.int64)
+    for u in range(scores.shape[0]):
+        if n and not _row_finite(scores, u):
+            return False
+        _row_top(scores, u, mark, top_s, top_i)
+        for k in range(n):
+            out[u, k] = top_i[k]
     return True
 
 
@@ -981,3 +1116,7 @@ def fisher_row_count(offsets, items, n_items):
                 seen[items[j]] = a
                 count += 1
     return count
+
+
+for _kernel in [v for v in list(globals().values()) if isinstance(v, Dispatcher)]:
+    _load_without_typing(_kernel)

@@ -22,17 +22,19 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: `cd f3crec && python main.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); __package__ = "f3crec"  # noqa: E702
 
-import numpy as np
+from common.cli import paused_gc, run_cli
 
-from common.config import ConfigError, parse_cli
-from common.runs import log_metrics, run_name, start_run, write_results
-from common.cli import run_cli
+with paused_gc():   # start-up imports: no collections while their long-lived objects are made
+    import numpy as np
 
-from .checks import check_blocks, check_resume_folder, preflight
-from .config import Config, check_config, resolve
-from .data import get_blocks
-from .evaluate import summarise
-from .train import fit, format_row, round_line, simulator_kind
+    from common.config import ConfigError, parse_cli
+    from common.runs import log_metrics, run_name, start_run, write_results
+
+    from .checks import check_blocks, check_resume_folder, preflight
+    from .config import Config, check_config, resolve
+    from .data import get_blocks
+    from .evaluate import summarise
+    from .train import fit, format_row, round_line, simulator_kind
 
 
 def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:

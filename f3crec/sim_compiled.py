@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 from common.config import ConfigError
 
 from . import kernels, streams
-from .evaluate import SCORE_ROWS, finish, test_exclude, user_scores
+from .evaluate import SCORE_ROWS, finish, test_exclude
 from .local_loop import StackedSimulator
 from .model import BACKBONES
 from .round import RoundContext, RoundPlan, ldp_noise
@@ -64,15 +64,26 @@ def check(cfg, flags: dict) -> None:
 
 
 def exact_sum(values: np.ndarray) -> Fraction:
-    """The exact rational sum of float64 values (= sum(map(Fraction, values)), in integer arithmetic)."""
+    """The exact rational sum of float64 values (= sum(map(Fraction, values))) in integer arithmetic: each
+    value is m·2^e with an integer |m| < 2^53; the m of one e are summed exactly in numpy (split into 27-bit
+    halves, so a float64 total of up to 2^26 halves stays an exact integer), then the few per-e totals in
+    Python integers."""
+    values = np.asarray(values, dtype=np.float64).ravel()
     if values.size == 0:
         return Fraction(0)
-    mant, exp = np.frexp(values.astype(np.float64))
+    mant, exp = np.frexp(values)
     ints = (mant * 2.0 ** 53).astype(np.int64)          # exact: |mant| < 1 has 53 significant bits
-    shift = exp - 53
-    low = int(shift.min())
-    total = sum(int(m) << int(s - low) for m, s in zip(ints.tolist(), shift.tolist()))
-    return Fraction(total) * Fraction(2) ** low
+    exp = exp.astype(np.int64)
+    low = int(exp.min())
+    group = exp - low                                    # value = ints · 2^(low − 53 + group)
+    if values.size >= 1 << 26:                           # beyond the exact float64 range of the halves' sums
+        total = sum(int(m) << int(g) for m, g in zip(ints.tolist(), group.tolist()))
+    else:
+        high = np.bincount(group, weights=ints >> 27)   # |half| < 2^26 each
+        rest = np.bincount(group, weights=ints & ((1 << 27) - 1))
+        used = np.flatnonzero((high != 0) | (rest != 0))
+        total = sum(((int(high[g]) << 27) + int(rest[g])) << int(g) for g in used.tolist())
+    return Fraction(total) * Fraction(2) ** (low - 53)
 
 
 def _csr(users: list[int], parts: list[dict[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -279,10 +290,10 @@ class CompiledSimulator(StackedSimulator):
     def _sums_csr(self, users: list[int], csr: tuple, n_items: int) -> dict:
         """(exact sum, count) of NDCG@20 and Recall@20 over `users`, as evaluate.metric_sums gives them.
 
-        Scores come from evaluate.user_scores (the oracle's fixed-shape products, so each score is the
-        oracle's bit for bit), one product of SCORE_ROWS users at a time, ranked by kernels.topk_metrics
-        while it is still in cache: memory O(SCORE_ROWS × items), no concatenation of the chunk's rows and no
-        fresh pages for a large score buffer each chunk."""
+        Scores are evaluate.user_scores' (score_matrix on exactly SCORE_ROWS users, the last product
+        zero-padded, so each score is the oracle's bit for bit), each product written into one reused
+        buffer and ranked by kernels.topk_metrics while it is still in cache: memory O(SCORE_ROWS × items),
+        no per-chunk arrays."""
         if not users:
             return {"ndcg": (Fraction(0), 0), "recall": (Fraction(0), 0)}
         pos_ptr, pos, exc_ptr, exc = csr
@@ -291,10 +302,18 @@ class CompiledSimulator(StackedSimulator):
         ndcg, recall = np.empty(len(users)), np.empty(len(users))
         weights = discounts(min(K, n_items))
         index = np.asarray(users, dtype=np.int64)
+        rows = {k: np.zeros((SCORE_ROWS, *v.shape[1:]), v.dtype) for k, v in private.items()}
+        scores = _buffer(self._buffers, "scores", (SCORE_ROWS, n_items), items.dtype)
         for lo in range(0, len(users), SCORE_ROWS):
             hi = min(lo + SCORE_ROWS, len(users))
-            scores = user_scores(net, {k: v[index[lo:hi]] for k, v in private.items()}, items)
-            if not kernels.topk_metrics(np.ascontiguousarray(scores), pos_ptr[lo:hi + 1] - pos_ptr[lo], pos[pos_ptr[lo]:pos_ptr[hi]],
+            for k, v in private.items():
+                np.take(v, index[lo:hi], axis=0, out=rows[k][:hi - lo])
+                rows[k][hi - lo:] = 0                    # the zero padding of user_scores' last product
+            a, c = net.affine(rows)
+            np.matmul(a, items.T, out=scores)            # score_matrix's a @ items.T, into the buffer
+            if c.any():                                  # + c (FedMF's c is 0: x + 0 changes no ranking)
+                scores += c[:, None]
+            if not kernels.topk_metrics(scores[:hi - lo], pos_ptr[lo:hi + 1] - pos_ptr[lo], pos[pos_ptr[lo]:pos_ptr[hi]],
                                         exc_ptr[lo:hi + 1] - exc_ptr[lo], exc[exc_ptr[lo]:exc_ptr[hi]], weights,
                                         ndcg[lo:hi], recall[lo:hi]):
                 raise ValueError("full_sort_metrics: non-finite value(s) (NaN or inf) in scores; metrics of such "

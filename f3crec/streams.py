@@ -31,11 +31,23 @@ def _field(x: np.ndarray, value) -> np.ndarray:
         return _mix(x + np.asarray(value, dtype=np.int64).astype(np.uint64) * GAMMA + GAMMA)
 
 
+_MASK = (1 << 64) - 1
+
+
+def _field_int(x: int, value: int) -> int:
+    """_field on one Python integer (the same wrapping uint64 arithmetic, without numpy's per-call cost)."""
+    x = (x + (value & _MASK) * int(GAMMA) + int(GAMMA)) & _MASK
+    x = ((x ^ (x >> 30)) * int(_M1)) & _MASK
+    x = ((x ^ (x >> 27)) * int(_M2)) & _MASK
+    return x ^ (x >> 31)
+
+
 def keys(seed: int, block: int, round_idx: int, users: np.ndarray, purpose: int) -> np.ndarray:
     """(len(users),) uint64 stream keys of (seed, block, round, user, purpose); round −1 is the block end."""
-    head = np.zeros(1, dtype=np.uint64)
-    for value in (seed, block, round_idx + 1, purpose):
-        head = _field(head, value)
+    head = 0
+    for value in (seed, block, round_idx + 1, purpose):   # the fields shared by every user: Python integers
+        head = _field_int(head, int(value))
+    head = np.full(1, head, dtype=np.uint64)
     return _field(np.broadcast_to(head, np.shape(users)), np.asarray(users, dtype=np.int64))
 
 

@@ -284,3 +284,55 @@ def test_results_json_starts_with_the_common_keys_and_keeps_only_fractions_in_me
     assert written["metrics"] == {"test/ndcg@20": 0.071}            # a percent stays in the paper's detail only
     assert "test/hr@20 left out of `metrics`" in capsys.readouterr().out
     assert json.loads((run / "results.json").read_text()) == written
+
+
+def test_package_versions_read_the_metadata_headers_as_importlib_does(monkeypatch):
+    """results.json's versions: the header scan gives importlib.metadata.version's value (torch and numpy
+    always, the others when imported), without the email parser."""
+    import importlib.metadata
+    from common import utils
+    versions = utils.package_versions()
+    assert {"torch", "numpy"} <= set(versions)
+    assert versions == {name: importlib.metadata.version(name) for name in versions}
+
+    class Dist:   # no METADATA file: PKG-INFO; a header without Version: the distribution's own answer
+        version = "9.9"
+
+        def __init__(self, files):
+            self.files = files
+
+        def read_text(self, name):
+            return self.files.get(name)
+    cases = {"a": ({"PKG-INFO": "Name: a\nVersion: 1.2.post3\n\nVersion: 0\n"}, "1.2.post3"),
+             "b": ({"METADATA": "Name: b\n\nVersion: 0\n"}, "9.9")}
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist(cases[name][0]))
+    assert {name: utils._version(name) for name in cases} == {name: want for name, (_, want) in cases.items()}
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_paused_gc_collects_nothing_inside_then_freezes_what_was_made_and_restores_the_setting(enabled):
+    """common.cli.paused_gc: the start-up imports' objects are not traversed by any collection (none runs
+    inside; they are frozen after), later objects are collected as usual, the caller's setting comes back."""
+    import gc
+    from common.cli import paused_gc
+    before = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        gc.unfreeze()
+        with paused_gc():
+            assert not gc.isenabled()
+            made = [[i] for i in range(5000)]                  # tracked objects made inside
+        assert gc.isenabled() == enabled
+        assert gc.get_freeze_count() >= len(made)             # ... left out of later collections
+        gc.unfreeze()
+        cycle = []
+        cycle.append(cycle)                                    # garbage made after: still collected
+        del cycle
+        assert gc.collect() >= 1
+        with pytest.raises(RuntimeError):                      # an error inside: the setting still restored
+            with paused_gc():
+                raise RuntimeError("boom")
+        assert gc.isenabled() == enabled
+    finally:
+        gc.unfreeze()
+        (gc.enable if before else gc.disable)()

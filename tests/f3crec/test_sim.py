@@ -285,3 +285,28 @@ def test_per_user_streams_bulk_equals_one_client_alone():
     for index, user in enumerate(plan.users):
         assert torch.equal(ldp_noise(ctx, np.array([user]), (40, 4), torch.float64)[0], bulk[index])
     assert abs(float(bulk.abs().mean()) - 0.1) < 0.01                       # Laplace(0, b): E|x| = b
+
+
+def test_stream_keys_are_the_splitmix64_chain_of_their_fields():
+    """streams.keys(seed, block, round, user, purpose) is SplitMix64's finaliser chained over the fields
+    (key ← mix(key + (field + 1)·γ), from 0; round shifted by one so the block end, −1, is field 0), written
+    out here on Python integers."""
+    from f3crec import streams
+    mask = (1 << 64) - 1
+    gamma, m1, m2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+    def mix(x):
+        x = ((x ^ (x >> 30)) * m1) & mask
+        x = ((x ^ (x >> 27)) * m2) & mask
+        return x ^ (x >> 31)
+
+    def key(*fields):
+        x = 0
+        for value in fields:
+            x = mix((x + (value & mask) * gamma + gamma) & mask)
+        return x
+    users = np.array([0, 1, 7, 942, 99_999])
+    for seed, block, round_idx, purpose in [(42, 0, 0, 1), (1, 3, -1, 3), (2 ** 63 - 1, 2, 19, 4)]:
+        got = streams.keys(seed, block, round_idx, users, purpose)
+        assert got.dtype == np.uint64 and got.shape == users.shape
+        assert got.tolist() == [key(seed, block, round_idx + 1, purpose, int(u)) for u in users]

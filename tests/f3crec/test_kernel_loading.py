@@ -1,0 +1,92 @@
+"""How the compiled simulator's kernels are loaded (issue 24, start-up): a kernel whose machine code is in
+numba's cache is loaded without numba's typing set-up (no registry refresh, no numba.np.arraymath, no SciPy
+BLAS probe, no import of the modules its environments name) and gives the same values and errors; a
+kernel with no cached code still compiles (numba's own path) with the SciPy probe hidden, and saves its code
+for the next process."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numba")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MODULE = '''
+import numpy as np
+from numba import njit
+from f3crec.kernels import _load_without_typing
+
+@njit(cache=True)
+def shifted(a, x):
+    if x < 0:
+        raise ValueError("a negative shift")
+    out = np.empty_like(a)          # an allocation: the loaded code calls numba's runtime (NRT)
+    for i in range(a.size):
+        out[i] = a[i] * 2.0 + x
+    return out
+
+_load_without_typing(shifted)
+'''
+
+PROGRAM = '''
+import json, sys
+import numpy as np
+import toy
+values = toy.shifted(np.arange(4.0), 0.5).tolist() + toy.shifted(np.arange(3, dtype=np.float32), 1.0).tolist()
+stats = toy.shifted.stats
+out = {"values": values, "hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values()),
+       "arraymath": "numba.np.arraymath" in sys.modules, "scipy_linalg": "scipy.linalg" in sys.modules,
+       "arrayobj": "numba.np.arrayobj" in sys.modules}
+try:
+    toy.shifted(np.arange(2.0), -1.0)
+except ValueError as err:
+    out["raised"] = str(err)
+if sys.argv[1:] == ["new"]:   # a signature never compiled, after loading: numba's own path, in the same process
+    out["new"] = toy.shifted(np.arange(3, dtype=np.int64), 1).tolist() + toy.shifted(np.arange(2.0), 0.0).tolist()
+    out["misses_after"] = sum(stats.cache_misses.values())
+print(json.dumps(out))
+'''
+
+
+def _run(folder: Path, *args: str) -> dict:
+    env_path = f"{folder}:{ROOT}"
+    done = subprocess.run([sys.executable, "-c", PROGRAM, *args], cwd=folder, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": env_path, "NUMBA_CACHE_DIR": str(folder / "cache")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_cached_kernel_loads_without_numbas_typing_and_a_new_one_compiles(tmp_path):
+    (tmp_path / "toy.py").write_text(MODULE)
+    first = _run(tmp_path)            # nothing cached: numba compiles both signatures and saves them
+    assert first["misses"] == 2 and first["hits"] == 0
+    assert first["arraymath"] and not first["scipy_linalg"]     # compiled with SciPy's BLAS probe hidden
+    second = _run(tmp_path, "new")    # both loaded from the cache, without the typing registries ...
+    assert second["hits"] == 2 and second["misses"] == 0
+    assert not second["arraymath"] and not second["scipy_linalg"]
+    assert first["arrayobj"] and not second["arrayobj"]     # np.empty_like's environment, rebuilt without import
+    assert second["raised"] == first["raised"] == "a negative shift"
+    assert second["values"] == first["values"] == [0.5, 2.5, 4.5, 6.5, 1.0, 3.0, 5.0]
+    assert second["misses_after"] == 1 and second["new"] == [1, 3, 5, 0.0, 2.0]   # ... then one compiled
+
+
+def test_every_kernel_of_the_module_loads_this_way():
+    from numba.core.dispatcher import Dispatcher
+    from f3crec import kernels
+    dispatchers = [v for v in vars(kernels).values() if isinstance(v, Dispatcher)]
+    assert {"fedmf_round_drawn", "topk_metrics", "affine_round", "draw_plan"} <= {d.__name__ for d in dispatchers}
+    assert all("load_overload" in vars(d._cache) for d in dispatchers)
+
+
+def test_importing_the_kernels_imports_no_scipy():
+    """numba only checks SciPy's version at import, and these kernels call no BLAS: SciPy stays unloaded
+    (and importable afterwards)."""
+    pytest.importorskip("scipy")
+    done = subprocess.run([sys.executable, "-c", "import sys, f3crec.kernels; print('scipy' in sys.modules); "
+                           "import scipy.linalg; print(scipy.linalg.__name__)"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "scipy.linalg"]
