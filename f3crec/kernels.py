@@ -51,6 +51,7 @@ def _numba_without_scipy() -> None:
 
 _numba_without_scipy()
 
+PREFETCH_BYTES = 1 << 19
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -446,14 +447,77 @@ def _one_step(q, p, items, labels, lo, hi, nxt, lr_p, lr_q, slot, row_item, row_
 
 
 @njit(cache=True, inline="always")
+def _multi_step(q, p, items, labels, lo, hi, nxt, batch_size, lr_p, lr_q, slot, local, grad, row_item, n_rows,
+                step_count, multi, sample_row, g_buf, gp, total):
+    """fedmf_round's local epoch for a client of several mini-batches without KD or emb_reg, on its local rows
+    (laid out by _local_rows). In each step a row used by one sample of the mini-batch (most rows) is updated
+    as that sample's gradient is formed (its gradient is that sample's alone, and no other sample of the step
+    reads it), a row used by several sums its gradient first, and rows the step does not use are not touched
+    (their gradient is zero: the general path's update leaves them unchanged). The arithmetic is the general
+    path's, operation for operation (grad = 0 + g·p rounded to the table's dtype, local − lr·grad rounded), so
+    the values are the same bit for bit; the row deltas are uploaded after the last step."""
+    dim = q.shape[1]
+    n_steps = (hi - lo + batch_size - 1) // batch_size
+    for step in range(n_steps):
+        b0 = lo + step * batch_size
+        b1 = min(b0 + batch_size, hi)
+        n_multi = 0
+        for j in range(b0, b1):                        # rows used by several samples of this step
+            r = slot[items[j]]
+            sample_row[j - b0] = r
+            step_count[r] += 1
+            if step_count[r] == 2:
+                multi[n_multi] = r
+                n_multi += 1
+        for k in range(dim):
+            gp[k] = 0.0
+        inv = 1.0 / (b1 - b0)
+        for j in range(b0, b1):
+            if j - lo < nxt.size:
+                _prefetch_rows(q, total, slot, nxt[j - lo])
+            g_buf[j - b0] = _row_dot(local, sample_row[j - b0], p)
+        for j in range(b0, b1):
+            g_buf[j - b0] = (_sigmoid(g_buf[j - b0]) - labels[j]) * inv
+        for j in range(b0, b1):
+            r = sample_row[j - b0]
+            g = g_buf[j - b0]
+            if step_count[r] == 1:                     # its only sample in this step: update now
+                for k in range(dim):
+                    lk = local[r, k]
+                    gp[k] += g * lk
+                    gk = _as_dtype_of(0.0 + g * p[k], local)   # grad[r, k] = 0 + g·p_k, stored
+                    local[r, k] = lk - lr_q * gk
+            else:
+                for k in range(dim):
+                    grad[r, k] += g * p[k]
+                for k in range(dim):
+                    gp[k] += g * local[r, k]
+        for k in range(dim):
+            p[k] -= lr_p * gp[k]
+        for m in range(n_multi):
+            r = multi[m]
+            for k in range(dim):
+                local[r, k] -= lr_q * grad[r, k]
+                grad[r, k] = 0.0
+        for j in range(b0, b1):
+            step_count[sample_row[j - b0]] = 0
+    for r in range(n_rows):                            # ---- upload: the row deltas, summed in user order
+        i = row_item[r]
+        for k in range(dim):
+            total[i, k] += local[r, k] - q[i, k]
+        slot[i] = -1
+
+
+@njit(cache=True, inline="always")
 def _fedmf_scratch(q, offsets, batch_size, n_top, n_prev_items):
     """fedmf_round's per-client scratch: (slot, local, grad, row_item, p, gp, scores, ranks, g_buf, row_count,
-    sample_row, row); slot is int32 (half the cache footprint of a random entry per sample)."""
+    sample_row, row, step_count); slot is int32 (half the cache footprint of a random entry per sample)."""
     n_items, dim = q.shape
     local, grad, row_item = _row_buffers(q, offsets, n_top + n_prev_items)
     return (np.full(n_items, -1, np.int32), local, grad, row_item, np.empty(dim, q.dtype), np.empty(dim, q.dtype),
             np.empty(n_items, q.dtype), np.empty(n_top, np.int64), np.empty(batch_size, np.float64),
-            np.empty(batch_size, np.int64), np.empty(batch_size, np.int64), np.empty((2, dim), q.dtype))
+            np.empty(batch_size, np.int64), np.empty(batch_size, np.int64), np.empty((2, dim), q.dtype),
+            np.zeros(local.shape[0], np.int32))
 
 
 @njit(cache=True, inline="always")
@@ -462,7 +526,7 @@ def _fedmf_client(q, q_t, p_all, user, items, labels, lo, hi, nxt, batch_size, l
                   n_stats, scratch):
     """One participant's local epoch on its samples items[lo:hi], labels[lo:hi] (§5, §6), its row deltas added
     to `total`; `nxt`: the sample items to prefetch meanwhile (the next client's). Returns the stats rows."""
-    slot, local, grad, row_item, p, gp, scores, ranks, g_buf, row_count, sample_row, row = scratch
+    slot, local, grad, row_item, p, gp, scores, ranks, g_buf, row_count, sample_row, row, step_count = scratch
     dim = q.shape[1]
     for k in range(dim):
         p[k] = p_all[user, k]
@@ -475,6 +539,12 @@ def _fedmf_client(q, q_t, p_all, user, items, labels, lo, hi, nxt, batch_size, l
         return n_stats
     # ---- the client's local rows: its sample items, T^u when it replays, every old row under emb_reg
     n_rows = _local_rows(q, items, lo, hi, topn[user], kd, n_prev_items if emb else 0, slot, row_item, local)
+    if not kd and not emb:                             # several mini-batches, no KD/emb_reg
+        _multi_step(q, p, items, labels, lo, hi, nxt, batch_size, lr_p, lr_q, slot, local, grad, row_item, n_rows,
+                    step_count, row_count, sample_row, g_buf, gp, total)
+        for k in range(dim):
+            p_all[user, k] = p[k]
+        return n_stats
     # ---- local epoch: mini-batches of the shuffled samples (§5)
     for step in range(n_steps):
         b0 = lo + step * batch_size
@@ -571,6 +641,7 @@ def fedmf_round_drawn(q, q_t, p_all, users, offsets, counts, positives, exc_ptr,
     cur_labels, nxt_labels = np.empty(largest, q.dtype), np.empty(largest, q.dtype)
     n_stats = 0
     pos_at = 0
+    prefetch = q.shape[0] * q.shape[1] * q.itemsize >= PREFETCH_BYTES
     if users.size > 0:
         _draw_client(neg_keys[0], shuffle_keys[0], counts[0], offsets[1] - offsets[0], positives, 0, exc_items,
                      exc_ptr[0], exc_ptr[1], n_items, excluded, base, packed, out, start, nxt_items, nxt_labels, 0)
@@ -587,7 +658,7 @@ def fedmf_round_drawn(q, q_t, p_all, users, offsets, counts, positives, exc_ptr,
                          nxt_items, nxt_labels, 0)
             pos_at += counts[a + 1]
         n_stats = _fedmf_client(q, q_t, p_all, users[a], cur_items, cur_labels, 0, size,
-                                nxt_items[:min(n_next, size)], batch_size, lr_p, lr_q,
+                                nxt_items[:min(n_next, size) if prefetch else 0], batch_size, lr_p, lr_q,
                                 replay[a] and arm_mode != 0, reg_mode == 1 and returning[a], topn, yhat, mem_keys[a],
                                 arm_mode, kd_weight, m_of_d, reg_d, anchor_items, anchor_p, n_prev_items, total,
                                 stats, n_stats, scratch)

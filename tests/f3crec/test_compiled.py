@@ -240,6 +240,36 @@ def test_fedmf_round_single_and_multi_batch_clients_follow_the_rules(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fedmf_round_fast_paths_give_the_general_paths_values_bit_for_bit(dtype):
+    """A client without KD or emb_reg trains on kernels.fedmf_round's fast paths (_one_step: one mini-batch;
+    _multi_step: several, a row of one sample in a step updated as its gradient is formed, rows a step does not
+    use left alone); under emb_reg with reg_d = 0 (a zero penalty: every gradient gains ±0) the same clients take
+    the general path (every row's summed gradient, then every row updated each step). Same values bit for bit:
+    clients of 0–5 mini-batches over 40 items (rows used by one and by several samples of a step), d = 32."""
+    from f3crec import kernels
+    rng = np.random.default_rng(17)
+    n_items, dim, batch = 40, 32, 24
+    q = (rng.standard_normal((n_items, dim)) * 0.5).astype(dtype)
+    p_all = (rng.standard_normal((7, dim)) * 0.5).astype(dtype)
+    users = np.array([0, 1, 2, 4, 5, 6], np.int64)
+    sizes = np.array([0, 7, 24, 60, 97, 120], np.int64)          # 0, 1, 1, 3, 5 and 5 mini-batches
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    items = rng.integers(0, n_items, offsets[-1]).astype(np.int64)
+    labels = (rng.random(offsets[-1]) < 0.2).astype(dtype)
+    returning = np.ones(users.size, bool)
+    out = {}
+    for reg_mode in (0, 1):
+        total, got_p = np.zeros_like(q), p_all.copy()
+        kernels.fedmf_round(q, np.zeros((dim, 1), dtype), got_p, users, offsets, items, labels, batch, 0.3, 2.0,
+                            np.zeros(users.size, bool), returning, np.zeros((7, 1), np.int64), np.zeros((1, 1), dtype),
+                            np.zeros(users.size, np.uint64), 0, 0.0, np.zeros(1, np.int64), reg_mode, 0.0,
+                            q.copy(), p_all.copy(), n_items, total, np.zeros((0, 3), np.int64))
+        out[reg_mode] = total, got_p
+    assert np.array_equal(out[0][0], out[1][0]) and np.array_equal(out[0][1], out[1][1])
+    assert np.abs(out[0][0]).max() > 0.01 and not np.array_equal(out[0][1][users[1:]], p_all[users[1:]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("arm_mode", [0, 2])
 def test_fedmf_round_drawn_equals_the_drawn_plan_then_fedmf_round(dtype, arm_mode):
     """kernels.fedmf_round_drawn (each client's samples drawn inside the loop) gives draw_plan + fedmf_round's
