@@ -412,13 +412,13 @@ def _one_step(q, p, items, labels, lo, hi, nxt, lr_p, lr_q, slot, row_item, row_
     for k in range(dim):
         gp[k] = 0.0
     inv = 1.0 / (hi - lo)
-    for j in range(lo, hi):                            # the scores, prefetching the next client's rows
-        if j - lo < nxt.size:
-            _prefetch_rows(q, total, slot, nxt[j - lo])
+    for j in range(lo, hi):                            # the scores
         g_buf[j - lo] = _row_dot(q, items[j], p)
     for j in range(lo, hi):
         g_buf[j - lo] = (_sigmoid(g_buf[j - lo]) - labels[j]) * inv
-    for j in range(lo, hi):
+    for j in range(lo, hi):                            # prefetching the next client's rows meanwhile
+        if j - lo < nxt.size:
+            _prefetch_rows(q, total, slot, nxt[j - lo])
         i = items[j]
         r = sample_row[j - lo]
         g = g_buf[j - lo]
