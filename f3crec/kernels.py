@@ -224,6 +224,28 @@ def draw_plan(neg_keys, shuffle_keys, offsets, counts, positives, exc_ptr, exc_i
         pos_at += counts[a]
 
 
+@intrinsic
+def _count_below(typingctx, arr, start, x):
+    """#{k < W: arr[start + k] < x} over the W = 64 bytes / itemsize elements from arr[start] (1-D, contiguous,
+    start + W ≤ arr.size): one vector compare (false for NaN, as `<` is) and a population count, no branch."""
+    width = 512 // arr.dtype.bitwidth
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        vec_t = ir.VectorType(context.get_value_type(aryty.dtype), width)
+        vec = builder.load(builder.bitcast(ptr, vec_t.as_pointer()), align=1)
+        one = builder.insert_element(ir.Constant(vec_t, ir.Undefined),
+                                     context.cast(builder, args[2], signature.args[2], aryty.dtype),
+                                     ir.Constant(ir.IntType(32), 0))
+        splat = builder.shuffle_vector(one, ir.Constant(vec_t, ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
+        bits = builder.bitcast(builder.fcmp_ordered("<", vec, splat), ir.IntType(width))
+        return builder.zext(builder.ctpop(bits), ir.IntType(64))
+    return types.int64(arr, start, x), codegen
+
+
 @njit(cache=True)
 def _target_ranks(scores, targets, ranks):
     """ranks[k] = 1 + #{j: s_j > s_t} + #{j < t: s_j = s_t} of target t = targets[k] (method.target_ranks)."""
@@ -234,18 +256,15 @@ def _target_ranks(scores, targets, ranks):
     order = np.argsort(values, kind="mergesort")
     asc = values[order]
     hist = np.zeros(n + 1, np.int64)                   # hist[b] = #items with exactly b target scores below
+    width = 64 // scores.itemsize
+    n_pad = (n + width - 1) // width * width
+    padded = np.full(n_pad, np.inf, scores.dtype)      # +inf is below no score
+    padded[:n] = asc
     for j in range(scores.size):
         s = scores[j]
-        if s < asc[0]:                                 # most items score below every target
-            hist[0] += 1
-            continue
-        lo, hi = 0, n                                  # searchsorted left: #targets < s
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if asc[mid] < s:
-                lo = mid + 1
-            else:
-                hi = mid
+        lo = 0                                         # searchsorted left: #targets < s, 64 bytes at a time
+        for b in range(0, n_pad, width):               # (a binary search's branches mispredict on most items)
+            lo += _count_below(padded, b, s)
         hist[lo] += 1
         if lo < n and asc[lo] == s:                    # ties with a target: lower item id ranks first
             for k in range(n):

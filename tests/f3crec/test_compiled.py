@@ -53,6 +53,27 @@ def _close(a, b) -> bool:
     return float((a - b).abs().max()) <= TOL * (1 + float(a.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_target_ranks_equal_a_stable_descending_sort(dtype):
+    """kernels._target_ranks (a vector count of the targets below each item's score) gives every target's
+    position in a stable descending sort of the scores (ties to the lower item id), as method.target_ranks:
+    scores on a coarse grid (many ties, ±0.0, ±inf), 1–33 targets (within and across one 64-byte vector)."""
+    from f3crec import kernels
+    rng = np.random.default_rng(3)
+    for n_items, n_top in [(1, 1), (9, 1), (40, 7), (70, 16), (90, 17), (200, 30), (300, 33)]:
+        for _ in range(3):
+            scores = (rng.integers(-6, 7, n_items) / 4).astype(dtype)
+            scores[rng.random(n_items) < 0.05] = -0.0
+            scores[rng.random(n_items) < 0.02] = np.inf
+            scores[rng.random(n_items) < 0.02] = -np.inf
+            targets = rng.choice(n_items, n_top, replace=False).astype(np.int64)
+            ranks = np.zeros(n_top, np.int64)
+            kernels._target_ranks(scores, targets, ranks)
+            position = np.empty(n_items, np.int64)
+            position[np.argsort(-scores, kind="stable")] = np.arange(n_items)
+            assert np.array_equal(ranks, position[targets] + 1)
+
+
 def test_exact_sum_is_the_fraction_sum():
     values = np.random.default_rng(0).random(500) ** 3
     values[:5] = [0.0, 1.0, 0.5, 1e-300, 0.1]
