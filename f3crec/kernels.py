@@ -260,16 +260,22 @@ def _target_ranks(scores, targets, ranks):
     n_pad = (n + width - 1) // width * width
     padded = np.full(n_pad, np.inf, scores.dtype)      # +inf is below no score
     padded[:n] = asc
+    lowest = asc[0]
+    below = 0
     for j in range(scores.size):
         s = scores[j]
+        if s < lowest:                                 # below every target: often most items
+            below += 1
+            continue
         lo = 0                                         # searchsorted left: #targets < s, 64 bytes at a time
-        for b in range(0, n_pad, width):               # (a binary search's branches mispredict on most items)
+        for b in range(0, n_pad, width):               # (a binary search's branches mispredict)
             lo += _count_below(padded, b, s)
         hist[lo] += 1
         if lo < n and asc[lo] == s:                    # ties with a target: lower item id ranks first
             for k in range(n):
                 if values[k] == s and j < targets[k]:
                     ranks[k] += 1
+    hist[0] += below
     above = np.zeros(n + 2, np.int64)                  # above[h] = #items with ≥ h target scores below
     for h in range(n, -1, -1):
         above[h] = above[h + 1] + hist[h]
