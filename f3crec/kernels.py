@@ -142,6 +142,7 @@ def _load_without_typing(dispatcher) -> None:
 
     cache.load_overload = load_overload
 
+PREFETCH_BYTES = 1 << 19
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -314,6 +315,28 @@ def draw_plan(neg_keys, shuffle_keys, offsets, counts, positives, exc_ptr, exc_i
         pos_at += counts[a]
 
 
+@intrinsic
+def _count_below(typingctx, arr, start, x):
+    """#{k < W: arr[start + k] < x} over the W = 64 bytes / itemsize elements from arr[start] (1-D, contiguous,
+    start + W ≤ arr.size): one vector compare (false for NaN, as `<` is) and a population count, no branch."""
+    width = 512 // arr.dtype.bitwidth
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        vec_t = ir.VectorType(context.get_value_type(aryty.dtype), width)
+        vec = builder.load(builder.bitcast(ptr, vec_t.as_pointer()), align=1)
+        one = builder.insert_element(ir.Constant(vec_t, ir.Undefined),
+                                     context.cast(builder, args[2], signature.args[2], aryty.dtype),
+                                     ir.Constant(ir.IntType(32), 0))
+        splat = builder.shuffle_vector(one, ir.Constant(vec_t, ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
+        bits = builder.bitcast(builder.fcmp_ordered("<", vec, splat), ir.IntType(width))
+        return builder.zext(builder.ctpop(bits), ir.IntType(64))
+    return types.int64(arr, start, x), codegen
+
+
 @njit(cache=True)
 def _target_ranks(scores, targets, ranks):
     """ranks[k] = 1 + #{j: s_j > s_t} + #{j < t: s_j = s_t} of target t = targets[k] (method.target_ranks)."""
@@ -324,23 +347,26 @@ def _target_ranks(scores, targets, ranks):
     order = np.argsort(values, kind="mergesort")
     asc = values[order]
     hist = np.zeros(n + 1, np.int64)                   # hist[b] = #items with exactly b target scores below
+    width = 64 // scores.itemsize
+    n_pad = (n + width - 1) // width * width
+    padded = np.full(n_pad, np.inf, scores.dtype)      # +inf is below no score
+    padded[:n] = asc
+    lowest = asc[0]
+    below = 0
     for j in range(scores.size):
         s = scores[j]
-        if s < asc[0]:                                 # most items score below every target
-            hist[0] += 1
+        if s < lowest:                                 # below every target: often most items
+            below += 1
             continue
-        lo, hi = 0, n                                  # searchsorted left: #targets < s
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if asc[mid] < s:
-                lo = mid + 1
-            else:
-                hi = mid
+        lo = 0                                         # searchsorted left: #targets < s, 64 bytes at a time
+        for b in range(0, n_pad, width):               # (a binary search's branches mispredict)
+            lo += _count_below(padded, b, s)
         hist[lo] += 1
         if lo < n and asc[lo] == s:                    # ties with a target: lower item id ranks first
             for k in range(n):
                 if values[k] == s and j < targets[k]:
                     ranks[k] += 1
+    hist[0] += below
     above = np.zeros(n + 2, np.int64)                  # above[h] = #items with ≥ h target scores below
     for h in range(n, -1, -1):
         above[h] = above[h + 1] + hist[h]
@@ -600,13 +626,13 @@ def _one_step(q, p, items, labels, lo, hi, nxt, lr_p, lr_q, slot, row_item, row_
     for k in range(dim):
         gp[k] = 0.0
     inv = 1.0 / (hi - lo)
-    for j in range(lo, hi):                            # the scores, prefetching the next client's rows
-        if j - lo < nxt.size:
-            _prefetch_rows(q, total, slot, nxt[j - lo])
+    for j in range(lo, hi):                            # the scores
         g_buf[j - lo] = _row_dot(q, items[j], p)
     for j in range(lo, hi):
         g_buf[j - lo] = (_sigmoid(g_buf[j - lo]) - labels[j]) * inv
-    for j in range(lo, hi):
+    for j in range(lo, hi):                            # prefetching the next client's rows meanwhile
+        if j - lo < nxt.size:
+            _prefetch_rows(q, total, slot, nxt[j - lo])
         i = items[j]
         r = sample_row[j - lo]
         g = g_buf[j - lo]
@@ -635,14 +661,77 @@ def _one_step(q, p, items, labels, lo, hi, nxt, lr_p, lr_q, slot, row_item, row_
 
 
 @njit(cache=True, inline="always")
+def _multi_step(q, p, items, labels, lo, hi, nxt, batch_size, lr_p, lr_q, slot, local, grad, row_item, n_rows,
+                step_count, multi, sample_row, g_buf, gp, total):
+    """fedmf_round's local epoch for a client of several mini-batches without KD or emb_reg, on its local rows
+    (laid out by _local_rows). In each step a row used by one sample of the mini-batch (most rows) is updated
+    as that sample's gradient is formed (its gradient is that sample's alone, and no other sample of the step
+    reads it), a row used by several sums its gradient first, and rows the step does not use are not touched
+    (their gradient is zero: the general path's update leaves them unchanged). The arithmetic is the general
+    path's, operation for operation (grad = 0 + g·p rounded to the table's dtype, local − lr·grad rounded), so
+    the values are the same bit for bit; the row deltas are uploaded after the last step."""
+    dim = q.shape[1]
+    n_steps = (hi - lo + batch_size - 1) // batch_size
+    for step in range(n_steps):
+        b0 = lo + step * batch_size
+        b1 = min(b0 + batch_size, hi)
+        n_multi = 0
+        for j in range(b0, b1):                        # rows used by several samples of this step
+            r = slot[items[j]]
+            sample_row[j - b0] = r
+            step_count[r] += 1
+            if step_count[r] == 2:
+                multi[n_multi] = r
+                n_multi += 1
+        for k in range(dim):
+            gp[k] = 0.0
+        inv = 1.0 / (b1 - b0)
+        for j in range(b0, b1):
+            if j - lo < nxt.size:
+                _prefetch_rows(q, total, slot, nxt[j - lo])
+            g_buf[j - b0] = _row_dot(local, sample_row[j - b0], p)
+        for j in range(b0, b1):
+            g_buf[j - b0] = (_sigmoid(g_buf[j - b0]) - labels[j]) * inv
+        for j in range(b0, b1):
+            r = sample_row[j - b0]
+            g = g_buf[j - b0]
+            if step_count[r] == 1:                     # its only sample in this step: update now
+                for k in range(dim):
+                    lk = local[r, k]
+                    gp[k] += g * lk
+                    gk = _as_dtype_of(0.0 + g * p[k], local)   # grad[r, k] = 0 + g·p_k, stored
+                    local[r, k] = lk - lr_q * gk
+            else:
+                for k in range(dim):
+                    grad[r, k] += g * p[k]
+                for k in range(dim):
+                    gp[k] += g * local[r, k]
+        for k in range(dim):
+            p[k] -= lr_p * gp[k]
+        for m in range(n_multi):
+            r = multi[m]
+            for k in range(dim):
+                local[r, k] -= lr_q * grad[r, k]
+                grad[r, k] = 0.0
+        for j in range(b0, b1):
+            step_count[sample_row[j - b0]] = 0
+    for r in range(n_rows):                            # ---- upload: the row deltas, summed in user order
+        i = row_item[r]
+        for k in range(dim):
+            total[i, k] += local[r, k] - q[i, k]
+        slot[i] = -1
+
+
+@njit(cache=True, inline="always")
 def _fedmf_scratch(q, offsets, batch_size, n_top, n_prev_items):
     """fedmf_round's per-client scratch: (slot, local, grad, row_item, p, gp, scores, ranks, g_buf, row_count,
-    sample_row, row); slot is int32 (half the cache footprint of a random entry per sample)."""
+    sample_row, row, step_count); slot is int32 (half the cache footprint of a random entry per sample)."""
     n_items, dim = q.shape
     local, grad, row_item = _row_buffers(q, offsets, n_top + n_prev_items)
     return (np.full(n_items, -1, np.int32), local, grad, row_item, np.empty(dim, q.dtype), np.empty(dim, q.dtype),
             np.empty(n_items, q.dtype), np.empty(n_top, np.int64), np.empty(batch_size, np.float64),
-            np.empty(batch_size, np.int64), np.empty(batch_size, np.int64), np.empty((2, dim), q.dtype))
+            np.empty(batch_size, np.int64), np.empty(batch_size, np.int64), np.empty((2, dim), q.dtype),
+            np.zeros(local.shape[0], np.int32))
 
 
 @njit(cache=True, inline="always")
@@ -652,7 +741,7 @@ def _fedmf_client(q, q_t, p_all, user, items, labels, lo, hi, nxt, batch_size, l
     """One participant's local epoch on its samples items[lo:hi], labels[lo:hi] (§5, §6), its row deltas added
     to `total`; `nxt`: the sample items to prefetch meanwhile (the next client's); `ewc`: its EWC group
     (_ewc_client) or None. Returns the stats rows."""
-    slot, local, grad, row_item, p, gp, scores, ranks, g_buf, row_count, sample_row, row = scratch
+    slot, local, grad, row_item, p, gp, scores, ranks, g_buf, row_count, sample_row, row, step_count = scratch
     dim = q.shape[1]
     for k in range(dim):
         p[k] = p_all[user, k]
@@ -666,6 +755,12 @@ def _fedmf_client(q, q_t, p_all, user, items, labels, lo, hi, nxt, batch_size, l
     # ---- the client's local rows: its sample items, T^u when it replays, every old row under emb_reg
     n_rows = _local_rows(q, items, lo, hi, topn[user], kd, n_prev_items if emb else 0, slot, row_item, local)
     n_rows = _ewc_rows(ewc, q, slot, row_item, local, n_rows)
+    if not kd and not emb and _ewc_off(ewc):           # several mini-batches, no KD/emb_reg/EWC
+        _multi_step(q, p, items, labels, lo, hi, nxt, batch_size, lr_p, lr_q, slot, local, grad, row_item, n_rows,
+                    step_count, row_count, sample_row, g_buf, gp, total)
+        for k in range(dim):
+            p_all[user, k] = p[k]
+        return n_stats
     # ---- local epoch: mini-batches of the shuffled samples (§5)
     for step in range(n_steps):
         b0 = lo + step * batch_size
@@ -764,6 +859,7 @@ def fedmf_round_drawn(q, q_t, p_all, users, offsets, counts, positives, exc_ptr,
     cur_labels, nxt_labels = np.empty(largest, q.dtype), np.empty(largest, q.dtype)
     n_stats = 0
     pos_at = 0
+    prefetch = q.shape[0] * q.shape[1] * q.itemsize >= PREFETCH_BYTES
     if users.size > 0:
         _draw_client(neg_keys[0], shuffle_keys[0], counts[0], offsets[1] - offsets[0], positives, 0, exc_items,
                      exc_ptr[0], exc_ptr[1], n_items, excluded, base, packed, out, start, nxt_items, nxt_labels, 0)
@@ -780,7 +876,7 @@ def fedmf_round_drawn(q, q_t, p_all, users, offsets, counts, positives, exc_ptr,
                          nxt_items, nxt_labels, 0)
             pos_at += counts[a + 1]
         n_stats = _fedmf_client(q, q_t, p_all, users[a], cur_items, cur_labels, 0, size,
-                                nxt_items[:min(n_next, size)], batch_size, lr_p, lr_q,
+                                nxt_items[:min(n_next, size) if prefetch else 0], batch_size, lr_p, lr_q,
                                 replay[a] and arm_mode != 0, reg_mode == 1 and returning[a], topn, yhat, mem_keys[a],
                                 arm_mode, kd_weight, m_of_d, reg_d, anchor_items, anchor_p, n_prev_items, total,
                                 stats, n_stats, scratch, _ewc_client(ewc, a))

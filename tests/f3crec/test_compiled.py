@@ -53,6 +53,27 @@ def _close(a, b) -> bool:
     return float((a - b).abs().max()) <= TOL * (1 + float(a.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_target_ranks_equal_a_stable_descending_sort(dtype):
+    """kernels._target_ranks (a vector count of the targets below each item's score) gives every target's
+    position in a stable descending sort of the scores (ties to the lower item id), as method.target_ranks:
+    scores on a coarse grid (many ties, ±0.0, ±inf), 1–33 targets (within and across one 64-byte vector)."""
+    from f3crec import kernels
+    rng = np.random.default_rng(3)
+    for n_items, n_top in [(1, 1), (9, 1), (40, 7), (70, 16), (90, 17), (200, 30), (300, 33)]:
+        for _ in range(3):
+            scores = (rng.integers(-6, 7, n_items) / 4).astype(dtype)
+            scores[rng.random(n_items) < 0.05] = -0.0
+            scores[rng.random(n_items) < 0.02] = np.inf
+            scores[rng.random(n_items) < 0.02] = -np.inf
+            targets = rng.choice(n_items, n_top, replace=False).astype(np.int64)
+            ranks = np.zeros(n_top, np.int64)
+            kernels._target_ranks(scores, targets, ranks)
+            position = np.empty(n_items, np.int64)
+            position[np.argsort(-scores, kind="stable")] = np.arange(n_items)
+            assert np.array_equal(ranks, position[targets] + 1)
+
+
 def test_exact_sum_is_the_fraction_sum():
     values = np.random.default_rng(0).random(500) ** 3
     values[:5] = [0.0, 1.0, 0.5, 1e-300, 0.1]
@@ -249,6 +270,36 @@ def test_fedmf_round_single_and_multi_batch_clients_follow_the_rules(dtype):
     assert np.abs(got_p - want_p).max() <= tol * (1 + np.abs(want_p).max())
     assert np.array_equal(got_p[[1, 4]], p_all[[1, 4]])             # non-participants untouched
     assert np.abs(total).max() > 0.01
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fedmf_round_fast_paths_give_the_general_paths_values_bit_for_bit(dtype):
+    """A client without KD or emb_reg trains on kernels.fedmf_round's fast paths (_one_step: one mini-batch;
+    _multi_step: several, a row of one sample in a step updated as its gradient is formed, rows a step does not
+    use left alone); under emb_reg with reg_d = 0 (a zero penalty: every gradient gains ±0) the same clients take
+    the general path (every row's summed gradient, then every row updated each step). Same values bit for bit:
+    clients of 0–5 mini-batches over 40 items (rows used by one and by several samples of a step), d = 32."""
+    from f3crec import kernels
+    rng = np.random.default_rng(17)
+    n_items, dim, batch = 40, 32, 24
+    q = (rng.standard_normal((n_items, dim)) * 0.5).astype(dtype)
+    p_all = (rng.standard_normal((7, dim)) * 0.5).astype(dtype)
+    users = np.array([0, 1, 2, 4, 5, 6], np.int64)
+    sizes = np.array([0, 7, 24, 60, 97, 120], np.int64)          # 0, 1, 1, 3, 5 and 5 mini-batches
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    items = rng.integers(0, n_items, offsets[-1]).astype(np.int64)
+    labels = (rng.random(offsets[-1]) < 0.2).astype(dtype)
+    returning = np.ones(users.size, bool)
+    out = {}
+    for reg_mode in (0, 1):
+        total, got_p = np.zeros_like(q), p_all.copy()
+        kernels.fedmf_round(q, np.zeros((dim, 1), dtype), got_p, users, offsets, items, labels, batch, 0.3, 2.0,
+                            np.zeros(users.size, bool), returning, np.zeros((7, 1), np.int64), np.zeros((1, 1), dtype),
+                            np.zeros(users.size, np.uint64), 0, 0.0, np.zeros(1, np.int64), reg_mode, 0.0,
+                            q.copy(), p_all.copy(), n_items, total, np.zeros((0, 3), np.int64))
+        out[reg_mode] = total, got_p
+    assert np.array_equal(out[0][0], out[1][0]) and np.array_equal(out[0][1], out[1][1])
+    assert np.abs(out[0][0]).max() > 0.01 and not np.array_equal(out[0][1][users[1:]], p_all[users[1:]])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
