@@ -414,7 +414,9 @@ def start_run(cfg: Any, paper: str, dataset: str, tag: str = "", run_dir: str | 
     tracker = open_tracker(track, run_dir, paper, resolved)
     if tracker is not None:
         _TRACKERS[run_dir.resolve()] = tracker
-    print(f"[{paper}] run dir {run_dir} | git {git_sha()}" + (" | resumed" if resume else ""))
+    # the checkout's commit as the run starts (the code it imported), asked of git once: results.json reuses it
+    _RUNS[run_dir.resolve()]["commit"] = commit = git_sha()
+    print(f"[{paper}] run dir {run_dir} | git {commit}" + (" | resumed" if resume else ""))
     if aside is not None and resume:
         print(f"the finished run's results.json moved to {aside} (this resume writes a new one)")
     elif aside is not None:
@@ -547,7 +549,7 @@ def write_results(run_dir: str | Path, results: dict) -> dict:
             "variant": None, "seed": None, "metrics": {},
             "threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None,
             "device": device_name(), "versions": {"python": platform.python_version(), **package_versions()},
-            "commit": git_sha(), "config_digest": run.get("config_sha256"), "started": run.get("started"),
+            "commit": run.get("commit") or git_sha(), "config_digest": run.get("config_sha256"), "started": run.get("started"),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for key in ("paper", "dataset", "method", "variant", "seed", "metrics", "threads"):
         if results.get(key) is not None:
