@@ -69,3 +69,22 @@ def test_source_text_is_inspects_source():
     want = __import__("hashlib").sha256(inspect.getsource(data.load_blocks).encode()
                                          + inspect.getsource(data._as_id).encode()).hexdigest()[:8]
     assert data._loader_digest() == want      # the cache files written before keep their names
+
+
+@pytest.mark.parametrize("backbone", ["fedmf", "fedncf", "pfedrec"])
+def test_block_end_scores_equal_score_matrix(backbone):
+    """previous_scores' numpy product (c added in place, skipped where it is all zero) gives score_matrix's
+    values, and the block-end top-N and ŷ read from them are the same."""
+    from f3crec.model import BACKBONES, score_matrix
+    from f3crec.round import _scores, previous_scores
+    cfg = load_config(Config, None, [f"backbone.name={backbone}", "backbone.dim=8"])
+    private = init_private_rows(cfg.backbone, "reference", 0, range(6), tensor=False)
+    items = np.random.default_rng(1).normal(size=(30, 8)).astype(np.float32)
+    net = BACKBONES[backbone]
+    want = score_matrix(net, private, items)
+    got = _scores(net, private, items)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    tops, yhat = previous_scores(net, private, items, 5)
+    order = np.argsort(-want, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(tops, order)
+    np.testing.assert_array_equal(yhat, np.take_along_axis(want, order, 1))
