@@ -88,3 +88,15 @@ def test_block_end_scores_equal_score_matrix(backbone):
     order = np.argsort(-want, axis=1, kind="stable")[:, :5]
     np.testing.assert_array_equal(tops, order)
     np.testing.assert_array_equal(yhat, np.take_along_axis(want, order, 1))
+
+
+def test_histogram_is_numpys():
+    from f3crec.train import D_EDGES, _arm_summary, histogram
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, 700, 900), np.array([0, 49, 50, 99, 100, 566, 567, 10**9, 10**9 + 1, -1]),
+             np.zeros(0, np.int64), rng.integers(0, 60, 5).astype(np.float64)]
+    for values in cases:
+        assert histogram(values, D_EDGES) == np.histogram(values, bins=D_EDGES.tolist())[0].tolist()
+    record = _arm_summary({"D": [3, 60, 600], "m": [1, 7, 40], "itm_w": 0.5})
+    assert record == {"itm_w": 0.5, "D_mean": 221.0, "m_mean": 16.0, "m_hist": [1, 1, 0, 0, 0, 0, 1],
+                      "D_hist": [1, 1, 0, 0, 0, 1]}
