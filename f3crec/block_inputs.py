@@ -18,9 +18,22 @@ def round_context(cfg, flags: dict, blocks: list[Block], t: int, r: int) -> Roun
                         n_prev_items=prev.n_items if prev else 0,
                         lrs=learning_rates(cfg.backbone, blocks[t].n_items), flags=flags,
                         net=BACKBONES[cfg.backbone.name], seed=seed, ldp_scale=cfg.federation.ldp_scale,
-                        shared_private=init_private(cfg.backbone, cfg.quirks.emb_init, seed, -1, tensor=False),
+                        shared_private=shared_start(cfg.backbone, cfg.quirks.emb_init, seed),
                         private_init_round0=cfg.quirks.private_init_round0, ewc_gamma=cfg.method.ewc_gamma,
                         eps=cfg.method.eps, topn=cfg.method.topn)
+
+
+_SHARED_START: dict[tuple, dict[str, np.ndarray]] = {}
+
+
+def shared_start(backbone, emb_init: str, seed: int) -> dict[str, np.ndarray]:
+    """init_private(backbone, emb_init, seed, -1): the round-0 reset's start-up values (Q2), drawn once per
+    (network, d, dtype, init, seed) in a process and handed out as fresh copies (a simulator may train them
+    in place), instead of a generator made for them every round."""
+    key = (backbone.name, backbone.dim, backbone.dtype, emb_init, seed)
+    if key not in _SHARED_START:
+        _SHARED_START[key] = init_private(backbone, emb_init, seed, -1, tensor=False)
+    return {k: v.copy() for k, v in _SHARED_START[key].items()}
 
 
 def block_data(blocks: list[Block], t: int, flags: dict, neg_exclude: str

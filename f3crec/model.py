@@ -127,6 +127,26 @@ def init_private(cfg, emb_init: str, seed: int, user: int, tensor: bool = True) 
     return out
 
 
+def init_private_rows(cfg, emb_init: str, seed: int, users: range, tensor: bool = True) -> Private | None:
+    """Φ_u of the new clients `users` stacked (len(users), ...): row i is init_private(..., users[i]) bit for
+    bit (each user's own stream, drawn in float64, the stack converted once), without the per-user
+    dictionaries and conversions (a base block makes 943 on ML-100K). None when `users` is empty."""
+    if len(users) == 0:
+        return None
+    net = BACKBONES[cfg.name]
+    shapes = net.private_shapes(cfg.dim)
+    out = {name: np.empty((len(users), *shape)) for name, shape in shapes.items()}
+    std, bound = item_std(net, emb_init), 1.0 / math.sqrt(max(net.head_fan_in, 1) * cfg.dim)
+    for row, user in enumerate(users):
+        rng = np.random.default_rng([seed, 102, user + 1])
+        for name, shape in shapes.items():   # init_private's draws, in its order
+            if name == "p":
+                out[name][row] = rng.normal(0.0, std, size=shape)
+            else:
+                out[name][row] = rng.uniform(-bound, bound, size=shape)
+    return {name: _as_dtype(values, cfg, tensor) for name, values in out.items()}
+
+
 def sgd_step(params: dict, names: tuple[str, ...], grads, lrs: dict[str, float]) -> None:
     """Plain SGD (§4): params[name] -= lr[name]·grad, in place, for the tensors of one sub-step."""
     import torch

@@ -299,7 +299,7 @@ def previous_scores(net: Backbone, private: dict, items, topn: int, refresh=None
     n = min(topn, n_items)
     tops, yhats = zeros(items, (count, n), "int64"), zeros(items, (count, n))
     for lo in range(0, count, rows):
-        scores = score_matrix(net, {k: v[lo:lo + rows] for k, v in private.items()}, items)
+        scores = _scores(net, {k: v[lo:lo + rows] for k, v in private.items()}, items)
         top = top_n(scores, topn)
         if refresh is not None:
             keep = ~refresh[lo:lo + rows, None]
@@ -310,6 +310,21 @@ def previous_scores(net: Backbone, private: dict, items, topn: int, refresh=None
         tops[lo:lo + rows] = top
         yhats[lo:lo + rows] = yhat
     return tops, yhats
+
+
+def _scores(net: Backbone, private: dict, items):
+    """score_matrix; on numpy arrays a @ items.T with c added in place, and not at all where c is all zero
+    (FedMF: adding 0 only turns a −0.0 score into +0.0, which ranks the same), as the compiled simulator's
+    evaluation does: no second (rows × items) pass and temporary."""
+    if is_tensor(items):
+        return score_matrix(net, private, items)
+    a, c = net.affine(private)
+    scores = a @ items.T
+    if c.dtype != scores.dtype:   # a wider c widens the scores, as score_matrix's sum does
+        return scores + c[:, None]
+    if c.any():
+        scores += c[:, None]
+    return scores
 
 
 def top_n(scores, n: int):

@@ -107,6 +107,19 @@ def _csr(users: list[int], parts: list[dict[int, np.ndarray]]) -> tuple[np.ndarr
     return ptr, flat
 
 
+def _chunks(csr: tuple, n_users: int) -> list[tuple]:
+    """The evaluation's score products, one per SCORE_ROWS users of a (positive ptr, positives, exclusion ptr,
+    exclusions) CSR: (lo, hi, each part of the chunk's users rebased to 0), made once per block for the
+    validation instead of every round."""
+    pos_ptr, pos, exc_ptr, exc = csr
+    out = []
+    for lo in range(0, n_users, SCORE_ROWS):
+        hi = min(lo + SCORE_ROWS, n_users)
+        out.append((lo, hi, pos_ptr[lo:hi + 1] - pos_ptr[lo], pos[pos_ptr[lo]:pos_ptr[hi]],
+                    exc_ptr[lo:hi + 1] - exc_ptr[lo], exc[exc_ptr[lo]:exc_ptr[hi]]))
+    return out
+
+
 HUGE_PAGE = 1 << 21   # 2 MiB: transparent huge pages on x86-64 Linux
 
 
@@ -168,7 +181,7 @@ class CompiledSimulator(StackedSimulator):
     def __init__(self, server, state):
         self.server, self.state = server, state   # Server and ClientStates of numpy arrays
         self._m_table: tuple[tuple, np.ndarray] | None = None
-        self._valid_csr: tuple[int, list[int], tuple] | None = None
+        self._valid_csr: tuple[int, list[int], list[tuple]] | None = None   # validation chunks of a block
         self._buffers: dict[str, np.ndarray] = {}   # the round's large arrays, reused (huge pages)
 
     # ------------------------------------------------------------------------------------------ round
@@ -296,7 +309,7 @@ class CompiledSimulator(StackedSimulator):
         no per-chunk arrays."""
         if not users:
             return {"ndcg": (Fraction(0), 0), "recall": (Fraction(0), 0)}
-        pos_ptr, pos, exc_ptr, exc = csr
+        chunks = csr if isinstance(csr, list) else _chunks(csr, len(users))
         items = self.server.broadcast()[:n_items]
         private, net = self.private_matrix(), BACKBONES[self.cfg.backbone.name]
         ndcg, recall = np.empty(len(users)), np.empty(len(users))
@@ -304,18 +317,19 @@ class CompiledSimulator(StackedSimulator):
         index = np.asarray(users, dtype=np.int64)
         rows = {k: np.zeros((SCORE_ROWS, *v.shape[1:]), v.dtype) for k, v in private.items()}
         scores = _buffer(self._buffers, "scores", (SCORE_ROWS, n_items), items.dtype)
-        for lo in range(0, len(users), SCORE_ROWS):
-            hi = min(lo + SCORE_ROWS, len(users))
+        for lo, hi, pos_ptr, pos, exc_ptr, exc in chunks:
             for k, v in private.items():
                 np.take(v, index[lo:hi], axis=0, out=rows[k][:hi - lo])
                 rows[k][hi - lo:] = 0                    # the zero padding of user_scores' last product
-            a, c = net.affine(rows)
-            np.matmul(a, items.T, out=scores)            # score_matrix's a @ items.T, into the buffer
-            if c.any():                                  # + c (FedMF's c is 0: x + 0 changes no ranking)
-                scores += c[:, None]
-            if not kernels.topk_metrics(scores[:hi - lo], pos_ptr[lo:hi + 1] - pos_ptr[lo], pos[pos_ptr[lo]:pos_ptr[hi]],
-                                        exc_ptr[lo:hi + 1] - exc_ptr[lo], exc[exc_ptr[lo]:exc_ptr[hi]], weights,
-                                        ndcg[lo:hi], recall[lo:hi]):
+            if net.name == "fedmf":                      # a = p_u, c = 0 (x + 0 changes no ranking)
+                np.matmul(rows["p"], items.T, out=scores)
+            else:
+                a, c = net.affine(rows)
+                np.matmul(a, items.T, out=scores)        # score_matrix's a @ items.T, into the buffer
+                if c.any():                              # + c
+                    scores += c[:, None]
+            if not kernels.topk_metrics(scores[:hi - lo], pos_ptr, pos, exc_ptr, exc, weights, ndcg[lo:hi],
+                                        recall[lo:hi]):
                 raise ValueError("full_sort_metrics: non-finite value(s) (NaN or inf) in scores; metrics of such "
                                  "scores are meaningless (check the model for a NaN/inf output)")
         return {"ndcg": (exact_sum(ndcg), len(users)), "recall": (exact_sum(recall), len(users))}
@@ -325,7 +339,8 @@ class CompiledSimulator(StackedSimulator):
         if self._valid_csr is None or self._valid_csr[0] != ctx.block:
             block = self.blocks[ctx.block]
             users = sorted(block.valid)
-            self._valid_csr = (ctx.block, users, (*_csr(users, [block.valid]), *_csr(users, [block.train])))
+            self._valid_csr = (ctx.block, users, _chunks((*_csr(users, [block.valid]), *_csr(users, [block.train])),
+                                                         len(users)))
         _, users, csr = self._valid_csr
         return finish(self._sums_csr(users, csr, self.blocks[ctx.block].n_items), decimals)
 

@@ -22,12 +22,12 @@ from common.runs import truncate_metrics
 from common.selection import Selection
 from common.utils import get_device
 
-from .arrays import convert, is_tensor, like, stack
+from .arrays import convert, is_tensor, like
 from .client_state import ClientStates
 from .config import base_cache_dir
 from .data import Block
 from .evaluate import summarise
-from .model import BACKBONES, init_items, init_private
+from .model import BACKBONES, init_items, init_private_rows
 from .round import RoundContext
 from .server import Server
 from .block_inputs import block_data, round_context  # noqa: F401  (shared with the Flower nodes, §14)
@@ -125,9 +125,7 @@ def grow(sim, make_sim: Callable | None, cfg, blocks: list[Block], t: int, seed:
     n_prev_users = blocks[t - 1].n_users if t else 0
     n_prev_items = blocks[t - 1].n_items if t else 0
     block, emb_init = blocks[t], cfg.quirks.emb_init   # drawn as numpy arrays; each simulator makes them its kind
-    new_private = [init_private(cfg.backbone, emb_init, seed, u, tensor=False)
-                   for u in range(n_prev_users, block.n_users)]
-    stacked = {k: stack([p[k] for p in new_private]) for k in new_private[0]} if new_private else None
+    stacked = init_private_rows(cfg.backbone, emb_init, seed, range(n_prev_users, block.n_users), tensor=False)
     if sim is None:
         return make_sim(init_items(cfg.backbone, emb_init, seed, 0, block.n_items, tensor=False), stacked)
     sim.server.grow(init_items(cfg.backbone, emb_init, seed, t, block.n_items - n_prev_items, tensor=False))
@@ -169,8 +167,19 @@ def _arm_summary(stats: dict) -> dict:
         d, m = np.asarray(stats["D"]), np.asarray(stats["m"])
         out.update(D_mean=float(d.mean()), m_mean=float(m.mean()),
                    m_hist=np.bincount(np.minimum(m // 5, 6), minlength=7).tolist(),
-                   D_hist=np.histogram(d, bins=[0, 50, 100, 200, 300, 567, 10**9])[0].tolist())
+                   D_hist=histogram(d, D_EDGES))
     return out
+
+
+D_EDGES = np.array([0, 50, 100, 200, 300, 567, 10**9])   # the D_hist bins of metrics.jsonl
+
+
+def histogram(values: np.ndarray, edges: np.ndarray) -> list[int]:
+    """np.histogram(values, bins=edges)[0].tolist() (bins [e_i, e_{i+1}), the last one closed; values
+    outside left out) by one searchsorted and bincount: a third of its time, on every round's record."""
+    at = np.searchsorted(edges, values, side="right")
+    at[values == edges[-1]] = len(edges) - 1        # the last edge belongs to the last bin
+    return np.bincount(at, minlength=len(edges) + 1)[1:len(edges)].tolist()
 
 
 def end_block(sim, cfg, blocks: list[Block], t: int, flags: dict) -> None:
@@ -189,8 +198,8 @@ def restart(sim, cfg, blocks: list[Block], t: int) -> None:
     seed = cfg.train.seed + 7919 * t
     block, emb_init = blocks[t], cfg.quirks.emb_init
     sim.server.items = like(init_items(cfg.backbone, emb_init, seed, 0, block.n_items, tensor=False), sim.server.items)
-    private = [init_private(cfg.backbone, emb_init, seed, u, tensor=False) for u in range(block.n_users)]
-    sim.set_private(convert({k: stack([p[k] for p in private]) for k in private[0]}, is_tensor(sim.server.items)))
+    private = init_private_rows(cfg.backbone, emb_init, seed, range(block.n_users), tensor=False)
+    sim.set_private(convert(private, is_tensor(sim.server.items)))
 
 
 # ------------------------------------------------------------------------------------------------ fit
