@@ -130,3 +130,14 @@ def test_bench_whole_run_reports_every_phase():
     table = report(ours, {"whole_cpu_s": 10 * ours["whole_cpu_s"]})
     (line,) = [row for row in table.splitlines() if row.startswith("| whole process, CPU")]
     assert "| 10.0× |" in line and table.count("×") == 1
+
+
+def test_bench_children_run_one_thread_with_the_bytecode_cache_on(monkeypatch):
+    """The timed processes (ours and the official code's) get one thread and a default Python's bytecode cache,
+    whatever PYTHONDONTWRITEBYTECODE the shell that starts the bench has."""
+    from f3crec.bench import child_env
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    env = child_env()
+    assert "PYTHONDONTWRITEBYTECODE" not in env and env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    assert env["PATH"] == __import__("os").environ["PATH"]
