@@ -119,7 +119,7 @@ def huge_page_array(shape: tuple[int, ...], dtype) -> np.ndarray:
     if nbytes < HUGE_PAGE // 2 or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.zeros(shape, dtype)
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE          # room to start on a 2 MiB boundary
-    buf = mmap.mmap(-1, size)
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # private: shared memory is shmem (own THP setting)
     raw = np.frombuffer(buf, np.uint8)
     start = -raw.ctypes.data % HUGE_PAGE
     try:
