@@ -132,7 +132,7 @@ def huge_page_array(shape: tuple[int, ...], dtype) -> np.ndarray:
     if nbytes < HUGE_PAGE // 2 or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.zeros(shape, dtype)
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE          # room to start on a 2 MiB boundary
-    buf = mmap.mmap(-1, size)
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # private: shared memory is shmem (own THP setting)
     raw = np.frombuffer(buf, np.uint8)
     start = -raw.ctypes.data % HUGE_PAGE
     try:
@@ -233,7 +233,7 @@ class CompiledSimulator(StackedSimulator):
                 plan._keys(streams.NEGATIVES), plan._keys(streams.SHUFFLE), plan.batch_size,
                 ctx.lrs["p"], ctx.lrs["Q"], replay, returning, topn, yhat, keys, arm_mode,
                 float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]), anchor_items,
-                anchor_p, n_prev_items, total, stats, ewc)
+                anchor_p, n_prev_items, total, stats, ewc, _buffer(self._buffers, "pair", (n_items, 2 * dim), dtype))
         else:   # FedNCF (kind 1) or PFedRec (kind 2): a head, sub-steps, the round-0 reset (§4)
             size = int(offsets[-1])
             samples = (_buffer(self._buffers, "items", (size,), np.int64),

@@ -8,6 +8,7 @@ same per-user values). The compiled kernels are single-threaded with fixed-order
 changes nothing, bit for bit.
 """
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -342,6 +343,45 @@ def test_fedmf_round_drawn_equals_the_drawn_plan_then_fedmf_round(dtype, arm_mod
     assert np.abs(total).max() > 0.01 and not np.array_equal(got_p, p_all)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fedmf_round_drawn_on_a_callers_pair_table_adds_to_total_as_without_it(dtype):
+    """The pair table (kernels._pair_in: q's rows beside the summed delta's) given by the caller, as the simulator
+    does, full of stale values, gives the values of the kernel's own; the round's deltas are added to what
+    `total` held, and q is left alone."""
+    from f3crec import kernels, streams
+    from f3crec.round import PlanMaker
+    rng = np.random.default_rng(5)
+    n_items, dim, batch = 29, 8, 10
+    sizes = {0: 1, 1: 3, 4: 6, 7: 2}                             # one-batch and several-batch clients
+    positives = {u: rng.choice(n_items, n, replace=False) for u, n in sizes.items()}
+    maker = PlanMaker(positives, positives, n_items, 4, batch, 4, 1)
+    plan = maker.draw(2, 0, 1)
+    users = plan.users
+    q = (rng.standard_normal((n_items, dim)) * 0.5).astype(dtype)
+    p_all = (rng.standard_normal((8, dim)) * 0.5).astype(dtype)
+    none = np.zeros(users.size, bool)
+    common = (none, none, np.zeros((8, 4), np.int64), np.zeros((8, 4), dtype), streams.keys(2, 0, 1, users,
+              streams.MEMORY), 0, 0.7, np.zeros(1, np.int64), 0, 0.0, np.zeros((1, dim), dtype),
+              np.zeros((1, dim), dtype), 0)
+    start = rng.standard_normal((n_items, dim)).astype(dtype)
+    out = []
+    for pair in (None, np.full((n_items, 2 * dim), np.nan, dtype)):
+        q_in, total, got_p, stats = q.copy(), start.copy(), p_all.copy(), np.zeros((1, 3), np.int64)
+        kernels.fedmf_round_drawn(q_in, np.zeros((dim, 1), dtype), got_p, users, plan.offsets, maker.counts,
+                                  maker.pos_flat, maker.exc_ptr, maker.exc_flat, n_items,
+                                  plan._keys(streams.NEGATIVES), plan._keys(streams.SHUFFLE), batch, 0.3, 2.0,
+                                  *common, total, stats, None, pair)
+        assert np.array_equal(q_in, q)
+        out.append((total, got_p))
+    assert np.array_equal(out[0][0], out[1][0]) and np.array_equal(out[0][1], out[1][1])
+    zero_start = np.zeros_like(q)
+    kernels.fedmf_round_drawn(q, np.zeros((dim, 1), dtype), p_all.copy(), users, plan.offsets, maker.counts,
+                              maker.pos_flat, maker.exc_ptr, maker.exc_flat, n_items, plan._keys(streams.NEGATIVES),
+                              plan._keys(streams.SHUFFLE), batch, 0.3, 2.0, *common, zero_start,
+                              np.zeros((1, 3), np.int64))
+    assert np.abs(zero_start).max() > 0.01 and np.allclose(out[0][0], start + zero_start, rtol=1e-5, atol=1e-6)
+
+
 def test_round_buffers_are_zeroed_reused_by_shape_and_replaced_when_it_changes():
     from f3crec.sim_compiled import HUGE_PAGE, _buffer, huge_page_array
     big = huge_page_array((HUGE_PAGE // 8 + 3, 2), np.float32)      # over the threshold: mmap-backed
@@ -349,6 +389,15 @@ def test_round_buffers_are_zeroed_reused_by_shape_and_replaced_when_it_changes()
     big[-1] = 7.0
     assert big.flags.writeable and big.flags.c_contiguous and big[-1, 1] == 7.0
     assert not huge_page_array((3, 2), np.int64).any()
+    if sys.platform.startswith("linux"):                         # private memory: a shared mapping is shmem,
+        at = big.ctypes.data                                         # whose huge pages follow another setting
+        for line in open("/proc/self/maps"):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= at < hi:
+                assert line.split()[1].endswith("p") and "/dev/zero" not in line
+                break
+        else:
+            raise AssertionError("the buffer's mapping is not in /proc/self/maps")
     buffers = {}
     first = _buffer(buffers, "x", (5, 2), np.float64)
     assert _buffer(buffers, "x", (5, 2), np.float64) is first
