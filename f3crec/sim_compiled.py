@@ -126,8 +126,9 @@ HUGE_PAGE = 1 << 21   # 2 MiB: transparent huge pages on x86-64 Linux
 def huge_page_array(shape: tuple[int, ...], dtype) -> np.ndarray:
     """A zero-filled array on 2 MiB-aligned anonymous memory advised for transparent huge pages (Linux
     `madvise` mode), else np.zeros. The round's kernels read random rows of the item table and of the summed
-    delta: at 100,000 clients (15.6 MB each) 4 KiB pages miss the TLB on nearly every row, and huge pages
-    took a base round's training from 3.2 to 2.4 s CPU (2026-12-06, /tmp harness)."""
+    delta: at 100,000 clients (15.6 MB each) 4 KiB pages miss the TLB on nearly every row. Private memory:
+    `mmap.mmap(-1, n)` alone is shared memory (shmem, its own THP setting, `never` on many hosts), and until
+    commit ec107ac no buffer got a huge page (f3crec/README.md "Scaling" has the figures)."""
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if nbytes < HUGE_PAGE // 2 or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.zeros(shape, dtype)
