@@ -84,7 +84,7 @@ def whole_run(overrides: list[str], rounds: int, simulator: str | None = None) -
     with tempfile.TemporaryDirectory() as tmp:
         # the compiled simulator never imports torch (f3crec.main does not): its side imports numba's kernels,
         # the others torch, before the after-imports clock starts
-        extra = "import f3crec.kernels" if simulator in ("compiled", "auto") else "import torch"
+        extra = "import f3crec.kernels, f3crec.eval_kernels" if simulator in ("compiled", "auto") else "import torch"
         cmd = [sys.executable, "-c", _MAIN.format(extra=extra), "--run-dir", str(Path(tmp) / "run"), *overrides,
                f"federation.rounds={rounds}", f"federation.patience={rounds + 1}", "train.share_base=false",
                "train.seed=42", "train.threads=1", *([f"federation.simulator={simulator}"] if simulator else [])]

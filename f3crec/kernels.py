@@ -1,5 +1,5 @@
 """Compiled kernels of the compiled simulator (sim_compiled.py, §13): one FedMF round of local training as a
-per-client loop, and a fused top-K evaluation. numpy + numba only (no torch).
+per-client loop (FedMF; FedNCF and PFedRec with their heads), the plan draws and EWC's Fisher. numpy + numba only (no torch).
 
 `fedmf_round` trains every participant of a round in turn, exactly as ReferenceSimulator's `Client` does
 (§5, §6, §11), with closed-form gradients instead of autograd: FedMF's score is s = q_i · p_u, so for a
@@ -22,9 +22,7 @@ q_i · p_u is summed in SIMD lanes, `_row_dot`: an order fixed by the compiled c
 (a_u, c_u) from the private tensors (model.py), the head's gradients in closed form, PFedRec's two
 optimiser sub-steps and the round-0 reset.
 
-`topk_metrics` scores users against the catalogue one user at a time, keeps a running top-K (ties to the
-lower item id, torch.topk's order), masks the exclusions sparsely and returns each user's NDCG@K and
-Recall@K as common.metrics.full_sort_metrics computes them (sequential DCG sum, same discounts).
+The evaluation kernels (top-K metrics, top-N rows) are in eval_kernels.py, numba's set-up in jit.py.
 
 EWC (§11): `fisher_rows` is round.fisher's diagonal empirical Fisher in closed form (∂q_i = g a, ∂Φ_u from
 s = a·q_i + c); the round kernels take an optional `ewc` group (None: the EWC code is not compiled in) and
@@ -32,115 +30,14 @@ add (γ/2)·Σ F (θ − θ*)²'s gradient for the client's stored Fisher rows a
 """
 from __future__ import annotations
 
-import contextlib
-import sys
-
 import numpy as np
 
-from common.cli import paused_gc
+from .jit import load_fast
 
-
-@contextlib.contextmanager
-def _hidden(module: str):
-    """`import module` (and its submodules) raises ImportError inside the block, unless it is loaded already."""
-    if module in sys.modules:
-        yield
-        return
-    sys.modules[module] = None
-    try:
-        yield
-    finally:
-        del sys.modules[module]
-
-
-with _hidden("scipy"), paused_gc():   # numba's import only checks SciPy's version (≈ 8 ms CPU of `import scipy`)
-    from llvmlite import ir
-    from numba import njit, types
-    from numba.core import cgutils
-    from numba.core.dispatcher import Dispatcher
-    from numba.extending import intrinsic, overload
-
-
-def _numba_without_scipy() -> None:
-    """Load numba's numpy support with scipy.linalg hidden: numba.np.arraymath probes for SciPy's BLAS at
-    import (0.4–0.6 s of `import scipy.linalg` when SciPy is installed), and these kernels call no BLAS."""
-    if "numba.np.arraymath" in sys.modules:
-        return
-    with _hidden("scipy.linalg"):   # `import scipy.linalg...` raises ImportError: numba records "no BLAS"
-        import numba.np.arraymath  # noqa: F401
-
-
-def _runtime_symbols(target_context) -> None:
-    """Make numba's runtime (NRT) callable from loaded machine code: its C helpers registered with LLVM,
-    the part of rtsys.initialize that loading needs. rtsys.initialize also compiles NRT's LLVM functions
-    (≈ 0.03 s CPU each process), which every compiled kernel links into its own code: that is left to the
-    first compile, where numba initialises the runtime itself."""
-    from numba.core import config
-    from numba.core.runtime import rtsys
-    if rtsys._init or getattr(_runtime_symbols, "done", False):
-        return
-    if config.NRT_STATS:                           # statistics are switched on by numba's own initialize
-        rtsys.initialize(target_context)
-        return
-    import llvmlite.binding as ll
-    from numba.core.runtime import _nrt_python
-    for name, address in _nrt_python.c_helpers.items():
-        ll.add_symbol(name if name.startswith("_") else "NRT_" + name, address)
-    _runtime_symbols.done = True
-
-
-@contextlib.contextmanager
-def _environments_without_imports():
-    """While cached code is unpickled: rebuild each function environment it references (numba's
-    environment._rebuild_env) without importing the module named as its globals when that module is not
-    loaded yet (numba.np.arrayobj, numba.cpython.unicode, …: ≈ 0.02 s CPU). The globals of an
-    environment are read by object-mode code only; these kernels are nopython code, which reads the
-    environment's constants (kept as they are)."""
-    from numba.core import environment
-    numba_rebuild = environment._rebuild_env
-
-    def rebuild(modname, consts, env_name):
-        if environment.lookup_environment(env_name) is not None or modname in sys.modules:
-            return numba_rebuild(modname, consts, env_name)
-        env = environment.Environment({"__name__": modname})
-        env.consts[:] = consts
-        env.env_name = env_name
-        environment.Environment._memo[env_name] = env
-        return env
-
-    environment._rebuild_env = rebuild
-    try:
-        yield
-    finally:
-        environment._rebuild_env = numba_rebuild
-
-
-def _load_without_typing(dispatcher) -> None:
-    """Let `dispatcher` load its cached machine code without numba's typing set-up. numba's
-    FunctionCache.load_overload first refreshes the target context: it imports and installs every typing
-    and lowering registry (≈ 0.1 s CPU, and numba.np.arraymath's SciPy probe), which only compiling needs;
-    loading needs the runtime's symbols (_runtime_symbols). A miss (no cached code for the signature, or
-    stale) takes numba's own path, which refreshes and compiles, with SciPy's BLAS probe hidden. A numba
-    whose internals differ from these (checked here) keeps its own loading."""
-    from numba.core import environment
-    from numba.core.runtime import _nrt_python
-    cache = dispatcher._cache
-    if not all(hasattr(cache, name) for name in ("_load_overload", "_guard_against_spurious_io_errors")) \
-            or not all(hasattr(environment, name) for name in ("_rebuild_env", "lookup_environment")) \
-            or not hasattr(environment.Environment, "_memo") or not hasattr(_nrt_python, "c_helpers"):
-        return                                     # caching off (a NullCache), or another numba
-    numba_load = cache.load_overload
-
-    def load_overload(sig, target_context):
-        _runtime_symbols(target_context)
-        with cache._guard_against_spurious_io_errors(), _environments_without_imports():
-            loaded = cache._load_overload(sig, target_context)
-            if loaded is not None:
-                return loaded
-        _numba_without_scipy()
-        return numba_load(sig, target_context)
-
-    cache.load_overload = load_overload
+from llvmlite import ir  # noqa: E402  (numba and llvmlite after .jit, which imports numba with SciPy hidden)
+from numba import njit, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic, overload  # noqa: E402
 
 PREFETCH_BYTES = 1 << 19
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
@@ -927,110 +824,6 @@ def fedmf_round_drawn(q, q_t, p_all, users, offsets, counts, positives, exc_ptr,
     return n_stats
 
 
-@njit(cache=True, fastmath={"reassoc"})
-def _row_finite(scores, u):
-    """Whether every score of row u is finite: Σ s·0 is NaN exactly when some s is ±inf or NaN (summed in
-    SIMD lanes: the order does not matter, every term is ±0 or NaN)."""
-    acc = scores[u, 0] * 0
-    for i in range(scores.shape[1]):
-        acc += scores[u, i] * 0
-    return acc == 0
-
-
-@njit(cache=True, inline="always")
-def _insert(top_s, top_i, at, s, i):
-    """Put (s, i) into the descending top list at or above position `at`, below every score ≥ s (an equal
-    score stays above: ties to the lower item id, torch.topk's order)."""
-    while at > 0 and s > top_s[at - 1]:
-        top_s[at] = top_s[at - 1]
-        top_i[at] = top_i[at - 1]
-        at -= 1
-    top_s[at] = s
-    top_i[at] = i
-
-
-@njit(cache=True, inline="always")
-def _row_top(scores, u, mark, top_s, top_i):
-    """The first top_s.size items of row u in a stable descending sort (ties to the lower id), the items
-    with mark 2 at −∞; returns how many were filled (fewer when the row is shorter). The scan past the first
-    K items compares each score with the K-th best so far and looks at its mark only when it would enter."""
-    k_max, n_items = top_s.size, scores.shape[1]
-    filled, i = 0, 0
-    while filled < k_max and i < n_items:
-        s = -np.inf if mark[i] == 2 else scores[u, i]
-        _insert(top_s, top_i, filled, s, i)
-        filled += 1
-        i += 1
-    if filled < k_max:
-        return filled
-    threshold = top_s[k_max - 1]
-    for i in range(i, n_items):
-        s = scores[u, i]
-        if s > threshold and mark[i] != 2:      # an excluded item (−∞) never enters a full list
-            _insert(top_s, top_i, k_max - 1, s, i)
-            threshold = top_s[k_max - 1]
-    return filled
-
-
-@njit(cache=True)
-def topk_metrics(scores, pos_ptr, pos_items, exc_ptr, exc_items, discounts, ndcg, recall):
-    """NDCG@K and Recall@K (K = discounts.size) of every row of `scores` (users × items): excluded items at
-    −∞ unless positive, a running top-K with ties to the lower item id (torch.topk's order), then the
-    metrics as common.metrics.full_sort_metrics computes them (sequential DCG sum, the same discounts).
-    Returns False (metrics unset from that row on) at the first row with a non-finite score."""
-    n_items = scores.shape[1]
-    k_max = discounts.size
-    mark = np.zeros(n_items, np.int8)                  # 1 positive, 2 excluded
-    top_s = np.empty(k_max, scores.dtype)
-    top_i = np.empty(k_max, np.int64)
-    ideal = np.empty(k_max, np.float64)
-    acc = 0.0
-    for k in range(k_max):
-        acc += discounts[k]
-        ideal[k] = acc
-    for u in range(scores.shape[0]):
-        if n_items and not _row_finite(scores, u):
-            return False
-        for j in range(pos_ptr[u], pos_ptr[u + 1]):
-            mark[pos_items[j]] = 1
-        for j in range(exc_ptr[u], exc_ptr[u + 1]):
-            if mark[exc_items[j]] == 0:
-                mark[exc_items[j]] = 2
-        filled = _row_top(scores, u, mark, top_s, top_i)
-        dcg = 0.0
-        hits = 0
-        for k in range(filled):
-            if mark[top_i[k]] == 1:
-                dcg += discounts[k]
-                hits += 1
-        n_pos = pos_ptr[u + 1] - pos_ptr[u]
-        ndcg[u] = dcg / ideal[min(n_pos, k_max) - 1]
-        recall[u] = hits / n_pos
-        for j in range(pos_ptr[u], pos_ptr[u + 1]):
-            mark[pos_items[j]] = 0
-        for j in range(exc_ptr[u], exc_ptr[u + 1]):
-            mark[exc_items[j]] = 0
-    return True
-
-
-@njit(cache=True)
-def top_n_rows(scores, out):
-    """out[u] = the first out.shape[1] items of row u of `scores` in a stable descending sort (ties to the
-    lower id; round.top_n's order), out.shape[1] ≤ items. Returns False (out unset from that row on) at the
-    first row with a non-finite score."""
-    n = out.shape[1]
-    mark = np.zeros(scores.shape[1], np.int8)          # nothing excluded
-    top_s = np.empty(n, scores.dtype)
-    top_i = np.empty(n, np.int64)
-    for u in range(scores.shape[0]):
-        if n and not _row_finite(scores, u):
-            return False
-        _row_top(scores, u, mark, top_s, top_i)
-        for k in range(n):
-            out[u, k] = top_i[k]
-    return True
-
-
 @njit(cache=True)
 def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b, reset, users, offsets, items,
                  labels, batch_size, n_sub, lr_p, lr_head, lr_q, replay, returning, topn, yhat, mem_keys, arm_mode,
@@ -1258,5 +1051,4 @@ def fisher_row_count(offsets, items, n_items):
     return count
 
 
-for _kernel in [v for v in list(globals().values()) if isinstance(v, Dispatcher)]:
-    _load_without_typing(_kernel)
+load_fast(globals())

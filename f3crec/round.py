@@ -331,9 +331,9 @@ def top_n(scores, n: int):
     """The first n items of each row in a stable descending sort (ties to the lower id), without sorting
     the row: the candidates are the items scoring at least the row's n-th largest value."""
     n = min(n, scores.shape[1])
-    if not is_tensor(scores) and n and "f3crec.kernels" in sys.modules:   # the compiled simulator's run: one pass
+    if not is_tensor(scores) and n and "f3crec.eval_kernels" in sys.modules:   # the compiled simulator's run: one pass
         out = np.empty((scores.shape[0], n), np.int64)                     # per row (a running top-n)
-        if sys.modules["f3crec.kernels"].top_n_rows(np.ascontiguousarray(scores), out):
+        if sys.modules["f3crec.eval_kernels"].top_n_rows(np.ascontiguousarray(scores), out):
             return out
     if not is_tensor(scores):   # numpy: the same candidates, ordered by one lexsort (a non-finite row too)
         threshold = np.partition(scores, scores.shape[1] - n, axis=1)[:, scores.shape[1] - n, None]

@@ -1,6 +1,6 @@
 """Compiled simulator (§13): the stacked client state and block-end code of the vectorised simulator
 (local_loop.StackedSimulator, client_state, server), held as numpy arrays, with a round of local training
-and the validation/test evaluation as compiled per-client loops (kernels.py, numba). It never imports torch.
+and the validation/test evaluation as compiled per-client loops (kernels.py, eval_kernels.py; numba). It never imports torch.
 
 A round is dispatch-bound in the tensor simulators (1,250–2,000 ATen calls for a few ms of arithmetic); here
 each participant's local epoch is one pass of a compiled loop with closed-form gradients, on the
@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from common.config import ConfigError
 
-from . import kernels, streams
+from . import eval_kernels, kernels, streams
 from .evaluate import SCORE_ROWS, finish, test_exclude
 from .local_loop import StackedSimulator
 from .model import BACKBONES
@@ -306,7 +306,7 @@ class CompiledSimulator(StackedSimulator):
 
         Scores are evaluate.user_scores' (score_matrix on exactly SCORE_ROWS users, the last product
         zero-padded, so each score is the oracle's bit for bit), each product written into one reused
-        buffer and ranked by kernels.topk_metrics while it is still in cache: memory O(SCORE_ROWS × items),
+        buffer and ranked by eval_kernels.topk_metrics while it is still in cache: memory O(SCORE_ROWS × items),
         no per-chunk arrays."""
         if not users:
             return {"ndcg": (Fraction(0), 0), "recall": (Fraction(0), 0)}
@@ -329,7 +329,7 @@ class CompiledSimulator(StackedSimulator):
                 np.matmul(a, items.T, out=scores)        # score_matrix's a @ items.T, into the buffer
                 if c.any():                              # + c
                     scores += c[:, None]
-            if not kernels.topk_metrics(scores[:hi - lo], pos_ptr, pos, exc_ptr, exc, weights, ndcg[lo:hi],
+            if not eval_kernels.topk_metrics(scores[:hi - lo], pos_ptr, pos, exc_ptr, exc, weights, ndcg[lo:hi],
                                         recall[lo:hi]):
                 raise ValueError("full_sort_metrics: non-finite value(s) (NaN or inf) in scores; metrics of such "
                                  "scores are meaningless (check the model for a NaN/inf output)")

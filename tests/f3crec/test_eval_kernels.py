@@ -1,5 +1,5 @@
-"""The compiled simulator's evaluation pieces against brute force: kernels.topk_metrics (NDCG@K / Recall@K
-with sparse exclusions, ties to the lower item id), kernels.top_n_rows (the end-of-block T^u), round.top_n
+"""The compiled simulator's evaluation pieces against brute force: eval_kernels.topk_metrics (NDCG@K / Recall@K
+with sparse exclusions, ties to the lower item id), eval_kernels.top_n_rows (the end-of-block T^u), round.top_n
 with and without the kernel, and sim_compiled.exact_sum (the exact rational sum of float64 values)."""
 import sys
 from fractions import Fraction
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("numba")
-from f3crec import kernels  # noqa: E402
+from f3crec import eval_kernels  # noqa: E402
 from f3crec.round import top_n  # noqa: E402
 from f3crec.sim_compiled import discounts, exact_sum  # noqa: E402
 
@@ -60,7 +60,7 @@ def test_topk_metrics_equals_brute_force(dtype, n_items, levels):
     scores, positives, excluded = _case(rng, 40, n_items, dtype, levels)
     k = min(20, n_items)
     ndcg, recall = np.full(40, np.nan), np.full(40, np.nan)
-    assert kernels.topk_metrics(scores, *_csr(positives), *_csr(excluded), discounts(k), ndcg, recall)
+    assert eval_kernels.topk_metrics(scores, *_csr(positives), *_csr(excluded), discounts(k), ndcg, recall)
     want_ndcg, want_recall = _brute_metrics(scores, positives, excluded, k)
     assert np.array_equal(ndcg, want_ndcg) and np.array_equal(recall, want_recall)
 
@@ -71,8 +71,8 @@ def test_topk_metrics_and_top_n_rows_refuse_a_non_finite_score(bad):
     scores, positives, excluded = _case(rng, 5, 50, np.float32)
     scores[3, int(excluded[3][-1]) if excluded[3].size else 7] = bad     # an excluded item's score counts too
     ndcg, recall = np.empty(5), np.empty(5)
-    assert not kernels.topk_metrics(scores, *_csr(positives), *_csr(excluded), discounts(20), ndcg, recall)
-    assert not kernels.top_n_rows(scores, np.empty((5, 30), np.int64))
+    assert not eval_kernels.topk_metrics(scores, *_csr(positives), *_csr(excluded), discounts(20), ndcg, recall)
+    assert not eval_kernels.top_n_rows(scores, np.empty((5, 30), np.int64))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -84,7 +84,7 @@ def test_top_n_rows_is_a_stable_descending_sort(dtype, n_items, n, levels):
         scores = np.round(scores * levels) / levels
     scores = scores.astype(dtype)
     out = np.full((60, n), -1, np.int64)
-    assert kernels.top_n_rows(scores, out)
+    assert eval_kernels.top_n_rows(scores, out)
     assert np.array_equal(out, np.argsort(-scores, axis=1, kind="stable")[:, :n])
 
 
@@ -92,10 +92,10 @@ def test_round_top_n_is_the_same_with_the_kernel_and_with_numpy(monkeypatch):
     rng = np.random.default_rng(5)
     scores = (np.round(rng.normal(size=(80, 150)) * 4) / 4).astype(np.float32)
     with_kernel = top_n(scores, 30)
-    monkeypatch.delitem(sys.modules, "f3crec.kernels")          # the numpy path (no compiled run loaded)
+    monkeypatch.delitem(sys.modules, "f3crec.eval_kernels")          # the numpy path (no compiled run loaded)
     assert np.array_equal(top_n(scores, 30), with_kernel)
     scores[2, 5] = np.nan                                        # a non-finite row: the numpy path answers
-    monkeypatch.setitem(sys.modules, "f3crec.kernels", kernels)
+    monkeypatch.setitem(sys.modules, "f3crec.eval_kernels", eval_kernels)
     assert np.array_equal(top_n(scores, 30)[[0, 1, 3]], with_kernel[[0, 1, 3]])
 
 

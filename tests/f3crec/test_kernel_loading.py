@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MODULE = '''
 import numpy as np
 from numba import njit
-from f3crec.kernels import _load_without_typing
+from f3crec.jit import _load_without_typing
 
 @njit(cache=True)
 def shifted(a, x):
@@ -75,8 +75,8 @@ def test_a_cached_kernel_loads_without_numbas_typing_and_a_new_one_compiles(tmp_
 
 def test_every_kernel_of_the_module_loads_this_way():
     from numba.core.dispatcher import Dispatcher
-    from f3crec import kernels
-    dispatchers = [v for v in vars(kernels).values() if isinstance(v, Dispatcher)]
+    from f3crec import eval_kernels, kernels
+    dispatchers = [v for m in (kernels, eval_kernels) for v in vars(m).values() if isinstance(v, Dispatcher)]
     assert {"fedmf_round_drawn", "topk_metrics", "affine_round", "draw_plan"} <= {d.__name__ for d in dispatchers}
     assert all("load_overload" in vars(d._cache) for d in dispatchers)
 

@@ -1,0 +1,118 @@
+"""numba for the compiled simulator's kernels (kernels.py, eval_kernels.py): imported with SciPy hidden, and
+cached machine code loaded without numba's per-process typing set-up (`load_fast`). Import this module before
+numba anywhere on the compiled path (the kernel modules do)."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from common.cli import paused_gc
+
+
+@contextlib.contextmanager
+def _hidden(module: str):
+    """`import module` (and its submodules) raises ImportError inside the block, unless it is loaded already."""
+    if module in sys.modules:
+        yield
+        return
+    sys.modules[module] = None
+    try:
+        yield
+    finally:
+        del sys.modules[module]
+
+
+with _hidden("scipy"), paused_gc():   # numba's import only checks SciPy's version (≈ 8 ms CPU of `import scipy`)
+    import numba  # noqa: F401
+    from numba.core.dispatcher import Dispatcher
+
+
+def _numba_without_scipy() -> None:
+    """Load numba's numpy support with scipy.linalg hidden: numba.np.arraymath probes for SciPy's BLAS at
+    import (0.4–0.6 s of `import scipy.linalg` when SciPy is installed), and these kernels call no BLAS."""
+    if "numba.np.arraymath" in sys.modules:
+        return
+    with _hidden("scipy.linalg"):   # `import scipy.linalg...` raises ImportError: numba records "no BLAS"
+        import numba.np.arraymath  # noqa: F401
+
+
+def _runtime_symbols(target_context) -> None:
+    """Make numba's runtime (NRT) callable from loaded machine code: its C helpers registered with LLVM,
+    the part of rtsys.initialize that loading needs. rtsys.initialize also compiles NRT's LLVM functions
+    (≈ 0.03 s CPU each process), which every compiled kernel links into its own code: that is left to the
+    first compile, where numba initialises the runtime itself."""
+    from numba.core import config
+    from numba.core.runtime import rtsys
+    if rtsys._init or getattr(_runtime_symbols, "done", False):
+        return
+    if config.NRT_STATS:                           # statistics are switched on by numba's own initialize
+        rtsys.initialize(target_context)
+        return
+    import llvmlite.binding as ll
+    from numba.core.runtime import _nrt_python
+    for name, address in _nrt_python.c_helpers.items():
+        ll.add_symbol(name if name.startswith("_") else "NRT_" + name, address)
+    _runtime_symbols.done = True
+
+
+@contextlib.contextmanager
+def _environments_without_imports():
+    """While cached code is unpickled: rebuild each function environment it references (numba's
+    environment._rebuild_env) without importing the module named as its globals when that module is not
+    loaded yet (numba.np.arrayobj, numba.cpython.unicode, …: ≈ 0.02 s CPU). The globals of an
+    environment are read by object-mode code only; these kernels are nopython code, which reads the
+    environment's constants (kept as they are)."""
+    from numba.core import environment
+    numba_rebuild = environment._rebuild_env
+
+    def rebuild(modname, consts, env_name):
+        if environment.lookup_environment(env_name) is not None or modname in sys.modules:
+            return numba_rebuild(modname, consts, env_name)
+        env = environment.Environment({"__name__": modname})
+        env.consts[:] = consts
+        env.env_name = env_name
+        environment.Environment._memo[env_name] = env
+        return env
+
+    environment._rebuild_env = rebuild
+    try:
+        yield
+    finally:
+        environment._rebuild_env = numba_rebuild
+
+
+def _load_without_typing(dispatcher) -> None:
+    """Let `dispatcher` load its cached machine code without numba's typing set-up. numba's
+    FunctionCache.load_overload first refreshes the target context: it imports and installs every typing
+    and lowering registry (≈ 0.1 s CPU, and numba.np.arraymath's SciPy probe), which only compiling needs;
+    loading needs the runtime's symbols (_runtime_symbols). A miss (no cached code for the signature, or
+    stale) takes numba's own path, which refreshes and compiles, with SciPy's BLAS probe hidden. A numba
+    whose internals differ from these (checked here) keeps its own loading."""
+    from numba.core import environment
+    from numba.core.runtime import _nrt_python
+    cache = dispatcher._cache
+    if not all(hasattr(cache, name) for name in ("_load_overload", "_guard_against_spurious_io_errors")) \
+            or not all(hasattr(environment, name) for name in ("_rebuild_env", "lookup_environment")) \
+            or not hasattr(environment.Environment, "_memo") or not hasattr(_nrt_python, "c_helpers"):
+        return                                     # caching off (a NullCache), or another numba
+    numba_load = cache.load_overload
+
+    def load_overload(sig, target_context):
+        _runtime_symbols(target_context)
+        with cache._guard_against_spurious_io_errors(), _environments_without_imports():
+            loaded = cache._load_overload(sig, target_context)
+            if loaded is not None:
+                return loaded
+        _numba_without_scipy()
+        return numba_load(sig, target_context)
+
+    cache.load_overload = load_overload
+
+
+def load_fast(namespace: dict) -> None:
+    """Give every numba dispatcher of a kernel module's namespace the fast cached load (_load_without_typing);
+    called once at the end of each kernel module, after its last kernel."""
+    for value in list(namespace.values()):
+        if isinstance(value, Dispatcher) and not getattr(value, "_fast_load", False):
+            _load_without_typing(value)
+            value._fast_load = True
