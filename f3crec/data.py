@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import math
 import zipfile
@@ -210,20 +211,7 @@ def binary_path(fp: str, count: int = 4) -> Path:
 @functools.cache
 def _loader_digest() -> str:
     """sha256 of the JSON loader's source (load_blocks, _as_id), once per process."""
-    return hashlib.sha256(source_text(load_blocks).encode() + source_text(_as_id).encode()).hexdigest()[:8]
-
-
-def source_text(function) -> str:
-    """The source lines of `function` (its decorators and def line to the last line holding its code, nested
-    code included), read by line number: inspect.getsource's text without its tokenizer (3 ms a run)."""
-    code, last = function.__code__, 0
-    todo = [code]
-    while todo:
-        one = todo.pop()
-        last = max([last, *(end for _, end, _, _ in one.co_positions() if end is not None)])
-        todo.extend(c for c in one.co_consts if hasattr(c, "co_positions"))
-    lines = Path(code.co_filename).read_text().splitlines(keepends=True)
-    return "".join(lines[code.co_firstlineno - 1:last])
+    return hashlib.sha256(inspect.getsource(load_blocks).encode() + inspect.getsource(_as_id).encode()).hexdigest()[:8]
 
 
 def write_binary(path: Path, blocks: list[Block]) -> None:

@@ -114,17 +114,20 @@ def init_private(cfg, emb_init: str, seed: int, user: int, tensor: bool = True) 
     The head follows PyTorch's Linear default U(±1/√fan_in) for weight and bias (§4). Tensors, or numpy
     arrays with tensor=False.
     """
+    return {name: _as_dtype(values, cfg, tensor) for name, values in _private_draws(cfg, emb_init, seed, user)}
+
+
+def _private_draws(cfg, emb_init: str, seed: int, user: int):
+    """(name, float64 values) of Φ_u in draw order, from the user's own stream: p ~ N(0, item_std), the head
+    ~ U(±1/√fan_in)."""
     net = BACKBONES[cfg.name]
     rng = np.random.default_rng([seed, 102, user + 1])
-    out = {}
     for name, shape in net.private_shapes(cfg.dim).items():
         if name == "p":
-            values = rng.normal(0.0, item_std(net, emb_init), size=shape)
+            yield name, rng.normal(0.0, item_std(net, emb_init), size=shape)
         else:
             bound = 1.0 / math.sqrt(net.head_fan_in * cfg.dim)
-            values = rng.uniform(-bound, bound, size=shape)
-        out[name] = _as_dtype(values, cfg, tensor)
-    return out
+            yield name, rng.uniform(-bound, bound, size=shape)
 
 
 def init_private_rows(cfg, emb_init: str, seed: int, users: range, tensor: bool = True) -> Private | None:
@@ -133,17 +136,11 @@ def init_private_rows(cfg, emb_init: str, seed: int, users: range, tensor: bool 
     dictionaries and conversions (a base block makes 943 on ML-100K). None when `users` is empty."""
     if len(users) == 0:
         return None
-    net = BACKBONES[cfg.name]
-    shapes = net.private_shapes(cfg.dim)
+    shapes = BACKBONES[cfg.name].private_shapes(cfg.dim)
     out = {name: np.empty((len(users), *shape)) for name, shape in shapes.items()}
-    std, bound = item_std(net, emb_init), 1.0 / math.sqrt(max(net.head_fan_in, 1) * cfg.dim)
     for row, user in enumerate(users):
-        rng = np.random.default_rng([seed, 102, user + 1])
-        for name, shape in shapes.items():   # init_private's draws, in its order
-            if name == "p":
-                out[name][row] = rng.normal(0.0, std, size=shape)
-            else:
-                out[name][row] = rng.uniform(-bound, bound, size=shape)
+        for name, values in _private_draws(cfg, emb_init, seed, user):
+            out[name][row] = values
     return {name: _as_dtype(values, cfg, tensor) for name, values in out.items()}
 
 
