@@ -19,6 +19,7 @@ carries that run's identity (its config digest, checked on --resume).
 from __future__ import annotations
 
 import errno as errnos
+import io
 import json
 import random
 import sys
@@ -83,13 +84,19 @@ def _write_arrays(handle, state: dict) -> None:
              **{f"a{i}": array for i, array in enumerate(arrays)})
 
 
+def _is_array_head(head: bytes) -> bool:
+    """Whether a file starting with `head` is a numpy checkpoint: a zip's first local header is 30 bytes, then
+    the first member's name."""
+    return head[:4] == b"PK\x03\x04" and head[30:30 + len(ARRAY_STATE)] == ARRAY_STATE.encode()
+
+
 def _is_array_checkpoint(path: Path) -> bool:
-    with open(path, "rb") as handle:   # a zip's first local header: 30 bytes, then the first member's name
-        head = handle.read(30 + len(ARRAY_STATE) + 4)
-    return head[:4] == b"PK\x03\x04" and head[30:].startswith(ARRAY_STATE.encode())
+    with open(path, "rb") as handle:
+        return _is_array_head(handle.read(30 + len(ARRAY_STATE)))
 
 
-def _read_arrays(path: Path) -> dict:
+def _read_arrays(path) -> dict:
+    """A numpy checkpoint's state from a path or a binary file object."""
     with np.load(path, allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}
     return _from_json(json.loads(arrays.pop(ARRAY_STATE).tobytes()), arrays)
@@ -142,6 +149,26 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a checkpoint of this project (a {type(state).__name__}, not a dict)")
     return state
+
+
+def to_bytes(state: dict) -> bytes:
+    """`state` in save_checkpoint's formats, in memory (torch.save's when it holds a torch tensor, else a numpy
+    checkpoint): what a Flower node keeps in its Context.state and journal."""
+    buffer = io.BytesIO()
+    if "torch" not in _array_kinds(state):
+        _write_arrays(buffer, state)
+    else:
+        import torch
+        torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(data: bytes) -> dict:
+    """The state to_bytes wrote (pickled objects refused, as load_checkpoint; no torch for a numpy one)."""
+    if _is_array_head(data[:30 + len(ARRAY_STATE)]):
+        return _read_arrays(io.BytesIO(data))
+    import torch
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict:

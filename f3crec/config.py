@@ -63,6 +63,8 @@ class FederationConfig:
     #                               equal to vectorised to rounding in float64); auto: compiled where it
     #                               covers the run, else vectorised
     nodes: PosInt = 2                # flower: in-process nodes; user u lives on node u mod nodes (§14)
+    # flower: the simulator each node runs over its users (auto: compiled where it covers the run, else vectorised)
+    node_simulator: Literal["auto", "compiled", "vectorised"] = "auto"
     # flower: a round needs replies for this share of its users, in (0, 1]: zero replies have no mean (§14)
     min_reply_fraction: Annotated[float, Range(0, 1, min_open=True)] = 1.0
     reply_timeout: PosFloat = 600.0  # flower: seconds a round waits for its replies (§14)

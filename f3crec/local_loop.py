@@ -21,7 +21,7 @@ import numpy as np
 
 from .arrays import clone, like, numpy, zeros
 from .block_inputs import block_data
-from .evaluate import finish, oracle_sums, oracle_test_row, sparse_masks
+from .evaluate import finish, oracle_sums, oracle_test_sums, sparse_masks
 from .model import BACKBONES
 from .round import PlanMaker, RoundContext, RoundPlan, fisher, make_plan, plan_inputs, previous_scores
 
@@ -68,7 +68,11 @@ class LocalLoop:
 
     def test_row(self, t: int, old_block_mask: str, decimals: int | None) -> list[dict[str, float]]:
         """a_{t,i} for i = 0..t (§10): test of D^i, masked with D^t's train+valid [Q4] or cumulatively [D]."""
-        return oracle_test_row(self, self.blocks, t, BACKBONES[self.cfg.backbone.name], old_block_mask, decimals)
+        return [finish(sums, decimals) for sums in self.test_sums(t, old_block_mask)]
+
+    def test_sums(self, t: int, old_block_mask: str) -> list[dict]:
+        """The exact sums of a_{t,i}, i = 0..t, over the test users this simulator holds (a Flower node: its own)."""
+        return oracle_test_sums(self, self.blocks, t, BACKBONES[self.cfg.backbone.name], old_block_mask)
 
     def state_dict(self) -> dict:
         """The server's state and every client's (ClientStates form), for last.pt and the base cache."""
@@ -89,6 +93,7 @@ class StackedSimulator(LocalLoop):
     `self.server`: the end of a block and the state plumbing, the same code for tensors and numpy arrays."""
 
     server = state = None
+    hosted = None   # the user rows this simulator hosts (a Flower node: its users' ids); None: every row
 
     def private_matrix(self) -> dict:
         return self.state.private
@@ -100,9 +105,15 @@ class StackedSimulator(LocalLoop):
         refresh = zeros(st.has_topn, (st.num_users(),))
         refresh[trained] = True
         refresh |= ~st.has_topn
-        st.topn, st.yhat = previous_scores(ctx.net, st.private, best, ctx.topn, refresh, st.topn, st.yhat,
-                                           ctx.flags["target_scores"] == "latest")
-        st.has_topn |= refresh
+        latest = ctx.flags["target_scores"] == "latest"
+        if self.hosted is None:
+            st.topn, st.yhat = previous_scores(ctx.net, st.private, best, ctx.topn, refresh, st.topn, st.yhat, latest)
+            st.has_topn |= refresh
+        else:   # only the hosted users' rows are scored; the others stay as they are (zero, never read)
+            rows = like(self.hosted, st.topn)
+            st.topn[rows], st.yhat[rows] = previous_scores(ctx.net, {k: v[rows] for k, v in st.private.items()}, best,
+                                                           ctx.topn, refresh[rows], st.topn[rows], st.yhat[rows], latest)
+            st.has_topn[rows] = True
         st.anchor_items = clone(best)
         mask = zeros(st.has_topn, (st.num_users(),))
         mask[trained] = True

@@ -34,7 +34,7 @@ with paused_gc():   # start-up imports: no collections while their long-lived ob
     from .config import Config, check_config, resolve
     from .data import get_blocks
     from .evaluate import summarise
-    from .train import fit, format_row, round_line, simulator_kind
+    from .train import fit, format_row, holds_tensors, round_line, simulator_kind
 
 
 def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
@@ -52,7 +52,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrit
           f"{cfg.federation.simulator} simulator. Time: estimated after the first block, below")
     kind = simulator_kind(cfg, flags)
     torch = None
-    if kind != "compiled":   # the compiled simulator never imports torch
+    if holds_tensors(cfg, flags):   # the compiled simulator (and a Flower server of compiled nodes) never imports torch
         import torch
     seed_global(cfg.train.seed, torch)
     log = lambda record: (log_metrics(run_dir, record),  # noqa: E731  (jsonl: the whole record; console: one line)

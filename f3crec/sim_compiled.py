@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 from common.config import ConfigError
 
 from . import eval_kernels, kernels, streams
-from .evaluate import SCORE_ROWS, finish, test_exclude
+from .evaluate import SCORE_ROWS, test_exclude
 from .local_loop import StackedSimulator
 from .model import BACKBONES
 from .round import RoundContext, RoundPlan, ldp_noise
@@ -335,19 +335,18 @@ class CompiledSimulator(StackedSimulator):
                                  "scores are meaningless (check the model for a NaN/inf output)")
         return {"ndcg": (exact_sum(ndcg), len(users)), "recall": (exact_sum(recall), len(users))}
 
-    def validate(self, ctx: RoundContext, decimals: int | None) -> dict[str, float]:
-        """Validation of block ctx.block (only its train masked, §8.2), one fused kernel call."""
-        if self._valid_csr is None or self._valid_csr[0] != ctx.block:
-            block = self.blocks[ctx.block]
+    def validation_sums(self, t: int) -> dict:
+        """Exact NDCG@20 / Recall@20 sums of block t's validation users (only its train masked, §8.2), one fused
+        kernel call per chunk; the chunks made once a block."""
+        if self._valid_csr is None or self._valid_csr[0] != t:
+            block = self.blocks[t]
             users = sorted(block.valid)
-            self._valid_csr = (ctx.block, users, _chunks((*_csr(users, [block.valid]), *_csr(users, [block.train])),
-                                                         len(users)))
+            self._valid_csr = (t, users, _chunks((*_csr(users, [block.valid]), *_csr(users, [block.train])), len(users)))
         _, users, csr = self._valid_csr
-        return finish(self._sums_csr(users, csr, self.blocks[ctx.block].n_items), decimals)
+        return self._sums_csr(users, csr, self.blocks[t].n_items)
 
-    def test_row(self, t: int, old_block_mask: str, decimals: int | None) -> list[dict[str, float]]:
-        """a_{t,i} for i = 0..t (§10), as evaluate.oracle_test_row defines it."""
+    def test_sums(self, t: int, old_block_mask: str) -> list[dict]:
+        """The exact sums of a_{t,i} for i = 0..t (§10), as evaluate.oracle_test_sums defines them."""
         n_items = self.blocks[t].n_items
-        return [finish(self._sums(sorted(self.blocks[i].test), self.blocks[i].test,
-                                  test_exclude(self.blocks, t, i, old_block_mask), n_items), decimals)
-                for i in range(t + 1)]
+        return [self._sums(sorted(self.blocks[i].test), self.blocks[i].test,
+                           test_exclude(self.blocks, t, i, old_block_mask), n_items) for i in range(t + 1)]

@@ -38,13 +38,20 @@ def make_simulator(cfg, flags: dict, items, private: dict, blocks: list[Block] |
     """A server with table `items` and one client per row of `private` (numpy arrays or tensors), in the
     configured simulator; with `blocks`, a local simulator also answers the block loop's calls (local_loop.py:
     plans, evaluation). The compiled simulator holds numpy arrays and never imports torch; the others hold
-    tensors."""
+    tensors (the Flower server holds its nodes' kind: numpy arrays where they run the compiled simulator)."""
     keep_freed_memory()
     kind = simulator_kind(cfg, flags)
     if kind == "flower":  # optional extra: flwr is imported only when asked for (§14)
         from .flower.launch import flower_simulator
-        items, private = convert(items, True), convert(private, True)
-        return flower_simulator(cfg, flags, items, private)
+        tensor = holds_tensors(cfg, flags)
+        return flower_simulator(cfg, flags, convert(items, tensor), convert(private, tensor))
+    return local_simulator(kind, cfg, flags, Server(None, cfg.method.beta, itm=flags["itm"]), items, private, blocks)
+
+
+def local_simulator(kind: str, cfg, flags: dict, server, items, private: dict, blocks: list[Block] | None = None):
+    """A `kind` simulator (compiled, vectorised, reference) in this process around `server` (a Server, or what a
+    Flower node holds of it), its table set to `items` and one client per row of `private`, all made the kind's
+    arrays (numpy for the compiled one, else tensors on the run's device; the reference always on the CPU)."""
     if kind == "compiled":
         from .sim_compiled import CompiledSimulator   # numba's import is paid only by the runs that use it
         items, private = convert(items, False), convert(private, False)
@@ -56,19 +63,22 @@ def make_simulator(cfg, flags: dict, items, private: dict, blocks: list[Block] |
         device = get_device(cfg.train.device) if kind == "vectorised" else "cpu"
         items, private = convert(items, True, device), convert(private, True, device)
         sim_class = VectorisedSimulator if kind == "vectorised" else ReferenceSimulator
-    sim = sim_class(Server(items, cfg.method.beta, itm=flags["itm"]), ClientStates(private, cfg.method.topn))
+    server.items = items
+    sim = sim_class(server, ClientStates(private, cfg.method.topn))
     return sim.attach(cfg, flags, blocks) if blocks is not None else sim
 
 
 def holds_tensors(cfg, flags: dict) -> bool:
-    """Whether the run's simulator keeps torch tensors (every one but the compiled simulator's numpy arrays)."""
-    return simulator_kind(cfg, flags) != "compiled"
+    """Whether the run's simulator keeps torch tensors (every one but the compiled simulator's numpy arrays; the
+    Flower server, its nodes' kind)."""
+    kind = simulator_kind(cfg, flags)
+    return (simulator_kind(cfg, flags, cfg.federation.node_simulator) if kind == "flower" else kind) != "compiled"
 
 
-def simulator_kind(cfg, flags: dict) -> str:
-    """The simulator that runs: federation.simulator, with `auto` resolved (compiled where it covers the
-    configuration, vectorised elsewhere) and `compiled` refused in one line where it does not cover it."""
-    name = cfg.federation.simulator
+def simulator_kind(cfg, flags: dict, name: str | None = None) -> str:
+    """The simulator that runs: `name` (default federation.simulator), with `auto` resolved (compiled where it
+    covers the configuration, vectorised elsewhere) and `compiled` refused in one line where it does not cover it."""
+    name = name or cfg.federation.simulator
     if name not in ("compiled", "auto"):
         return name
     try:

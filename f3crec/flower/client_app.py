@@ -2,11 +2,12 @@
 
 Node config: `partition-id`, `num-partitions` (user u lives on partition u mod num-partitions), optional
 `state-dir` (its block-boundary checkpoints). Run config: wire.config_from_run_config (app/pyproject.toml).
-`Context.state["f3crec.state"]` holds the node's client state (`torch`: Node.state() as bytes) and its
+`Context.state["f3crec.state"]` holds the node's client state (`bytes`: Node.state() as bytes) and its
 `version`, per run (run ids are unique): a process keeps its live `Node` while the versions match (the
 in-process grid, Flower's simulation runtime); a SuperNode's fresh ClientApp process per message rebuilds it
 from `Context.state`.
-Importing this module loads flwr and numpy only; torch and the core come with the first message.
+Importing this module loads flwr and numpy only; the core (and torch, unless the node runs the compiled
+simulator) comes with the first message.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import time
 _IMPORT_STARTED = time.perf_counter(), time.process_time()
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 from flwr.app import ConfigRecord, Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
@@ -82,13 +85,13 @@ def _node(context: Context):
         return _LIVE[key][1]
     if journal is not None and journal.exists() and (saved := wire.load(journal.read_bytes()))["version"] > version:
         version = saved["version"]
-        context.state["f3crec.state"] = ConfigRecord({"torch": saved["state"], "version": version})
+        context.state["f3crec.state"] = ConfigRecord({"bytes": saved["state"].tobytes(), "version": version})
     from .node import Node
     with _phase("node_build"):
         node = Node(wire.config_from_run_config(context.run_config), int(context.node_config["partition-id"]),
                     int(context.node_config["num-partitions"]))
         if "f3crec.state" in context.state:
-            node.load_state(wire.load(context.state["f3crec.state"]["torch"]))
+            node.load_state(wire.load(context.state["f3crec.state"]["bytes"]))
     _LIVE[key] = (version, node)
     return node
 
@@ -97,12 +100,12 @@ def _store(context: Context, node) -> None:
     """Write the node's state into Context.state (a new version), and the node-local journal, after every change."""
     from common.io import atomic_write
     version, state = _version(context) + 1, wire.dump(node.state())
-    context.state["f3crec.state"] = ConfigRecord({"torch": state, "version": version})
+    context.state["f3crec.state"] = ConfigRecord({"bytes": state, "version": version})
     _LIVE[(context.run_id, context.node_id)] = (version, node)
     if (journal := _journal(context)) is not None:
         journal.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(journal, "wb") as handle:
-            handle.write(wire.dump({"version": version, "state": state}))
+            handle.write(wire.dump({"version": version, "state": np.frombuffer(state, np.uint8)}))
 
 
 def _checkpoint(context: Context, node, run_key: str) -> Path:
@@ -113,29 +116,23 @@ def _checkpoint(context: Context, node, run_key: str) -> Path:
 
 
 def _train(node, tensors, config, context):
-    """One round: the node's participants train on the broadcast; the reply is their uploads only."""
-    out, stats = {}, {}
-    for user, (rows, values, user_stats) in node.train(int(config["block"]), int(config["round"])).items():
-        out[f"{user}.rows"], out[f"{user}.values"], stats[str(user)] = rows, values, user_stats
-    return out, {"users": sorted(int(u) for u in stats), "stats": stats}
-
-
-def _users(tensors) -> list[int]:
-    return [int(u) for u in tensors.pop("users")]
+    """One round: the node's participants train on the broadcast; the reply is their summed upload only."""
+    rows, values, clients, stats = node.train(int(config["block"]), int(config["round"]))
+    return {"rows": rows, "values": values}, {"clients": clients, **stats}
 
 
 # message type -> (operation(node, tensors, config, context) -> (tensors, config) of the reply, whether it changes
 # the node's state). The state-changing calls return None, so `(call, reply)` is the reply with no tensors.
 OPERATIONS = {
     "query.describe": (lambda node, x, c, ctx: (None, node.describe()), False),
-    "query.grow": (lambda node, x, c, ctx: (node.grow(_users(x), x), {"users": len(node.clients)}), True),
-    "query.set_rows": (lambda node, x, c, ctx: (node.set_rows(_users(x), x), {}), True),
+    "query.grow": (lambda node, x, c, ctx: (node.grow(x.pop("users"), x), {"users": node.users()}), True),
+    "query.set_rows": (lambda node, x, c, ctx: (node.set_rows(x.pop("users"), x), {}), True),
     "query.end_block": (lambda node, x, c, ctx: (node.finish_block(int(c["block"])), {}), True),
     "query.slot": (lambda node, x, c, ctx: (getattr(node, f"{c['op']}_slot")(c["name"]), {}), True),
     # block-boundary checkpoint of this node's users, kept on the node (the server never receives it)
     "query.save": (lambda node, x, c, ctx: (node.save(_checkpoint(ctx, node, c["run_key"]), int(c["block"])), {}), False),
     "query.restore": (lambda node, x, c, ctx: (node.restore(_checkpoint(ctx, node, c["run_key"]), int(c["block"])),
-                                               {"users": len(node.clients)}), True),
+                                               {"users": node.users()}), True),
     "train": (_train, True),
     "evaluate.valid": (lambda node, x, c, ctx: (None, {"sums": wire.sums_to_json(node.validation_sums(int(c["block"])))}), False),
     "evaluate.test": (lambda node, x, c, ctx: (None, {"row": [wire.sums_to_json(s) for s in node.test_sums(
@@ -146,11 +143,11 @@ OPERATIONS = {
 def _serve(operation, changes_state: bool):
     def handler(message: Message, context: Context) -> Message:
         with _phase("core_import"):
-            from . import node  # noqa: F401  torch and the F3CRec core: at the first message, not at import
+            from . import node  # noqa: F401  the F3CRec core: at the first message, not at import
         tensors, config = wire.unpack(message.content)
         node = _node(context)
         if "items" in tensors:   # the server's table (broadcast, best or evaluated): all a node holds of the server
-            node.server.items = tensors.pop("items")
+            node.receive(tensors.pop("items"))
         out, reply = operation(node, tensors, config, context)
         if changes_state:
             _store(context, node)

@@ -1,55 +1,70 @@
 """The client side of one Flower node (§14): a shard of users, their own data and their private state.
 
-A node hosts the users u with u mod num_partitions = partition (one device or one silo) and loads the block
-files itself, keeping only its users' interactions. `Node` is the reference simulator over those users and
-blocks: the round plan and validation sums (local_loop.py), the local step, block end, slots and restart
-(sim_reference.py) and the test sums (evaluate.oracle_test_sums) are the core's code (§13). No flwr here:
-client_app.py turns messages into these calls; every message that carries the server's table sets
-`server.items` first. Invariant: a node sends only uploads (the rows of its users' local tables that differ from the
-broadcast), exact metric sums with counts, per-user D_u/m_u and counts; Φ_u, ŷ, Tᵘ and scores stay here.
+A node hosts the users u with u mod num_partitions = partition and loads the block files itself, keeping only its
+users' interactions. It runs the core's local simulator over them (`federation.node_simulator`), so its plan,
+training, client state (ClientStates, a row per user id; rows of users hosted elsewhere stay zero, never read),
+evaluation sums and block end are a local run's code (§13). `Received` is what it holds of the server: the table
+last sent; the simulator's mean is caught there as the node's upload. No flwr here (client_app.py). A node sends
+only its upload (its participants' summed row deltas: changed rows, values, count), exact metric sums with counts
+and D_u/m_u; Φ_u, ŷ, Tᵘ, scores and each user's own delta stay here.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from common.checkpoints import load_checkpoint, save_checkpoint
 
+from ..arrays import convert, numpy
 from ..block_inputs import round_context
 from ..config import resolve
 from ..data import Block, get_blocks
-from ..evaluate import oracle_test_sums
 from ..model import BACKBONES
-from ..sim_reference import Client, ReferenceSimulator
+from ..server import Server
+from ..train import local_simulator, simulator_kind
 from .wire import owner
 
 
-class _Received:
-    """What a node holds of the server: the table it was last sent. The server's slots, Q^{t−1} and
-    aggregation live on the server, so the reference simulator's calls to them do nothing here."""
-    items: torch.Tensor | None = None
+class Received(Server):
+    """The table the server last sent. Slots, Q^{t−1} and ITM live on the server: no-ops here; the simulator's
+    mean (`aggregate_sum`, reached from `aggregate_deltas` too) is caught as (changed rows, summed deltas, count)."""
 
-    def broadcast(self) -> torch.Tensor:
-        return self.items
+    def __init__(self):
+        super().__init__(None, 0.0, itm=False)
+        self.upload: tuple[np.ndarray, np.ndarray, int] | None = None
 
-    def save_slot(self, *name: str) -> None:
+    def aggregate_sum(self, total, num_clients: int) -> dict:
+        total = numpy(total)                               # the simulator's reused buffer: the rows are copied
+        rows = np.flatnonzero((total != 0).any(1))         # an unchanged row adds +0.0 on the server: left out
+        self.upload = (rows, total[rows], num_clients)
+        return {}
+
+    def save_slot(self, name: str) -> None:
         pass
 
-    load_slot = end_block = save_slot
+    load_slot = save_slot
+
+    def end_block(self) -> None:
+        pass
 
 
-class Node(ReferenceSimulator):
-    """One node: its users' blocks (loaded here), their `Client`s (ids are the users') and the operations the
-    server asks for."""
+class Node:
+    """One node: its users' blocks, their client state in a local simulator (made at the first grow) and the
+    operations the server asks for."""
 
     def __init__(self, cfg, partition: int, num_partitions: int):
         if not 0 <= partition < num_partitions:
             raise ValueError(f"partition-id {partition} is not in [0, num-partitions={num_partitions})")
-        cfg, flags = resolve(cfg)
+        self.cfg, self.flags = resolve(cfg)
         self.partition, self.num_partitions = partition, num_partitions
-        blocks, self.blocks_id = get_blocks(cfg.data, cfg.train.seed)
-        self.attach(cfg, flags, [self._own(b) for b in blocks])
-        self.server, self.clients, self.slot_names = _Received(), {}, []
+        blocks, self.blocks_id = get_blocks(self.cfg.data, self.cfg.train.seed)
+        self.blocks = [self._own(b) for b in blocks]
+        self.kind = simulator_kind(self.cfg, self.flags, self.cfg.federation.node_simulator)
+        self.server, self._blas = Received(), None
+        shapes = BACKBONES[self.cfg.backbone.name].private_shapes(self.cfg.backbone.dim)
+        self.sim = self._simulator({k: np.zeros((0, *shape), self.cfg.backbone.dtype) for k, shape in shapes.items()})
+        if self.kind == "compiled":   # one-thread BLAS in the node's calls, as a compiled run has (sim_compiled)
+            from threadpoolctl import ThreadpoolController
+            self._blas = ThreadpoolController()
 
     def _own(self, block: Block) -> Block:
         """This node's users' part of a block (the counts n_users, n_items are the public catalogue sizes)."""
@@ -57,74 +72,112 @@ class Node(ReferenceSimulator):
         return Block(mine(block.train), mine(block.valid), mine(block.test), block.n_users, block.n_items,
                      np.zeros(0, np.int64))
 
+    def _simulator(self, private: dict, hosted=()):
+        """The node's local simulator of these client rows, hosting users `hosted`."""
+        sim = local_simulator(self.kind, self.cfg, self.flags, self.server, self.server.items, private, self.blocks)
+        sim.hosted = np.asarray(hosted, dtype=np.int64)
+        return sim
+
+    def _call(self, method: str, *args):
+        """A call on the simulator, with BLAS on one thread for the compiled kind (its products' bits)."""
+        if self._blas is None:
+            return getattr(self.sim, method)(*args)
+        with self._blas.limit(limits=1, user_api="blas"):
+            return getattr(self.sim, method)(*args)
+
+    def _arrays(self, value):
+        """Arrays received (numpy) made the simulator's kind (numpy, or tensors on the run's device)."""
+        if self.kind == "compiled":
+            return convert(value, False)
+        from common.utils import get_device
+        return convert(value, True, get_device(self.cfg.train.device))
+
+    def receive(self, items) -> None:
+        """The server's table (broadcast, best or evaluated), as the simulator's array kind."""
+        self.server.items = self._arrays(items)
+
+    def users(self) -> int:
+        return int(self.sim.hosted.size)
+
     def describe(self) -> dict:
         """Public facts: block sizes, this node's participant count per block, the blocks' fingerprint."""
         return {"partition": self.partition, "num_partitions": self.num_partitions,
                 "n_users": [b.n_users for b in self.blocks], "n_items": [b.n_items for b in self.blocks],
                 "participants": [len(b.train) for b in self.blocks], "blocks_id": self.blocks_id,
-                "users": len(self.clients)}
+                "users": self.users()}
 
     # ------------------------------------------------------------------------------------------- state
-    def grow(self, users: list[int], private: dict[str, torch.Tensor]) -> None:
-        """New clients with their initial Φ (as ReferenceSimulator.grow: anchor and slots = the init)."""
-        bad = [u for u in users if owner(u, self.num_partitions) != self.partition or u in self.clients]
-        if bad:
-            raise ValueError(f"node {self.partition}: users {bad[:5]} are not new users of this node")
-        for j, user in enumerate(users):
-            client = self.clients[user] = Client(user, {k: v[j].clone() for k, v in private.items()})
-            client.anchor = {k: v.clone() for k, v in client.private.items()}
-            client.slots = {s: {k: v.clone() for k, v in client.private.items()} for s in self.slot_names}
-
-    def set_rows(self, users: list[int], private: dict[str, torch.Tensor]) -> None:
-        """Re-initialise these users' Φ, the rows of `private` in the order of `users` (full_retrain's restart)."""
-        self.set_private({k: dict(zip(users, v)) for k, v in private.items()})
-
-    def save_slot(self, name: str) -> None:
-        if name not in self.slot_names:
-            self.slot_names.append(name)
-        super().save_slot(name)
-
-    # ------------------------------------------------------------------------------------------- round
-    def train(self, t: int, r: int) -> dict[int, tuple[torch.Tensor, torch.Tensor, dict]]:
-        """Round r of block t for this node's participants on the broadcast: user -> (changed rows, their
-        values, stats). The plan is LocalLoop.plan over this node's blocks: each client's draws come from its
-        own streams, so they equal the reference's (§13)."""
-        ctx, broadcast, out = round_context(self.cfg, self.flags, self.blocks, t, r), self.server.items, {}
-        if broadcast.shape[0] != ctx.n_items:
-            raise ValueError(f"node {self.partition}: broadcast has {broadcast.shape[0]} rows, block {t} {ctx.n_items}")
-        for user, upload, stats in self.local_round(self.plan(ctx), ctx):
-            # Lossless transport: the rows equal to the broadcast are left out and refilled by the server.
-            rows = torch.nonzero((upload != broadcast).any(1)).squeeze(1)
-            out[user] = (rows, upload[rows], stats)
+    def _rows(self, users: np.ndarray, private: dict, count: int) -> dict:
+        """`count` user rows of Φ: `private`'s rows at `users`, zero elsewhere (users hosted by other nodes)."""
+        out = {}
+        for k, v in private.items():
+            v = numpy(v)
+            out[k] = np.zeros((count, *v.shape[1:]), v.dtype)
+            out[k][users] = v
         return out
 
-    def finish_block(self, t: int) -> None:
-        """ŷ, Tᵘ, anchors (and EWC's Fisher, LocalLoop.fisher_plan) from the broadcast best table (§8.5), as
-        train.end_block asks of every simulator; the server sends the hand-off's slot load itself."""
-        self.end_block(round_context(self.cfg, self.flags, self.blocks, t, 0),
-                       np.array(sorted(self.blocks[t].train), dtype=np.int64), self.fisher_plan(self.cfg, self.flags, self.blocks, t))
+    def grow(self, users, private: dict) -> None:
+        """New users with their initial Φ (anchor and slots = the init); other nodes' users' rows stay zero."""
+        users = np.asarray(numpy(users), dtype=np.int64)
+        have = self.sim.state.num_users()
+        bad = users[(users % self.num_partitions != self.partition) | (users < have)]
+        if bad.size:
+            raise ValueError(f"node {self.partition}: users {bad[:5].tolist()} are not new users of this node")
+        if users.size:
+            self.sim.grow(self._arrays(self._rows(users - have, private, int(users.max()) + 1 - have)))
+            self.sim.hosted = np.concatenate([self.sim.hosted, users])
+
+    def set_rows(self, users, private: dict) -> None:
+        """Re-initialise these users' Φ, the rows of `private` in the order of `users` (full_retrain's restart)."""
+        users = np.asarray(numpy(users), dtype=np.int64)
+        self.sim.set_private(self._arrays(self._rows(users, private, self.sim.state.num_users())))
+
+    def save_slot(self, name: str) -> None:
+        self.sim.save_slot(name)
+
+    def load_slot(self, name: str) -> None:
+        self.sim.load_slot(name)
+
+    # ------------------------------------------------------------------------------------------- round
+    def train(self, t: int, r: int) -> tuple[np.ndarray, np.ndarray, int, dict]:
+        """Round r of block t on the received table: (changed rows, its participants' summed deltas there, their
+        count, their D_u / m_u); every client's draws come from its own streams, as in a local run (§13)."""
+        ctx, broadcast = round_context(self.cfg, self.flags, self.blocks, t, r), self.server.items
+        if broadcast.shape[0] != ctx.n_items:
+            raise ValueError(f"node {self.partition}: broadcast has {broadcast.shape[0]} rows, block {t} {ctx.n_items}")
+        if not self.blocks[t].train:   # no participant here this block: nothing to upload
+            return np.zeros(0, np.int64), np.zeros((0, broadcast.shape[1]), numpy(broadcast[:0]).dtype), 0, {"D": [], "m": []}
+        stats = self._call("train_round", None, ctx)
+        rows, values, count = self.server.upload
+        return rows, values, count, {"D": list(stats.get("D", [])), "m": list(stats.get("m", []))}
+
+    def validation_sums(self, t: int) -> dict:
+        """Exact (sum, count) of NDCG@20 / Recall@20 over this node's validation users of block t (§8.2)."""
+        return self._call("validation_sums", t)
 
     def test_sums(self, t: int, old_block_mask: str) -> list[dict]:
         """Exact (sum, count) of a_{t,i}, i = 0..t, over this node's test users (§10)."""
-        return oracle_test_sums(self, self.blocks, t, BACKBONES[self.cfg.backbone.name], old_block_mask)
+        return self._call("test_sums", t, old_block_mask)
+
+    def finish_block(self, t: int) -> None:
+        """ŷ, Tᵘ, anchors (and EWC's Fisher) of this node's users from the received best table (§8.5)."""
+        ctx = round_context(self.cfg, self.flags, self.blocks, t, 0)
+        trained = np.array(sorted(self.blocks[t].train), dtype=np.int64)
+        self._call("end_block", ctx, trained, self.sim.fisher_plan(self.cfg, self.flags, self.blocks, t))
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
-        """Every client's attributes (tensors, dicts of tensors, None, ints; a numpy array as a tensor, named in
-        `_numpy`) and the slot names: what Context.state and the node's checkpoints hold (wire.dump, bit-exact)."""
-        clients = {}
-        for user, client in self.clients.items():
-            attrs = vars(client)
-            clients[user] = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in attrs.items()}
-            clients[user]["_numpy"] = [k for k, v in attrs.items() if isinstance(v, np.ndarray)]
-        return {"slots": list(self.slot_names), "clients": clients}
+        """Its users' ids and client state (ClientStates.state_dict, numpy): Context.state's and checkpoints'."""
+        return {"kind": self.kind, "hosted": self.sim.hosted, "clients": convert(self.sim.states().state_dict(), False)}
 
     def load_state(self, state: dict) -> None:
-        """Rebuild every client from `state()` output."""
-        self.slot_names, self.clients = list(state["slots"]), {}
-        for user, attrs in state["clients"].items():
-            client = self.clients[user] = Client.__new__(Client)
-            client.__dict__.update({k: v.numpy() if k in attrs["_numpy"] else v for k, v in attrs.items() if k != "_numpy"})
+        """Rebuild the simulator from `state()` output."""
+        if state["kind"] != self.kind:
+            raise ValueError(f"node {self.partition}: the saved state is a {state['kind']} simulator's, this node runs "
+                             f"the {self.kind} one (federation.node_simulator must match the saved run)")
+        clients = self._arrays(state["clients"])
+        self.sim = self._simulator(dict(clients["private"]), state["hosted"])
+        self.sim.state.load_state_dict(clients)
 
     def save(self, path, block: int) -> None:
         save_checkpoint(path, {"state": self.state(), "block": block, "partition": self.partition,

@@ -1,8 +1,10 @@
 """The server side of F3CRec on Flower (§14): `FlowerSimulator` answers the block loop's calls on a simulator
 (train_round, validate, test_row, slots, end_block, grow, checkpoints) by asking its nodes through a Flower
-`Grid`. It holds the public item table and its slots (server.py's `Server`: the unweighted mean of the uploads
-sorted by user id, not Flower's example-weighted FedAvg), the public block sizes and per node only counts;
-nodes report exact metric sums, merged and rounded once here. Fault rule (README, "Faults"): a node whose reply
+`Grid`. It holds the public item table and its slots (server.py's `Server`: the unweighted mean over every
+participant, not Flower's example-weighted FedAvg, of the nodes' uploads — each node's sum of its participants'
+row deltas, added here in partition order), the public block sizes and per node only counts; nodes report exact
+metric sums, merged and rounded once here. With one node the numbers are the node's local simulator's bit for
+bit; with several, the partial sums add in another order than one process's, so they equal it to rounding. Fault rule (README, "Faults"): a node whose reply
 is an error or misses `federation.reply_timeout` is lost for the run, its users counted in `lost_users`; below
 `federation.min_reply_fraction` of the block's users the run stops in one line, resumable from the last
 block-boundary checkpoint. Invariant (tests/f3crec/test_flower.py): nothing reachable from a FlowerSimulator
@@ -13,9 +15,10 @@ from __future__ import annotations
 import time
 from uuid import uuid4
 
-import torch
+import numpy as np
 from flwr.app import Message
 
+from ..arrays import like, numpy
 from ..evaluate import finish, merge_sums
 from . import wire
 
@@ -109,24 +112,25 @@ class FlowerSimulator:
 
     # ------------------------------------------------------------------------------------------ round
     def train_round(self, plan, ctx) -> dict:
-        """One round: broadcast Q, every node trains its participants, mean of the uploads by user id."""
+        """One round: broadcast Q, every node trains its participants and uploads their summed row deltas; the
+        server adds the nodes' sums in partition order and takes the mean over every participant (§3)."""
         if plan is not None:
             raise ValueError("FlowerSimulator: clients draw their own plans (train_round(None, ctx))")
         broadcast = self.server.broadcast()
         body = {"tensors": {"items": broadcast}, "block": ctx.block, "round": ctx.round}
         replies = self._ask(TRAIN, f"{ctx.block}.{ctx.round}", body, check=(ctx.block, f"block {ctx.block} round {ctx.round}"))
-        uploads, stats = {}, {}
-        for tensors, config in replies.values():
-            for user in config["users"]:          # its changed rows; the others equal the broadcast
-                uploads[user] = (tensors[f"{user}.rows"], tensors[f"{user}.values"])
-                stats[user] = config["stats"][str(user)]
-        if not uploads:
+        total, clients, out = np.zeros(tuple(broadcast.shape), numpy(broadcast[:0]).dtype), 0, {"D": [], "m": []}
+        for node in sorted(replies, key=lambda n: self.nodes[n]["partition"]):
+            tensors, config = replies[node]
+            total[tensors["rows"]] += tensors["values"]    # a node's rows are distinct; the others add nothing
+            clients += config["clients"]
+            out["D"] += config["D"]
+            out["m"] += config["m"]
+        if not clients:
             raise ConnectionError(f"block {ctx.block} round {ctx.round}: no client uploaded")
-        users = sorted(uploads)
-        out = {"D": [d for u in users for d in stats[u]["D"]], "m": [m for u in users for m in stats[u]["m"]]}
         if self.lost:
             out["lost_users"] = self.lost_users(ctx.block)
-        return {**out, **self.server.aggregate_rows([uploads[u] for u in users])}
+        return {**out, **self.server.aggregate_sum(like(total, broadcast), clients)}
 
     def validate(self, ctx, decimals: int | None) -> dict[str, float]:
         """Validation NDCG@20 / Recall@20 of block ctx.block from the nodes' exact sums (§8.2)."""
@@ -162,24 +166,24 @@ class FlowerSimulator:
         self.server.load_slot(name)
         self._ask("query.slot", f"slot.{name}", {"op": "load", "name": name})
 
-    def _rows_by_node(self, first: int, private: dict[str, torch.Tensor]) -> dict[int, dict]:
+    def _rows_by_node(self, first: int, private: dict) -> dict[int, dict]:
         """Initial Φ rows of users first.. for their nodes (public-seed values: no trained state)."""
-        count = next(iter(private.values())).shape[0]
-        users = torch.arange(first, first + count)
+        private = {k: numpy(v) for k, v in private.items()}
+        users = np.arange(first, first + next(iter(private.values())).shape[0])
         bodies = {}
         for partition, node in self.node_of.items():
-            mine = torch.nonzero(wire.owner(users, self.num_partitions) == partition).squeeze(1)
+            mine = wire.owner(users, self.num_partitions) == partition
             bodies[node] = {"tensors": {"users": users[mine], **{k: v[mine] for k, v in private.items()}}}
         return bodies
 
-    def grow(self, new_private: dict[str, torch.Tensor] | None) -> None:
+    def grow(self, new_private: dict | None) -> None:
         """Users n..n+k−1 join: each node creates its own with their initial Φ (§8.1)."""
         if new_private is None:
             return
         self._ask("query.grow", "grow", bodies=self._rows_by_node(self.n_users, new_private))
         self.n_users += next(iter(new_private.values())).shape[0]
 
-    def set_private(self, private: dict[str, torch.Tensor]) -> None:
+    def set_private(self, private: dict) -> None:
         """full_retrain's restart: every user's Φ re-drawn from the public seed."""
         self._ask("query.set_rows", "restart", bodies=self._rows_by_node(0, private))
 

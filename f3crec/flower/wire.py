@@ -1,8 +1,8 @@
 """How tensors, exact sums and configs travel in Flower records (§14). Lossless: arrays go as raw bytes of
-their own dtype, Fractions as 'numerator/denominator' strings, so what arrives equals what was sent."""
+their own dtype (received as numpy arrays), Fractions as 'numerator/denominator' strings, so what arrives equals
+what was sent. No torch here: a node running the compiled simulator never imports it."""
 from __future__ import annotations
 
-import io
 import json
 import shlex
 from fractions import Fraction
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from common.checkpoints import from_bytes, to_bytes
 from common.config import ConfigError, config_to_dict, load_config
 from common.io import REPO
 
@@ -30,8 +31,8 @@ def arrays(values: dict) -> ArrayRecord:
 
 
 def tensors(record: ArrayRecord) -> dict:
-    import torch
-    return {name: torch.from_numpy(np.array(array.numpy(), copy=True)) for name, array in record.items()}
+    """The arrays of a record, as numpy arrays (each side makes them its own kind)."""
+    return {name: np.array(array.numpy(), copy=True) for name, array in record.items()}
 
 
 def content(tensor_values: dict | None = None, **config) -> RecordDict:
@@ -44,16 +45,12 @@ def unpack(body: RecordDict) -> tuple[dict, dict]:
 
 
 def dump(value) -> bytes:
-    """A node's state as bytes (torch.save: tensors bit-exact, shared storage kept once)."""
-    import torch
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
+    """A node's state as bytes (common.checkpoints' format: numpy arrays bit-exact, no pickle)."""
+    return to_bytes(value)
 
 
 def load(data: bytes):
-    import torch
-    return torch.load(io.BytesIO(data), weights_only=True)
+    return from_bytes(data)
 
 
 def sums_to_json(sums: dict[str, tuple[Fraction, int]]) -> dict:

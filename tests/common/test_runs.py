@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from common.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common.checkpoints import from_bytes, load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_bytes
 from common.io import REPO, atomic_dir, atomic_write, git_sha, load_json, save_json
 from common.runs import check_finite, default_run_root, log_metrics, read_metrics, start_run, write_results
 from common.utils import get_device, seed_everything
@@ -48,6 +48,24 @@ def test_checkpoint_is_weights_only_loadable(tmp_path):
     assert raw["epoch"] == 4 and torch.equal(raw["model"]["w"], state["model"]["w"])
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_checkpoint_bytes_round_trip_both_formats_and_refuse_pickles():
+    """to_bytes / from_bytes: numpy state (no tensor; no array at all too) as a numpy checkpoint bit for bit, a
+    state with a tensor as torch.save's; a pickled object is refused, never run."""
+    import pickle
+    arrays = {"private": {"p": np.random.default_rng(0).standard_normal((5, 3))}, "has": np.array([True, False]),
+              "none": None, "n": 3, "raw": np.frombuffer(b"\x00\xffab", np.uint8)}
+    data = to_bytes(arrays)
+    assert b"__state__" in data[:64]                                   # the numpy format: its JSON member first
+    back = from_bytes(data)
+    assert back["n"] == 3 and back["none"] is None and back["raw"].tobytes() == b"\x00\xffab"
+    assert np.array_equal(back["private"]["p"], arrays["private"]["p"]) and back["has"].dtype == bool
+    assert from_bytes(to_bytes({"version": 2})) == {"version": 2}
+    tensor = from_bytes(to_bytes({"w": torch.arange(4.0)}))
+    assert isinstance(tensor["w"], torch.Tensor) and torch.equal(tensor["w"], torch.arange(4.0))
+    with pytest.raises(Exception):
+        from_bytes(pickle.dumps({"w": object()}))
 
 
 def test_rng_state_roundtrip_through_checkpoint(tmp_path):

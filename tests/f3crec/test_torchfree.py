@@ -114,6 +114,25 @@ def test_compiled_ewc_smoke_run_and_its_resume_never_import_torch_and_give_the_v
     assert isinstance(state["fisher_rows"]["F"], np.ndarray) and state["fisher_rows"]["F"].shape[0] > 0
 
 
+@pytest.mark.heavy
+def test_a_flower_run_on_compiled_nodes_and_its_resume_never_import_torch(tmp_path):
+    """federation.simulator=flower in-process, two nodes on the compiled simulator (EWC: the Fisher at the block
+    end): the server, the nodes, their Context.state and checkpoints, and a resume load no torch module, and
+    the numbers are the compiled run's."""
+    pytest.importorskip("flwr")
+    ewc = ["--config", str(SMOKE), "backbone.dtype=float64", "method.name=ewc", "quirks.metric_decimals=-1"]
+    flower = [*ewc, "federation.simulator=flower", "federation.nodes=2", f"federation.node_state_dir={tmp_path / 'nodes'}"]
+    out = _fresh_process([[*flower, "--run-dir", str(tmp_path / "whole")],
+                          [*flower, "--run-dir", str(tmp_path / "cut"), "train.stop_after_block=1"],
+                          ["--resume", str(tmp_path / "cut"), "train.stop_after_block=null"],
+                          [*ewc, "federation.simulator=compiled", "--run-dir", str(tmp_path / "compiled")]], tmp_path)
+    assert out["torch"] == []
+    whole, _, resumed, compiled = out["runs"]
+    assert whole["simulator"] == "flower" and resumed == whole
+    assert whole["a"] == compiled["a"] and whole["best"] == compiled["best"]
+    assert any((tmp_path / "nodes").rglob("node-1-of-2.pt"))            # the nodes' own checkpoints
+
+
 @pytest.mark.slow
 def test_compiled_float64_ml100k_run_never_imports_torch_and_gives_the_torch_backed_numbers(shared_data, tmp_path):
     blocks = shared_data / "f3crec-ml-100k-blocks"
