@@ -155,6 +155,27 @@ class StackedSimulator(LocalLoop):
         """Every client's Φ replaced (full_retrain's restart): arrays of any kind, made the state's."""
         self.state.private = {k: clone(like(v, self.state.private[k])) for k, v in private.items()}
 
+    # ---------------------------------------------------------- hosting some users only (a Flower node)
+    def _rows(self, users: np.ndarray, private: dict, count: int) -> dict:
+        """`count` rows of Φ: `private`'s (any kind) at `users`, zero elsewhere (users hosted by others)."""
+        out = {}
+        for k, v in private.items():
+            out[k] = zeros(self.state.private[k], (count, *self.state.private[k].shape[1:]))
+            out[k][like(users, self.state.topn)] = like(v, self.state.private[k])
+        return out
+
+    def host(self, users: np.ndarray, private: dict) -> None:
+        """New users `users` (ids beyond every row so far) with their initial Φ, the rows of `private`: rows
+        up to the last of them are added, the ids between them that are not hosted here stay zero."""
+        have = self.state.num_users()
+        if users.size:
+            self.grow(self._rows(users - have, private, int(users.max()) + 1 - have))
+            self.hosted = np.concatenate([self.hosted, users])
+
+    def set_hosted(self, users: np.ndarray, private: dict) -> None:
+        """set_private for the hosted users `users` (full_retrain's restart)."""
+        self.set_private(self._rows(users, private, self.state.num_users()))
+
     def topn_lists(self) -> dict[int, np.ndarray]:
         topn = numpy(self.state.topn)
         return {int(u): topn[u] for u in np.flatnonzero(numpy(self.state.has_topn))}

@@ -34,7 +34,8 @@ with paused_gc():   # start-up imports: no collections while their long-lived ob
     from .config import Config, check_config, resolve
     from .data import get_blocks
     from .evaluate import summarise
-    from .train import fit, format_row, holds_tensors, round_line, simulator_kind
+    from .simulators import holds_tensors, simulator_kind
+    from .train import fit, format_row, round_line
 
 
 def run(cfg: Config, run_dir: Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:

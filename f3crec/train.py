@@ -15,12 +15,11 @@ from typing import Callable, Iterator
 import numpy as np
 
 from common.checkpoints import load_checkpoint, save_checkpoint
-from common.config import ConfigError, config_to_dict
+from common.config import config_to_dict
 from common.io import exclusive
 from common.progress import Progress
 from common.runs import truncate_metrics
 from common.selection import Selection
-from common.utils import get_device
 
 from .arrays import convert, is_tensor, like
 from .client_state import ClientStates
@@ -31,6 +30,7 @@ from .model import BACKBONES, init_items, init_private_rows
 from .round import RoundContext
 from .server import Server
 from .block_inputs import block_data, round_context  # noqa: F401  (shared with the Flower nodes, §14)
+from .simulators import holds_tensors, local_simulator, simulator_kind
 
 
 # ------------------------------------------------------------------------------------------ simulators
@@ -46,52 +46,6 @@ def make_simulator(cfg, flags: dict, items, private: dict, blocks: list[Block] |
         tensor = holds_tensors(cfg, flags)
         return flower_simulator(cfg, flags, convert(items, tensor), convert(private, tensor))
     return local_simulator(kind, cfg, flags, Server(None, cfg.method.beta, itm=flags["itm"]), items, private, blocks)
-
-
-def local_simulator(kind: str, cfg, flags: dict, server, items, private: dict, blocks: list[Block] | None = None):
-    """A `kind` simulator (compiled, vectorised, reference) in this process around `server` (a Server, or what a
-    Flower node holds of it), its table set to `items` and one client per row of `private`, all made the kind's
-    arrays (numpy for the compiled one, else tensors on the run's device; the reference always on the CPU)."""
-    if kind == "compiled":
-        from .sim_compiled import CompiledSimulator   # numba's import is paid only by the runs that use it
-        items, private = convert(items, False), convert(private, False)
-        sim_class = CompiledSimulator
-    else:
-        from .sim_reference import ReferenceSimulator
-        from .sim_vectorised import VectorisedSimulator
-        # The per-client reference simulator is the readable ground truth: it always runs on the CPU.
-        device = get_device(cfg.train.device) if kind == "vectorised" else "cpu"
-        items, private = convert(items, True, device), convert(private, True, device)
-        sim_class = VectorisedSimulator if kind == "vectorised" else ReferenceSimulator
-    server.items = items
-    sim = sim_class(server, ClientStates(private, cfg.method.topn))
-    return sim.attach(cfg, flags, blocks) if blocks is not None else sim
-
-
-def holds_tensors(cfg, flags: dict) -> bool:
-    """Whether the run's simulator keeps torch tensors (every one but the compiled simulator's numpy arrays; the
-    Flower server, its nodes' kind)."""
-    kind = simulator_kind(cfg, flags)
-    return (simulator_kind(cfg, flags, cfg.federation.node_simulator) if kind == "flower" else kind) != "compiled"
-
-
-def simulator_kind(cfg, flags: dict, name: str | None = None) -> str:
-    """The simulator that runs: `name` (default federation.simulator), with `auto` resolved (compiled where it
-    covers the configuration, vectorised elsewhere) and `compiled` refused in one line where it does not cover it."""
-    name = name or cfg.federation.simulator
-    if name not in ("compiled", "auto"):
-        return name
-    try:
-        from .sim_compiled import check, unsupported
-    except ImportError as err:   # numba is a dependency; an environment without it still runs the rest
-        if name == "compiled":
-            raise ConfigError(f"federation.simulator=compiled needs numba and threadpoolctl ({err}); pip install "
-                              "numba threadpoolctl, or use federation.simulator=vectorised") from None
-        return "vectorised"
-    if name == "compiled":
-        check(cfg, flags)
-        return "compiled"
-    return "vectorised" if unsupported(cfg, flags) else "compiled"
 
 
 def keep_freed_memory() -> None:

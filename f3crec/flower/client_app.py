@@ -18,10 +18,10 @@ _IMPORT_STARTED = time.perf_counter(), time.process_time()
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
-
 from flwr.app import ConfigRecord, Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+
+from common.checkpoints import from_bytes, to_bytes  # noqa: E402  (numpy: no torch)
 
 from . import wire  # noqa: E402  (flwr, numpy: no torch)
 
@@ -83,15 +83,16 @@ def _node(context: Context):
     version, key, journal = _version(context), (context.run_id, context.node_id), _journal(context)
     if key in _LIVE and _LIVE[key][0] == version:   # this process wrote that state: the context is current
         return _LIVE[key][1]
-    if journal is not None and journal.exists() and (saved := wire.load(journal.read_bytes()))["version"] > version:
-        version = saved["version"]
-        context.state["f3crec.state"] = ConfigRecord({"bytes": saved["state"].tobytes(), "version": version})
+    saved = journal.read_bytes() if journal is not None and journal.exists() else b""
+    if saved and int.from_bytes(saved[:8], "little") > version:   # the journal: 8 bytes of version, the state
+        version = int.from_bytes(saved[:8], "little")
+        context.state["f3crec.state"] = ConfigRecord({"bytes": saved[8:], "version": version})
     from .node import Node
     with _phase("node_build"):
         node = Node(wire.config_from_run_config(context.run_config), int(context.node_config["partition-id"]),
                     int(context.node_config["num-partitions"]))
         if "f3crec.state" in context.state:
-            node.load_state(wire.load(context.state["f3crec.state"]["bytes"]))
+            node.load_state(from_bytes(context.state["f3crec.state"]["bytes"]))
     _LIVE[key] = (version, node)
     return node
 
@@ -99,13 +100,13 @@ def _node(context: Context):
 def _store(context: Context, node) -> None:
     """Write the node's state into Context.state (a new version), and the node-local journal, after every change."""
     from common.io import atomic_write
-    version, state = _version(context) + 1, wire.dump(node.state())
+    version, state = _version(context) + 1, to_bytes(node.state())
     context.state["f3crec.state"] = ConfigRecord({"bytes": state, "version": version})
     _LIVE[(context.run_id, context.node_id)] = (version, node)
     if (journal := _journal(context)) is not None:
         journal.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(journal, "wb") as handle:
-            handle.write(wire.dump({"version": version, "state": np.frombuffer(state, np.uint8)}))
+            handle.write(version.to_bytes(8, "little") + state)
 
 
 def _checkpoint(context: Context, node, run_key: str) -> Path:
@@ -115,25 +116,19 @@ def _checkpoint(context: Context, node, run_key: str) -> Path:
     return root / run_key / f"node-{node.partition}-of-{node.num_partitions}.pt"
 
 
-def _train(node, tensors, config, context):
-    """One round: the node's participants train on the broadcast; the reply is their summed upload only."""
-    rows, values, clients, stats = node.train(int(config["block"]), int(config["round"]))
-    return {"rows": rows, "values": values}, {"clients": clients, **stats}
-
-
 # message type -> (operation(node, tensors, config, context) -> (tensors, config) of the reply, whether it changes
 # the node's state). The state-changing calls return None, so `(call, reply)` is the reply with no tensors.
 OPERATIONS = {
     "query.describe": (lambda node, x, c, ctx: (None, node.describe()), False),
-    "query.grow": (lambda node, x, c, ctx: (node.grow(x.pop("users"), x), {"users": node.users()}), True),
+    "query.grow": (lambda node, x, c, ctx: (node.grow(x.pop("users"), x), {"users": node.sim.hosted.size}), True),
     "query.set_rows": (lambda node, x, c, ctx: (node.set_rows(x.pop("users"), x), {}), True),
     "query.end_block": (lambda node, x, c, ctx: (node.finish_block(int(c["block"])), {}), True),
-    "query.slot": (lambda node, x, c, ctx: (getattr(node, f"{c['op']}_slot")(c["name"]), {}), True),
+    "query.slot": (lambda node, x, c, ctx: (getattr(node.sim, f"{c['op']}_slot")(c["name"]), {}), True),
     # block-boundary checkpoint of this node's users, kept on the node (the server never receives it)
     "query.save": (lambda node, x, c, ctx: (node.save(_checkpoint(ctx, node, c["run_key"]), int(c["block"])), {}), False),
     "query.restore": (lambda node, x, c, ctx: (node.restore(_checkpoint(ctx, node, c["run_key"]), int(c["block"])),
-                                               {"users": node.users()}), True),
-    "train": (_train, True),
+                                               {"users": node.sim.hosted.size}), True),
+    "train": (lambda node, x, c, ctx: node.train(int(c["block"]), int(c["round"])), True),   # the summed upload
     "evaluate.valid": (lambda node, x, c, ctx: (None, {"sums": wire.sums_to_json(node.validation_sums(int(c["block"])))}), False),
     "evaluate.test": (lambda node, x, c, ctx: (None, {"row": [wire.sums_to_json(s) for s in node.test_sums(
         int(c["block"]), c["old_block_mask"])]}), False),

@@ -10,6 +10,8 @@ and D_u/m_u; Φ_u, ŷ, Tᵘ, scores and each user's own delta stay here.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 
 from common.checkpoints import load_checkpoint, save_checkpoint
@@ -20,13 +22,13 @@ from ..config import resolve
 from ..data import Block, get_blocks
 from ..model import BACKBONES
 from ..server import Server
-from ..train import local_simulator, simulator_kind
+from ..simulators import local_simulator, simulator_kind
 from .wire import owner
 
 
 class Received(Server):
-    """The table the server last sent. Slots, Q^{t−1} and ITM live on the server: no-ops here; the simulator's
-    mean (`aggregate_sum`, reached from `aggregate_deltas` too) is caught as (changed rows, summed deltas, count)."""
+    """The table the server last sent; the simulator's mean (`aggregate_sum`, reached from `aggregate_deltas`
+    too) is caught as the node's upload."""
 
     def __init__(self):
         super().__init__(None, 0.0, itm=False)
@@ -38,18 +40,14 @@ class Received(Server):
         self.upload = (rows, total[rows], num_clients)
         return {}
 
-    def save_slot(self, name: str) -> None:
+    def save_slot(self, *name: str) -> None:   # the server's slots and Q^{t−1}: kept on the server (§14)
         pass
 
-    load_slot = save_slot
-
-    def end_block(self) -> None:
-        pass
+    load_slot = end_block = save_slot
 
 
 class Node:
-    """One node: its users' blocks, their client state in a local simulator (made at the first grow) and the
-    operations the server asks for."""
+    """One node: its users' blocks, their client state in a local simulator, the operations the server asks for."""
 
     def __init__(self, cfg, partition: int, num_partitions: int):
         if not 0 <= partition < num_partitions:
@@ -72,17 +70,14 @@ class Node:
         return Block(mine(block.train), mine(block.valid), mine(block.test), block.n_users, block.n_items,
                      np.zeros(0, np.int64))
 
-    def _simulator(self, private: dict, hosted=()):
-        """The node's local simulator of these client rows, hosting users `hosted`."""
+    def _simulator(self, private: dict, hosted=()):   # the local simulator of these rows, hosting `hosted`
         sim = local_simulator(self.kind, self.cfg, self.flags, self.server, self.server.items, private, self.blocks)
         sim.hosted = np.asarray(hosted, dtype=np.int64)
         return sim
 
     def _call(self, method: str, *args):
         """A call on the simulator, with BLAS on one thread for the compiled kind (its products' bits)."""
-        if self._blas is None:
-            return getattr(self.sim, method)(*args)
-        with self._blas.limit(limits=1, user_api="blas"):
+        with self._blas.limit(limits=1, user_api="blas") if self._blas else nullcontext():
             return getattr(self.sim, method)(*args)
 
     def _arrays(self, value):
@@ -96,60 +91,40 @@ class Node:
         """The server's table (broadcast, best or evaluated), as the simulator's array kind."""
         self.server.items = self._arrays(items)
 
-    def users(self) -> int:
-        return int(self.sim.hosted.size)
-
     def describe(self) -> dict:
         """Public facts: block sizes, this node's participant count per block, the blocks' fingerprint."""
         return {"partition": self.partition, "num_partitions": self.num_partitions,
                 "n_users": [b.n_users for b in self.blocks], "n_items": [b.n_items for b in self.blocks],
                 "participants": [len(b.train) for b in self.blocks], "blocks_id": self.blocks_id,
-                "users": self.users()}
+                "users": self.sim.hosted.size}
 
     # ------------------------------------------------------------------------------------------- state
-    def _rows(self, users: np.ndarray, private: dict, count: int) -> dict:
-        """`count` user rows of Φ: `private`'s rows at `users`, zero elsewhere (users hosted by other nodes)."""
-        out = {}
-        for k, v in private.items():
-            v = numpy(v)
-            out[k] = np.zeros((count, *v.shape[1:]), v.dtype)
-            out[k][users] = v
-        return out
-
     def grow(self, users, private: dict) -> None:
         """New users with their initial Φ (anchor and slots = the init); other nodes' users' rows stay zero."""
         users = np.asarray(numpy(users), dtype=np.int64)
-        have = self.sim.state.num_users()
-        bad = users[(users % self.num_partitions != self.partition) | (users < have)]
+        bad = users[(users % self.num_partitions != self.partition) | (users < self.sim.state.num_users())]
         if bad.size:
             raise ValueError(f"node {self.partition}: users {bad[:5].tolist()} are not new users of this node")
-        if users.size:
-            self.sim.grow(self._arrays(self._rows(users - have, private, int(users.max()) + 1 - have)))
-            self.sim.hosted = np.concatenate([self.sim.hosted, users])
+        self.sim.host(users, private)
 
     def set_rows(self, users, private: dict) -> None:
         """Re-initialise these users' Φ, the rows of `private` in the order of `users` (full_retrain's restart)."""
-        users = np.asarray(numpy(users), dtype=np.int64)
-        self.sim.set_private(self._arrays(self._rows(users, private, self.sim.state.num_users())))
-
-    def save_slot(self, name: str) -> None:
-        self.sim.save_slot(name)
-
-    def load_slot(self, name: str) -> None:
-        self.sim.load_slot(name)
+        self.sim.set_hosted(np.asarray(numpy(users), dtype=np.int64), private)
 
     # ------------------------------------------------------------------------------------------- round
-    def train(self, t: int, r: int) -> tuple[np.ndarray, np.ndarray, int, dict]:
-        """Round r of block t on the received table: (changed rows, its participants' summed deltas there, their
-        count, their D_u / m_u); every client's draws come from its own streams, as in a local run (§13)."""
+    def train(self, t: int, r: int) -> tuple[dict, dict]:
+        """Round r of block t on the received table; the reply: ({rows, values}: the rows its participants changed
+        and their summed deltas there, {clients, D, m}: their count and D_u / m_u). Every client's draws come from
+        its own streams, as in a local run (§13)."""
         ctx, broadcast = round_context(self.cfg, self.flags, self.blocks, t, r), self.server.items
         if broadcast.shape[0] != ctx.n_items:
             raise ValueError(f"node {self.partition}: broadcast has {broadcast.shape[0]} rows, block {t} {ctx.n_items}")
         if not self.blocks[t].train:   # no participant here this block: nothing to upload
-            return np.zeros(0, np.int64), np.zeros((0, broadcast.shape[1]), numpy(broadcast[:0]).dtype), 0, {"D": [], "m": []}
-        stats = self._call("train_round", None, ctx)
+            self.server.upload, stats = (np.zeros(0, np.int64), numpy(broadcast[:0]), 0), {}
+        else:
+            stats = self._call("train_round", None, ctx)
         rows, values, count = self.server.upload
-        return rows, values, count, {"D": list(stats.get("D", [])), "m": list(stats.get("m", []))}
+        return {"rows": rows, "values": values}, {"clients": count, "D": list(stats.get("D", [])), "m": list(stats.get("m", []))}
 
     def validation_sums(self, t: int) -> dict:
         """Exact (sum, count) of NDCG@20 / Recall@20 over this node's validation users of block t (§8.2)."""

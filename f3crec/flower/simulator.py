@@ -1,14 +1,13 @@
 """The server side of F3CRec on Flower (§14): `FlowerSimulator` answers the block loop's calls on a simulator
 (train_round, validate, test_row, slots, end_block, grow, checkpoints) by asking its nodes through a Flower
 `Grid`. It holds the public item table and its slots (server.py's `Server`: the unweighted mean over every
-participant, not Flower's example-weighted FedAvg, of the nodes' uploads — each node's sum of its participants'
-row deltas, added here in partition order), the public block sizes and per node only counts; nodes report exact
-metric sums, merged and rounded once here. With one node the numbers are the node's local simulator's bit for
-bit; with several, the partial sums add in another order than one process's, so they equal it to rounding. Fault rule (README, "Faults"): a node whose reply
-is an error or misses `federation.reply_timeout` is lost for the run, its users counted in `lost_users`; below
-`federation.min_reply_fraction` of the block's users the run stops in one line, resumable from the last
-block-boundary checkpoint. Invariant (tests/f3crec/test_flower.py): nothing reachable from a FlowerSimulator
-but through its grid is a client's interaction, private parameter, ŷ, Tᵘ or score; no client-side import.
+participant of the nodes' uploads, each their participants' summed row deltas, added in partition order; not
+Flower's weighted FedAvg), the public block sizes and per node only counts; nodes report exact metric sums,
+merged and rounded once here. Equal to the nodes' simulator bit for bit with one node, to rounding with more.
+Fault rule (README, "Faults"): a node whose reply is an error or misses `federation.reply_timeout` is lost for
+the run, its users counted in `lost_users`; below `federation.min_reply_fraction` of the block's users the run
+stops in one line, resumable from the last block-boundary checkpoint. Invariant (tests/f3crec/test_flower.py):
+nothing but the grid reaches a client's interaction, parameter, ŷ, Tᵘ or score; no client-side import.
 """
 from __future__ import annotations
 
@@ -123,9 +122,7 @@ class FlowerSimulator:
         for node in sorted(replies, key=lambda n: self.nodes[n]["partition"]):
             tensors, config = replies[node]
             total[tensors["rows"]] += tensors["values"]    # a node's rows are distinct; the others add nothing
-            clients += config["clients"]
-            out["D"] += config["D"]
-            out["m"] += config["m"]
+            clients, out = clients + config["clients"], {k: out[k] + config[k] for k in ("D", "m")}
         if not clients:
             raise ConnectionError(f"block {ctx.block} round {ctx.round}: no client uploaded")
         if self.lost:

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from common.checkpoints import from_bytes, to_bytes
 from common.config import ConfigError, config_to_dict, load_config
 from common.io import REPO
 
@@ -30,27 +29,14 @@ def arrays(values: dict) -> ArrayRecord:
     return ArrayRecord(array_dict=out)
 
 
-def tensors(record: ArrayRecord) -> dict:
-    """The arrays of a record, as numpy arrays (each side makes them its own kind)."""
-    return {name: np.array(array.numpy(), copy=True) for name, array in record.items()}
-
-
 def content(tensor_values: dict | None = None, **config) -> RecordDict:
     """A message body: tensors under 'arrays', JSON-able settings under 'config' (one JSON string)."""
     return RecordDict({"arrays": arrays(tensor_values or {}), "config": ConfigRecord({"json": json.dumps(config)})})
 
 
 def unpack(body: RecordDict) -> tuple[dict, dict]:
-    return tensors(body["arrays"]), json.loads(body["config"]["json"])
-
-
-def dump(value) -> bytes:
-    """A node's state as bytes (common.checkpoints' format: numpy arrays bit-exact, no pickle)."""
-    return to_bytes(value)
-
-
-def load(data: bytes):
-    return from_bytes(data)
+    """(numpy arrays: each side makes them its own kind, config) of a message body."""
+    return {k: np.array(a.numpy(), copy=True) for k, a in body["arrays"].items()}, json.loads(body["config"]["json"])
 
 
 def sums_to_json(sums: dict[str, tuple[Fraction, int]]) -> dict:

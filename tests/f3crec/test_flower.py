@@ -14,6 +14,7 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
+from common.checkpoints import from_bytes  # noqa: E402
 from common.config import load_config  # noqa: E402
 from f3crec.config import Config, resolve  # noqa: E402
 from f3crec.data import get_blocks  # noqa: E402
@@ -57,7 +58,7 @@ def node_states(sim: FlowerSimulator) -> dict[str, np.ndarray]:
     hosted = []
     for context in sim.grid.contexts.values():
         if "f3crec.state" in context.state:
-            state = wire.load(context.state["f3crec.state"]["bytes"])
+            state = from_bytes(context.state["f3crec.state"]["bytes"])
             clients = state["clients"]
             parts = {**{f"private.{k}": v for k, v in clients["private"].items()},
                      **{k: clients[k] for k in ("topn", "yhat", "has_topn")}}

@@ -150,14 +150,21 @@ def test_deployment_gives_the_in_process_and_reference_metrics(tmp_path, monkeyp
     for simulator in ("flower", "reference"):
         oracle = _oracle(tmp_path, simulator, 2)
         assert deployed["summary"] == oracle["results"]["summary"], simulator       # a-matrices, LA/RA/H
-        assert _records(out) == oracle["records"], simulator                          # every round's record
+        records, expected = _records(out), oracle["records"]
+        if simulator == "reference":   # compiled nodes: ITM's float32 mean weight to rounding (README)
+            itm = [(r.pop("itm_w", 0.0), e.pop("itm_w", 0.0)) for r, e in zip(records, expected)]
+            assert all(a == pytest.approx(b, rel=1e-6) for a, b in itm)
+        assert records == expected, simulator                                         # every round's record
 
 
 @pytest.mark.slow
 @deployment
 def test_node_killed_mid_run_stops_in_one_line_and_resume_continues(tmp_path, monkeypatch):
     monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
-    fed = ["federation.nodes=3", "federation.reply_timeout=20", f"federation.node_state_dir={tmp_path / 'nodes'}"]
+    # vectorised nodes: a compiled node's first training message compiles numba's kernels (tens of seconds on this
+    # machine, once per staged copy), which this 20 s deadline would count as a lost node
+    fed = ["federation.nodes=3", "federation.reply_timeout=20", f"federation.node_state_dir={tmp_path / 'nodes'}",
+           "federation.node_simulator=vectorised"]
     run_dir, outcome = tmp_path / "run", {}
     with Deployment(tmp_path / "d1", 3, _node_config(tmp_path)) as first:
         staged = stage(APP, PACKAGES, tmp_path / "app")
