@@ -262,9 +262,14 @@ def worker(args) -> dict:
     cfg, flags = resolve(load_config(Config, args.config, overrides))
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     if args.scale:
-        if args.only == "compiled":   # load the compiled kernels first: a block's first round then times its layout
-            time_rounds(cfg, flags, ml100k_shaped_blocks(60), 0, device)
-        blocks = ml100k_shaped_blocks(args.clients)
+        current: dict = {}
+        if args.only == "flower":   # the in-process nodes read these synthetic blocks instead of block files
+            from .flower import node
+            node.get_blocks = lambda data, seed: (current["blocks"], "synthetic")
+        if args.only in ("compiled", "flower"):   # load the compiled kernels first: a first round then times its layout
+            current["blocks"] = ml100k_shaped_blocks(60)
+            time_rounds(cfg, flags, current["blocks"], 0, device)
+        blocks = current["blocks"] = ml100k_shaped_blocks(args.clients)
     elif args.clients:
         blocks = scale_blocks(args.clients, args.items, args.per_client)
     else:
@@ -407,8 +412,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale", action="store_true", help="ms per round and peak RSS at --sizes ML-100K-shaped "
                         "client counts (synthetic, linear-time generator)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
-    parser.add_argument("--simulator", choices=["vectorised", "compiled"], default="vectorised",
-                        help="--scale: the simulator timed")
+    parser.add_argument("--simulator", choices=["vectorised", "compiled", "flower"], default="vectorised",
+                        help="--scale: the simulator timed (flower: the in-process grid, federation.nodes nodes)")
     parser.add_argument("--reference", default=None, help="a prepared checkout of the official code: time it too, "
                         "alternating with ours (README, Speed)")
     parser.add_argument("--reference-python", default=sys.executable, help="the interpreter that has its pandas")
