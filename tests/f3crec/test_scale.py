@@ -84,6 +84,17 @@ def test_bench_scale_times_the_compiled_simulator_when_asked(capsys):
     assert main(["--scale", "--sizes", "60", "--rounds", "1"])[60]["simulator"] == "VectorisedSimulator"
 
 
+def test_bench_scale_times_the_in_process_flower_grid_on_the_synthetic_blocks(capsys):
+    """--simulator flower: two in-process nodes (compiled) train and validate the synthetic blocks, not block files."""
+    pytest.importorskip("flwr")
+    from f3crec.bench import main
+    out = main(["--scale", "--simulator", "flower", "--sizes", "60", "--rounds", "1", "federation.nodes=2"])
+    assert "flower simulator" in capsys.readouterr().out
+    res = out[60]
+    assert res["simulator"] == "FlowerSimulator" and res["block0"]["clients"] == 60 and res["block1"]["clients"] > 0
+    assert res["block0"]["validation_cpu_s"] > 0 and res["block1"]["cpu_s_per_round"] > 0
+
+
 def _sims(overrides, **kwargs):
     """Two vectorised simulators on the smoke stream (float64, several local steps), built with `kwargs`[i]."""
     from f3crec.sim_vectorised import VectorisedSimulator
