@@ -111,7 +111,7 @@ def _load_without_typing(dispatcher) -> None:
     cache.load_overload = load_overload
 
 
-_SOURCES: dict[str, dict[str, tuple]] = {}   # kernel module -> {source file: stamp} of the code compiled into it
+_SOURCES: dict[str, dict[str, tuple]] = {}   # kernel module -> {module: its file's stamp} of the code compiled into it
 
 
 def _stamp(path: str) -> tuple:
@@ -121,9 +121,10 @@ def _stamp(path: str) -> tuple:
 
 
 def _sources(namespace: dict) -> dict[str, tuple]:
-    """The source files whose code a kernel module's compiled kernels hold: its own, and (transitively) those of
-    the kernel modules whose kernels or overloads it imported (inlined or linked in when it compiles)."""
-    sources = {namespace["__file__"]: _stamp(namespace["__file__"])}
+    """The modules whose code a kernel module's compiled kernels hold, with their files' stamps: itself, and
+    (transitively) the kernel modules whose kernels or overloads it imported (inlined or linked in when it
+    compiles). Keyed by module name, not path: a copied tree keeps numba's own rule (stamps, not places)."""
+    sources = {namespace["__name__"]: _stamp(namespace["__file__"])}
     for value in list(namespace.values()):
         module = getattr(getattr(value, "py_func", value), "__module__", None)
         if module != namespace["__name__"] and module in _SOURCES:
