@@ -37,7 +37,7 @@ HEADLINE = {
     "vlm2rec": ("test/ndcg@10", "test/hr@10", "test/full/ndcg@10", "test/full/hr@10", "test/seqrec/full/ndcg@10"),
     "f3crec": ("test/ndcg@20", "test/la/ndcg@20", "test/ra/ndcg@20", "test/recall@20", "valid/ndcg@20"),
 }
-ASIDE = "previous-"  # prefix of the folders that --overwrite moves an earlier run's records into (common/runs.py)
+ASIDE = "previous-"  # prefix of the folders that --overwrite moves an earlier run's records into (common/run_folder.py)
 
 
 # The keys every results.json starts with, the same in the three papers (common/runs.py write_results):

@@ -16,8 +16,9 @@ import yaml
 from common.checkpoints import load_checkpoint
 from common.config import ConfigError, config_to_dict, flatten
 from common.io import check_writable
+from common.run_folder import refused_folder
 from common.runs import (check_resume_folder as common_check_resume_folder, checkpoint_identity, default_run_root,
-                         paper_of as logged_paper, refused_folder)
+                         paper_of as logged_paper)
 from common.utils import get_device
 
 from .config import Config, base_cache_dir, check_config, method_flags

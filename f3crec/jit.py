@@ -1,9 +1,11 @@
-"""numba for the compiled simulator's kernels (kernels.py, eval_kernels.py): imported with SciPy hidden, and
-cached machine code loaded without numba's per-process typing set-up (`load_fast`). Import this module before
-numba anywhere on the compiled path (the kernel modules do)."""
+"""numba for the compiled simulator's kernels (kernels.py, draw_kernels.py, ewc_kernels.py, eval_kernels.py):
+imported with SciPy hidden, and cached machine code loaded without numba's per-process typing set-up
+(`load_fast`), and kept only while every source file compiled into it is unchanged (`_depend`). Import this
+module before numba anywhere on the compiled path (the kernel modules do)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 from common.cli import paused_gc
@@ -109,10 +111,46 @@ def _load_without_typing(dispatcher) -> None:
     cache.load_overload = load_overload
 
 
+_SOURCES: dict[str, dict[str, tuple]] = {}   # kernel module -> {module: its file's stamp} of the code compiled into it
+
+
+def _stamp(path: str) -> tuple:
+    """A source file's stamp as numba's cache takes it (caching._CacheLocator.get_source_stamp): mtime, size."""
+    st = os.stat(path)
+    return st.st_mtime, st.st_size
+
+
+def _sources(namespace: dict) -> dict[str, tuple]:
+    """The modules whose code a kernel module's compiled kernels hold, with their files' stamps: itself, and
+    (transitively) the kernel modules whose kernels or overloads it imported (inlined or linked in when it
+    compiles). Keyed by module name, not path: a copied tree keeps numba's own rule (stamps, not places)."""
+    sources = {namespace["__name__"]: _stamp(namespace["__file__"])}
+    for value in list(namespace.values()):
+        module = getattr(getattr(value, "py_func", value), "__module__", None)
+        if module != namespace["__name__"] and module in _SOURCES:
+            sources.update(_SOURCES[module])
+    return sources
+
+
+def _depend(dispatcher, sources: dict[str, tuple]) -> None:
+    """Let `dispatcher`'s cached code stand only while every file of `sources` is unchanged. numba's cache
+    checks the stamp of the kernel's own file alone, so a kernel that compiled in another module's kernel
+    (kernels.fedmf_round_drawn inlines draw_kernels._draw_client) would keep running that kernel's old code
+    after an edit there; its cache index is stamped with every file's stamp instead. A numba whose cache
+    differs from this (checked) keeps its own stamp."""
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    if cache_file is not None and hasattr(cache_file, "_source_stamp"):
+        cache_file._source_stamp = tuple(sorted(sources.items()))
+
+
 def load_fast(namespace: dict) -> None:
-    """Give every numba dispatcher of a kernel module's namespace the fast cached load (_load_without_typing);
-    called once at the end of each kernel module, after its last kernel."""
+    """Give every numba dispatcher of a kernel module's namespace the fast cached load (_load_without_typing),
+    and, where the module compiles in other kernel modules' code, a cache that those modules' edits invalidate
+    (_depend); called once at the end of each kernel module, after its last kernel."""
+    sources = _SOURCES[namespace["__name__"]] = _sources(namespace)
     for value in list(namespace.values()):
         if isinstance(value, Dispatcher) and not getattr(value, "_fast_load", False):
+            if len(sources) > 1:
+                _depend(value, sources)
             _load_without_typing(value)
             value._fast_load = True

@@ -1,5 +1,5 @@
 """Compiled kernels of the compiled simulator (sim_compiled.py, §13): one FedMF round of local training as a
-per-client loop (FedMF; FedNCF and PFedRec with their heads), the plan draws and EWC's Fisher. numpy + numba only (no torch).
+per-client loop (FedMF; FedNCF and PFedRec with their heads) and EWC's Fisher. numpy + numba only (no torch).
 
 `fedmf_round` trains every participant of a round in turn, exactly as ReferenceSimulator's `Client` does
 (§5, §6, §11), with closed-form gradients instead of autograd: FedMF's score is s = q_i · p_u, so for a
@@ -16,17 +16,19 @@ thread count: the kernels are single-threaded and every sum has a fixed order (t
 q_i · p_u is summed in SIMD lanes, `_row_dot`: an order fixed by the compiled code, not by threads).
 
 `fedmf_round_drawn` is fedmf_round with each client's samples drawn inside the loop, one client ahead
-(`_draw_client`, the per-client draw of `draw_plan`: the same values), what the simulator runs for FedMF.
+(draw_kernels.py's `_draw_client`, the per-client draw of `draw_plan`: the same values), what the simulator runs
+for FedMF.
 
 `affine_round` is the same loop for the backbones with a head (FedNCF, PFedRec): s = a_u · q_i + c_u with
 (a_u, c_u) from the private tensors (model.py), the head's gradients in closed form, PFedRec's two
 optimiser sub-steps and the round-0 reset.
 
-The evaluation kernels (top-K metrics, top-N rows) are in eval_kernels.py, numba's set-up in jit.py.
+The plan's draws are in draw_kernels.py, EWC's penalty helpers in ewc_kernels.py, the evaluation kernels (top-K
+metrics, top-N rows) in eval_kernels.py, numba's set-up in jit.py.
 
 EWC (§11): `fisher_rows` is round.fisher's diagonal empirical Fisher in closed form (∂q_i = g a, ∂Φ_u from
 s = a·q_i + c); the round kernels take an optional `ewc` group (None: the EWC code is not compiled in) and
-add (γ/2)·Σ F (θ − θ*)²'s gradient for the client's stored Fisher rows and its Φ_u (`_ewc_grads`).
+add (γ/2)·Σ F (θ − θ*)²'s gradient for the client's stored Fisher rows and its Φ_u (ewc_kernels.py).
 """
 from __future__ import annotations
 
@@ -39,10 +41,12 @@ from numba import njit, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
 
+from .draw_kernels import _draw_client, _draw_scratch, memory_perm  # noqa: E402
+from .draw_kernels import draw_plan  # noqa: E402,F401  (sim_compiled.py's kernels.draw_plan, until it names draw_kernels)
+from .ewc_kernels import (_ewc_client, _ewc_grads, _ewc_head_grads, _ewc_max_rows, _ewc_off, _ewc_rows,  # noqa: E402
+                          _plus_ewc)
+
 PREFETCH_BYTES = 1 << 19
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
 
 
 def _prefetch_intrinsic(write: int):
@@ -90,13 +94,6 @@ def _prefetch_rows(rows, slot, i):
 
 
 @njit(cache=True, inline="always")
-def _mix(x):
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
-
-
-@njit(cache=True, inline="always")
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -108,110 +105,6 @@ def _row_dot(rows, r, p):
     for k in range(p.size):
         s += rows[r, k] * p[k]
     return s
-
-
-@njit(cache=True)
-def memory_perm(key, counter0, n):
-    """The permutation of 0..n−1 in the order of values counter0 .. counter0+n−1 of stream `key`
-    (round.RoundPlan.memory_perm: a stable argsort of streams.values)."""
-    vals = np.empty(n, np.uint64)
-    for k in range(n):
-        vals[k] = _mix(key + (np.uint64(counter0 + k) + np.uint64(1)) * _GAMMA)
-    return np.argsort(vals, kind="mergesort")
-
-
-@njit(cache=True, inline="always")
-def _sort_uniform(keys, n, start, out):
-    """out[:n] = the distinct uint64 keys[:n], whose top bits are uniform (stream values), sorted in expected
-    linear time: a counting pass on the top ⌈log2 n⌉ bits, then an insertion sort of the few keys sharing a
-    bucket. `start` (≥ 2^⌈log2 n⌉ + 1 entries) is scratch."""
-    if n < 2:
-        for j in range(n):
-            out[j] = keys[j]
-        return
-    bits = 1
-    while (1 << bits) < n:
-        bits += 1
-    shift = np.uint64(64 - bits)
-    for b in range((1 << bits) + 1):
-        start[b] = 0
-    for j in range(n):
-        start[np.int64(keys[j] >> shift) + 1] += 1
-    for b in range(1 << bits):
-        start[b + 1] += start[b]
-    for j in range(n):
-        b = np.int64(keys[j] >> shift)
-        out[start[b]] = keys[j]
-        start[b] += 1
-    for j in range(1, n):                              # only keys of one bucket are out of order
-        key = out[j]
-        at = j
-        while at > 0 and out[at - 1] > key:
-            out[at] = out[at - 1]
-            at -= 1
-        out[at] = key
-
-
-@njit(cache=True, inline="always")
-def _draw_scratch(offsets, n_items):
-    """The draw's scratch, sized for the round's largest client: (excluded marks over the catalogue, base,
-    packed, sorted, counting-sort starts)."""
-    largest = 1
-    for a in range(offsets.size - 1):
-        largest = max(largest, offsets[a + 1] - offsets[a])
-    bits = 1
-    while (1 << bits) < largest:
-        bits += 1
-    return (np.zeros(n_items, np.bool_), np.empty(largest, np.int64), np.empty(largest, np.uint64),
-            np.empty(largest, np.uint64), np.empty((1 << bits) + 1, np.int64))
-
-
-@njit(cache=True, inline="always")
-def _draw_client(neg_key, shuffle_key, n, size, positives, pos_lo, exc_items, e0, e1, n_items, excluded, base,
-                 packed, out, start, items, labels, at):
-    """One client's shuffled samples into items[at:at + size], labels[at:at + size]: its n positives
-    positives[pos_lo:pos_lo + n], then its negatives — slot s, attempt k is value s + k·2³² of its NEGATIVES
-    stream, `below` |I|, redrawn while in exc_items[e0:e1] — in the stable order of its SHUFFLE stream values
-    >> 21 (round.RoundPlan.items / .labels of this client)."""
-    for j in range(e0, e1):
-        excluded[exc_items[j]] = True
-    for j in range(n):
-        base[j] = positives[pos_lo + j]
-    for slot in range(size - n):
-        attempt = 0
-        while True:
-            counter = np.uint64(slot) + (np.uint64(attempt) << np.uint64(32))
-            v = _mix(neg_key + (counter + np.uint64(1)) * _GAMMA)
-            item = np.int64(((v >> np.uint64(32)) * np.uint64(n_items)) >> np.uint64(32))
-            if not excluded[item]:
-                break
-            attempt += 1
-        base[n + slot] = item
-    # a stable sort on the top 43 bits = a sort of (value >> 21) << 21 | position (size < 2²¹)
-    for j in range(size):
-        value = _mix(shuffle_key + (np.uint64(j) + np.uint64(1)) * _GAMMA) >> np.uint64(21)
-        packed[j] = (value << np.uint64(21)) | np.uint64(j)
-    _sort_uniform(packed, size, start, out)
-    for j in range(size):
-        k = np.int64(out[j] & np.uint64(0x1FFFFF))
-        items[at + j] = base[k]
-        labels[at + j] = 1.0 if k < n else 0.0
-    for j in range(e0, e1):
-        excluded[exc_items[j]] = False
-
-
-@njit(cache=True)
-def draw_plan(neg_keys, shuffle_keys, offsets, counts, positives, exc_ptr, exc_items, n_items, items, labels):
-    """Every participant's shuffled samples of one round (round.RoundPlan.items / .labels, drawn client by
-    client by _draw_client) into items, labels. The per-client arrays are scratch of the largest client's
-    size, allocated once. (fedmf_round_drawn draws the same values client by client inside its training loop.)"""
-    excluded, base, packed, out, start = _draw_scratch(offsets, n_items)
-    pos_at = 0
-    for a in range(counts.size):
-        _draw_client(neg_keys[a], shuffle_keys[a], counts[a], offsets[a + 1] - offsets[a], positives, pos_at,
-                     exc_items, exc_ptr[a], exc_ptr[a + 1], n_items, excluded, base, packed, out, start, items,
-                     labels, offsets[a])
-        pos_at += counts[a]
 
 
 @intrinsic
@@ -400,104 +293,6 @@ def _emb_reg_grads(reg_d, local, row_item, n_rows, n_prev_items, anchor_items, g
     if with_p:
         for k in range(dim):
             gp[k] += two * (p[k] - anchor_p[user, k])
-
-
-# ---- EWC (§11): the round's group `ewc` = (γ, has (A,), f_lo (A,), f_hi (A,), f_items (L,), f_rows (L, d),
-# F_p, F_w, F_b, θ*_w, θ*_b (U, ·)), or None (no EWC: every helper below compiles to nothing). Participant a's
-# stored Fisher rows are f_items[f_lo[a]:f_hi[a]] (empty unless it returns), `has[a]`: a Fisher of its Φ_u.
-# Not inline="always": compiled apart, a helper's `is None` test is on its own argument, which numba prunes
-# when it is None (inlined, it would not be); _ewc_client is an overload, so the None case never becomes an
-# Optional tuple.
-def _ewc_client(ewc, a):
-    """Participant a's part of the round's EWC group: (γ, has, lo, hi, f_items, f_rows, F_p, F_w, F_b, θ*_w,
-    θ*_b), or None. Compiled only (the overload below): typed by what `ewc` is, never an Optional."""
-    raise NotImplementedError("a numba overload: call it from compiled code")
-
-
-@overload(_ewc_client, jit_options={"cache": True})
-def _ewc_client_typed(ewc, a):
-    if isinstance(ewc, (types.NoneType, types.Omitted)):
-        return lambda ewc, a: None
-
-    def client(ewc, a):
-        gamma, has, f_lo, f_hi, f_items, f_rows, f_p, f_w, f_b, anchor_w, anchor_b = ewc
-        return gamma, has[a], f_lo[a], f_hi[a], f_items, f_rows, f_p, f_w, f_b, anchor_w, anchor_b
-    return client
-
-
-@njit(cache=True)
-def _ewc_max_rows(ewc):
-    """The most stored Fisher rows of one participant (the local row buffers' extra room); 0 without EWC."""
-    if ewc is None:
-        return 0
-    most = 0
-    for a in range(ewc[2].size):
-        most = max(most, ewc[3][a] - ewc[2][a])
-    return most
-
-
-@njit(cache=True)
-def _ewc_off(e):
-    """Whether the client's EWC penalty is absent (no Fisher of Φ_u, no stored rows)."""
-    if e is None:
-        return True
-    return not e[1] and e[3] == e[2]
-
-
-@njit(cache=True)
-def _ewc_rows(e, q, slot, row_item, local, n_rows):
-    """The client's stored Fisher rows made local rows too (after those of _local_rows); returns the count."""
-    if e is None:
-        return n_rows
-    f_items = e[4]
-    for j in range(e[2], e[3]):
-        i = f_items[j]
-        if slot[i] < 0:
-            slot[i] = n_rows
-            row_item[n_rows] = i
-            for k in range(q.shape[1]):
-                local[n_rows, k] = q[i, k]
-            n_rows += 1
-    return n_rows
-
-
-@njit(cache=True)
-def _ewc_grads(e, local, slot, anchor_items, grad, with_p, p, anchor_p, user, gp):
-    """EWC's penalty gradient, ∂/∂θ of (γ/2)·Σ F (θ − θ*)² = (γ/2·F)·2(θ − θ*) (autograd's order): into `grad`
-    for the client's stored Fisher rows (θ* = Q^{t−1}, anchor_items) and, where it has a Fisher of Φ_u and
-    `with_p`, into the private vector's `gp`."""
-    if e is None:
-        return
-    half = 0.5 * e[0]
-    f_items, f_rows, f_p = e[4], e[5], e[6]
-    for j in range(e[2], e[3]):
-        i = f_items[j]
-        r = slot[i]
-        for k in range(local.shape[1]):
-            grad[r, k] += (half * f_rows[j, k]) * (2.0 * (local[r, k] - anchor_items[i, k]))
-    if e[1] and with_p:
-        for k in range(p.size):
-            gp[k] += (half * f_p[user, k]) * (2.0 * (p[k] - anchor_p[user, k]))
-
-
-@njit(cache=True)
-def _ewc_head_grads(e, user, w, b, ew, eb):
-    """EWC's penalty gradient of the head (w, b) into ew, eb (zero without a Fisher of Φ_u)."""
-    if e is None:
-        return
-    half = 0.5 * e[0]
-    f_w, f_b, anchor_w, anchor_b = e[7], e[8], e[9], e[10]
-    for k in range(w.size):
-        ew[k] = (half * f_w[user, k]) * (2.0 * (w[k] - anchor_w[user, k])) if e[1] else 0.0
-    eb[0] = (half * f_b[user, 0]) * (2.0 * (b[0] - anchor_b[user, 0])) if e[1] else 0.0
-
-
-@njit(cache=True)
-def _plus_ewc(g, e, extra):
-    """g plus EWC's term `extra` (g itself, untouched, without EWC)."""
-    if e is None:
-        return g
-    return g + extra
 
 
 @njit(cache=True, inline="always")

@@ -16,8 +16,9 @@ import yaml
 from common.checkpoints import load_checkpoint
 from common.io import check_writable
 from common.config import ConfigError
+from common.run_folder import refused_folder
 from common.runs import (check_resume_folder as common_check_resume_folder, checkpoint_identity, default_run_root,
-                         paper_of as logged_paper, refused_folder, saved_config)
+                         paper_of as logged_paper, saved_config)
 
 from .config import Config, check_config, check_saved_config
 

@@ -20,7 +20,8 @@ from common.checkpoints import save_checkpoint
 from common.config import parse_cli
 from common.io import cache_root, check_writable
 from common.results import flat_metrics
-from common.runs import default_run_root, refused_folder, run_name, start_run, write_results
+from common.run_folder import refused_folder
+from common.runs import default_run_root, run_name, start_run, write_results
 from common.cli import run_cli
 from common.utils import get_device, seed_everything
 

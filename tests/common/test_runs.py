@@ -1,4 +1,4 @@
-"""common/runs.py, common/io.py and common/utils.py: run directory files, checkpoints, RNG state, atomic writes."""
+"""common/runs.py, common/run_folder.py, common/io.py and common/utils.py: run directory files, checkpoints, RNG state, atomic writes."""
 import json
 import multiprocessing
 import os
@@ -128,7 +128,7 @@ def test_default_run_root_is_the_repo_whatever_the_cwd(tmp_path, monkeypatch):
 def _claim_run_dir(args):
     root, barrier = args
     barrier.wait()  # both processes ask for a folder at the same instant (same second, same stamp)
-    from common.runs import claim_run_dir
+    from common.run_folder import claim_run_dir
     return str(claim_run_dir(root, "20260101-000000_t"))
 
 
@@ -244,7 +244,7 @@ def _finished_run(folder, cfg, resume=False):
 
 
 def test_a_fresh_run_in_a_used_folder_is_refused_or_moves_it_aside_and_a_resume_keeps_it(tmp_path):
-    from common.runs import RUN_RECORDS
+    from common.run_folder import RUN_RECORDS
     run = _finished_run(tmp_path / "run", Cfg())
     (run / "best.pt").write_bytes(b"old")
     results = (run / "results.json").read_bytes()

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from common import checkpoints, runs
+from common import checkpoints, run_folder, runs
 from common.cli import run_cli
 from common.io import safe_filename
 
@@ -50,7 +50,7 @@ PAPERS = ["flame", "vlm2rec", "f3crec"]
 def snapshot(folder: Path) -> dict:
     """Every file under `folder` (the lock file aside) and its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != runs.LOCK_NAME}
+            if p.is_file() and p.name != run_folder.LOCK_NAME}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def copy_of(finished, tmp_path):
         source, extra = finished(paper)
         target = tmp_path / name
         shutil.copytree(source, target)
-        (target / runs.LOCK_NAME).unlink(missing_ok=True)
+        (target / run_folder.LOCK_NAME).unlink(missing_ok=True)
         return target, extra
     return make
 
@@ -95,7 +95,7 @@ def refused(capsys):
         main = paper_main(paper)
         with pytest.raises(SystemExit) as info:
             run_cli(lambda: main(list(argv)))
-        runs.release_run()
+        run_folder.release_run()
         err = capsys.readouterr().err
         assert info.value.code == code, f"exit status {info.value.code}, stderr {err!r}"
         assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
@@ -130,7 +130,7 @@ def test_overwrite_moves_the_old_run_aside_even_when_the_new_run_fails_at_once(c
     before = snapshot(run)
     line = refused("flame", [*FLAME, *extra, "train.lr=1e30", "--overwrite", "--run-dir", str(run)])
     assert "non-finite" in line
-    aside = [p for p in run.iterdir() if p.name.startswith(runs.ASIDE)]
+    aside = [p for p in run.iterdir() if p.name.startswith(run_folder.ASIDE)]
     assert len(aside) == 1 and snapshot(aside[0]) == before   # nothing of the good run lost
 
 
@@ -140,8 +140,8 @@ def test_overwrite_runs_afresh_and_keeps_the_old_run_whole(paper, copy_of, tmp_p
     run, extra = copy_of(paper)
     before = snapshot(run)
     paper_main(paper)([*ARGS[paper], *extra, "--overwrite", "--run-dir", str(run)])
-    runs.release_run()
-    aside = [p for p in run.iterdir() if p.name.startswith(runs.ASIDE)]
+    run_folder.release_run()
+    aside = [p for p in run.iterdir() if p.name.startswith(run_folder.ASIDE)]
     assert len(aside) == 1 and snapshot(aside[0]) == before
     assert (run / "results.json").is_file() and "--overwrite: what" in (run / "log.txt").read_text()
 
@@ -214,7 +214,7 @@ def test_a_last_pt_without_identity_is_refused(paper, copy_of, refused):
 def held_by_another_process(folder: Path):
     """Another open file description holding the run folder's lock (flock: as another process would)."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / runs.LOCK_NAME, "a+") as handle:
+    with open(folder / run_folder.LOCK_NAME, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         handle.write("pid 4242 on elsewhere\n")
         handle.flush()
@@ -277,7 +277,7 @@ def test_resume_records_an_allowed_change_in_log_and_results(copy_of, tmp_path, 
     assert state["block"] == 0
     first = (run / "results.json").read_bytes()
     paper_main("f3crec")(["--resume", str(run), "train.stop_after_block=1"])
-    runs.release_run()
+    run_folder.release_run()
     assert (run / "config.yaml").read_bytes() == config            # the identity is the saved config
     assert [p.read_bytes() for p in run.glob("previous-*/results.json")] == [first]   # the block-0 record kept
     results = json.loads((run / "results.json").read_text())
@@ -290,12 +290,12 @@ def test_flame_resume_under_another_run_root_uses_the_recorded_frozen_net(tmp_pa
     from flame.main import main
     monkeypatch.setenv("REPRO_RUNS", str(tmp_path / "A"))
     main([*FLAME, "train.max_epochs=2", "--run-dir", str(tmp_path / "run")])
-    runs.release_run()
+    run_folder.release_run()
     first = json.loads((tmp_path / "run" / "results.json").read_text())
     assert str(tmp_path / "A") in first["frozen"]
     monkeypatch.setenv("REPRO_RUNS", str(tmp_path / "B"))
     resumed = main(["--resume", str(tmp_path / "run")])
-    runs.release_run()
+    run_folder.release_run()
     assert resumed["frozen"] == first["frozen"] and not (tmp_path / "B" / "flame").exists()
     assert resumed["convergence"]["sasrec_run"] == first["convergence"]["sasrec_run"]
 
@@ -333,7 +333,7 @@ def test_ctrl_c_before_any_checkpoint_names_no_folder_to_resume(tmp_path, capsys
         run_cli(stop)
     err = capsys.readouterr().err
     assert info.value.code == 130 and "nothing to resume" in err and f"--resume {run}" not in err
-    runs.release_run()
+    run_folder.release_run()
 
 
 def test_ctrl_c_in_flames_stage_1_says_rerun_the_command_not_resume_the_stage_1_folder(tmp_path, capsys):
@@ -349,7 +349,7 @@ def test_ctrl_c_in_flames_stage_1_says_rerun_the_command_not_resume_the_stage_1_
         run_cli(stop)
     err = capsys.readouterr().err
     assert "the same command continues it" in err and "--resume" not in err
-    runs.release_run()
+    run_folder.release_run()
 
 
 def test_sigterm_stops_like_ctrl_c_and_leaves_no_temp_file(tmp_path):
@@ -374,7 +374,7 @@ def test_a_stale_temp_file_from_a_killed_writer_is_removed_on_resume(copy_of, tm
     run, _ = copy_of("f3crec")
     (run / ".last.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
     paper_main("f3crec")(["--resume", str(run), "train.stop_after_block=1"])
-    runs.release_run()
+    run_folder.release_run()
     assert not (run / ".last.pt.k1ll3d.tmp").exists()
     assert ".last.pt.k1ll3d.tmp" in (run / "log.txt").read_text()
 
@@ -460,7 +460,7 @@ def test_a_full_disk_while_writing_is_one_line_and_keeps_the_earlier_run(paper, 
     could not write, the finished run is byte-identical and no temp file is left."""
     disk = tmpfs("400k")
     source, extra = finished(paper)
-    shutil.copytree(source, disk / "old", ignore=shutil.ignore_patterns("*.pt", runs.LOCK_NAME))
+    shutil.copytree(source, disk / "old", ignore=shutil.ignore_patterns("*.pt", run_folder.LOCK_NAME))
     before = snapshot(disk / "old")
     free = shutil.disk_usage(disk).free
     (disk / "filler").write_bytes(b"\0" * max(free - 40_000, 0))   # a few tens of KB left
@@ -648,7 +648,7 @@ class _Cfg:
 @pytest.fixture(autouse=True)
 def _release_locks():
     yield
-    runs.release_run()
+    run_folder.release_run()
     runs._HINTS.clear()
 
 

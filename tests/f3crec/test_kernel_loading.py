@@ -75,10 +75,59 @@ def test_a_cached_kernel_loads_without_numbas_typing_and_a_new_one_compiles(tmp_
 
 def test_every_kernel_of_the_module_loads_this_way():
     from numba.core.dispatcher import Dispatcher
-    from f3crec import eval_kernels, kernels
-    dispatchers = [v for m in (kernels, eval_kernels) for v in vars(m).values() if isinstance(v, Dispatcher)]
+    from f3crec import draw_kernels, eval_kernels, ewc_kernels, kernels
+    dispatchers = [v for m in (kernels, draw_kernels, ewc_kernels, eval_kernels) for v in vars(m).values()
+                   if isinstance(v, Dispatcher)]
     assert {"fedmf_round_drawn", "topk_metrics", "affine_round", "draw_plan"} <= {d.__name__ for d in dispatchers}
     assert all("load_overload" in vars(d._cache) for d in dispatchers)
+
+
+DEPENDENCY = '''
+from numba import njit
+from f3crec.jit import load_fast
+
+@njit(cache=True, inline="always")
+def step(x):
+    return x + 1.0
+
+load_fast(globals())
+'''
+
+DEPENDANT = '''
+from numba import njit
+from f3crec.jit import load_fast
+from dep import step
+
+@njit(cache=True)
+def twice(x):
+    return step(x) * 2.0
+
+load_fast(globals())
+'''
+
+
+def test_a_kernel_compiled_with_another_modules_kernel_is_recompiled_when_that_module_changes(tmp_path):
+    """numba's cache checks only the kernel's own file: a kernel that inlines another kernel module's kernel
+    (kernels.fedmf_round_drawn and draw_kernels._draw_client) would keep that kernel's old code after an edit
+    there. load_fast stamps such a kernel's cache with every file compiled into it: an edit of the other
+    module recompiles it, and an unchanged one still loads from the cache."""
+    (tmp_path / "dep.py").write_text(DEPENDENCY)
+    (tmp_path / "top.py").write_text(DEPENDANT)
+    program = ("import json, top, dep; s = top.twice.stats; print(json.dumps([top.twice(1.0), dep.step(1.0), "
+               "sum(s.cache_hits.values()), sum(s.cache_misses.values())]))")
+
+    def run() -> list:
+        done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{ROOT}",
+                                   "NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert run() == [4.0, 2.0, 0, 1]          # compiled and cached
+    assert run() == [4.0, 2.0, 1, 0]          # loaded from the cache
+    (tmp_path / "dep.py").write_text(DEPENDENCY.replace("x + 1.0", "x + 100.0"))
+    assert run() == [202.0, 101.0, 0, 1]      # the edit of dep.py reaches top.twice: compiled again
+    assert run() == [202.0, 101.0, 1, 0]
 
 
 def test_importing_the_kernels_imports_no_scipy():
