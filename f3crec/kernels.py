@@ -42,7 +42,6 @@ from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
 
 from .draw_kernels import _draw_client, _draw_scratch, memory_perm  # noqa: E402
-from .draw_kernels import draw_plan  # noqa: E402,F401  (sim_compiled.py's kernels.draw_plan, until it names draw_kernels)
 from .ewc_kernels import (_ewc_client, _ewc_grads, _ewc_head_grads, _ewc_max_rows, _ewc_off, _ewc_rows,  # noqa: E402
                           _plus_ewc)
 

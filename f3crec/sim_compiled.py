@@ -14,7 +14,7 @@ form, PFedRec's two sub-steps, the round-0 reset) with ft, arm, itm, f3crec, top
 emb_reg, ewc and full_retrain (ITM and the restarts are server / block-loop code) and LDP noise (each client's
 Laplace noise from its own stream, added to the summed upload), on the CPU. EWC's block-end Fisher is
 closed-form too (kernels.fisher_rows, equal to round.fisher) and its penalty gradient is inside the round
-(kernels._ewc_grads), so an EWC run imports no torch either. `check(cfg, flags)`
+(ewc_kernels._ewc_grads), so an EWC run imports no torch either. `check(cfg, flags)`
 names what is not covered in one line; `federation.simulator=auto` runs this simulator where it is
 covered and the vectorised one elsewhere. Equal to the vectorised simulator to ≤ 1e-12 in float64 round by round and
 in every metric (tests/f3crec/test_compiled.py): the sums run in another order than ATen's (BLAS dot
@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from common.config import ConfigError
 
-from . import eval_kernels, kernels, streams
+from . import draw_kernels, eval_kernels, kernels, streams
 from .evaluate import SCORE_ROWS, test_exclude
 from .local_loop import StackedSimulator
 from .model import BACKBONES
@@ -155,7 +155,7 @@ def _buffer(buffers: dict, name: str, shape: tuple[int, ...], dtype) -> np.ndarr
 
 def draw(plan: RoundPlan, dtype=np.float64, out: tuple[np.ndarray, np.ndarray] | None = None
          ) -> tuple[np.ndarray, np.ndarray]:
-    """(plan.items, plan.labels) drawn by kernels.draw_plan: the same per-user streams, the same values
+    """(plan.items, plan.labels) drawn by draw_kernels.draw_plan: the same per-user streams, the same values
     (tests/f3crec/test_compiled.py compares them exactly). `out`: (items, labels) buffers of the right size to
     fill instead of fresh arrays (at 100,000 clients a fresh pair is 0.55 GB of new pages every round)."""
     m = plan.maker
@@ -166,7 +166,7 @@ def draw(plan: RoundPlan, dtype=np.float64, out: tuple[np.ndarray, np.ndarray] |
         items, labels = out
     else:
         items, labels = np.empty(size, np.int64), np.empty(size, dtype)
-    kernels.draw_plan(plan._keys(streams.NEGATIVES), plan._keys(streams.SHUFFLE), offsets, counts, positives,
+    draw_kernels.draw_plan(plan._keys(streams.NEGATIVES), plan._keys(streams.SHUFFLE), offsets, counts, positives,
                       exc_ptr, exc, m.n_items, items, labels)
     return items, labels
 
@@ -259,7 +259,7 @@ class CompiledSimulator(StackedSimulator):
         return {**out, **self.server.aggregate_sum(total, users.size)}
 
     def _ewc_group(self, ctx: RoundContext, users: np.ndarray, returning: np.ndarray, dim: int, dtype) -> tuple:
-        """The kernels' EWC group (kernels._ewc_client): γ, which participants have a Fisher of Φ_u, each
+        """The kernels' EWC group (ewc_kernels._ewc_client): γ, which participants have a Fisher of Φ_u, each
         returning participant's stored Fisher rows (a range of the (user, item)-sorted fisher_rows), the
         Fisher of Φ_u and the head's anchors (absent tensors: unused placeholders)."""
         st = self.state
