@@ -14,7 +14,7 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from common.checkpoints import from_bytes  # noqa: E402
+from common.checkpoints import from_bytes, to_bytes  # noqa: E402
 from common.config import load_config  # noqa: E402
 from f3crec.config import Config, resolve  # noqa: E402
 from f3crec.data import get_blocks  # noqa: E402
@@ -151,6 +151,27 @@ def test_flower_run_equals_reference_run(tmp_path):
     itm = {name: [r.pop("itm_w", 0.0) for r in rs] for name, rs in records.items()}   # a mean of floats: to rounding
     assert records["flower"] == records["reference"]
     assert np.allclose(itm["flower"], itm["reference"], rtol=0, atol=1e-12) and any(itm["reference"])
+
+
+def test_a_node_state_loads_only_into_the_same_node_simulator(tmp_path):
+    """A node's saved state (numpy checkpoint bytes) restores its users exactly on a node of the same simulator;
+    a node running the other simulator refuses it in one line naming federation.node_simulator."""
+    cfg = load_config(Config, SMOKE, ["federation.simulator=flower", "federation.nodes=2"])
+    node = Node(cfg, 1, 2)
+    users = np.array([1, 3, 5])
+    node.grow(users, {"p": np.arange(3 * cfg.backbone.dim, dtype=np.float32).reshape(3, -1)})
+    saved = to_bytes(node.state())
+    again = Node(cfg, 1, 2)
+    again.load_state(from_bytes(saved))
+    assert again.kind == "compiled" and again.sim.hosted.tolist() == [1, 3, 5]
+    assert np.array_equal(again.sim.state.private["p"], node.sim.state.private["p"])
+    assert not again.sim.state.private["p"][[0, 2, 4]].any()          # rows of the other node's users: zero
+    with pytest.raises(ValueError, match="another node's users|not new users"):
+        again.grow(np.array([2]), {"p": np.zeros((1, cfg.backbone.dim), np.float32)})
+    other = Node(load_config(Config, SMOKE, ["federation.simulator=flower", "federation.nodes=2",
+                                             "federation.node_simulator=vectorised"]), 1, 2)
+    with pytest.raises(ValueError, match="federation.node_simulator"):
+        other.load_state(from_bytes(saved))
 
 
 def test_federated_sums_equal_centralised_evaluation():
