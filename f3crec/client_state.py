@@ -83,6 +83,28 @@ class ClientStates:
             setattr(self, key, value)
 
 
+PER_USER = ("private", "slots", "yhat", "topn", "has_topn", "anchor", "fisher", "fisher_valid")   # a row per user
+
+
+def _each(value, fn):
+    return {k: _each(v, fn) for k, v in value.items()} if isinstance(value, dict) else fn(value)
+
+
+def user_rows(state: dict, rows) -> dict:
+    """A ClientStates.state_dict() with every per-user array cut to the users `rows` (a Flower node's own: its
+    saved state sized by its users, not by every user id)."""
+    return {k: _each(v, lambda a: a[rows]) if k in PER_USER else v for k, v in state.items()}
+
+
+def spread_user_rows(state: dict, rows, count: int) -> dict:
+    """user_rows' inverse: per-user arrays of `count` rows, `state`'s at `rows`, zero elsewhere."""
+    def spread(a):
+        out = zeros(a, (count, *a.shape[1:]))
+        out[rows] = a
+        return out
+    return {k: _each(v, spread) if k in PER_USER else v for k, v in state.items()}
+
+
 def _merge_rows(rows: dict | None, users: np.ndarray, items: np.ndarray, values: np.ndarray) -> dict:
     """set_fisher_rows for numpy arrays: the kept old rows and the new ones, each sorted by (user, item), merged
     by scattering both into one fresh array (the new ones are sorted first if they are not): one copy of the

@@ -18,6 +18,7 @@ from common.checkpoints import load_checkpoint, save_checkpoint
 
 from ..arrays import convert, numpy
 from ..block_inputs import round_context
+from ..client_state import spread_user_rows, user_rows
 from ..config import resolve
 from ..data import Block, get_blocks
 from ..model import BACKBONES
@@ -142,16 +143,18 @@ class Node:
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
-        """Its users' ids and client state (ClientStates.state_dict, numpy): Context.state's and checkpoints'."""
-        return {"kind": self.kind, "hosted": self.sim.hosted, "clients": convert(self.sim.states().state_dict(), False)}
+        """Its users' ids and their rows of the client state (numpy): Context.state's and the checkpoints'."""
+        clients = user_rows(convert(self.sim.states().state_dict(), False), self.sim.hosted)
+        return {"kind": self.kind, "hosted": self.sim.hosted, "clients": clients}
 
     def load_state(self, state: dict) -> None:
         """Rebuild the simulator from `state()` output."""
         if state["kind"] != self.kind:
             raise ValueError(f"node {self.partition}: the saved state is a {state['kind']} simulator's, this node runs "
                              f"the {self.kind} one (federation.node_simulator must match the saved run)")
-        clients = self._arrays(state["clients"])
-        self.sim = self._simulator(dict(clients["private"]), state["hosted"])
+        hosted = state["hosted"]
+        clients = self._arrays(spread_user_rows(state["clients"], hosted, int(hosted.max()) + 1 if hosted.size else 0))
+        self.sim = self._simulator(dict(clients["private"]), hosted)
         self.sim.state.load_state_dict(clients)
 
     def save(self, path, block: int) -> None:

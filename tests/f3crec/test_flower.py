@@ -63,8 +63,8 @@ def node_states(sim: FlowerSimulator) -> dict[str, np.ndarray]:
             parts = {**{f"private.{k}": v for k, v in clients["private"].items()},
                      **{k: clients[k] for k in ("topn", "yhat", "has_topn")}}
             hosted += state["hosted"].tolist()
-            for name, value in parts.items():
-                rows.setdefault(name, {}).update({u: value[u] for u in state["hosted"].tolist()})
+            for name, value in parts.items():   # a node saves its own users' rows only, in `hosted` order
+                rows.setdefault(name, {}).update({u: value[j] for j, u in enumerate(state["hosted"].tolist())})
     assert sorted(hosted) == list(range(len(hosted)))
     return {name: np.stack([by_user[u] for u in sorted(by_user)]) for name, by_user in rows.items()}
 
@@ -154,13 +154,15 @@ def test_flower_run_equals_reference_run(tmp_path):
 
 
 def test_a_node_state_loads_only_into_the_same_node_simulator(tmp_path):
-    """A node's saved state (numpy checkpoint bytes) restores its users exactly on a node of the same simulator;
+    """A node's saved state (numpy checkpoint bytes, its own users' rows only) restores them exactly on a node of the
+    same simulator;
     a node running the other simulator refuses it in one line naming federation.node_simulator."""
     cfg = load_config(Config, SMOKE, ["federation.simulator=flower", "federation.nodes=2"])
     node = Node(cfg, 1, 2)
     users = np.array([1, 3, 5])
     node.grow(users, {"p": np.arange(3 * cfg.backbone.dim, dtype=np.float32).reshape(3, -1)})
     saved = to_bytes(node.state())
+    assert from_bytes(saved)["clients"]["private"]["p"].shape[0] == 3     # sized by its users, not by user ids
     again = Node(cfg, 1, 2)
     again.load_state(from_bytes(saved))
     assert again.kind == "compiled" and again.sim.hosted.tolist() == [1, 3, 5]
