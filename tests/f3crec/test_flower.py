@@ -155,8 +155,7 @@ def test_flower_run_equals_reference_run(tmp_path):
 
 def test_a_node_state_loads_only_into_the_same_node_simulator(tmp_path):
     """A node's saved state (numpy checkpoint bytes, its own users' rows only) restores them exactly on a node of the
-    same simulator;
-    a node running the other simulator refuses it in one line naming federation.node_simulator."""
+    same simulator; a node running the other simulator refuses it in one line naming federation.node_simulator."""
     cfg = load_config(Config, SMOKE, ["federation.simulator=flower", "federation.nodes=2"])
     node = Node(cfg, 1, 2)
     users = np.array([1, 3, 5])
