@@ -25,8 +25,7 @@ def aggregate(tables: list, budget: int = MEAN_BUDGET):
 def block_mean(block, like, count: int, budget: int = MEAN_BUDGET):
     """The mean over `count` clients of (I, d) tables, `block(lo, hi)` giving their rows lo:hi stacked
     (count, hi − lo, d): one block (torch.stack(tables).mean(0)) when count·I·d ≤ budget, else blocks of
-    ⌊budget / (count·d)⌋ rows. A reduction's rounding can follow its shape, so both `aggregate` (whole
-    tables) and `Server.aggregate_rows` (changed rows) go through here: the same blocks, the same bits."""
+    ⌊budget / (count·d)⌋ rows: memory O(budget), whatever the number of clients."""
     n_items, dim = like.shape
     step = max(1, budget // max(count * dim, 1))
     if step >= n_items:
@@ -58,26 +57,6 @@ class Server:
     def aggregate(self, tables: list) -> dict:
         """Q′ = mean of the uploaded tables, then ITM in incremental blocks (the reference simulator)."""
         return self._finish(aggregate(tables))
-
-    def aggregate_rows(self, uploads: list[tuple], budget: int = MEAN_BUDGET) -> dict:
-        """`aggregate` of whole uploaded tables, from each client's (rows, values) only (the Flower path): a
-        client's other rows equal the broadcast, so the server never holds the clients' tables, only a block
-        of rows of them at a time (`block_mean`, the blocks `aggregate` uses: equal bit for bit)."""
-        import torch
-        q = self.items
-        dim = q.shape[1]
-        client = torch.cat([torch.full((rows.numel(),), a, dtype=torch.long) for a, (rows, _) in enumerate(uploads)])
-        rows = torch.cat([rows.long() for rows, _ in uploads])
-        values = torch.cat([values.to(q.dtype).reshape(-1, dim) for _, values in uploads])
-        order = torch.argsort(rows, stable=True)
-        client, rows, values = client[order], rows[order], values[order]
-
-        def block(lo: int, hi: int) -> torch.Tensor:
-            a, b = torch.searchsorted(rows, torch.tensor([lo, hi])).tolist()
-            out = q[lo:hi].expand(len(uploads), hi - lo, dim).clone()
-            out[client[a:b], rows[a:b] - lo] = values[a:b]
-            return out
-        return self._finish(block_mean(block, q, len(uploads), budget))
 
     def aggregate_deltas(self, rows, deltas, num_clients: int, summed=None) -> dict:
         """Q′ = Q + (1/|P|) Σ_u Δ_u from every client's (row, delta) pairs, plus `summed`, a (I, d) sum of
