@@ -121,7 +121,8 @@ def test_deploy_cli_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_the_bundle_holds_the_code_it_runs_and_declares_its_dependencies(tmp_path):
-    """`flwr build` of the staged app: f3crec's core and common/ inside, flwr/torch/numpy/pyyaml declared."""
+    """`flwr build` of the staged app: f3crec's core and common/ inside, flwr/torch/numpy/pyyaml and the compiled
+    nodes' numba/threadpoolctl declared."""
     import tomllib
     import zipfile
     fab = flower_ops.build(APP, PACKAGES, tmp_path)
@@ -133,7 +134,8 @@ def test_the_bundle_holds_the_code_it_runs_and_declares_its_dependencies(tmp_pat
         assert needed in names, needed
     assert not any(n.startswith(("flame/", "vlm2rec/", "tests/")) for n in names)
     deps = " ".join(project["project"]["dependencies"])
-    assert all(name in deps for name in ("flwr", "torch", "numpy", "pyyaml", "tqdm"))
+    assert all(name in deps for name in ("flwr", "torch", "numpy", "pyyaml", "tqdm", "numba", "threadpoolctl"))
+    assert "f3crec/simulators.py" in names and "f3crec/kernels.py" in names     # the compiled nodes' code
 
 
 # ------------------------------------------------------------------------------------------- deployments
