@@ -96,13 +96,16 @@ def user_rows(state: dict, rows) -> dict:
     return {k: _each(v, lambda a: a[rows]) if k in PER_USER else v for k, v in state.items()}
 
 
+def spread(a, rows, count: int):
+    """`count` rows of a's kind: a's rows at `rows`, zero elsewhere (users hosted by another Flower node)."""
+    out = zeros(a, (count, *a.shape[1:]))
+    out[rows] = a
+    return out
+
+
 def spread_user_rows(state: dict, rows, count: int) -> dict:
     """user_rows' inverse: per-user arrays of `count` rows, `state`'s at `rows`, zero elsewhere."""
-    def spread(a):
-        out = zeros(a, (count, *a.shape[1:]))
-        out[rows] = a
-        return out
-    return {k: _each(v, spread) if k in PER_USER else v for k, v in state.items()}
+    return {k: _each(v, lambda a: spread(a, rows, count)) if k in PER_USER else v for k, v in state.items()}
 
 
 def _merge_rows(rows: dict | None, users: np.ndarray, items: np.ndarray, values: np.ndarray) -> dict:

@@ -176,20 +176,6 @@ def eval_masks(users: list[int], positives: dict[int, np.ndarray], exclude: list
     return _mask(users, [positives], n_items), _mask(users, exclude, n_items)
 
 
-def test_row(sim, blocks: list[Block], t: int, net: Backbone, old_block_mask: str,
-             decimals: int | None) -> list[dict[str, float]]:
-    """a_{t,i} for i = 0..t (§10): test of D^i, masked with D^t's train+valid [Q4] or cumulatively [D]."""
-    if getattr(sim, "federated", False):  # the clients score themselves and report sums (§14)
-        return sim.test_row(t, old_block_mask, decimals)
-    return oracle_test_row(sim, blocks, t, net, old_block_mask, decimals)
-
-
-def oracle_test_row(sim, blocks: list[Block], t: int, net: Backbone, old_block_mask: str,
-                    decimals: int | None) -> list[dict[str, float]]:
-    """test_row from the simulation-only oracle (§3): every user scored from the clients' state."""
-    return [finish(sums, decimals) for sums in oracle_test_sums(sim, blocks, t, net, old_block_mask)]
-
-
 def oracle_test_sums(sim, blocks: list[Block], t: int, net: Backbone, old_block_mask: str
                      ) -> list[dict[str, tuple[Fraction, int]]]:
     """The exact sums of a_{t,i}, i = 0..t, over the test users `sim` holds (a Flower node: its own, §14)."""

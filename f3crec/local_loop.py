@@ -21,6 +21,7 @@ import numpy as np
 
 from .arrays import clone, like, numpy, zeros
 from .block_inputs import block_data
+from .client_state import spread
 from .evaluate import finish, oracle_sums, oracle_test_sums, sparse_masks
 from .model import BACKBONES
 from .round import PlanMaker, RoundContext, RoundPlan, fisher, make_plan, plan_inputs, previous_scores
@@ -158,11 +159,7 @@ class StackedSimulator(LocalLoop):
     # ---------------------------------------------------------- hosting some users only (a Flower node)
     def _rows(self, users: np.ndarray, private: dict, count: int) -> dict:
         """`count` rows of Φ: `private`'s (any kind) at `users`, zero elsewhere (users hosted by others)."""
-        out = {}
-        for k, v in private.items():
-            out[k] = zeros(self.state.private[k], (count, *self.state.private[k].shape[1:]))
-            out[k][like(users, self.state.topn)] = like(v, self.state.private[k])
-        return out
+        return {k: spread(like(v, self.state.private[k]), like(users, self.state.topn), count) for k, v in private.items()}
 
     def host(self, users: np.ndarray, private: dict) -> None:
         """New users `users` (ids beyond every row so far) with their initial Φ, the rows of `private`: rows

@@ -17,19 +17,22 @@ def local_simulator(kind: str, cfg, flags: dict, server, items, private: dict, b
     Flower node holds of it), its table set to `items` and one client per row of `private`, all made the kind's
     arrays (numpy for the compiled one, else tensors on the run's device; the reference always on the CPU)."""
     if kind == "compiled":
-        from .sim_compiled import CompiledSimulator   # numba's import is paid only by the runs that use it
-        items, private = convert(items, False), convert(private, False)
-        sim_class = CompiledSimulator
+        from .sim_compiled import CompiledSimulator as sim_class   # numba's import: only the runs that use it
+    elif kind == "vectorised":
+        from .sim_vectorised import VectorisedSimulator as sim_class
     else:
-        from .sim_reference import ReferenceSimulator
-        from .sim_vectorised import VectorisedSimulator
-        # The per-client reference simulator is the readable ground truth: it always runs on the CPU.
-        device = get_device(cfg.train.device) if kind == "vectorised" else "cpu"
-        items, private = convert(items, True, device), convert(private, True, device)
-        sim_class = VectorisedSimulator if kind == "vectorised" else ReferenceSimulator
-    server.items = items
-    sim = sim_class(server, ClientStates(private, cfg.method.topn))
+        from .sim_reference import ReferenceSimulator as sim_class
+    server.items = as_kind(kind, cfg, items)
+    sim = sim_class(server, ClientStates(as_kind(kind, cfg, private), cfg.method.topn))
     return sim.attach(cfg, flags, blocks) if blocks is not None else sim
+
+
+def as_kind(kind: str, cfg, value):
+    """Arrays (nested in dicts / lists) as a `kind` simulator holds them: numpy for the compiled one, else
+    tensors on the run's device (the per-client reference, the readable ground truth, always on the CPU)."""
+    if kind == "compiled":
+        return convert(value, False)
+    return convert(value, True, get_device(cfg.train.device) if kind == "vectorised" else "cpu")
 
 
 def holds_tensors(cfg, flags: dict) -> bool:

@@ -23,7 +23,7 @@ from ..config import resolve
 from ..data import Block, get_blocks
 from ..model import BACKBONES
 from ..server import Server
-from ..simulators import local_simulator, simulator_kind
+from ..simulators import as_kind, local_simulator, simulator_kind
 from .wire import owner
 
 
@@ -81,16 +81,9 @@ class Node:
         with self._blas.limit(limits=1, user_api="blas") if self._blas else nullcontext():
             return getattr(self.sim, method)(*args)
 
-    def _arrays(self, value):
-        """Arrays received (numpy) made the simulator's kind (numpy, or tensors on the run's device)."""
-        if self.kind == "compiled":
-            return convert(value, False)
-        from common.utils import get_device
-        return convert(value, True, get_device(self.cfg.train.device))
-
     def receive(self, items) -> None:
         """The server's table (broadcast, best or evaluated), as the simulator's array kind."""
-        self.server.items = self._arrays(items)
+        self.server.items = as_kind(self.kind, self.cfg, items)
 
     def describe(self) -> dict:
         """Public facts: block sizes, this node's participant count per block, the blocks' fingerprint."""
@@ -153,7 +146,7 @@ class Node:
             raise ValueError(f"node {self.partition}: the saved state is a {state['kind']} simulator's, this node runs "
                              f"the {self.kind} one (federation.node_simulator must match the saved run)")
         hosted = state["hosted"]
-        clients = self._arrays(spread_user_rows(state["clients"], hosted, int(hosted.max()) + 1 if hosted.size else 0))
+        clients = as_kind(self.kind, self.cfg, spread_user_rows(state["clients"], hosted, int(hosted.max()) + 1 if hosted.size else 0))
         self.sim = self._simulator(dict(clients["private"]), hosted)
         self.sim.state.load_state_dict(clients)
 

@@ -26,8 +26,6 @@ POLL = 0.02   # seconds between pulls of the replies
 
 
 class FlowerSimulator:
-    federated = True   # train.py: clients draw their own plans, evaluate themselves, checkpoint themselves
-
     def __init__(self, server, grid, min_reply_fraction: float = 1.0, reply_timeout: float | None = None,
                  run_key: str | None = None):
         self.server, self.grid = server, grid
