@@ -13,6 +13,8 @@ from .jit import load_fast
 
 from numba import njit  # noqa: E402  (after .jit, which imports numba with SciPy hidden)
 
+from .intrinsics import count_above  # noqa: E402
+
 
 @njit(cache=True, fastmath={"reassoc"})
 def _row_finite(scores, u):
@@ -40,7 +42,8 @@ def _insert(top_s, top_i, at, s, i):
 def _row_top(scores, u, mark, top_s, top_i):
     """The first top_s.size items of row u in a stable descending sort (ties to the lower id), the items
     with mark 2 at −∞; returns how many were filled (fewer when the row is shorter). The scan past the first
-    K items compares each score with the K-th best so far and looks at its mark only when it would enter."""
+    K items compares each score with the K-th best so far and looks at its mark only when it would enter;
+    `scores` C-contiguous (its rows are read 64 bytes at a time)."""
     k_max, n_items = top_s.size, scores.shape[1]
     filled, i = 0, 0
     while filled < k_max and i < n_items:
@@ -51,11 +54,23 @@ def _row_top(scores, u, mark, top_s, top_i):
     if filled < k_max:
         return filled
     threshold = top_s[k_max - 1]
-    for i in range(i, n_items):
-        s = scores[u, i]
-        if s > threshold and mark[i] != 2:      # an excluded item (−∞) never enters a full list
-            _insert(top_s, top_i, k_max - 1, s, i)
-            threshold = top_s[k_max - 1]
+    row = scores[u]
+    width = 64 // scores.itemsize
+    while i < n_items:
+        # 64 bytes of scores at a time: skipped whole when none is above the K-th best (most of a row,
+        # once the list holds good items), else visited item by item in order, as the plain scan would
+        end = i + width
+        if end > n_items:
+            end = n_items
+        elif count_above(row, i, threshold) == 0:
+            i = end
+            continue
+        for j in range(i, end):
+            s = row[j]
+            if s > threshold and mark[j] != 2:      # an excluded item (−∞) never enters a full list
+                _insert(top_s, top_i, k_max - 1, s, j)
+                threshold = top_s[k_max - 1]
+        i = end
     return filled
 
 

@@ -1,6 +1,6 @@
-"""numba for the compiled simulator's kernels (kernels.py, draw_kernels.py, ewc_kernels.py, eval_kernels.py):
-imported with SciPy hidden, and cached machine code loaded without numba's per-process typing set-up
-(`load_fast`), and kept only while every source file compiled into it is unchanged (`_depend`). Import this
+"""numba for the compiled simulator's kernels (kernels.py, draw_kernels.py, ewc_kernels.py, eval_kernels.py,
+intrinsics.py): imported with SciPy hidden, and cached machine code loaded without numba's per-process typing
+set-up (`load_fast`), and kept only while every source file compiled into it is unchanged (`_depend`). Import this
 module before numba anywhere on the compiled path (the kernel modules do)."""
 from __future__ import annotations
 
@@ -122,11 +122,11 @@ def _stamp(path: str) -> tuple:
 
 def _sources(namespace: dict) -> dict[str, tuple]:
     """The modules whose code a kernel module's compiled kernels hold, with their files' stamps: itself, and
-    (transitively) the kernel modules whose kernels or overloads it imported (inlined or linked in when it
-    compiles). Keyed by module name, not path: a copied tree keeps numba's own rule (stamps, not places)."""
+    (transitively) the kernel modules whose kernels, overloads or intrinsics it imported (inlined or linked in
+    when it compiles). Keyed by module name, not path: a copied tree keeps numba's own rule (stamps, not places)."""
     sources = {namespace["__name__"]: _stamp(namespace["__file__"])}
-    for value in list(namespace.values()):
-        module = getattr(getattr(value, "py_func", value), "__module__", None)
+    for value in list(namespace.values()):   # a kernel (py_func), an intrinsic (_defn), an overload's function
+        module = getattr(getattr(value, "py_func", getattr(value, "_defn", value)), "__module__", None)
         if module != namespace["__name__"] and module in _SOURCES:
             sources.update(_SOURCES[module])
     return sources

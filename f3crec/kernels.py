@@ -36,48 +36,15 @@ import numpy as np
 
 from .jit import load_fast
 
-from llvmlite import ir  # noqa: E402  (numba and llvmlite after .jit, which imports numba with SciPy hidden)
-from numba import njit, types  # noqa: E402
-from numba.core import cgutils  # noqa: E402
-from numba.extending import intrinsic, overload  # noqa: E402
+from numba import njit, types  # noqa: E402  (after .jit, which imports numba with SciPy hidden)
+from numba.extending import overload  # noqa: E402
 
+from .intrinsics import as_dtype_of, count_below, prefetch_read, prefetch_write  # noqa: E402
 from .draw_kernels import _draw_client, _draw_scratch, memory_perm  # noqa: E402
 from .ewc_kernels import (_ewc_client, _ewc_grads, _ewc_head_grads, _ewc_max_rows, _ewc_off, _ewc_rows,  # noqa: E402
                           _plus_ewc)
 
 PREFETCH_BYTES = 1 << 19
-
-
-def _prefetch_intrinsic(write: int):
-    """An intrinsic prefetch(arr, row, col): ask for the cache line of arr[row, col] (C-contiguous 2-D; of
-    arr[row] for a 1-D array) to be brought into L2 (`write`: with intent to write). A hint: it changes no
-    value, only when a miss is paid."""
-    @intrinsic
-    def prefetch(typingctx, arr, row, col):
-        def codegen(context, builder, signature, args):
-            aryty = signature.args[0]
-            ary = context.make_array(aryty)(context, builder, args[0])
-            index = [args[1], args[2]] if aryty.ndim == 2 else [args[1]]     # 1-D: col unused
-            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, index, wraparound=False)
-            byte_ptr = ir.IntType(8).as_pointer()
-            fnty = ir.FunctionType(ir.VoidType(), [byte_ptr] + [ir.IntType(32)] * 3)
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")  # remangled by opaque-pointer LLVMs
-            flag = lambda v: ir.Constant(ir.IntType(32), v)  # noqa: E731
-            builder.call(fn, [builder.bitcast(ptr, byte_ptr), flag(write), flag(1), flag(1)])  # locality 1: L2
-            return context.get_dummy_value()
-        return types.void(arr, row, col), codegen
-    return prefetch
-
-
-_prefetch_read, _prefetch_write = _prefetch_intrinsic(0), _prefetch_intrinsic(1)
-
-
-@intrinsic
-def _as_dtype_of(typingctx, x, arr):
-    """x rounded to arr's dtype, as storing it into arr would round it (a scalar, no memory round trip)."""
-    def codegen(context, builder, signature, args):
-        return context.cast(builder, args[0], signature.args[0], signature.return_type)
-    return arr.dtype(x, arr), codegen
 
 
 @njit(cache=True, inline="always")
@@ -87,9 +54,9 @@ def _prefetch_rows(rows, slot, i):
     Read prefetches only: with write intent, perf put a quarter of the 100k kernel's samples on the prefetches (a
     wait for line fill buffers, presumably), and all-read was 4 % faster on the captured 100k round (2,265 -> 2,175 ms
     CPU, best of 4, load 1.3, 2026-12-07)."""
-    _prefetch_write(slot, i, 0)
+    prefetch_write(slot, i, 0)
     for k in range(0, rows.shape[1], max(1, 64 // rows.itemsize)):
-        _prefetch_read(rows, i, k)
+        prefetch_read(rows, i, k)
 
 
 @njit(cache=True, inline="always")
@@ -104,28 +71,6 @@ def _row_dot(rows, r, p):
     for k in range(p.size):
         s += rows[r, k] * p[k]
     return s
-
-
-@intrinsic
-def _count_below(typingctx, arr, start, x):
-    """#{k < W: arr[start + k] < x} over the W = 64 bytes / itemsize elements from arr[start] (1-D, contiguous,
-    start + W ≤ arr.size): one vector compare (false for NaN, as `<` is) and a population count, no branch."""
-    width = 512 // arr.dtype.bitwidth
-
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
-        vec_t = ir.VectorType(context.get_value_type(aryty.dtype), width)
-        vec = builder.load(builder.bitcast(ptr, vec_t.as_pointer()), align=1)
-        one = builder.insert_element(ir.Constant(vec_t, ir.Undefined),
-                                     context.cast(builder, args[2], signature.args[2], aryty.dtype),
-                                     ir.Constant(ir.IntType(32), 0))
-        splat = builder.shuffle_vector(one, ir.Constant(vec_t, ir.Undefined),
-                                       ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
-        bits = builder.bitcast(builder.fcmp_ordered("<", vec, splat), ir.IntType(width))
-        return builder.zext(builder.ctpop(bits), ir.IntType(64))
-    return types.int64(arr, start, x), codegen
 
 
 @njit(cache=True)
@@ -144,19 +89,32 @@ def _target_ranks(scores, targets, ranks):
     padded[:n] = asc
     lowest = asc[0]
     below = 0
-    for j in range(scores.size):
-        s = scores[j]
-        if s < lowest:                                 # below every target: often most items
-            below += 1
-            continue
-        lo = 0                                         # searchsorted left: #targets < s, 64 bytes at a time
-        for b in range(0, n_pad, width):               # (a binary search's branches mispredict)
-            lo += _count_below(padded, b, s)
-        hist[lo] += 1
-        if lo < n and asc[lo] == s:                    # ties with a target: lower item id ranks first
-            for k in range(n):
-                if values[k] == s and j < targets[k]:
-                    ranks[k] += 1
+    n_items = scores.size
+    j = 0
+    while j < n_items:
+        end = j + width
+        if end > n_items:
+            end = n_items
+        else:
+            under = count_below(scores, j, lowest)     # below every target: often most items, 64 bytes at once
+            if under == width:
+                below += width
+                j = end
+                continue
+        for j in range(j, end):
+            s = scores[j]
+            if s < lowest:
+                below += 1
+                continue
+            lo = 0                                     # searchsorted left: #targets < s, 64 bytes at a time
+            for b in range(0, n_pad, width):           # (a binary search's branches mispredict)
+                lo += count_below(padded, b, s)
+            hist[lo] += 1
+            if lo < n and asc[lo] == s:                # ties with a target: lower item id ranks first
+                for k in range(n):
+                    if values[k] == s and j < targets[k]:
+                        ranks[k] += 1
+        j = end
     hist[0] += below
     above = np.zeros(n + 2, np.int64)                  # above[h] = #items with ≥ h target scores below
     for h in range(n, -1, -1):
@@ -333,8 +291,8 @@ def _one_step(rows, p, items, labels, lo, hi, nxt, lr_p, lr_q, slot, row_item, r
             for k in range(dim):
                 qk = rows[i, k]
                 gp[k] += g * qk
-                gk = _as_dtype_of(0.0 + g * p[k], rows)   # grad[r, k] = 0 + g·p_k, stored
-                rows[i, dim + k] += _as_dtype_of(qk - lr_q * gk, rows) - qk
+                gk = as_dtype_of(0.0 + g * p[k], rows)   # grad[r, k] = 0 + g·p_k, stored
+                rows[i, dim + k] += as_dtype_of(qk - lr_q * gk, rows) - qk
         else:
             for k in range(dim):
                 gp[k] += g * rows[i, k]
@@ -392,7 +350,7 @@ def _multi_step(rows, p, items, labels, lo, hi, nxt, batch_size, lr_p, lr_q, slo
                 for k in range(dim):
                     lk = local[r, k]
                     gp[k] += g * lk
-                    gk = _as_dtype_of(0.0 + g * p[k], local)   # grad[r, k] = 0 + g·p_k, stored
+                    gk = as_dtype_of(0.0 + g * p[k], local)   # grad[r, k] = 0 + g·p_k, stored
                     local[r, k] = lk - lr_q * gk
             else:
                 for k in range(dim):

@@ -58,16 +58,22 @@ def _close(a, b) -> bool:
 def test_kernel_target_ranks_equal_a_stable_descending_sort(dtype):
     """kernels._target_ranks (a vector count of the targets below each item's score) gives every target's
     position in a stable descending sort of the scores (ties to the lower item id), as method.target_ranks:
-    scores on a coarse grid (many ties, ±0.0, ±inf), 1–33 targets (within and across one 64-byte vector)."""
+    scores on a coarse grid (many ties, ±0.0, ±inf), 1–33 targets (within and across one 64-byte vector);
+    and targets among the highest of many scores (most items below every target: 64-byte runs skipped)."""
     from f3crec import kernels
     rng = np.random.default_rng(3)
-    for n_items, n_top in [(1, 1), (9, 1), (40, 7), (70, 16), (90, 17), (200, 30), (300, 33)]:
-        for _ in range(3):
+    for n_items, n_top in [(1, 1), (9, 1), (40, 7), (70, 16), (90, 17), (200, 30), (300, 33), (1003, 30),
+                           (1024, 5)]:
+        for attempt in range(3):
             scores = (rng.integers(-6, 7, n_items) / 4).astype(dtype)
             scores[rng.random(n_items) < 0.05] = -0.0
             scores[rng.random(n_items) < 0.02] = np.inf
             scores[rng.random(n_items) < 0.02] = -np.inf
             targets = rng.choice(n_items, n_top, replace=False).astype(np.int64)
+            if n_items > 1000 and attempt:        # T^u among the best: the skipped runs, with ties (attempt 2)
+                scores = rng.normal(size=n_items).astype(dtype) if attempt == 1 else scores
+                best = np.argsort(-scores, kind="stable")[:3 * n_top]
+                targets = rng.choice(best, n_top, replace=False).astype(np.int64)
             ranks = np.zeros(n_top, np.int64)
             kernels._target_ranks(scores, targets, ranks)
             position = np.empty(n_items, np.int64)

@@ -54,7 +54,7 @@ def _csr(lists):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n_items,levels", [(300, None), (300, 2), (12, None), (25, 1)])
+@pytest.mark.parametrize("n_items,levels", [(300, None), (300, 2), (1003, None), (1003, 8), (12, None), (25, 1)])
 def test_topk_metrics_equals_brute_force(dtype, n_items, levels):
     rng = np.random.default_rng(n_items + (levels or 0))
     scores, positives, excluded = _case(rng, 40, n_items, dtype, levels)
