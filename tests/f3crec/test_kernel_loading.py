@@ -93,6 +93,20 @@ def step(x):
 load_fast(globals())
 '''
 
+DEPENDENCY_INTRINSIC = '''
+from f3crec.jit import load_fast
+from numba import types
+from numba.extending import intrinsic
+
+@intrinsic
+def step(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], context.get_constant(types.float64, 1.0))
+    return types.float64(types.float64), codegen
+
+load_fast(globals())
+'''
+
 DEPENDANT = '''
 from numba import njit
 from f3crec.jit import load_fast
@@ -106,14 +120,17 @@ load_fast(globals())
 '''
 
 
-def test_a_kernel_compiled_with_another_modules_kernel_is_recompiled_when_that_module_changes(tmp_path):
+@pytest.mark.parametrize("dependency", [DEPENDENCY, DEPENDENCY_INTRINSIC], ids=["kernel", "intrinsic"])
+def test_a_kernel_compiled_with_another_modules_kernel_is_recompiled_when_that_module_changes(tmp_path, dependency):
     """numba's cache checks only the kernel's own file: a kernel that inlines another kernel module's kernel
     (kernels.fedmf_round_drawn and draw_kernels._draw_client) would keep that kernel's old code after an edit
     there. load_fast stamps such a kernel's cache with every file compiled into it: an edit of the other
-    module recompiles it, and an unchanged one still loads from the cache."""
-    (tmp_path / "dep.py").write_text(DEPENDENCY)
+    module recompiles it, and an unchanged one still loads from the cache; the same for an intrinsic (the
+    kernels' vector compares in intrinsics.py)."""
+    (tmp_path / "dep.py").write_text(dependency)
     (tmp_path / "top.py").write_text(DEPENDANT)
-    program = ("import json, top, dep; s = top.twice.stats; print(json.dumps([top.twice(1.0), dep.step(1.0), "
+    program = ("import json, top, dep; from numba import njit; s = top.twice.stats; "
+               "print(json.dumps([top.twice(1.0), njit(lambda x: dep.step(x))(1.0), "
                "sum(s.cache_hits.values()), sum(s.cache_misses.values())]))")
 
     def run() -> list:
@@ -125,7 +142,7 @@ def test_a_kernel_compiled_with_another_modules_kernel_is_recompiled_when_that_m
 
     assert run() == [4.0, 2.0, 0, 1]          # compiled and cached
     assert run() == [4.0, 2.0, 1, 0]          # loaded from the cache
-    (tmp_path / "dep.py").write_text(DEPENDENCY.replace("x + 1.0", "x + 100.0"))
+    (tmp_path / "dep.py").write_text(dependency.replace("x + 1.0", "x + 100.0").replace("float64, 1.0", "float64, 100.0"))
     assert run() == [202.0, 101.0, 0, 1]      # the edit of dep.py reaches top.twice: compiled again
     assert run() == [202.0, 101.0, 1, 0]
 
