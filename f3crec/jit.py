@@ -125,8 +125,8 @@ def _sources(namespace: dict) -> dict[str, tuple]:
     (transitively) the kernel modules whose kernels, overloads or intrinsics it imported (inlined or linked in
     when it compiles). Keyed by module name, not path: a copied tree keeps numba's own rule (stamps, not places)."""
     sources = {namespace["__name__"]: _stamp(namespace["__file__"])}
-    for value in list(namespace.values()):   # a kernel (py_func), an intrinsic (_defn), an overload's function
-        module = getattr(getattr(value, "py_func", getattr(value, "_defn", value)), "__module__", None)
+    for value in list(namespace.values()):   # a kernel (its py_func's module), an intrinsic (its function's)
+        module = getattr(getattr(value, "py_func", value), "__module__", None)
         if module != namespace["__name__"] and module in _SOURCES:
             sources.update(_SOURCES[module])
     return sources
