@@ -45,6 +45,7 @@ from .ewc_kernels import (_ewc_client, _ewc_grads, _ewc_head_grads, _ewc_max_row
                           _plus_ewc)
 
 PREFETCH_BYTES = 1 << 19
+SCORE_CHUNK = 2048   # items of _client_scores' column passes at a time (8 KiB of float32 scores)
 
 
 @njit(cache=True, inline="always")
@@ -178,11 +179,15 @@ def _local_rows(q, items, lo, hi, targets, kd, n_old, slot, row_item, local):
 def _client_scores(q_t, local, row_item, n_rows, v, c, scores):
     """scores[i] = q_i·v + c over the whole catalogue, the client's local rows in place of the broadcast ones
     (§6 step 2): the broadcast rows column by column (SIMD over items), then the client's own rows."""
-    scores[:] = 0.0
-    for k in range(v.size):
-        vk = v[k]
-        for i in range(scores.size):
-            scores[i] += q_t[k, i] * vk
+    n_items = scores.size
+    for lo in range(0, n_items, SCORE_CHUNK):          # a chunk of scores stays in L1 over the d passes
+        part = scores[lo:min(lo + SCORE_CHUNK, n_items)]
+        part[:] = 0.0
+        for k in range(v.size):
+            vk = v[k]
+            column = q_t[k, lo:lo + part.size]
+            for i in range(part.size):
+                part[i] += column[i] * vk
     for r in range(n_rows):
         s = 0.0
         for k in range(v.size):

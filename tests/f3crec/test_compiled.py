@@ -81,6 +81,28 @@ def test_kernel_target_ranks_equal_a_stable_descending_sort(dtype):
             assert np.array_equal(ranks, position[targets] + 1)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_client_scores_are_the_column_sums_in_order_over_several_chunks(dtype):
+    """kernels._client_scores (ARM's whole-catalogue scores, §6 step 2) in chunks of SCORE_CHUNK items: every
+    broadcast item's score is still 0 + q_0·v_0 + q_1·v_1 + … in the item dtype, term by term in k order (numpy's
+    elementwise column passes give that exactly), and the client's local rows' scores replace theirs."""
+    from f3crec import kernels
+    rng = np.random.default_rng(4)
+    n_items, dim = 2 * kernels.SCORE_CHUNK + 77, 8
+    q_t = rng.normal(size=(dim, n_items)).astype(dtype)
+    v = rng.normal(size=dim).astype(dtype)
+    row_item = np.array([3, kernels.SCORE_CHUNK + 1, n_items - 1], np.int64)
+    local = rng.normal(size=(row_item.size, dim)).astype(dtype)
+    scores = np.full(n_items, np.nan, dtype)
+    kernels._client_scores(q_t, local, row_item, row_item.size, v, 0.0, scores)
+    want = np.zeros(n_items, dtype)
+    for k in range(dim):
+        want += q_t[k] * v[k]
+    for r, i in enumerate(row_item):
+        want[i] = sum(float(x) for x in local[r] * v)   # the row's products, summed in float64, then rounded
+    assert np.array_equal(scores, want)
+
+
 def test_exact_sum_is_the_fraction_sum():
     values = np.random.default_rng(0).random(500) ** 3
     values[:5] = [0.0, 1.0, 0.5, 1e-300, 0.1]
