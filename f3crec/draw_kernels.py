@@ -86,10 +86,26 @@ def _draw_scratch(offsets, n_items):
 @njit(cache=True, inline="always")
 def _draw_client(neg_key, shuffle_key, n, size, positives, pos_lo, exc_items, e0, e1, n_items, excluded, base,
                  packed, out, start, items, labels, at):
-    """One client's shuffled samples into items[at:at + size], labels[at:at + size]: its n positives
-    positives[pos_lo:pos_lo + n], then its negatives — slot s, attempt k is value s + k·2³² of its NEGATIVES
-    stream, `below` |I|, redrawn while in exc_items[e0:e1] — in the stable order of its SHUFFLE stream values
-    >> 21 (round.RoundPlan.items / .labels of this client)."""
+    """One client's shuffled samples into items[at:at + size], labels[at:at + size]: its samples in _draw_base's
+    order, put in the stable order of its SHUFFLE stream values >> 21 (round.RoundPlan.items / .labels of this
+    client)."""
+    _draw_base(neg_key, n, size, positives, pos_lo, exc_items, e0, e1, n_items, excluded, base)
+    # a stable sort on the top 43 bits = a sort of (value >> 21) << 21 | position (size < 2²¹)
+    for j in range(size):
+        value = _mix(shuffle_key + (np.uint64(j) + np.uint64(1)) * _GAMMA) >> np.uint64(21)
+        packed[j] = (value << np.uint64(21)) | np.uint64(j)
+    _sort_uniform(packed, size, start, out)
+    for j in range(size):
+        k = np.int64(out[j] & np.uint64(0x1FFFFF))
+        items[at + j] = base[k]
+        labels[at + j] = 1.0 if k < n else 0.0
+
+
+@njit(cache=True, inline="always")
+def _draw_base(neg_key, n, size, positives, pos_lo, exc_items, e0, e1, n_items, excluded, base):
+    """One client's samples, unshuffled, into base[:size]: its n positives positives[pos_lo:pos_lo + n], then its
+    negatives — slot s, attempt k is value s + k·2³² of its NEGATIVES stream, `below` |I|, redrawn while in
+    exc_items[e0:e1] (marked in `excluded` meanwhile, all False again on return)."""
     for j in range(e0, e1):
         excluded[exc_items[j]] = True
     for j in range(n):
@@ -104,15 +120,6 @@ def _draw_client(neg_key, shuffle_key, n, size, positives, pos_lo, exc_items, e0
                 break
             attempt += 1
         base[n + slot] = item
-    # a stable sort on the top 43 bits = a sort of (value >> 21) << 21 | position (size < 2²¹)
-    for j in range(size):
-        value = _mix(shuffle_key + (np.uint64(j) + np.uint64(1)) * _GAMMA) >> np.uint64(21)
-        packed[j] = (value << np.uint64(21)) | np.uint64(j)
-    _sort_uniform(packed, size, start, out)
-    for j in range(size):
-        k = np.int64(out[j] & np.uint64(0x1FFFFF))
-        items[at + j] = base[k]
-        labels[at + j] = 1.0 if k < n else 0.0
     for j in range(e0, e1):
         excluded[exc_items[j]] = False
 

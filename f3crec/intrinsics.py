@@ -1,4 +1,4 @@
-"""LLVM intrinsics the compiled simulator's kernels call (kernels.py, eval_kernels.py): cache-line prefetches,
+"""LLVM intrinsics the compiled simulator's kernels call (kernels.py, arm_kernels.py, eval_kernels.py): cache-line prefetches,
 a rounding cast, and 64-byte vector compares with a population count. Each is one or a few machine
 instructions that numba's own lowering does not emit; none changes a value the kernels compute."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""numba for the compiled simulator's kernels (kernels.py, draw_kernels.py, ewc_kernels.py, eval_kernels.py,
-intrinsics.py): imported with SciPy hidden, and cached machine code loaded without numba's per-process typing
+"""numba for the compiled simulator's kernels (kernels.py, arm_kernels.py, draw_kernels.py, ewc_kernels.py,
+eval_kernels.py, intrinsics.py): imported with SciPy hidden, and cached machine code loaded without numba's per-process typing
 set-up (`load_fast`), and kept only while every source file compiled into it is unchanged (`_depend`). Import this
 module before numba anywhere on the compiled path (the kernel modules do)."""
 from __future__ import annotations

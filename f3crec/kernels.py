@@ -23,8 +23,9 @@ for FedMF.
 (a_u, c_u) from the private tensors (model.py), the head's gradients in closed form, PFedRec's two
 optimiser sub-steps and the round-0 reset.
 
-The plan's draws are in draw_kernels.py, EWC's penalty helpers in ewc_kernels.py, the evaluation kernels (top-K
-metrics, top-N rows) in eval_kernels.py, numba's set-up in jit.py.
+The plan's draws are in draw_kernels.py, ARM's ranking in arm_kernels.py, EWC's penalty helpers in
+ewc_kernels.py, the evaluation kernels (top-K metrics, top-N rows) in eval_kernels.py, the LLVM intrinsics in
+intrinsics.py, numba's set-up in jit.py.
 
 EWC (§11): `fisher_rows` is round.fisher's diagonal empirical Fisher in closed form (∂q_i = g a, ∂Φ_u from
 s = a·q_i + c); the round kernels take an optional `ewc` group (None: the EWC code is not compiled in) and
@@ -39,13 +40,13 @@ from .jit import load_fast
 from numba import njit, types  # noqa: E402  (after .jit, which imports numba with SciPy hidden)
 from numba.extending import overload  # noqa: E402
 
-from .intrinsics import as_dtype_of, count_below, prefetch_read, prefetch_write  # noqa: E402
-from .draw_kernels import _draw_client, _draw_scratch, memory_perm  # noqa: E402
+from .arm_kernels import _client_scores, _memory, _target_scores, replay_ranks  # noqa: E402
+from .intrinsics import as_dtype_of, prefetch_read, prefetch_write  # noqa: E402
+from .draw_kernels import _draw_client, _draw_scratch  # noqa: E402
 from .ewc_kernels import (_ewc_client, _ewc_grads, _ewc_head_grads, _ewc_max_rows, _ewc_off, _ewc_rows,  # noqa: E402
                           _plus_ewc)
 
 PREFETCH_BYTES = 1 << 19
-SCORE_CHUNK = 2048   # items of _client_scores' column passes at a time (8 KiB of float32 scores)
 
 
 @njit(cache=True, inline="always")
@@ -72,64 +73,6 @@ def _row_dot(rows, r, p):
     for k in range(p.size):
         s += rows[r, k] * p[k]
     return s
-
-
-@njit(cache=True)
-def _target_ranks(scores, targets, ranks):
-    """ranks[k] = 1 + #{j: s_j > s_t} + #{j < t: s_j = s_t} of target t = targets[k] (method.target_ranks)."""
-    n = targets.size
-    values = np.empty(n, scores.dtype)
-    for k in range(n):
-        values[k] = scores[targets[k]]
-    order = np.argsort(values, kind="mergesort")
-    asc = values[order]
-    hist = np.zeros(n + 1, np.int64)                   # hist[b] = #items with exactly b target scores below
-    width = 64 // scores.itemsize
-    n_pad = (n + width - 1) // width * width
-    padded = np.full(n_pad, np.inf, scores.dtype)      # +inf is below no score
-    padded[:n] = asc
-    lowest = asc[0]
-    below = 0
-    n_items = scores.size
-    j = 0
-    while j < n_items:
-        end = j + width
-        if end > n_items:
-            end = n_items
-        else:
-            under = count_below(scores, j, lowest)     # below every target: often most items, 64 bytes at once
-            if under == width:
-                below += width
-                j = end
-                continue
-        for j in range(j, end):
-            s = scores[j]
-            if s < lowest:
-                below += 1
-                continue
-            lo = 0                                     # searchsorted left: #targets < s, 64 bytes at a time
-            for b in range(0, n_pad, width):           # (a binary search's branches mispredict)
-                lo += count_below(padded, b, s)
-            hist[lo] += 1
-            if lo < n and asc[lo] == s:                # ties with a target: lower item id ranks first
-                for k in range(n):
-                    if values[k] == s and j < targets[k]:
-                        ranks[k] += 1
-        j = end
-    hist[0] += below
-    above = np.zeros(n + 2, np.int64)                  # above[h] = #items with ≥ h target scores below
-    for h in range(n, -1, -1):
-        above[h] = above[h + 1] + hist[h]
-    for k in range(n):
-        lo, hi = 0, n                                  # searchsorted right: #targets ≤ v_k
-        v = values[k]
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if asc[mid] <= v:
-                lo = mid + 1
-            else:
-                hi = mid
-        ranks[k] += above[lo] + 1                      # items above every target ≤ v_k: strictly greater
 
 
 @njit(cache=True, inline="always")
@@ -173,50 +116,6 @@ def _local_rows(q, items, lo, hi, targets, kd, n_old, slot, row_item, local):
         for k in range(q.shape[1]):
             local[r, k] = q[i, k]
     return n_rows
-
-
-@njit(cache=True, inline="always")
-def _client_scores(q_t, local, row_item, n_rows, v, c, scores):
-    """scores[i] = q_i·v + c over the whole catalogue, the client's local rows in place of the broadcast ones
-    (§6 step 2): the broadcast rows column by column (SIMD over items), then the client's own rows."""
-    n_items = scores.size
-    for lo in range(0, n_items, SCORE_CHUNK):          # a chunk of scores stays in L1 over the d passes
-        part = scores[lo:min(lo + SCORE_CHUNK, n_items)]
-        part[:] = 0.0
-        for k in range(v.size):
-            vk = v[k]
-            column = q_t[k, lo:lo + part.size]
-            for i in range(part.size):
-                part[i] += column[i] * vk
-    for r in range(n_rows):
-        s = 0.0
-        for k in range(v.size):
-            s += local[r, k] * v[k]
-        scores[row_item[r]] = s
-    if c != 0.0:                                       # x + 0.0 == x: FedMF (c = 0) skips the pass
-        for i in range(scores.size):
-            scores[i] += c
-
-
-@njit(cache=True, inline="always")
-def _memory(scores, targets, ranks, arm_mode, m_of_d, stats, n_stats, step, key):
-    """ARM's memory for this (sub-)step: (size m_u, permutation of T^u whose first m_u slots are replayed,
-    stats rows written). Top-N KD (arm_mode 2) replays all of T^u in order; ARM ranks T^u against the
-    catalogue, D_u = Σ|k − rank_k|, m_u = m_of_d[D_u], and draws the m_u slots from the client's memory stream."""
-    n_top = targets.size
-    if arm_mode == 2:
-        return n_top, np.arange(n_top), n_stats
-    ranks[:] = 0
-    _target_ranks(scores, targets, ranks)
-    disc = 0
-    for k in range(n_top):
-        disc += abs(k + 1 - ranks[k])
-    size = m_of_d[disc]
-    stats[n_stats, 0] = disc
-    stats[n_stats, 1] = size
-    stats[n_stats, 2] = step
-    perm = memory_perm(key, step * n_top, n_top) if size > 0 else np.arange(n_top)
-    return size, perm, n_stats + 1
 
 
 @njit(cache=True, inline="always")
@@ -393,11 +292,13 @@ def _fedmf_scratch(q, offsets, batch_size, n_top, n_prev_items):
 @njit(cache=True, inline="always")
 def _fedmf_client(q, q_t, p_all, user, items, labels, lo, hi, nxt, batch_size, lr_p, lr_q, kd, emb, topn, yhat,
                   mem_key, arm_mode, kd_weight, m_of_d, reg_d, anchor_items, anchor_p, n_prev_items, rows, stats,
-                  n_stats, scratch, ewc=None):
+                  n_stats, scratch, first_step, ewc=None):
     """One participant's local epoch on its samples items[lo:hi], labels[lo:hi] (§5, §6), its row deltas added
     to the summed delta, the second half of the pair table `rows` (_pair_in); `nxt`: the sample items to prefetch meanwhile (the next client's); `ewc`: its EWC group
-    (_ewc_client) or None. Returns the stats rows."""
+    (_ewc_client) or None; `first_step`: (whether its first step's T^u ranks and scores are given, those ranks,
+    those scores) (arm_kernels.replay_ranks). Returns the stats rows."""
     slot, local, grad, row_item, p, gp, scores, ranks, g_buf, row_count, sample_row, row, step_count = scratch
+    first, first_ranks, first_values = first_step
     dim = q.shape[1]
     for k in range(dim):
         p[k] = p_all[user, k]
@@ -441,10 +342,19 @@ def _fedmf_client(q, q_t, p_all, user, items, labels, lo, hi, nxt, batch_size, l
             for k in range(dim):
                 gp[k] += g * local[r, k]
         if kd:                                     # ARM and KD over T^u (§6)
-            _client_scores(q_t, local, row_item, n_rows, p, 0.0, scores)
-            size, perm, n_stats = _memory(scores, topn[user], ranks, arm_mode, m_of_d, stats, n_stats, step,
-                                          mem_key)
-            _kd_grads(scores, topn[user], yhat[user], perm, size, kd_weight, slot, p, local, grad, gp, 0.0)
+            targets = topn[user]
+            ranked = step == 0 and first
+            if ranked:                             # ranked before the round, with other clients
+                for k in range(targets.size):
+                    ranks[k] = first_ranks[k]
+                    scores[targets[k]] = first_values[k]
+            elif arm_mode == 2:                    # top-N KD reads T^u's scores only
+                _target_scores(local, slot, targets, p, 0.0, scores)
+            else:
+                _client_scores(q_t, local, row_item, n_rows, p, 0.0, scores)
+            size, perm, n_stats = _memory(scores, targets, ranks, arm_mode, m_of_d, stats, n_stats, step, mem_key,
+                                          ranked)
+            _kd_grads(scores, targets, yhat[user], perm, size, kd_weight, slot, p, local, grad, gp, 0.0)
         if emb:
             _emb_reg_grads(reg_d, local, row_item, n_rows, n_prev_items, anchor_items, grad, True, p, anchor_p,
                            user, gp)
@@ -527,13 +437,15 @@ def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, 
     """
     scratch = _fedmf_scratch(q, offsets, batch_size, topn.shape[1], n_prev_items + _ewc_max_rows(ewc))
     rows = _pair_in(pair, q, total)
+    no_ranks, no_values = np.zeros(topn.shape[1], np.int64), np.zeros(topn.shape[1], q.dtype)
     n_stats = 0
     for a in range(users.size):
         lo, hi = offsets[a], offsets[a + 1]
-        n_stats = _fedmf_client(q, q_t, p_all, users[a], items, labels, lo, hi, items[hi:min(2 * hi - lo, items.size)],
-                                batch_size, lr_p, lr_q, replay[a] and arm_mode != 0, reg_mode == 1 and returning[a],
-                                topn, yhat, mem_keys[a], arm_mode, kd_weight, m_of_d, reg_d, anchor_items, anchor_p,
-                                n_prev_items, rows, stats, n_stats, scratch, _ewc_client(ewc, a))
+        kd, emb = replay[a] and arm_mode != 0, reg_mode == 1 and returning[a]
+        n_stats = _fedmf_client(q, q_t, p_all, users[a], items, labels, lo, hi,
+                                items[hi:min(2 * hi - lo, items.size)], batch_size, lr_p, lr_q, kd, emb, topn, yhat, mem_keys[a], arm_mode, kd_weight, m_of_d, reg_d, anchor_items, anchor_p,
+                                n_prev_items, rows, stats, n_stats, scratch, (False, no_ranks, no_values),
+                                _ewc_client(ewc, a))
     _pair_out(rows, total)
     return n_stats
 
@@ -547,8 +459,19 @@ def fedmf_round_drawn(q, q_t, p_all, users, offsets, counts, positives, exc_ptr,
     drawn into two arrays first and read back: at 100,000 clients 46 M samples, 0.7 GB written and read.
     The client trains on samples still in cache; the next client's are drawn and its rows prefetched
     meanwhile. Same values as draw_plan then fedmf_round, bit for bit (tests/f3crec/test_compiled.py);
-    n_items: the catalogue the negatives are drawn from (|I^t|, as draw_plan's); `pair` as fedmf_round's."""
+    n_items: the catalogue the negatives are drawn from (|I^t|, as draw_plan's); `pair` as fedmf_round's.
+    Adaptive ARM's first-step ranks of clients without emb_reg or EWC rows are computed before the training
+    loop, several clients per pass over the catalogue (arm_kernels.replay_ranks: the same ranks)."""
     scratch = _fedmf_scratch(q, offsets, batch_size, topn.shape[1], n_prev_items + _ewc_max_rows(ewc))
+    first = np.zeros(users.size, np.bool_)
+    if arm_mode == 1:
+        for a in range(users.size):
+            no_rows = _ewc_off(_ewc_client(ewc, a)) and not (reg_mode == 1 and returning[a])
+            first[a] = replay[a] and no_rows and offsets[a + 1] > offsets[a]
+    first_ranks = np.zeros((users.size, topn.shape[1]), np.int64)
+    first_values = np.zeros((users.size, topn.shape[1]), q.dtype)
+    replay_ranks(q, q_t, p_all, users, offsets, counts, positives, exc_ptr, exc_items, n_items, neg_keys, topn,
+                 first, first_ranks, first_values)
     rows = _pair_in(pair, q, total)
     excluded, base, packed, out, start = _draw_scratch(offsets, n_items)
     largest = base.size
@@ -572,11 +495,13 @@ def fedmf_round_drawn(q, q_t, p_all, users, offsets, counts, positives, exc_ptr,
                          exc_items, exc_ptr[a + 1], exc_ptr[a + 2], n_items, excluded, base, packed, out, start,
                          nxt_items, nxt_labels, 0)
             pos_at += counts[a + 1]
-        n_stats = _fedmf_client(q, q_t, p_all, users[a], cur_items, cur_labels, 0, size,
-                                nxt_items[:min(n_next, size) if prefetch else 0], batch_size, lr_p, lr_q,
-                                replay[a] and arm_mode != 0, reg_mode == 1 and returning[a], topn, yhat, mem_keys[a],
+        ahead = min(n_next, size) if prefetch else 0
+        kd, emb = replay[a] and arm_mode != 0, reg_mode == 1 and returning[a]
+        n_stats = _fedmf_client(q, q_t, p_all, users[a], cur_items, cur_labels, 0, size, nxt_items[:ahead],
+                                batch_size, lr_p, lr_q, kd, emb, topn, yhat, mem_keys[a],
                                 arm_mode, kd_weight, m_of_d, reg_d, anchor_items, anchor_p, n_prev_items, rows,
-                                stats, n_stats, scratch, _ewc_client(ewc, a))
+                                stats, n_stats, scratch, (first[a], first_ranks[a], first_values[a]),
+                                _ewc_client(ewc, a))
     _pair_out(rows, total)
     return n_stats
 
@@ -654,7 +579,10 @@ def affine_round(q, q_t, kind, p_all, w_all, b_all, shared_p, shared_w, shared_b
                     for k in range(dim):
                         ga[k] += g * local[r, k]
                 if kd:                                 # ARM and KD over T^u (§6), s = a·q + c
-                    _client_scores(q_t, local, row_item, n_rows, av, cv, scores)
+                    if arm_mode == 2:                  # top-N KD reads T^u's scores only
+                        _target_scores(local, slot, topn[user], av, cv, scores)
+                    else:
+                        _client_scores(q_t, local, row_item, n_rows, av, cv, scores)
                     size, perm, n_stats = _memory(scores, topn[user], ranks, arm_mode, m_of_d, stats, n_stats,
                                                   step * n_sub + sub, mem_keys[a_])
                     gc = _kd_grads(scores, topn[user], yhat[user], perm, size, kd_weight, slot, av, local, grad, ga,

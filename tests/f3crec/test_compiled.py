@@ -56,11 +56,11 @@ def _close(a, b) -> bool:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_kernel_target_ranks_equal_a_stable_descending_sort(dtype):
-    """kernels._target_ranks (a vector count of the targets below each item's score) gives every target's
+    """arm_kernels._target_ranks (a vector count of the targets below each item's score) gives every target's
     position in a stable descending sort of the scores (ties to the lower item id), as method.target_ranks:
     scores on a coarse grid (many ties, ±0.0, ±inf), 1–33 targets (within and across one 64-byte vector);
     and targets among the highest of many scores (most items below every target: 64-byte runs skipped)."""
-    from f3crec import kernels
+    from f3crec import arm_kernels
     rng = np.random.default_rng(3)
     for n_items, n_top in [(1, 1), (9, 1), (40, 7), (70, 16), (90, 17), (200, 30), (300, 33), (1003, 30),
                            (1024, 5)]:
@@ -75,7 +75,7 @@ def test_kernel_target_ranks_equal_a_stable_descending_sort(dtype):
                 best = np.argsort(-scores, kind="stable")[:3 * n_top]
                 targets = rng.choice(best, n_top, replace=False).astype(np.int64)
             ranks = np.zeros(n_top, np.int64)
-            kernels._target_ranks(scores, targets, ranks)
+            arm_kernels._target_ranks(scores, targets, ranks)
             position = np.empty(n_items, np.int64)
             position[np.argsort(-scores, kind="stable")] = np.arange(n_items)
             assert np.array_equal(ranks, position[targets] + 1)
@@ -83,18 +83,18 @@ def test_kernel_target_ranks_equal_a_stable_descending_sort(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_kernel_client_scores_are_the_column_sums_in_order_over_several_chunks(dtype):
-    """kernels._client_scores (ARM's whole-catalogue scores, §6 step 2) in chunks of SCORE_CHUNK items: every
+    """arm_kernels._client_scores (ARM's whole-catalogue scores, §6 step 2) in chunks of SCORE_CHUNK items: every
     broadcast item's score is still 0 + q_0·v_0 + q_1·v_1 + … in the item dtype, term by term in k order (numpy's
     elementwise column passes give that exactly), and the client's local rows' scores replace theirs."""
-    from f3crec import kernels
+    from f3crec import arm_kernels
     rng = np.random.default_rng(4)
-    n_items, dim = 2 * kernels.SCORE_CHUNK + 77, 8
+    n_items, dim = 2 * arm_kernels.SCORE_CHUNK + 77, 8
     q_t = rng.normal(size=(dim, n_items)).astype(dtype)
     v = rng.normal(size=dim).astype(dtype)
-    row_item = np.array([3, kernels.SCORE_CHUNK + 1, n_items - 1], np.int64)
+    row_item = np.array([3, arm_kernels.SCORE_CHUNK + 1, n_items - 1], np.int64)
     local = rng.normal(size=(row_item.size, dim)).astype(dtype)
     scores = np.full(n_items, np.nan, dtype)
-    kernels._client_scores(q_t, local, row_item, row_item.size, v, 0.0, scores)
+    arm_kernels._client_scores(q_t, local, row_item, row_item.size, v, 0.0, scores)
     want = np.zeros(n_items, dtype)
     for k in range(dim):
         want += q_t[k] * v[k]
@@ -332,11 +332,13 @@ def test_fedmf_round_fast_paths_give_the_general_paths_values_bit_for_bit(dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("arm_mode", [0, 2])
-def test_fedmf_round_drawn_equals_the_drawn_plan_then_fedmf_round(dtype, arm_mode):
+@pytest.mark.parametrize("arm_mode,reg_mode", [(0, 1), (2, 1), (1, 0), (1, 1)])
+def test_fedmf_round_drawn_equals_the_drawn_plan_then_fedmf_round(dtype, arm_mode, reg_mode):
     """kernels.fedmf_round_drawn (each client's samples drawn inside the loop) gives draw_plan + fedmf_round's
     values bit for bit: the same per-user draws, the same training, clients of 0–3 mini-batches (one-batch,
-    general and KD paths; emb_reg on the returning ones), every output compared exactly."""
+    general and KD paths; emb_reg on the returning ones where reg_mode is 1), every output compared exactly.
+    With adaptive ARM (arm_mode 1) and no emb_reg, fedmf_round_drawn ranks the first steps before the round
+    (arm_kernels.replay_ranks) where fedmf_round ranks each client's own scores: the same D_u and m_u."""
     from f3crec import kernels, streams
     from f3crec.round import PlanMaker
     rng = np.random.default_rng(11)
@@ -356,8 +358,8 @@ def test_fedmf_round_drawn_equals_the_drawn_plan_then_fedmf_round(dtype, arm_mod
     yhat = rng.standard_normal((9, n_top)).astype(dtype)
     keys = streams.keys(3, 1, 2, users, streams.MEMORY)
     anchor_items, anchor_p = (rng.standard_normal((n_items, dim)) * 0.5).astype(dtype), p_all * 0.9
-    common = (replay, returning, topn, yhat, keys, arm_mode, 0.7, np.zeros(1, np.int64), 1, 0.05, anchor_items,
-              anchor_p, 13)
+    m_of_d = np.maximum(0, n_top - np.arange(n_top * n_items + 1) // 16).astype(np.int64)
+    common = (replay, returning, topn, yhat, keys, arm_mode, 0.7, m_of_d, reg_mode, 0.05, anchor_items, anchor_p, 13)
     items, labels = draw(plan, dtype)
     want_total, want_p, want_stats = np.zeros_like(q), p_all.copy(), np.zeros((20, 3), np.int64)
     n_want = kernels.fedmf_round(q, q_t, want_p, users, plan.offsets, items, labels, batch, 0.3, 2.0, *common,
@@ -369,6 +371,59 @@ def test_fedmf_round_drawn_equals_the_drawn_plan_then_fedmf_round(dtype, arm_mod
     assert np.array_equal(total, want_total) and np.array_equal(got_p, want_p)
     assert n_got == n_want and np.array_equal(stats, want_stats)
     assert np.abs(total).max() > 0.01 and not np.array_equal(got_p, p_all)
+    assert (n_got > 0) == (arm_mode == 1) and (arm_mode != 1 or len(set(stats[:n_got, 1].tolist())) > 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_replay_ranks_equal_each_clients_own_ranking(dtype):
+    """arm_kernels.replay_ranks (first-step ranks of T^u for a group of clients per pass over the catalogue,
+    every item at its broadcast score, then each local row moved to its local score) gives every selected
+    client the ranks _target_ranks finds in that client's own first-step scores (_client_scores with its
+    samples' items and T^u as local rows), and those scores at T^u: three chunks of items, two groups of
+    clients, duplicated rows and a coarse p for ties, targets among the best items and among all."""
+    from f3crec import arm_kernels
+    from f3crec.draw_kernels import _draw_base
+    rng = np.random.default_rng(12)
+    n_items, dim, n_top, n_clients = 2 * arm_kernels.SCORE_CHUNK + 100, 8, 6, arm_kernels.RANK_GROUP + 3
+    q = rng.standard_normal((n_items, dim)).astype(dtype)
+    q[rng.choice(n_items, 300)] = q[rng.choice(n_items, 300)]          # equal rows: equal scores
+    q_t = np.ascontiguousarray(q.T)
+    p_all = rng.standard_normal((n_clients, dim)).astype(dtype)
+    p_all[::3] = np.round(p_all[::3] * 2) / 2
+    users = np.arange(n_clients, dtype=np.int64)
+    sizes = rng.integers(0, 40, n_clients)
+    counts = np.minimum(sizes, rng.integers(1, 8, n_clients))
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    positives = rng.integers(0, n_items, counts.sum()).astype(np.int64)
+    exc_ptr, exc_items = np.zeros(n_clients + 1, np.int64), np.zeros(0, np.int64)
+    neg_keys = rng.integers(0, 2**63, n_clients).astype(np.uint64)
+    topn = np.empty((n_clients, n_top), np.int64)
+    for u in range(n_clients):
+        pool = np.argsort(-(q @ p_all[u]), kind="stable")[:3 * n_top] if u % 2 else np.arange(n_items)
+        topn[u] = rng.choice(pool, n_top, replace=False)
+    chosen = sizes > 0
+    chosen[1] = False
+    ranks, values = np.full((n_clients, n_top), -1, np.int64), np.zeros((n_clients, n_top), dtype)
+    arm_kernels.replay_ranks(q, q_t, p_all, users, offsets, counts, positives, exc_ptr, exc_items, n_items,
+                             neg_keys, topn, chosen, ranks, values)
+    pos_at = np.concatenate([[0], np.cumsum(counts)])
+    for c in range(n_clients):
+        if not chosen[c]:
+            assert (ranks[c] == -1).all()
+            continue
+        base = np.empty(sizes[c], np.int64)
+        _draw_base(neg_keys[c], counts[c], sizes[c], positives, pos_at[c], exc_items, 0, 0, n_items,
+                   np.zeros(n_items, np.bool_), base)
+        local_items = np.array(list(dict.fromkeys(base.tolist() + topn[c].tolist())), np.int64)
+        scores = np.empty(n_items, dtype)
+        arm_kernels._client_scores(q_t, q[local_items], local_items, local_items.size, p_all[c], 0.0, scores)
+        want = np.zeros(n_top, np.int64)
+        arm_kernels._target_ranks(scores, topn[c], want)
+        position = np.empty(n_items, np.int64)
+        position[np.argsort(-scores, kind="stable")] = np.arange(n_items)
+        assert np.array_equal(want, position[topn[c]] + 1)
+        assert np.array_equal(ranks[c], want), c
+        assert np.array_equal(values[c], scores[topn[c]])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

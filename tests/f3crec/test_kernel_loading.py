@@ -75,10 +75,11 @@ def test_a_cached_kernel_loads_without_numbas_typing_and_a_new_one_compiles(tmp_
 
 def test_every_kernel_of_the_module_loads_this_way():
     from numba.core.dispatcher import Dispatcher
-    from f3crec import draw_kernels, eval_kernels, ewc_kernels, kernels
-    dispatchers = [v for m in (kernels, draw_kernels, ewc_kernels, eval_kernels) for v in vars(m).values()
+    from f3crec import arm_kernels, draw_kernels, eval_kernels, ewc_kernels, kernels
+    dispatchers = [v for m in (kernels, arm_kernels, draw_kernels, ewc_kernels, eval_kernels) for v in vars(m).values()
                    if isinstance(v, Dispatcher)]
-    assert {"fedmf_round_drawn", "topk_metrics", "affine_round", "draw_plan"} <= {d.__name__ for d in dispatchers}
+    assert {"fedmf_round_drawn", "topk_metrics", "affine_round", "draw_plan", "replay_ranks"} <= \
+        {d.__name__ for d in dispatchers}
     assert all("load_overload" in vars(d._cache) for d in dispatchers)
 
 
