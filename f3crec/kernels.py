@@ -453,18 +453,20 @@ def fedmf_round(q, q_t, p_all, users, offsets, items, labels, batch_size, lr_p, 
 @njit(cache=True)
 def fedmf_round_drawn(q, q_t, p_all, users, offsets, counts, positives, exc_ptr, exc_items, n_items, neg_keys,
                       shuffle_keys, batch_size, lr_p, lr_q, replay, returning, topn, yhat, mem_keys, arm_mode, kd_weight, m_of_d,
-                      reg_mode, reg_d, anchor_items, anchor_p, n_prev_items, total, stats, ewc=None, pair=None):
+                      reg_mode, reg_d, anchor_items, anchor_p, n_prev_items, total, stats, ewc=None, pair=None,
+                      rank_ahead=False):
     """fedmf_round with each client's samples drawn (_draw_client, the values draw_plan gives) into a scratch
     of the largest client's size inside the loop, one client ahead, instead of the whole round's samples
     drawn into two arrays first and read back: at 100,000 clients 46 M samples, 0.7 GB written and read.
     The client trains on samples still in cache; the next client's are drawn and its rows prefetched
     meanwhile. Same values as draw_plan then fedmf_round, bit for bit (tests/f3crec/test_compiled.py);
     n_items: the catalogue the negatives are drawn from (|I^t|, as draw_plan's); `pair` as fedmf_round's.
-    Adaptive ARM's first-step ranks of clients without emb_reg or EWC rows are computed before the training
-    loop, several clients per pass over the catalogue (arm_kernels.replay_ranks: the same ranks)."""
+    With `rank_ahead`, adaptive ARM's first-step ranks of clients without emb_reg or EWC rows are computed
+    before the training loop, several clients per pass over the catalogue (arm_kernels.replay_ranks: the same
+    ranks; it pays where the table outgrows the cache, sim_compiled passes q.nbytes ≥ RANK_AHEAD_BYTES)."""
     scratch = _fedmf_scratch(q, offsets, batch_size, topn.shape[1], n_prev_items + _ewc_max_rows(ewc))
     first = np.zeros(users.size, np.bool_)
-    if arm_mode == 1:
+    if arm_mode == 1 and rank_ahead:
         for a in range(users.size):
             no_rows = _ewc_off(_ewc_client(ewc, a)) and not (reg_mode == 1 and returning[a])
             first[a] = replay[a] and no_rows and offsets[a + 1] > offsets[a]

@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from common.config import ConfigError
 
-from . import draw_kernels, eval_kernels, kernels, streams
+from . import arm_kernels, draw_kernels, eval_kernels, kernels, streams
 from .evaluate import SCORE_ROWS, test_exclude
 from .local_loop import StackedSimulator
 from .model import BACKBONES
@@ -234,7 +234,8 @@ class CompiledSimulator(StackedSimulator):
                 plan._keys(streams.NEGATIVES), plan._keys(streams.SHUFFLE), plan.batch_size,
                 ctx.lrs["p"], ctx.lrs["Q"], replay, returning, topn, yhat, keys, arm_mode,
                 float(ctx.flags["kd_weight"]), m_of_d, 1 if emb else 0, float(ctx.flags["reg_d"]), anchor_items,
-                anchor_p, n_prev_items, total, stats, ewc, _buffer(self._buffers, "pair", (n_items, 2 * dim), dtype))
+                anchor_p, n_prev_items, total, stats, ewc, _buffer(self._buffers, "pair", (n_items, 2 * dim), dtype),
+                q.nbytes >= arm_kernels.RANK_AHEAD_BYTES)
         else:   # FedNCF (kind 1) or PFedRec (kind 2): a head, sub-steps, the round-0 reset (§4)
             size = int(offsets[-1])
             samples = (_buffer(self._buffers, "items", (size,), np.int64),

@@ -226,6 +226,24 @@ def _records(folder: Path) -> list[dict]:
     return [{k: r.get(k) for k in keep} for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
 
 
+def test_ranks_ahead_of_the_round_change_no_record(tmp_path, monkeypatch):
+    """The simulator ranks ARM's first steps before the round (arm_kernels.replay_ranks) where the item table
+    has RANK_AHEAD_BYTES or more; forced on the smoke catalogue, a float32 run (local and broadcast scores then
+    differ by rounding) gives the per-client ranking's records, D_u and m_u lines and summary."""
+    from f3crec import arm_kernels
+
+    def round_lines(folder: Path) -> list[str]:
+        lines = (tmp_path / folder / "log.txt").read_text().splitlines()
+        return [line.rsplit(" ", 2)[0] for line in lines if " round " in line and " D " in line]
+
+    plain = _run(tmp_path, "compiled", "backbone.dtype=float32", folder="plain")
+    monkeypatch.setattr(arm_kernels, "RANK_AHEAD_BYTES", 0)
+    ahead = _run(tmp_path, "compiled", "backbone.dtype=float32", folder="ahead")
+    assert plain["summary"] == ahead["summary"]
+    assert _records(tmp_path / "plain") == _records(tmp_path / "ahead")
+    assert round_lines("plain") == round_lines("ahead") and len(round_lines("plain")) > 5
+
+
 @pytest.mark.heavy
 @pytest.mark.parametrize("backbone", [[], ["backbone.name=pfedrec", "backbone.lr=0.02"],
                                       ["backbone.name=fedncf", "backbone.lr=0.02"]])
@@ -332,13 +350,14 @@ def test_fedmf_round_fast_paths_give_the_general_paths_values_bit_for_bit(dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("arm_mode,reg_mode", [(0, 1), (2, 1), (1, 0), (1, 1)])
-def test_fedmf_round_drawn_equals_the_drawn_plan_then_fedmf_round(dtype, arm_mode, reg_mode):
+@pytest.mark.parametrize("arm_mode,reg_mode,rank_ahead", [(0, 1, False), (2, 1, False), (1, 0, False),
+                                                       (1, 0, True), (1, 1, True)])
+def test_fedmf_round_drawn_equals_the_drawn_plan_then_fedmf_round(dtype, arm_mode, reg_mode, rank_ahead):
     """kernels.fedmf_round_drawn (each client's samples drawn inside the loop) gives draw_plan + fedmf_round's
     values bit for bit: the same per-user draws, the same training, clients of 0–3 mini-batches (one-batch,
     general and KD paths; emb_reg on the returning ones where reg_mode is 1), every output compared exactly.
-    With adaptive ARM (arm_mode 1) and no emb_reg, fedmf_round_drawn ranks the first steps before the round
-    (arm_kernels.replay_ranks) where fedmf_round ranks each client's own scores: the same D_u and m_u."""
+    With adaptive ARM (arm_mode 1), no emb_reg and `rank_ahead`, fedmf_round_drawn ranks the first steps before
+    the round (arm_kernels.replay_ranks) where fedmf_round ranks each client's own scores: the same D_u and m_u."""
     from f3crec import kernels, streams
     from f3crec.round import PlanMaker
     rng = np.random.default_rng(11)
@@ -367,7 +386,8 @@ def test_fedmf_round_drawn_equals_the_drawn_plan_then_fedmf_round(dtype, arm_mod
     total, got_p, stats = np.zeros_like(q), p_all.copy(), np.zeros((20, 3), np.int64)
     n_got = kernels.fedmf_round_drawn(q, q_t, got_p, users, plan.offsets, maker.counts, maker.pos_flat,
                                       maker.exc_ptr, maker.exc_flat, n_items, plan._keys(streams.NEGATIVES),
-                                      plan._keys(streams.SHUFFLE), batch, 0.3, 2.0, *common, total, stats)
+                                      plan._keys(streams.SHUFFLE), batch, 0.3, 2.0, *common, total, stats,
+                                      None, None, rank_ahead)
     assert np.array_equal(total, want_total) and np.array_equal(got_p, want_p)
     assert n_got == n_want and np.array_equal(stats, want_stats)
     assert np.abs(total).max() > 0.01 and not np.array_equal(got_p, p_all)
