@@ -23,7 +23,7 @@ from .jit import load_fast
 from numba import njit  # noqa: E402  (after .jit, which imports numba with SciPy hidden)
 
 from .draw_kernels import _draw_base, memory_perm  # noqa: E402
-from .intrinsics import as_dtype_of, count_below  # noqa: E402
+from .intrinsics import COLUMN_VECTORS, as_dtype_of, column_sums, count_below  # noqa: E402
 
 SCORE_CHUNK = 2048   # items per column pass (8 KiB of float32 scores: they stay in L1 across the d passes)
 RANK_GROUP = 8       # clients ranked together per pass over the catalogue (replay_ranks)
@@ -35,14 +35,18 @@ RANK_AHEAD_BYTES = 1 << 21
 
 @njit(cache=True, inline="always")
 def _broadcast_pass(q_t, v, lo, part):
-    """part[i] = q_{lo + i} · v over part.size items, summed column by column in the table's dtype, k in order
-    (SIMD over items; the chunk stays in L1 across the d passes)."""
-    part[:] = 0.0
-    for k in range(v.size):
-        vk = v[k]
-        column = q_t[k, lo:lo + part.size]
-        for i in range(part.size):
-            part[i] += column[i] * vk
+    """part[i] = q_{lo + i} · v over part.size items, summed column by column in the table's dtype, k in order:
+    whole vectors of items by intrinsics.column_sums (the sums held in registers across the d columns), the
+    rest item by item, the same operations."""
+    n = part.size
+    block = COLUMN_VECTORS * 64 // q_t.itemsize
+    whole = n // block * block
+    column_sums(q_t, v, lo, part, whole)
+    for i in range(whole, n):
+        s = as_dtype_of(0.0, q_t)
+        for k in range(v.size):
+            s += q_t[k, lo + i] * v[k]
+        part[i] = s
 
 
 @njit(cache=True, inline="always")

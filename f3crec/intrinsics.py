@@ -72,4 +72,55 @@ def _vector_count(op: str):
 
 count_below, count_above = _vector_count("<"), _vector_count(">")
 
+COLUMN_VECTORS = 4   # independent accumulators of column_sums: enough adds in flight to hide their latency
+
+
+@intrinsic
+def column_sums(typingctx, table, v, lo, out, n):
+    """out[i] = (((0 + table[0, lo + i]·v[0]) + table[1, lo + i]·v[1]) + …) for i < n, in the table's dtype, term
+    by term in k order (no fused multiply-add): what adding one column at a time gives, with the running sums
+    kept in vector registers across the d columns instead of stored and reloaded per column. `table` (d, I) and
+    `out` C-contiguous, v of the table's dtype, n a multiple of COLUMN_VECTORS × (64 bytes / itemsize) and
+    lo + n ≤ I (not checked)."""
+    if not (isinstance(table, types.Array) and table.ndim == 2 and table.layout == "C" and isinstance(out, types.Array)
+            and out.ndim == 1 and out.layout == "C" and out.dtype == table.dtype and isinstance(v, types.Array)
+            and v.dtype == table.dtype):
+        return None
+    width = 512 // table.dtype.bitwidth
+
+    def codegen(context, builder, signature, args):
+        table_ty, v_ty, lo_ty, out_ty, n_ty = signature.args
+        tab = context.make_array(table_ty)(context, builder, args[0])
+        vec = context.make_array(v_ty)(context, builder, args[1])
+        res = context.make_array(out_ty)(context, builder, args[3])
+        lo = context.cast(builder, args[2], lo_ty, types.intp)
+        n = context.cast(builder, args[4], n_ty, types.intp)
+        elem = context.get_value_type(table_ty.dtype)
+        vec_t = ir.VectorType(elem, width)
+        d = cgutils.unpack_tuple(builder, tab.shape, 2)[0]
+        accs = [cgutils.alloca_once(builder, vec_t) for _ in range(COLUMN_VECTORS)]
+        step = ir.Constant(ir.IntType(64), width * COLUMN_VECTORS)
+        zero = ir.Constant(vec_t, [ir.Constant(elem, 0.0)] * width)
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
+        with cgutils.for_range_slice(builder, ir.Constant(ir.IntType(64), 0), n, step) as (i0, _):
+            for acc in accs:
+                builder.store(zero, acc)
+            with cgutils.for_range(builder, d) as loop:
+                k = loop.index
+                vk = builder.load(cgutils.get_item_pointer(context, builder, v_ty, vec, [k], wraparound=False))
+                splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vec_t, ir.Undefined), vk,
+                                                                      ir.Constant(ir.IntType(32), 0)),
+                                               ir.Constant(vec_t, ir.Undefined), mask)
+                for u, acc in enumerate(accs):
+                    col = builder.add(builder.add(lo, i0), ir.Constant(ir.IntType(64), u * width))
+                    ptr = cgutils.get_item_pointer(context, builder, table_ty, tab, [k, col], wraparound=False)
+                    column = builder.load(builder.bitcast(ptr, vec_t.as_pointer()), align=1)
+                    builder.store(builder.fadd(builder.load(acc), builder.fmul(column, splat)), acc)
+            for u, acc in enumerate(accs):
+                at = builder.add(i0, ir.Constant(ir.IntType(64), u * width))
+                ptr = cgutils.get_item_pointer(context, builder, out_ty, res, [at], wraparound=False)
+                builder.store(builder.load(acc), builder.bitcast(ptr, vec_t.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.void(table, v, lo, out, n), codegen
+
 load_fast(globals())

@@ -85,7 +85,8 @@ def test_kernel_target_ranks_equal_a_stable_descending_sort(dtype):
 def test_kernel_client_scores_are_the_column_sums_in_order_over_several_chunks(dtype):
     """arm_kernels._client_scores (ARM's whole-catalogue scores, §6 step 2) in chunks of SCORE_CHUNK items: every
     broadcast item's score is still 0 + q_0·v_0 + q_1·v_1 + … in the item dtype, term by term in k order (numpy's
-    elementwise column passes give that exactly), and the client's local rows' scores replace theirs."""
+    elementwise column passes give that exactly; whole vectors through intrinsics.column_sums, a chunk's last
+    items one by one), and the client's local rows' scores replace theirs."""
     from f3crec import arm_kernels
     rng = np.random.default_rng(4)
     n_items, dim = 2 * arm_kernels.SCORE_CHUNK + 77, 8
