@@ -108,7 +108,7 @@ def whole_run(overrides: list[str], rounds: int, simulator: str | None = None) -
 
 def reference_run(checkout: Path, python: str, rounds: int) -> dict:
     """Time the official implementation's whole process, CPU and wall, the same work as `whole_run`.
-    `checkout` is a prepared copy of its repository (README "Speed": pandas installed, its get_device
+    `checkout` is a prepared copy of its repository (README "Speed and scale": pandas installed, its get_device
     pointed at the CPU, fcrec_data/dataset/ml-100k/total_blocks_timestamp.pickle rebuilt)."""
     cmd = [python, "main.py", *REFERENCE_ARGS, "--num_round", str(rounds)]
     cpu, start = _child_cpu(), time.perf_counter()
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--simulator", choices=["vectorised", "compiled", "flower"], default="vectorised",
                         help="--scale: the simulator timed (flower: the in-process grid, federation.nodes nodes)")
     parser.add_argument("--reference", default=None, help="a prepared checkout of the official code: time it too, "
-                        "alternating with ours (README, Speed)")
+                        "alternating with ours (README, Speed and scale)")
     parser.add_argument("--reference-python", default=sys.executable, help="the interpreter that has its pandas")
     parser.add_argument("--compare", type=lambda text: text.split(","), default=None, metavar="SIM,SIM",
                         help="whole runs of these simulators (e.g. vectorised,compiled) side by side, alternating")
