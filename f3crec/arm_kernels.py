@@ -22,7 +22,7 @@ from .jit import load_fast
 
 from numba import njit  # noqa: E402  (after .jit, which imports numba with SciPy hidden)
 
-from .draw_kernels import _draw_base, memory_perm  # noqa: E402
+from .draw_kernels import _draw_base, largest_client, memory_perm  # noqa: E402
 from .intrinsics import COLUMN_VECTORS, as_dtype_of, column_sums, count_below  # noqa: E402
 
 SCORE_CHUNK = 2048   # items per column pass (8 KiB of float32 scores: they stay in L1 across the d passes)
@@ -227,7 +227,7 @@ def replay_ranks(q, q_t, p_all, users, offsets, counts, positives, exc_ptr, exc_
     hist = np.zeros((RANK_GROUP, n_top + 1), np.int64)
     ranks = np.zeros((RANK_GROUP, n_top), np.int64)
     p = np.empty((RANK_GROUP, dim), q.dtype)                # the clients' p_u in the kernel's dtype
-    excluded, base = np.zeros(q.shape[0], np.bool_), np.empty(max(1, _largest(offsets)), np.int64)
+    excluded, base = np.zeros(q.shape[0], np.bool_), np.empty(max(1, largest_client(offsets)), np.int64)
     seen = np.full(q.shape[0], -1, np.int64)
     pos_at = np.zeros(users.size + 1, np.int64)
     for a in range(users.size):
@@ -277,14 +277,6 @@ def replay_ranks(q, q_t, p_all, users, offsets, counts, positives, exc_ptr, exc_
                     _move(i, broadcast, local, values[g], order[g], asc[g], targets, ranks[g])
             ranks_out[c] = ranks[g]
             values_out[c] = values[g]
-
-
-@njit(cache=True, inline="always")
-def _largest(offsets):
-    largest = 0
-    for a in range(offsets.size - 1):
-        largest = max(largest, offsets[a + 1] - offsets[a])
-    return largest
 
 
 load_fast(globals())

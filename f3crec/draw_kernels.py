@@ -70,12 +70,19 @@ def _sort_uniform(keys, n, start, out):
 
 
 @njit(cache=True, inline="always")
+def largest_client(offsets):
+    """The most samples of one client (client a's are offsets[a]:offsets[a + 1])."""
+    largest = 0
+    for a in range(offsets.size - 1):
+        largest = max(largest, offsets[a + 1] - offsets[a])
+    return largest
+
+
+@njit(cache=True, inline="always")
 def _draw_scratch(offsets, n_items):
     """The draw's scratch, sized for the round's largest client: (excluded marks over the catalogue, base,
     packed, sorted, counting-sort starts)."""
-    largest = 1
-    for a in range(offsets.size - 1):
-        largest = max(largest, offsets[a + 1] - offsets[a])
+    largest = max(1, largest_client(offsets))
     bits = 1
     while (1 << bits) < largest:
         bits += 1

@@ -42,7 +42,7 @@ from numba.extending import overload  # noqa: E402
 
 from .arm_kernels import _client_scores, _memory, _target_scores, replay_ranks  # noqa: E402
 from .intrinsics import as_dtype_of, prefetch_read, prefetch_write  # noqa: E402
-from .draw_kernels import _draw_client, _draw_scratch  # noqa: E402
+from .draw_kernels import _draw_client, _draw_scratch, largest_client  # noqa: E402
 from .ewc_kernels import (_ewc_client, _ewc_grads, _ewc_head_grads, _ewc_max_rows, _ewc_off, _ewc_rows,  # noqa: E402
                           _plus_ewc)
 
@@ -79,11 +79,7 @@ def _row_dot(rows, r, p):
 def _row_buffers(q, offsets, extra):
     """(local, grad, row_item) sized for the round's largest client: its samples plus `extra` rows (T^u, and
     every old row under emb_reg); grad starts at zero and each update clears what it read."""
-    max_rows = 0
-    for a in range(offsets.size - 1):
-        rows = offsets[a + 1] - offsets[a] + extra
-        if rows > max_rows:
-            max_rows = rows
+    max_rows = largest_client(offsets) + extra if offsets.size > 1 else 0
     return (np.empty((max_rows, q.shape[1]), q.dtype), np.zeros((max_rows, q.shape[1]), q.dtype),
             np.empty(max_rows, np.int64))
 
