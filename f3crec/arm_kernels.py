@@ -240,6 +240,8 @@ def replay_ranks(q, q_t, p_all, users, offsets, counts, positives, exc_ptr, exc_
                 group[n_group] = a
                 n_group += 1
             a += 1
+        if n_group == 0:
+            break
         for g in range(n_group):                           # Tᵘ's first-step scores: local rows
             user = users[group[g]]
             for k in range(dim):

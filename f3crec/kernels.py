@@ -462,14 +462,16 @@ def fedmf_round_drawn(q, q_t, p_all, users, offsets, counts, positives, exc_ptr,
     ranks; it pays where the table outgrows the cache, sim_compiled passes q.nbytes ≥ RANK_AHEAD_BYTES)."""
     scratch = _fedmf_scratch(q, offsets, batch_size, topn.shape[1], n_prev_items + _ewc_max_rows(ewc))
     first = np.zeros(users.size, np.bool_)
-    if arm_mode == 1 and rank_ahead:
+    ahead = arm_mode == 1 and rank_ahead
+    if ahead:
         for a in range(users.size):
             no_rows = _ewc_off(_ewc_client(ewc, a)) and not (reg_mode == 1 and returning[a])
             first[a] = replay[a] and no_rows and offsets[a + 1] > offsets[a]
-    first_ranks = np.zeros((users.size, topn.shape[1]), np.int64)
-    first_values = np.zeros((users.size, topn.shape[1]), q.dtype)
-    replay_ranks(q, q_t, p_all, users, offsets, counts, positives, exc_ptr, exc_items, n_items, neg_keys, topn,
-                 first, first_ranks, first_values)
+    first_ranks = np.zeros((users.size if ahead else 1, topn.shape[1]), np.int64)   # (1, N): never read
+    first_values = np.zeros((users.size if ahead else 1, topn.shape[1]), q.dtype)
+    if ahead:
+        replay_ranks(q, q_t, p_all, users, offsets, counts, positives, exc_ptr, exc_items, n_items, neg_keys, topn,
+                     first, first_ranks, first_values)
     rows = _pair_in(pair, q, total)
     excluded, base, packed, out, start = _draw_scratch(offsets, n_items)
     largest = base.size
@@ -493,12 +495,13 @@ def fedmf_round_drawn(q, q_t, p_all, users, offsets, counts, positives, exc_ptr,
                          exc_items, exc_ptr[a + 1], exc_ptr[a + 2], n_items, excluded, base, packed, out, start,
                          nxt_items, nxt_labels, 0)
             pos_at += counts[a + 1]
-        ahead = min(n_next, size) if prefetch else 0
+        n_prefetch = min(n_next, size) if prefetch else 0
         kd, emb = replay[a] and arm_mode != 0, reg_mode == 1 and returning[a]
-        n_stats = _fedmf_client(q, q_t, p_all, users[a], cur_items, cur_labels, 0, size, nxt_items[:ahead],
+        given = a if ahead else 0                      # first-step ranks given: their row
+        n_stats = _fedmf_client(q, q_t, p_all, users[a], cur_items, cur_labels, 0, size, nxt_items[:n_prefetch],
                                 batch_size, lr_p, lr_q, kd, emb, topn, yhat, mem_keys[a],
                                 arm_mode, kd_weight, m_of_d, reg_d, anchor_items, anchor_p, n_prev_items, rows,
-                                stats, n_stats, scratch, (first[a], first_ranks[a], first_values[a]),
+                                stats, n_stats, scratch, (first[a], first_ranks[given], first_values[given]),
                                 _ewc_client(ewc, a))
     _pair_out(rows, total)
     return n_stats
