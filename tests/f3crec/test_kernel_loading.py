@@ -73,6 +73,52 @@ def test_a_cached_kernel_loads_without_numbas_typing_and_a_new_one_compiles(tmp_
     assert second["misses_after"] == 1 and second["new"] == [1, 3, 5, 0.0, 2.0]   # ... then one compiled
 
 
+LINKING = '''
+import json, sys
+import numpy as np
+import llvmlite.binding as ll
+from numba import njit
+import toy
+from f3crec.jit import _elf_definitions
+values = toy.shifted(np.arange(4.0), 0.5)
+library = toy.shifted.overloads[toy.shifted.signatures[0]].library
+out = {"deferred": "_linking_bitcode" in vars(library), "values": values.tolist()}
+cache = toy.shifted._cache._cache_file
+for key in cache._load_index():     # numba's own serialized library: (name, "object", (code, bitcode))
+    name, kind, (code, bitcode) = cache.load(key)[0]
+    module = ll.parse_bitcode(bitcode)
+    out.setdefault("same_symbols", []).append(
+        _elf_definitions(code) == {g.name for g in [*module.functions, *module.global_variables] if not g.is_declaration})
+
+@njit                                  # compiled now (no cache): links the loaded library into its own
+def caller(a):
+    return toy.shifted(a, 1.0).sum()
+
+out["linked"] = caller(np.arange(3.0))
+out["parsed"] = "_linking_bitcode" not in vars(library) and vars(library).get("_linking_module") is not None
+print(json.dumps(out))
+'''
+
+
+def test_a_cached_kernels_module_for_linking_is_parsed_only_when_another_kernel_links_it(tmp_path):
+    """Loading cached code does not parse the library's bitcode (its module for linking into other libraries):
+    the symbols it defines are read from the object code (the same set as the bitcode's definitions), and
+    a kernel compiled later that calls the loaded one links it (the bitcode parsed then) and runs."""
+    from f3crec.jit import _elf_definitions
+    assert _elf_definitions(b"\xcf\xfa\xed\xfe" + bytes(60)) is None     # Mach-O (macOS): numba's own path
+    (tmp_path / "toy.py").write_text(MODULE)
+    _run(tmp_path)                                                          # compiled and cached
+    done = subprocess.run([sys.executable, "-c", LINKING], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{ROOT}",
+                               "NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["values"] == [0.5, 2.5, 4.5, 6.5]
+    assert out["deferred"]                                  # loaded: the bitcode not parsed
+    assert out["same_symbols"] == [True, True]              # float64 and float32 signatures
+    assert out["linked"] == 9.0 and out["parsed"]           # (0+1)+(2+1)+(4+1)
+
+
 def test_every_kernel_of_the_module_loads_this_way():
     from numba.core.dispatcher import Dispatcher
     from f3crec import arm_kernels, draw_kernels, eval_kernels, ewc_kernels, kernels
