@@ -86,9 +86,17 @@ def _environments_without_imports():
 
 def _elf_definitions(code: bytes) -> set[str] | None:
     """The symbols an ELF64 little-endian object file defines (functions, data, untyped; not sections or files),
-    read from its symbol tables; None for any other object format (macOS, Windows: numba's own path)."""
+    read from its symbol tables; None for any other object format (macOS, Windows) or a file these tables
+    cannot be read from: numba's own path then."""
     if code[:4] != b"\x7fELF" or code[4:6] != b"\x02\x01":
         return None
+    try:
+        return _elf_symbols(code)
+    except (struct.error, IndexError, ValueError):
+        return None
+
+
+def _elf_symbols(code: bytes) -> set[str]:
     offset, = struct.unpack_from("<Q", code, 0x28)
     entry_size, count = struct.unpack_from("<HH", code, 0x3A)
     sections = [struct.unpack_from("<IIQQQQIIQQ", code, offset + i * entry_size) for i in range(count)]
@@ -131,7 +139,7 @@ def _on_demand_class(library_class: type) -> type:
 def _linking_modules_on_demand(codegen):
     """While cached code is loaded: unserialize an object-code library as numba does (the object code handed to
     LLVM, the library finalized) except for its module for linking. numba parses that module's bitcode at once
-    (≈ 18 ms CPU for fedmf_round_drawn's 420 KB, 20 % of a compiled ML-100K run's start-up) to mark the
+    (≈ 18 ms CPU for fedmf_round_drawn's 420 KB, 2 % of a whole compiled ML-100K run) to mark the
     symbols it defines; here those are read from the object code's symbol table (≈ 0.2 ms; the same set,
     tests/f3crec/test_kernel_loading.py) and the bitcode is parsed only if another library links this one
     (a kernel compiled later that calls it). Non-ELF objects, and a numba without these internals, keep

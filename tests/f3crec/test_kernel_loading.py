@@ -106,6 +106,7 @@ def test_a_cached_kernels_module_for_linking_is_parsed_only_when_another_kernel_
     a kernel compiled later that calls the loaded one links it (the bitcode parsed then) and runs."""
     from f3crec.jit import _elf_definitions
     assert _elf_definitions(b"\xcf\xfa\xed\xfe" + bytes(60)) is None     # Mach-O (macOS): numba's own path
+    assert _elf_definitions(b"\x7fELF\x02\x01" + bytes(20)) is None       # a cut ELF header: numba's path too
     (tmp_path / "toy.py").write_text(MODULE)
     _run(tmp_path)                                                          # compiled and cached
     done = subprocess.run([sys.executable, "-c", LINKING], cwd=tmp_path, capture_output=True, text=True,
