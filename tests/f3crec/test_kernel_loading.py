@@ -51,9 +51,9 @@ print(json.dumps(out))
 '''
 
 
-def _run(folder: Path, *args: str) -> dict:
+def _run(folder: Path, *args: str, program: str = PROGRAM) -> dict:
     env_path = f"{folder}:{ROOT}"
-    done = subprocess.run([sys.executable, "-c", PROGRAM, *args], cwd=folder, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", program, *args], cwd=folder, capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": env_path, "NUMBA_CACHE_DIR": str(folder / "cache")})
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -109,11 +109,7 @@ def test_a_cached_kernels_module_for_linking_is_parsed_only_when_another_kernel_
     assert _elf_definitions(b"\x7fELF\x02\x01" + bytes(20)) is None       # a cut ELF header: numba's path too
     (tmp_path / "toy.py").write_text(MODULE)
     _run(tmp_path)                                                          # compiled and cached
-    done = subprocess.run([sys.executable, "-c", LINKING], cwd=tmp_path, capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{ROOT}",
-                               "NUMBA_CACHE_DIR": str(tmp_path / "cache")})
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = _run(tmp_path, program=LINKING)
     assert out["values"] == [0.5, 2.5, 4.5, 6.5]
     assert out["deferred"]                                  # loaded: the bitcode not parsed
     assert out["same_symbols"] == [True, True]              # float64 and float32 signatures
